@@ -1,0 +1,77 @@
+//! Internet checksum helpers (RFC 1071, incremental update per RFC 1624).
+//!
+//! All values are taken exactly as they stand in memory (the raw 16-bit words of the packet), so
+//! the helpers are correct whatever the host byte order: one's complement sums commute with a
+//! byte swap. The kernel program uses the incremental updates; the tests use [`checksum`] to
+//! recompute from scratch and compare.
+
+/// Folds a 32-bit one's complement accumulator to 16 bits.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// RFC 1624 eqn. 3: the checksum after a 16-bit word changes from `old` to `new`.
+#[inline(always)]
+pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
+    let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    !fold(sum)
+}
+
+/// The checksum after a 32-bit word (two 16-bit words) changes from `old` to `new`.
+#[inline(always)]
+pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
+    let sum = u32::from(!check)
+        + u32::from(!(old as u16))
+        + u32::from(!((old >> 16) as u16))
+        + u32::from(new as u16)
+        + u32::from((new >> 16) as u16);
+    !fold(sum)
+}
+
+/// UDP: a zero checksum means "none" and must stay zero; a computed zero is sent as 0xffff.
+#[inline(always)]
+pub fn udp_fixup(old_check: u16, new_check: u16) -> u16 {
+    if old_check == 0 {
+        0
+    } else if new_check == 0 {
+        0xffff
+    } else {
+        new_check
+    }
+}
+
+/// One's complement sum of `data` (as raw native-endian 16-bit words) plus `initial`, unfolded.
+pub fn sum_words(data: &[u8], initial: u32) -> u32 {
+    let mut sum = u64::from(initial);
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u64::from(u16::from_ne_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u64::from(u16::from_ne_bytes([*last, 0]));
+    }
+    while sum >> 32 != 0 {
+        sum = (sum & 0xffff_ffff) + (sum >> 32);
+    }
+    sum as u32
+}
+
+/// The full Internet checksum of `data`, in memory order (store it with `to_ne_bytes`).
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(sum_words(data, 0))
+}
+
+/// The TCP/UDP checksum of `segment` (with its checksum field zeroed) under the IPv4
+/// pseudo-header made of `saddr`, `daddr` (4 bytes each, packet order) and `proto`.
+pub fn l4_checksum_v4(saddr: [u8; 4], daddr: [u8; 4], proto: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 12];
+    pseudo[0..4].copy_from_slice(&saddr);
+    pseudo[4..8].copy_from_slice(&daddr);
+    pseudo[9] = proto;
+    pseudo[10..12].copy_from_slice(&(segment.len() as u16).to_be_bytes());
+    let sum = sum_words(segment, sum_words(&pseudo, 0));
+    !fold(sum)
+}

@@ -1,0 +1,283 @@
+//! Types shared by the xlb kernel program (lb-ebpf) and the agent/CLI (lb-userspace).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding, so that the kernel program,
+//! the agent and `bpftool map dump` all agree on the bytes. Byte order is stated per field:
+//! "network order" fields hold the bytes exactly as they stand in a packet (read them with
+//! `u32::from_be`/`u16::from_be` on a little-endian host).
+//!
+//! Map names carry a layout version suffix (`_v1`). Whenever a key or value layout changes, the
+//! suffix is bumped, so an upgraded agent never misreads maps pinned by an older one.
+#![no_std]
+
+pub mod csum;
+
+/// Default bpffs directory under which the agent pins its maps.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
+
+/// Name of the XDP program in the object file.
+pub const PROG_XDP: &str = "xlb_xdp";
+
+/// Service frontends and their backend slots (hash, [`Svc4Key`] -> [`Svc4Value`]).
+pub const MAP_SERVICES: &str = "xlb_svc4_v1";
+/// Backends by id (array, index -> [`Backend4`]); id 0 is never used.
+pub const MAP_BACKENDS: &str = "xlb_be4_v1";
+/// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
+pub const MAP_CT: &str = "xlb_ct4_v1";
+/// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
+pub const MAP_STATS: &str = "xlb_stats_v1";
+/// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
+pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v1";
+
+/// Every map the agent pins, in the order the CLI reports them.
+pub const ALL_MAPS: [&str; 5] = [MAP_SERVICES, MAP_BACKENDS, MAP_CT, MAP_STATS, MAP_SVC_INFO];
+
+/// Default capacities. The agent can override them at load time (`--max-*` flags).
+pub const DEFAULT_MAX_SERVICE_ENTRIES: u32 = 262_144;
+pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
+pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
+pub const DEFAULT_MAX_SVC_INFO: u32 = 65_536;
+
+/// Most backends a single service frontend may have (slots 1..=this).
+pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// [`Svc4Key::scope`]: the frontend as seen by any client.
+pub const SCOPE_EXTERNAL: u8 = 0;
+
+/// Key of [`MAP_SERVICES`]. 12 bytes.
+///
+/// Slot 0 is the service entry itself; slots `1..=count` each name one backend. The agent writes
+/// backends, then slots, then the slot-0 entry, then removes stale slots, so a reader never sees a
+/// count that points past written slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Svc4Key {
+    /// Frontend IPv4 address, network order.
+    pub addr: u32,
+    /// Frontend port, network order.
+    pub port: u16,
+    /// IP protocol number ([`IPPROTO_TCP`], [`IPPROTO_UDP`]).
+    pub proto: u8,
+    /// [`SCOPE_EXTERNAL`]; other scopes are reserved for traffic policies.
+    pub scope: u8,
+    /// 0 for the service entry, 1..=count for backend slots. Host order.
+    pub slot: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+/// Value of [`MAP_SERVICES`]. 16 bytes. All fields host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Svc4Value {
+    /// Slot > 0: the backend id in this slot. Slot 0: zero.
+    pub backend_id: u32,
+    /// Id of the service port this frontend belongs to (shared by all its frontends).
+    pub svc_id: u32,
+    /// Slot 0: number of backend slots that new flows choose from. 0 = no usable endpoint.
+    pub count: u16,
+    /// Slot 0: `SVC_F_*` flags.
+    pub flags: u16,
+    /// Reserved for session affinity (seconds); zero for now.
+    pub affinity_timeout: u32,
+}
+
+/// Value of [`MAP_BACKENDS`]. 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend4 {
+    /// Endpoint IPv4 address, network order.
+    pub addr: u32,
+    /// Endpoint port (the resolved targetPort), network order.
+    pub port: u16,
+    /// `BACKEND_STATE_*`.
+    pub state: u8,
+    /// `BACKEND_F_*` flags.
+    pub flags: u8,
+}
+
+/// The backend array slot is free; flows pinned to it are stale.
+pub const BACKEND_STATE_FREE: u8 = 0;
+/// The backend is in use.
+pub const BACKEND_STATE_ACTIVE: u8 = 1;
+/// The endpoint is terminating: existing flows keep it, new ones avoid it.
+pub const BACKEND_STATE_TERMINATING: u8 = 2;
+
+/// [`Ct4Key::dir`]: packet from the client towards the frontend.
+pub const CT_DIR_FORWARD: u8 = 0;
+/// [`Ct4Key::dir`]: packet from the backend back towards the client.
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Key of [`MAP_CT`]: the tuple as it stands in the packet when it reaches the program. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    /// Source address, network order.
+    pub saddr: u32,
+    /// Destination address, network order.
+    pub daddr: u32,
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`CT_DIR_FORWARD`] or [`CT_DIR_REPLY`].
+    pub dir: u8,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+/// Value of [`MAP_CT`]. 24 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Value {
+    /// Forward: the backend address written as destination. Reply: the frontend address written
+    /// as source. Network order.
+    pub nat_addr: u32,
+    /// Forward: the backend port written as destination. Reply: the frontend port written as
+    /// source. Network order.
+    pub nat_port: u16,
+    /// Union of the TCP flags seen on this direction (0 for UDP).
+    pub tcp_flags: u8,
+    /// Reserved, zero.
+    pub flags: u8,
+    /// Backend chosen for the flow (index into [`MAP_BACKENDS`]). Host order.
+    pub backend_id: u32,
+    /// Service port the flow belongs to. Host order.
+    pub svc_id: u32,
+    /// Seconds of CLOCK_MONOTONIC (boot time excluded) when the entry was created.
+    pub created: u32,
+    /// Seconds of CLOCK_MONOTONIC when a packet last used the entry.
+    pub last_seen: u32,
+}
+
+/// Value of [`MAP_STATS`] (one per CPU per counter). 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StatValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Bytes reserved for a namespace or name in [`SvcInfo`] (Kubernetes allows at most 63).
+pub const SVC_INFO_NAME_LEN: usize = 64;
+/// Bytes reserved for a port name in [`SvcInfo`] (Kubernetes allows at most 15).
+pub const SVC_INFO_PORT_NAME_LEN: usize = 16;
+
+/// Value of [`MAP_SVC_INFO`]: what the CLI needs to name a service port. 152 bytes.
+/// Strings are NUL-padded UTF-8.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SvcInfo {
+    pub namespace: [u8; SVC_INFO_NAME_LEN],
+    pub name: [u8; SVC_INFO_NAME_LEN],
+    pub port_name: [u8; SVC_INFO_PORT_NAME_LEN],
+    /// The Service's `port`, host order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `SVC_TYPE_*`.
+    pub svc_type: u8,
+    /// Number of backends written for the service port (all states).
+    pub backends: u32,
+}
+
+impl Default for SvcInfo {
+    fn default() -> Self {
+        Self {
+            namespace: [0; SVC_INFO_NAME_LEN],
+            name: [0; SVC_INFO_NAME_LEN],
+            port_name: [0; SVC_INFO_PORT_NAME_LEN],
+            port: 0,
+            proto: 0,
+            svc_type: 0,
+            backends: 0,
+        }
+    }
+}
+
+pub const SVC_TYPE_CLUSTER_IP: u8 = 1;
+pub const SVC_TYPE_NODE_PORT: u8 = 2;
+pub const SVC_TYPE_LOAD_BALANCER: u8 = 3;
+pub const SVC_TYPE_EXTERNAL_NAME: u8 = 4;
+
+/// Index into [`MAP_STATS`]. Every packet the program sees is counted in `Rx` and in exactly one
+/// other counter, which names its verdict and the reason for it.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Every packet the program saw.
+    Rx = 0,
+    /// Passed: not IPv4 (ARP, IPv6, VLAN, ...).
+    PassNotIpv4 = 1,
+    /// Passed: a header was truncated or inconsistent; the kernel's own checks will handle it.
+    PassMalformed = 2,
+    /// Passed: IPv4 but neither TCP nor UDP.
+    PassOtherProto = 3,
+    /// Passed: an IPv4 fragment (never rewritten: later fragments carry no ports).
+    PassFragment = 4,
+    /// Passed: no frontend and no tracked flow matched.
+    PassNoService = 5,
+    /// Passed after DNAT of the first packet of a new flow.
+    DnatNew = 6,
+    /// Passed after DNAT of a packet of a tracked flow.
+    DnatEstablished = 7,
+    /// Passed after a reply's source was translated back to the frontend.
+    RevNat = 8,
+    /// Dropped: the service has no usable endpoint.
+    DropNoBackend = 9,
+    /// Dropped: a backend slot or backend vanished during an update (a race with the agent).
+    DropStaleSlot = 10,
+    /// Dropped: the connection could not be tracked (map update failed).
+    DropCtFull = 11,
+    /// Tracked flow whose backend was removed; the flow was re-balanced.
+    CtStaleBackend = 12,
+}
+
+/// Number of [`Stat`] counters; size of [`MAP_STATS`].
+pub const STAT_COUNT: u32 = 13;
+
+/// Names of the [`Stat`] counters, by index, as the CLI and /metrics show them.
+pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+    "rx",
+    "pass_not_ipv4",
+    "pass_malformed",
+    "pass_other_proto",
+    "pass_fragment",
+    "pass_no_service",
+    "dnat_new",
+    "dnat_established",
+    "rev_nat",
+    "drop_no_backend",
+    "drop_stale_slot",
+    "drop_ct_full",
+    "ct_stale_backend",
+];
+
+const _: () = {
+    assert!(core::mem::size_of::<Svc4Key>() == 12);
+    assert!(core::mem::size_of::<Svc4Value>() == 16);
+    assert!(core::mem::size_of::<Backend4>() == 8);
+    assert!(core::mem::size_of::<Ct4Key>() == 16);
+    assert!(core::mem::size_of::<Ct4Value>() == 24);
+    assert!(core::mem::size_of::<StatValue>() == 16);
+    assert!(core::mem::size_of::<SvcInfo>() == 152);
+    assert!(Stat::CtStaleBackend as u32 + 1 == STAT_COUNT);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all these types are repr(C), Copy, made only of integers, with explicit padding
+    // fields, so every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for Svc4Key {}
+    unsafe impl aya::Pod for Svc4Value {}
+    unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for Ct4Key {}
+    unsafe impl aya::Pod for Ct4Value {}
+    unsafe impl aya::Pod for StatValue {}
+    unsafe impl aya::Pod for SvcInfo {}
+}

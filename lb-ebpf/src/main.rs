@@ -1,0 +1,50 @@
+//! xlb's kernel program: Kubernetes Service load balancing at XDP.
+//!
+//! One module per concern: `parse` (bounds-checked header access), `maps`, `stats`, `nat`
+//! (address/port rewrite with incremental checksums), `ct` (connection tracking), `lb` (service
+//! lookup and backend selection, and the per-packet decision).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod ct;
+#[cfg(target_arch = "bpf")]
+mod lb;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod stats;
+
+#[cfg(target_arch = "bpf")]
+mod entry {
+    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+    /// Attached at XDP on every interface of the node that carries Service traffic: translates
+    /// packets to a frontend towards a backend, and replies from a backend back to the frontend.
+    #[xdp]
+    pub fn xlb_xdp(ctx: XdpContext) -> u32 {
+        match crate::lb::process(&ctx) {
+            Ok(verdict) => verdict,
+            // Only reachable if the packet changed under us; never lose it silently.
+            Err(()) => xdp_action::XDP_PASS,
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+/// On the host this crate is an empty binary; the real object is built for the bpf target by
+/// lb-userspace's build script.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,30 @@
+//! The maps, one line of purpose each. Names and layouts come from lb-common; capacities here are
+//! defaults that the agent overrides at load time.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    Backend4, Ct4Key, Ct4Value, STAT_COUNT, StatValue, Svc4Key, Svc4Value, SvcInfo,
+};
+
+/// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
+#[btf_map(name = "xlb_svc4_v1")]
+pub static SERVICES: HashMap<Svc4Key, Svc4Value, 262_144> = HashMap::new();
+
+/// Backend id -> endpoint address and port.
+#[btf_map(name = "xlb_be4_v1")]
+pub static BACKENDS: Array<Backend4, 262_144> = Array::new();
+
+/// Tracked flows, both directions, evicted least recently used first.
+#[btf_map(name = "xlb_ct4_v1")]
+pub static CT: LruHashMap<Ct4Key, Ct4Value, 262_144> = LruHashMap::new();
+
+/// Per-CPU packet and byte counters by verdict and reason (see lb_common::Stat).
+#[btf_map(name = "xlb_stats_v1")]
+pub static STATS: PerCpuArray<StatValue, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// Service id -> names for display; written by the agent, never read here. Declared in the
+/// object so that the map carries BTF and `bpftool map dump` shows its fields.
+#[btf_map(name = "xlb_svcinfo_v1")]
+pub static SVC_INFO: HashMap<u32, SvcInfo, 65_536> = HashMap::new();

@@ -1,0 +1,41 @@
+//! Address and port rewrites with incremental checksum updates (RFC 1624).
+use lb_common::{IPPROTO_UDP, csum};
+
+use crate::parse::{Packet, load16, load32, store16, store32};
+
+/// Rewrites the destination (forward translation), or the source (reply translation).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+/// Writes `addr`/`port` (network order) into the chosen side of `pkt` and fixes both checksums.
+#[inline(always)]
+pub fn rewrite(pkt: &Packet, side: Side, addr: u32, port: u16) {
+    let (addr_off, port_off) = match side {
+        Side::Source => (12, 0),
+        Side::Destination => (16, 2),
+    };
+    let l4_check = pkt.l4_check();
+    // SAFETY: parse() bounds-checked the whole IPv4 header and the L4 header (20 bytes for TCP,
+    // 8 for UDP), which contain every offset used here.
+    unsafe {
+        let old_addr = load32(pkt.l3 + addr_off);
+        let old_port = load16(pkt.l4 + port_off);
+
+        let ip_check = load16(pkt.l3 + 10);
+        store16(pkt.l3 + 10, csum::replace4(ip_check, old_addr, addr));
+
+        let old_l4 = load16(l4_check);
+        let mut l4 = csum::replace4(old_l4, old_addr, addr);
+        l4 = csum::replace2(l4, old_port, port);
+        if pkt.proto == IPPROTO_UDP {
+            l4 = csum::udp_fixup(old_l4, l4);
+        }
+        store16(l4_check, l4);
+
+        store32(pkt.l3 + addr_off, addr);
+        store16(pkt.l4 + port_off, port);
+    }
+}

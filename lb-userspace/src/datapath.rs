@@ -1,0 +1,282 @@
+//! The datapath layer: the kernel maps behind a trait, so the reconciler and the CLI run the
+//! same code against the real pinned maps ([`BpfMaps`]) and against memory ([`MemDatapath`]).
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
+use lb_common::{
+    Backend4, Ct4Key, Ct4Value, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_STATS, MAP_SVC_INFO,
+    STAT_COUNT, StatValue, Svc4Key, Svc4Value, SvcInfo,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "no pinned map at {path}: has `xlb agent` run on this node with this --pin-dir? ({source})"
+    )]
+    NotPinned { path: PathBuf, source: MapError },
+    #[error(
+        "map {name} at {path} does not have the layout this xlb expects ({source}); it was pinned by another version of xlb"
+    )]
+    Layout { name: &'static str, path: PathBuf, source: MapError },
+    #[error("{op} on map {name} failed: {source}")]
+    Map { op: &'static str, name: &'static str, source: MapError },
+    #[error("map {name} is full ({capacity} entries)")]
+    Full { name: &'static str, capacity: u32 },
+    #[error("injected fault: {0}")]
+    Injected(String),
+}
+
+/// Capacities of the maps the reconciler allocates from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub service_entries: u32,
+    pub backends: u32,
+}
+
+/// Read and write access to the service, backend and service-info maps.
+pub trait Datapath {
+    fn capacity(&self) -> Capacity;
+    fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError>;
+    fn read_backend(&self, id: u32) -> Result<Backend4, DatapathError>;
+    fn read_svc_infos(&self) -> Result<Vec<(u32, SvcInfo)>, DatapathError>;
+    fn write_backend(&mut self, id: u32, value: Backend4) -> Result<(), DatapathError>;
+    fn write_service(&mut self, key: Svc4Key, value: Svc4Value) -> Result<(), DatapathError>;
+    fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError>;
+    fn write_svc_info(&mut self, id: u32, info: SvcInfo) -> Result<(), DatapathError>;
+    fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError>;
+}
+
+/// The kernel maps, opened from their pins (CLI, agent) or taken from a freshly loaded object
+/// (packet tests).
+pub struct BpfMaps {
+    pub services: HashMap<MapData, Svc4Key, Svc4Value>,
+    pub backends: Array<MapData, Backend4>,
+    pub ct: HashMap<MapData, Ct4Key, Ct4Value>,
+    pub stats: PerCpuArray<MapData, StatValue>,
+    pub svc_info: HashMap<MapData, u32, SvcInfo>,
+    capacity: Capacity,
+}
+
+fn map_err(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { op, name, source }
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    name: &'static str,
+    path: &Path,
+    map: Map,
+) -> Result<T, DatapathError> {
+    T::try_from(map).map_err(|source| DatapathError::Layout { name, path: path.to_owned(), source })
+}
+
+impl BpfMaps {
+    /// Opens the maps pinned under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let open = |name: &'static str| -> Result<(PathBuf, Map), DatapathError> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .map_err(|source| DatapathError::NotPinned { path: path.clone(), source })?;
+            let map = Map::from_map_data(data)
+                .map_err(|source| DatapathError::Layout { name, path: path.clone(), source })?;
+            Ok((path, map))
+        };
+        let (p, m) = open(MAP_SERVICES)?;
+        let services = typed(MAP_SERVICES, &p, m)?;
+        let (p, m) = open(MAP_BACKENDS)?;
+        let backends = typed(MAP_BACKENDS, &p, m)?;
+        let (p, m) = open(MAP_CT)?;
+        let ct = typed(MAP_CT, &p, m)?;
+        let (p, m) = open(MAP_STATS)?;
+        let stats = typed(MAP_STATS, &p, m)?;
+        let (p, m) = open(MAP_SVC_INFO)?;
+        let svc_info = typed(MAP_SVC_INFO, &p, m)?;
+        Self::new(services, backends, ct, stats, svc_info)
+    }
+
+    /// Takes the maps out of a loaded object (which then no longer owns them).
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, DatapathError> {
+        let path = PathBuf::from("<loaded object>");
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or_else(|| DatapathError::Layout {
+                name,
+                path: path.clone(),
+                source: MapError::InvalidName { name: name.into() },
+            })
+        };
+        let services = typed(MAP_SERVICES, &path, take(MAP_SERVICES)?)?;
+        let backends = typed(MAP_BACKENDS, &path, take(MAP_BACKENDS)?)?;
+        let ct = typed(MAP_CT, &path, take(MAP_CT)?)?;
+        let stats = typed(MAP_STATS, &path, take(MAP_STATS)?)?;
+        let svc_info = typed(MAP_SVC_INFO, &path, take(MAP_SVC_INFO)?)?;
+        Self::new(services, backends, ct, stats, svc_info)
+    }
+
+    fn new(
+        services: HashMap<MapData, Svc4Key, Svc4Value>,
+        backends: Array<MapData, Backend4>,
+        ct: HashMap<MapData, Ct4Key, Ct4Value>,
+        stats: PerCpuArray<MapData, StatValue>,
+        svc_info: HashMap<MapData, u32, SvcInfo>,
+    ) -> Result<Self, DatapathError> {
+        let max = |m: &MapData, name| {
+            m.info().map(|i| i.max_entries()).map_err(map_err("info", name))
+        };
+        let capacity = Capacity {
+            service_entries: max(IterableMap::map(&services), MAP_SERVICES)?,
+            backends: backends.len(),
+        };
+        if stats.len() != STAT_COUNT {
+            return Err(DatapathError::Layout {
+                name: MAP_STATS,
+                path: PathBuf::new(),
+                source: MapError::InvalidValueSize { size: stats.len() as usize, expected: STAT_COUNT as usize },
+            });
+        }
+        Ok(Self { services, backends, ct, stats, svc_info, capacity })
+    }
+
+    /// Sums the per-CPU counters: `(name, packets, bytes)` for every [`lb_common::Stat`].
+    pub fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
+        (0..STAT_COUNT)
+            .map(|i| {
+                let per_cpu = self.stats.get(&i, 0).map_err(map_err("lookup", MAP_STATS))?;
+                let (p, b) = per_cpu.iter().fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+                Ok((lb_common::STAT_NAMES[i as usize], p, b))
+            })
+            .collect()
+    }
+
+    /// Every connection-tracking entry.
+    pub fn read_ct(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError> {
+        self.ct.iter().map(|r| r.map_err(map_err("iterate", MAP_CT))).collect()
+    }
+}
+
+impl Datapath for BpfMaps {
+    fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
+    fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError> {
+        self.services.iter().map(|r| r.map_err(map_err("iterate", MAP_SERVICES))).collect()
+    }
+
+    fn read_backend(&self, id: u32) -> Result<Backend4, DatapathError> {
+        self.backends.get(&id, 0).map_err(map_err("lookup", MAP_BACKENDS))
+    }
+
+    fn read_svc_infos(&self) -> Result<Vec<(u32, SvcInfo)>, DatapathError> {
+        self.svc_info.iter().map(|r| r.map_err(map_err("iterate", MAP_SVC_INFO))).collect()
+    }
+
+    fn write_backend(&mut self, id: u32, value: Backend4) -> Result<(), DatapathError> {
+        self.backends.set(id, value, 0).map_err(map_err("update", MAP_BACKENDS))
+    }
+
+    fn write_service(&mut self, key: Svc4Key, value: Svc4Value) -> Result<(), DatapathError> {
+        self.services.insert(key, value, 0).map_err(map_err("update", MAP_SERVICES))
+    }
+
+    fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError> {
+        match self.services.remove(&key) {
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err("delete", MAP_SERVICES)(e)),
+        }
+    }
+
+    fn write_svc_info(&mut self, id: u32, info: SvcInfo) -> Result<(), DatapathError> {
+        self.svc_info.insert(id, info, 0).map_err(map_err("update", MAP_SVC_INFO))
+    }
+
+    fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
+        match self.svc_info.remove(&id) {
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err("delete", MAP_SVC_INFO)(e)),
+        }
+    }
+}
+
+/// The maps in memory, with the same capacity rules as the kernel's, for tests of the reconciler
+/// and the CLI without a kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemDatapath {
+    pub services: BTreeMap<Svc4Key, Svc4Value>,
+    pub backends: BTreeMap<u32, Backend4>,
+    pub svc_info: BTreeMap<u32, SvcInfo>,
+    pub capacity: Option<Capacity>,
+    /// Every write and delete, in order, as `(op, key)` strings, for ordering assertions.
+    pub log: Vec<String>,
+}
+
+impl MemDatapath {
+    pub fn with_capacity(capacity: Capacity) -> Self {
+        Self { capacity: Some(capacity), ..Self::default() }
+    }
+}
+
+impl Datapath for MemDatapath {
+    fn capacity(&self) -> Capacity {
+        self.capacity.unwrap_or(Capacity {
+            service_entries: lb_common::DEFAULT_MAX_SERVICE_ENTRIES,
+            backends: lb_common::DEFAULT_MAX_BACKENDS,
+        })
+    }
+
+    fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError> {
+        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn read_backend(&self, id: u32) -> Result<Backend4, DatapathError> {
+        if id >= self.capacity().backends {
+            return Err(DatapathError::Full { name: MAP_BACKENDS, capacity: self.capacity().backends });
+        }
+        Ok(self.backends.get(&id).copied().unwrap_or_default())
+    }
+
+    fn read_svc_infos(&self) -> Result<Vec<(u32, SvcInfo)>, DatapathError> {
+        Ok(self.svc_info.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn write_backend(&mut self, id: u32, value: Backend4) -> Result<(), DatapathError> {
+        let cap = self.capacity().backends;
+        if id >= cap {
+            return Err(DatapathError::Full { name: MAP_BACKENDS, capacity: cap });
+        }
+        self.log.push(format!("backend {id} state={}", value.state));
+        if value == Backend4::default() {
+            self.backends.remove(&id);
+        } else {
+            self.backends.insert(id, value);
+        }
+        Ok(())
+    }
+
+    fn write_service(&mut self, key: Svc4Key, value: Svc4Value) -> Result<(), DatapathError> {
+        let cap = self.capacity().service_entries;
+        if !self.services.contains_key(&key) && self.services.len() as u32 >= cap {
+            return Err(DatapathError::Full { name: MAP_SERVICES, capacity: cap });
+        }
+        self.log.push(format!("service {:08x}:{} slot {} count={}", key.addr, key.port, key.slot, value.count));
+        self.services.insert(key, value);
+        Ok(())
+    }
+
+    fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError> {
+        self.log.push(format!("delete {:08x}:{} slot {}", key.addr, key.port, key.slot));
+        self.services.remove(&key);
+        Ok(())
+    }
+
+    fn write_svc_info(&mut self, id: u32, info: SvcInfo) -> Result<(), DatapathError> {
+        self.svc_info.insert(id, info);
+        Ok(())
+    }
+
+    fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.svc_info.remove(&id);
+        Ok(())
+    }
+}

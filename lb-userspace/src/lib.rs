@@ -1,0 +1,10 @@
+//! xlb's userspace: the agent that keeps the kernel maps equal to the Kubernetes objects, and
+//! the CLI that reads them back.
+pub mod agent;
+pub mod cli;
+pub mod datapath;
+pub mod ebpf;
+pub mod manifests;
+pub mod model;
+pub mod packet;
+pub mod reconcile;

@@ -1,0 +1,334 @@
+//! Packet tests: the XDP program run by the kernel on crafted frames (BPF_PROG_TEST_RUN), with
+//! its maps filled from manifests through the model and the reconciler. Each test loads its own
+//! unpinned instance, so nothing is shared with a running agent or another test.
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN). Without it the tests skip, unless
+//! XLB_REQUIRE_PRIVILEGED=1 (set by `cargo xtask test` and CI), where they fail instead.
+use std::net::SocketAddrV4;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{IPPROTO_TCP, Stat, STAT_NAMES};
+use lb_userspace::{
+    datapath::BpfMaps,
+    ebpf::{self, Capacities},
+    manifests,
+    model::{self, ModelConfig},
+    packet::{Frame, decode},
+    reconcile::Reconciler,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("XLB_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+        panic!("packet tests need root (BPF_PROG_TEST_RUN); XLB_REQUIRE_PRIVILEGED=1 forbids skipping");
+    }
+    eprintln!("SKIPPED: packet tests need root");
+    false
+}
+
+struct Dut {
+    ebpf: aya::Ebpf,
+    rec: Reconciler<BpfMaps>,
+}
+
+impl Dut {
+    fn new(yaml: &str) -> Self {
+        let caps = Capacities { service_entries: 4096, backends: 1024, ct_entries: 4096 };
+        let mut ebpf = ebpf::load(None, caps).unwrap_or_else(|e| panic!("the verifier must accept the program: {e:?}"));
+        let maps = BpfMaps::take(&mut ebpf).expect("maps");
+        let rec = Reconciler::new(maps).expect("reconciler");
+        let mut dut = Dut { ebpf, rec };
+        dut.apply(yaml);
+        dut
+    }
+
+    fn apply(&mut self, yaml: &str) {
+        let mut objects = manifests::Objects::default();
+        manifests::read_str("test.yaml".as_ref(), yaml, &mut objects);
+        assert!(objects.errors.is_empty(), "{:?}", objects.errors);
+        let m = model::build(&objects.services, &objects.slices, &ModelConfig::default());
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        self.rec.apply(&m.ports).expect("apply");
+    }
+
+    /// Runs the program once on `frame`: the verdict and the frame as it leaves.
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = ebpf::xdp(&mut self.ebpf).unwrap();
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::new() })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn stat(&self, s: Stat) -> u64 {
+        let stats = self.rec.datapath().read_stats().unwrap();
+        stats.iter().find(|(n, _, _)| *n == STAT_NAMES[s as usize]).unwrap().1
+    }
+}
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+/// web: ClusterIP 198.18.0.10, port 80 -> targetPort 8080 (TCP) and dns 53 -> 5353 (UDP), two pods.
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 198.18.0.10
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [198.18.1.2]
+  conditions: {ready: true}
+- addresses: [198.18.2.2]
+  conditions: {ready: true}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  clusterIP: 198.18.0.20
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+
+const BACKENDS: [&str; 2] = ["198.18.1.2", "198.18.2.2"];
+
+fn backend_of(d: &lb_userspace::packet::Decoded) -> String {
+    d.dst.ip().to_string()
+}
+
+#[test]
+fn tcp_dnat_established_and_reply() {
+    if !privileged() {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    let client = sa("198.18.100.1:40000");
+    let syn = Frame::tcp(client, sa("198.18.0.10:80")).build();
+    let (v, out) = dut.run(&syn);
+    assert_eq!(v, XDP_PASS);
+    let d = decode(&out).expect("a TCP frame comes out");
+    assert!(BACKENDS.contains(&backend_of(&d).as_str()), "{d:?}");
+    assert_eq!(d.dst.port(), 8080, "port 80 leads to targetPort 8080");
+    assert_eq!(d.src, client, "the source is untouched");
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok, "checksums recomputed must match: {d:?}");
+    assert_eq!(out.len(), syn.len());
+    assert_eq!(dut.stat(Stat::DnatNew), 1);
+
+    // Every later packet of the flow goes to the same backend.
+    let chosen = d.dst;
+    for _ in 0..20 {
+        let ack = Frame { tcp_flags: 0x10, payload: vec![7; 100], ..Frame::tcp(client, sa("198.18.0.10:80")) }.build();
+        let (v, out) = dut.run(&ack);
+        let d2 = decode(&out).unwrap();
+        assert_eq!((v, d2.dst), (XDP_PASS, chosen));
+        assert!(d2.ip_checksum_ok && d2.l4_checksum_ok);
+    }
+    assert_eq!(dut.stat(Stat::DnatEstablished), 20);
+
+    // The backend's reply is translated back to the ClusterIP and port the client used.
+    let reply = Frame { tcp_flags: 0x12, ..Frame::tcp(chosen, client) }.build();
+    let (v, out) = dut.run(&reply);
+    let r = decode(&out).unwrap();
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(r.src, sa("198.18.0.10:80"));
+    assert_eq!(r.dst, client);
+    assert!(r.ip_checksum_ok && r.l4_checksum_ok, "{r:?}");
+    assert_eq!(dut.stat(Stat::RevNat), 1);
+
+    // Tracked in both directions, with the backend named.
+    let ct = dut.rec.datapath().read_ct().unwrap();
+    assert_eq!(ct.len(), 2, "{ct:?}");
+    assert!(ct.iter().all(|(k, v)| k.proto == IPPROTO_TCP && v.backend_id != 0));
+}
+
+#[test]
+fn udp_dnat_and_reply_with_and_without_checksum() {
+    if !privileged() {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    for (i, no_csum) in [false, true].into_iter().enumerate() {
+        let client = SocketAddrV4::new("198.18.100.1".parse().unwrap(), 50000 + i as u16);
+        let f = Frame { udp_no_checksum: no_csum, payload: vec![1, 2, 3, 4, 5], ..Frame::udp(client, sa("198.18.0.10:53")) };
+        let (v, out) = dut.run(&f.build());
+        let d = decode(&out).unwrap();
+        assert_eq!(v, XDP_PASS);
+        assert_eq!(d.dst.port(), 5353);
+        assert!(BACKENDS.contains(&backend_of(&d).as_str()));
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+        assert_eq!(d.udp_checksum_zero, no_csum, "a zero UDP checksum stays zero, a real one stays real");
+
+        let reply = Frame { udp_no_checksum: no_csum, ..Frame::udp(d.dst, client) }.build();
+        let (v, out) = dut.run(&reply);
+        let r = decode(&out).unwrap();
+        assert_eq!((v, r.src, r.dst), (XDP_PASS, sa("198.18.0.10:53"), client));
+        assert!(r.ip_checksum_ok && r.l4_checksum_ok);
+        assert_eq!(r.udp_checksum_zero, no_csum);
+    }
+}
+
+#[test]
+fn new_flows_spread_over_both_backends() {
+    if !privileged() {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    let mut seen = std::collections::BTreeMap::new();
+    for port in 0..200u16 {
+        let f = Frame::tcp(SocketAddrV4::new("198.18.100.1".parse().unwrap(), 20000 + port), sa("198.18.0.10:80"));
+        let (_, out) = dut.run(&f.build());
+        *seen.entry(backend_of(&decode(&out).unwrap())).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.values().all(|&n| n >= 50), "random choice should not starve a backend: {seen:?}");
+}
+
+/// Frames that must leave exactly as they came, with the counter that says why.
+#[test]
+fn frames_passed_untouched() {
+    if !privileged() {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    let client = sa("198.18.100.1:40000");
+    let vip = sa("198.18.0.10:80");
+    let full = Frame::tcp(client, vip).build();
+    let mut arp = vec![0xffu8; 12];
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    let mut ipv6 = vec![0u8; 12];
+    ipv6.extend_from_slice(&[0x86, 0xdd]);
+    ipv6.extend_from_slice(&[0x60; 60]);
+    let mut bad_ihl = full.clone();
+    bad_ihl[14] = 0x44; // IHL 4 (16 bytes) is below the minimum
+    let mut bad_version = full.clone();
+    bad_version[14] = 0x65;
+    let mut short_total = full.clone();
+    short_total[16..18].copy_from_slice(&30u16.to_be_bytes()); // total length shorter than IP + TCP
+
+    let cases: Vec<(&str, Vec<u8>, Stat)> = vec![
+        ("no such frontend address", Frame::tcp(client, sa("198.18.0.11:80")).build(), Stat::PassNoService),
+        ("frontend address, other port", Frame::tcp(client, sa("198.18.0.10:81")).build(), Stat::PassNoService),
+        ("frontend address and port, other protocol", Frame::udp(client, vip).build(), Stat::PassNoService),
+        ("ARP", arp, Stat::PassNotIpv4),
+        ("IPv6", ipv6, Stat::PassNotIpv4),
+        // BPF_PROG_TEST_RUN refuses XDP input under 14 bytes, as drivers never deliver it.
+        ("Ethernet header only, IPv4 ethertype", full[..14].to_vec(), Stat::PassMalformed),
+        ("IPv4 header cut short", full[..14 + 12].to_vec(), Stat::PassMalformed),
+        ("TCP header cut short", full[..14 + 20 + 10].to_vec(), Stat::PassMalformed),
+        ("IHL below 5", bad_ihl, Stat::PassMalformed),
+        ("IP version 6 in an IPv4 frame", bad_version, Stat::PassMalformed),
+        ("total length too short", short_total, Stat::PassMalformed),
+        (
+            "first fragment to a frontend",
+            Frame { more_fragments: true, ..Frame::tcp(client, vip) }.build(),
+            Stat::PassFragment,
+        ),
+        (
+            "later fragment to a frontend",
+            Frame { frag_offset: 185, ..Frame::udp(client, sa("198.18.0.10:53")) }.build(),
+            Stat::PassFragment,
+        ),
+        (
+            "ICMP to a frontend",
+            {
+                let mut f = full.clone();
+                f[14 + 9] = 1;
+                f
+            },
+            Stat::PassOtherProto,
+        ),
+    ];
+    for (name, frame, stat) in cases {
+        let before = dut.stat(stat);
+        let (v, out) = dut.run(&frame);
+        assert_eq!(v, XDP_PASS, "{name}: verdict");
+        assert_eq!(out, frame, "{name}: the frame must not change");
+        assert_eq!(dut.stat(stat), before + 1, "{name}: counted as {:?}", stat);
+    }
+    assert_eq!(dut.stat(Stat::DnatNew), 0);
+    assert!(dut.rec.datapath().read_ct().unwrap().is_empty(), "nothing is tracked");
+}
+
+#[test]
+fn ip_options_are_skipped_correctly() {
+    if !privileged() {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    let client = sa("198.18.100.1:40001");
+    // Record-route-like option bytes (NOP NOP NOP EOL, then 8 more) that must survive unchanged.
+    let options = vec![1, 1, 1, 1, 7, 7, 4, 0, 0, 0, 0, 0];
+    for proto_frame in [
+        Frame { ip_options: options.clone(), ..Frame::tcp(client, sa("198.18.0.10:80")) },
+        Frame { ip_options: options.clone(), ..Frame::udp(client, sa("198.18.0.10:53")) },
+    ] {
+        let input = proto_frame.build();
+        let (v, out) = dut.run(&input);
+        let d = decode(&out).unwrap();
+        assert_eq!(v, XDP_PASS);
+        assert!(BACKENDS.contains(&backend_of(&d).as_str()), "{d:?}");
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+        assert_eq!(&out[34..34 + options.len()], &options[..], "options unchanged");
+        assert_eq!(d.src, client);
+    }
+}
+
+#[test]
+fn service_without_endpoints_drops() {
+    if !privileged() {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    let (v, _) = dut.run(&Frame::tcp(sa("198.18.100.1:40000"), sa("198.18.0.20:80")).build());
+    assert_eq!(v, XDP_DROP);
+    assert_eq!(dut.stat(Stat::DropNoBackend), 1);
+}
+
+#[test]
+fn removed_backend_rebalances_its_flows() {
+    if !privileged() {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    // Find a flow on 198.18.1.2, then remove that endpoint.
+    let mut flow = None;
+    for port in 30000..30100u16 {
+        let client = SocketAddrV4::new("198.18.100.1".parse().unwrap(), port);
+        let (_, out) = dut.run(&Frame::udp(client, sa("198.18.0.10:53")).build());
+        if backend_of(&decode(&out).unwrap()) == "198.18.1.2" {
+            flow = Some(client);
+            break;
+        }
+    }
+    let client = flow.expect("some flow lands on 198.18.1.2");
+    dut.apply(&WEB.replace("- addresses: [198.18.1.2]\n  conditions: {ready: true}\n", ""));
+    let (v, out) = dut.run(&Frame::udp(client, sa("198.18.0.10:53")).build());
+    let d = decode(&out).unwrap();
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(backend_of(&d), "198.18.2.2", "the next datagram goes to a live endpoint");
+    assert_eq!(dut.stat(Stat::CtStaleBackend), 1);
+}
