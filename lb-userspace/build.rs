@@ -16,10 +16,8 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("no manifest dir")?);
-    let ebpf_dir = manifest
-        .parent()
-        .ok_or_else(|| anyhow!("lb-userspace has no parent directory"))?
-        .join("lb-ebpf");
+    let ebpf_dir =
+        manifest.parent().ok_or_else(|| anyhow!("lb-userspace has no parent directory"))?.join("lb-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
     println!("cargo:rerun-if-changed={}/../lb-common/src", ebpf_dir);
     aya_build::build_ebpf(

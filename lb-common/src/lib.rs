@@ -48,7 +48,9 @@ pub const SCOPE_EXTERNAL: u8 = 0;
 
 /// Key of [`MAP_SERVICES`]. 12 bytes.
 ///
-/// Slot 0 is the service entry itself; slots `1..=count` each name one backend. The agent writes
+/// Slot 0 is the service entry itself; slots `1..=count` each name one backend that new flows
+/// may choose; slots after `count` name the service's other (terminating) backends, which only
+/// existing flows use. The agent writes
 /// backends, then slots, then the slot-0 entry, then removes stale slots, so a reader never sees a
 /// count that points past written slots.
 #[repr(C)]
@@ -76,7 +78,8 @@ pub struct Svc4Value {
     pub backend_id: u32,
     /// Id of the service port this frontend belongs to (shared by all its frontends).
     pub svc_id: u32,
-    /// Slot 0: number of backend slots that new flows choose from. 0 = no usable endpoint.
+    /// Slot 0: number of backend slots (1..=count) that new flows choose from. 0 = no usable
+    /// endpoint.
     pub count: u16,
     /// Slot 0: `SVC_F_*` flags.
     pub flags: u16,

@@ -70,12 +70,7 @@ pub fn create(
         dir: CT_DIR_REPLY,
         _pad: 0,
     };
-    let reply = Ct4Value {
-        nat_addr: pkt.daddr,
-        nat_port: pkt.dport,
-        tcp_flags: 0,
-        ..fwd
-    };
+    let reply = Ct4Value { nat_addr: pkt.daddr, nat_port: pkt.dport, tcp_flags: 0, ..fwd };
     // Reply first: once the forward entry exists, packets are translated and their replies
     // must already be recognised.
     CT.insert(reply_key, reply, 0)?;

@@ -1,8 +1,6 @@
 //! The per-packet decision: tracked flow, new flow to a service frontend, or pass.
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_get_prandom_u32, programs::XdpContext};
-use lb_common::{
-    BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, SCOPE_EXTERNAL, Stat, Svc4Key,
-};
+use lb_common::{BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, SCOPE_EXTERNAL, Stat, Svc4Key};
 
 use crate::{
     ct,

@@ -4,9 +4,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use lb_common::{
-    Backend4, Ct4Key, Ct4Value, STAT_COUNT, StatValue, Svc4Key, Svc4Value, SvcInfo,
-};
+use lb_common::{Backend4, Ct4Key, Ct4Value, STAT_COUNT, StatValue, Svc4Key, Svc4Value, SvcInfo};
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
 #[btf_map(name = "xlb_svc4_v1")]

@@ -17,6 +17,8 @@ pub struct BackendRow {
     pub port: u16,
     pub state: &'static str,
     pub id: u32,
+    /// New flows may choose this backend.
+    pub selectable: bool,
 }
 
 /// One frontend: the stable JSON schema of `xlb services -o json` (an array of these).
@@ -64,14 +66,15 @@ pub fn service_rows(dp: &impl Datapath) -> Result<Vec<ServiceRow>, DatapathError
         let protocol = Proto::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string());
         let mut backends = Vec::new();
         let s = slots.get(&(u32::from_ne_bytes(addr.octets()), port.to_be(), proto));
-        for slot in 1..=v.count {
-            let Some(&id) = s.and_then(|s| s.get(&slot)) else { continue };
+        // Slots 1..=count take new flows; later slots hold terminating backends.
+        for (&slot, &id) in s.into_iter().flatten() {
             let b = dp.read_backend(id)?;
             backends.push(BackendRow {
                 address: Ipv4Addr::from(b.addr.to_ne_bytes()).to_string(),
                 port: u16::from_be(b.port),
                 state: state_name(b.state),
                 id,
+                selectable: slot <= v.count,
             });
         }
         rows.push(ServiceRow {
@@ -111,7 +114,8 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
                 .join(",")
         };
         let ty = r.svc_type.map_or("?".into(), |t| format!("{t:?}"));
-        let name = if r.port_name.is_empty() { r.name.clone() } else { format!("{}:{}", r.name, r.port_name) };
+        let name =
+            if r.port_name.is_empty() { r.name.clone() } else { format!("{}:{}", r.name, r.port_name) };
         table.push(vec![r.namespace.clone(), name, ty, r.frontend.clone(), backends]);
     }
     let widths: Vec<usize> =

@@ -7,15 +7,13 @@ use std::{
 
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_STATS, MAP_SVC_INFO,
-    STAT_COUNT, StatValue, Svc4Key, Svc4Value, SvcInfo,
+    Backend4, Ct4Key, Ct4Value, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_STATS, MAP_SVC_INFO, STAT_COUNT,
+    StatValue, Svc4Key, Svc4Value, SvcInfo,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error(
-        "no pinned map at {path}: has `xlb agent` run on this node with this --pin-dir? ({source})"
-    )]
+    #[error("no pinned map at {path}: has `xlb agent` run on this node with this --pin-dir? ({source})")]
     NotPinned { path: PathBuf, source: MapError },
     #[error(
         "map {name} at {path} does not have the layout this xlb expects ({source}); it was pinned by another version of xlb"
@@ -79,8 +77,11 @@ impl BpfMaps {
             let path = pin_dir.join(name);
             let data = MapData::from_pin(&path)
                 .map_err(|source| DatapathError::NotPinned { path: path.clone(), source })?;
-            let map = Map::from_map_data(data)
-                .map_err(|source| DatapathError::Layout { name, path: path.clone(), source })?;
+            let map = Map::from_map_data(data).map_err(|source| DatapathError::Layout {
+                name,
+                path: path.clone(),
+                source,
+            })?;
             Ok((path, map))
         };
         let (p, m) = open(MAP_SERVICES)?;
@@ -121,9 +122,7 @@ impl BpfMaps {
         stats: PerCpuArray<MapData, StatValue>,
         svc_info: HashMap<MapData, u32, SvcInfo>,
     ) -> Result<Self, DatapathError> {
-        let max = |m: &MapData, name| {
-            m.info().map(|i| i.max_entries()).map_err(map_err("info", name))
-        };
+        let max = |m: &MapData, name| m.info().map(|i| i.max_entries()).map_err(map_err("info", name));
         let capacity = Capacity {
             service_entries: max(IterableMap::map(&services), MAP_SERVICES)?,
             backends: backends.len(),
@@ -132,7 +131,10 @@ impl BpfMaps {
             return Err(DatapathError::Layout {
                 name: MAP_STATS,
                 path: PathBuf::new(),
-                source: MapError::InvalidValueSize { size: stats.len() as usize, expected: STAT_COUNT as usize },
+                source: MapError::InvalidValueSize {
+                    size: stats.len() as usize,
+                    expected: STAT_COUNT as usize,
+                },
             });
         }
         Ok(Self { services, backends, ct, stats, svc_info, capacity })
@@ -259,7 +261,8 @@ impl Datapath for MemDatapath {
         if !self.services.contains_key(&key) && self.services.len() as u32 >= cap {
             return Err(DatapathError::Full { name: MAP_SERVICES, capacity: cap });
         }
-        self.log.push(format!("service {:08x}:{} slot {} count={}", key.addr, key.port, key.slot, value.count));
+        self.log
+            .push(format!("service {:08x}:{} slot {} count={}", key.addr, key.port, key.slot, value.count));
         self.services.insert(key, value);
         Ok(())
     }

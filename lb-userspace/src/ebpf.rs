@@ -75,7 +75,8 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
         .map_max_entries(MAP_CT, caps.ct_entries);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|source| LoadError::PinDir { dir: dir.to_owned(), source })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|source| LoadError::PinDir { dir: dir.to_owned(), source })?;
             if !is_bpffs(dir) {
                 return Err(LoadError::NoBpffs { dir: dir.to_owned() });
             }
@@ -101,10 +102,7 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
 
 /// The loaded XDP program.
 pub fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
-    ebpf.program_mut(PROG_XDP)
-        .ok_or(LoadError::NoProgram)?
-        .try_into()
-        .map_err(|_| LoadError::NoProgram)
+    ebpf.program_mut(PROG_XDP).ok_or(LoadError::NoProgram)?.try_into().map_err(|_| LoadError::NoProgram)
 }
 
 /// Attaches the XDP program to `iface` (native mode where the driver supports it).

@@ -28,6 +28,8 @@ enum Command {
     /// List the services as the datapath holds them.
     #[command(alias = "svc")]
     Services(OutputArgs),
+    /// Datapath counters by verdict and reason, summed over CPUs.
+    Stats(OutputArgs),
     /// `xlb get services`: the same as `xlb services`.
     Get {
         #[command(subcommand)]
@@ -128,6 +130,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(agent::run(cfg))
+        }
+        Command::Stats(o) => {
+            let maps = BpfMaps::open(&cli.pin_dir)?;
+            let stats = maps.read_stats()?;
+            match o.output {
+                Output::Table => {
+                    println!("{:<20} {:>14} {:>16}", "COUNTER", "PACKETS", "BYTES");
+                    for (name, p, b) in stats {
+                        println!("{name:<20} {p:>14} {b:>16}");
+                    }
+                }
+                Output::Json => {
+                    let v: serde_json::Map<String, serde_json::Value> = stats
+                        .into_iter()
+                        .map(|(n, p, b)| (n.to_string(), serde_json::json!({"packets": p, "bytes": b})))
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+            }
+            Ok(())
         }
         Command::Services(o) | Command::Get { what: GetWhat::Services(o) } => {
             let maps = BpfMaps::open(&cli.pin_dir)?;

@@ -78,7 +78,8 @@ pub fn read_dir(dir: &Path) -> Result<Objects, ManifestError> {
 pub fn read_str(file: &Path, text: &str, objects: &mut Objects) {
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
-        let err = |object: Option<String>, reason: String| DocError { file: file.to_owned(), doc, object, reason };
+        let err =
+            |object: Option<String>, reason: String| DocError { file: file.to_owned(), doc, object, reason };
         let value = match serde_yaml::Value::deserialize(de) {
             Ok(serde_yaml::Value::Null) => continue, // empty document (e.g. a trailing `---`)
             Ok(v) => v,
@@ -92,7 +93,11 @@ pub fn read_str(file: &Path, text: &str, objects: &mut Objects) {
     }
 }
 
-fn add_value(value: serde_yaml::Value, err: &dyn Fn(Option<String>, String) -> DocError, objects: &mut Objects) {
+fn add_value(
+    value: serde_yaml::Value,
+    err: &dyn Fn(Option<String>, String) -> DocError,
+    objects: &mut Objects,
+) {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_owned();
     let api = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("").to_owned();
     let meta = value.get("metadata");

@@ -202,10 +202,7 @@ pub struct Model {
 }
 
 fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
+    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
 }
 
 /// Endpoints of one service, by (slice port name, protocol).
@@ -228,7 +225,9 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], cfg: &ModelConfig) 
                 // A frontend already served by another Service is a conflict: reject the whole
                 // later Service rather than serve half of it.
                 let clash = ports.iter().flat_map(|p| p.frontends.iter()).find_map(|f| {
-                    claimed.get(f).map(|owner| format!("frontend {f} is already used by Service {}/{}", owner.namespace, owner.name))
+                    claimed.get(f).map(|owner| {
+                        format!("frontend {f} is already used by Service {}/{}", owner.namespace, owner.name)
+                    })
                 });
                 if let Some(reason) = clash {
                     model.rejected.push(Rejection { kind: "Service", namespace, name, reason });
@@ -257,13 +256,17 @@ fn index_slices(
     let mut index: BTreeMap<(String, String), EndpointIndex> = BTreeMap::new();
     for slice in slices {
         let (namespace, name) = ns_name(&slice.metadata);
-        let reject = |reason: String| Rejection { kind: "EndpointSlice", namespace: namespace.clone(), name: name.clone(), reason };
+        let reject = |reason: String| Rejection {
+            kind: "EndpointSlice",
+            namespace: namespace.clone(),
+            name: name.clone(),
+            reason,
+        };
         if slice.address_type != "IPv4" {
             // IPv6 and FQDN slices are not served yet; they are not errors.
             continue;
         }
-        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
             rejected.push(reject(format!("no {SERVICE_NAME_LABEL} label: it belongs to no Service")));
             continue;
         };
@@ -280,7 +283,11 @@ fn index_slices(
             let number = match p.port.map(u16::try_from) {
                 Some(Ok(n)) if n != 0 => n,
                 other => {
-                    bad = Some(format!("port {:?} has invalid number {:?}", p.name.as_deref().unwrap_or(""), other.map(|_| p.port)));
+                    bad = Some(format!(
+                        "port {:?} has invalid number {:?}",
+                        p.name.as_deref().unwrap_or(""),
+                        other.map(|_| p.port)
+                    ));
                     break;
                 }
             };
@@ -403,4 +410,204 @@ fn service_ports(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifests::{Objects, read_str};
+
+    fn objects(yaml: &str) -> Objects {
+        let mut o = Objects::default();
+        read_str("t.yaml".as_ref(), yaml, &mut o);
+        assert!(o.errors.is_empty(), "{:?}", o.errors);
+        o
+    }
+
+    fn build_yaml(yaml: &str) -> Model {
+        let o = objects(yaml);
+        build(&o.services, &o.slices, &ModelConfig::default())
+    }
+
+    fn svc(name: &str, ip: &str, ports: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {ip}\n  ports: {ports}\n---\n"
+        )
+    }
+
+    fn slice(name: &str, svc: &str, ports: &str, endpoints: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: {ports}\nendpoints: {endpoints}\n---\n"
+        )
+    }
+
+    fn backends(p: &DesiredPort) -> Vec<String> {
+        p.backends.iter().map(|b| format!("{}:{} {:?}", b.addr, b.port, b.state)).collect()
+    }
+
+    #[test]
+    fn port_leads_to_target_port_from_the_slice() {
+        let m = build_yaml(
+            &(svc("web", "198.18.0.10", "[{name: http, port: 80, targetPort: 8080}]")
+                + &slice("web-1", "web", "[{name: http, port: 8080}]", "[{addresses: [198.18.1.2]}]")),
+        );
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        let p = &m.ports[0];
+        assert_eq!(
+            p.frontends,
+            vec![Frontend { addr: "198.18.0.10".parse().unwrap(), port: 80, proto: Proto::Tcp }]
+        );
+        assert_eq!(backends(p), ["198.18.1.2:8080 Active"], "ready unset counts as ready");
+    }
+
+    #[test]
+    fn named_target_port_resolves_per_endpoint() {
+        // Two slices for one service: the name "web" is container port 8080 on one pod and 9090 on
+        // the other, as the EndpointSlice controller writes when pods name their ports alike.
+        let m = build_yaml(
+            &(svc("web", "198.18.0.10", "[{name: http, port: 80, targetPort: web}]")
+                + &slice("web-1", "web", "[{name: http, port: 8080}]", "[{addresses: [198.18.1.2]}]")
+                + &slice("web-2", "web", "[{name: http, port: 9090}]", "[{addresses: [198.18.2.2]}]")),
+        );
+        assert_eq!(backends(&m.ports[0]), ["198.18.1.2:8080 Active", "198.18.2.2:9090 Active"]);
+    }
+
+    #[test]
+    fn endpoint_conditions_and_terminating_fallback() {
+        let eps = "[{addresses: [198.18.1.1], conditions: {ready: true}},
+                    {addresses: [198.18.1.2], conditions: {ready: false, serving: true, terminating: true}},
+                    {addresses: [198.18.1.3], conditions: {ready: false, serving: false, terminating: true}},
+                    {addresses: [198.18.1.4], conditions: {ready: false}}]";
+        let m =
+            build_yaml(&(svc("a", "198.18.0.10", "[{port: 80}]") + &slice("a-1", "a", "[{port: 80}]", eps)));
+        let p = &m.ports[0];
+        assert_eq!(
+            backends(p),
+            ["198.18.1.1:80 Active", "198.18.1.2:80 Terminating", "198.18.1.3:80 Draining"]
+        );
+        let sel: Vec<_> = p.selectable().map(|b| b.addr.to_string()).collect();
+        assert_eq!(sel, ["198.18.1.1"], "new flows go to ready endpoints only");
+
+        // With no ready endpoint, new flows go to the serving terminating one, never the draining.
+        let eps = "[{addresses: [198.18.1.2], conditions: {ready: false, serving: true, terminating: true}},
+                    {addresses: [198.18.1.3], conditions: {ready: false, serving: false, terminating: true}}]";
+        let m =
+            build_yaml(&(svc("a", "198.18.0.10", "[{port: 80}]") + &slice("a-1", "a", "[{port: 80}]", eps)));
+        let sel: Vec<_> = m.ports[0].selectable().map(|b| b.addr.to_string()).collect();
+        assert_eq!(sel, ["198.18.1.2"]);
+    }
+
+    #[test]
+    fn slices_merge_and_deduplicate() {
+        let m = build_yaml(
+            &(svc("a", "198.18.0.10", "[{port: 80}]")
+                + &slice(
+                    "a-1",
+                    "a",
+                    "[{port: 80}]",
+                    "[{addresses: [198.18.1.1], conditions: {ready: false, serving: true, terminating: true}}, {addresses: [198.18.1.2]}]",
+                )
+                + &slice(
+                    "a-2",
+                    "a",
+                    "[{port: 80}]",
+                    "[{addresses: [198.18.1.1]}, {addresses: [198.18.1.3]}]",
+                )),
+        );
+        assert_eq!(
+            backends(&m.ports[0]),
+            ["198.18.1.1:80 Active", "198.18.1.2:80 Active", "198.18.1.3:80 Active"]
+        );
+    }
+
+    #[test]
+    fn ports_match_by_name_and_protocol() {
+        let m = build_yaml(
+            &(svc(
+                "dns",
+                "198.18.0.53",
+                "[{name: dns, port: 53, targetPort: 5353, protocol: UDP}, {name: dns-tcp, port: 53, targetPort: 5353, protocol: TCP}]",
+            ) + &slice(
+                "dns-1",
+                "dns",
+                "[{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5354, protocol: TCP}]",
+                "[{addresses: [198.18.1.1]}]",
+            )),
+        );
+        assert_eq!(m.ports.len(), 2);
+        let udp = m.ports.iter().find(|p| p.id.proto == Proto::Udp).unwrap();
+        let tcp = m.ports.iter().find(|p| p.id.proto == Proto::Tcp).unwrap();
+        assert_eq!(backends(udp), ["198.18.1.1:5353 Active"]);
+        assert_eq!(backends(tcp), ["198.18.1.1:5354 Active"]);
+    }
+
+    #[test]
+    fn invalid_services_are_rejected_one_by_one() {
+        let yaml = svc("bad-ip", "198.18.0.999", "[{port: 80}]")
+            + &svc("port-zero", "198.18.0.2", "[{port: 0}]")
+            + &svc("sctp", "198.18.0.3", "[{port: 80, protocol: SCTP}]")
+            + &svc("weird-proto", "198.18.0.4", "[{port: 80, protocol: QUIC}]")
+            + &svc("dup-port", "198.18.0.5", "[{name: a, port: 80}, {name: b, port: 80}]")
+            + &svc("no-ip", "\"\"", "[{port: 80}]")
+            + &svc("good", "198.18.0.6", "[{port: 80}]")
+            + &svc("headless", "None", "[{port: 80}]")
+            + "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: db.example.com}\n";
+        let m = build_yaml(&yaml);
+        let rejected: Vec<&str> = m.rejected.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(rejected, ["bad-ip", "dup-port", "no-ip", "port-zero", "sctp", "weird-proto"]);
+        assert!(m.rejected.iter().all(|r| !r.reason.is_empty()));
+        assert!(m.rejected.iter().find(|r| r.name == "bad-ip").unwrap().reason.contains("198.18.0.999"));
+        let served: Vec<&str> = m.ports.iter().map(|p| p.id.name.as_str()).collect();
+        assert_eq!(served, ["good"], "headless and ExternalName have no datapath, and are not errors");
+    }
+
+    #[test]
+    fn a_frontend_is_served_by_one_service_only() {
+        let m = build_yaml(
+            &(svc("first", "198.18.0.10", "[{port: 80}]") + &svc("second", "198.18.0.10", "[{port: 80}]")),
+        );
+        assert_eq!(m.ports.len(), 1);
+        assert_eq!(m.ports[0].id.name, "first");
+        assert_eq!(m.rejected.len(), 1);
+        assert!(m.rejected[0].reason.contains("already used by Service default/first"), "{:?}", m.rejected);
+    }
+
+    #[test]
+    fn bad_slices_are_rejected_without_touching_others() {
+        let yaml = svc("a", "198.18.0.10", "[{port: 80}]")
+            + &slice("a-good", "a", "[{port: 80}]", "[{addresses: [198.18.1.1]}]")
+            + &slice("a-bad", "a", "[{port: 80}]", "[{addresses: [not-an-ip]}]")
+            + "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan}\naddressType: IPv4\nendpoints: []\n";
+        let m = build_yaml(&yaml);
+        assert_eq!(backends(&m.ports[0]), ["198.18.1.1:80 Active"]);
+        let rejected: Vec<&str> = m.rejected.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(rejected, ["a-bad", "orphan"]);
+    }
+
+    #[test]
+    fn too_many_backends_is_rejected() {
+        let eps: Vec<String> = (1..=5).map(|i| format!("{{addresses: [198.18.1.{i}]}}")).collect();
+        let o = objects(
+            &(svc("big", "198.18.0.10", "[{port: 80}]")
+                + &slice("big-1", "big", "[{port: 80}]", &format!("[{}]", eps.join(",")))),
+        );
+        let m = build(&o.services, &o.slices, &ModelConfig { max_backends_per_service: 4 });
+        assert!(m.ports.is_empty());
+        assert!(m.rejected[0].reason.contains("5 endpoints"), "{:?}", m.rejected);
+    }
+
+    #[test]
+    fn manifest_errors_name_the_document() {
+        let mut o = Objects::default();
+        read_str(
+            "x.yaml".as_ref(),
+            "kind: Service\napiVersion: v1\nmetadata: {name: s}\nspec: {ports: 3}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\n: : :\n",
+            &mut o,
+        );
+        assert_eq!(o.ignored, 1);
+        assert_eq!(o.errors.len(), 2, "{:?}", o.errors);
+        assert_eq!(o.errors[0].doc, 1);
+        assert_eq!(o.errors[0].object.as_deref(), Some("Service default/s"));
+        assert_eq!(o.errors[1].doc, 3);
+    }
 }

@@ -51,7 +51,7 @@ impl Frame {
 
     pub fn build(&self) -> Vec<u8> {
         let mut opts = self.ip_options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0); // end-of-options padding
         }
         let ihl = 20 + opts.len();
@@ -77,7 +77,12 @@ impl Frame {
         l4.extend_from_slice(&self.payload);
         let check_at = if self.proto == Proto::Tcp { 16 } else { 6 };
         if !(self.proto == Proto::Udp && self.udp_no_checksum) {
-            let mut c = csum::l4_checksum_v4(self.src.ip().octets(), self.dst.ip().octets(), self.proto.number(), &l4);
+            let mut c = csum::l4_checksum_v4(
+                self.src.ip().octets(),
+                self.dst.ip().octets(),
+                self.proto.number(),
+                &l4,
+            );
             if self.proto == Proto::Udp && c == 0 {
                 c = 0xffff;
             }
@@ -175,7 +180,9 @@ mod tests {
     fn built_frames_verify() {
         let a = "198.18.0.1:1234".parse().unwrap();
         let b = "198.18.0.2:80".parse().unwrap();
-        for f in [Frame::tcp(a, b), Frame::udp(a, b), Frame { ip_options: vec![1, 1, 1, 0], ..Frame::tcp(a, b) }] {
+        for f in
+            [Frame::tcp(a, b), Frame::udp(a, b), Frame { ip_options: vec![1, 1, 1, 0], ..Frame::tcp(a, b) }]
+        {
             let d = decode(&f.build()).expect("decodes");
             assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
             assert_eq!((d.src, d.dst), (a, b));

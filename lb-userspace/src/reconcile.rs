@@ -46,7 +46,11 @@ struct BackendKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct FrontendState {
     svc_id: u32,
-    /// Backend ids in slots 1..=len.
+    /// Slots new flows choose from: 1..=count.
+    count: u16,
+    /// Backend ids in slots 1..=len: the selectable ones, then the others (terminating), which
+    /// only existing flows use. Every backend is in a slot, so the maps alone say which
+    /// backends a service has (for read-back after a restart and for the CLI).
     slots: Vec<u32>,
 }
 
@@ -205,11 +209,11 @@ impl<D: Datapath> Reconciler<D> {
         self.backend_values.clear();
 
         let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
-        let mut entries: BTreeMap<Frontend, u32> = BTreeMap::new();
+        let mut entries: BTreeMap<Frontend, (u32, u16)> = BTreeMap::new();
         for (k, v) in self.dp.read_services()? {
             let Some(f) = frontend_of(&k) else { continue };
             if k.slot == 0 {
-                entries.insert(f, v.svc_id);
+                entries.insert(f, (v.svc_id, v.count));
             } else {
                 slots.entry(f).or_default().insert(k.slot, v.backend_id);
             }
@@ -229,13 +233,17 @@ impl<D: Datapath> Reconciler<D> {
         }
         // Every slot ever written, including orphans past a count, so they get cleaned up.
         for (f, s) in &slots {
-            let svc_id = entries.get(f).copied().unwrap_or(0);
+            let (svc_id, count) = entries.get(f).copied().unwrap_or((0, 0));
             let max = s.keys().last().copied().unwrap_or(0);
             let list = (1..=max).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
-            self.frontends.insert(*f, FrontendState { svc_id, slots: list });
+            self.frontends.insert(*f, FrontendState { svc_id, count, slots: list });
         }
-        for (f, svc_id) in &entries {
-            self.frontends.entry(*f).or_insert(FrontendState { svc_id: *svc_id, slots: Vec::new() });
+        for (f, (svc_id, count)) in &entries {
+            self.frontends.entry(*f).or_insert(FrontendState {
+                svc_id: *svc_id,
+                count: *count,
+                slots: Vec::new(),
+            });
             svc_ids_used.insert(*svc_id);
         }
         let cap = self.dp.capacity().backends;
@@ -282,10 +290,8 @@ impl<D: Datapath> Reconciler<D> {
         let mut st = ApplyStats::default();
         let cap = self.dp.capacity();
 
-        let needed: u64 = desired
-            .iter()
-            .map(|p| p.frontends.len() as u64 * (1 + p.selectable().count() as u64))
-            .sum();
+        let needed: u64 =
+            desired.iter().map(|p| p.frontends.len() as u64 * (1 + p.selectable().count() as u64)).sum();
         if needed > u64::from(cap.service_entries) {
             return Err(ReconcileError::ServicesFull { capacity: cap.service_entries, needed });
         }
@@ -335,10 +341,13 @@ impl<D: Datapath> Reconciler<D> {
         // 2. Frontends: slots, then the entry, then stale slots.
         let mut wanted_frontends = BTreeSet::new();
         for (p, &svc_id) in desired.iter().zip(&ids) {
-            let slots: Vec<u32> = p
-                .selectable()
-                .map(|b| self.backend_ids[&BackendKey { addr: b.addr, port: b.port, proto: p.id.proto }])
-                .collect();
+            let id_of = |b: &crate::model::DesiredBackend| {
+                self.backend_ids[&BackendKey { addr: b.addr, port: b.port, proto: p.id.proto }]
+            };
+            let mut slots: Vec<u32> = p.selectable().map(id_of).collect();
+            let count = slots.len() as u16;
+            let mut rest: Vec<u32> = p.backends.iter().map(id_of).filter(|id| !slots.contains(id)).collect();
+            slots.append(&mut rest);
             for f in &p.frontends {
                 wanted_frontends.insert(*f);
                 let old = self.frontends.get(f).cloned();
@@ -351,16 +360,16 @@ impl<D: Datapath> Reconciler<D> {
                     }
                 }
                 let entry_changed = match &old {
-                    Some(o) => o.svc_id != svc_id || o.slots.len() != slots.len(),
+                    Some(o) => o.svc_id != svc_id || o.count != count,
                     None => true,
                 };
                 if entry_changed {
-                    let v = Svc4Value { svc_id, count: slots.len() as u16, ..Default::default() };
+                    let v = Svc4Value { svc_id, count, ..Default::default() };
                     self.dp.write_service(key(f, 0), v)?;
                     st.writes += 1;
                 }
                 // The new picture holds from here: what follows only removes stale slots.
-                self.frontends.insert(*f, FrontendState { svc_id, slots: slots.clone() });
+                self.frontends.insert(*f, FrontendState { svc_id, count, slots: slots.clone() });
                 for i in slots.len()..old_slots.len() {
                     self.dp.delete_service(key(f, i as u16 + 1))?;
                     st.deletes += 1;
@@ -423,5 +432,213 @@ impl<D: Datapath> Reconciler<D> {
             self.be_ids.release(id);
         }
         Ok(st)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        datapath::MemDatapath,
+        model::{DesiredBackend, SvcType},
+    };
+
+    /// Checks, after every single write, what a packet could observe: every service entry's
+    /// count is covered by written slots, and every slot names a live backend.
+    struct Checked(MemDatapath);
+
+    impl Checked {
+        fn check(&self) {
+            for (k, v) in &self.0.services {
+                if k.slot != 0 {
+                    continue;
+                }
+                for s in 1..=v.count {
+                    let sk = Svc4Key { slot: s, ..*k };
+                    let slot = self.0.services.get(&sk).unwrap_or_else(|| {
+                        panic!("count {} but slot {s} missing: {:?}", v.count, self.0.log)
+                    });
+                    let be = self
+                        .0
+                        .backends
+                        .get(&slot.backend_id)
+                        .unwrap_or_else(|| panic!("slot {s} names freed backend {}", slot.backend_id));
+                    assert_ne!(be.state, lb_common::BACKEND_STATE_FREE);
+                }
+            }
+        }
+    }
+
+    impl Datapath for Checked {
+        fn capacity(&self) -> crate::datapath::Capacity {
+            self.0.capacity()
+        }
+        fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError> {
+            self.0.read_services()
+        }
+        fn read_backend(&self, id: u32) -> Result<Backend4, DatapathError> {
+            self.0.read_backend(id)
+        }
+        fn read_svc_infos(&self) -> Result<Vec<(u32, SvcInfo)>, DatapathError> {
+            self.0.read_svc_infos()
+        }
+        fn write_backend(&mut self, id: u32, v: Backend4) -> Result<(), DatapathError> {
+            self.0.write_backend(id, v)?;
+            self.check();
+            Ok(())
+        }
+        fn write_service(&mut self, k: Svc4Key, v: Svc4Value) -> Result<(), DatapathError> {
+            self.0.write_service(k, v)?;
+            self.check();
+            Ok(())
+        }
+        fn delete_service(&mut self, k: Svc4Key) -> Result<(), DatapathError> {
+            self.0.delete_service(k)?;
+            self.check();
+            Ok(())
+        }
+        fn write_svc_info(&mut self, id: u32, i: SvcInfo) -> Result<(), DatapathError> {
+            self.0.write_svc_info(id, i)
+        }
+        fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
+            self.0.delete_svc_info(id)
+        }
+    }
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    fn port(name: &str, vip: u8, backends: &[(u8, BackendState)]) -> DesiredPort {
+        DesiredPort {
+            id: PortRef {
+                namespace: "default".into(),
+                name: name.into(),
+                port_name: String::new(),
+                proto: Proto::Tcp,
+            },
+            svc_type: SvcType::ClusterIP,
+            port: 80,
+            frontends: vec![Frontend { addr: Ipv4Addr::new(198, 18, 0, vip), port: 80, proto: Proto::Tcp }],
+            backends: backends
+                .iter()
+                .map(|&(b, state)| DesiredBackend { addr: Ipv4Addr::new(198, 18, 1, b), port: 8080, state })
+                .collect(),
+        }
+    }
+
+    /// What the datapath means, independent of ids: frontend -> (service name, backend addresses).
+    fn meaning(dp: &MemDatapath) -> BTreeMap<(u32, u16), (String, Vec<(u32, u8)>)> {
+        let mut out = BTreeMap::new();
+        for (k, v) in &dp.services {
+            if k.slot != 0 {
+                continue;
+            }
+            let name = unfixed(&dp.svc_info[&v.svc_id].name);
+            let mut bes: Vec<(u32, u8)> = (1..)
+                .map_while(|s| dp.services.get(&Svc4Key { slot: s, ..*k }).map(|_| s))
+                .map(|s| {
+                    let b = dp.backends[&dp.services[&Svc4Key { slot: s, ..*k }].backend_id];
+                    (b.addr, b.state)
+                })
+                .collect();
+            bes.sort();
+            out.insert((k.addr, k.port), (name, bes));
+        }
+        out
+    }
+
+    #[test]
+    fn second_apply_writes_nothing_and_restart_keeps_ids() {
+        let desired = vec![
+            port("a", 10, &[(1, BackendState::Active), (2, BackendState::Active)]),
+            port("b", 11, &[(2, BackendState::Active)]),
+        ];
+        let mut r = Reconciler::new(MemDatapath::default()).unwrap();
+        let st = r.apply(&desired).unwrap();
+        assert!(st.writes > 0);
+        assert_eq!(r.apply(&desired).unwrap(), ApplyStats::default(), "nothing changed, nothing written");
+        assert_eq!(r.datapath().backends.len(), 2, "one backend shared by two services has one id");
+
+        // A new agent over the same maps: same ids, nothing rewritten.
+        let before = r.datapath().clone();
+        let mut r2 = Reconciler::new(before.clone()).unwrap();
+        assert_eq!(r2.apply(&desired).unwrap(), ApplyStats::default());
+        assert_eq!(r2.datapath().services, before.services);
+        assert_eq!(r2.port_id(&desired[0].id), r.port_id(&desired[0].id));
+    }
+
+    #[test]
+    fn write_order_never_exposes_a_half_written_service() {
+        let mut r = Reconciler::new(Checked(MemDatapath::default())).unwrap();
+        let a5: Vec<_> = (1..=5).map(|b| (b, BackendState::Active)).collect();
+        r.apply(&[port("a", 10, &a5)]).unwrap();
+        r.apply(&[port("a", 10, &a5[..1])]).unwrap(); // scale down: entry before stale slots
+        r.apply(&[port("a", 10, &[(9, BackendState::Active)])]).unwrap(); // replace the only backend
+        r.apply(&[]).unwrap(); // delete: entry first, then slots, then backends
+        assert!(
+            r.datapath().0.services.is_empty()
+                && r.datapath().0.backends.is_empty()
+                && r.datapath().0.svc_info.is_empty()
+        );
+        let log = &r.datapath().0.log;
+        let entry = log.iter().position(|l| l.starts_with("delete") && l.ends_with("slot 0")).unwrap();
+        let freed = log.iter().rposition(|l| l.ends_with("state=0")).unwrap();
+        assert!(entry < freed, "backends are freed after the service stops naming them: {log:?}");
+    }
+
+    #[test]
+    fn random_changes_converge_and_stay_consistent() {
+        let mut rng = Lcg(42);
+        let mut r = Reconciler::new(Checked(MemDatapath::default())).unwrap();
+        for round in 0..300 {
+            let mut desired = Vec::new();
+            for s in 0..rng.below(6) {
+                let mut bes = Vec::new();
+                for b in 0..8u8 {
+                    match rng.below(4) {
+                        0 | 1 => bes.push((b + 1, BackendState::Active)),
+                        2 => bes.push((b + 1, BackendState::Terminating)),
+                        _ => {}
+                    }
+                }
+                desired.push(port(&format!("svc{s}"), 10 + s as u8, &bes));
+            }
+            r.apply(&desired).unwrap();
+            // Compare with what a fresh reconciler writes into empty maps.
+            let mut fresh = Reconciler::new(MemDatapath::default()).unwrap();
+            fresh.apply(&desired).unwrap();
+            assert_eq!(meaning(&r.datapath().0), meaning(fresh.datapath()), "round {round}");
+            // And ids stay bounded: freed ids are reused.
+            assert!(r.datapath().0.backends.keys().all(|&id| id <= 8), "round {round}");
+            // Occasionally restart the agent on the same maps.
+            if rng.below(10) == 0 {
+                let dp = Checked(r.datapath().0.clone());
+                r = Reconciler::new(dp).unwrap();
+                assert_eq!(
+                    r.apply(&desired).unwrap(),
+                    ApplyStats::default(),
+                    "round {round}: restart rewrote"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_and_the_next_apply_finishes() {
+        let cap = crate::datapath::Capacity { service_entries: 1024, backends: 4 };
+        let mut r = Reconciler::new(MemDatapath::with_capacity(cap)).unwrap();
+        // Backend ids 1..=3 exist; five backends cannot fit.
+        let too_many: Vec<_> = (1..=5).map(|b| (b, BackendState::Active)).collect();
+        let err = r.apply(&[port("a", 10, &too_many)]).unwrap_err();
+        assert!(matches!(err, ReconcileError::IdsExhausted { what: "backend", capacity: 4 }), "{err}");
+        // A desired state that fits then applies cleanly, from the re-read picture.
+        let ok: Vec<_> = (1..=3).map(|b| (b, BackendState::Active)).collect();
+        r.apply(&[port("a", 10, &ok)]).unwrap();
+        assert_eq!(meaning(r.datapath()).values().next().unwrap().1.len(), 3);
     }
 }

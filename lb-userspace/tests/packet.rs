@@ -7,7 +7,7 @@
 use std::net::SocketAddrV4;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{IPPROTO_TCP, Stat, STAT_NAMES};
+use lb_common::{IPPROTO_TCP, STAT_NAMES, Stat};
 use lb_userspace::{
     datapath::BpfMaps,
     ebpf::{self, Capacities},
@@ -40,7 +40,8 @@ struct Dut {
 impl Dut {
     fn new(yaml: &str) -> Self {
         let caps = Capacities { service_entries: 4096, backends: 1024, ct_entries: 4096 };
-        let mut ebpf = ebpf::load(None, caps).unwrap_or_else(|e| panic!("the verifier must accept the program: {e:?}"));
+        let mut ebpf =
+            ebpf::load(None, caps).unwrap_or_else(|e| panic!("the verifier must accept the program: {e:?}"));
         let maps = BpfMaps::take(&mut ebpf).expect("maps");
         let rec = Reconciler::new(maps).expect("reconciler");
         let mut dut = Dut { ebpf, rec };
@@ -62,7 +63,11 @@ impl Dut {
         let mut out = vec![0u8; frame.len() + 256];
         let prog = ebpf::xdp(&mut self.ebpf).unwrap();
         let r = prog
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::new() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
@@ -140,7 +145,9 @@ fn tcp_dnat_established_and_reply() {
     // Every later packet of the flow goes to the same backend.
     let chosen = d.dst;
     for _ in 0..20 {
-        let ack = Frame { tcp_flags: 0x10, payload: vec![7; 100], ..Frame::tcp(client, sa("198.18.0.10:80")) }.build();
+        let ack =
+            Frame { tcp_flags: 0x10, payload: vec![7; 100], ..Frame::tcp(client, sa("198.18.0.10:80")) }
+                .build();
         let (v, out) = dut.run(&ack);
         let d2 = decode(&out).unwrap();
         assert_eq!((v, d2.dst), (XDP_PASS, chosen));
@@ -172,7 +179,11 @@ fn udp_dnat_and_reply_with_and_without_checksum() {
     let mut dut = Dut::new(WEB);
     for (i, no_csum) in [false, true].into_iter().enumerate() {
         let client = SocketAddrV4::new("198.18.100.1".parse().unwrap(), 50000 + i as u16);
-        let f = Frame { udp_no_checksum: no_csum, payload: vec![1, 2, 3, 4, 5], ..Frame::udp(client, sa("198.18.0.10:53")) };
+        let f = Frame {
+            udp_no_checksum: no_csum,
+            payload: vec![1, 2, 3, 4, 5],
+            ..Frame::udp(client, sa("198.18.0.10:53"))
+        };
         let (v, out) = dut.run(&f.build());
         let d = decode(&out).unwrap();
         assert_eq!(v, XDP_PASS);
@@ -198,7 +209,10 @@ fn new_flows_spread_over_both_backends() {
     let mut dut = Dut::new(WEB);
     let mut seen = std::collections::BTreeMap::new();
     for port in 0..200u16 {
-        let f = Frame::tcp(SocketAddrV4::new("198.18.100.1".parse().unwrap(), 20000 + port), sa("198.18.0.10:80"));
+        let f = Frame::tcp(
+            SocketAddrV4::new("198.18.100.1".parse().unwrap(), 20000 + port),
+            sa("198.18.0.10:80"),
+        );
         let (_, out) = dut.run(&f.build());
         *seen.entry(backend_of(&decode(&out).unwrap())).or_insert(0) += 1;
     }
@@ -231,7 +245,11 @@ fn frames_passed_untouched() {
 
     let cases: Vec<(&str, Vec<u8>, Stat)> = vec![
         ("no such frontend address", Frame::tcp(client, sa("198.18.0.11:80")).build(), Stat::PassNoService),
-        ("frontend address, other port", Frame::tcp(client, sa("198.18.0.10:81")).build(), Stat::PassNoService),
+        (
+            "frontend address, other port",
+            Frame::tcp(client, sa("198.18.0.10:81")).build(),
+            Stat::PassNoService,
+        ),
         ("frontend address and port, other protocol", Frame::udp(client, vip).build(), Stat::PassNoService),
         ("ARP", arp, Stat::PassNotIpv4),
         ("IPv6", ipv6, Stat::PassNotIpv4),
@@ -331,4 +349,39 @@ fn removed_backend_rebalances_its_flows() {
     assert_eq!(v, XDP_PASS);
     assert_eq!(backend_of(&d), "198.18.2.2", "the next datagram goes to a live endpoint");
     assert_eq!(dut.stat(Stat::CtStaleBackend), 1);
+}
+
+#[test]
+fn terminating_backend_keeps_its_flows_but_takes_no_new_ones() {
+    if !privileged() {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    // Establish a flow on 198.18.2.2.
+    let mut flow = None;
+    for port in 31000..31100u16 {
+        let client = SocketAddrV4::new("198.18.100.1".parse().unwrap(), port);
+        let (_, out) = dut.run(&Frame::tcp(client, sa("198.18.0.10:80")).build());
+        if backend_of(&decode(&out).unwrap()) == "198.18.2.2" {
+            flow = Some(client);
+            break;
+        }
+    }
+    let client = flow.expect("some flow lands on 198.18.2.2");
+    let terminating = WEB.replace(
+        "- addresses: [198.18.2.2]\n  conditions: {ready: true}",
+        "- addresses: [198.18.2.2]\n  conditions: {ready: false, serving: true, terminating: true}",
+    );
+    assert_ne!(terminating, WEB);
+    dut.apply(&terminating);
+    // The established flow stays where it was.
+    let ack = Frame { tcp_flags: 0x10, ..Frame::tcp(client, sa("198.18.0.10:80")) }.build();
+    let (v, out) = dut.run(&ack);
+    assert_eq!((v, backend_of(&decode(&out).unwrap())), (XDP_PASS, "198.18.2.2".to_string()));
+    // New flows only go to the ready endpoint.
+    for port in 32000..32100u16 {
+        let c = SocketAddrV4::new("198.18.100.1".parse().unwrap(), port);
+        let (_, out) = dut.run(&Frame::tcp(c, sa("198.18.0.10:80")).build());
+        assert_eq!(backend_of(&decode(&out).unwrap()), "198.18.1.2");
+    }
 }

@@ -1,1 +1,548 @@
+//! A test bed of network namespaces for xlb: a client, a node running `xlb agent`, and pods
+//! behind the node, all joined by veth pairs and addressed from 198.18.0.0/15. It is used by the
+//! end-to-end tests and by the demo.
+//!
+//! Everything it creates (namespaces, processes, pinned maps, temporary files) is owned by a
+//! value whose `Drop` removes it, so a failing test cleans up too. Names carry the process id
+//! (`xlbt<pid>-...`), so leftovers of a run that was killed outright are recognised and removed
+//! by the next one ([`reap_stale`]). Nothing is ever attached to, or changed in, the root
+//! namespace's interfaces, routes or firewall.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context as _, anyhow, bail};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A prefix unique to this process and call: `xlbt<pid>-<n>`.
+pub fn unique_prefix() -> String {
+    format!("xlbt{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs a command to completion; the error carries its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("cannot run {cmd}"))?;
+    if !out.status.success() {
+        bail!("`{cmd} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// True when the process with this id still exists.
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes namespaces and pin directories left by test-bed processes that no longer exist.
+pub fn reap_stale() {
+    let owner = |name: &str| -> Option<u32> { name.strip_prefix("xlbt")?.split('-').next()?.parse().ok() };
+    if let Ok(list) = run("ip", &["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if owner(name).is_some_and(|pid| !alive(pid)) {
+                let _ = run("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if owner(&name).is_some_and(|pid| !alive(pid)) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> anyhow::Result<Self> {
+        run("ip", &["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs a command inside the namespace (`ip netns exec`) to completion.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["netns", "exec", &self.name, cmd];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+    }
+
+    /// The namespace's file, for setns(2) and nsenter.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it opens live there.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let file =
+                    std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+                // SAFETY: a valid namespace fd; setns only changes this thread's namespace.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("thread in namespace panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// Joins `a:a_if` and `b:b_if` with a veth pair, created directly inside the two namespaces, and
+/// addresses both ends. Transmit checksum offload is turned off at both ends: packets then carry
+/// full checksums, as packets from a real wire do (see TOOLCHAIN.md on CHECKSUM_PARTIAL).
+pub fn link(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) -> anyhow::Result<()> {
+    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name])?;
+    for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+        ns.ip(&["addr", "add", addr, "dev", ifname])?;
+        ns.ip(&["link", "set", ifname, "up"])?;
+        ns.exec("ethtool", &["-K", ifname, "tx", "off"])?;
+    }
+    Ok(())
+}
+
+/// A child process, killed (by its own pid) and reaped on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: Option<PathBuf>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: Option<&Path>) -> anyhow::Result<Self> {
+        if let Some(log) = log {
+            let f = std::fs::File::create(log)?;
+            cmd.stdout(f.try_clone()?).stderr(f);
+        } else {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = cmd.stdin(Stdio::null()).spawn().with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc { name: name.into(), child, log: log.map(Path::to_owned) })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's log so far.
+    pub fn log_text(&self) -> String {
+        self.log.as_ref().and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; fails early if the process exits.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log_text().contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited ({status}) before logging {needle:?}:\n{}", self.name, self.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not log {needle:?} within {timeout:?}:\n{}", self.name, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns once reaped.
+    pub fn stop(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(3));
+    }
+}
+
+/// A directory removed on drop (a temporary directory, or a bpffs pin directory).
+pub struct DirGuard(pub PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Finds a binary of this workspace: `$XLB_BIN`-style override, else next to the running
+/// executable (`target/<profile>/` for binaries, `target/<profile>/deps/` for tests).
+pub fn workspace_bin(name: &str, env_override: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var(env_override) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(anyhow!(
+        "cannot find the {name} binary next to {}: build it first (`cargo build -p lb-userspace`; `cargo xtask test` does) or set {env_override}",
+        exe.display()
+    ))
+}
+
+/// Makes sure /sys/fs/bpf is a bpffs, mounting one if nothing is mounted there.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounted = run("mountpoint", &["-q", "/sys/fs/bpf"]).is_ok();
+    if !mounted {
+        run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+    }
+    Ok(())
+}
+
+/// A pod: a namespace behind the node, with one address.
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+}
+
+/// client ── node ── pods. The node runs `xlb agent` on all its interfaces.
+///
+/// ```text
+///  client 198.18.100.2 ─ eth0 ── eth0 198.18.100.1  node  eth<i> 198.18.<10+i>.1 ── eth0 198.18.<10+i>.2  pod i
+///  route 198.18.0.0/16 via node                     ip_forward=1, xlb on every eth        default via node
+/// ```
+/// Service addresses (ClusterIPs) are taken from 198.18.0.0/24, which no interface carries.
+pub struct SingleNode {
+    pub prefix: String,
+    pub client: Netns,
+    pub node: Netns,
+    pub pods: Vec<Pod>,
+    pub client_ip: Ipv4Addr,
+    pub node_ifaces: Vec<String>,
+    pub work: PathBuf,
+    pub manifests: PathBuf,
+    pub pin_dir: PathBuf,
+    pub xlb: PathBuf,
+    pub agent: Option<Proc>,
+    pub servers: Vec<Proc>,
+    // Dropped last (declaration order): the pins and files outlive the processes using them.
+    _pins: DirGuard,
+    _work: DirGuard,
+}
+
+impl SingleNode {
+    /// Builds the namespaces and links for `pods` pods (named as given).
+    pub fn new(pod_names: &[&str]) -> anyhow::Result<Self> {
+        reap_stale();
+        ensure_bpffs()?;
+        let xlb = workspace_bin("xlb", "XLB_BIN")?;
+        let prefix = unique_prefix();
+        let work = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(work.join("manifests"))?;
+        let work_guard = DirGuard(work.clone());
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&prefix);
+        let pins_guard = DirGuard(pin_dir.clone());
+
+        let client = Netns::new(format!("{prefix}-client"))?;
+        let node = Netns::new(format!("{prefix}-node"))?;
+        link(&client, "eth0", "198.18.100.2/24", &node, "eth0", "198.18.100.1/24")?;
+        client.ip(&["route", "add", "198.18.0.0/16", "via", "198.18.100.1"])?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        let mut pods = Vec::new();
+        let mut node_ifaces = vec!["eth0".to_string()];
+        for (i, name) in pod_names.iter().enumerate() {
+            let net = 10 + i;
+            let ns = Netns::new(format!("{prefix}-{name}"))?;
+            let node_if = format!("eth{}", i + 1);
+            link(&node, &node_if, &format!("198.18.{net}.1/24"), &ns, "eth0", &format!("198.18.{net}.2/24"))?;
+            ns.ip(&["route", "add", "default", "via", &format!("198.18.{net}.1")])?;
+            node_ifaces.push(node_if);
+            pods.push(Pod { name: name.to_string(), ip: Ipv4Addr::new(198, 18, net as u8, 2), ns });
+        }
+        Ok(SingleNode {
+            prefix,
+            client,
+            node,
+            pods,
+            client_ip: Ipv4Addr::new(198, 18, 100, 2),
+            node_ifaces,
+            manifests: work.join("manifests"),
+            work,
+            pin_dir,
+            xlb,
+            agent: None,
+            servers: Vec::new(),
+            _pins: pins_guard,
+            _work: work_guard,
+        })
+    }
+
+    /// Starts an echo server in every pod on the given TCP and UDP ports.
+    pub fn start_servers(&mut self, testbed: &Path, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
+        for pod in &self.pods {
+            let mut args: Vec<String> = vec![
+                "netns".into(),
+                "exec".into(),
+                pod.ns.name.clone(),
+                testbed.display().to_string(),
+                "serve".into(),
+                "--name".into(),
+                pod.name.clone(),
+            ];
+            for p in tcp {
+                args.extend(["--tcp".into(), p.to_string()]);
+            }
+            for p in udp {
+                args.extend(["--udp".into(), p.to_string()]);
+            }
+            let log = self.work.join(format!("server-{}.log", pod.name));
+            let mut proc =
+                Proc::spawn(&format!("server in {}", pod.name), Command::new("ip").args(&args), Some(&log))?;
+            proc.wait_for_log("listening", Duration::from_secs(10))?;
+            self.servers.push(proc);
+        }
+        Ok(())
+    }
+
+    /// Writes a manifest file into the agent's directory (replacing one of the same name).
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifests.join(file))?;
+        Ok(())
+    }
+
+    /// Starts `xlb agent` in the node namespace (through nsenter, so that /sys/fs/bpf stays the
+    /// host's bpffs) and waits until it has attached.
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.node.path().display()))
+            .arg(&self.xlb)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("agent")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .env("XLB_LOG", "info");
+        for i in &self.node_ifaces {
+            cmd.arg("--iface").arg(i);
+        }
+        let log = self.work.join("agent.log");
+        let mut agent = Proc::spawn("xlb agent", &mut cmd, Some(&log))?;
+        agent.wait_for_log("ready", Duration::from_secs(30))?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Runs the xlb CLI against this node's pinned maps.
+    pub fn xlb_cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let pin = self.pin_dir.display().to_string();
+        let mut full = vec!["--pin-dir", &pin];
+        full.extend_from_slice(args);
+        run(&self.xlb.display().to_string(), &full)
+    }
+
+    /// Waits until `xlb services` lists `frontend` with `backends` backends.
+    pub fn wait_for_service(&self, frontend: &str, backends: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.xlb_cli(&["services", "-o", "json"])?;
+            let rows: serde_json::Value = serde_json::from_str(&out)?;
+            let n = rows
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["frontend"] == frontend)
+                .map(|r| r["backends"].as_array().map_or(0, Vec::len));
+            if n == Some(backends) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{frontend} never reached {backends} backends; `xlb services` says:\n{out}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Text of every log (agent and servers), for a failing test's report.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for p in self.agent.iter().chain(&self.servers) {
+            s.push_str(&format!("--- {} ---\n{}\n", p.name, p.log_text()));
+        }
+        s
+    }
+}
+
+impl Drop for SingleNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test bed {} logs:\n{}", self.prefix, self.logs());
+        }
+        // Processes first (fields drop after this body in declaration order, but the agent must
+        // stop before its namespace goes away).
+        if let Some(mut a) = self.agent.take() {
+            a.stop(Duration::from_secs(5));
+        }
+        for mut s in self.servers.drain(..) {
+            s.stop(Duration::from_secs(2));
+        }
+    }
+}
+
+/// What a pod's echo server answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// Name of the pod that answered.
+    pub pod: String,
+    /// The address and port the server accepted on (as the pod saw it).
+    pub server: SocketAddr,
+    /// The client address and port as the pod saw it.
+    pub peer: SocketAddr,
+    /// The address the client received the answer from.
+    pub from: SocketAddr,
+}
+
+fn parse_answer(line: &str, from: SocketAddr) -> anyhow::Result<Answer> {
+    let mut it = line.split_whitespace();
+    let (Some(pod), Some(server), Some(peer)) = (it.next(), it.next(), it.next()) else {
+        bail!("malformed answer {line:?}");
+    };
+    Ok(Answer { pod: pod.into(), server: server.parse()?, peer: peer.parse()?, from })
+}
+
+/// One TCP request: connect, send a line, read the answer line. Runs in the caller's namespace.
+pub fn tcp_request(to: SocketAddrV4, timeout: Duration) -> anyhow::Result<Answer> {
+    let mut s = TcpStream::connect_timeout(&to.into(), timeout).with_context(|| format!("connect {to}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"hello\n")?;
+    let from = s.peer_addr()?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).with_context(|| format!("read from {to}"))?;
+    parse_answer(&line, from)
+}
+
+/// One UDP request from a fresh socket (a new flow): the answer and where it came from.
+pub fn udp_request(to: SocketAddrV4, timeout: Duration) -> anyhow::Result<Answer> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(b"hello\n", to)?;
+    let mut buf = [0u8; 512];
+    let (n, from) = s.recv_from(&mut buf).with_context(|| format!("no UDP answer from {to}"))?;
+    parse_answer(std::str::from_utf8(&buf[..n])?, from)
+}
+
+/// The echo server run in pods: answers every TCP connection and UDP datagram with
+/// `<name> <server addr> <peer addr>`. Runs until killed.
+pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
+    let mut handles = Vec::new();
+    for &port in tcp {
+        let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+        let name = name.to_owned();
+        handles.push(std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut buf = [0u8; 64];
+                    let _ = c.read(&mut buf);
+                    if let (Ok(local), Ok(peer)) = (c.local_addr(), c.peer_addr()) {
+                        let _ = c.write_all(format!("{name} {local} {peer}\n").as_bytes());
+                    }
+                });
+            }
+        }));
+    }
+    for &port in udp {
+        let s = UdpSocket::bind(("0.0.0.0", port))?;
+        let name = name.to_owned();
+        handles.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            loop {
+                let Ok((_, peer)) = s.recv_from(&mut buf) else { continue };
+                let local = SocketAddr::new(local_ip_for(peer), port);
+                let _ = s.send_to(format!("{name} {local} {peer}\n").as_bytes(), peer);
+            }
+        }));
+    }
+    println!("{name} listening on tcp {tcp:?} udp {udp:?}");
+    std::io::stdout().flush()?;
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// The local address the kernel would use towards `peer` (an unbound UDP socket cannot tell
+/// which address a datagram arrived on).
+fn local_ip_for(peer: SocketAddr) -> std::net::IpAddr {
+    UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect(peer)?;
+            s.local_addr()
+        })
+        .map_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip())
+}
+
+/// Sets a flag on SIGINT/SIGTERM so that long-running commands (the demo) can stop and clean up.
+pub fn install_interrupt_flag() -> &'static std::sync::atomic::AtomicBool {
+    static FLAG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        FLAG.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    &FLAG
+}

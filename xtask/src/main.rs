@@ -1,1 +1,175 @@
-fn main(){}
+//! `cargo xtask`: set-up, demo and test orchestration. Nothing here is part of xlb itself.
+//!
+//! - `cargo xtask setup`: installs what building and testing xlb needs on a fresh machine
+//!   (Debian packages, rust-src for the nightly toolchain, bpf-linker built against the
+//!   nightly's own LLVM, a bpffs on /sys/fs/bpf). Idempotent: a second run installs nothing.
+//! - `cargo xtask demo`: set-up, build, then the demo in network namespaces.
+//! - `cargo xtask test`: set-up, build, then every test, privileged ones included.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the build, the tests and the demo use.
+const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "ethtool", "util-linux", "iperf3"];
+/// The bpf-linker release known to work with the nightly's LLVM 22 (see README, Toolchain).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const NIGHTLY: &str = "nightly";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install build and test prerequisites (idempotent).
+    Setup,
+    /// Run the demo: a ClusterIP Service served by xlb in network namespaces.
+    Demo,
+    /// Run the whole test suite (needs root for the packet and end-to-end tests).
+    Test {
+        /// Let privileged tests skip instead of fail when not run as root.
+        #[arg(long)]
+        allow_skip: bool,
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn cmd_ok(cmd: &mut Command) -> bool {
+    cmd.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|u| u == "0")
+}
+
+fn setup() -> anyhow::Result<()> {
+    // 1. Debian packages.
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_ok_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
+        }
+        run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    // 2. The nightly toolchain (for the eBPF crate) and its rust-src (for -Z build-std=core).
+    //    An installed nightly is used as it is: updating it would change its LLVM under bpf-linker.
+    if !cmd_ok(Command::new("rustc").arg(format!("+{NIGHTLY}")).arg("--version")) {
+        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+    }
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    }
+
+    // 3. bpf-linker, linked against the nightly's own libLLVM so that both use the same LLVM.
+    let sysroot = output(Command::new("rustc").arg(format!("+{NIGHTLY}")).args(["--print", "sysroot"]))?;
+    let lib_dir = Path::new(&sysroot).join("lib");
+    let llvm = std::fs::read_dir(&lib_dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .find(|n| n.starts_with("libLLVM-") && n.ends_with(".so"))
+        .with_context(|| format!("no libLLVM-*.so in {}", lib_dir.display()))?;
+    let llvm = llvm.trim_start_matches("lib").trim_end_matches(".so").to_owned();
+    let major = llvm.trim_start_matches("LLVM-").split(['-', '.']).next().unwrap_or("").to_owned();
+    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
+        .is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
+        && cmd_ok(Command::new("bpf-linker").arg("--help"));
+    if !linker_ok {
+        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against {llvm} (about a minute)");
+        let rustflags =
+            format!("-C link-arg=-Wl,-rpath,{lib} -L {lib} -l dylib={llvm}", lib = lib_dir.display());
+        run(Command::new("cargo")
+            .arg(format!("+{NIGHTLY}"))
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
+            .args(["--no-default-features", "--features", &format!("llvm-{major},no-llvm-linking")])
+            .env("RUSTFLAGS", rustflags))?;
+    }
+
+    // 4. A bpffs for the pinned maps (never a second one on top of an existing mount).
+    if is_root() && !cmd_ok(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    eprintln!("xtask: set-up complete");
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build() -> anyhow::Result<()> {
+    run(cargo().args(["build", "--workspace", "--bins"]))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::Demo => {
+            setup()?;
+            build()?;
+            if !is_root() {
+                bail!("the demo creates network namespaces and loads eBPF: run it as root");
+            }
+            run(Command::new(root().join("target/debug/xlb-testbed")).arg("demo"))
+        }
+        Cmd::Test { allow_skip, no_lint } => {
+            setup()?;
+            if !no_lint {
+                run(cargo().args(["fmt", "--all", "--check"]))?;
+                run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+            }
+            build()?;
+            let mut test = cargo();
+            test.args(["test", "--workspace", "--no-fail-fast"]);
+            if !allow_skip {
+                test.env("XLB_REQUIRE_PRIVILEGED", "1");
+            }
+            run(&mut test)
+        }
+    }
+}

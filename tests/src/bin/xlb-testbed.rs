@@ -1,0 +1,117 @@
+//! `xlb-testbed serve`: the echo server run in pods. `xlb-testbed demo`: the README's demo.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use xlb_tests::{SingleNode, install_interrupt_flag, serve, tcp_request, udp_request, workspace_bin};
+
+const DEMO_MANIFEST: &str = include_str!("../../manifests/demo.yaml");
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed demo"
+    );
+    std::process::exit(2)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => {
+            let (mut name, mut tcp, mut udp) = (String::from("server"), Vec::new(), Vec::new());
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                let v = it.next().unwrap_or_else(|| usage());
+                match a.as_str() {
+                    "--name" => name = v.clone(),
+                    "--tcp" => tcp.push(v.parse()?),
+                    "--udp" => udp.push(v.parse()?),
+                    _ => usage(),
+                }
+            }
+            serve(&name, &tcp, &udp)
+        }
+        Some("demo") => demo(),
+        _ => usage(),
+    }
+}
+
+fn step(stop: &AtomicBool, what: &str) -> anyhow::Result<()> {
+    if stop.load(Ordering::SeqCst) {
+        bail!("interrupted; cleaning up");
+    }
+    println!("\n== {what}");
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    let stop = install_interrupt_flag();
+    let testbed = workspace_bin("xlb-testbed", "XLB_TESTBED_BIN")?;
+    println!("xlb demo: a Kubernetes ClusterIP Service load-balanced by xlb's XDP program,");
+    println!("on network namespaces of this machine (client -> node -> two pods); no cluster needed.");
+
+    step(stop, "Setting up namespaces: client, node, pod-a, pod-b (198.18.0.0/15)")?;
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).context("building the namespaces")?;
+    for p in &bed.pods {
+        println!("   {:<6} {}  (namespace {})", p.name, p.ip, p.ns.name);
+    }
+    println!("   client {}  node interfaces {:?}", bed.client_ip, bed.node_ifaces);
+    bed.start_servers(&testbed, &[8080], &[5353])?;
+    println!("   each pod runs an echo server on TCP 8080 and UDP 5353 that says who it is");
+
+    step(stop, "Starting `xlb agent` on the node with this manifest")?;
+    for line in DEMO_MANIFEST.lines().filter(|l| !l.starts_with('#')) {
+        println!("   | {line}");
+    }
+    bed.write_manifest("demo.yaml", DEMO_MANIFEST)?;
+    bed.start_agent()?;
+    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10))?;
+    println!("   agent attached XDP to the node's interfaces and wrote the service maps");
+
+    step(stop, "`xlb services` (read from the pinned maps)")?;
+    print!("{}", bed.xlb_cli(&["services"])?);
+
+    step(stop, "10 TCP connections from the client to ClusterIP 198.18.0.10:80")?;
+    let vip: SocketAddrV4 = "198.18.0.10:80".parse()?;
+    let answers =
+        bed.client.enter(|| (0..10).map(|_| tcp_request(vip, Duration::from_secs(3))).collect::<Vec<_>>());
+    let mut per_pod: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, a) in answers.into_iter().enumerate() {
+        let a = a?;
+        println!(
+            "   #{:<2} {} -> {}  answered by {} at {} (targetPort), reply seen from {}",
+            i + 1,
+            a.peer,
+            vip,
+            a.pod,
+            a.server,
+            a.from
+        );
+        *per_pod.entry(a.pod).or_default() += 1;
+    }
+    println!("   per pod: {per_pod:?}");
+
+    step(stop, "4 UDP datagrams to 198.18.0.10:53, each from a new socket")?;
+    let dns: SocketAddrV4 = "198.18.0.10:53".parse()?;
+    let answers =
+        bed.client.enter(|| (0..4).map(|_| udp_request(dns, Duration::from_secs(3))).collect::<Vec<_>>());
+    for a in answers {
+        let a = a?;
+        println!(
+            "   {} -> {}  answered by {} at {}, reply seen from {}",
+            a.peer, dns, a.pod, a.server, a.from
+        );
+    }
+
+    step(stop, "Datapath counters (`xlb` reads them from the per-CPU stats map)")?;
+    print!("{}", bed.xlb_cli(&["stats"]).unwrap_or_else(|e| format!("   (unavailable: {e})\n")));
+
+    step(stop, "Cleaning up: stopping the agent and servers, deleting namespaces and pins")?;
+    drop(bed);
+    println!("   done");
+    Ok(())
+}
