@@ -532,7 +532,10 @@ mod tests {
     }
 
     /// What the datapath means, independent of ids: frontend -> (service name, backend addresses).
-    fn meaning(dp: &MemDatapath) -> BTreeMap<(u32, u16), (String, Vec<(u32, u8)>)> {
+    /// Frontend (address, port) -> (service name, sorted (backend address, state)).
+    type Meaning = BTreeMap<(u32, u16), (String, Vec<(u32, u8)>)>;
+
+    fn meaning(dp: &MemDatapath) -> Meaning {
         let mut out = BTreeMap::new();
         for (k, v) in &dp.services {
             if k.slot != 0 {
