@@ -1,9 +1,9 @@
 //! Types shared by the xlb kernel program (lb-ebpf) and the agent/CLI (lb-userspace).
 //!
 //! Every map key and value is `#[repr(C)]` with explicit padding, so that the kernel program,
-//! the agent and `bpftool map dump` all agree on the bytes. Byte order is stated per field:
-//! "network order" fields hold the bytes exactly as they stand in a packet (read them with
-//! `u32::from_be`/`u16::from_be` on a little-endian host).
+//! the agent and `bpftool map dump` all agree on the bytes. Addresses are byte arrays in packet
+//! order and ports are in host order, so that `bpftool map dump` prints them readably
+//! (`"addr": [198,18,0,10]`, `"port": 80`); the kernel program converts ports with one swap.
 //!
 //! Map names carry a layout version suffix (`_v1`). Whenever a key or value layout changes, the
 //! suffix is bumped, so an upgraded agent never misreads maps pinned by an older one.
@@ -56,9 +56,9 @@ pub const SCOPE_EXTERNAL: u8 = 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Svc4Key {
-    /// Frontend IPv4 address, network order.
-    pub addr: u32,
-    /// Frontend port, network order.
+    /// Frontend IPv4 address, bytes as in the packet.
+    pub addr: [u8; 4],
+    /// Frontend port, host order.
     pub port: u16,
     /// IP protocol number ([`IPPROTO_TCP`], [`IPPROTO_UDP`]).
     pub proto: u8,
@@ -91,9 +91,9 @@ pub struct Svc4Value {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend4 {
-    /// Endpoint IPv4 address, network order.
-    pub addr: u32,
-    /// Endpoint port (the resolved targetPort), network order.
+    /// Endpoint IPv4 address, bytes as in the packet.
+    pub addr: [u8; 4],
+    /// Endpoint port (the resolved targetPort), host order.
     pub port: u16,
     /// `BACKEND_STATE_*`.
     pub state: u8,
@@ -117,13 +117,13 @@ pub const CT_DIR_REPLY: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Ct4Key {
-    /// Source address, network order.
-    pub saddr: u32,
-    /// Destination address, network order.
-    pub daddr: u32,
-    /// Source port, network order.
+    /// Source address, bytes as in the packet.
+    pub saddr: [u8; 4],
+    /// Destination address, bytes as in the packet.
+    pub daddr: [u8; 4],
+    /// Source port, host order.
     pub sport: u16,
-    /// Destination port, network order.
+    /// Destination port, host order.
     pub dport: u16,
     /// IP protocol number.
     pub proto: u8,
@@ -138,10 +138,10 @@ pub struct Ct4Key {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Ct4Value {
     /// Forward: the backend address written as destination. Reply: the frontend address written
-    /// as source. Network order.
-    pub nat_addr: u32,
+    /// as source. Bytes as in the packet.
+    pub nat_addr: [u8; 4],
     /// Forward: the backend port written as destination. Reply: the frontend port written as
-    /// source. Network order.
+    /// source. Host order.
     pub nat_port: u16,
     /// Union of the TCP flags seen on this direction (0 for UDP).
     pub tcp_flags: u8,

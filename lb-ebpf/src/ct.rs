@@ -14,10 +14,10 @@ pub fn now_secs() -> u32 {
 #[inline(always)]
 pub fn key_of(pkt: &Packet, dir: u8) -> Ct4Key {
     Ct4Key {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
+        saddr: pkt.saddr.to_ne_bytes(),
+        daddr: pkt.daddr.to_ne_bytes(),
+        sport: u16::from_be(pkt.sport),
+        dport: u16::from_be(pkt.dport),
         proto: pkt.proto,
         dir,
         _pad: 0,
@@ -45,7 +45,7 @@ pub fn touch(entry: *mut Ct4Value, pkt: &Packet, now: u32) {
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
-    backend_addr: u32,
+    backend_addr: [u8; 4],
     backend_port: u16,
     backend_id: u32,
     svc_id: u32,
@@ -63,14 +63,19 @@ pub fn create(
     };
     let reply_key = Ct4Key {
         saddr: backend_addr,
-        daddr: pkt.saddr,
+        daddr: pkt.saddr.to_ne_bytes(),
         sport: backend_port,
-        dport: pkt.sport,
+        dport: u16::from_be(pkt.sport),
         proto: pkt.proto,
         dir: CT_DIR_REPLY,
         _pad: 0,
     };
-    let reply = Ct4Value { nat_addr: pkt.daddr, nat_port: pkt.dport, tcp_flags: 0, ..fwd };
+    let reply = Ct4Value {
+        nat_addr: pkt.daddr.to_ne_bytes(),
+        nat_port: u16::from_be(pkt.dport),
+        tcp_flags: 0,
+        ..fwd
+    };
     // Reply first: once the forward entry exists, packets are translated and their replies
     // must already be recognised.
     CT.insert(reply_key, reply, 0)?;

@@ -61,8 +61,8 @@ pub fn process(ctx: &XdpContext) -> Result<u32, ()> {
 #[inline(always)]
 fn new_flow(pkt: &Packet, bytes: u64) -> Result<u32, ()> {
     let mut key = Svc4Key {
-        addr: pkt.daddr,
-        port: pkt.dport,
+        addr: pkt.daddr.to_ne_bytes(),
+        port: u16::from_be(pkt.dport),
         proto: pkt.proto,
         scope: SCOPE_EXTERNAL,
         slot: 0,

@@ -10,9 +10,12 @@ pub enum Side {
     Destination,
 }
 
-/// Writes `addr`/`port` (network order) into the chosen side of `pkt` and fixes both checksums.
+/// Writes `addr` (packet order) and `port` (host order) into the chosen side of `pkt` and fixes
+/// both checksums.
 #[inline(always)]
-pub fn rewrite(pkt: &Packet, side: Side, addr: u32, port: u16) {
+pub fn rewrite(pkt: &Packet, side: Side, addr: [u8; 4], port: u16) {
+    let addr = u32::from_ne_bytes(addr);
+    let port = port.to_be();
     let (addr_off, port_off) = match side {
         Side::Source => (12, 0),
         Side::Destination => (16, 2),

@@ -49,7 +49,7 @@ fn state_name(s: u8) -> &'static str {
 pub fn service_rows(dp: &impl Datapath) -> Result<Vec<ServiceRow>, DatapathError> {
     let infos: BTreeMap<u32, _> = dp.read_svc_infos()?.into_iter().collect();
     let mut entries = BTreeMap::new();
-    let mut slots: BTreeMap<(u32, u16, u8), BTreeMap<u16, u32>> = BTreeMap::new();
+    let mut slots: BTreeMap<([u8; 4], u16, u8), BTreeMap<u16, u32>> = BTreeMap::new();
     for (k, v) in dp.read_services()? {
         let fk = (k.addr, k.port, k.proto);
         if k.slot == 0 {
@@ -61,17 +61,17 @@ pub fn service_rows(dp: &impl Datapath) -> Result<Vec<ServiceRow>, DatapathError
     let mut rows = Vec::new();
     for ((addr, port, proto), v) in entries {
         let info = infos.get(&v.svc_id);
-        let addr = Ipv4Addr::from(addr.to_ne_bytes());
-        let port = u16::from_be(port);
+        let fk = (addr, port, proto);
+        let addr = Ipv4Addr::from(addr);
         let protocol = Proto::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string());
         let mut backends = Vec::new();
-        let s = slots.get(&(u32::from_ne_bytes(addr.octets()), port.to_be(), proto));
+        let s = slots.get(&fk);
         // Slots 1..=count take new flows; later slots hold terminating backends.
         for (&slot, &id) in s.into_iter().flatten() {
             let b = dp.read_backend(id)?;
             backends.push(BackendRow {
-                address: Ipv4Addr::from(b.addr.to_ne_bytes()).to_string(),
-                port: u16::from_be(b.port),
+                address: Ipv4Addr::from(b.addr).to_string(),
+                port: b.port,
                 state: state_name(b.state),
                 id,
                 selectable: slot <= v.count,

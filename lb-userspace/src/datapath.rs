@@ -261,14 +261,20 @@ impl Datapath for MemDatapath {
         if !self.services.contains_key(&key) && self.services.len() as u32 >= cap {
             return Err(DatapathError::Full { name: MAP_SERVICES, capacity: cap });
         }
-        self.log
-            .push(format!("service {:08x}:{} slot {} count={}", key.addr, key.port, key.slot, value.count));
+        self.log.push(format!(
+            "service {}:{} slot {} count={}",
+            std::net::Ipv4Addr::from(key.addr),
+            key.port,
+            key.slot,
+            value.count
+        ));
         self.services.insert(key, value);
         Ok(())
     }
 
     fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError> {
-        self.log.push(format!("delete {:08x}:{} slot {}", key.addr, key.port, key.slot));
+        let addr = std::net::Ipv4Addr::from(key.addr);
+        self.log.push(format!("delete {addr}:{} slot {}", key.port, key.slot));
         self.services.remove(&key);
         Ok(())
     }

@@ -112,8 +112,8 @@ pub struct Reconciler<D> {
 
 fn key(f: &Frontend, slot: u16) -> Svc4Key {
     Svc4Key {
-        addr: u32::from_ne_bytes(f.addr.octets()),
-        port: f.port.to_be(),
+        addr: f.addr.octets(),
+        port: f.port,
         proto: f.proto.number(),
         scope: SCOPE_EXTERNAL,
         slot,
@@ -122,17 +122,13 @@ fn key(f: &Frontend, slot: u16) -> Svc4Key {
 }
 
 fn frontend_of(k: &Svc4Key) -> Option<Frontend> {
-    Some(Frontend {
-        addr: Ipv4Addr::from(k.addr.to_ne_bytes()),
-        port: u16::from_be(k.port),
-        proto: Proto::from_number(k.proto)?,
-    })
+    Some(Frontend { addr: Ipv4Addr::from(k.addr), port: k.port, proto: Proto::from_number(k.proto)? })
 }
 
 fn backend_value(b: &BackendKey, state: BackendState) -> Backend4 {
     Backend4 {
-        addr: u32::from_ne_bytes(b.addr.octets()),
-        port: b.port.to_be(),
+        addr: b.addr.octets(),
+        port: b.port,
         state: match state {
             BackendState::Active => BACKEND_STATE_ACTIVE,
             BackendState::Terminating | BackendState::Draining => BACKEND_STATE_TERMINATING,
@@ -258,11 +254,7 @@ impl<D: Datapath> Reconciler<D> {
                     continue;
                 }
                 be_used.insert(id);
-                let bk = BackendKey {
-                    addr: Ipv4Addr::from(v.addr.to_ne_bytes()),
-                    port: u16::from_be(v.port),
-                    proto: f.proto,
-                };
+                let bk = BackendKey { addr: Ipv4Addr::from(v.addr), port: v.port, proto: f.proto };
                 self.backend_ids.insert(bk, id);
                 self.backend_values.insert(id, v);
             }
@@ -533,7 +525,7 @@ mod tests {
 
     /// What the datapath means, independent of ids: frontend -> (service name, backend addresses).
     /// Frontend (address, port) -> (service name, sorted (backend address, state)).
-    type Meaning = BTreeMap<(u32, u16), (String, Vec<(u32, u8)>)>;
+    type Meaning = BTreeMap<([u8; 4], u16), (String, Vec<([u8; 4], u8)>)>;
 
     fn meaning(dp: &MemDatapath) -> Meaning {
         let mut out = BTreeMap::new();
@@ -542,7 +534,7 @@ mod tests {
                 continue;
             }
             let name = unfixed(&dp.svc_info[&v.svc_id].name);
-            let mut bes: Vec<(u32, u8)> = (1..)
+            let mut bes: Vec<([u8; 4], u8)> = (1..)
                 .map_while(|s| dp.services.get(&Svc4Key { slot: s, ..*k }).map(|_| s))
                 .map(|s| {
                     let b = dp.backends[&dp.services[&Svc4Key { slot: s, ..*k }].backend_id];
