@@ -62,6 +62,14 @@ fn map_err(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> Dat
     move |source| DatapathError::Map { op, name, source }
 }
 
+/// A delete of a key that is already gone has done its job.
+fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
 fn typed<T: TryFrom<Map, Error = MapError>>(
     name: &'static str,
     path: &Path,
@@ -183,10 +191,7 @@ impl Datapath for BpfMaps {
     }
 
     fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError> {
-        match self.services.remove(&key) {
-            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(e) => Err(map_err("delete", MAP_SERVICES)(e)),
-        }
+        absent_ok(self.services.remove(&key)).map_err(map_err("delete", MAP_SERVICES))
     }
 
     fn write_svc_info(&mut self, id: u32, info: SvcInfo) -> Result<(), DatapathError> {
@@ -194,10 +199,7 @@ impl Datapath for BpfMaps {
     }
 
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
-        match self.svc_info.remove(&id) {
-            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(e) => Err(map_err("delete", MAP_SVC_INFO)(e)),
-        }
+        absent_ok(self.svc_info.remove(&id)).map_err(map_err("delete", MAP_SVC_INFO))
     }
 }
 

@@ -124,6 +124,17 @@ fn backend_of(d: &lb_userspace::packet::Decoded) -> String {
     d.dst.ip().to_string()
 }
 
+/// Opens new flows from client ports `first..` until one lands on `backend`; returns its client.
+fn flow_to(dut: &mut Dut, frame: impl Fn(SocketAddrV4) -> Frame, backend: &str, first: u16) -> SocketAddrV4 {
+    (first..first + 100)
+        .map(|port| SocketAddrV4::new("198.18.100.1".parse().unwrap(), port))
+        .find(|&c| {
+            let (_, out) = dut.run(&frame(c).build());
+            backend_of(&decode(&out).unwrap()) == backend
+        })
+        .unwrap_or_else(|| panic!("no flow out of 100 landed on {backend}"))
+}
+
 #[test]
 fn tcp_dnat_established_and_reply() {
     if !privileged() {
@@ -333,16 +344,7 @@ fn removed_backend_rebalances_its_flows() {
     }
     let mut dut = Dut::new(WEB);
     // Find a flow on 198.18.1.2, then remove that endpoint.
-    let mut flow = None;
-    for port in 30000..30100u16 {
-        let client = SocketAddrV4::new("198.18.100.1".parse().unwrap(), port);
-        let (_, out) = dut.run(&Frame::udp(client, sa("198.18.0.10:53")).build());
-        if backend_of(&decode(&out).unwrap()) == "198.18.1.2" {
-            flow = Some(client);
-            break;
-        }
-    }
-    let client = flow.expect("some flow lands on 198.18.1.2");
+    let client = flow_to(&mut dut, |c| Frame::udp(c, sa("198.18.0.10:53")), "198.18.1.2", 30000);
     dut.apply(&WEB.replace("- addresses: [198.18.1.2]\n  conditions: {ready: true}\n", ""));
     let (v, out) = dut.run(&Frame::udp(client, sa("198.18.0.10:53")).build());
     let d = decode(&out).unwrap();
@@ -357,17 +359,7 @@ fn terminating_backend_keeps_its_flows_but_takes_no_new_ones() {
         return;
     }
     let mut dut = Dut::new(WEB);
-    // Establish a flow on 198.18.2.2.
-    let mut flow = None;
-    for port in 31000..31100u16 {
-        let client = SocketAddrV4::new("198.18.100.1".parse().unwrap(), port);
-        let (_, out) = dut.run(&Frame::tcp(client, sa("198.18.0.10:80")).build());
-        if backend_of(&decode(&out).unwrap()) == "198.18.2.2" {
-            flow = Some(client);
-            break;
-        }
-    }
-    let client = flow.expect("some flow lands on 198.18.2.2");
+    let client = flow_to(&mut dut, |c| Frame::tcp(c, sa("198.18.0.10:80")), "198.18.2.2", 31000);
     let terminating = WEB.replace(
         "- addresses: [198.18.2.2]\n  conditions: {ready: true}",
         "- addresses: [198.18.2.2]\n  conditions: {ready: false, serving: true, terminating: true}",
