@@ -35,7 +35,17 @@ fn main() -> anyhow::Result<()> {
             }
             serve(&name, &tcp, &udp)
         }
-        Some("demo") => demo(),
+        Some("demo") => {
+            let stop = install_interrupt_flag();
+            match demo(stop) {
+                // Everything the demo made is gone by now: the test bed was dropped on the way out.
+                Err(_) if stop.load(Ordering::SeqCst) => {
+                    eprintln!("\ninterrupted: the demo's namespaces, processes and pins are removed");
+                    std::process::exit(130)
+                }
+                other => other,
+            }
+        }
         _ => usage(),
     }
 }
@@ -48,8 +58,7 @@ fn step(stop: &AtomicBool, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn demo() -> anyhow::Result<()> {
-    let stop = install_interrupt_flag();
+fn demo(stop: &AtomicBool) -> anyhow::Result<()> {
     let testbed = workspace_bin("xlb-testbed", "XLB_TESTBED_BIN")?;
     println!("xlb demo: a Kubernetes ClusterIP Service load-balanced by xlb's XDP program,");
     println!("on network namespaces of this machine (client -> node -> two pods); no cluster needed.");
