@@ -25,9 +25,10 @@ pub fn key_of(pkt: &Packet, dir: u8) -> Ct4Key {
 }
 
 /// Marks a tracked entry as used by `pkt` now; writes only what changed, to keep the cache line
-/// clean on the hot path.
+/// clean on the hot path. The clock is read here, so packets that match no flow never pay for it.
 #[inline(always)]
-pub fn touch(entry: *mut Ct4Value, pkt: &Packet, now: u32) {
+pub fn touch(entry: *mut Ct4Value, pkt: &Packet) {
+    let now = now_secs();
     // SAFETY: `entry` came from a lookup in this program run; a concurrent eviction can at worst
     // make us write into a recycled slot, which only affects timestamps and flags.
     unsafe {

@@ -24,7 +24,6 @@ pub fn process(ctx: &XdpContext) -> Result<u32, ()> {
 
     // A tracked flow: one lookup covers both directions, since the key holds the tuple as it
     // stands in the packet and the direction.
-    let now = ct::now_secs();
     let fwd_key = ct::key_of(&pkt, CT_DIR_FORWARD);
     if let Some(entry) = CT.get_ptr_mut(fwd_key) {
         // SAFETY: pointer from a lookup in this run; plain integer reads.
@@ -32,7 +31,7 @@ pub fn process(ctx: &XdpContext) -> Result<u32, ()> {
             unsafe { ((*entry).backend_id, (*entry).nat_addr, (*entry).nat_port) };
         match BACKENDS.get(backend_id) {
             Some(be) if be.state != BACKEND_STATE_FREE && be.addr == nat_addr && be.port == nat_port => {
-                ct::touch(entry, &pkt, now);
+                ct::touch(entry, &pkt);
                 nat::rewrite(&pkt, Side::Destination, nat_addr, nat_port);
                 count(Stat::DnatEstablished, bytes);
                 return Ok(xdp_action::XDP_PASS);
@@ -49,7 +48,7 @@ pub fn process(ctx: &XdpContext) -> Result<u32, ()> {
         if let Some(entry) = CT.get_ptr_mut(reply_key) {
             // SAFETY: as above.
             let (nat_addr, nat_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
-            ct::touch(entry, &pkt, now);
+            ct::touch(entry, &pkt);
             nat::rewrite(&pkt, Side::Source, nat_addr, nat_port);
             return pass(Stat::RevNat, bytes);
         }

@@ -91,12 +91,7 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(OBJECT)?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(PROG_XDP)
-        .ok_or(LoadError::NoProgram)?
-        .try_into()
-        .map_err(|_| LoadError::NoProgram)?;
-    prog.load().map_err(LoadError::Verify)?;
+    xdp(&mut ebpf)?.load().map_err(LoadError::Verify)?;
     Ok(ebpf)
 }
 
