@@ -1,12 +1,16 @@
-//! The standalone source: a directory of Kubernetes manifests (YAML or JSON, several documents
-//! per file, `kind: List` included), read into k8s-openapi objects. A document that cannot be
+//! The standalone source: a directory of Kubernetes manifests (Services, EndpointSlices and
+//! core/v1 Endpoints; YAML or JSON, several documents per file, `kind: List` included), read
+//! into k8s-openapi objects. A document that cannot be
 //! read is reported with its file, position and name, and every other document still loads.
 use std::{
     fmt,
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize as _;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,8 @@ impl fmt::Display for DocError {
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: Vec<Service>,
+    /// EndpointSlices, and the slices equivalent to each core/v1 Endpoints object (see
+    /// [`crate::model::slices_from_endpoints`]).
     pub slices: Vec<EndpointSlice>,
     pub errors: Vec<DocError>,
     /// Documents of kinds xlb does not use (Deployments, Pods, ...), counted, not errors.
@@ -121,8 +127,12 @@ fn add_value(
             Ok(s) => objects.slices.push(s),
             Err(e) => objects.errors.push(err(label, format!("invalid EndpointSlice: {e}"))),
         },
+        ("v1", "Endpoints") => match serde_yaml::from_value::<Endpoints>(value) {
+            Ok(e) => objects.slices.extend(crate::model::slices_from_endpoints(&e)),
+            Err(e) => objects.errors.push(err(label, format!("invalid Endpoints: {e}"))),
+        },
         (_, "") => objects.errors.push(err(None, "document has no kind".into())),
-        (_, "Service" | "EndpointSlice") => {
+        (_, "Service" | "EndpointSlice" | "Endpoints") => {
             objects.errors.push(err(label, format!("unsupported apiVersion {api:?} for {kind}")))
         }
         _ => objects.ignored += 1,

@@ -9,14 +9,23 @@
 //!   can lead to different container ports on different endpoints;
 //! - new flows go to ready endpoints; when none is ready, to those serving while terminating
 //!   (KEP-1669); terminating endpoints stay known to the datapath so their flows keep working;
-//! - an invalid Service is rejected with its reason and never disturbs the others.
+//! - a Service is reached at `clusterIP:port`, at every externalIP and LoadBalancer ingress IP on
+//!   `port`, and (types NodePort and LoadBalancer) at every node address on `nodePort`;
+//! - an invalid Service is rejected with its reason and never disturbs the others;
+//! - ExternalName Services have no datapath; they are kept for display.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{
+        core::v1::{Endpoints, Service},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -152,6 +161,10 @@ pub struct DesiredPort {
     pub svc_type: SvcType,
     /// The Service's `port`.
     pub port: u16,
+    /// The node port (types NodePort and LoadBalancer), answered on every node address.
+    pub node_port: Option<u16>,
+    /// Every address:port the port is reached at: clusterIPs, externalIPs and LoadBalancer
+    /// ingress IPs on `port`, node addresses on `node_port`. Sorted.
     pub frontends: Vec<Frontend>,
     /// Every endpoint known for the port, sorted, without duplicates.
     pub backends: Vec<DesiredBackend>,
@@ -182,16 +195,53 @@ impl fmt::Display for Rejection {
     }
 }
 
+/// The default `--service-node-port-range` of kube-apiserver.
+pub const DEFAULT_NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
     /// Most endpoints one service port may have in the datapath.
     pub max_backends_per_service: usize,
+    /// Node ports outside this range are rejected (the cluster's `--service-node-port-range`).
+    pub node_port_range: std::ops::RangeInclusive<u16>,
+    /// The node's addresses: each NodePort is answered on all of them.
+    pub node_addrs: Vec<Ipv4Addr>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { max_backends_per_service: usize::from(lb_common::MAX_BACKENDS_PER_SERVICE) }
+        Self {
+            max_backends_per_service: usize::from(lb_common::MAX_BACKENDS_PER_SERVICE),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+            node_addrs: Vec::new(),
+        }
     }
+}
+
+/// Parses a node port range as kube-apiserver's `--service-node-port-range` takes it:
+/// `30000-32767`, or a single port.
+pub fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let num = |x: &str| {
+        x.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{x:?} is not a port (1-65535)"))
+    };
+    let (lo, hi) = (num(lo)?, num(hi)?);
+    if lo > hi {
+        return Err(format!("range {lo}-{hi} is empty"));
+    }
+    Ok(lo..=hi)
+}
+
+/// An ExternalName Service: a DNS alias with no datapath, kept so that it can be shown.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ExternalNameService {
+    pub namespace: String,
+    pub name: String,
+    pub external_name: String,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -199,9 +249,11 @@ pub struct Model {
     /// Sorted by [`PortRef`].
     pub ports: Vec<DesiredPort>,
     pub rejected: Vec<Rejection>,
+    /// Sorted by namespace and name.
+    pub external_names: Vec<ExternalNameService>,
 }
 
-fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+fn ns_name(meta: &ObjectMeta) -> (String, String) {
     (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
 }
 
@@ -210,25 +262,57 @@ type EndpointIndex = BTreeMap<(String, Proto), BTreeMap<(Ipv4Addr, u16), Backend
 
 /// Builds the desired datapath state. Objects are taken in a deterministic order (namespace,
 /// name), so that when two Services claim the same frontend the same one always wins.
-pub fn build(services: &[Service], slices: &[EndpointSlice], cfg: &ModelConfig) -> Model {
+pub fn build<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    cfg: &ModelConfig,
+) -> Model {
     let mut model = Model::default();
     let endpoints = index_slices(slices, &mut model.rejected);
 
-    let mut sorted: Vec<&Service> = services.iter().collect();
+    let mut sorted: Vec<&Service> = services.into_iter().collect();
     sorted.sort_by_key(|s| ns_name(&s.metadata));
     let mut claimed: BTreeMap<Frontend, PortRef> = BTreeMap::new();
+    // Node ports are claimed even when no node address is known: they are cluster-wide.
+    let mut claimed_node_ports: BTreeMap<(u16, Proto), PortRef> = BTreeMap::new();
 
     for svc in sorted {
         let (namespace, name) = ns_name(&svc.metadata);
+        let spec = svc.spec.as_ref();
+        if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+            match spec.and_then(|s| s.external_name.as_deref()).filter(|n| !n.is_empty()) {
+                Some(n) => model.external_names.push(ExternalNameService {
+                    namespace,
+                    name,
+                    external_name: n.to_owned(),
+                }),
+                None => model.rejected.push(Rejection {
+                    kind: "Service",
+                    namespace,
+                    name,
+                    reason: "type ExternalName without spec.externalName".into(),
+                }),
+            }
+            continue;
+        }
         match service_ports(svc, &namespace, &name, &endpoints, cfg) {
             Ok(ports) => {
-                // A frontend already served by another Service is a conflict: reject the whole
-                // later Service rather than serve half of it.
-                let clash = ports.iter().flat_map(|p| p.frontends.iter()).find_map(|f| {
-                    claimed.get(f).map(|owner| {
-                        format!("frontend {f} is already used by Service {}/{}", owner.namespace, owner.name)
+                // A frontend or node port already served by another Service is a conflict:
+                // reject the whole later Service rather than serve half of it.
+                let owner = |o: &PortRef| format!("Service {}/{}", o.namespace, o.name);
+                let clash = ports
+                    .iter()
+                    .find_map(|p| {
+                        let np = p.node_port?;
+                        claimed_node_ports
+                            .get(&(np, p.id.proto))
+                            .map(|o| format!("nodePort {np}/{} is already used by {}", p.id.proto, owner(o)))
                     })
-                });
+                    .or_else(|| {
+                        ports.iter().flat_map(|p| p.frontends.iter()).find_map(|f| {
+                            claimed.get(f).map(|o| format!("frontend {f} is already used by {}", owner(o)))
+                        })
+                    });
                 if let Some(reason) = clash {
                     model.rejected.push(Rejection { kind: "Service", namespace, name, reason });
                     continue;
@@ -236,6 +320,9 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], cfg: &ModelConfig) 
                 for p in &ports {
                     for f in &p.frontends {
                         claimed.insert(*f, p.id.clone());
+                    }
+                    if let Some(np) = p.node_port {
+                        claimed_node_ports.insert((np, p.id.proto), p.id.clone());
                     }
                 }
                 model.ports.extend(ports);
@@ -248,9 +335,71 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], cfg: &ModelConfig) 
     model
 }
 
+/// The EndpointSlices equivalent to a core/v1 Endpoints object, as the EndpointSlice mirroring
+/// controller writes them for Services without a selector: one slice per subset, `addresses`
+/// ready and `notReadyAddresses` not ready.
+pub fn slices_from_endpoints(ep: &Endpoints) -> Vec<EndpointSlice> {
+    let (namespace, name) = ns_name(&ep.metadata);
+    let mut out = Vec::new();
+    for (i, subset) in ep.subsets.iter().flatten().enumerate() {
+        let endpoint = |ip: &str, ready: bool| Endpoint {
+            addresses: vec![ip.to_owned()],
+            conditions: Some(EndpointConditions {
+                ready: Some(ready),
+                serving: Some(ready),
+                terminating: Some(false),
+            }),
+            ..Default::default()
+        };
+        let endpoints = subset
+            .addresses
+            .iter()
+            .flatten()
+            .map(|a| endpoint(&a.ip, true))
+            .chain(subset.not_ready_addresses.iter().flatten().map(|a| endpoint(&a.ip, false)))
+            .collect();
+        let ports = subset
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| EndpointPort {
+                name: p.name.clone(),
+                port: Some(p.port),
+                protocol: p.protocol.clone(),
+                app_protocol: p.app_protocol.clone(),
+            })
+            .collect();
+        out.push(EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{name}-endpoints-{i}")),
+                namespace: Some(namespace.clone()),
+                labels: Some([(SERVICE_NAME_LABEL.to_owned(), name.clone())].into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints,
+            ports: Some(ports),
+        });
+    }
+    out
+}
+
+/// Parses an IPv4 address a Service names (clusterIP, externalIP, ingress IP) as a frontend.
+/// `Ok(None)` for an IPv6 address: that family is served once dual-stack lands.
+fn frontend_addr(what: &str, ip: &str) -> Result<Option<Ipv4Addr>, String> {
+    if ip.contains(':') {
+        return Ok(None);
+    }
+    let a: Ipv4Addr = ip.parse().map_err(|_| format!("{what} {ip:?} is not a valid IP address"))?;
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+        return Err(format!("{what} {a} cannot be a service address"));
+    }
+    Ok(Some(a))
+}
+
 /// Indexes the endpoints of every slice by (namespace, service) and port.
-fn index_slices(
-    slices: &[EndpointSlice],
+fn index_slices<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
     rejected: &mut Vec<Rejection>,
 ) -> BTreeMap<(String, String), EndpointIndex> {
     let mut index: BTreeMap<(String, String), EndpointIndex> = BTreeMap::new();
@@ -359,17 +508,27 @@ fn service_ports(
     if cluster_ip.is_empty() {
         return Err("no clusterIP assigned (spec.clusterIP is empty)".into());
     }
+    // Addresses reached on `port`.
     let mut addrs: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for ip in std::iter::once(cluster_ip).chain(spec.cluster_ips.iter().flatten().map(String::as_str)) {
-        if ip.contains(':') {
-            continue; // IPv6 family: served once dual-stack lands
-        }
-        let a: Ipv4Addr = ip.parse().map_err(|_| format!("clusterIP {ip:?} is not a valid IP address"))?;
-        if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
-            return Err(format!("clusterIP {a} cannot be a service address"));
-        }
-        addrs.insert(a);
+        addrs.extend(frontend_addr("clusterIP", ip)?);
     }
+    for ip in spec.external_ips.iter().flatten() {
+        addrs.extend(frontend_addr("externalIP", ip)?);
+    }
+    if svc_type == SvcType::LoadBalancer {
+        let ingress =
+            svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        // An ingress with only a hostname is reached through DNS at an address xlb does not own.
+        for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()) {
+            addrs.extend(frontend_addr("LoadBalancer ingress IP", ip)?);
+        }
+    }
+    let wants_node_port = match svc_type {
+        SvcType::NodePort => true,
+        SvcType::LoadBalancer => spec.allocate_load_balancer_node_ports != Some(false),
+        _ => false,
+    };
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() {
         return Err("no ports".into());
@@ -378,6 +537,7 @@ fn service_ports(
     let eps = endpoints.get(&(namespace.to_owned(), name.to_owned())).unwrap_or(&empty);
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
+    let mut seen_node_ports = BTreeSet::new();
     for sp in ports {
         let port_name = sp.name.clone().unwrap_or_default();
         let proto = Proto::parse(sp.protocol.as_deref()).map_err(|e| format!("port {port_name:?}: {e}"))?;
@@ -388,6 +548,24 @@ fn service_ports(
         if !seen.insert((port, proto)) {
             return Err(format!("port {port}/{proto} is listed twice"));
         }
+        let node_port = match sp.node_port {
+            _ if !wants_node_port => None,
+            None => return Err(format!("port {port_name:?}: type {svc_type:?} without a nodePort")),
+            Some(np) => {
+                let np =
+                    u16::try_from(np).ok().filter(|p| cfg.node_port_range.contains(p)).ok_or_else(|| {
+                        format!(
+                            "port {port_name:?}: nodePort {np} is outside the node port range {}-{}",
+                            cfg.node_port_range.start(),
+                            cfg.node_port_range.end()
+                        )
+                    })?;
+                if !seen_node_ports.insert((np, proto)) {
+                    return Err(format!("nodePort {np}/{proto} is listed twice"));
+                }
+                Some(np)
+            }
+        };
         let backends: Vec<DesiredBackend> = eps
             .get(&(port_name.clone(), proto))
             .into_iter()
@@ -401,11 +579,18 @@ fn service_ports(
                 cfg.max_backends_per_service
             ));
         }
+        let mut frontends: Vec<Frontend> = addrs.iter().map(|&addr| Frontend { addr, port, proto }).collect();
+        if let Some(np) = node_port {
+            frontends.extend(cfg.node_addrs.iter().map(|&addr| Frontend { addr, port: np, proto }));
+        }
+        frontends.sort();
+        frontends.dedup();
         out.push(DesiredPort {
             id: PortRef { namespace: namespace.to_owned(), name: name.to_owned(), port_name, proto },
             svc_type,
             port,
-            frontends: addrs.iter().map(|&addr| Frontend { addr, port, proto }).collect(),
+            node_port,
+            frontends,
             backends,
         });
     }
@@ -591,7 +776,11 @@ mod tests {
             &(svc("big", "198.18.0.10", "[{port: 80}]")
                 + &slice("big-1", "big", "[{port: 80}]", &format!("[{}]", eps.join(",")))),
         );
-        let m = build(&o.services, &o.slices, &ModelConfig { max_backends_per_service: 4 });
+        let m = build(
+            &o.services,
+            &o.slices,
+            &ModelConfig { max_backends_per_service: 4, ..ModelConfig::default() },
+        );
         assert!(m.ports.is_empty());
         assert!(m.rejected[0].reason.contains("5 endpoints"), "{:?}", m.rejected);
     }
@@ -609,5 +798,176 @@ mod tests {
         assert_eq!(o.errors[0].doc, 1);
         assert_eq!(o.errors[0].object.as_deref(), Some("Service default/s"));
         assert_eq!(o.errors[1].doc, 3);
+    }
+
+    fn fronts(p: &DesiredPort) -> Vec<String> {
+        p.frontends.iter().map(ToString::to_string).collect()
+    }
+
+    fn node_cfg(range: &str) -> ModelConfig {
+        ModelConfig {
+            node_port_range: parse_port_range(range).unwrap(),
+            node_addrs: vec!["198.18.100.1".parse().unwrap(), "198.18.101.1".parse().unwrap()],
+            ..ModelConfig::default()
+        }
+    }
+
+    fn typed_svc(name: &str, ty: &str, extra: &str, ports: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: {ty}\n  clusterIP: 198.18.0.{n}\n  ports: {ports}\n{extra}---\n",
+            n = name.len() + 10
+        )
+    }
+
+    #[test]
+    fn node_port_is_answered_on_every_node_address() {
+        let o = objects(
+            &(typed_svc("np", "NodePort", "", "[{port: 80, targetPort: 8080, nodePort: 30080}]")
+                + &slice("np-1", "np", "[{port: 8080}]", "[{addresses: [198.18.1.2]}]")),
+        );
+        let m = build(&o.services, &o.slices, &node_cfg("30000-32767"));
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        let p = &m.ports[0];
+        assert_eq!(p.svc_type, SvcType::NodePort);
+        assert_eq!(p.node_port, Some(30080));
+        assert_eq!(fronts(p), ["198.18.0.12:80/TCP", "198.18.100.1:30080/TCP", "198.18.101.1:30080/TCP"]);
+        assert_eq!(backends(p), ["198.18.1.2:8080 Active"], "node port and port lead to the same backends");
+    }
+
+    #[test]
+    fn node_port_range_is_a_setting() {
+        let yaml = typed_svc("high", "NodePort", "", "[{port: 80, nodePort: 45000}]")
+            + &typed_svc("low", "NodePort", "", "[{port: 80, nodePort: 30001}]");
+        let o = objects(&yaml);
+        let m = build(&o.services, &o.slices, &node_cfg("30000-32767"));
+        assert_eq!(m.ports.iter().map(|p| p.id.name.as_str()).collect::<Vec<_>>(), ["low"]);
+        assert!(m.rejected[0].reason.contains("nodePort 45000 is outside the node port range 30000-32767"));
+        let m = build(&o.services, &o.slices, &node_cfg("30000-50000"));
+        assert!(m.rejected.is_empty(), "a cluster with a wider range serves both: {:?}", m.rejected);
+        assert_eq!(m.ports.len(), 2);
+        assert_eq!(parse_port_range("8080").unwrap(), 8080..=8080);
+        assert!(parse_port_range("32767-30000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("x").is_err());
+    }
+
+    #[test]
+    fn node_port_conflicts_and_omissions_are_rejected() {
+        let yaml = typed_svc("a", "NodePort", "", "[{port: 80, nodePort: 30080}]")
+            + &typed_svc("b", "NodePort", "", "[{port: 81, nodePort: 30080}]")
+            + &typed_svc("c", "NodePort", "", "[{port: 82}]")
+            + &typed_svc(
+                "dd",
+                "NodePort",
+                "",
+                "[{name: x, port: 83, nodePort: 30090}, {name: y, port: 84, nodePort: 30090}]",
+            )
+            + &typed_svc("udp", "NodePort", "", "[{port: 80, nodePort: 30080, protocol: UDP}]");
+        let o = objects(&yaml);
+        // With no node address known, node ports still conflict: they are cluster-wide.
+        for cfg in [node_cfg("30000-32767"), ModelConfig::default()] {
+            let m = build(&o.services, &o.slices, &cfg);
+            let served: Vec<&str> = m.ports.iter().map(|p| p.id.name.as_str()).collect();
+            assert_eq!(served, ["a", "udp"], "the same number on another protocol is no conflict");
+            let why: Vec<String> = m.rejected.iter().map(ToString::to_string).collect();
+            assert_eq!(why.len(), 3, "{why:?}");
+            assert!(
+                why[0].contains("default/b")
+                    && why[0].contains("nodePort 30080/TCP is already used by Service default/a"),
+                "{why:?}"
+            );
+            assert!(why[1].contains("default/c") && why[1].contains("without a nodePort"), "{why:?}");
+            assert!(why[2].contains("default/dd") && why[2].contains("listed twice"), "{why:?}");
+        }
+    }
+
+    #[test]
+    fn load_balancer_ingress_and_external_ips_lead_to_the_same_backends() {
+        let lb = "  externalIPs: [198.18.50.1, \"2001:db8::1\"]\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.18.60.1}, {hostname: lb.example.com}, {ip: 198.18.60.2}]\n";
+        let yaml = typed_svc("lb", "LoadBalancer", lb, "[{port: 443, targetPort: 8443, nodePort: 31443}]")
+            + &slice("lb-1", "lb", "[{port: 8443}]", "[{addresses: [198.18.1.2]}]")
+            + &typed_svc("ext", "ClusterIP", "  externalIPs: [198.18.50.2]\n", "[{port: 80}]")
+            + &typed_svc(
+                "nolbnp",
+                "LoadBalancer",
+                "  allocateLoadBalancerNodePorts: false\n",
+                "[{port: 80}]",
+            );
+        let o = objects(&yaml);
+        let m = build(&o.services, &o.slices, &node_cfg("30000-32767"));
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        let lb = m.ports.iter().find(|p| p.id.name == "lb").unwrap();
+        assert_eq!(
+            fronts(lb),
+            [
+                "198.18.0.12:443/TCP",
+                "198.18.50.1:443/TCP",
+                "198.18.60.1:443/TCP",
+                "198.18.60.2:443/TCP",
+                "198.18.100.1:31443/TCP",
+                "198.18.101.1:31443/TCP"
+            ]
+        );
+        assert_eq!(backends(lb), ["198.18.1.2:8443 Active"]);
+        let ext = m.ports.iter().find(|p| p.id.name == "ext").unwrap();
+        assert_eq!(fronts(ext), ["198.18.0.13:80/TCP", "198.18.50.2:80/TCP"]);
+        let nolbnp = m.ports.iter().find(|p| p.id.name == "nolbnp").unwrap();
+        assert_eq!(nolbnp.node_port, None, "allocateLoadBalancerNodePorts: false means no node port");
+    }
+
+    #[test]
+    fn bad_external_addresses_are_rejected() {
+        let yaml = typed_svc("badext", "ClusterIP", "  externalIPs: [198.18.300.1]\n", "[{port: 80}]")
+            + &typed_svc("loopext", "ClusterIP", "  externalIPs: [127.0.0.1]\n", "[{port: 80}]")
+            + &typed_svc(
+                "badlb",
+                "LoadBalancer",
+                "status: {loadBalancer: {ingress: [{ip: nope}]}}\n",
+                "[{port: 80, nodePort: 30000}]",
+            )
+            + &typed_svc("taken", "ClusterIP", "  externalIPs: [198.18.0.15]\n", "[{port: 80}]")
+            + &typed_svc("owner", "ClusterIP", "", "[{port: 80}]");
+        let m = build_yaml(&yaml);
+        let why: Vec<String> = m.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(why.len(), 4, "{why:?}");
+        assert!(why[0].contains("badext") && why[0].contains("externalIP \"198.18.300.1\""), "{why:?}");
+        assert!(why[1].contains("badlb") && why[1].contains("LoadBalancer ingress IP \"nope\""), "{why:?}");
+        assert!(why[2].contains("loopext") && why[2].contains("127.0.0.1 cannot be"), "{why:?}");
+        // "owner" (clusterIP 198.18.0.15) comes first in name order; "taken" claims its address.
+        assert!(
+            why[3].contains("taken")
+                && why[3].contains("198.18.0.15:80/TCP is already used by Service default/owner"),
+            "{why:?}"
+        );
+        assert_eq!(m.ports.iter().map(|p| p.id.name.as_str()).collect::<Vec<_>>(), ["owner"]);
+    }
+
+    #[test]
+    fn external_name_is_kept_for_display_only() {
+        let m = build_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: prod}\nspec: {type: ExternalName, externalName: db.example.com, ports: [{port: 5432}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {type: ExternalName}\n",
+        );
+        assert!(m.ports.is_empty());
+        assert_eq!(
+            m.external_names,
+            [ExternalNameService {
+                namespace: "prod".into(),
+                name: "db".into(),
+                external_name: "db.example.com".into()
+            }]
+        );
+        assert_eq!(m.rejected.len(), 1);
+        assert!(m.rejected[0].reason.contains("without spec.externalName"));
+    }
+
+    #[test]
+    fn hand_made_endpoints_serve_a_service_without_selector() {
+        // A database outside the cluster at a fixed address, as the Kubernetes docs describe.
+        let m = build_yaml(
+            &(svc("db", "198.18.0.20", "[{name: pg, port: 5432, targetPort: 15432}]")
+                + "apiVersion: v1\nkind: Endpoints\nmetadata: {name: db, namespace: default}\nsubsets:\n- addresses: [{ip: 198.18.40.7}]\n  notReadyAddresses: [{ip: 198.18.40.8}]\n  ports: [{name: pg, port: 15432}]\n- addresses: [{ip: 198.18.40.9}]\n  ports: [{name: pg, port: 25432}]\n"),
+        );
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        assert_eq!(backends(&m.ports[0]), ["198.18.40.7:15432 Active", "198.18.40.9:25432 Active"]);
     }
 }
