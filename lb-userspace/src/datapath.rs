@@ -291,3 +291,92 @@ impl Datapath for MemDatapath {
         Ok(())
     }
 }
+
+/// A datapath that fails some of its operations on purpose, to test that the reconciler
+/// reports a failed write, never leaves a half-written service behind, and finishes on retry.
+///
+/// Which operations fail is decided by a seeded generator, so a failing test repeats.
+#[derive(Clone, Debug)]
+pub struct FaultyDatapath<D> {
+    pub inner: D,
+    /// Chance that a write or delete fails, in 1/1000.
+    pub write_fail_per_mille: u32,
+    /// Chance that a read fails, in 1/1000.
+    pub read_fail_per_mille: u32,
+    /// Operations failed so far.
+    pub injected: u64,
+    seed: u64,
+    reads: std::cell::Cell<u64>,
+}
+
+impl<D: Datapath> FaultyDatapath<D> {
+    pub fn new(inner: D, seed: u64, write_fail_per_mille: u32, read_fail_per_mille: u32) -> Self {
+        Self {
+            inner,
+            write_fail_per_mille,
+            read_fail_per_mille,
+            injected: 0,
+            seed,
+            reads: Default::default(),
+        }
+    }
+
+    fn roll(&mut self, per_mille: u32, what: &str) -> Result<(), DatapathError> {
+        // A 64-bit LCG (Knuth's MMIX constants): enough to scatter faults, and repeatable.
+        self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        if ((self.seed >> 33) % 1000) < u64::from(per_mille) {
+            self.injected += 1;
+            return Err(DatapathError::Injected(format!("{what} failed (fault {})", self.injected)));
+        }
+        Ok(())
+    }
+
+    /// Reads go through `&self`; their faults are decided from a hash of the read count.
+    fn read_roll(&self, what: &str) -> Result<(), DatapathError> {
+        let n = self.reads.get();
+        self.reads.set(n + 1);
+        let x = (n ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
+        if (x % 1000) < u64::from(self.read_fail_per_mille) {
+            return Err(DatapathError::Injected(format!("{what} failed")));
+        }
+        Ok(())
+    }
+}
+
+impl<D: Datapath> Datapath for FaultyDatapath<D> {
+    fn capacity(&self) -> Capacity {
+        self.inner.capacity()
+    }
+    fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError> {
+        self.read_roll("reading the service map")?;
+        self.inner.read_services()
+    }
+    fn read_backend(&self, id: u32) -> Result<Backend4, DatapathError> {
+        self.read_roll("reading a backend")?;
+        self.inner.read_backend(id)
+    }
+    fn read_svc_infos(&self) -> Result<Vec<(u32, SvcInfo)>, DatapathError> {
+        self.read_roll("reading the service-info map")?;
+        self.inner.read_svc_infos()
+    }
+    fn write_backend(&mut self, id: u32, value: Backend4) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "writing a backend")?;
+        self.inner.write_backend(id, value)
+    }
+    fn write_service(&mut self, key: Svc4Key, value: Svc4Value) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "writing a service entry")?;
+        self.inner.write_service(key, value)
+    }
+    fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "deleting a service entry")?;
+        self.inner.delete_service(key)
+    }
+    fn write_svc_info(&mut self, id: u32, info: SvcInfo) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "writing a service info")?;
+        self.inner.write_svc_info(id, info)
+    }
+    fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "deleting a service info")?;
+        self.inner.delete_svc_info(id)
+    }
+}

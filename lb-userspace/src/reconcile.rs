@@ -192,6 +192,17 @@ impl<D: Datapath> Reconciler<D> {
         &mut self.dp
     }
 
+    /// Map entries in use, as (map name, entries, capacity), from the reconciler's picture.
+    pub fn usage(&self) -> Vec<(&'static str, u64, u64)> {
+        let cap = self.dp.capacity();
+        let svc_entries: u64 = self.frontends.values().map(|f| 1 + f.slots.len() as u64).sum();
+        vec![
+            (lb_common::MAP_SERVICES, svc_entries, u64::from(cap.service_entries)),
+            (lb_common::MAP_BACKENDS, self.backend_ids.len() as u64, u64::from(cap.backends)),
+            (lb_common::MAP_SVC_INFO, self.infos.len() as u64, u64::from(lb_common::DEFAULT_MAX_SVC_INFO)),
+        ]
+    }
+
     /// The datapath id of a service port, if it has one.
     pub fn port_id(&self, id: &PortRef) -> Option<u32> {
         self.port_ids.get(id).copied()
@@ -514,6 +525,7 @@ mod tests {
                 proto: Proto::Tcp,
             },
             svc_type: SvcType::ClusterIP,
+            node_port: None,
             port: 80,
             frontends: vec![Frontend { addr: Ipv4Addr::new(198, 18, 0, vip), port: 80, proto: Proto::Tcp }],
             backends: backends
@@ -635,5 +647,48 @@ mod tests {
         let ok: Vec<_> = (1..=3).map(|b| (b, BackendState::Active)).collect();
         r.apply(&[port("a", 10, &ok)]).unwrap();
         assert_eq!(meaning(r.datapath()).values().next().unwrap().1.len(), 3);
+    }
+
+    #[test]
+    fn random_changes_converge_through_injected_faults() {
+        use crate::datapath::FaultyDatapath;
+        let mut rng = Lcg(7);
+        // 3% of writes and 1% of reads fail; every single write is still checked for a
+        // half-written service.
+        let dp = FaultyDatapath::new(Checked(MemDatapath::default()), 99, 30, 10);
+        let mut r = Reconciler::new(dp).unwrap();
+        let (mut failures, mut retries_max) = (0, 0);
+        for round in 0..300 {
+            let mut desired = Vec::new();
+            for s in 0..rng.below(6) {
+                let bes: Vec<_> = (0..8u8)
+                    .filter_map(|b| match rng.below(4) {
+                        0 | 1 => Some((b + 1, BackendState::Active)),
+                        2 => Some((b + 1, BackendState::Terminating)),
+                        _ => None,
+                    })
+                    .collect();
+                desired.push(port(&format!("svc{s}"), 10 + s as u8, &bes));
+            }
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match r.apply(&desired) {
+                    Ok(_) => break,
+                    Err(e) => {
+                        failures += 1;
+                        assert!(e.to_string().contains("injected fault"), "round {round}: {e}");
+                        assert!(tries < 50, "round {round}: no convergence after {tries} tries");
+                    }
+                }
+            }
+            retries_max = retries_max.max(tries);
+            let mut fresh = Reconciler::new(MemDatapath::default()).unwrap();
+            fresh.apply(&desired).unwrap();
+            assert_eq!(meaning(&r.datapath().inner.0), meaning(fresh.datapath()), "round {round}");
+        }
+        assert!(failures > 20, "the faults were exercised ({failures} failed applies)");
+        assert!(r.datapath().injected > 20);
+        eprintln!("{failures} failed applies, at most {retries_max} tries for one state");
     }
 }
