@@ -1,30 +1,213 @@
-//! `xlb agent`: loads and attaches the datapath, then keeps its maps equal to the manifests.
+//! `xlb agent`: loads and attaches the datapath, then keeps its maps equal to what the source
+//! (the API server, or a manifest directory) says.
+//!
+//! Order on start: reuse the pinned maps and read them back; start /healthz, /metrics, /readyz;
+//! wait for the source's first complete picture; sync the maps; only then put the new program
+//! on the interfaces (replacing, atomically, the one a previous agent left pinned). While the
+//! new agent starts, the old program keeps forwarding with the old maps: nothing is flushed.
 use std::{
+    net::{Ipv4Addr, SocketAddr},
+    ops::RangeInclusive,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::BpfMaps,
-    ebpf::{self, Capacities},
-    manifests,
+    datapath::{BpfMaps, Datapath},
+    ebpf::{self, Attached, Capacities},
+    http,
+    kube_source::{self, KubeSource},
+    manifests::{self, DocError},
+    metrics::{Metrics, SyncFigures},
     model::{self, ModelConfig},
-    reconcile::Reconciler,
+    reconcile::{ApplyStats, Reconciler},
 };
 
 #[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests, checked for changes every `poll`.
+    Manifests { dir: PathBuf, poll: Duration },
+    /// The API server, from this kubeconfig or else the environment (in-cluster, KUBECONFIG).
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
+#[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub interfaces: Vec<String>,
     pub pin_dir: PathBuf,
     pub xdp_mode: XdpMode,
     pub capacities: Capacities,
-    /// How often the manifest directory is checked for changes.
-    pub poll: Duration,
+    /// After a change, wait this long for more before syncing, so a burst is one sync.
+    pub batch_delay: Duration,
+    pub node_port_range: RangeInclusive<u16>,
+    /// Addresses NodePorts are answered on; empty: the IPv4 addresses of `interfaces`.
+    pub node_ips: Vec<Ipv4Addr>,
+    /// Where /metrics, /healthz and /readyz are served; `None`: not served.
+    pub http_addr: Option<SocketAddr>,
+    /// /healthz fails once a change has waited this long for a successful sync.
+    pub max_pending: Duration,
+}
+
+/// The objects one sync is built from.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    /// Manifest documents that could not be read.
+    pub doc_errors: Vec<DocError>,
+}
+
+impl Snapshot {
+    pub fn from_manifests(o: manifests::Objects) -> Self {
+        Self {
+            services: o.services.into_iter().map(Arc::new).collect(),
+            slices: o.slices.into_iter().map(Arc::new).collect(),
+            doc_errors: o.errors,
+        }
+    }
+}
+
+/// Model plus reconciler plus figures: one sync turns a snapshot into map writes.
+pub struct Syncer<D> {
+    pub rec: Reconciler<D>,
+    pub cfg: ModelConfig,
+    pub metrics: Arc<Metrics>,
+}
+
+impl<D: Datapath> Syncer<D> {
+    /// Builds the model and writes the difference. Invalid objects are logged and counted, not
+    /// returned; an error means a map write failed (the next sync re-reads and finishes).
+    pub fn sync(&mut self, snap: &Snapshot) -> anyhow::Result<ApplyStats> {
+        let started = Instant::now();
+        for e in &snap.doc_errors {
+            warn!(error = %e, "skipped manifest document");
+        }
+        let model = model::build(
+            snap.services.iter().map(AsRef::as_ref),
+            snap.slices.iter().map(AsRef::as_ref),
+            &self.cfg,
+        );
+        for r in &model.rejected {
+            warn!(object = %format!("{} {}/{}", r.kind, r.namespace, r.name), reason = %r.reason, "rejected object");
+        }
+        match self.rec.apply(&model.ports) {
+            Ok(stats) => {
+                let elapsed = started.elapsed();
+                let mut rejected = std::collections::BTreeMap::new();
+                for r in &model.rejected {
+                    *rejected.entry(r.kind.to_string()).or_default() += 1;
+                }
+                if !snap.doc_errors.is_empty() {
+                    rejected.insert("Document".to_string(), snap.doc_errors.len() as u64);
+                }
+                let backends: std::collections::BTreeSet<_> =
+                    model.ports.iter().flat_map(|p| p.backends.iter().map(|b| (b.addr, b.port))).collect();
+                let figures = SyncFigures {
+                    services: snap.services.len() as u64,
+                    endpoint_slices: snap.slices.len() as u64,
+                    service_ports: model.ports.len() as u64,
+                    frontends: model.ports.iter().map(|p| p.frontends.len() as u64).sum(),
+                    backends: backends.len() as u64,
+                    rejected,
+                    maps: self.rec.usage(),
+                };
+                self.metrics.sync_ok(elapsed, stats.writes, stats.deletes, figures);
+                info!(
+                    services = snap.services.len(),
+                    slices = snap.slices.len(),
+                    service_ports = model.ports.len(),
+                    rejected = model.rejected.len() + snap.doc_errors.len(),
+                    writes = stats.writes,
+                    deletes = stats.deletes,
+                    elapsed_us = elapsed.as_micros() as u64,
+                    "synced"
+                );
+                Ok(stats)
+            }
+            Err(e) => {
+                self.metrics.sync_failed(started.elapsed());
+                Err(anyhow::Error::new(e).context("writing the datapath maps"))
+            }
+        }
+    }
+}
+
+/// Where snapshots come from.
+pub enum Source {
+    Manifests { dir: PathBuf, _poller: AbortOnDrop },
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// Starts the source; `changed` is notified whenever a new snapshot is worth taking.
+    pub async fn start(
+        cfg: &SourceConfig,
+        changed: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        match cfg {
+            SourceConfig::Manifests { dir, poll } => {
+                manifests::manifest_files(dir)?; // a missing directory is an error at start
+                let (dir2, poll) = (dir.clone(), *poll);
+                let poller = tokio::spawn(async move {
+                    let mut seen = fingerprint(&dir2);
+                    let mut tick = tokio::time::interval(poll);
+                    loop {
+                        tick.tick().await;
+                        let now = fingerprint(&dir2);
+                        if now != seen {
+                            seen = now;
+                            metrics.changed();
+                            changed.notify_one();
+                        }
+                    }
+                });
+                Ok(Source::Manifests { dir: dir.clone(), _poller: AbortOnDrop(poller) })
+            }
+            SourceConfig::Kube { kubeconfig } => {
+                let client = kube_source::client(kubeconfig.as_deref()).await?;
+                Ok(Source::Kube(KubeSource::start(client, changed, metrics)))
+            }
+        }
+    }
+
+    /// Waits for the first complete picture (logging while it takes long).
+    pub async fn wait_ready(&self) {
+        if let Source::Kube(k) = self {
+            let mut waited = 0u64;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), k.wait_ready()).await {
+                    Ok(()) => return,
+                    Err(_) => {
+                        waited += 10;
+                        warn!(
+                            waited_s = waited,
+                            "still waiting for the first list of Services and EndpointSlices"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        match self {
+            Source::Manifests { dir, .. } => Ok(Snapshot::from_manifests(manifests::read_dir(dir)?)),
+            Source::Kube(k) => Ok(Snapshot {
+                services: k.services.state(),
+                slices: k.slices.state(),
+                doc_errors: Vec::new(),
+            }),
+        }
+    }
 }
 
 /// (file, modification time, length) of every manifest: a change in any means re-read.
@@ -43,73 +226,153 @@ fn fingerprint(dir: &Path) -> Fingerprint {
         .collect()
 }
 
-/// One pass: read, model, reconcile. Errors in single objects are logged, not returned.
-fn sync(dir: &Path, rec: &mut Reconciler<BpfMaps>, cfg: &ModelConfig) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let objects = manifests::read_dir(dir)?;
-    for e in &objects.errors {
-        warn!(error = %e, "skipped manifest document");
+/// One snapshot and sync; the sync's CPU work runs off the async workers.
+fn sync_once<D: Datapath>(source: &Source, syncer: &mut Syncer<D>) -> anyhow::Result<ApplyStats> {
+    let snap = source.snapshot()?;
+    tokio::task::block_in_place(|| syncer.sync(&snap))
+}
+
+/// Syncs after every change (bursts within `batch_delay` become one sync) until `shutdown`
+/// resolves. A failed sync is retried with backoff (100 ms doubling to 5 s).
+pub async fn control_loop<D: Datapath>(
+    source: &Source,
+    syncer: &mut Syncer<D>,
+    changed: &Notify,
+    batch_delay: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut retry: Option<Duration> = None;
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+            _ = &mut shutdown => return,
+        }
+        if !batch_delay.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(batch_delay) => {}
+                _ = &mut shutdown => return,
+            }
+        }
+        match sync_once(source, syncer) {
+            Ok(_) => retry = None,
+            Err(e) => {
+                let next = retry.map_or(Duration::from_millis(100), |d| (d * 2).min(Duration::from_secs(5)));
+                error!(
+                    error = format!("{e:#}"),
+                    retry_in_ms = next.as_millis() as u64,
+                    "sync failed; will retry"
+                );
+                retry = Some(next);
+            }
+        }
     }
-    let model = model::build(&objects.services, &objects.slices, cfg);
-    for r in &model.rejected {
-        warn!(object = %format!("{} {}/{}", r.kind, r.namespace, r.name), reason = %r.reason, "rejected object");
+}
+
+/// The IPv4 addresses of the given interfaces.
+pub fn interface_ipv4s(ifaces: &[String]) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs fills a list we free with freeifaddrs; we only read entries whose
+    // address family is AF_INET, which are sockaddr_in.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            cur = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() || i32::from((*ifa.ifa_addr).sa_family) != libc::AF_INET {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
+            if ifaces.iter().any(|i| *i == name) {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+        }
+        libc::freeifaddrs(head);
     }
-    let stats = rec.apply(&model.ports).context("writing the datapath maps")?;
-    info!(
-        services = objects.services.len(),
-        slices = objects.slices.len(),
-        service_ports = model.ports.len(),
-        rejected = model.rejected.len() + objects.errors.len(),
-        writes = stats.writes,
-        deletes = stats.deletes,
-        elapsed_us = started.elapsed().as_micros() as u64,
-        "synced"
-    );
-    Ok(())
+    out.sort();
+    out.dedup();
+    out
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if cfg.interfaces.is_empty() {
         anyhow::bail!("no interface given: pass --iface for each interface that carries Service traffic");
     }
+    let metrics = Arc::new(Metrics::default());
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
     let maps = BpfMaps::open(&cfg.pin_dir)?;
-    let mut rec = Reconciler::new(maps).context("reading back the pinned maps")?;
-    let model_cfg = ModelConfig::default();
+    let rec = Reconciler::new(maps).context("reading back the pinned maps")?;
+    let node_addrs =
+        if cfg.node_ips.is_empty() { interface_ipv4s(&cfg.interfaces) } else { cfg.node_ips.clone() };
+    info!(node_addrs = ?node_addrs, node_port_range = ?cfg.node_port_range, "node ports are answered on these addresses");
+    let model_cfg =
+        ModelConfig { node_port_range: cfg.node_port_range.clone(), node_addrs, ..ModelConfig::default() };
+    let mut syncer = Syncer { rec, cfg: model_cfg, metrics: metrics.clone() };
 
+    let _http = match cfg.http_addr {
+        Some(addr) => {
+            let listener =
+                http::bind(addr).await.with_context(|| format!("binding the HTTP endpoints to {addr}"))?;
+            let stats = BpfMaps::open(&cfg.pin_dir)?;
+            let counters: http::CounterSource = Arc::new(move || stats.read_stats().unwrap_or_default());
+            let state = Arc::new(http::HttpState {
+                metrics: metrics.clone(),
+                counters,
+                max_pending: cfg.max_pending,
+            });
+            info!(%addr, "serving /metrics, /healthz and /readyz");
+            Some(AbortOnDrop(tokio::spawn(http::serve(listener, state))))
+        }
+        None => None,
+    };
+
+    let changed = Arc::new(Notify::new());
+    let source = Source::start(&cfg.source, changed.clone(), metrics.clone()).await?;
+    source.wait_ready().await;
     // Maps first, then attach: the program never runs against maps the agent has not filled.
-    let mut seen = fingerprint(&cfg.manifests);
-    if let Err(e) = sync(&cfg.manifests, &mut rec, &model_cfg) {
+    // A failed first sync is retried by the loop; the maps then hold what an earlier agent left.
+    metrics.changed();
+    if let Err(e) = sync_once(&source, &mut syncer) {
         error!(error = format!("{e:#}"), "initial sync failed; will retry");
+        changed.notify_one();
     }
     for iface in &cfg.interfaces {
-        ebpf::attach(&mut ebpf, iface, cfg.xdp_mode)?;
-        info!(%iface, "attached XDP");
+        match ebpf::attach_pinned(&mut ebpf, iface, cfg.xdp_mode, &cfg.pin_dir)? {
+            Attached::New => info!(%iface, "attached XDP (new pinned link)"),
+            Attached::Replaced => info!(%iface, "attached XDP (replaced the program of the pinned link)"),
+            Attached::Unpinned => {
+                warn!(%iface, "attached XDP without a link (kernel < 5.9): it detaches when the agent stops")
+            }
+        }
     }
-    info!(pin_dir = %cfg.pin_dir.display(), manifests = %cfg.manifests.display(), "ready");
+    metrics.set_ready();
+    info!(pin_dir = %cfg.pin_dir.display(), "ready");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(cfg.poll);
-    let mut failed = false;
-    loop {
+    let shutdown = async move {
         tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
         }
-        let now = fingerprint(&cfg.manifests);
-        if now == seen && !failed {
-            continue;
-        }
-        seen = now;
-        failed = match sync(&cfg.manifests, &mut rec, &model_cfg) {
-            Ok(()) => false,
-            Err(e) => {
-                error!(error = format!("{e:#}"), "sync failed; will retry");
-                true
-            }
-        };
-    }
-    info!("stopping: maps stay pinned in {}; the XDP program is detached", cfg.pin_dir.display());
+    };
+    control_loop(&source, &mut syncer, &changed, cfg.batch_delay, shutdown).await;
+    info!(
+        "stopping: the program stays attached and the maps pinned in {} (remove with `xlb cleanup`)",
+        cfg.pin_dir.display()
+    );
     Ok(())
+}
+
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -3,7 +3,11 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use lb_common::{MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_STATS, MAP_SVC_INFO, PROG_XDP};
 
@@ -31,6 +35,26 @@ pub enum LoadError {
     Verify(ProgramError),
     #[error("attaching XDP to interface {iface} failed: {source}")]
     Attach { iface: String, source: ProgramError },
+    #[error("pinning the XDP link of {iface} at {path} failed: {reason}")]
+    PinLink { iface: String, path: PathBuf, reason: String },
+}
+
+/// How the program came to run on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link was created and pinned.
+    New,
+    /// A link pinned by an earlier agent now runs this program (atomic replace: no packet
+    /// meets an interface without a program).
+    Replaced,
+    /// The kernel has no XDP links (before 5.9): attached through netlink, which cannot be
+    /// pinned, so the program detaches when the agent stops.
+    Unpinned,
+}
+
+/// Where the XDP link of `iface` is pinned.
+pub fn link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("xdp_{iface}"))
 }
 
 /// Map capacities; defaults from lb-common.
@@ -98,6 +122,77 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
 /// The loaded XDP program.
 pub fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
     ebpf.program_mut(PROG_XDP).ok_or(LoadError::NoProgram)?.try_into().map_err(|_| LoadError::NoProgram)
+}
+
+/// Attaches the XDP program to `iface` through a link pinned under `pin_dir/links`, so that it
+/// keeps running when the agent stops or is killed. A link pinned there by an earlier agent is
+/// updated in place to this program; a pin whose link no longer works (its interface was
+/// deleted) is replaced by a new link.
+pub fn attach_pinned(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: XdpMode,
+    pin_dir: &Path,
+) -> Result<Attached, LoadError> {
+    let path = link_pin(pin_dir, iface);
+    let pin_err = |reason: String| LoadError::PinLink { iface: iface.to_owned(), path: path.clone(), reason };
+    let prog = xdp(ebpf)?;
+    if path.exists() {
+        let updated = PinnedLink::from_pin(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+            .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+        match updated {
+            // The program keeps the link's handle until the agent exits; the pin keeps the link.
+            Ok(_) => return Ok(Attached::Replaced),
+            Err(e) => {
+                tracing::warn!(%iface, path = %path.display(), error = %e, "pinned XDP link is unusable; creating a new one");
+                std::fs::remove_file(&path).map_err(|e| pin_err(format!("removing the old pin: {e}")))?;
+            }
+        }
+    }
+    let id =
+        prog.attach(iface, mode).map_err(|source| LoadError::Attach { iface: iface.to_owned(), source })?;
+    let link = prog.take_link(id).map_err(|source| LoadError::Attach { iface: iface.to_owned(), source })?;
+    match FdLink::try_from(link) {
+        Ok(fd_link) => {
+            let dir = path.parent().unwrap_or(pin_dir);
+            std::fs::create_dir_all(dir).map_err(|e| pin_err(format!("creating {}: {e}", dir.display())))?;
+            let pinned = fd_link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+            drop(pinned); // the pin holds the link
+            Ok(Attached::New)
+        }
+        Err(_) => {
+            // Converting dropped the netlink attachment: attach again and keep it in the
+            // program, which the agent holds until it exits.
+            prog.attach(iface, mode)
+                .map_err(|source| LoadError::Attach { iface: iface.to_owned(), source })?;
+            Ok(Attached::Unpinned)
+        }
+    }
+}
+
+/// Removes the pinned links (detaching the program) and maps under `pin_dir`. Returns what was
+/// removed.
+pub fn unpin_all(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let links = pin_dir.join("links");
+    if links.is_dir() {
+        for e in std::fs::read_dir(&links)? {
+            let p = e?.path();
+            std::fs::remove_file(&p)?;
+            removed.push(p);
+        }
+        std::fs::remove_dir(&links)?;
+    }
+    for m in lb_common::ALL_MAPS {
+        let p = pin_dir.join(m);
+        if p.exists() {
+            std::fs::remove_file(&p)?;
+            removed.push(p);
+        }
+    }
+    Ok(removed)
 }
 
 /// Attaches the XDP program to `iface` (native mode where the driver supports it).

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
-    agent::{self, AgentConfig},
+    agent::{self, AgentConfig, SourceConfig},
     cli,
     datapath::BpfMaps,
     ebpf::Capacities,
@@ -23,8 +23,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent: load the datapath and keep it equal to the manifests.
+    /// Run the agent: load the datapath and keep it equal to the API server's Services and
+    /// EndpointSlices (or to a manifest directory).
     Agent(AgentArgs),
+    /// Detach the datapath and remove its pinned links and maps (uninstall from this node).
+    Cleanup,
     /// List the services as the datapath holds them.
     #[command(alias = "svc")]
     Services(OutputArgs),
@@ -67,14 +70,35 @@ enum Mode {
 
 #[derive(clap::Args)]
 struct AgentArgs {
-    /// Directory of Service and EndpointSlice manifests (YAML or JSON), re-read on change.
+    /// Read Services, EndpointSlices and Endpoints from this directory of manifests (YAML or
+    /// JSON, re-read on change) instead of the API server.
     #[arg(long, env = "XLB_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server. Default: in-cluster service account, or KUBECONFIG, or
+    /// ~/.kube/config.
+    #[arg(long, conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// Interface to attach to (repeat for each interface carrying Service traffic or replies).
     #[arg(long = "iface", required = true)]
     interfaces: Vec<String>,
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     xdp_mode: Mode,
+    /// The cluster's node port range (kube-apiserver's --service-node-port-range).
+    #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
+    node_port_range: std::ops::RangeInclusive<u16>,
+    /// Address NodePorts are answered on (repeat); default: the IPv4 addresses of the --iface
+    /// interfaces.
+    #[arg(long = "node-ip")]
+    node_ips: Vec<std::net::Ipv4Addr>,
+    /// Address of /metrics, /healthz and /readyz ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_http_addr)]
+    http_addr: HttpAddr,
+    /// /healthz fails once a change has waited this many seconds for a successful sync.
+    #[arg(long, default_value_t = 60)]
+    healthz_max_pending_s: u64,
+    /// After a change, wait this long (ms) for more before syncing, so a burst is one sync.
+    #[arg(long, default_value_t = 10)]
+    batch_delay_ms: u64,
     /// Capacity of the service map (frontends plus backend slots).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICE_ENTRIES)]
     max_service_entries: u32,
@@ -89,6 +113,20 @@ struct AgentArgs {
     poll_ms: u64,
 }
 
+#[derive(Clone)]
+struct HttpAddr(Option<std::net::SocketAddr>);
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    if s == "off" {
+        return Ok(HttpAddr(None));
+    }
+    s.parse().map(|a| HttpAddr(Some(a))).map_err(|e| format!("{s:?}: {e} (want ADDRESS:PORT or off)"))
+}
+
+fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    lb_userspace::model::parse_port_range(s)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -96,6 +134,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: container logs and files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,8 +149,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(a) => {
+            let source = match a.manifests {
+                Some(dir) => SourceConfig::Manifests { dir, poll: Duration::from_millis(a.poll_ms.max(10)) },
+                None => SourceConfig::Kube { kubeconfig: a.kubeconfig },
+            };
             let cfg = AgentConfig {
-                manifests: a.manifests,
+                source,
                 interfaces: a.interfaces,
                 pin_dir: cli.pin_dir,
                 xdp_mode: match a.xdp_mode {
@@ -123,13 +167,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     backends: a.max_backends,
                     ct_entries: a.max_ct_entries,
                 },
-                poll: Duration::from_millis(a.poll_ms.max(10)),
+                batch_delay: Duration::from_millis(a.batch_delay_ms),
+                node_port_range: a.node_port_range,
+                node_ips: a.node_ips,
+                http_addr: a.http_addr.0,
+                max_pending: Duration::from_secs(a.healthz_max_pending_s),
             };
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
+                .worker_threads(2)
                 .enable_all()
                 .build()?
                 .block_on(agent::run(cfg))
+        }
+        Command::Cleanup => {
+            let removed = lb_userspace::ebpf::unpin_all(&cli.pin_dir)
+                .with_context(|| format!("removing the pins under {}", cli.pin_dir.display()))?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}", cli.pin_dir.display());
+            }
+            for p in removed {
+                println!("removed {}", p.display());
+            }
+            Ok(())
         }
         Command::Stats(o) => {
             let maps = BpfMaps::open(&cli.pin_dir)?;

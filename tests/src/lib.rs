@@ -363,6 +363,13 @@ impl SingleNode {
     /// Starts `xlb agent` in the node namespace (through nsenter, so that /sys/fs/bpf stays the
     /// host's bpffs) and waits until it has attached.
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        let agent = self.spawn_agent()?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Starts `xlb agent` like [`Self::start_agent`], and hands its process to the caller.
+    pub fn spawn_agent(&self) -> anyhow::Result<Proc> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.node.path().display()))
             .arg(&self.xlb)
@@ -378,8 +385,7 @@ impl SingleNode {
         let log = self.work.join("agent.log");
         let mut agent = Proc::spawn("xlb agent", &mut cmd, Some(&log))?;
         agent.wait_for_log("ready", Duration::from_secs(30))?;
-        self.agent = Some(agent);
-        Ok(())
+        Ok(agent)
     }
 
     /// Runs the xlb CLI against this node's pinned maps.

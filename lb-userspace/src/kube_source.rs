@@ -1,0 +1,120 @@
+//! The Kubernetes source: list/watch of Services and EndpointSlices (discovery.k8s.io/v1) into
+//! reflector stores, with kube-rs' watcher.
+//!
+//! The watcher lists, then watches from the list's resourceVersion with bookmarks; on a
+//! dropped connection it resumes the watch, and when the API server answers 410 Gone (the
+//! resourceVersion was compacted) it lists again. Errors are retried with exponential backoff.
+//! The stores keep the last known objects through all of this: a relist replaces a store's
+//! content only once the new list is complete, and an API server that is away leaves the
+//! datapath as it is (never flushed).
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher::{self, Event},
+    },
+};
+use tokio::{sync::Notify, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+/// Builds a client from `--kubeconfig`, or else the environment: KUBECONFIG, ~/.kube/config, or
+/// the in-cluster service account.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    use anyhow::Context as _;
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration: not in a cluster, and no KUBECONFIG or ~/.kube/config \
+             (pass --kubeconfig, or --manifests DIR to run without an API server)",
+        )?,
+    };
+    info!(server = %config.cluster_url, "using the Kubernetes API server");
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Services and EndpointSlices as the API server last said they were.
+pub struct KubeSource {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl KubeSource {
+    /// Starts both watches. `changed` is notified after every change to a store (and once a
+    /// relist completes).
+    pub fn start(client: Client, changed: Arc<Notify>, metrics: Arc<Metrics>) -> Self {
+        let (services, w1) = reflector::store();
+        let (slices, w2) = reflector::store();
+        let cfg = watcher::Config::default().any_semantic();
+        let svc_stream =
+            watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone()).default_backoff().reflect(w1);
+        let slice_stream =
+            watcher::watcher(Api::<EndpointSlice>::all(client), cfg).default_backoff().reflect(w2);
+        let tasks = vec![
+            tokio::spawn(drive("services", svc_stream, changed.clone(), metrics.clone())),
+            tokio::spawn(drive("endpointslices", slice_stream, changed, metrics)),
+        ];
+        Self { services, slices, tasks }
+    }
+
+    /// Waits until both stores hold a complete first list.
+    pub async fn wait_ready(&self) {
+        let _ = self.services.wait_until_ready().await;
+        let _ = self.slices.wait_until_ready().await;
+    }
+}
+
+async fn drive<K, S>(resource: &'static str, stream: S, changed: Arc<Notify>, metrics: Arc<Metrics>)
+where
+    K: Resource + Clone,
+    S: Stream<Item = Result<Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut listed = false;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Apply(_) | Event::Delete(_)) => {
+                metrics.changed();
+                changed.notify_one();
+            }
+            Ok(Event::InitDone) => {
+                if listed {
+                    info!(resource, "relisted");
+                } else {
+                    debug!(resource, "listed");
+                }
+                listed = true;
+                metrics.changed();
+                changed.notify_one();
+            }
+            // A list in progress: the store changes at InitDone, all at once.
+            Ok(Event::Init | Event::InitApply(_)) => {}
+            Err(e) => {
+                // The watcher retries by itself (with backoff); the store keeps its content.
+                metrics.watch_error(resource);
+                warn!(resource, error = %e, "watch failed; retrying, keeping the last known state");
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Restart without loss: while a client keeps opening connections to a ClusterIP, the agent is
+//! killed with SIGKILL and started again. The XDP program stays attached through its pinned
+//! link, the maps stay pinned, and the new agent takes over without rewriting anything: no
+//! connection fails, and every id stays the same.
+//!
+//! Needs root. Without it the test skips, unless XLB_REQUIRE_PRIVILEGED=1 (CI), where it fails.
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use xlb_tests::{SingleNode, tcp_request};
+
+fn privileged() -> bool {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
+        "end-to-end tests need root; XLB_REQUIRE_PRIVILEGED=1 forbids skipping"
+    );
+    eprintln!("SKIPPED: end-to-end tests need root");
+    false
+}
+
+const MANIFEST: &str = include_str!("../manifests/demo.yaml");
+
+#[test]
+fn sigkill_and_restart_of_the_agent_loses_no_connection() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
+    bed.write_manifest("web.yaml", MANIFEST).unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    let before = bed.xlb_cli(&["services", "-o", "json"]).unwrap();
+
+    let stop = AtomicBool::new(false);
+    let vip = "198.18.0.10:80".parse().unwrap();
+    let mut agent = bed.agent.take().expect("agent running");
+    let bed_ref = &bed;
+    let (results, killed_at, restarted_at, new_agent) = std::thread::scope(|s| {
+        let bed = bed_ref;
+        let client = s.spawn(|| {
+            bed.client.enter(|| {
+                let mut out = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    out.push((t, tcp_request(vip, Duration::from_secs(2)).map(|a| a.pod)));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                out
+            })
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        agent.signal(libc::SIGKILL);
+        agent.stop(Duration::from_secs(5)); // reaps it
+        let killed_at = Instant::now();
+        let old_log = agent.log_text();
+        // With no agent at all, the program keeps forwarding.
+        std::thread::sleep(Duration::from_millis(1500));
+        let restarted_at = Instant::now();
+        // The new agent's log replaces the old one; keep the old one for the report.
+        std::fs::write(bed.work.join("agent-killed.log"), old_log).unwrap();
+        let new_agent = bed.spawn_agent();
+        std::thread::sleep(Duration::from_millis(1000));
+        stop.store(true, Ordering::Relaxed);
+        (client.join().expect("client thread"), killed_at, restarted_at, new_agent)
+    });
+    bed.agent = Some(new_agent.expect("restarted agent"));
+
+    let failed: Vec<_> = results.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    let while_dead = results.iter().filter(|(t, _)| *t > killed_at && *t < restarted_at).count();
+    let total = results.len();
+    eprintln!("{total} connections, {while_dead} of them with no agent running, {} failed", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {total} connections failed: {:?}\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        bed.logs()
+    );
+    assert!(while_dead >= 20, "only {while_dead} connections were made while the agent was dead");
+    let pods: std::collections::BTreeSet<_> = results.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
+    assert_eq!(pods.len(), 2, "both pods kept getting connections: {pods:?}");
+
+    // The new agent took the pinned link over and rewrote nothing: ids and slots are as before.
+    let log = bed.agent.as_ref().unwrap().log_text();
+    assert!(log.contains("replaced the program of the pinned link"), "{log}");
+    assert!(log.contains("writes=0") && log.contains("deletes=0"), "the restart rewrote maps:\n{log}");
+    let after = bed.xlb_cli(&["services", "-o", "json"]).unwrap();
+    assert_eq!(before, after, "service and backend ids stay the same across the restart");
+    assert!(bed.pin_dir.join("links/xdp_eth0").exists());
+}
