@@ -6,7 +6,7 @@
 //! on the interfaces (replacing, atomically, the one a previous agent left pinned). While the
 //! new agent starts, the old program keeps forwarding with the old maps: nothing is flushed.
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     ops::RangeInclusive,
     path::{Path, PathBuf},
     sync::Arc,
@@ -26,7 +26,7 @@ use crate::{
     kube_source::{self, KubeSource},
     manifests::{self, DocError},
     metrics::{Metrics, SyncFigures},
-    model::{self, ModelConfig},
+    model::{ModelCache, ModelConfig},
     reconcile::{ApplyStats, Reconciler},
 };
 
@@ -47,9 +47,10 @@ pub struct AgentConfig {
     pub capacities: Capacities,
     /// After a change, wait this long for more before syncing, so a burst is one sync.
     pub batch_delay: Duration,
+    /// Node ports outside this range are rejected. Node ports are validated (range,
+    /// conflicts) but not yet served: answering on the node's own addresses needs the reply
+    /// path of issue #5 (a translated reply from a local address is a martian to the kernel).
     pub node_port_range: RangeInclusive<u16>,
-    /// Addresses NodePorts are answered on; empty: the IPv4 addresses of `interfaces`.
-    pub node_ips: Vec<Ipv4Addr>,
     /// Where /metrics, /healthz and /readyz are served; `None`: not served.
     pub http_addr: Option<SocketAddr>,
     /// /healthz fails once a change has waited this long for a successful sync.
@@ -80,6 +81,13 @@ pub struct Syncer<D> {
     pub rec: Reconciler<D>,
     pub cfg: ModelConfig,
     pub metrics: Arc<Metrics>,
+    pub cache: ModelCache,
+}
+
+impl<D: Datapath> Syncer<D> {
+    pub fn new(rec: Reconciler<D>, cfg: ModelConfig, metrics: Arc<Metrics>) -> Self {
+        Self { rec, cfg, metrics, cache: ModelCache::default() }
+    }
 }
 
 impl<D: Datapath> Syncer<D> {
@@ -90,11 +98,8 @@ impl<D: Datapath> Syncer<D> {
         for e in &snap.doc_errors {
             warn!(error = %e, "skipped manifest document");
         }
-        let model = model::build(
-            snap.services.iter().map(AsRef::as_ref),
-            snap.slices.iter().map(AsRef::as_ref),
-            &self.cfg,
-        );
+        let model = self.cache.build(&snap.services, &snap.slices, &self.cfg);
+        let model_done = started.elapsed();
         for r in &model.rejected {
             warn!(object = %format!("{} {}/{}", r.kind, r.namespace, r.name), reason = %r.reason, "rejected object");
         }
@@ -127,6 +132,8 @@ impl<D: Datapath> Syncer<D> {
                     rejected = model.rejected.len() + snap.doc_errors.len(),
                     writes = stats.writes,
                     deletes = stats.deletes,
+                    rebuilt = self.cache.last_rebuilt,
+                    model_us = model_done.as_micros() as u64,
                     elapsed_us = elapsed.as_micros() as u64,
                     "synced"
                 );
@@ -270,36 +277,6 @@ pub async fn control_loop<D: Datapath>(
     }
 }
 
-/// The IPv4 addresses of the given interfaces.
-pub fn interface_ipv4s(ifaces: &[String]) -> Vec<Ipv4Addr> {
-    let mut out = Vec::new();
-    // SAFETY: getifaddrs fills a list we free with freeifaddrs; we only read entries whose
-    // address family is AF_INET, which are sockaddr_in.
-    unsafe {
-        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut head) != 0 {
-            return out;
-        }
-        let mut cur = head;
-        while !cur.is_null() {
-            let ifa = &*cur;
-            cur = ifa.ifa_next;
-            if ifa.ifa_addr.is_null() || i32::from((*ifa.ifa_addr).sa_family) != libc::AF_INET {
-                continue;
-            }
-            let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
-            if ifaces.iter().any(|i| *i == name) {
-                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            }
-        }
-        libc::freeifaddrs(head);
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if cfg.interfaces.is_empty() {
         anyhow::bail!("no interface given: pass --iface for each interface that carries Service traffic");
@@ -308,12 +285,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
     let maps = BpfMaps::open(&cfg.pin_dir)?;
     let rec = Reconciler::new(maps).context("reading back the pinned maps")?;
-    let node_addrs =
-        if cfg.node_ips.is_empty() { interface_ipv4s(&cfg.interfaces) } else { cfg.node_ips.clone() };
-    info!(node_addrs = ?node_addrs, node_port_range = ?cfg.node_port_range, "node ports are answered on these addresses");
-    let model_cfg =
-        ModelConfig { node_port_range: cfg.node_port_range.clone(), node_addrs, ..ModelConfig::default() };
-    let mut syncer = Syncer { rec, cfg: model_cfg, metrics: metrics.clone() };
+    // No node addresses: node ports are checked, not served (see AgentConfig::node_port_range).
+    let model_cfg = ModelConfig { node_port_range: cfg.node_port_range.clone(), ..ModelConfig::default() };
+    let mut syncer = Syncer::new(rec, model_cfg, metrics.clone());
 
     let _http = match cfg.http_addr {
         Some(addr) => {

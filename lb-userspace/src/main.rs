@@ -83,13 +83,10 @@ struct AgentArgs {
     interfaces: Vec<String>,
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     xdp_mode: Mode,
-    /// The cluster's node port range (kube-apiserver's --service-node-port-range).
+    /// The cluster's node port range (kube-apiserver's --service-node-port-range); node ports
+    /// outside it are rejected.
     #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
     node_port_range: std::ops::RangeInclusive<u16>,
-    /// Address NodePorts are answered on (repeat); default: the IPv4 addresses of the --iface
-    /// interfaces.
-    #[arg(long = "node-ip")]
-    node_ips: Vec<std::net::Ipv4Addr>,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_http_addr)]
     http_addr: HttpAddr,
@@ -169,7 +166,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 batch_delay: Duration::from_millis(a.batch_delay_ms),
                 node_port_range: a.node_port_range,
-                node_ips: a.node_ips,
                 http_addr: a.http_addr.0,
                 max_pending: Duration::from_secs(a.healthz_max_pending_s),
             };

@@ -14,9 +14,10 @@
 //! - an invalid Service is rejected with its reason and never disturbs the others;
 //! - ExternalName Services have no datapath; they are kept for display.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -198,7 +199,7 @@ impl fmt::Display for Rejection {
 /// The default `--service-node-port-range` of kube-apiserver.
 pub const DEFAULT_NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelConfig {
     /// Most endpoints one service port may have in the datapath.
     pub max_backends_per_service: usize,
@@ -247,7 +248,7 @@ pub struct ExternalNameService {
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     /// Sorted by [`PortRef`].
-    pub ports: Vec<DesiredPort>,
+    pub ports: Vec<Arc<DesiredPort>>,
     pub rejected: Vec<Rejection>,
     /// Sorted by namespace and name.
     pub external_names: Vec<ExternalNameService>,
@@ -267,72 +268,188 @@ pub fn build<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     cfg: &ModelConfig,
 ) -> Model {
-    let mut model = Model::default();
-    let endpoints = index_slices(slices, &mut model.rejected);
+    let services: Vec<Arc<Service>> = services.into_iter().cloned().map(Arc::new).collect();
+    let slices: Vec<Arc<EndpointSlice>> = slices.into_iter().cloned().map(Arc::new).collect();
+    ModelCache::default().build(&services, &slices, cfg)
+}
 
-    let mut sorted: Vec<&Service> = services.into_iter().collect();
-    sorted.sort_by_key(|s| ns_name(&s.metadata));
-    let mut claimed: BTreeMap<Frontend, PortRef> = BTreeMap::new();
-    // Node ports are claimed even when no node address is known: they are cluster-wide.
-    let mut claimed_node_ports: BTreeMap<(u16, Proto), PortRef> = BTreeMap::new();
+/// What one EndpointSlice contributes: its Service, its ports and its usable endpoints.
+#[derive(Clone, Debug)]
+struct ParsedSlice {
+    service: (String, String),
+    /// (slice port name, protocol, number).
+    ports: Vec<(String, Proto, u16)>,
+    endpoints: Vec<(Ipv4Addr, BackendState)>,
+}
 
-    for svc in sorted {
-        let (namespace, name) = ns_name(&svc.metadata);
-        let spec = svc.spec.as_ref();
-        if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
-            match spec.and_then(|s| s.external_name.as_deref()).filter(|n| !n.is_empty()) {
-                Some(n) => model.external_names.push(ExternalNameService {
-                    namespace,
-                    name,
-                    external_name: n.to_owned(),
-                }),
-                None => model.rejected.push(Rejection {
+/// A slice read: `None` for one xlb does not serve (IPv6, FQDN).
+type SliceResult = Option<Result<ParsedSlice, Rejection>>;
+
+/// The model of one Service, before the cluster-wide conflict checks.
+#[derive(Clone, Debug)]
+enum ServiceModel {
+    Ports(Vec<Arc<DesiredPort>>),
+    ExternalName(ExternalNameService),
+    /// Nothing to serve, and that is fine (headless).
+    Nothing,
+    Rejected(String),
+}
+
+struct CachedService {
+    svc: Arc<Service>,
+    /// Addresses of the slices (`Arc::as_ptr`) the model was built from, sorted.
+    slices: Vec<usize>,
+    model: ServiceModel,
+}
+
+/// The model built incrementally: a Service is modelled again only when it or one of its
+/// EndpointSlices changed (compared by object identity, as reflector stores hand out a new
+/// `Arc` for every new version), so that one endpoint change in a large cluster costs one
+/// Service's work plus a cheap pass over the others.
+#[derive(Default)]
+pub struct ModelCache {
+    cfg: Option<ModelConfig>,
+    /// By `Arc::as_ptr`; the `Arc` is held so that the address cannot be reused meanwhile.
+    slices: HashMap<usize, (Arc<EndpointSlice>, SliceResult)>,
+    services: HashMap<(String, String), CachedService>,
+    /// Services modelled again by the last build (the others came from the cache).
+    pub last_rebuilt: usize,
+}
+
+impl ModelCache {
+    pub fn build(
+        &mut self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        cfg: &ModelConfig,
+    ) -> Model {
+        if self.cfg.as_ref() != Some(cfg) {
+            *self = ModelCache { cfg: Some(cfg.clone()), ..ModelCache::default() };
+        }
+        let mut model = Model::default();
+
+        // Slices: parsed once per object version, grouped by Service.
+        let mut old_slices = std::mem::take(&mut self.slices);
+        let mut by_service: HashMap<(String, String), Vec<usize>> = HashMap::new();
+        for slice in slices {
+            let ptr = Arc::as_ptr(slice) as usize;
+            let parsed = match old_slices.remove(&ptr) {
+                Some((_, parsed)) => parsed,
+                None => parse_slice(slice),
+            };
+            match &parsed {
+                Some(Ok(p)) => by_service.entry(p.service.clone()).or_default().push(ptr),
+                Some(Err(r)) => model.rejected.push(r.clone()),
+                None => {}
+            }
+            self.slices.insert(ptr, (slice.clone(), parsed));
+        }
+        drop(old_slices);
+
+        // Services, in (namespace, name) order.
+        let mut sorted: Vec<((String, String), &Arc<Service>)> =
+            services.iter().map(|s| (ns_name(&s.metadata), s)).collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut old_services = std::mem::take(&mut self.services);
+        self.last_rebuilt = 0;
+        let mut claimed: HashMap<Frontend, PortRef> = HashMap::new();
+        // Node ports are claimed even when no node address is known: they are cluster-wide.
+        let mut claimed_node_ports: HashMap<(u16, Proto), PortRef> = HashMap::new();
+
+        for (key, svc) in sorted {
+            let mut slice_ptrs = by_service.remove(&key).unwrap_or_default();
+            slice_ptrs.sort_unstable();
+            let cached = old_services
+                .remove(&key)
+                .filter(|c| Arc::ptr_eq(&c.svc, svc) && c.slices == slice_ptrs)
+                .map(|c| c.model);
+            let service_model = match cached {
+                Some(m) => m,
+                None => {
+                    self.last_rebuilt += 1;
+                    let eps =
+                        index_endpoints(slice_ptrs.iter().filter_map(|p| match &self.slices.get(p)?.1 {
+                            Some(Ok(parsed)) => Some(parsed),
+                            _ => None,
+                        }));
+                    model_service(svc, &key.0, &key.1, &eps, cfg)
+                }
+            };
+            let (namespace, name) = key.clone();
+            match &service_model {
+                ServiceModel::Ports(ports) => {
+                    // A frontend or node port already served by another Service is a conflict:
+                    // reject the whole later Service rather than serve half of it.
+                    let owner = |o: &PortRef| format!("Service {}/{}", o.namespace, o.name);
+                    let clash = ports
+                        .iter()
+                        .find_map(|p| {
+                            let np = p.node_port?;
+                            claimed_node_ports.get(&(np, p.id.proto)).map(|o| {
+                                format!("nodePort {np}/{} is already used by {}", p.id.proto, owner(o))
+                            })
+                        })
+                        .or_else(|| {
+                            ports.iter().flat_map(|p| p.frontends.iter()).find_map(|f| {
+                                claimed
+                                    .get(f)
+                                    .map(|o| format!("frontend {f} is already used by {}", owner(o)))
+                            })
+                        });
+                    if let Some(reason) = clash {
+                        model.rejected.push(Rejection { kind: "Service", namespace, name, reason });
+                    } else {
+                        for p in ports {
+                            for f in &p.frontends {
+                                claimed.insert(*f, p.id.clone());
+                            }
+                            if let Some(np) = p.node_port {
+                                claimed_node_ports.insert((np, p.id.proto), p.id.clone());
+                            }
+                        }
+                        model.ports.extend(ports.iter().cloned());
+                    }
+                }
+                ServiceModel::ExternalName(e) => model.external_names.push(e.clone()),
+                ServiceModel::Nothing => {}
+                ServiceModel::Rejected(reason) => model.rejected.push(Rejection {
                     kind: "Service",
                     namespace,
                     name,
-                    reason: "type ExternalName without spec.externalName".into(),
+                    reason: reason.clone(),
                 }),
             }
-            continue;
+            self.services
+                .insert(key, CachedService { svc: svc.clone(), slices: slice_ptrs, model: service_model });
         }
-        match service_ports(svc, &namespace, &name, &endpoints, cfg) {
-            Ok(ports) => {
-                // A frontend or node port already served by another Service is a conflict:
-                // reject the whole later Service rather than serve half of it.
-                let owner = |o: &PortRef| format!("Service {}/{}", o.namespace, o.name);
-                let clash = ports
-                    .iter()
-                    .find_map(|p| {
-                        let np = p.node_port?;
-                        claimed_node_ports
-                            .get(&(np, p.id.proto))
-                            .map(|o| format!("nodePort {np}/{} is already used by {}", p.id.proto, owner(o)))
-                    })
-                    .or_else(|| {
-                        ports.iter().flat_map(|p| p.frontends.iter()).find_map(|f| {
-                            claimed.get(f).map(|o| format!("frontend {f} is already used by {}", owner(o)))
-                        })
-                    });
-                if let Some(reason) = clash {
-                    model.rejected.push(Rejection { kind: "Service", namespace, name, reason });
-                    continue;
-                }
-                for p in &ports {
-                    for f in &p.frontends {
-                        claimed.insert(*f, p.id.clone());
-                    }
-                    if let Some(np) = p.node_port {
-                        claimed_node_ports.insert((np, p.id.proto), p.id.clone());
-                    }
-                }
-                model.ports.extend(ports);
-            }
-            Err(reason) if reason.is_empty() => {}
-            Err(reason) => model.rejected.push(Rejection { kind: "Service", namespace, name, reason }),
-        }
+        model.ports.sort_by(|a, b| a.id.cmp(&b.id));
+        model
     }
-    model.ports.sort_by(|a, b| a.id.cmp(&b.id));
-    model
+}
+
+fn model_service(
+    svc: &Service,
+    namespace: &str,
+    name: &str,
+    eps: &EndpointIndex,
+    cfg: &ModelConfig,
+) -> ServiceModel {
+    let spec = svc.spec.as_ref();
+    if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+        return match spec.and_then(|s| s.external_name.as_deref()).filter(|n| !n.is_empty()) {
+            Some(n) => ServiceModel::ExternalName(ExternalNameService {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                external_name: n.to_owned(),
+            }),
+            None => ServiceModel::Rejected("type ExternalName without spec.externalName".into()),
+        };
+    }
+    match service_ports(svc, namespace, name, eps, cfg) {
+        Ok(ports) => ServiceModel::Ports(ports.into_iter().map(Arc::new).collect()),
+        Err(reason) if reason.is_empty() => ServiceModel::Nothing,
+        Err(reason) => ServiceModel::Rejected(reason),
+    }
 }
 
 /// The EndpointSlices equivalent to a core/v1 Endpoints object, as the EndpointSlice mirroring
@@ -397,13 +514,9 @@ fn frontend_addr(what: &str, ip: &str) -> Result<Option<Ipv4Addr>, String> {
     Ok(Some(a))
 }
 
-/// Indexes the endpoints of every slice by (namespace, service) and port.
-fn index_slices<'a>(
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
-    rejected: &mut Vec<Rejection>,
-) -> BTreeMap<(String, String), EndpointIndex> {
-    let mut index: BTreeMap<(String, String), EndpointIndex> = BTreeMap::new();
-    for slice in slices {
+/// Reads one slice. `None`: a slice xlb does not serve (IPv6, FQDN), which is no error.
+fn parse_slice(slice: &EndpointSlice) -> SliceResult {
+    {
         let (namespace, name) = ns_name(&slice.metadata);
         let reject = |reason: String| Rejection {
             kind: "EndpointSlice",
@@ -413,11 +526,10 @@ fn index_slices<'a>(
         };
         if slice.address_type != "IPv4" {
             // IPv6 and FQDN slices are not served yet; they are not errors.
-            continue;
+            return None;
         }
         let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            rejected.push(reject(format!("no {SERVICE_NAME_LABEL} label: it belongs to no Service")));
-            continue;
+            return Some(Err(reject(format!("no {SERVICE_NAME_LABEL} label: it belongs to no Service"))));
         };
         let mut ports = Vec::new();
         let mut bad = None;
@@ -468,20 +580,26 @@ fn index_slices<'a>(
             }
         }
         if let Some(reason) = bad {
-            rejected.push(reject(reason));
-            continue;
+            return Some(Err(reject(reason)));
         }
-        let by_port = index.entry((namespace.clone(), service.clone())).or_default();
-        for (port_name, proto, number) in ports {
-            let eps = by_port.entry((port_name, proto)).or_default();
-            for &(addr, state) in &addrs {
-                // Merge duplicates across slices: the most usable state wins.
-                let e = eps.entry((addr, number)).or_insert(state);
+        Some(Ok(ParsedSlice { service: (namespace.clone(), service.clone()), ports, endpoints: addrs }))
+    }
+}
+
+/// Indexes the endpoints of one Service's slices by port, merging duplicates across slices.
+fn index_endpoints<'a>(slices: impl Iterator<Item = &'a ParsedSlice>) -> EndpointIndex {
+    let mut by_port = EndpointIndex::new();
+    for slice in slices {
+        for (port_name, proto, number) in &slice.ports {
+            let eps = by_port.entry((port_name.clone(), *proto)).or_default();
+            for &(addr, state) in &slice.endpoints {
+                // The most usable state wins.
+                let e = eps.entry((addr, *number)).or_insert(state);
                 *e = (*e).min(state);
             }
         }
     }
-    index
+    by_port
 }
 
 /// The service ports of one Service. `Err("")` means "nothing to serve, and that is fine"
@@ -490,7 +608,7 @@ fn service_ports(
     svc: &Service,
     namespace: &str,
     name: &str,
-    endpoints: &BTreeMap<(String, String), EndpointIndex>,
+    eps: &EndpointIndex,
     cfg: &ModelConfig,
 ) -> Result<Vec<DesiredPort>, String> {
     let spec = svc.spec.as_ref().ok_or("no spec")?;
@@ -533,8 +651,6 @@ fn service_ports(
     if ports.is_empty() {
         return Err("no ports".into());
     }
-    let empty = EndpointIndex::new();
-    let eps = endpoints.get(&(namespace.to_owned(), name.to_owned())).unwrap_or(&empty);
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     let mut seen_node_ports = BTreeSet::new();
@@ -969,5 +1085,74 @@ mod tests {
         );
         assert!(m.rejected.is_empty(), "{:?}", m.rejected);
         assert_eq!(backends(&m.ports[0]), ["198.18.40.7:15432 Active", "198.18.40.9:25432 Active"]);
+    }
+
+    #[test]
+    fn the_cached_model_equals_a_fresh_one_and_rebuilds_only_what_changed() {
+        let mut yaml = String::new();
+        for i in 0..40 {
+            yaml += &svc(
+                &format!("s{i}"),
+                &format!("198.18.0.{i}"),
+                "[{name: http, port: 80, targetPort: 8080}]",
+            );
+            yaml += &slice(
+                &format!("s{i}-1"),
+                &format!("s{i}"),
+                "[{name: http, port: 8080}]",
+                &format!("[{{addresses: [198.18.1.{i}]}}]"),
+            );
+        }
+        let o = objects(&yaml);
+        let mut services: Vec<Arc<Service>> = o.services.into_iter().map(Arc::new).collect();
+        let mut slices: Vec<Arc<EndpointSlice>> = o.slices.into_iter().map(Arc::new).collect();
+        let cfg = ModelConfig::default();
+        let mut cache = ModelCache::default();
+        let same = |a: &Model, b: &Model| {
+            assert_eq!(a.ports, b.ports);
+            assert_eq!(a.rejected, b.rejected);
+            assert_eq!(a.external_names, b.external_names);
+        };
+        let fresh = |sv: &[Arc<Service>], sl: &[Arc<EndpointSlice>]| {
+            build(sv.iter().map(AsRef::as_ref), sl.iter().map(AsRef::as_ref), &cfg)
+        };
+        same(&cache.build(&services, &slices, &cfg), &fresh(&services, &slices));
+        assert_eq!(cache.last_rebuilt, 40);
+        same(&cache.build(&services, &slices, &cfg), &fresh(&services, &slices));
+        assert_eq!(cache.last_rebuilt, 0, "nothing changed");
+
+        // One endpoint changes: one Service is modelled again.
+        let mut changed = (*slices[7]).clone();
+        changed.endpoints[0].addresses = vec!["198.18.2.7".into()];
+        slices[7] = Arc::new(changed);
+        let m = cache.build(&services, &slices, &cfg);
+        same(&m, &fresh(&services, &slices));
+        assert_eq!(cache.last_rebuilt, 1);
+        assert_eq!(
+            backends(&m.ports[m.ports.iter().position(|p| p.id.name == "s7").unwrap()]),
+            ["198.18.2.7:8080 Active"]
+        );
+
+        // A Service takes another's address: it is rejected, the owner keeps it.
+        let mut thief = (*services[3]).clone();
+        thief.spec.as_mut().unwrap().cluster_ip = Some("198.18.0.20".into());
+        services[3] = Arc::new(thief);
+        let m = cache.build(&services, &slices, &cfg);
+        same(&m, &fresh(&services, &slices));
+        assert_eq!(cache.last_rebuilt, 1);
+        assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
+
+        // A slice goes away, and a Service goes away.
+        slices.remove(12);
+        services.remove(30);
+        let m = cache.build(&services, &slices, &cfg);
+        same(&m, &fresh(&services, &slices));
+        assert_eq!(cache.last_rebuilt, 1, "s12 lost its slice; s30 needs no model");
+        assert_eq!(m.ports.len(), 38);
+
+        // Another configuration starts afresh.
+        let other = ModelConfig { max_backends_per_service: 1, ..ModelConfig::default() };
+        cache.build(&services, &slices, &other);
+        assert_eq!(cache.last_rebuilt, 39);
     }
 }

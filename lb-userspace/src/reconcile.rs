@@ -11,6 +11,7 @@
 //! Its picture of the datapath is read back from the maps at start (so a restarted agent keeps
 //! every id and rewrites nothing that is already right), and again after any failed write.
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
@@ -278,7 +279,12 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Makes the datapath hold exactly `desired`. On error the datapath may hold a mix of old and
     /// new services, each of them whole; call again to finish.
-    pub fn apply(&mut self, desired: &[DesiredPort]) -> Result<ApplyStats, ReconcileError> {
+    pub fn apply<P: std::borrow::Borrow<DesiredPort>>(
+        &mut self,
+        desired: &[P],
+    ) -> Result<ApplyStats, ReconcileError> {
+        let desired: Vec<&DesiredPort> = desired.iter().map(Borrow::borrow).collect();
+        let desired = &desired[..];
         if self.stale {
             self.read_back()?;
         }
@@ -289,7 +295,7 @@ impl<D: Datapath> Reconciler<D> {
         result
     }
 
-    fn apply_inner(&mut self, desired: &[DesiredPort]) -> Result<ApplyStats, ReconcileError> {
+    fn apply_inner(&mut self, desired: &[&DesiredPort]) -> Result<ApplyStats, ReconcileError> {
         let mut st = ApplyStats::default();
         let cap = self.dp.capacity();
 
@@ -586,7 +592,7 @@ mod tests {
         r.apply(&[port("a", 10, &a5)]).unwrap();
         r.apply(&[port("a", 10, &a5[..1])]).unwrap(); // scale down: entry before stale slots
         r.apply(&[port("a", 10, &[(9, BackendState::Active)])]).unwrap(); // replace the only backend
-        r.apply(&[]).unwrap(); // delete: entry first, then slots, then backends
+        r.apply::<DesiredPort>(&[]).unwrap(); // delete: entry first, then slots, then backends
         assert!(
             r.datapath().0.services.is_empty()
                 && r.datapath().0.backends.is_empty()

@@ -7,6 +7,8 @@
 //! (`xlbt<pid>-...`), so leftovers of a run that was killed outright are recognised and removed
 //! by the next one ([`reap_stale`]). Nothing is ever attached to, or changed in, the root
 //! namespace's interfaces, routes or firewall.
+pub mod fake_api;
+
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},

@@ -126,3 +126,76 @@ fn agent_picks_up_manifest_changes_and_reports_bad_objects() {
         assert_eq!(a.expect("connection").pod, "pod-b");
     }
 }
+
+/// A LoadBalancer Service with an externalIP and a selector-less Service with hand-made
+/// Endpoints: every frontend (ClusterIP, externalIP, ingress IP) leads to the pods (node
+/// ports are validated, and served once issue #5 gives them their reply path), replies come from the address the client used, and the agent's
+/// /metrics and /readyz say so.
+#[test]
+fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    bed.start_servers(&testbed(), &[8080, 9090], &[]).expect("servers");
+    bed.write_manifest(
+        "lb.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: shop, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.18.0.20\n  externalIPs: [198.18.0.21]\n  selector: {app: shop}\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.0.22}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: shop-1, namespace: default, labels: {kubernetes.io/service-name: shop}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- addresses: [198.18.10.2]\n- addresses: [198.18.11.2]\n",
+    )
+    .unwrap();
+    // No selector: the Endpoints are written by hand (here: pod-b's other port, standing in
+    // for a database outside the cluster).
+    bed.write_manifest(
+        "db.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: default}\nspec:\n  clusterIP: 198.18.0.30\n  ports: [{name: pg, port: 5432, targetPort: 9090}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: db, namespace: default}\nsubsets:\n- addresses: [{ip: 198.18.11.2}]\n  ports: [{name: pg, port: 9090}]\n",
+    )
+    .unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.22:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    bed.wait_for_service("198.18.0.30:5432/TCP", 1, Duration::from_secs(10)).unwrap();
+
+    for frontend in ["198.18.0.20:80", "198.18.0.21:80", "198.18.0.22:80"] {
+        let to: SocketAddrV4 = frontend.parse().unwrap();
+        let answers =
+            bed.client.enter(|| (0..30).map(|_| tcp_request(to, Duration::from_secs(3))).collect::<Vec<_>>());
+        let mut pods = std::collections::BTreeSet::new();
+        for a in answers {
+            let a = a.unwrap_or_else(|e| panic!("{frontend}: {e:#}\n{}", bed.logs()));
+            assert_eq!(a.from, to.into(), "the reply comes from the address the client used");
+            assert_eq!(a.server.port(), 8080);
+            pods.insert(a.pod);
+        }
+        assert_eq!(pods.len(), 2, "{frontend}: both pods answer");
+    }
+    let db: SocketAddrV4 = "198.18.0.30:5432".parse().unwrap();
+    let a = bed.client.enter(|| tcp_request(db, Duration::from_secs(3))).expect("db");
+    assert_eq!((a.pod.as_str(), a.server.port()), ("pod-b", 9090));
+
+    // The agent's own endpoints, inside the node's namespace.
+    let get = |path: &str| {
+        bed.node.enter(|| {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:10249").expect("agent HTTP endpoint");
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+    };
+    assert!(get("/readyz").starts_with("HTTP/1.1 200"));
+    assert!(get("/healthz").starts_with("HTTP/1.1 200"));
+    let metrics = get("/metrics");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert_eq!(value("xlb_ready"), 1.0);
+    assert_eq!(value("xlb_objects{kind=\"Service\"}"), 2.0);
+    // shop: clusterIP, externalIP, ingress IP; db: its clusterIP.
+    assert_eq!(value("xlb_frontends"), 4.0);
+    assert!(value("xlb_datapath_packets_total{counter=\"dnat_new\"}") >= 91.0, "{metrics}");
+    assert!(value("xlb_syncs_total{result=\"ok\"}") >= 1.0);
+}

@@ -95,4 +95,12 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     let after = bed.xlb_cli(&["services", "-o", "json"]).unwrap();
     assert_eq!(before, after, "service and backend ids stay the same across the restart");
     assert!(bed.pin_dir.join("links/xdp_eth0").exists());
+
+    // `xlb cleanup` after the agent stops: the pins go, and with them the program.
+    bed.agent.take().unwrap().stop(Duration::from_secs(5));
+    let out = bed.xlb_cli(&["cleanup"]).unwrap();
+    assert!(out.contains("links/xdp_eth0") && out.contains("xlb_svc4_v1"), "{out}");
+    assert_eq!(std::fs::read_dir(&bed.pin_dir).unwrap().count(), 0, "nothing left pinned");
+    let r = bed.client.enter(|| tcp_request(vip, Duration::from_secs(1)));
+    assert!(r.is_err(), "after cleanup no program translates the ClusterIP: {r:?}");
 }

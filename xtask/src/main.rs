@@ -41,6 +41,13 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Benchmark the agent's control plane (release build): cold start with N Services x E
+    /// endpoints from a fake API server, endpoint-change-to-map latency, memory.
+    BenchAgent {
+        /// Passed on to the benchmark: --services N --endpoints E --changes C.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn root() -> PathBuf {
@@ -156,6 +163,25 @@ fn main() -> anyhow::Result<()> {
                 bail!("the demo creates network namespaces and loads eBPF: run it as root");
             }
             run(Command::new(root().join("target/debug/xlb-testbed")).arg("demo"))
+        }
+        Cmd::BenchAgent { args } => {
+            setup()?;
+            if !is_root() {
+                bail!("the benchmark loads eBPF and creates a network namespace: run it as root");
+            }
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "lb-userspace",
+                "--bin",
+                "xlb",
+                "--example",
+                "bench-agent",
+            ]))?;
+            run(Command::new(root().join("target/release/examples/bench-agent"))
+                .args(&args)
+                .env("XLB_BIN", root().join("target/release/xlb")))
         }
         Cmd::Test { allow_skip, no_lint } => {
             setup()?;

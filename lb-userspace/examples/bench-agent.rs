@@ -1,0 +1,269 @@
+//! Benchmark of the agent's control plane (not a test: it prints measured figures).
+//!
+//! The real `xlb agent` binary runs in a network namespace of its own, attached to that
+//! namespace's loopback, against a fake API server (list/watch over HTTP, as kube-apiserver
+//! speaks it) holding N Services with E ready endpoints each. It prints:
+//! - cold start: from starting the agent to "ready" (program loaded, first list of everything
+//!   received, all maps written, XDP attached), and the first sync's own duration;
+//! - endpoint change: from the API server publishing one changed EndpointSlice to the new
+//!   backend being readable in the kernel's maps (polled every ~50 µs), over several changes;
+//! - the agent's resident memory (VmRSS, and its peak VmHWM).
+//!
+//! Run with `cargo xtask bench-agent [-- --services N --endpoints E --changes C]` (root).
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use lb_common::{IPPROTO_TCP, SCOPE_EXTERNAL, Svc4Key};
+use lb_userspace::datapath::BpfMaps;
+use xlb_tests::{
+    DirGuard, Netns, Proc,
+    fake_api::{FakeApi, Kind, serve, service, slice},
+    reap_stale, unique_prefix, workspace_bin,
+};
+
+struct Args {
+    services: u32,
+    endpoints: u32,
+    changes: u32,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args { services: 10_000, endpoints: 5, changes: 30 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || -> anyhow::Result<u32> { Ok(it.next().context("missing value")?.parse()?) };
+        match flag.as_str() {
+            "--services" => a.services = val()?,
+            "--endpoints" => a.endpoints = val()?,
+            "--changes" => a.changes = val()?,
+            other => bail!("unknown argument {other:?} (--services N --endpoints E --changes C)"),
+        }
+    }
+    if a.services == 0 || a.services > 65_000 || a.endpoints == 0 || a.endpoints > 100 {
+        bail!("--services must be 1..=65000 and --endpoints 1..=100");
+    }
+    Ok(a)
+}
+
+/// Service i's ClusterIP, in 198.19.0.0/16.
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8)
+}
+
+/// Endpoint address number n, in 198.18.0.0/16 (fresh ones for changes come after the rest).
+fn pod(n: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, (n >> 8) as u8, n as u8)
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// True once `addr` is among the selectable backends of service i in the kernel maps.
+fn serves(maps: &BpfMaps, i: u32, addr: Ipv4Addr) -> bool {
+    let key = |slot| Svc4Key {
+        addr: vip(i).octets(),
+        port: 80,
+        proto: IPPROTO_TCP,
+        scope: SCOPE_EXTERNAL,
+        slot,
+        _pad: 0,
+    };
+    let Ok(entry) = maps.services.get(&key(0), 0) else { return false };
+    (1..=entry.count).any(|s| {
+        maps.services
+            .get(&key(s), 0)
+            .ok()
+            .and_then(|v| maps.backends.get(&v.backend_id, 0).ok())
+            .is_some_and(|b| b.addr == addr.octets())
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = args()?;
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark loads BPF programs and makes a network namespace: run it as root");
+    }
+    reap_stale();
+    xlb_tests::ensure_bpffs()?;
+    let xlb = workspace_bin("xlb", "XLB_BIN")?;
+    let prefix = unique_prefix();
+    let work = std::env::temp_dir().join(&prefix);
+    std::fs::create_dir_all(&work)?;
+    let _work = DirGuard(work.clone());
+    let pin_dir = PathBuf::from("/sys/fs/bpf").join(&prefix);
+    let _pins = DirGuard(pin_dir.clone());
+    let ns = Netns::new(format!("{prefix}-bench"))?;
+
+    // The API server's content.
+    let t = Instant::now();
+    let api = FakeApi::new();
+    for i in 0..a.services {
+        let name = format!("svc-{i}");
+        api.put(Kind::Service, service(&name, &vip(i).to_string(), 80, 8080));
+        let addrs: Vec<String> = (0..a.endpoints).map(|e| pod(i * a.endpoints + e).to_string()).collect();
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        api.put(Kind::Slice, slice(&format!("{name}-1"), &name, 8080, &refs));
+    }
+    api.compact(); // a watch starts from the list's version, not from the build-up history
+    eprintln!(
+        "fake API server: {} Services, {} endpoints each, built in {:.1?}",
+        a.services,
+        a.endpoints,
+        t.elapsed()
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let std_listener = ns.enter(|| std::net::TcpListener::bind("127.0.0.1:0"))?;
+    std_listener.set_nonblocking(true)?;
+    let port = std_listener.local_addr()?.port();
+    let _server = {
+        let _g = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        rt.spawn(serve(api.clone(), listener))
+    };
+    // The server runs on this runtime, driven by a thread of its own.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let driver = std::thread::spawn(move || {
+        rt.block_on(async {
+            let _ = stop_rx.await;
+        })
+    });
+
+    let kubeconfig = work.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: bench, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\nusers: [{{name: bench, user: {{}}}}]\ncontexts: [{{name: bench, context: {{cluster: bench, user: bench}}}}]\ncurrent-context: bench\n"
+        ),
+    )?;
+    let log = work.join("agent.log");
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.path().display()))
+        .arg(&xlb)
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .args(["agent", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args(["--iface", "lo", "--xdp-mode", "generic", "--http-addr", "off"])
+        .env("XLB_LOG", "info");
+    let started = Instant::now();
+    let mut agent = Proc::spawn("xlb agent", &mut cmd, Some(&log))?;
+    agent.wait_for_log("ready", Duration::from_secs(300)).with_context(|| agent.log_text())?;
+    let cold = started.elapsed();
+    let text = agent.log_text();
+    let first_sync = text.lines().find(|l| l.contains("synced")).unwrap_or("");
+    let field = |name: &str| -> u64 {
+        first_sync
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (sync_us, writes) = (field("elapsed_us"), field("writes"));
+    let rss_ready = status_kib(agent.pid(), "VmRSS:");
+
+    // Endpoint changes: one slice at a time, a fresh address replacing the last endpoint.
+    let maps = BpfMaps::open(&pin_dir)?;
+    if !serves(&maps, a.services - 1, pod(a.services * a.endpoints - 1)) {
+        bail!("the maps do not hold the last service after ready:\n{}", agent.log_text());
+    }
+    let mut lat = Vec::new();
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    for c in 0..a.changes {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let i = ((seed >> 33) % u64::from(a.services)) as u32;
+        let fresh = pod(a.services * a.endpoints + c);
+        let name = format!("svc-{i}");
+        let mut addrs: Vec<String> =
+            (0..a.endpoints - 1).map(|e| pod(i * a.endpoints + e).to_string()).collect();
+        addrs.push(fresh.to_string());
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let t = Instant::now();
+        api.put(Kind::Slice, slice(&format!("{name}-1"), &name, 8080, &refs));
+        while !serves(&maps, i, fresh) {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("change to {name} not in the maps after 30 s:\n{}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        lat.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(100)); // one change at a time
+    }
+    lat.sort();
+    // The agent's own time per sync after the first (model + diff + writes), from its log.
+    let log_ms = |field: &str| {
+        let mut v: Vec<f64> = agent
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(" synced "))
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix(field))?.parse::<f64>().ok())
+            .map(|us| us / 1e3)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let (sync_ms, model_ms) = (log_ms("elapsed_us="), log_ms("model_us="));
+    let rss = status_kib(agent.pid(), "VmRSS:");
+    let hwm = status_kib(agent.pid(), "VmHWM:");
+    agent.stop(Duration::from_secs(5));
+    let _ = stop_tx.send(());
+    let _ = driver.join();
+    let _ = std::fs::remove_dir_all(&pin_dir); // detaches (the namespace goes next)
+
+    println!(
+        "xlb agent control plane: {} Services x {} endpoints ({} frontends, {} backends)",
+        a.services,
+        a.endpoints,
+        a.services,
+        a.services * a.endpoints
+    );
+    println!(
+        "  cold start to ready:        {:>10.1} ms  (load + list + model + {writes} map writes + attach)",
+        cold.as_secs_f64() * 1e3
+    );
+    println!("  first sync (model + maps):  {:>10.1} ms", sync_us as f64 / 1e3);
+    println!(
+        "  endpoint change -> map:     p50 {:.2} ms, p90 {:.2} ms, max {:.2} ms over {} changes (includes the 10 ms batch delay)",
+        percentile(&lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&lat, 0.9).as_secs_f64() * 1e3,
+        lat.last().unwrap().as_secs_f64() * 1e3,
+        lat.len()
+    );
+    if !sync_ms.is_empty() {
+        println!(
+            "  of which the agent's sync:  p50 {:.2} ms, max {:.2} ms over {} syncs",
+            sync_ms[sync_ms.len() / 2],
+            sync_ms[sync_ms.len() - 1],
+            sync_ms.len()
+        );
+    }
+    if !model_ms.is_empty() {
+        println!(
+            "    of which the model:        p50 {:.2} ms (the rest is the reconciler's diff and writes)",
+            model_ms[model_ms.len() / 2]
+        );
+    }
+    println!(
+        "  agent memory:               VmRSS {:.1} MiB at ready, {:.1} MiB after the changes, peak {:.1} MiB",
+        rss_ready as f64 / 1024.0,
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    Ok(())
+}

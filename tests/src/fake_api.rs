@@ -1,0 +1,263 @@
+//! A fake Kubernetes API server for tests and benchmarks: Services and EndpointSlices over the
+//! list and watch protocol (resource versions, chunked watch streams, bookmarks every 300 ms,
+//! 410 Gone for compacted versions), with knobs to drop watch connections and compact history.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    Slice,
+}
+
+impl Kind {
+    pub fn path(self) -> &'static str {
+        match self {
+            Kind::Service => "/api/v1/services",
+            Kind::Slice => "/apis/discovery.k8s.io/v1/endpointslices",
+        }
+    }
+    pub fn list_kind(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Service => ("v1", "ServiceList"),
+            Kind::Slice => ("discovery.k8s.io/v1", "EndpointSliceList"),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct State {
+    pub rv: u64,
+    /// (kind, namespace/name) -> object, with its resourceVersion set.
+    pub objects: BTreeMap<(Kind, String), Value>,
+    /// (rv, kind, type, object): the watch history.
+    pub events: Vec<(u64, Kind, &'static str, Value)>,
+    /// Versions at or below this are compacted: a watch from them gets 410 Gone.
+    pub compacted: u64,
+    /// Requests seen: (kind, "list" | "watch", resourceVersion asked for).
+    pub requests: Vec<(Kind, &'static str, String)>,
+    /// Bumped to make every open watch stream end (a dropped connection).
+    pub generation: u64,
+}
+
+pub struct FakeApi {
+    pub state: Mutex<State>,
+    /// Wakes the watch streams on every change (value: a change counter).
+    tick: watch::Sender<u64>,
+}
+
+impl FakeApi {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { state: Mutex::new(State { rv: 100, ..State::default() }), tick: watch::channel(0).0 })
+    }
+
+    pub fn wake(&self) {
+        self.tick.send_modify(|t| *t += 1);
+    }
+
+    pub fn put(&self, kind: Kind, mut obj: Value) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = format!(
+            "{}/{}",
+            obj["metadata"]["namespace"].as_str().unwrap(),
+            obj["metadata"]["name"].as_str().unwrap()
+        );
+        let ty = if st.objects.insert((kind, key), obj.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        st.events.push((rv, kind, ty, obj));
+        drop(st);
+        self.wake();
+    }
+
+    pub fn delete(&self, kind: Kind, key: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let mut obj = st.objects.remove(&(kind, key.to_string())).expect("deleting an absent object");
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.events.push((rv, kind, "DELETED", obj));
+        drop(st);
+        self.wake();
+    }
+
+    /// Forgets the history: watches from any version before now get 410 Gone.
+    pub fn compact(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.compacted = st.rv;
+        st.events.clear();
+    }
+
+    /// Ends every open watch stream, as a load balancer in front of the API server might.
+    pub fn drop_watches(&self) {
+        self.state.lock().unwrap().generation += 1;
+        self.wake();
+    }
+
+    pub fn requests(&self) -> Vec<(Kind, &'static str, String)> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+/// Serves list and watch requests on `listener` until the task is dropped.
+pub async fn serve(api: Arc<FakeApi>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { return };
+        tokio::spawn(handle(api.clone(), stream));
+    }
+}
+
+fn query(target: &str) -> BTreeMap<String, String> {
+    target
+        .split_once('?')
+        .map(|(_, q)| q)
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
+    let path = target.split('?').next().unwrap_or("");
+    let kind = match path {
+        p if p == Kind::Service.path() => Kind::Service,
+        p if p == Kind::Slice.path() => Kind::Slice,
+        _ => {
+            let _ = stream
+                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+            return;
+        }
+    };
+    let q = query(&target);
+    let rv_asked = q.get("resourceVersion").cloned().unwrap_or_default();
+    if q.get("watch").map(String::as_str) != Some("true") {
+        // A list: everything, at the current version (no paging: the limit is never reached).
+        let body = {
+            let mut st = api.state.lock().unwrap();
+            st.requests.push((kind, "list", rv_asked));
+            let items: Vec<Value> =
+                st.objects.iter().filter(|((k, _), _)| *k == kind).map(|(_, v)| v.clone()).collect();
+            let (api_version, list_kind) = kind.list_kind();
+            json!({"apiVersion": api_version, "kind": list_kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})
+                .to_string()
+        };
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(resp.as_bytes()).await;
+        return;
+    }
+
+    // A watch: a chunked stream of JSON events.
+    let from: u64 = rv_asked.parse().unwrap_or(0);
+    let (generation, gone) = {
+        let mut st = api.state.lock().unwrap();
+        st.requests.push((kind, "watch", rv_asked.clone()));
+        (st.generation, from < st.compacted)
+    };
+    if stream
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    async fn send(stream: &mut TcpStream, ev: &Value) -> bool {
+        let line = format!("{ev}\n");
+        stream.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).await.is_ok()
+    }
+    if gone {
+        let status = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": format!("too old resource version: {from}"), "reason": "Expired", "code": 410}});
+        let _ = send(&mut stream, &status).await;
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+        return;
+    }
+    let mut tick = api.tick.subscribe();
+    let mut sent_up_to = from;
+    let mut bookmark = tokio::time::interval(Duration::from_millis(300));
+    loop {
+        let (events, now_rv, ended) = {
+            let st = api.state.lock().unwrap();
+            let evs: Vec<Value> = st
+                .events
+                .iter()
+                .filter(|(rv, k, _, _)| *k == kind && *rv > sent_up_to)
+                .map(|(_, _, ty, obj)| json!({"type": ty, "object": obj}))
+                .collect();
+            (evs, st.rv, st.generation != generation)
+        };
+        if ended {
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+            return;
+        }
+        for ev in &events {
+            if !send(&mut stream, ev).await {
+                return;
+            }
+        }
+        sent_up_to = sent_up_to.max(
+            events
+                .last()
+                .and_then(|e| e["object"]["metadata"]["resourceVersion"].as_str()?.parse().ok())
+                .unwrap_or(0),
+        );
+        tokio::select! {
+            r = tick.changed() => if r.is_err() { return },
+            _ = bookmark.tick() => {
+                // A bookmark carries the newest version, which may come from the other kind.
+                let (api_version, _) = kind.list_kind();
+                let k = match kind { Kind::Service => "Service", Kind::Slice => "EndpointSlice" };
+                let bm = json!({"type": "BOOKMARK", "object": {"kind": k, "apiVersion": api_version,
+                    "metadata": {"resourceVersion": now_rv.to_string()}}});
+                if !send(&mut stream, &bm).await {
+                    return;
+                }
+                sent_up_to = sent_up_to.max(now_rv);
+            }
+        }
+    }
+}
+
+/// A ClusterIP Service with one TCP port named "http".
+pub fn service(name: &str, ip: &str, port: u16, target: u16) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}")},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
+                 "ports": [{"name": "http", "port": port, "targetPort": target, "protocol": "TCP"}]}})
+}
+
+/// An EndpointSlice of ready endpoints for `svc`, port "http".
+pub fn slice(name: &str, svc: &str, port: u16, addrs: &[&str]) -> Value {
+    let eps: Vec<Value> =
+        addrs.iter().map(|a| json!({"addresses": [a], "conditions": {"ready": true}})).collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"),
+                     "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4", "endpoints": eps,
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}]})
+}
