@@ -278,7 +278,10 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     /// Makes the datapath hold exactly `desired`. On error the datapath may hold a mix of old and
-    /// new services, each of them whole; call again to finish.
+    /// new services, each of them whole; call again to finish. The picture of the maps is
+    /// updated after each write that succeeded (a map update either happens or not), so the
+    /// next call writes exactly what is still missing; only a failed read-back forces a full
+    /// read of the maps again.
     pub fn apply<P: std::borrow::Borrow<DesiredPort>>(
         &mut self,
         desired: &[P],
@@ -288,11 +291,7 @@ impl<D: Datapath> Reconciler<D> {
         if self.stale {
             self.read_back()?;
         }
-        let result = self.apply_inner(desired);
-        if result.is_err() {
-            self.stale = true;
-        }
-        result
+        self.apply_inner(desired)
     }
 
     fn apply_inner(&mut self, desired: &[&DesiredPort]) -> Result<ApplyStats, ReconcileError> {
@@ -377,10 +376,16 @@ impl<D: Datapath> Reconciler<D> {
                     self.dp.write_service(key(f, 0), v)?;
                     st.writes += 1;
                 }
-                // The new picture holds from here: what follows only removes stale slots.
-                self.frontends.insert(*f, FrontendState { svc_id, count, slots: slots.clone() });
-                for i in slots.len()..old_slots.len() {
+                // The new picture holds from here: what follows only removes stale slots, from
+                // the last one down; each stays in the picture until its delete succeeded.
+                let mut picture = slots.clone();
+                picture.extend_from_slice(old_slots.get(slots.len()..).unwrap_or_default());
+                self.frontends.insert(*f, FrontendState { svc_id, count, slots: picture });
+                for i in (slots.len()..old_slots.len()).rev() {
                     self.dp.delete_service(key(f, i as u16 + 1))?;
+                    if let Some(fs) = self.frontends.get_mut(f) {
+                        fs.slots.pop();
+                    }
                     st.deletes += 1;
                 }
             }
@@ -418,8 +423,9 @@ impl<D: Datapath> Reconciler<D> {
             .map(|(r, id)| (r.clone(), *id))
             .collect();
         for (r, id) in dead {
-            if self.infos.remove(&id).is_some() {
+            if self.infos.contains_key(&id) {
                 self.dp.delete_svc_info(id)?;
+                self.infos.remove(&id);
                 st.deletes += 1;
             }
             self.port_ids.remove(&r);
@@ -691,7 +697,15 @@ mod tests {
             retries_max = retries_max.max(tries);
             let mut fresh = Reconciler::new(MemDatapath::default()).unwrap();
             fresh.apply(&desired).unwrap();
-            assert_eq!(meaning(&r.datapath().inner.0), meaning(fresh.datapath()), "round {round}");
+            let (got, want) = (&r.datapath().inner.0, fresh.datapath());
+            assert_eq!(meaning(got), meaning(want), "round {round}");
+            // Nothing leaked: no stale slot, backend or name is left behind by a failed write.
+            assert_eq!(got.services.len(), want.services.len(), "round {round}: service entries");
+            assert_eq!(got.backends.len(), want.backends.len(), "round {round}: backends");
+            assert_eq!(got.svc_info.len(), want.svc_info.len(), "round {round}: names");
+            // And an agent restarted on these maps finds nothing to do.
+            let mut again = Reconciler::new(got.clone()).unwrap();
+            assert_eq!(again.apply(&desired).unwrap(), ApplyStats::default(), "round {round}");
         }
         assert!(failures > 20, "the faults were exercised ({failures} failed applies)");
         assert!(r.datapath().injected > 20);

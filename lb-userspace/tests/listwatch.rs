@@ -219,3 +219,53 @@ async fn the_agent_converges_through_disconnects_relists_and_an_absent_api_serve
     agent.await.unwrap();
     server.abort();
 }
+
+/// Map writes that fail are reported (log, `xlb_syncs_total{result="error"}`) and retried by the
+/// control loop with backoff until the maps hold the whole picture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_map_writes_are_retried_until_the_maps_converge() {
+    use lb_userspace::datapath::FaultyDatapath;
+    let api = FakeApi::new();
+    let mut want = Vec::new();
+    for i in 0..20u16 {
+        let name = format!("s{i}");
+        api.put(Kind::Service, service(&name, &format!("198.18.0.{i}"), 80, 8080));
+        api.put(
+            Kind::Slice,
+            slice(&format!("{name}-1"), &name, 8080, &[&format!("198.18.1.{i}"), &format!("198.18.2.{i}")]),
+        );
+        want.push(format!("198.18.0.{i}:80/TCP -> 198.18.1.{i}:8080,198.18.2.{i}:8080"));
+    }
+    want.sort();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve(api.clone(), listener));
+    let client =
+        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let changed = Arc::new(Notify::new());
+    let source = Source::Kube(KubeSource::start(client, changed.clone(), metrics.clone()));
+    let dp = Shared::default();
+    // One write in twenty fails (retries back off from 100 ms, doubling).
+    let faulty = FaultyDatapath::new(dp.clone(), 3, 50, 0);
+    let mut syncer = Syncer::new(Reconciler::new(faulty).unwrap(), ModelConfig::default(), metrics.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(async move {
+        source.wait_ready().await;
+        changed.notify_one();
+        control_loop(&source, &mut syncer, &changed, Duration::ZERO, async {
+            let _ = stop_rx.await;
+        })
+        .await;
+        syncer
+    });
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    converge(&dp, &want, "through failing writes").await;
+    let _ = stop_tx.send(());
+    let syncer = agent.await.unwrap();
+    let (ok, failed) = metrics.syncs();
+    assert!(failed >= 1, "writes failed and were reported ({failed} failed syncs, {ok} good)");
+    assert!(syncer.rec.datapath().injected >= 1);
+    assert!(metrics.render(&[]).contains(&format!("xlb_syncs_total{{result=\"error\"}} {failed}")));
+    server.abort();
+}
