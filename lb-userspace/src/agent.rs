@@ -291,8 +291,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let _http = match cfg.http_addr {
         Some(addr) => {
-            let listener =
-                http::bind(addr).await.with_context(|| format!("binding the HTTP endpoints to {addr}"))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the HTTP endpoints to {addr}"))?;
             let stats = BpfMaps::open(&cfg.pin_dir)?;
             let counters: http::CounterSource = Arc::new(move || stats.read_stats().unwrap_or_default());
             let state = Arc::new(http::HttpState {

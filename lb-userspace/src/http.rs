@@ -1,6 +1,6 @@
 //! The agent's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` and `/readyz`.
 //! A deliberately small HTTP/1.1 server: one request per connection, GET only.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -20,11 +20,7 @@ pub struct HttpState {
     pub max_pending: Duration,
 }
 
-/// Binds `addr` (errors are the caller's to report) and serves until the task is dropped.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
+/// Serves on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -97,6 +93,8 @@ fn route(method: &str, path: &str, state: &HttpState) -> (&'static str, &'static
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
 
     async fn get(addr: SocketAddr, path: &str) -> String {
@@ -109,7 +107,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_metrics_health_and_readiness() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::default());
         let state = Arc::new(HttpState {

@@ -6,6 +6,8 @@
 //! XLB_REQUIRE_PRIVILEGED=1 (set by `cargo xtask test` and CI), where they fail instead.
 use std::net::SocketAddrV4;
 
+use xlb_tests::privileged;
+
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{IPPROTO_TCP, STAT_NAMES, Stat};
 use lb_userspace::{
@@ -19,18 +21,6 @@ use lb_userspace::{
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("XLB_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
-        panic!("packet tests need root (BPF_PROG_TEST_RUN); XLB_REQUIRE_PRIVILEGED=1 forbids skipping");
-    }
-    eprintln!("SKIPPED: packet tests need root");
-    false
-}
 
 struct Dut {
     ebpf: aya::Ebpf,
@@ -137,7 +127,7 @@ fn flow_to(dut: &mut Dut, frame: impl Fn(SocketAddrV4) -> Frame, backend: &str, 
 
 #[test]
 fn tcp_dnat_established_and_reply() {
-    if !privileged() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
     let mut dut = Dut::new(WEB);
@@ -184,7 +174,7 @@ fn tcp_dnat_established_and_reply() {
 
 #[test]
 fn udp_dnat_and_reply_with_and_without_checksum() {
-    if !privileged() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
     let mut dut = Dut::new(WEB);
@@ -214,7 +204,7 @@ fn udp_dnat_and_reply_with_and_without_checksum() {
 
 #[test]
 fn new_flows_spread_over_both_backends() {
-    if !privileged() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
     let mut dut = Dut::new(WEB);
@@ -234,7 +224,7 @@ fn new_flows_spread_over_both_backends() {
 /// Frames that must leave exactly as they came, with the counter that says why.
 #[test]
 fn frames_passed_untouched() {
-    if !privileged() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
     let mut dut = Dut::new(WEB);
@@ -304,7 +294,7 @@ fn frames_passed_untouched() {
 
 #[test]
 fn ip_options_are_skipped_correctly() {
-    if !privileged() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
     let mut dut = Dut::new(WEB);
@@ -328,7 +318,7 @@ fn ip_options_are_skipped_correctly() {
 
 #[test]
 fn service_without_endpoints_drops() {
-    if !privileged() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
     let mut dut = Dut::new(WEB);
@@ -339,7 +329,7 @@ fn service_without_endpoints_drops() {
 
 #[test]
 fn removed_backend_rebalances_its_flows() {
-    if !privileged() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
     let mut dut = Dut::new(WEB);
@@ -355,7 +345,7 @@ fn removed_backend_rebalances_its_flows() {
 
 #[test]
 fn terminating_backend_keeps_its_flows_but_takes_no_new_ones() {
-    if !privileged() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
     let mut dut = Dut::new(WEB);

@@ -42,6 +42,22 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// True when running as root. Otherwise a test that needs root skips (saying so), unless
+/// XLB_REQUIRE_PRIVILEGED=1 (set by `cargo xtask test` and CI), where it fails instead.
+/// `what` names the tests and why, e.g. "packet tests need root (BPF_PROG_TEST_RUN)".
+pub fn privileged(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
+        "{what}; XLB_REQUIRE_PRIVILEGED=1 forbids skipping"
+    );
+    eprintln!("SKIPPED: {what}");
+    false
+}
+
 /// Removes namespaces and pin directories left by test-bed processes that no longer exist.
 pub fn reap_stale() {
     let owner = |name: &str| -> Option<u32> { name.strip_prefix("xlbt")?.split('-').next()?.parse().ok() };

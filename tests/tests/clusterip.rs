@@ -4,20 +4,7 @@
 //! Needs root. Without it the test skips, unless XLB_REQUIRE_PRIVILEGED=1 (CI), where it fails.
 use std::{collections::BTreeMap, net::SocketAddrV4, path::PathBuf, time::Duration};
 
-use xlb_tests::{SingleNode, tcp_request, udp_request};
-
-fn privileged() -> bool {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
-        "end-to-end tests need root; XLB_REQUIRE_PRIVILEGED=1 forbids skipping"
-    );
-    eprintln!("SKIPPED: end-to-end tests need root");
-    false
-}
+use xlb_tests::{SingleNode, privileged, tcp_request, udp_request};
 
 fn testbed() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"))
@@ -27,7 +14,7 @@ const MANIFEST: &str = include_str!("../manifests/demo.yaml");
 
 #[test]
 fn clusterip_tcp_and_udp_reach_both_pods_on_target_port() {
-    if !privileged() {
+    if !privileged("end-to-end tests need root") {
         return;
     }
     let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
@@ -88,7 +75,7 @@ fn clusterip_tcp_and_udp_reach_both_pods_on_target_port() {
 
 #[test]
 fn agent_picks_up_manifest_changes_and_reports_bad_objects() {
-    if !privileged() {
+    if !privileged("end-to-end tests need root") {
         return;
     }
     let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
@@ -133,7 +120,7 @@ fn agent_picks_up_manifest_changes_and_reports_bad_objects() {
 /// /metrics and /readyz say so.
 #[test]
 fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
-    if !privileged() {
+    if !privileged("end-to-end tests need root") {
         return;
     }
     let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");

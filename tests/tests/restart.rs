@@ -10,26 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb_tests::{SingleNode, tcp_request};
-
-fn privileged() -> bool {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
-        "end-to-end tests need root; XLB_REQUIRE_PRIVILEGED=1 forbids skipping"
-    );
-    eprintln!("SKIPPED: end-to-end tests need root");
-    false
-}
+use xlb_tests::{SingleNode, privileged, tcp_request};
 
 const MANIFEST: &str = include_str!("../manifests/demo.yaml");
 
 #[test]
 fn sigkill_and_restart_of_the_agent_loses_no_connection() {
-    if !privileged() {
+    if !privileged("end-to-end tests need root") {
         return;
     }
     let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
