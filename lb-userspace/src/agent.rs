@@ -88,11 +88,9 @@ impl<D: Datapath> Syncer<D> {
     pub fn new(rec: Reconciler<D>, cfg: ModelConfig, metrics: Arc<Metrics>) -> Self {
         Self { rec, cfg, metrics, cache: ModelCache::default() }
     }
-}
 
-impl<D: Datapath> Syncer<D> {
     /// Builds the model and writes the difference. Invalid objects are logged and counted, not
-    /// returned; an error means a map write failed (the next sync re-reads and finishes).
+    /// returned; an error means a map write failed (the next sync writes what is still missing).
     pub fn sync(&mut self, snap: &Snapshot) -> anyhow::Result<ApplyStats> {
         let started = Instant::now();
         for e in &snap.doc_errors {
@@ -113,16 +111,17 @@ impl<D: Datapath> Syncer<D> {
                 if !snap.doc_errors.is_empty() {
                     rejected.insert("Document".to_string(), snap.doc_errors.len() as u64);
                 }
-                let backends: std::collections::BTreeSet<_> =
-                    model.ports.iter().flat_map(|p| p.backends.iter().map(|b| (b.addr, b.port))).collect();
+                let maps = self.rec.usage();
+                // The backend map holds one entry per distinct backend: no need to count again.
+                let backends = maps.iter().find(|m| m.0 == lb_common::MAP_BACKENDS).map_or(0, |m| m.1);
                 let figures = SyncFigures {
                     services: snap.services.len() as u64,
                     endpoint_slices: snap.slices.len() as u64,
                     service_ports: model.ports.len() as u64,
                     frontends: model.ports.iter().map(|p| p.frontends.len() as u64).sum(),
-                    backends: backends.len() as u64,
+                    backends,
                     rejected,
-                    maps: self.rec.usage(),
+                    maps,
                 };
                 self.metrics.sync_ok(elapsed, stats.writes, stats.deletes, figures);
                 info!(

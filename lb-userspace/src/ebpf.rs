@@ -194,11 +194,3 @@ pub fn unpin_all(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     Ok(removed)
 }
-
-/// Attaches the XDP program to `iface` (native mode where the driver supports it).
-pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: XdpMode) -> Result<(), LoadError> {
-    xdp(ebpf)?
-        .attach(iface, mode)
-        .map(|_| ())
-        .map_err(|source| LoadError::Attach { iface: iface.to_owned(), source })
-}

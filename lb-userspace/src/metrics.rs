@@ -203,7 +203,7 @@ impl Metrics {
         let _ = writeln!(o, "xlb_service_ports {}", last.service_ports);
         head(&mut o, "xlb_frontends", "gauge", "Frontends (address, port, protocol) programmed.");
         let _ = writeln!(o, "xlb_frontends {}", last.frontends);
-        head(&mut o, "xlb_backends", "gauge", "Distinct backends (address, port) programmed.");
+        head(&mut o, "xlb_backends", "gauge", "Distinct backends (address, port, protocol) programmed.");
         let _ = writeln!(o, "xlb_backends {}", last.backends);
         head(&mut o, "xlb_map_entries", "gauge", "Entries in use in a kernel map.");
         for (m, used, _) in &last.maps {

@@ -352,9 +352,10 @@ impl ModelCache {
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         let mut old_services = std::mem::take(&mut self.services);
         self.last_rebuilt = 0;
-        let mut claimed: HashMap<Frontend, PortRef> = HashMap::new();
+        // Owners of claimed frontends and node ports (an `Arc` clone, not a copy of the names).
+        let mut claimed: HashMap<Frontend, Arc<DesiredPort>> = HashMap::new();
         // Node ports are claimed even when no node address is known: they are cluster-wide.
-        let mut claimed_node_ports: HashMap<(u16, Proto), PortRef> = HashMap::new();
+        let mut claimed_node_ports: HashMap<(u16, Proto), Arc<DesiredPort>> = HashMap::new();
 
         for (key, svc) in sorted {
             let mut slice_ptrs = by_service.remove(&key).unwrap_or_default();
@@ -380,7 +381,7 @@ impl ModelCache {
                 ServiceModel::Ports(ports) => {
                     // A frontend or node port already served by another Service is a conflict:
                     // reject the whole later Service rather than serve half of it.
-                    let owner = |o: &PortRef| format!("Service {}/{}", o.namespace, o.name);
+                    let owner = |o: &DesiredPort| format!("Service {}/{}", o.id.namespace, o.id.name);
                     let clash = ports
                         .iter()
                         .find_map(|p| {
@@ -401,10 +402,10 @@ impl ModelCache {
                     } else {
                         for p in ports {
                             for f in &p.frontends {
-                                claimed.insert(*f, p.id.clone());
+                                claimed.insert(*f, p.clone());
                             }
                             if let Some(np) = p.node_port {
-                                claimed_node_ports.insert((np, p.id.proto), p.id.clone());
+                                claimed_node_ports.insert((np, p.id.proto), p.clone());
                             }
                         }
                         model.ports.extend(ports.iter().cloned());
