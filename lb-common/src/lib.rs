@@ -26,16 +26,30 @@ pub const MAP_CT: &str = "xlb_ct4_v1";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
 pub const MAP_STATS: &str = "xlb_stats_v1";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
-pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v1";
+pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v2";
+/// New flows sent to each backend (array, backend id -> u64); the agent zeroes an id's count
+/// when it gives the id to a new backend.
+pub const MAP_BACKEND_FLOWS: &str = "xlb_beflows_v1";
+/// The decision of one run of the trace program (array of one [`TraceRecord`]). Never pinned:
+/// each `xlb trace` loads its own.
+pub const MAP_TRACE: &str = "xlb_trace_v1";
 
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 5] = [MAP_SERVICES, MAP_BACKENDS, MAP_CT, MAP_STATS, MAP_SVC_INFO];
+pub const ALL_MAPS: [&str; 6] =
+    [MAP_SERVICES, MAP_BACKENDS, MAP_CT, MAP_STATS, MAP_SVC_INFO, MAP_BACKEND_FLOWS];
+
+/// Name of the trace program: the datapath's decision, run by `xlb trace` on a crafted packet
+/// with BPF_PROG_TEST_RUN. It reads the live maps and writes nothing but [`MAP_TRACE`].
+pub const PROG_XDP_TRACE: &str = "xlb_xdp_trace";
 
 /// Default capacities. The agent can override them at load time (`--max-*` flags).
 pub const DEFAULT_MAX_SERVICE_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_SVC_INFO: u32 = 65_536;
+/// `map_flags` of [`MAP_SVC_INFO`]: BPF_F_NO_PREALLOC, so that display names only take kernel
+/// memory for the service ports that exist.
+pub const SVC_INFO_MAP_FLAGS: usize = 1;
 
 /// Most backends a single service frontend may have (slots 1..=this).
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
@@ -81,11 +95,21 @@ pub struct Svc4Value {
     /// Slot 0: number of backend slots (1..=count) that new flows choose from. 0 = no usable
     /// endpoint.
     pub count: u16,
-    /// Slot 0: `SVC_F_*` flags.
+    /// Slot 0: `SVC_F_*` bits: what the frontend address is to the Service (for display; the
+    /// datapath treats every kind alike).
     pub flags: u16,
     /// Reserved for session affinity (seconds); zero for now.
     pub affinity_timeout: u32,
 }
+
+/// [`Svc4Value::flags`]: the frontend is a clusterIP.
+pub const SVC_F_CLUSTER_IP: u16 = 1 << 0;
+/// [`Svc4Value::flags`]: the frontend is an externalIP.
+pub const SVC_F_EXTERNAL_IP: u16 = 1 << 1;
+/// [`Svc4Value::flags`]: the frontend is a LoadBalancer ingress IP.
+pub const SVC_F_LB_INGRESS: u16 = 1 << 2;
+/// [`Svc4Value::flags`]: the frontend is a node address on the nodePort.
+pub const SVC_F_NODE_PORT: u16 = 1 << 3;
 
 /// Value of [`MAP_BACKENDS`]. 8 bytes.
 #[repr(C)]
@@ -115,7 +139,7 @@ pub const CT_DIR_REPLY: u8 = 1;
 
 /// Key of [`MAP_CT`]: the tuple as it stands in the packet when it reaches the program. 16 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Ct4Key {
     /// Source address, bytes as in the packet.
     pub saddr: [u8; 4],
@@ -167,23 +191,38 @@ pub struct StatValue {
 
 /// Bytes reserved for a namespace or name in [`SvcInfo`] (Kubernetes allows at most 63).
 pub const SVC_INFO_NAME_LEN: usize = 64;
-/// Bytes reserved for a port name in [`SvcInfo`] (Kubernetes allows at most 15).
+/// Bytes reserved for a port name or a named targetPort in [`SvcInfo`] (Kubernetes allows at
+/// most 15).
 pub const SVC_INFO_PORT_NAME_LEN: usize = 16;
+/// Bytes reserved for an ExternalName's DNS name in [`SvcInfo`] (DNS allows at most 253).
+pub const SVC_INFO_DNS_NAME_LEN: usize = 256;
 
-/// Value of [`MAP_SVC_INFO`]: what the CLI needs to name a service port. 152 bytes.
-/// Strings are NUL-padded UTF-8.
+/// Value of [`MAP_SVC_INFO`]: what the CLI needs to show a service port the way `kubectl
+/// describe service` does. 432 bytes. Strings are NUL-padded UTF-8; numbers are host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SvcInfo {
     pub namespace: [u8; SVC_INFO_NAME_LEN],
     pub name: [u8; SVC_INFO_NAME_LEN],
     pub port_name: [u8; SVC_INFO_PORT_NAME_LEN],
-    /// The Service's `port`, host order.
+    /// The port's `targetPort` as the Service says it: a number or a container port name.
+    pub target_port: [u8; SVC_INFO_PORT_NAME_LEN],
+    /// ExternalName Services: the DNS name. Empty for every other type.
+    pub external_name: [u8; SVC_INFO_DNS_NAME_LEN],
+    /// The Service's `port`.
     pub port: u16,
+    /// The port's `nodePort`, 0 when none.
+    pub node_port: u16,
     /// IP protocol number.
     pub proto: u8,
     /// `SVC_TYPE_*`.
     pub svc_type: u8,
+    /// `externalTrafficPolicy`: `POLICY_*`.
+    pub external_policy: u8,
+    /// `internalTrafficPolicy`: `POLICY_*`.
+    pub internal_policy: u8,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 for `None`.
+    pub affinity_timeout: u32,
     /// Number of backends written for the service port (all states).
     pub backends: u32,
 }
@@ -194,13 +233,24 @@ impl Default for SvcInfo {
             namespace: [0; SVC_INFO_NAME_LEN],
             name: [0; SVC_INFO_NAME_LEN],
             port_name: [0; SVC_INFO_PORT_NAME_LEN],
+            target_port: [0; SVC_INFO_PORT_NAME_LEN],
+            external_name: [0; SVC_INFO_DNS_NAME_LEN],
             port: 0,
+            node_port: 0,
             proto: 0,
             svc_type: 0,
+            external_policy: 0,
+            internal_policy: 0,
+            affinity_timeout: 0,
             backends: 0,
         }
     }
 }
+
+/// Traffic policy `Cluster` (the default).
+pub const POLICY_CLUSTER: u8 = 0;
+/// Traffic policy `Local`.
+pub const POLICY_LOCAL: u8 = 1;
 
 pub const SVC_TYPE_CLUSTER_IP: u8 = 1;
 pub const SVC_TYPE_NODE_PORT: u8 = 2;
@@ -260,6 +310,45 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "ct_stale_backend",
 ];
 
+/// Value of [`MAP_TRACE`]: what the trace program decided for one packet. 32 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TraceRecord {
+    /// `TRACE_*` bits: the steps the packet went through.
+    pub steps: u32,
+    /// The [`Stat`] the packet is counted under (besides `Rx`).
+    pub stat: u32,
+    /// The XDP action returned.
+    pub verdict: u32,
+    /// Service port id of the frontend or tracked flow; 0 when none.
+    pub svc_id: u32,
+    /// Backend the packet is sent to; 0 when none.
+    pub backend_id: u32,
+    /// Backend id the conntrack entry named, when one was found (it may be stale).
+    pub ct_backend_id: u32,
+    /// Selectable slots of the matched frontend.
+    pub count: u16,
+    /// The slot chosen for a new flow (1..=count); 0 when none.
+    pub slot: u16,
+    /// Always zero.
+    pub _pad: u32,
+}
+
+/// [`TraceRecord::steps`]: a conntrack entry for the packet's direction client -> frontend.
+pub const TRACE_CT_FORWARD: u32 = 1 << 0;
+/// [`TraceRecord::steps`]: a conntrack entry for the direction backend -> client (a reply).
+pub const TRACE_CT_REPLY: u32 = 1 << 1;
+/// [`TraceRecord::steps`]: the tracked flow's backend is gone; the entry would be removed and
+/// the flow balanced again.
+pub const TRACE_CT_STALE: u32 = 1 << 2;
+/// [`TraceRecord::steps`]: the destination is a service frontend.
+pub const TRACE_FRONTEND: u32 = 1 << 3;
+/// [`TraceRecord::steps`]: a backend was chosen for a new flow, and conntrack entries would be
+/// created for it.
+pub const TRACE_NEW_FLOW: u32 = 1 << 4;
+/// [`TraceRecord::steps`]: a header was rewritten.
+pub const TRACE_REWRITE: u32 = 1 << 5;
+
 const _: () = {
     assert!(core::mem::size_of::<Svc4Key>() == 12);
     assert!(core::mem::size_of::<Svc4Value>() == 16);
@@ -267,7 +356,8 @@ const _: () = {
     assert!(core::mem::size_of::<Ct4Key>() == 16);
     assert!(core::mem::size_of::<Ct4Value>() == 24);
     assert!(core::mem::size_of::<StatValue>() == 16);
-    assert!(core::mem::size_of::<SvcInfo>() == 152);
+    assert!(core::mem::size_of::<SvcInfo>() == 432);
+    assert!(core::mem::size_of::<TraceRecord>() == 32);
     assert!(Stat::CtStaleBackend as u32 + 1 == STAT_COUNT);
 };
 
@@ -283,4 +373,5 @@ mod pod {
     unsafe impl aya::Pod for Ct4Value {}
     unsafe impl aya::Pod for StatValue {}
     unsafe impl aya::Pod for SvcInfo {}
+    unsafe impl aya::Pod for TraceRecord {}
 }

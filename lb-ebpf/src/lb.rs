@@ -1,25 +1,52 @@
 //! The per-packet decision: tracked flow, new flow to a service frontend, or pass.
+//!
+//! One body serves two programs. `TRACE = false` is the datapath. `TRACE = true` is the trace
+//! program that `xlb trace` runs on a crafted packet against the live maps: it makes the same
+//! lookups and the same choice, rewrites the same headers, and records each step in
+//! [`TRACE`](crate::maps::TRACE) instead of changing anything the datapath shares (no conntrack
+//! insert, touch or delete, no counter).
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_get_prandom_u32, programs::XdpContext};
-use lb_common::{BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, SCOPE_EXTERNAL, Stat, Svc4Key};
+use lb_common::{
+    BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, SCOPE_EXTERNAL, Stat, Svc4Key, TRACE_CT_FORWARD,
+    TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REWRITE, TraceRecord,
+};
 
 use crate::{
     ct,
-    maps::{BACKENDS, CT, SERVICES},
+    maps::{BACKEND_FLOWS, BACKENDS, CT, SERVICES, TRACE},
     nat::{self, Side},
     parse::{self, Packet, Parsed},
     stats::count,
 };
 
+/// Where the trace program writes; `None` in the datapath, so every use compiles away there.
+type Rec = Option<*mut TraceRecord>;
+
 #[inline(always)]
-pub fn process(ctx: &XdpContext) -> Result<u32, ()> {
+fn step(rec: Rec, f: impl FnOnce(&mut TraceRecord)) {
+    if let Some(r) = rec {
+        // SAFETY: pointer into the single-entry trace array, from a lookup in this run; only
+        // the trace program (run by one `xlb trace` at a time on its own copy) writes it.
+        f(unsafe { &mut *r });
+    }
+}
+
+#[inline(always)]
+pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
+    let rec: Rec = if TRACE_MODE { TRACE.get_ptr_mut(0) } else { None };
+    if TRACE_MODE && rec.is_none() {
+        return Ok(xdp_action::XDP_ABORTED);
+    }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    count(Stat::Rx, bytes);
+    if !TRACE_MODE {
+        count(Stat::Rx, bytes);
+    }
     let pkt = match parse::parse(ctx) {
         Parsed::L4(pkt) => pkt,
-        Parsed::NotIpv4 => return pass(Stat::PassNotIpv4, bytes),
-        Parsed::Malformed => return pass(Stat::PassMalformed, bytes),
-        Parsed::OtherProto => return pass(Stat::PassOtherProto, bytes),
-        Parsed::Fragment => return pass(Stat::PassFragment, bytes),
+        Parsed::NotIpv4 => return pass(rec, Stat::PassNotIpv4, bytes),
+        Parsed::Malformed => return pass(rec, Stat::PassMalformed, bytes),
+        Parsed::OtherProto => return pass(rec, Stat::PassOtherProto, bytes),
+        Parsed::Fragment => return pass(rec, Stat::PassFragment, bytes),
     };
 
     // A tracked flow: one lookup covers both directions, since the key holds the tuple as it
@@ -27,38 +54,61 @@ pub fn process(ctx: &XdpContext) -> Result<u32, ()> {
     let fwd_key = ct::key_of(&pkt, CT_DIR_FORWARD);
     if let Some(entry) = CT.get_ptr_mut(fwd_key) {
         // SAFETY: pointer from a lookup in this run; plain integer reads.
-        let (backend_id, nat_addr, nat_port) =
-            unsafe { ((*entry).backend_id, (*entry).nat_addr, (*entry).nat_port) };
+        let (backend_id, svc_id, nat_addr, nat_port) =
+            unsafe { ((*entry).backend_id, (*entry).svc_id, (*entry).nat_addr, (*entry).nat_port) };
+        step(rec, |r| {
+            r.steps |= TRACE_CT_FORWARD;
+            r.ct_backend_id = backend_id;
+            r.svc_id = svc_id;
+        });
         match BACKENDS.get(backend_id) {
             Some(be) if be.state != BACKEND_STATE_FREE && be.addr == nat_addr && be.port == nat_port => {
-                ct::touch(entry, &pkt);
+                if !TRACE_MODE {
+                    ct::touch(entry, &pkt);
+                }
                 nat::rewrite(&pkt, Side::Destination, nat_addr, nat_port);
-                count(Stat::DnatEstablished, bytes);
-                return Ok(xdp_action::XDP_PASS);
+                step(rec, |r| {
+                    r.steps |= TRACE_REWRITE;
+                    r.backend_id = backend_id;
+                });
+                return pass(rec, Stat::DnatEstablished, bytes);
             }
             _ => {
                 // The backend is gone: forget the flow and balance it again below. A TCP peer
                 // then gets a reset from the new backend instead of hanging; UDP moves on.
-                let _ = CT.remove(fwd_key);
-                count(Stat::CtStaleBackend, 0);
+                if TRACE_MODE {
+                    step(rec, |r| r.steps |= TRACE_CT_STALE);
+                } else {
+                    let _ = CT.remove(fwd_key);
+                    count(Stat::CtStaleBackend, 0);
+                }
             }
         }
     } else {
         let reply_key = ct::key_of(&pkt, CT_DIR_REPLY);
         if let Some(entry) = CT.get_ptr_mut(reply_key) {
             // SAFETY: as above.
-            let (nat_addr, nat_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
-            ct::touch(entry, &pkt);
+            let (nat_addr, nat_port, backend_id, svc_id) =
+                unsafe { ((*entry).nat_addr, (*entry).nat_port, (*entry).backend_id, (*entry).svc_id) };
+            if !TRACE_MODE {
+                ct::touch(entry, &pkt);
+            }
             nat::rewrite(&pkt, Side::Source, nat_addr, nat_port);
-            return pass(Stat::RevNat, bytes);
+            step(rec, |r| {
+                r.steps |= TRACE_CT_REPLY | TRACE_REWRITE;
+                r.ct_backend_id = backend_id;
+                r.backend_id = backend_id;
+                r.svc_id = svc_id;
+            });
+            return pass(rec, Stat::RevNat, bytes);
         }
     }
 
-    new_flow(&pkt, bytes)
+    new_flow::<TRACE_MODE>(rec, &pkt, bytes)
 }
 
 #[inline(always)]
-fn new_flow(pkt: &Packet, bytes: u64) -> Result<u32, ()> {
+fn new_flow<const TRACE_MODE: bool>(rec: Rec, pkt: &Packet, bytes: u64) -> Result<u32, ()> {
     let mut key = Svc4Key {
         addr: pkt.daddr.to_ne_bytes(),
         port: u16::from_be(pkt.dport),
@@ -68,42 +118,72 @@ fn new_flow(pkt: &Packet, bytes: u64) -> Result<u32, ()> {
         _pad: 0,
     };
     let Some(svc) = SERVICES.get_ptr(key) else {
-        return pass(Stat::PassNoService, bytes);
+        return pass(rec, Stat::PassNoService, bytes);
     };
     // SAFETY: pointer from a lookup in this run.
     let (count_, svc_id) = unsafe { ((*svc).count, (*svc).svc_id) };
+    step(rec, |r| {
+        r.steps |= TRACE_FRONTEND;
+        r.svc_id = svc_id;
+        r.count = count_;
+    });
     if count_ == 0 {
-        count(Stat::DropNoBackend, bytes);
-        return Ok(xdp_action::XDP_DROP);
+        return drop(rec, Stat::DropNoBackend, bytes);
     }
     // SAFETY: helper with no arguments.
     let rnd = unsafe { bpf_get_prandom_u32() };
     key.slot = (rnd % u32::from(count_)) as u16 + 1;
+    step(rec, |r| r.slot = key.slot);
     let Some(slot) = SERVICES.get_ptr(key) else {
-        count(Stat::DropStaleSlot, bytes);
-        return Ok(xdp_action::XDP_DROP);
+        return drop(rec, Stat::DropStaleSlot, bytes);
     };
     // SAFETY: as above.
     let backend_id = unsafe { (*slot).backend_id };
+    step(rec, |r| r.backend_id = backend_id);
     let Some(be) = BACKENDS.get(backend_id) else {
-        count(Stat::DropStaleSlot, bytes);
-        return Ok(xdp_action::XDP_DROP);
+        return drop(rec, Stat::DropStaleSlot, bytes);
     };
     if be.state == BACKEND_STATE_FREE {
-        count(Stat::DropStaleSlot, bytes);
-        return Ok(xdp_action::XDP_DROP);
+        return drop(rec, Stat::DropStaleSlot, bytes);
     }
     let (addr, port) = (be.addr, be.port);
-    if ct::create(pkt, addr, port, backend_id, svc_id).is_err() {
-        count(Stat::DropCtFull, bytes);
-        return Ok(xdp_action::XDP_DROP);
+    if TRACE_MODE {
+        step(rec, |r| r.steps |= TRACE_NEW_FLOW);
+    } else {
+        if ct::create(pkt, addr, port, backend_id, svc_id).is_err() {
+            return drop(rec, Stat::DropCtFull, bytes);
+        }
+        if let Some(n) = BACKEND_FLOWS.get_ptr_mut(backend_id) {
+            // SAFETY: a u64 inside the array's value area, 8-aligned; shared between CPUs, so
+            // the add is atomic.
+            unsafe {
+                core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(n, 1)
+            };
+        }
     }
     nat::rewrite(pkt, Side::Destination, addr, port);
-    pass(Stat::DnatNew, bytes)
+    step(rec, |r| r.steps |= TRACE_REWRITE);
+    pass(rec, Stat::DnatNew, bytes)
 }
 
 #[inline(always)]
-fn pass(stat: Stat, bytes: u64) -> Result<u32, ()> {
-    count(stat, bytes);
-    Ok(xdp_action::XDP_PASS)
+fn pass(rec: Rec, stat: Stat, bytes: u64) -> Result<u32, ()> {
+    verdict(rec, stat, bytes, xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn drop(rec: Rec, stat: Stat, bytes: u64) -> Result<u32, ()> {
+    verdict(rec, stat, bytes, xdp_action::XDP_DROP)
+}
+
+#[inline(always)]
+fn verdict(rec: Rec, stat: Stat, bytes: u64, action: u32) -> Result<u32, ()> {
+    match rec {
+        Some(_) => step(rec, |r| {
+            r.stat = stat as u32;
+            r.verdict = action;
+        }),
+        None => count(stat, bytes),
+    }
+    Ok(action)
 }

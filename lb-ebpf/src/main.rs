@@ -5,6 +5,10 @@
 //! lookup and backend selection, and the per-packet decision).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The bpf target has no atomic read-modify-write in core::sync::atomic; the intrinsic compiles
+// to the BPF atomic add (without fetch when the result is unused, so any kernel takes it).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod ct;
@@ -27,9 +31,20 @@ mod entry {
     /// packets to a frontend towards a backend, and replies from a backend back to the frontend.
     #[xdp]
     pub fn xlb_xdp(ctx: XdpContext) -> u32 {
-        match crate::lb::process(&ctx) {
+        match crate::lb::process::<false>(&ctx) {
             Ok(verdict) => verdict,
             // Only reachable if the packet changed under us; never lose it silently.
+            Err(()) => xdp_action::XDP_PASS,
+        }
+    }
+
+    /// Never attached: `xlb trace` runs it with BPF_PROG_TEST_RUN on a crafted packet. The same
+    /// decision as `xlb_xdp` against the same (live, pinned) maps, recorded in the trace map
+    /// instead of changing conntrack or counters.
+    #[xdp]
+    pub fn xlb_xdp_trace(ctx: XdpContext) -> u32 {
+        match crate::lb::process::<true>(&ctx) {
+            Ok(verdict) => verdict,
             Err(()) => xdp_action::XDP_PASS,
         }
     }

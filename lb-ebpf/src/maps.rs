@@ -4,7 +4,10 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use lb_common::{Backend4, Ct4Key, Ct4Value, STAT_COUNT, StatValue, Svc4Key, Svc4Value, SvcInfo};
+use lb_common::{
+    Backend4, Ct4Key, Ct4Value, STAT_COUNT, SVC_INFO_MAP_FLAGS, StatValue, Svc4Key, Svc4Value, SvcInfo,
+    TraceRecord,
+};
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
 #[btf_map(name = "xlb_svc4_v1")]
@@ -24,5 +27,13 @@ pub static STATS: PerCpuArray<StatValue, { STAT_COUNT as usize }> = PerCpuArray:
 
 /// Service id -> names for display; written by the agent, never read here. Declared in the
 /// object so that the map carries BTF and `bpftool map dump` shows its fields.
-#[btf_map(name = "xlb_svcinfo_v1")]
-pub static SVC_INFO: HashMap<u32, SvcInfo, 65_536> = HashMap::new();
+#[btf_map(name = "xlb_svcinfo_v2")]
+pub static SVC_INFO: HashMap<u32, SvcInfo, 65_536, SVC_INFO_MAP_FLAGS> = HashMap::new();
+
+/// Backend id -> new flows sent to it (one atomic add per new flow, not per packet).
+#[btf_map(name = "xlb_beflows_v1")]
+pub static BACKEND_FLOWS: Array<u64, 262_144> = Array::new();
+
+/// The trace program's record of its decision; the datapath program never touches it.
+#[btf_map(name = "xlb_trace_v1")]
+pub static TRACE: Array<TraceRecord, 1> = Array::new();

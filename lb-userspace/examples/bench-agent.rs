@@ -163,7 +163,7 @@ fn main() -> anyhow::Result<()> {
         .env("XLB_LOG", "info");
     let started = Instant::now();
     let mut agent = Proc::spawn("xlb agent", &mut cmd, Some(&log))?;
-    agent.wait_for_log("ready", Duration::from_secs(300)).with_context(|| agent.log_text())?;
+    agent.wait_for_log(" ready pin_dir=", Duration::from_secs(300)).with_context(|| agent.log_text())?;
     let cold = started.elapsed();
     let text = agent.log_text();
     let first_sync = text.lines().find(|l| l.contains("synced")).unwrap_or("");

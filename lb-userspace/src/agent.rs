@@ -325,6 +325,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
     }
+    // Maps of another layout version, pinned by an agent of another version, are used by no
+    // program any more once every link runs this one.
+    for p in crate::datapath::other_version_pins(&cfg.pin_dir) {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                info!(path = %p.display(), "removed a map of another layout version left by an earlier agent")
+            }
+            Err(e) => warn!(path = %p.display(), error = %e, "cannot remove a map of another layout version"),
+        }
+    }
     metrics.set_ready();
     info!(pin_dir = %cfg.pin_dir.display(), "ready");
 

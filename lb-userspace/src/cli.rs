@@ -1,40 +1,41 @@
-//! What the CLI shows: the datapath's service maps joined to backends and names, the way
-//! `kubectl get svc` shows Services.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+//! What the CLI shows: the datapath's maps, read directly (the agent need not run), joined into
+//! the shapes operators know from `kubectl get svc` and `kubectl describe svc`.
+//!
+//! Every listing has a JSON/YAML form whose schema is documented in docs/cli.md; fields are only
+//! ever added, never renamed or removed, within a major version.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
-use lb_common::{BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING};
+use lb_common::{
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY, Ct4Key, Ct4Value,
+    SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LB_INGRESS, SVC_F_NODE_PORT, SvcInfo,
+};
 use serde::Serialize;
 
 use crate::{
     datapath::{Datapath, DatapathError},
-    model::{Proto, SvcType},
+    model::{Policy, Proto, SvcType},
     reconcile::unfixed,
 };
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct BackendRow {
-    pub address: String,
-    pub port: u16,
-    pub state: &'static str,
-    pub id: u32,
-    /// New flows may choose this backend.
-    pub selectable: bool,
+/// How a listing is printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
 }
 
-/// One frontend: the stable JSON schema of `xlb services -o json` (an array of these).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ServiceRow {
-    pub namespace: String,
-    pub name: String,
-    #[serde(rename = "type")]
-    pub svc_type: Option<SvcType>,
-    pub port_name: String,
-    pub frontend: String,
-    pub address: String,
-    pub port: u16,
-    pub protocol: String,
-    pub service_id: u32,
-    pub backends: Vec<BackendRow>,
+/// Renders `value` as JSON or YAML, or returns `None` for a table.
+pub fn structured<T: Serialize>(out: Output, value: &T) -> anyhow::Result<Option<String>> {
+    Ok(match out {
+        Output::Table => None,
+        Output::Json => Some(serde_json::to_string_pretty(value)? + "\n"),
+        Output::Yaml => Some(serde_yaml::to_string(value)?),
+    })
 }
 
 fn state_name(s: u8) -> &'static str {
@@ -45,87 +46,799 @@ fn state_name(s: u8) -> &'static str {
     }
 }
 
-/// Reads every frontend with its backends, sorted by namespace, name and frontend.
-pub fn service_rows(dp: &impl Datapath) -> Result<Vec<ServiceRow>, DatapathError> {
-    let infos: BTreeMap<u32, _> = dp.read_svc_infos()?.into_iter().collect();
-    let mut entries = BTreeMap::new();
-    let mut slots: BTreeMap<([u8; 4], u16, u8), BTreeMap<u16, u32>> = BTreeMap::new();
-    for (k, v) in dp.read_services()? {
-        let fk = (k.addr, k.port, k.proto);
-        if k.slot == 0 {
-            entries.insert(fk, v);
-        } else {
-            slots.entry(fk).or_default().insert(k.slot, v.backend_id);
-        }
-    }
-    let mut rows = Vec::new();
-    for ((addr, port, proto), v) in entries {
-        let info = infos.get(&v.svc_id);
-        let fk = (addr, port, proto);
-        let addr = Ipv4Addr::from(addr);
-        let protocol = Proto::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string());
-        let mut backends = Vec::new();
-        let s = slots.get(&fk);
-        // Slots 1..=count take new flows; later slots hold terminating backends.
-        for (&slot, &id) in s.into_iter().flatten() {
-            let b = dp.read_backend(id)?;
-            backends.push(BackendRow {
-                address: Ipv4Addr::from(b.addr).to_string(),
-                port: b.port,
-                state: state_name(b.state),
-                id,
-                selectable: slot <= v.count,
-            });
-        }
-        rows.push(ServiceRow {
-            namespace: info.map(|i| unfixed(&i.namespace)).unwrap_or_default(),
-            name: info.map(|i| unfixed(&i.name)).unwrap_or_default(),
-            svc_type: info.and_then(|i| SvcType::from_code(i.svc_type)),
-            port_name: info.map(|i| unfixed(&i.port_name)).unwrap_or_default(),
-            frontend: format!("{addr}:{port}/{protocol}"),
-            address: addr.to_string(),
-            port,
-            protocol,
-            service_id: v.svc_id,
-            backends,
-        });
-    }
-    rows.sort_by(|a, b| (&a.namespace, &a.name, &a.frontend).cmp(&(&b.namespace, &b.name, &b.frontend)));
-    Ok(rows)
+fn proto_name(p: u8) -> String {
+    Proto::from_number(p).map_or_else(|| p.to_string(), |p| p.to_string())
 }
 
-/// Renders rows as an aligned table.
-pub fn services_table(rows: &[ServiceRow]) -> String {
-    let mut table = vec![["NAMESPACE", "NAME", "TYPE", "FRONTEND", "BACKENDS"].map(String::from).to_vec()];
-    for r in rows {
-        let backends = if r.backends.is_empty() {
-            "<none>".to_string()
-        } else {
-            r.backends
-                .iter()
-                .map(|b| {
-                    let mut s = format!("{}:{}", b.address, b.port);
-                    if b.state != "active" {
-                        s.push_str(&format!(" ({})", b.state));
-                    }
-                    s
-                })
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let ty = r.svc_type.map_or("?".into(), |t| format!("{t:?}"));
-        let name =
-            if r.port_name.is_empty() { r.name.clone() } else { format!("{}:{}", r.name, r.port_name) };
-        table.push(vec![r.namespace.clone(), name, ty, r.frontend.clone(), backends]);
+/// One backend of a frontend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendRow {
+    pub address: String,
+    pub port: u16,
+    /// `active`, `terminating` (keeps its flows, takes new ones only if nothing is active) or
+    /// `free` (the slot names a backend that is gone: a race with the agent).
+    pub state: &'static str,
+    pub id: u32,
+    /// New flows may choose this backend.
+    pub selectable: bool,
+    /// New flows sent to this backend since the agent gave it its id.
+    pub new_flows: u64,
+}
+
+/// One frontend (or, for ExternalName, one service port): the schema of
+/// `xlb get services -o json` (an array of these).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceRow {
+    pub namespace: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub svc_type: Option<SvcType>,
+    pub port_name: String,
+    /// `ADDRESS:PORT/PROTOCOL`; null for ExternalName.
+    pub frontend: Option<String>,
+    /// What the frontend address is: `ClusterIP`, `ExternalIP`, `LoadBalancerIngress`,
+    /// `NodePort` (several when an address is more than one).
+    pub frontend_kinds: Vec<&'static str>,
+    /// The frontend's address; null for ExternalName.
+    pub address: Option<String>,
+    /// The frontend's port (the nodePort for a node address); the Service's port for
+    /// ExternalName.
+    pub port: u16,
+    pub protocol: String,
+    /// The Service's `port`.
+    pub service_port: u16,
+    /// As the Service writes it: a number or a port name; "" when unset (then it is `port`).
+    pub target_port: String,
+    pub node_port: Option<u16>,
+    /// ExternalName: the DNS name; null otherwise.
+    pub external_name: Option<String>,
+    /// `None` or `ClientIP`.
+    pub session_affinity: &'static str,
+    pub affinity_timeout_seconds: Option<u32>,
+    pub external_traffic_policy: Policy,
+    pub internal_traffic_policy: Policy,
+    pub service_id: u32,
+    pub backends: Vec<BackendRow>,
+}
+
+/// The frontend kinds named in `flags`.
+pub fn kinds(flags: u16) -> Vec<&'static str> {
+    [
+        (SVC_F_CLUSTER_IP, "ClusterIP"),
+        (SVC_F_EXTERNAL_IP, "ExternalIP"),
+        (SVC_F_LB_INGRESS, "LoadBalancerIngress"),
+        (SVC_F_NODE_PORT, "NodePort"),
+    ]
+    .into_iter()
+    .filter(|(f, _)| flags & f != 0)
+    .map(|(_, n)| n)
+    .collect()
+}
+
+/// A frontend as read from the service map.
+#[derive(Clone, Debug)]
+struct FrontendEntry {
+    addr: Ipv4Addr,
+    port: u16,
+    proto: u8,
+    svc_id: u32,
+    flags: u16,
+    count: u16,
+    /// Backend ids by slot (1..).
+    slots: BTreeMap<u16, u32>,
+}
+
+/// Everything the CLI shows, read once from the maps.
+pub struct View {
+    infos: BTreeMap<u32, SvcInfo>,
+    frontends: Vec<FrontendEntry>,
+    backends: BTreeMap<u32, lb_common::Backend4>,
+    flows: BTreeMap<u32, u64>,
+}
+
+impl View {
+    /// Reads the service, backend, name and flow-count maps.
+    pub fn read(dp: &impl Datapath) -> Result<Self, DatapathError> {
+        let infos: BTreeMap<u32, SvcInfo> = dp.read_svc_infos()?.into_iter().collect();
+        let mut entries: BTreeMap<([u8; 4], u16, u8), FrontendEntry> = BTreeMap::new();
+        let mut slots: BTreeMap<([u8; 4], u16, u8), BTreeMap<u16, u32>> = BTreeMap::new();
+        for (k, v) in dp.read_services()? {
+            let fk = (k.addr, k.port, k.proto);
+            if k.slot == 0 {
+                entries.insert(
+                    fk,
+                    FrontendEntry {
+                        addr: Ipv4Addr::from(k.addr),
+                        port: k.port,
+                        proto: k.proto,
+                        svc_id: v.svc_id,
+                        flags: v.flags,
+                        count: v.count,
+                        slots: BTreeMap::new(),
+                    },
+                );
+            } else {
+                slots.entry(fk).or_default().insert(k.slot, v.backend_id);
+            }
+        }
+        let mut backends = BTreeMap::new();
+        let mut flows = BTreeMap::new();
+        for (fk, e) in entries.iter_mut() {
+            e.slots = slots.remove(fk).unwrap_or_default();
+            for &id in e.slots.values() {
+                if let std::collections::btree_map::Entry::Vacant(v) = backends.entry(id) {
+                    v.insert(dp.read_backend(id)?);
+                    flows.insert(id, dp.read_backend_flows(id)?);
+                }
+            }
+        }
+        Ok(View { infos, frontends: entries.into_values().collect(), backends, flows })
     }
-    let widths: Vec<usize> =
-        (0..5).map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0)).collect();
+
+    fn backend_row(&self, id: u32, selectable: bool) -> BackendRow {
+        let b = self.backends.get(&id).copied().unwrap_or_default();
+        BackendRow {
+            address: Ipv4Addr::from(b.addr).to_string(),
+            port: b.port,
+            state: state_name(b.state),
+            id,
+            selectable,
+            new_flows: self.flows.get(&id).copied().unwrap_or(0),
+        }
+    }
+
+    fn row(&self, info: Option<&SvcInfo>, svc_id: u32, f: Option<&FrontendEntry>) -> ServiceRow {
+        let text = |g: fn(&SvcInfo) -> &[u8]| info.map(|i| unfixed(g(i))).unwrap_or_default();
+        let proto = f.map(|f| f.proto).or(info.map(|i| i.proto)).unwrap_or(0);
+        let protocol = proto_name(proto);
+        let external_name = text(|i| &i.external_name);
+        let affinity = info.map_or(0, |i| i.affinity_timeout);
+        ServiceRow {
+            namespace: text(|i| &i.namespace),
+            name: text(|i| &i.name),
+            svc_type: info.and_then(|i| SvcType::from_code(i.svc_type)),
+            port_name: text(|i| &i.port_name),
+            frontend: f.map(|f| format!("{}:{}/{protocol}", f.addr, f.port)),
+            frontend_kinds: f.map(|f| kinds(f.flags)).unwrap_or_default(),
+            address: f.map(|f| f.addr.to_string()),
+            port: f.map(|f| f.port).or(info.map(|i| i.port)).unwrap_or(0),
+            protocol,
+            service_port: info.map_or(0, |i| i.port),
+            target_port: text(|i| &i.target_port),
+            node_port: info.map(|i| i.node_port).filter(|p| *p != 0),
+            external_name: (!external_name.is_empty()).then_some(external_name),
+            session_affinity: if affinity > 0 { "ClientIP" } else { "None" },
+            affinity_timeout_seconds: (affinity > 0).then_some(affinity),
+            external_traffic_policy: Policy::from_code(info.map_or(0, |i| i.external_policy)),
+            internal_traffic_policy: Policy::from_code(info.map_or(0, |i| i.internal_policy)),
+            service_id: svc_id,
+            backends: f
+                .map(|f| f.slots.iter().map(|(&slot, &id)| self.backend_row(id, slot <= f.count)).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// One row per frontend, plus one per service port that has none (ExternalName), sorted by
+    /// namespace, name, port name and frontend.
+    pub fn service_rows(&self) -> Vec<ServiceRow> {
+        let mut rows: Vec<ServiceRow> =
+            self.frontends.iter().map(|f| self.row(self.infos.get(&f.svc_id), f.svc_id, Some(f))).collect();
+        let with_frontend: BTreeSet<u32> = self.frontends.iter().map(|f| f.svc_id).collect();
+        for (&id, info) in &self.infos {
+            if !with_frontend.contains(&id) {
+                rows.push(self.row(Some(info), id, None));
+            }
+        }
+        rows.sort_by(|a, b| {
+            (&a.namespace, &a.name, &a.port_name, &a.frontend).cmp(&(
+                &b.namespace,
+                &b.name,
+                &b.port_name,
+                &b.frontend,
+            ))
+        });
+        rows
+    }
+
+    /// `NS/NAME` of a service id, with `:PORT_NAME` when the port has a name.
+    fn port_label(&self, svc_id: u32) -> String {
+        match self.infos.get(&svc_id) {
+            Some(i) => {
+                let (ns, name, port) = (unfixed(&i.namespace), unfixed(&i.name), unfixed(&i.port_name));
+                if port.is_empty() { format!("{ns}/{name}") } else { format!("{ns}/{name}:{port}") }
+            }
+            None => format!("<service id {svc_id}>"),
+        }
+    }
+
+    fn svc_of(&self, svc_id: u32) -> Option<(String, String)> {
+        self.infos.get(&svc_id).map(|i| (unfixed(&i.namespace), unfixed(&i.name)))
+    }
+}
+
+/// Reads every frontend with its backends (see [`View::service_rows`]).
+pub fn service_rows(dp: &impl Datapath) -> Result<Vec<ServiceRow>, DatapathError> {
+    Ok(View::read(dp)?.service_rows())
+}
+
+/// Aligns rows of cells into columns separated by three spaces.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut all = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
+    all.extend(rows);
+    let cols = header.len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| all.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
-    for row in table {
-        let line: Vec<String> =
-            row.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
+    for row in all {
+        let line: Vec<String> = (0..cols)
+            .map(|i| format!("{:<w$}", row.get(i).map_or("", String::as_str), w = widths[i]))
+            .collect();
         out.push_str(line.join("   ").trim_end());
         out.push('\n');
     }
     out
+}
+
+fn policies(r: &ServiceRow) -> String {
+    format!("{:?}/{:?}", r.external_traffic_policy, r.internal_traffic_policy)
+}
+
+fn affinity(r: &ServiceRow) -> String {
+    match r.affinity_timeout_seconds {
+        Some(t) => format!("ClientIP({t}s)"),
+        None => "None".into(),
+    }
+}
+
+/// `xlb get services` as a table.
+pub fn services_table(rows: &[ServiceRow]) -> String {
+    let body = rows
+        .iter()
+        .map(|r| {
+            let backends = if let Some(n) = &r.external_name {
+                format!("{n} (DNS only)")
+            } else if r.backends.is_empty() {
+                "<none>".to_string()
+            } else {
+                r.backends
+                    .iter()
+                    .map(|b| {
+                        let mut s = format!("{}:{}", b.address, b.port);
+                        if b.state != "active" {
+                            s.push_str(&format!(" ({})", b.state));
+                        }
+                        s
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let ty = r.svc_type.map_or("?".into(), |t| format!("{t:?}"));
+            let name =
+                if r.port_name.is_empty() { r.name.clone() } else { format!("{}:{}", r.name, r.port_name) };
+            let frontend = r.frontend.clone().unwrap_or_else(|| "<none>".into());
+            vec![r.namespace.clone(), name, ty, frontend, affinity(r), policies(r), backends]
+        })
+        .collect();
+    table(&["NAMESPACE", "NAME", "TYPE", "FRONTEND", "AFFINITY", "POLICY(EXT/INT)", "BACKENDS"], body)
+}
+
+/// One service port in `xlb describe service`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PortDescription {
+    pub name: String,
+    pub port: u16,
+    pub protocol: String,
+    pub target_port: String,
+    pub node_port: Option<u16>,
+    pub service_id: u32,
+    pub frontends: Vec<String>,
+    /// Backends with their state and counters; `active_flows` counts tracked flows now.
+    pub backends: Vec<BackendDescription>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendDescription {
+    pub id: u32,
+    pub address: String,
+    pub port: u16,
+    pub state: &'static str,
+    pub selectable: bool,
+    pub new_flows: u64,
+    pub active_flows: u64,
+}
+
+/// `xlb describe service NS/NAME -o json|yaml`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceDescription {
+    pub namespace: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub svc_type: Option<SvcType>,
+    pub cluster_ips: Vec<String>,
+    pub external_ips: Vec<String>,
+    pub load_balancer_ingress: Vec<String>,
+    pub external_name: Option<String>,
+    pub session_affinity: &'static str,
+    pub affinity_timeout_seconds: Option<u32>,
+    pub external_traffic_policy: Policy,
+    pub internal_traffic_policy: Policy,
+    pub ports: Vec<PortDescription>,
+}
+
+/// Parses `NS/NAME` or `NAME` (namespace `default`, as kubectl).
+pub fn parse_service(s: &str) -> (String, String) {
+    match s.split_once('/') {
+        Some((ns, n)) => (ns.to_owned(), n.to_owned()),
+        None => ("default".to_owned(), s.to_owned()),
+    }
+}
+
+impl View {
+    /// Tracked flows per backend id: forward conntrack entries whose backend id still names the
+    /// backend they were sent to (stale entries are not counted).
+    pub fn active_flows(&self, ct: &[(Ct4Key, Ct4Value)]) -> BTreeMap<u32, u64> {
+        let mut m = BTreeMap::new();
+        for (k, v) in ct {
+            let live = self.backends.get(&v.backend_id).is_some_and(|b| {
+                b.state != lb_common::BACKEND_STATE_FREE && b.addr == v.nat_addr && b.port == v.nat_port
+            });
+            if k.dir == CT_DIR_FORWARD && live {
+                *m.entry(v.backend_id).or_default() += 1;
+            }
+        }
+        m
+    }
+
+    /// The description of one Service, or `None` when the maps hold nothing of it.
+    pub fn describe(
+        &self,
+        namespace: &str,
+        name: &str,
+        active: &BTreeMap<u32, u64>,
+    ) -> Option<ServiceDescription> {
+        let rows: Vec<ServiceRow> =
+            self.service_rows().into_iter().filter(|r| r.namespace == namespace && r.name == name).collect();
+        let first = rows.first()?;
+        let addrs = |flag: u16| -> Vec<String> {
+            let set: BTreeSet<Ipv4Addr> = self
+                .frontends
+                .iter()
+                .filter(|f| f.flags & flag != 0 && rows.iter().any(|r| r.service_id == f.svc_id))
+                .map(|f| f.addr)
+                .collect();
+            set.into_iter().map(|a| a.to_string()).collect()
+        };
+        let mut d = ServiceDescription {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            svc_type: first.svc_type,
+            cluster_ips: addrs(SVC_F_CLUSTER_IP),
+            external_ips: addrs(SVC_F_EXTERNAL_IP),
+            load_balancer_ingress: addrs(SVC_F_LB_INGRESS),
+            external_name: first.external_name.clone(),
+            session_affinity: first.session_affinity,
+            affinity_timeout_seconds: first.affinity_timeout_seconds,
+            external_traffic_policy: first.external_traffic_policy,
+            internal_traffic_policy: first.internal_traffic_policy,
+            ports: Vec::new(),
+        };
+        let mut by_id: BTreeMap<u32, Vec<&ServiceRow>> = BTreeMap::new();
+        for r in &rows {
+            by_id.entry(r.service_id).or_default().push(r);
+        }
+        for (id, rs) in by_id {
+            let r0 = rs[0];
+            let mut backends: BTreeMap<u32, BackendDescription> = BTreeMap::new();
+            for r in &rs {
+                for b in &r.backends {
+                    backends.entry(b.id).or_insert(BackendDescription {
+                        id: b.id,
+                        address: b.address.clone(),
+                        port: b.port,
+                        state: b.state,
+                        selectable: b.selectable,
+                        new_flows: b.new_flows,
+                        active_flows: active.get(&b.id).copied().unwrap_or(0),
+                    });
+                }
+            }
+            d.ports.push(PortDescription {
+                name: r0.port_name.clone(),
+                port: r0.service_port,
+                protocol: r0.protocol.clone(),
+                target_port: r0.target_port.clone(),
+                node_port: r0.node_port,
+                service_id: id,
+                frontends: rs.iter().filter_map(|r| r.frontend.clone()).collect(),
+                backends: backends.into_values().collect(),
+            });
+        }
+        d.ports.sort_by(|a, b| (a.port, &a.protocol, &a.name).cmp(&(b.port, &b.protocol, &b.name)));
+        Some(d)
+    }
+}
+
+fn or_none(v: &[String]) -> String {
+    if v.is_empty() { "<none>".into() } else { v.join(",") }
+}
+
+fn kv(o: &mut String, k: &str, v: &str) {
+    let line = format!("{:<26}{v}", format!("{k}:"));
+    let _ = writeln!(o, "{}", line.trim_end());
+}
+
+/// `xlb describe service` as text, in the shape of `kubectl describe service`.
+pub fn describe_text(d: &ServiceDescription) -> String {
+    let mut o = String::new();
+    kv(&mut o, "Name", &d.name);
+    kv(&mut o, "Namespace", &d.namespace);
+    kv(&mut o, "Type", &d.svc_type.map_or("?".into(), |t| format!("{t:?}")));
+    if let Some(n) = &d.external_name {
+        kv(&mut o, "External Name", n);
+    } else {
+        kv(&mut o, "IP", &or_none(&d.cluster_ips));
+    }
+    if !d.external_ips.is_empty() {
+        kv(&mut o, "External IPs", &d.external_ips.join(","));
+    }
+    if !d.load_balancer_ingress.is_empty() {
+        kv(&mut o, "LoadBalancer Ingress", &d.load_balancer_ingress.join(", "));
+    }
+    let affinity = match d.affinity_timeout_seconds {
+        Some(t) => format!("ClientIP (timeout {t}s)"),
+        None => "None".into(),
+    };
+    kv(&mut o, "Session Affinity", &affinity);
+    kv(&mut o, "External Traffic Policy", &format!("{:?}", d.external_traffic_policy));
+    kv(&mut o, "Internal Traffic Policy", &format!("{:?}", d.internal_traffic_policy));
+    for p in &d.ports {
+        let name = if p.name.is_empty() { "<unset>" } else { &p.name };
+        kv(&mut o, "Port", &format!("{name}  {}/{}", p.port, p.protocol));
+        kv(
+            &mut o,
+            "TargetPort",
+            &if p.target_port.is_empty() { p.port.to_string() } else { p.target_port.clone() },
+        );
+        if let Some(np) = p.node_port {
+            kv(&mut o, "NodePort", &format!("{name}  {np}/{}", p.protocol));
+        }
+        let ready: Vec<String> = p
+            .backends
+            .iter()
+            .filter(|b| b.state == "active")
+            .map(|b| format!("{}:{}", b.address, b.port))
+            .collect();
+        kv(&mut o, "Endpoints", &or_none(&ready));
+        kv(&mut o, "Service ID", &p.service_id.to_string());
+        kv(&mut o, "Frontends", &or_none(&p.frontends));
+        if p.backends.is_empty() {
+            if d.external_name.is_none() {
+                kv(&mut o, "Backends", "<none> (new connections are dropped)");
+            }
+            continue;
+        }
+        kv(&mut o, "Backends", "");
+        let rows = p
+            .backends
+            .iter()
+            .map(|b| {
+                vec![
+                    format!("  {}", b.id),
+                    format!("{}:{}", b.address, b.port),
+                    b.state.to_string(),
+                    if b.selectable { "yes" } else { "no" }.into(),
+                    b.new_flows.to_string(),
+                    b.active_flows.to_string(),
+                ]
+            })
+            .collect();
+        o.push_str(&table(&["  ID", "ADDRESS", "STATE", "SELECTABLE", "NEW-FLOWS", "ACTIVE-FLOWS"], rows));
+    }
+    if d.affinity_timeout_seconds.is_some()
+        || d.external_traffic_policy == Policy::Local
+        || d.internal_traffic_policy == Policy::Local
+    {
+        o.push_str(
+            "Note:                     this xlb shows session affinity and Local traffic policies but does not enforce them yet (see README, Limitations)\n",
+        );
+    }
+    o
+}
+
+/// One backend in `xlb backends`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendListRow {
+    pub id: u32,
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    pub state: &'static str,
+    /// Service ports whose frontends name this backend (`NS/NAME[:PORT]`).
+    pub services: Vec<String>,
+    pub new_flows: u64,
+    pub active_flows: u64,
+}
+
+impl View {
+    /// Every backend a frontend names, by id.
+    pub fn backend_rows(&self, active: &BTreeMap<u32, u64>) -> Vec<BackendListRow> {
+        let mut users: BTreeMap<u32, (u8, BTreeSet<String>)> = BTreeMap::new();
+        for f in &self.frontends {
+            for &id in f.slots.values() {
+                let e = users.entry(id).or_insert((f.proto, BTreeSet::new()));
+                e.1.insert(self.port_label(f.svc_id));
+            }
+        }
+        users
+            .into_iter()
+            .map(|(id, (proto, services))| {
+                let b = self.backend_row(id, false);
+                BackendListRow {
+                    id,
+                    address: b.address,
+                    port: b.port,
+                    protocol: proto_name(proto),
+                    state: b.state,
+                    services: services.into_iter().collect(),
+                    new_flows: b.new_flows,
+                    active_flows: active.get(&id).copied().unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+}
+
+pub fn backends_table(rows: &[BackendListRow]) -> String {
+    let body = rows
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.to_string(),
+                format!("{}:{}/{}", b.address, b.port, b.protocol),
+                b.state.to_string(),
+                b.new_flows.to_string(),
+                b.active_flows.to_string(),
+                b.services.join(","),
+            ]
+        })
+        .collect();
+    table(&["ID", "BACKEND", "STATE", "NEW-FLOWS", "ACTIVE-FLOWS", "SERVICES"], body)
+}
+
+/// One tracked flow in `xlb conntrack`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FlowRow {
+    pub protocol: String,
+    /// The client's address and port.
+    pub client: String,
+    /// The frontend the client sent to.
+    pub frontend: String,
+    /// The backend the flow is translated to.
+    pub backend: String,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `NS/NAME[:PORT]` of the service port; empty when the port is gone.
+    pub service: String,
+    /// TCP flags seen from the client (`SYN,ACK,...`); empty for UDP.
+    pub tcp_flags: String,
+    /// An entry for client -> frontend exists (false: only the reply entry is left).
+    pub forward_tracked: bool,
+    /// An entry for backend -> client exists.
+    pub reply_tracked: bool,
+    /// The backend id no longer names this backend: the next packet balances the flow again.
+    pub stale: bool,
+    pub age_seconds: u64,
+    pub idle_seconds: u64,
+}
+
+/// What `xlb conntrack` keeps.
+#[derive(Clone, Debug, Default)]
+pub struct FlowFilter {
+    /// `(namespace, name)`.
+    pub service: Option<(String, String)>,
+    pub client: Option<AddrFilter>,
+    pub frontend: Option<AddrFilter>,
+    pub backend: Option<AddrFilter>,
+}
+
+/// An address, optionally with a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrFilter {
+    pub addr: Ipv4Addr,
+    pub port: Option<u16>,
+}
+
+impl std::str::FromStr for AddrFilter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(sa) = s.parse::<SocketAddrV4>() {
+            return Ok(AddrFilter { addr: *sa.ip(), port: Some(sa.port()) });
+        }
+        s.parse::<Ipv4Addr>()
+            .map(|addr| AddrFilter { addr, port: None })
+            .map_err(|_| format!("{s:?} is neither IPv4 ADDRESS nor ADDRESS:PORT"))
+    }
+}
+
+impl AddrFilter {
+    fn matches(&self, addr: [u8; 4], port: u16) -> bool {
+        Ipv4Addr::from(addr) == self.addr && self.port.is_none_or(|p| p == port)
+    }
+}
+
+/// TCP flag names, as in `tcpdump`'s order.
+pub fn tcp_flag_names(f: u8) -> String {
+    const NAMES: [(u8, &str); 6] =
+        [(0x02, "SYN"), (0x10, "ACK"), (0x08, "PSH"), (0x01, "FIN"), (0x04, "RST"), (0x20, "URG")];
+    NAMES.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect::<Vec<_>>().join(",")
+}
+
+/// Seconds of CLOCK_MONOTONIC, the clock conntrack timestamps use.
+pub fn monotonic_secs() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64
+}
+
+impl View {
+    /// Tracked flows, one row per flow (forward and reply entries joined), filtered, sorted by
+    /// protocol, client, frontend.
+    pub fn flow_rows(&self, ct: &[(Ct4Key, Ct4Value)], now: u64, filter: &FlowFilter) -> Vec<FlowRow> {
+        // Keyed by (proto, client, frontend, backend), each as (addr, port).
+        type Tuple = (u8, ([u8; 4], u16), ([u8; 4], u16), ([u8; 4], u16));
+        let mut flows: BTreeMap<Tuple, (Option<Ct4Value>, Option<Ct4Value>)> = BTreeMap::new();
+        for (k, v) in ct {
+            match k.dir {
+                CT_DIR_FORWARD => {
+                    let t = (k.proto, (k.saddr, k.sport), (k.daddr, k.dport), (v.nat_addr, v.nat_port));
+                    flows.entry(t).or_default().0 = Some(*v);
+                }
+                CT_DIR_REPLY => {
+                    let t = (k.proto, (k.daddr, k.dport), (v.nat_addr, v.nat_port), (k.saddr, k.sport));
+                    flows.entry(t).or_default().1 = Some(*v);
+                }
+                _ => {}
+            }
+        }
+        let sa = |(a, p): ([u8; 4], u16)| format!("{}:{p}", Ipv4Addr::from(a));
+        let mut rows = Vec::new();
+        for ((proto, client, frontend, backend), (fwd, rep)) in flows {
+            let Some(v) = fwd.or(rep) else { continue };
+            if let Some((ns, name)) = &filter.service
+                && self.svc_of(v.svc_id).as_ref().is_none_or(|(n, m)| n != ns || m != name)
+            {
+                continue;
+            }
+            let keep =
+                |f: &Option<AddrFilter>, (a, p): ([u8; 4], u16)| f.as_ref().is_none_or(|f| f.matches(a, p));
+            if !keep(&filter.client, client)
+                || !keep(&filter.frontend, frontend)
+                || !keep(&filter.backend, backend)
+            {
+                continue;
+            }
+            let be = self.backends.get(&v.backend_id);
+            let stale =
+                be.is_none_or(|b| b.state == lb_common::BACKEND_STATE_FREE || (b.addr, b.port) != backend);
+            let created = u64::from(fwd.map_or(v.created, |f| f.created));
+            let last = u64::from(fwd.map_or(0, |f| f.last_seen).max(rep.map_or(0, |r| r.last_seen)));
+            rows.push(FlowRow {
+                protocol: proto_name(proto),
+                client: sa(client),
+                frontend: sa(frontend),
+                backend: sa(backend),
+                backend_id: v.backend_id,
+                service_id: v.svc_id,
+                service: if self.infos.contains_key(&v.svc_id) {
+                    self.port_label(v.svc_id)
+                } else {
+                    String::new()
+                },
+                tcp_flags: tcp_flag_names(fwd.map_or(0, |f| f.tcp_flags)),
+                forward_tracked: fwd.is_some(),
+                reply_tracked: rep.is_some(),
+                stale,
+                age_seconds: now.saturating_sub(created),
+                idle_seconds: now.saturating_sub(last),
+            });
+        }
+        rows
+    }
+}
+
+pub fn flows_table(rows: &[FlowRow]) -> String {
+    let body = rows
+        .iter()
+        .map(|f| {
+            let mut state = Vec::new();
+            if !f.forward_tracked {
+                state.push("reply-only");
+            }
+            if !f.reply_tracked {
+                state.push("no-reply-entry");
+            }
+            if f.stale {
+                state.push("stale");
+            }
+            vec![
+                f.protocol.clone(),
+                f.client.clone(),
+                f.frontend.clone(),
+                f.backend.clone(),
+                if f.service.is_empty() { format!("<id {}>", f.service_id) } else { f.service.clone() },
+                if f.tcp_flags.is_empty() { "-".into() } else { f.tcp_flags.clone() },
+                format!("{}s", f.age_seconds),
+                format!("{}s", f.idle_seconds),
+                if state.is_empty() { "ok".into() } else { state.join(",") },
+            ]
+        })
+        .collect();
+    table(&["PROTO", "CLIENT", "FRONTEND", "BACKEND", "SERVICE", "FLAGS", "AGE", "IDLE", "STATE"], body)
+}
+
+/// The verdict a counter stands for.
+pub fn stat_verdict(name: &str) -> &'static str {
+    match name {
+        "rx" => "seen",
+        "ct_stale_backend" => "event",
+        n if n.starts_with("drop_") => "drop",
+        n if n.starts_with("pass_") => "pass",
+        _ => "pass (translated)",
+    }
+}
+
+/// What a counter means (lb_common::Stat's documentation, for operators).
+pub fn stat_meaning(name: &str) -> &'static str {
+    match name {
+        "rx" => "every packet the program saw",
+        "pass_not_ipv4" => "not IPv4 (ARP, IPv6, VLAN...)",
+        "pass_malformed" => "truncated or inconsistent header; left to the kernel",
+        "pass_other_proto" => "IPv4 but neither TCP nor UDP",
+        "pass_fragment" => "IPv4 fragment (never rewritten)",
+        "pass_no_service" => "no frontend and no tracked flow matched",
+        "dnat_new" => "first packet of a new flow, sent to a backend",
+        "dnat_established" => "packet of a tracked flow, sent to its backend",
+        "rev_nat" => "reply from a backend, source set back to the frontend",
+        "drop_no_backend" => "service has no usable endpoint",
+        "drop_stale_slot" => "backend slot vanished during an update (race with the agent)",
+        "drop_ct_full" => "connection could not be tracked (conntrack map update failed)",
+        "ct_stale_backend" => "tracked flow whose backend was removed; balanced again",
+        _ => "",
+    }
+}
+
+/// One counter in `xlb stats -o json|yaml` (an object keyed by counter name).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StatRow {
+    pub packets: u64,
+    pub bytes: u64,
+    pub verdict: &'static str,
+    pub meaning: &'static str,
+}
+
+pub fn stat_rows(stats: &[(&'static str, u64, u64)]) -> BTreeMap<&'static str, StatRow> {
+    stats
+        .iter()
+        .map(|&(n, packets, bytes)| {
+            (n, StatRow { packets, bytes, verdict: stat_verdict(n), meaning: stat_meaning(n) })
+        })
+        .collect()
+}
+
+pub fn stats_table(stats: &[(&'static str, u64, u64)]) -> String {
+    let body = stats
+        .iter()
+        .map(|&(n, p, b)| {
+            vec![
+                n.to_string(),
+                stat_verdict(n).to_string(),
+                p.to_string(),
+                b.to_string(),
+                stat_meaning(n).to_string(),
+            ]
+        })
+        .collect();
+    table(&["COUNTER", "VERDICT", "PACKETS", "BYTES", "MEANING"], body)
 }

@@ -7,14 +7,28 @@ use std::{
 
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_STATS, MAP_SVC_INFO, STAT_COUNT,
-    StatValue, Svc4Key, Svc4Value, SvcInfo,
+    Backend4, Ct4Key, Ct4Value, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_STATS,
+    MAP_SVC_INFO, STAT_COUNT, StatValue, Svc4Key, Svc4Value, SvcInfo,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("no pinned map at {path}: has `xlb agent` run on this node with this --pin-dir? ({source})")]
-    NotPinned { path: PathBuf, source: MapError },
+    #[error(
+        "no pinned map at {path}: xlb agent has not run on this node with --pin-dir {dir} (or `xlb cleanup` removed it)",
+        dir = path.parent().unwrap_or(path).display()
+    )]
+    NotPinned { path: PathBuf },
+    #[error(
+        "the maps under {dir} were pinned by {which} xlb: found {found}, this xlb reads {expected}. Run the xlb binary of the agent on this node (e.g. `kubectl exec` into its pod), or roll the agent out at this version, which takes the maps over",
+        dir = dir.display()
+    )]
+    OtherVersion { dir: PathBuf, which: &'static str, found: String, expected: &'static str },
+    #[error(
+        "permission denied opening {path}: reading xlb's maps needs root (CAP_BPF, or CAP_SYS_ADMIN on kernels before 5.8) and access to the bpffs"
+    )]
+    Permission { path: PathBuf },
+    #[error("opening the pinned map {path} failed: {source}")]
+    Open { path: PathBuf, source: MapError },
     #[error(
         "map {name} at {path} does not have the layout this xlb expects ({source}); it was pinned by another version of xlb"
     )]
@@ -45,6 +59,16 @@ pub trait Datapath {
     fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError>;
     fn write_svc_info(&mut self, id: u32, info: SvcInfo) -> Result<(), DatapathError>;
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError>;
+    /// Zeroes the new-flow count of a backend id (before the id names a new backend).
+    fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError>;
+
+    // What the CLI reads besides the above.
+    /// New flows sent to backend `id`.
+    fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError>;
+    /// Every connection-tracking entry.
+    fn read_ct(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError>;
+    /// The counters summed over CPUs: `(name, packets, bytes)` for every [`lb_common::Stat`].
+    fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError>;
 }
 
 /// The kernel maps, opened from their pins (CLI, agent) or taken from a freshly loaded object
@@ -55,6 +79,7 @@ pub struct BpfMaps {
     pub ct: HashMap<MapData, Ct4Key, Ct4Value>,
     pub stats: PerCpuArray<MapData, StatValue>,
     pub svc_info: HashMap<MapData, u32, SvcInfo>,
+    pub flows: Array<MapData, u64>,
     capacity: Capacity,
 }
 
@@ -79,12 +104,12 @@ fn typed<T: TryFrom<Map, Error = MapError>>(
 }
 
 impl BpfMaps {
-    /// Opens the maps pinned under `pin_dir`.
+    /// Opens the maps pinned under `pin_dir`, read and write. Errors say what is wrong: no agent
+    /// ever ran, maps of another layout version, or no permission.
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
         let open = |name: &'static str| -> Result<(PathBuf, Map), DatapathError> {
             let path = pin_dir.join(name);
-            let data = MapData::from_pin(&path)
-                .map_err(|source| DatapathError::NotPinned { path: path.clone(), source })?;
+            let data = open_pin(pin_dir, name)?;
             let map = Map::from_map_data(data).map_err(|source| DatapathError::Layout {
                 name,
                 path: path.clone(),
@@ -102,7 +127,9 @@ impl BpfMaps {
         let stats = typed(MAP_STATS, &p, m)?;
         let (p, m) = open(MAP_SVC_INFO)?;
         let svc_info = typed(MAP_SVC_INFO, &p, m)?;
-        Self::new(services, backends, ct, stats, svc_info)
+        let (p, m) = open(MAP_BACKEND_FLOWS)?;
+        let flows = typed(MAP_BACKEND_FLOWS, &p, m)?;
+        Self::new(services, backends, ct, stats, svc_info, flows)
     }
 
     /// Takes the maps out of a loaded object (which then no longer owns them).
@@ -120,7 +147,8 @@ impl BpfMaps {
         let ct = typed(MAP_CT, &path, take(MAP_CT)?)?;
         let stats = typed(MAP_STATS, &path, take(MAP_STATS)?)?;
         let svc_info = typed(MAP_SVC_INFO, &path, take(MAP_SVC_INFO)?)?;
-        Self::new(services, backends, ct, stats, svc_info)
+        let flows = typed(MAP_BACKEND_FLOWS, &path, take(MAP_BACKEND_FLOWS)?)?;
+        Self::new(services, backends, ct, stats, svc_info, flows)
     }
 
     fn new(
@@ -129,6 +157,7 @@ impl BpfMaps {
         ct: HashMap<MapData, Ct4Key, Ct4Value>,
         stats: PerCpuArray<MapData, StatValue>,
         svc_info: HashMap<MapData, u32, SvcInfo>,
+        flows: Array<MapData, u64>,
     ) -> Result<Self, DatapathError> {
         let max = |m: &MapData, name| m.info().map(|i| i.max_entries()).map_err(map_err("info", name));
         let capacity = Capacity {
@@ -145,24 +174,104 @@ impl BpfMaps {
                 },
             });
         }
-        Ok(Self { services, backends, ct, stats, svc_info, capacity })
+        if flows.len() < backends.len() {
+            return Err(DatapathError::Layout {
+                name: MAP_BACKEND_FLOWS,
+                path: PathBuf::new(),
+                source: MapError::InvalidValueSize {
+                    size: flows.len() as usize,
+                    expected: backends.len() as usize,
+                },
+            });
+        }
+        Ok(Self { services, backends, ct, stats, svc_info, flows, capacity })
     }
 
-    /// Sums the per-CPU counters: `(name, packets, bytes)` for every [`lb_common::Stat`].
-    pub fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
-        (0..STAT_COUNT)
-            .map(|i| {
-                let per_cpu = self.stats.get(&i, 0).map_err(map_err("lookup", MAP_STATS))?;
-                let (p, b) = per_cpu.iter().fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
-                Ok((lb_common::STAT_NAMES[i as usize], p, b))
-            })
-            .collect()
+    /// The kernel's map ids, by name (to tell whether two handles are the same map).
+    pub fn ids(&self) -> Result<Vec<(&'static str, u32)>, DatapathError> {
+        let id = |m: &MapData, name| m.info().map(|i| (name, i.id())).map_err(map_err("info", name));
+        Ok(vec![
+            id(IterableMap::map(&self.services), MAP_SERVICES)?,
+            id(IterableMap::map(&self.backends), MAP_BACKENDS)?,
+            id(IterableMap::map(&self.ct), MAP_CT)?,
+            id(IterableMap::map(&self.stats), MAP_STATS)?,
+            id(IterableMap::map(&self.svc_info), MAP_SVC_INFO)?,
+            id(IterableMap::map(&self.flows), MAP_BACKEND_FLOWS)?,
+        ])
     }
+}
 
-    /// Every connection-tracking entry.
-    pub fn read_ct(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError> {
-        self.ct.iter().map(|r| r.map_err(map_err("iterate", MAP_CT))).collect()
+/// Opens one pinned map, telling apart a missing pin, a pin of another layout version and a
+/// permission problem.
+pub fn open_pin(pin_dir: &Path, name: &'static str) -> Result<MapData, DatapathError> {
+    let path = pin_dir.join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(DatapathError::Permission { path });
+        }
+        Err(_) => {
+            if let Some(e) = other_version(pin_dir, name) {
+                return Err(e);
+            }
+            return Err(DatapathError::NotPinned { path });
+        }
     }
+    MapData::from_pin(&path).map_err(|source| {
+        let denied = matches!(&source, MapError::SyscallError(e)
+            if matches!(e.io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)));
+        if denied {
+            DatapathError::Permission { path: path.clone() }
+        } else {
+            DatapathError::Open { path, source }
+        }
+    })
+}
+
+/// Splits `xlb_svcinfo_v2` into (`xlb_svcinfo`, 2).
+pub fn layout_version(name: &str) -> Option<(&str, u32)> {
+    let (base, v) = name.rsplit_once("_v")?;
+    Some((base, v.parse().ok()?))
+}
+
+/// When `name` is missing from `pin_dir`, a pin of the same map at another layout version.
+fn other_version(pin_dir: &Path, name: &'static str) -> Option<DatapathError> {
+    let (base, want) = layout_version(name)?;
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(pin_dir).ok()?.flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        if let Some((b, v)) = layout_version(&f)
+            && b == base
+            && v != want
+        {
+            found.push((v, f));
+        }
+    }
+    found.sort();
+    let (v, f) = found.pop()?;
+    Some(DatapathError::OtherVersion {
+        dir: pin_dir.to_owned(),
+        which: if v < want { "an older" } else { "a newer" },
+        found: f,
+        expected: name,
+    })
+}
+
+/// Pins under `pin_dir` of xlb maps at a layout version other than this xlb's (left by an
+/// older or newer agent).
+pub fn other_version_pins(pin_dir: &Path) -> Vec<PathBuf> {
+    let ours: Vec<(&str, u32)> = lb_common::ALL_MAPS.iter().filter_map(|m| layout_version(m)).collect();
+    let Ok(dir) = std::fs::read_dir(pin_dir) else { return Vec::new() };
+    let mut out: Vec<PathBuf> = dir
+        .flatten()
+        .filter(|e| {
+            let f = e.file_name().to_string_lossy().into_owned();
+            matches!(layout_version(&f), Some((b, v)) if ours.iter().any(|&(ob, ov)| ob == b && ov != v))
+        })
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
 }
 
 impl Datapath for BpfMaps {
@@ -201,6 +310,28 @@ impl Datapath for BpfMaps {
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
         absent_ok(self.svc_info.remove(&id)).map_err(map_err("delete", MAP_SVC_INFO))
     }
+
+    fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.flows.set(id, 0, 0).map_err(map_err("update", MAP_BACKEND_FLOWS))
+    }
+
+    fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
+        self.flows.get(&id, 0).map_err(map_err("lookup", MAP_BACKEND_FLOWS))
+    }
+
+    fn read_ct(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError> {
+        self.ct.iter().map(|r| r.map_err(map_err("iterate", MAP_CT))).collect()
+    }
+
+    fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
+        (0..STAT_COUNT)
+            .map(|i| {
+                let per_cpu = self.stats.get(&i, 0).map_err(map_err("lookup", MAP_STATS))?;
+                let (p, b) = per_cpu.iter().fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+                Ok((lb_common::STAT_NAMES[i as usize], p, b))
+            })
+            .collect()
+    }
 }
 
 /// The maps in memory, with the same capacity rules as the kernel's, for tests of the reconciler
@@ -210,6 +341,10 @@ pub struct MemDatapath {
     pub services: BTreeMap<Svc4Key, Svc4Value>,
     pub backends: BTreeMap<u32, Backend4>,
     pub svc_info: BTreeMap<u32, SvcInfo>,
+    pub flows: BTreeMap<u32, u64>,
+    pub ct: BTreeMap<Ct4Key, Ct4Value>,
+    /// Packets and bytes by [`lb_common::Stat`] index (missing ones are zero).
+    pub stats: BTreeMap<u32, (u64, u64)>,
     pub capacity: Option<Capacity>,
     /// Every write and delete, in order, as `(op, key)` strings, for ordering assertions.
     pub log: Vec<String>,
@@ -289,6 +424,28 @@ impl Datapath for MemDatapath {
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
         self.svc_info.remove(&id);
         Ok(())
+    }
+
+    fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.flows.remove(&id);
+        Ok(())
+    }
+
+    fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
+        Ok(self.flows.get(&id).copied().unwrap_or(0))
+    }
+
+    fn read_ct(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError> {
+        Ok(self.ct.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
+        Ok((0..STAT_COUNT)
+            .map(|i| {
+                let (p, b) = self.stats.get(&i).copied().unwrap_or_default();
+                (lb_common::STAT_NAMES[i as usize], p, b)
+            })
+            .collect())
     }
 }
 
@@ -378,5 +535,18 @@ impl<D: Datapath> Datapath for FaultyDatapath<D> {
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
         self.roll(self.write_fail_per_mille, "deleting a service info")?;
         self.inner.delete_svc_info(id)
+    }
+    fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "resetting a backend's flow count")?;
+        self.inner.reset_backend_flows(id)
+    }
+    fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
+        self.inner.read_backend_flows(id)
+    }
+    fn read_ct(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError> {
+        self.inner.read_ct()
+    }
+    fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
+        self.inner.read_stats()
     }
 }

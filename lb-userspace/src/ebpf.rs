@@ -9,7 +9,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_STATS, MAP_SVC_INFO, PROG_XDP};
+use lb_common::{ALL_MAPS, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_SERVICES, PROG_XDP, PROG_XDP_TRACE};
 
 /// The object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
@@ -29,8 +29,10 @@ pub enum LoadError {
     PinDir { dir: PathBuf, source: std::io::Error },
     #[error("loading the eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("program {PROG_XDP} is missing from the object or is not XDP")]
+    #[error("program {PROG_XDP} or {PROG_XDP_TRACE} is missing from the object or is not XDP")]
     NoProgram,
+    #[error("the pinned map {name} changed while loading (an agent restarting, or `xlb cleanup`); try again")]
+    MapsChanged { name: &'static str },
     #[error("loading program {PROG_XDP} into the kernel failed: {0}")]
     Verify(ProgramError),
     #[error("attaching XDP to interface {iface} failed: {source}")]
@@ -96,6 +98,7 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
     loader
         .map_max_entries(MAP_SERVICES, caps.service_entries)
         .map_max_entries(MAP_BACKENDS, caps.backends)
+        .map_max_entries(MAP_BACKEND_FLOWS, caps.backends)
         .map_max_entries(MAP_CT, caps.ct_entries);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
@@ -104,10 +107,7 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
             if !is_bpffs(dir) {
                 return Err(LoadError::NoBpffs { dir: dir.to_owned() });
             }
-            [MAP_SERVICES, MAP_BACKENDS, MAP_CT, MAP_STATS, MAP_SVC_INFO]
-                .into_iter()
-                .map(|m| (m, dir.join(m)))
-                .collect()
+            ALL_MAPS.into_iter().map(|m| (m, dir.join(m))).collect()
         }
         None => Vec::new(),
     };
@@ -117,6 +117,67 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
     let mut ebpf = loader.load(OBJECT)?;
     xdp(&mut ebpf)?.load().map_err(LoadError::Verify)?;
     Ok(ebpf)
+}
+
+/// Loads the trace program ([`PROG_XDP_TRACE`]) against the maps pinned under `pin_dir`, which
+/// must all exist (the caller opened them): nothing is created or pinned. `expected` are the ids
+/// of the maps the caller opened; if a pin changed in between (an agent restarting, `xlb
+/// cleanup`), loading fails rather than trace against other maps.
+pub fn load_trace(pin_dir: &Path, expected: &[(&'static str, u32)]) -> Result<Ebpf, LoadError> {
+    if OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = ALL_MAPS.into_iter().map(|m| (m, pin_dir.join(m))).collect();
+    for (name, path) in &paths {
+        // A map the loader would have to create (its pin vanished since the caller opened it)
+        // gets this tell-tale size, so that it can be recognised and its pin taken away again.
+        loader.map_pin_path(name, path.as_path()).map_max_entries(name, TRACE_SENTINEL_ENTRIES);
+    }
+    let mut ebpf = loader.load(OBJECT)?;
+    for (name, want) in expected {
+        let info = ebpf.map(name).and_then(map_data).and_then(|m| m.info().ok());
+        if info.as_ref().map(|i| i.id()) != Some(*want) {
+            if let Some(i) = info
+                && i.max_entries() == TRACE_SENTINEL_ENTRIES
+            {
+                let path = pin_dir.join(name);
+                let pinned = aya::maps::MapData::from_pin(&path).ok().and_then(|m| m.info().ok());
+                if pinned.map(|p| p.id()) == Some(i.id()) {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            return Err(LoadError::MapsChanged { name });
+        }
+    }
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROG_XDP_TRACE)
+        .ok_or(LoadError::NoProgram)?
+        .try_into()
+        .map_err(|_| LoadError::NoProgram)?;
+    prog.load().map_err(LoadError::Verify)?;
+    Ok(ebpf)
+}
+
+/// Capacity given to maps [`load_trace`] must never create.
+const TRACE_SENTINEL_ENTRIES: u32 = 3;
+
+fn map_data(m: &aya::maps::Map) -> Option<&aya::maps::MapData> {
+    use aya::maps::Map;
+    match m {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d)
+        | Map::PerCpuLruHashMap(d) => Some(d),
+        _ => None,
+    }
+}
+
+/// The loaded trace program.
+pub fn xdp_trace(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
+    ebpf.program_mut(PROG_XDP_TRACE).ok_or(LoadError::NoProgram)?.try_into().map_err(|_| LoadError::NoProgram)
 }
 
 /// The loaded XDP program.
@@ -191,6 +252,10 @@ pub fn unpin_all(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             std::fs::remove_file(&p)?;
             removed.push(p);
         }
+    }
+    for p in crate::datapath::other_version_pins(pin_dir) {
+        std::fs::remove_file(&p)?;
+        removed.push(p);
     }
     Ok(removed)
 }

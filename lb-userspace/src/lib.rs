@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod model;
 pub mod packet;
 pub mod reconcile;
+pub mod trace;

@@ -6,9 +6,10 @@ use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig},
-    cli,
-    datapath::BpfMaps,
+    cli::{self, Output, View},
+    datapath::{BpfMaps, Datapath as _},
     ebpf::Capacities,
+    trace,
 };
 
 #[derive(Parser)]
@@ -28,22 +29,53 @@ enum Command {
     Agent(AgentArgs),
     /// Detach the datapath and remove its pinned links and maps (uninstall from this node).
     Cleanup,
-    /// List the services as the datapath holds them.
+    /// List the services as the datapath holds them, one row per frontend (like `kubectl get
+    /// services`).
     #[command(alias = "svc")]
     Services(OutputArgs),
-    /// Datapath counters by verdict and reason, summed over CPUs.
-    Stats(OutputArgs),
-    /// `xlb get services`: the same as `xlb services`.
+    /// `xlb get services|backends|conntrack`: the same as the commands of those names.
     Get {
         #[command(subcommand)]
         what: GetWhat,
     },
+    /// One Service in detail, in the shape of `kubectl describe service`, with datapath ids,
+    /// backend states and flow counts.
+    Describe {
+        #[command(subcommand)]
+        what: DescribeWhat,
+    },
+    /// Every backend, its state, new and active flows, and the service ports using it.
+    Backends(OutputArgs),
+    /// Tracked flows (connection tracking), filterable by service, client, frontend and backend.
+    #[command(alias = "ct")]
+    Conntrack(ConntrackArgs),
+    /// Datapath counters by verdict and reason, summed over CPUs.
+    Stats(OutputArgs),
+    /// Explain what the datapath does with a packet: runs the datapath's decision in the kernel
+    /// (BPF_PROG_TEST_RUN) on a crafted packet against the live maps. Changes nothing live: no
+    /// conntrack entry, counter or flow count.
+    Trace(TraceArgs),
 }
 
 #[derive(Subcommand)]
 enum GetWhat {
     #[command(alias = "svc", alias = "service")]
     Services(OutputArgs),
+    #[command(alias = "backend")]
+    Backends(OutputArgs),
+    #[command(alias = "ct")]
+    Conntrack(ConntrackArgs),
+}
+
+#[derive(Subcommand)]
+enum DescribeWhat {
+    #[command(alias = "svc", alias = "services")]
+    Service {
+        /// NAMESPACE/NAME, or NAME in namespace default.
+        name: String,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -52,10 +84,64 @@ struct OutputArgs {
     output: Output,
 }
 
+#[derive(clap::Args)]
+struct ConntrackArgs {
+    /// Only flows of this Service (NAMESPACE/NAME, or NAME in namespace default).
+    #[arg(long)]
+    service: Option<String>,
+    /// Only flows from this client (ADDRESS or ADDRESS:PORT).
+    #[arg(long)]
+    client: Option<cli::AddrFilter>,
+    /// Only flows to this frontend (ADDRESS or ADDRESS:PORT).
+    #[arg(long)]
+    frontend: Option<cli::AddrFilter>,
+    /// Only flows to this backend (ADDRESS or ADDRESS:PORT).
+    #[arg(long)]
+    backend: Option<cli::AddrFilter>,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
+enum TraceProto {
+    Tcp,
+    Udp,
+}
+
+#[derive(clap::Args)]
+struct TraceArgs {
+    #[arg(long, value_enum, default_value_t = TraceProto::Tcp)]
+    proto: TraceProto,
+    /// Source of the packet: ADDRESS:PORT.
+    #[arg(long)]
+    from: std::net::SocketAddrV4,
+    /// Destination of the packet: ADDRESS:PORT.
+    #[arg(long)]
+    to: std::net::SocketAddrV4,
+    /// TCP flags of the packet, comma-separated (syn, ack, fin, rst, psh, urg).
+    #[arg(long, default_value = "syn", value_parser = parse_tcp_flags)]
+    tcp_flags: u8,
+    /// Interface the packet arrives on (in this network namespace).
+    #[arg(long)]
+    iface: Option<String>,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+fn parse_tcp_flags(s: &str) -> Result<u8, String> {
+    let mut f = 0u8;
+    for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        f |= match name.to_ascii_lowercase().as_str() {
+            "fin" => 0x01,
+            "syn" => 0x02,
+            "rst" => 0x04,
+            "psh" => 0x08,
+            "ack" => 0x10,
+            "urg" => 0x20,
+            other => return Err(format!("unknown TCP flag {other:?} (want syn, ack, fin, rst, psh, urg)")),
+        };
+    }
+    Ok(f)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -187,33 +273,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats(o) => {
-            let maps = BpfMaps::open(&cli.pin_dir)?;
-            let stats = maps.read_stats()?;
-            match o.output {
-                Output::Table => {
-                    println!("{:<20} {:>14} {:>16}", "COUNTER", "PACKETS", "BYTES");
-                    for (name, p, b) in stats {
-                        println!("{name:<20} {p:>14} {b:>16}");
-                    }
-                }
-                Output::Json => {
-                    let v: serde_json::Map<String, serde_json::Value> = stats
-                        .into_iter()
-                        .map(|(n, p, b)| (n.to_string(), serde_json::json!({"packets": p, "bytes": b})))
-                        .collect();
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                }
-            }
-            Ok(())
+            let stats = BpfMaps::open(&cli.pin_dir)?.read_stats()?;
+            emit(o.output, &cli::stat_rows(&stats), || cli::stats_table(&stats))
         }
         Command::Services(o) | Command::Get { what: GetWhat::Services(o) } => {
-            let maps = BpfMaps::open(&cli.pin_dir)?;
-            let rows = cli::service_rows(&maps)?;
-            match o.output {
-                Output::Table => print!("{}", cli::services_table(&rows)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&rows).context("json")?),
-            }
-            Ok(())
+            let rows = View::read(&BpfMaps::open(&cli.pin_dir)?)?.service_rows();
+            emit(o.output, &rows, || cli::services_table(&rows))
         }
+        Command::Backends(o) | Command::Get { what: GetWhat::Backends(o) } => {
+            let maps = BpfMaps::open(&cli.pin_dir)?;
+            let view = View::read(&maps)?;
+            let rows = view.backend_rows(&view.active_flows(&maps.read_ct()?));
+            emit(o.output, &rows, || cli::backends_table(&rows))
+        }
+        Command::Conntrack(a) | Command::Get { what: GetWhat::Conntrack(a) } => {
+            let maps = BpfMaps::open(&cli.pin_dir)?;
+            let filter = cli::FlowFilter {
+                service: a.service.as_deref().map(cli::parse_service),
+                client: a.client,
+                frontend: a.frontend,
+                backend: a.backend,
+            };
+            let rows = View::read(&maps)?.flow_rows(&maps.read_ct()?, cli::monotonic_secs(), &filter);
+            emit(a.output.output, &rows, || cli::flows_table(&rows))
+        }
+        Command::Describe { what: DescribeWhat::Service { name, output } } => {
+            let maps = BpfMaps::open(&cli.pin_dir)?;
+            let (ns, n) = cli::parse_service(&name);
+            let view = View::read(&maps)?;
+            let d = view.describe(&ns, &n, &view.active_flows(&maps.read_ct()?)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "service {ns}/{n} is not in the datapath (not known to the agent, rejected, or headless; `xlb get services` lists what is)"
+                )
+            })?;
+            emit(output.output, &d, || cli::describe_text(&d))
+        }
+        Command::Trace(a) => {
+            let req = trace::TraceRequest {
+                proto: match a.proto {
+                    TraceProto::Tcp => lb_userspace::model::Proto::Tcp,
+                    TraceProto::Udp => lb_userspace::model::Proto::Udp,
+                },
+                from: a.from,
+                to: a.to,
+                tcp_flags: a.tcp_flags,
+                iface: a.iface,
+            };
+            let t = trace::Tracer::open(&cli.pin_dir)?.run(&req)?;
+            emit(a.output.output, &t, || trace::trace_text(&t))
+        }
+    }
+}
+
+/// Prints `value` as JSON/YAML, or the table `text` renders.
+fn emit<T: serde::Serialize>(out: Output, value: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let s = match cli::structured(out, value)? {
+        Some(s) => s,
+        None => text(),
+    };
+    // A closed pipe (`xlb conntrack | head`) is not an error worth a message.
+    match std::io::stdout().write_all(s.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
     }
 }

@@ -12,7 +12,8 @@
 //! - a Service is reached at `clusterIP:port`, at every externalIP and LoadBalancer ingress IP on
 //!   `port`, and (types NodePort and LoadBalancer) at every node address on `nodePort`;
 //! - an invalid Service is rejected with its reason and never disturbs the others;
-//! - ExternalName Services have no datapath; they are kept for display.
+//! - ExternalName Services have no datapath; their ports are kept, with no frontend and no
+//!   backend, so that the CLI can show them.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
@@ -167,8 +168,55 @@ pub struct DesiredPort {
     /// Every address:port the port is reached at: clusterIPs, externalIPs and LoadBalancer
     /// ingress IPs on `port`, node addresses on `node_port`. Sorted.
     pub frontends: Vec<Frontend>,
+    /// For each of `frontends` (same order), what it is to the Service: `lb_common::SVC_F_*`
+    /// bits (an address can be several).
+    pub frontend_kinds: Vec<u16>,
     /// Every endpoint known for the port, sorted, without duplicates.
     pub backends: Vec<DesiredBackend>,
+    /// What the CLI shows of the port beyond the datapath.
+    pub shown: Shown,
+}
+
+/// Traffic policy (`externalTrafficPolicy`, `internalTrafficPolicy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Policy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+impl Policy {
+    fn parse(field: &str, v: Option<&str>) -> Result<Self, String> {
+        match v {
+            None | Some("") | Some("Cluster") => Ok(Policy::Cluster),
+            Some("Local") => Ok(Policy::Local),
+            Some(other) => Err(format!("{field} {other:?} is neither Cluster nor Local")),
+        }
+    }
+
+    pub fn code(self) -> u8 {
+        match self {
+            Policy::Cluster => lb_common::POLICY_CLUSTER,
+            Policy::Local => lb_common::POLICY_LOCAL,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Self {
+        if c == lb_common::POLICY_LOCAL { Policy::Local } else { Policy::Cluster }
+    }
+}
+
+/// A service port's settings that the CLI shows as `kubectl describe service` does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Shown {
+    /// `targetPort` as written (a number or a port name); "" when unset (then it is `port`).
+    pub target_port: String,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 for `None`.
+    pub affinity_timeout: u32,
+    pub external_policy: Policy,
+    pub internal_policy: Policy,
+    /// ExternalName Services: the DNS name.
+    pub external_name: String,
 }
 
 impl DesiredPort {
@@ -237,21 +285,11 @@ pub fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String
     Ok(lo..=hi)
 }
 
-/// An ExternalName Service: a DNS alias with no datapath, kept so that it can be shown.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct ExternalNameService {
-    pub namespace: String,
-    pub name: String,
-    pub external_name: String,
-}
-
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     /// Sorted by [`PortRef`].
     pub ports: Vec<Arc<DesiredPort>>,
     pub rejected: Vec<Rejection>,
-    /// Sorted by namespace and name.
-    pub external_names: Vec<ExternalNameService>,
 }
 
 fn ns_name(meta: &ObjectMeta) -> (String, String) {
@@ -289,7 +327,6 @@ type SliceResult = Option<Result<ParsedSlice, Rejection>>;
 #[derive(Clone, Debug)]
 enum ServiceModel {
     Ports(Vec<Arc<DesiredPort>>),
-    ExternalName(ExternalNameService),
     /// Nothing to serve, and that is fine (headless).
     Nothing,
     Rejected(String),
@@ -411,7 +448,6 @@ impl ModelCache {
                         model.ports.extend(ports.iter().cloned());
                     }
                 }
-                ServiceModel::ExternalName(e) => model.external_names.push(e.clone()),
                 ServiceModel::Nothing => {}
                 ServiceModel::Rejected(reason) => model.rejected.push(Rejection {
                     kind: "Service",
@@ -438,11 +474,10 @@ fn model_service(
     let spec = svc.spec.as_ref();
     if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
         return match spec.and_then(|s| s.external_name.as_deref()).filter(|n| !n.is_empty()) {
-            Some(n) => ServiceModel::ExternalName(ExternalNameService {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                external_name: n.to_owned(),
-            }),
+            Some(n) => match external_name_ports(spec, namespace, name, n) {
+                Ok(ports) => ServiceModel::Ports(ports.into_iter().map(Arc::new).collect()),
+                Err(reason) => ServiceModel::Rejected(reason),
+            },
             None => ServiceModel::Rejected("type ExternalName without spec.externalName".into()),
         };
     }
@@ -451,6 +486,82 @@ fn model_service(
         Err(reason) if reason.is_empty() => ServiceModel::Nothing,
         Err(reason) => ServiceModel::Rejected(reason),
     }
+}
+
+/// An ExternalName Service: a DNS alias with no datapath. Its ports (or one port-less entry)
+/// are kept, without frontends or backends, so that the CLI can show it.
+fn external_name_ports(
+    spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>,
+    namespace: &str,
+    name: &str,
+    external_name: &str,
+) -> Result<Vec<DesiredPort>, String> {
+    if external_name.len() > 253 {
+        return Err(format!(
+            "externalName is {} characters long, more than DNS allows (253)",
+            external_name.len()
+        ));
+    }
+    let shown = Shown { external_name: external_name.to_owned(), ..Shown::default() };
+    let port_ref = |port_name: String, proto| PortRef {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        port_name,
+        proto,
+    };
+    let empty = |id, port| DesiredPort {
+        id,
+        svc_type: SvcType::ExternalName,
+        port,
+        node_port: None,
+        frontends: Vec::new(),
+        frontend_kinds: Vec::new(),
+        backends: Vec::new(),
+        shown: shown.clone(),
+    };
+    let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
+    if ports.is_empty() {
+        return Ok(vec![empty(port_ref(String::new(), Proto::Tcp), 0)]);
+    }
+    let mut out: Vec<DesiredPort> = Vec::new();
+    for sp in ports {
+        let port_name = sp.name.clone().unwrap_or_default();
+        let proto = Proto::parse(sp.protocol.as_deref()).map_err(|e| format!("port {port_name:?}: {e}"))?;
+        let port =
+            u16::try_from(sp.port).map_err(|_| format!("port {port_name:?}: invalid port {}", sp.port))?;
+        let id = port_ref(port_name, proto);
+        if out.iter().any(|p| p.id == id) {
+            return Err(format!("port {:?}/{proto} is listed twice", id.port_name));
+        }
+        out.push(empty(id, port));
+    }
+    Ok(out)
+}
+
+/// Settings of a Service that apply to all its ports.
+fn shown_settings(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Shown, String> {
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("") | Some("None") => 0,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(10_800);
+            u32::try_from(t).ok().filter(|t| (1..=86_400).contains(t)).ok_or_else(|| {
+                format!("sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1-86400")
+            })?
+        }
+        Some(other) => return Err(format!("sessionAffinity {other:?} is neither None nor ClientIP")),
+    };
+    Ok(Shown {
+        target_port: String::new(),
+        affinity_timeout,
+        external_policy: Policy::parse("externalTrafficPolicy", spec.external_traffic_policy.as_deref())?,
+        internal_policy: Policy::parse("internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?,
+        external_name: String::new(),
+    })
 }
 
 /// The EndpointSlices equivalent to a core/v1 Endpoints object, as the EndpointSlice mirroring
@@ -628,19 +739,24 @@ fn service_ports(
         return Err("no clusterIP assigned (spec.clusterIP is empty)".into());
     }
     // Addresses reached on `port`.
-    let mut addrs: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut addrs: BTreeMap<Ipv4Addr, u16> = BTreeMap::new();
+    let mut add = |kind: u16, a: Option<Ipv4Addr>| {
+        if let Some(a) = a {
+            *addrs.entry(a).or_default() |= kind;
+        }
+    };
     for ip in std::iter::once(cluster_ip).chain(spec.cluster_ips.iter().flatten().map(String::as_str)) {
-        addrs.extend(frontend_addr("clusterIP", ip)?);
+        add(lb_common::SVC_F_CLUSTER_IP, frontend_addr("clusterIP", ip)?);
     }
     for ip in spec.external_ips.iter().flatten() {
-        addrs.extend(frontend_addr("externalIP", ip)?);
+        add(lb_common::SVC_F_EXTERNAL_IP, frontend_addr("externalIP", ip)?);
     }
     if svc_type == SvcType::LoadBalancer {
         let ingress =
             svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
         // An ingress with only a hostname is reached through DNS at an address xlb does not own.
         for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()) {
-            addrs.extend(frontend_addr("LoadBalancer ingress IP", ip)?);
+            add(lb_common::SVC_F_LB_INGRESS, frontend_addr("LoadBalancer ingress IP", ip)?);
         }
     }
     let wants_node_port = match svc_type {
@@ -652,6 +768,7 @@ fn service_ports(
     if ports.is_empty() {
         return Err("no ports".into());
     }
+    let settings = shown_settings(spec)?;
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     let mut seen_node_ports = BTreeSet::new();
@@ -696,19 +813,30 @@ fn service_ports(
                 cfg.max_backends_per_service
             ));
         }
-        let mut frontends: Vec<Frontend> = addrs.iter().map(|&addr| Frontend { addr, port, proto }).collect();
+        let mut kinds: BTreeMap<Frontend, u16> =
+            addrs.iter().map(|(&addr, &k)| (Frontend { addr, port, proto }, k)).collect();
         if let Some(np) = node_port {
-            frontends.extend(cfg.node_addrs.iter().map(|&addr| Frontend { addr, port: np, proto }));
+            for &addr in &cfg.node_addrs {
+                *kinds.entry(Frontend { addr, port: np, proto }).or_default() |= lb_common::SVC_F_NODE_PORT;
+            }
         }
-        frontends.sort();
-        frontends.dedup();
+        let (frontends, frontend_kinds): (Vec<Frontend>, Vec<u16>) = kinds.into_iter().unzip();
         out.push(DesiredPort {
             id: PortRef { namespace: namespace.to_owned(), name: name.to_owned(), port_name, proto },
             svc_type,
             port,
             node_port,
             frontends,
+            frontend_kinds,
             backends,
+            shown: Shown {
+                target_port: match &sp.target_port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => n.to_string(),
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s)) => s.clone(),
+                    None => String::new(),
+                },
+                ..settings.clone()
+            },
         });
     }
     Ok(out)
@@ -859,7 +987,8 @@ mod tests {
         assert_eq!(rejected, ["bad-ip", "dup-port", "no-ip", "port-zero", "sctp", "weird-proto"]);
         assert!(m.rejected.iter().all(|r| !r.reason.is_empty()));
         assert!(m.rejected.iter().find(|r| r.name == "bad-ip").unwrap().reason.contains("198.18.0.999"));
-        let served: Vec<&str> = m.ports.iter().map(|p| p.id.name.as_str()).collect();
+        let served: Vec<&str> =
+            m.ports.iter().filter(|p| !p.frontends.is_empty()).map(|p| p.id.name.as_str()).collect();
         assert_eq!(served, ["good"], "headless and ExternalName have no datapath, and are not errors");
     }
 
@@ -1064,15 +1193,12 @@ mod tests {
         let m = build_yaml(
             "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: prod}\nspec: {type: ExternalName, externalName: db.example.com, ports: [{port: 5432}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {type: ExternalName}\n",
         );
-        assert!(m.ports.is_empty());
-        assert_eq!(
-            m.external_names,
-            [ExternalNameService {
-                namespace: "prod".into(),
-                name: "db".into(),
-                external_name: "db.example.com".into()
-            }]
-        );
+        assert_eq!(m.ports.len(), 1);
+        let p = &m.ports[0];
+        assert_eq!((p.id.namespace.as_str(), p.id.name.as_str(), p.port), ("prod", "db", 5432));
+        assert_eq!(p.svc_type, SvcType::ExternalName);
+        assert_eq!(p.shown.external_name, "db.example.com");
+        assert!(p.frontends.is_empty() && p.backends.is_empty(), "no datapath");
         assert_eq!(m.rejected.len(), 1);
         assert!(m.rejected[0].reason.contains("without spec.externalName"));
     }
@@ -1112,7 +1238,6 @@ mod tests {
         let same = |a: &Model, b: &Model| {
             assert_eq!(a.ports, b.ports);
             assert_eq!(a.rejected, b.rejected);
-            assert_eq!(a.external_names, b.external_names);
         };
         let fresh = |sv: &[Arc<Service>], sl: &[Arc<EndpointSlice>]| {
             build(sv.iter().map(AsRef::as_ref), sl.iter().map(AsRef::as_ref), &cfg)

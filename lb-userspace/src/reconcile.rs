@@ -17,8 +17,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend4, SCOPE_EXTERNAL, SVC_INFO_NAME_LEN,
-    SVC_INFO_PORT_NAME_LEN, Svc4Key, Svc4Value, SvcInfo,
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend4, SCOPE_EXTERNAL, SVC_INFO_DNS_NAME_LEN,
+    SVC_INFO_NAME_LEN, SVC_INFO_PORT_NAME_LEN, Svc4Key, Svc4Value, SvcInfo,
 };
 
 use crate::{
@@ -47,6 +47,8 @@ struct BackendKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct FrontendState {
     svc_id: u32,
+    /// `SVC_F_*` bits of the slot-0 entry.
+    flags: u16,
     /// Slots new flows choose from: 1..=count.
     count: u16,
     /// Backend ids in slots 1..=len: the selectable ones, then the others (terminating), which
@@ -160,9 +162,15 @@ pub fn svc_info(p: &DesiredPort) -> SvcInfo {
         namespace: fixed::<SVC_INFO_NAME_LEN>(&p.id.namespace),
         name: fixed::<SVC_INFO_NAME_LEN>(&p.id.name),
         port_name: fixed::<SVC_INFO_PORT_NAME_LEN>(&p.id.port_name),
+        target_port: fixed::<SVC_INFO_PORT_NAME_LEN>(&p.shown.target_port),
+        external_name: fixed::<SVC_INFO_DNS_NAME_LEN>(&p.shown.external_name),
         port: p.port,
+        node_port: p.node_port.unwrap_or(0),
         proto: p.id.proto.number(),
         svc_type: p.svc_type.code(),
+        external_policy: p.shown.external_policy.code(),
+        internal_policy: p.shown.internal_policy.code(),
+        affinity_timeout: p.shown.affinity_timeout,
         backends: p.backends.len() as u32,
     }
 }
@@ -217,11 +225,11 @@ impl<D: Datapath> Reconciler<D> {
         self.backend_values.clear();
 
         let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
-        let mut entries: BTreeMap<Frontend, (u32, u16)> = BTreeMap::new();
+        let mut entries: BTreeMap<Frontend, (u32, u16, u16)> = BTreeMap::new();
         for (k, v) in self.dp.read_services()? {
             let Some(f) = frontend_of(&k) else { continue };
             if k.slot == 0 {
-                entries.insert(f, (v.svc_id, v.count));
+                entries.insert(f, (v.svc_id, v.count, v.flags));
             } else {
                 slots.entry(f).or_default().insert(k.slot, v.backend_id);
             }
@@ -241,13 +249,14 @@ impl<D: Datapath> Reconciler<D> {
         }
         // Every slot ever written, including orphans past a count, so they get cleaned up.
         for (f, s) in &slots {
-            let (svc_id, count) = entries.get(f).copied().unwrap_or((0, 0));
+            let (svc_id, count, flags) = entries.get(f).copied().unwrap_or((0, 0, 0));
             let max = s.keys().last().copied().unwrap_or(0);
             let list = (1..=max).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
-            self.frontends.insert(*f, FrontendState { svc_id, count, slots: list });
+            self.frontends.insert(*f, FrontendState { svc_id, flags, count, slots: list });
         }
-        for (f, (svc_id, count)) in &entries {
+        for (f, (svc_id, count, flags)) in &entries {
             self.frontends.entry(*f).or_insert(FrontendState {
+                flags: *flags,
                 svc_id: *svc_id,
                 count: *count,
                 slots: Vec::new(),
@@ -334,6 +343,12 @@ impl<D: Datapath> Reconciler<D> {
                 Some(id) => *id,
                 None => {
                     let id = self.be_ids.alloc("backend", cap.backends)?;
+                    // The id's flow count starts again for its new backend (an earlier one may
+                    // have counted there). Until the backend is written below, no slot names it.
+                    if let Err(e) = self.dp.reset_backend_flows(id) {
+                        self.be_ids.release(id);
+                        return Err(e.into());
+                    }
                     self.backend_ids.insert(*k, id);
                     id
                 }
@@ -356,7 +371,8 @@ impl<D: Datapath> Reconciler<D> {
             let count = slots.len() as u16;
             let mut rest: Vec<u32> = p.backends.iter().map(id_of).filter(|id| !slots.contains(id)).collect();
             slots.append(&mut rest);
-            for f in &p.frontends {
+            for (fi, f) in p.frontends.iter().enumerate() {
+                let flags = p.frontend_kinds.get(fi).copied().unwrap_or(0);
                 wanted_frontends.insert(*f);
                 let old = self.frontends.get(f).cloned();
                 let old_slots = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or_default();
@@ -368,11 +384,11 @@ impl<D: Datapath> Reconciler<D> {
                     }
                 }
                 let entry_changed = match &old {
-                    Some(o) => o.svc_id != svc_id || o.count != count,
+                    Some(o) => o.svc_id != svc_id || o.count != count || o.flags != flags,
                     None => true,
                 };
                 if entry_changed {
-                    let v = Svc4Value { svc_id, count, ..Default::default() };
+                    let v = Svc4Value { svc_id, count, flags, ..Default::default() };
                     self.dp.write_service(key(f, 0), v)?;
                     st.writes += 1;
                 }
@@ -380,7 +396,7 @@ impl<D: Datapath> Reconciler<D> {
                 // the last one down; each stays in the picture until its delete succeeded.
                 let mut picture = slots.clone();
                 picture.extend_from_slice(old_slots.get(slots.len()..).unwrap_or_default());
-                self.frontends.insert(*f, FrontendState { svc_id, count, slots: picture });
+                self.frontends.insert(*f, FrontendState { svc_id, flags, count, slots: picture });
                 for i in (slots.len()..old_slots.len()).rev() {
                     self.dp.delete_service(key(f, i as u16 + 1))?;
                     if let Some(fs) = self.frontends.get_mut(f) {
@@ -518,6 +534,18 @@ mod tests {
         fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
             self.0.delete_svc_info(id)
         }
+        fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
+            self.0.reset_backend_flows(id)
+        }
+        fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
+            self.0.read_backend_flows(id)
+        }
+        fn read_ct(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>, DatapathError> {
+            self.0.read_ct()
+        }
+        fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
+            self.0.read_stats()
+        }
     }
 
     struct Lcg(u64);
@@ -540,10 +568,12 @@ mod tests {
             node_port: None,
             port: 80,
             frontends: vec![Frontend { addr: Ipv4Addr::new(198, 18, 0, vip), port: 80, proto: Proto::Tcp }],
+            frontend_kinds: vec![lb_common::SVC_F_CLUSTER_IP],
             backends: backends
                 .iter()
                 .map(|&(b, state)| DesiredBackend { addr: Ipv4Addr::new(198, 18, 1, b), port: 8080, state })
                 .collect(),
+            shown: Default::default(),
         }
     }
 

@@ -55,6 +55,18 @@ impl Datapath for Shared {
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
         self.0.lock().unwrap().delete_svc_info(id)
     }
+    fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.0.lock().unwrap().reset_backend_flows(id)
+    }
+    fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
+        self.0.lock().unwrap().read_backend_flows(id)
+    }
+    fn read_ct(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>, DatapathError> {
+        self.0.lock().unwrap().read_ct()
+    }
+    fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
+        self.0.lock().unwrap().read_stats()
+    }
 }
 
 /// What the maps serve: "frontend -> backend, backend" lines.
@@ -70,7 +82,7 @@ fn served(dp: &Shared) -> Vec<String> {
                 .filter(|b| b.selectable)
                 .map(|b| format!("{}:{}", b.address, b.port))
                 .collect();
-            format!("{} -> {}", r.frontend, bes.join(","))
+            format!("{} -> {}", r.frontend.unwrap_or_default(), bes.join(","))
         })
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()

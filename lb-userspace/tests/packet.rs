@@ -11,7 +11,7 @@ use xlb_tests::privileged;
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{IPPROTO_TCP, STAT_NAMES, Stat};
 use lb_userspace::{
-    datapath::BpfMaps,
+    datapath::{BpfMaps, Datapath as _},
     ebpf::{self, Capacities},
     manifests,
     model::{self, ModelConfig},

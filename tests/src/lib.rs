@@ -402,7 +402,7 @@ impl SingleNode {
         }
         let log = self.work.join("agent.log");
         let mut agent = Proc::spawn("xlb agent", &mut cmd, Some(&log))?;
-        agent.wait_for_log("ready", Duration::from_secs(30))?;
+        agent.wait_for_log(" ready pin_dir=", Duration::from_secs(30))?;
         Ok(agent)
     }
 

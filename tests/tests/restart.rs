@@ -14,6 +14,18 @@ use xlb_tests::{SingleNode, privileged, tcp_request};
 
 const MANIFEST: &str = include_str!("../manifests/demo.yaml");
 
+/// `xlb services -o json` without the flow counts, which move with traffic.
+fn ids(bed: &SingleNode) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(&["services", "-o", "json"]).unwrap()).unwrap();
+    for row in v.as_array_mut().unwrap() {
+        for b in row["backends"].as_array_mut().unwrap() {
+            b.as_object_mut().unwrap().remove("new_flows");
+        }
+    }
+    v
+}
+
 #[test]
 fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     if !privileged("end-to-end tests need root") {
@@ -24,7 +36,7 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     bed.write_manifest("web.yaml", MANIFEST).unwrap();
     bed.start_agent().expect("agent");
     bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
-    let before = bed.xlb_cli(&["services", "-o", "json"]).unwrap();
+    let before = ids(&bed);
 
     let stop = AtomicBool::new(false);
     let vip = "198.18.0.10:80".parse().unwrap();
@@ -79,8 +91,7 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     let log = bed.agent.as_ref().unwrap().log_text();
     assert!(log.contains("replaced the program of the pinned link"), "{log}");
     assert!(log.contains("writes=0") && log.contains("deletes=0"), "the restart rewrote maps:\n{log}");
-    let after = bed.xlb_cli(&["services", "-o", "json"]).unwrap();
-    assert_eq!(before, after, "service and backend ids stay the same across the restart");
+    assert_eq!(before, ids(&bed), "service and backend ids stay the same across the restart");
     assert!(bed.pin_dir.join("links/xdp_eth0").exists());
 
     // `xlb cleanup` after the agent stops: the pins go, and with them the program.
@@ -90,4 +101,43 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     assert_eq!(std::fs::read_dir(&bed.pin_dir).unwrap().count(), 0, "nothing left pinned");
     let r = bed.client.enter(|| tcp_request(vip, Duration::from_secs(1)));
     assert!(r.is_err(), "after cleanup no program translates the ClusterIP: {r:?}");
+}
+
+#[test]
+fn an_agent_of_a_new_layout_takes_over_and_removes_the_old_maps() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
+    bed.write_manifest("web.yaml", MANIFEST).unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    let frontends = |bed: &SingleNode| -> Vec<(String, String, String)> {
+        let v: serde_json::Value =
+            serde_json::from_str(&bed.xlb_cli(&["services", "-o", "json"]).unwrap()).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["frontend"].to_string(), r["name"].to_string(), r["backends"].to_string()))
+            .collect()
+    };
+    let before = frontends(&bed);
+    bed.agent.take().unwrap().stop(Duration::from_secs(5));
+
+    // As an older agent would have left it: the names map under its older layout's name.
+    let current = lb_common::MAP_SVC_INFO;
+    let (base, v) = current.rsplit_once("_v").unwrap();
+    let older = format!("{base}_v{}", v.parse::<u32>().unwrap() - 1);
+    std::fs::rename(bed.pin_dir.join(current), bed.pin_dir.join(&older)).unwrap();
+    let err = bed.xlb_cli(&["services"]).unwrap_err().to_string();
+    assert!(err.contains(&format!("pinned by an older xlb: found {older}")), "{err}");
+
+    bed.start_agent().expect("agent of the new layout");
+    let log = bed.agent.as_ref().unwrap().log_text();
+    assert!(log.contains("removed a map of another layout version"), "{log}");
+    assert!(!bed.pin_dir.join(&older).exists() && bed.pin_dir.join(current).exists());
+    assert_eq!(frontends(&bed), before, "the same frontends, names and backends");
+    // Traffic still flows.
+    bed.client.enter(|| tcp_request("198.18.0.10:80".parse().unwrap(), Duration::from_secs(2))).unwrap();
 }
