@@ -261,10 +261,10 @@ impl Tracer {
                 );
                 not_done.push(format!("add one to backend {}'s new-flow count", rec.backend_id));
                 let mut why = if rec.count == 1 {
-                    "new flow: the frontend has one backend for new flows".to_string()
+                    "the frontend has one backend for new flows".to_string()
                 } else {
                     format!(
-                        "new flow: slot {} of {} chosen at random (a real packet may draw another slot)",
+                        "slot {} of {} chosen at random (a real packet may draw another slot)",
                         rec.slot, rec.count
                     )
                 };
