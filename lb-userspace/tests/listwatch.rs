@@ -179,8 +179,9 @@ async fn the_agent_converges_through_disconnects_relists_and_an_absent_api_serve
     api.delete(Kind::Slice, "default/db-1");
     api.put(Kind::Service, service("cache", "198.18.0.30", 6379, 6379));
     api.put(Kind::Slice, slice("cache-1", "cache", 6379, &["198.18.3.1"]));
-    api.compact();
-    api.drop_watches();
+    // The open watches may already have seen these events; expiring them makes both resume
+    // from a compacted version all the same.
+    api.expire_watches();
     converge(
         &dp,
         &["198.18.0.10:80/TCP -> 198.18.1.2:8080", "198.18.0.30:6379/TCP -> 198.18.3.1:6379"],

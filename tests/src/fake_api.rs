@@ -92,6 +92,20 @@ impl FakeApi {
         self.wake();
     }
 
+    /// As after a change no watch saw was compacted away: every open watch ends, and every
+    /// watch resuming from a version it had seen gets 410 Gone and must list again (whether or
+    /// not it had seen the latest event).
+    pub fn expire_watches(&self) {
+        {
+            let mut st = self.state.lock().unwrap();
+            st.rv += 1;
+            st.compacted = st.rv;
+            st.events.clear();
+            st.generation += 1;
+        }
+        self.wake();
+    }
+
     /// Forgets the history: watches from any version before now get 410 Gone.
     pub fn compact(&self) {
         let mut st = self.state.lock().unwrap();
