@@ -26,16 +26,22 @@ fn ids(bed: &SingleNode) -> serde_json::Value {
     v
 }
 
-#[test]
-fn sigkill_and_restart_of_the_agent_loses_no_connection() {
-    if !privileged("end-to-end tests need root") {
-        return;
-    }
+/// Two pods serving 8080, the demo Service, and an agent that serves it.
+fn demo_bed() -> SingleNode {
     let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
     bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
     bed.write_manifest("web.yaml", MANIFEST).unwrap();
     bed.start_agent().expect("agent");
     bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    bed
+}
+
+#[test]
+fn sigkill_and_restart_of_the_agent_loses_no_connection() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = demo_bed();
     let before = ids(&bed);
 
     let stop = AtomicBool::new(false);
@@ -108,11 +114,7 @@ fn an_agent_of_a_new_layout_takes_over_and_removes_the_old_maps() {
     if !privileged("end-to-end tests need root") {
         return;
     }
-    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
-    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
-    bed.write_manifest("web.yaml", MANIFEST).unwrap();
-    bed.start_agent().expect("agent");
-    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    let mut bed = demo_bed();
     let frontends = |bed: &SingleNode| -> Vec<(String, String, String)> {
         let v: serde_json::Value =
             serde_json::from_str(&bed.xlb_cli(&["services", "-o", "json"]).unwrap()).unwrap();
