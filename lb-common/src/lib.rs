@@ -24,7 +24,7 @@ pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
 pub const MAP_CT: &str = "xlb_ct4_v1";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
-pub const MAP_STATS: &str = "xlb_stats_v1";
+pub const MAP_STATS: &str = "xlb_stats_v2";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
 pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v2";
 /// New flows sent to each backend (array, backend id -> u64); the agent zeroes an id's count
@@ -33,6 +33,26 @@ pub const MAP_BACKEND_FLOWS: &str = "xlb_beflows_v1";
 /// The decision of one run of the trace program (array of one [`TraceRecord`]). Never pinned:
 /// each `xlb trace` loads its own.
 pub const MAP_TRACE: &str = "xlb_trace_v1";
+
+/// The token bucket limiting ICMP errors sent for Services without endpoints (per-CPU array of
+/// one [`RejectBucket`]). Not pinned: a new program starts with a full bucket.
+pub const MAP_REJECT_BUCKET: &str = "xlb_rejectbkt_v1";
+
+/// ICMP port-unreachable answers each CPU may send per second (like the kernel's own ICMP rate
+/// limit, `net.ipv4.icmp_msgs_per_sec`); TCP resets are not limited, as the kernel's are not.
+pub const REJECT_ICMP_PER_SEC: u64 = 1000;
+/// Answers a CPU may send at once before the rate applies.
+pub const REJECT_ICMP_BURST: u64 = 100;
+
+/// Value of [`MAP_REJECT_BUCKET`]. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RejectBucket {
+    /// Tokens, in nanoseconds' worth of the rate: one answer costs 1e9 / REJECT_ICMP_PER_SEC.
+    pub credit_ns: u64,
+    /// CLOCK_MONOTONIC nanoseconds at the last refill.
+    pub last_ns: u64,
+}
 
 /// Every map the agent pins, in the order the CLI reports them.
 pub const ALL_MAPS: [&str; 6] =
@@ -280,7 +300,8 @@ pub enum Stat {
     DnatEstablished = 7,
     /// Passed after a reply's source was translated back to the frontend.
     RevNat = 8,
-    /// Dropped: the service has no usable endpoint.
+    /// Dropped: the service has no usable endpoint, and no answer could be sent (the packet is a
+    /// TCP reset, carries IP options, or the ICMP rate limit was reached).
     DropNoBackend = 9,
     /// Dropped: a backend slot or backend vanished during an update (a race with the agent).
     DropStaleSlot = 10,
@@ -288,10 +309,13 @@ pub enum Stat {
     DropCtFull = 11,
     /// Tracked flow whose backend was removed; the flow was re-balanced.
     CtStaleBackend = 12,
+    /// Answered (XDP_TX): the service has no usable endpoint, so the client got a TCP reset or
+    /// an ICMP port unreachable, as kube-proxy's REJECT rules send.
+    RejectNoBackend = 13,
 }
 
 /// Number of [`Stat`] counters; size of [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_COUNT: u32 = 14;
 
 /// Names of the [`Stat`] counters, by index, as the CLI and /metrics show them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -308,6 +332,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_stale_slot",
     "drop_ct_full",
     "ct_stale_backend",
+    "reject_no_backend",
 ];
 
 /// Value of [`MAP_TRACE`]: what the trace program decided for one packet. 32 bytes.
@@ -348,6 +373,9 @@ pub const TRACE_FRONTEND: u32 = 1 << 3;
 pub const TRACE_NEW_FLOW: u32 = 1 << 4;
 /// [`TraceRecord::steps`]: a header was rewritten.
 pub const TRACE_REWRITE: u32 = 1 << 5;
+/// [`TraceRecord::steps`]: the packet was turned into an answer to its sender (a TCP reset or
+/// an ICMP port unreachable) and sent back.
+pub const TRACE_REJECT: u32 = 1 << 6;
 
 const _: () = {
     assert!(core::mem::size_of::<Svc4Key>() == 12);
@@ -358,7 +386,8 @@ const _: () = {
     assert!(core::mem::size_of::<StatValue>() == 16);
     assert!(core::mem::size_of::<SvcInfo>() == 432);
     assert!(core::mem::size_of::<TraceRecord>() == 32);
-    assert!(Stat::CtStaleBackend as u32 + 1 == STAT_COUNT);
+    assert!(Stat::RejectNoBackend as u32 + 1 == STAT_COUNT);
+    assert!(core::mem::size_of::<RejectBucket>() == 16);
 };
 
 #[cfg(feature = "user")]

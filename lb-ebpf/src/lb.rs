@@ -8,7 +8,7 @@
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_get_prandom_u32, programs::XdpContext};
 use lb_common::{
     BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, SCOPE_EXTERNAL, Stat, Svc4Key, TRACE_CT_FORWARD,
-    TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REWRITE, TraceRecord,
+    TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord,
 };
 
 use crate::{
@@ -16,6 +16,7 @@ use crate::{
     maps::{BACKEND_FLOWS, BACKENDS, CT, SERVICES, TRACE},
     nat::{self, Side},
     parse::{self, Packet, Parsed},
+    reject,
     stats::count,
 };
 
@@ -104,11 +105,11 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         }
     }
 
-    new_flow::<TRACE_MODE>(rec, &pkt, bytes)
+    new_flow::<TRACE_MODE>(ctx, rec, &pkt, bytes)
 }
 
 #[inline(always)]
-fn new_flow<const TRACE_MODE: bool>(rec: Rec, pkt: &Packet, bytes: u64) -> Result<u32, ()> {
+fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, bytes: u64) -> Result<u32, ()> {
     let mut key = Svc4Key {
         addr: pkt.daddr.to_ne_bytes(),
         port: u16::from_be(pkt.dport),
@@ -128,6 +129,11 @@ fn new_flow<const TRACE_MODE: bool>(rec: Rec, pkt: &Packet, bytes: u64) -> Resul
         r.count = count_;
     });
     if count_ == 0 {
+        // As kube-proxy: the client is told at once (TCP reset, ICMP port unreachable).
+        if reject::answer::<TRACE_MODE>(ctx, pkt) {
+            step(rec, |r| r.steps |= TRACE_REJECT);
+            return verdict(rec, Stat::RejectNoBackend, bytes, xdp_action::XDP_TX);
+        }
         return drop(rec, Stat::DropNoBackend, bytes);
     }
     // SAFETY: helper with no arguments.

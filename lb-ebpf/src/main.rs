@@ -2,7 +2,8 @@
 //!
 //! One module per concern: `parse` (bounds-checked header access), `maps`, `stats`, `nat`
 //! (address/port rewrite with incremental checksums), `ct` (connection tracking), `lb` (service
-//! lookup and backend selection, and the per-packet decision).
+//! lookup and backend selection, and the per-packet decision), `reject` (the answer for a
+//! Service without endpoints).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // The bpf target has no atomic read-modify-write in core::sync::atomic; the intrinsic compiles
@@ -20,6 +21,8 @@ mod maps;
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod reject;
 #[cfg(target_arch = "bpf")]
 mod stats;
 

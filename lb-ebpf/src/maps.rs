@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, STAT_COUNT, SVC_INFO_MAP_FLAGS, StatValue, Svc4Key, Svc4Value, SvcInfo,
-    TraceRecord,
+    Backend4, Ct4Key, Ct4Value, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, StatValue, Svc4Key, Svc4Value,
+    SvcInfo, TraceRecord,
 };
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
@@ -22,7 +22,7 @@ pub static BACKENDS: Array<Backend4, 262_144> = Array::new();
 pub static CT: LruHashMap<Ct4Key, Ct4Value, 262_144> = LruHashMap::new();
 
 /// Per-CPU packet and byte counters by verdict and reason (see lb_common::Stat).
-#[btf_map(name = "xlb_stats_v1")]
+#[btf_map(name = "xlb_stats_v2")]
 pub static STATS: PerCpuArray<StatValue, { STAT_COUNT as usize }> = PerCpuArray::new();
 
 /// Service id -> names for display; written by the agent, never read here. Declared in the
@@ -37,3 +37,7 @@ pub static BACKEND_FLOWS: Array<u64, 262_144> = Array::new();
 /// The trace program's record of its decision; the datapath program never touches it.
 #[btf_map(name = "xlb_trace_v1")]
 pub static TRACE: Array<TraceRecord, 1> = Array::new();
+
+/// Token bucket of the ICMP answers for Services without endpoints, per CPU.
+#[btf_map(name = "xlb_rejectbkt_v1")]
+pub static REJECT_BUCKET: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();

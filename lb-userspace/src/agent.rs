@@ -317,6 +317,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         changed.notify_one();
     }
     for iface in &cfg.interfaces {
+        if cfg.xdp_mode != XdpMode::Skb && ebpf::driver(iface).as_deref() == Some("veth") {
+            warn!(
+                %iface,
+                "veth in native XDP mode: the answers xlb sends back out of it (TCP resets and ICMP errors for Services without endpoints) reach its peer only if the peer has GRO or an XDP program on (`ethtool -K PEER gro on`); otherwise run with --xdp-mode generic"
+            );
+        }
         match ebpf::attach_pinned(&mut ebpf, iface, cfg.xdp_mode, &cfg.pin_dir)? {
             Attached::New => info!(%iface, "attached XDP (new pinned link)"),
             Attached::Replaced => info!(%iface, "attached XDP (replaced the program of the pinned link)"),

@@ -783,6 +783,7 @@ pub fn stat_verdict(name: &str) -> &'static str {
     match name {
         "rx" => "seen",
         "ct_stale_backend" => "event",
+        n if n.starts_with("reject_") => "reject (answered)",
         n if n.starts_with("drop_") => "drop",
         n if n.starts_with("pass_") => "pass",
         _ => "pass (translated)",
@@ -801,7 +802,12 @@ pub fn stat_meaning(name: &str) -> &'static str {
         "dnat_new" => "first packet of a new flow, sent to a backend",
         "dnat_established" => "packet of a tracked flow, sent to its backend",
         "rev_nat" => "reply from a backend, source set back to the frontend",
-        "drop_no_backend" => "service has no usable endpoint",
+        "drop_no_backend" => {
+            "service has no usable endpoint, and no answer was possible (a reset, IP options, ICMP rate limit)"
+        }
+        "reject_no_backend" => {
+            "service has no usable endpoint: answered with a TCP reset or ICMP port unreachable"
+        }
         "drop_stale_slot" => "backend slot vanished during an update (race with the agent)",
         "drop_ct_full" => "connection could not be tracked (conntrack map update failed)",
         "ct_stale_backend" => "tracked flow whose backend was removed; balanced again",

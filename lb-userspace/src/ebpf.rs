@@ -233,6 +233,41 @@ pub fn attach_pinned(
     }
 }
 
+/// The kernel driver of `iface` (ETHTOOL_GDRVINFO), e.g. "veth"; `None` if it cannot be read.
+pub fn driver(iface: &str) -> Option<String> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 4 * 5],
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    if iface.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 32 * 4 + 12 + 4 * 5] };
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, _pad: [0; 16] };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: a datagram socket used for one ioctl and closed; `req` points at `info`, both
+    // live for the call, laid out as the kernel's ifreq and ethtool_drvinfo.
+    let ok = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let r = libc::ioctl(fd, libc::SIOCETHTOOL, &mut req as *mut IfReq);
+        libc::close(fd);
+        r == 0
+    };
+    ok.then(|| crate::reconcile::unfixed(&info.driver))
+}
+
 /// Removes the pinned links (detaching the program) and maps under `pin_dir`. Returns what was
 /// removed.
 pub fn unpin_all(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {

@@ -277,9 +277,21 @@ impl Tracer {
                 }
                 ("new_flow", why, Some(backend(rec.backend_id, Some(rec.slot))?))
             }
+            "reject_no_backend" => (
+                "reject",
+                format!(
+                    "{} has no endpoint that takes new flows: the packet is answered with {} to its sender",
+                    label(rec.svc_id),
+                    if req.proto == Proto::Tcp { "a TCP reset" } else { "an ICMP port unreachable" }
+                ),
+                None,
+            ),
             "drop_no_backend" => (
                 "no_backend",
-                format!("{} has no endpoint that takes new flows: the packet is dropped", label(rec.svc_id)),
+                format!(
+                    "{} has no endpoint that takes new flows, and no answer may be sent (the packet is a reset, or carries IP options): it is dropped",
+                    label(rec.svc_id)
+                ),
                 None,
             ),
             "drop_stale_slot" => (

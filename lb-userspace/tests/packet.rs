@@ -316,15 +316,140 @@ fn ip_options_are_skipped_correctly() {
     }
 }
 
+const EMPTY: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  clusterIP: 198.18.0.20
+  ports: [{name: http, port: 80, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]
+"#;
+
+const XDP_TX: u32 = 3;
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The one's complement sum of `b` folded: 0xffff when a checksum over `b` verifies.
+fn sum(b: &[u8]) -> u16 {
+    lb_common::csum::fold(lb_common::csum::sum_words(b, 0))
+}
+
 #[test]
-fn service_without_endpoints_drops() {
+fn service_without_endpoints_answers_with_a_reset() {
     if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
-    let mut dut = Dut::new(WEB);
-    let (v, _) = dut.run(&Frame::tcp(sa("198.18.100.1:40000"), sa("198.18.0.20:80")).build());
-    assert_eq!(v, XDP_DROP);
-    assert_eq!(dut.stat(Stat::DropNoBackend), 1);
+    let mut dut = Dut::new(EMPTY);
+    let client = sa("198.18.100.1:40000");
+    let vip = sa("198.18.0.20:80");
+
+    // A SYN (with options and data, to check both are counted and cut): RST|ACK acknowledging it.
+    let mut syn = Frame::tcp(client, vip);
+    syn.payload = b"hello".to_vec();
+    let input = syn.build();
+    let (v, out) = dut.run(&input);
+    assert_eq!(v, XDP_TX, "the answer goes back out of the interface");
+    assert_eq!(out.len(), 14 + 20 + 20, "Ethernet, IPv4 and TCP headers only");
+    assert_eq!((&out[0..6], &out[6..12]), (&input[6..12], &input[0..6]), "MAC addresses swapped");
+    let d = decode(&out).expect("a TCP/IPv4 frame");
+    assert_eq!((d.src, d.dst), (vip, client), "the reset comes from the address the client used");
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+    let tcp = &out[34..];
+    assert_eq!(tcp[13], 0x14, "RST|ACK");
+    assert_eq!(be32(tcp, 4), 0, "no ACK in the segment: the reset's sequence number is 0");
+    assert_eq!(be32(tcp, 8), 1 + 5 + 1, "acknowledges seq 1 + 5 bytes of data + the SYN");
+    assert_eq!(tcp[12] >> 4, 5, "no TCP options");
+    assert_eq!(out[22], 64, "TTL 64");
+
+    // A segment with ACK: the reset takes its sequence number from the ACK, and has no ACK.
+    let mut ack = Frame::tcp(client, vip);
+    ack.tcp_flags = 0x10;
+    let mut input = ack.build();
+    input[34 + 8..34 + 12].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+    let c = sum(&{
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&input[26..34]);
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&((input.len() - 34) as u16).to_be_bytes());
+        let mut seg = input[34..].to_vec();
+        seg[16] = 0;
+        seg[17] = 0;
+        pseudo.extend_from_slice(&seg);
+        pseudo
+    });
+    input[34 + 16..34 + 18].copy_from_slice(&(!c).to_be_bytes());
+    let (v, out) = dut.run(&input);
+    assert_eq!(v, XDP_TX);
+    let d = decode(&out).unwrap();
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+    assert_eq!((out[34 + 13], be32(&out, 34 + 4)), (0x04, 0xdead_beef), "RST, seq = the segment's ACK");
+
+    // A reset is never answered.
+    let mut rst = Frame::tcp(client, vip);
+    rst.tcp_flags = 0x04;
+    assert_eq!(dut.run(&rst.build()).0, XDP_DROP);
+    assert_eq!((dut.stat(Stat::RejectNoBackend), dut.stat(Stat::DropNoBackend)), (2, 1));
+    assert!(dut.rec.datapath().read_ct().unwrap().is_empty(), "nothing is tracked");
+}
+
+#[test]
+fn service_without_endpoints_answers_udp_with_icmp_port_unreachable() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(EMPTY);
+    let client = sa("198.18.100.1:40000");
+    let mut udp = Frame::udp(client, sa("198.18.0.20:53"));
+    udp.payload = vec![7; 100];
+    let input = udp.build();
+    let (v, out) = dut.run(&input);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out.len(), 14 + 20 + 8 + 28, "Ethernet, IPv4, ICMP, and the quoted IPv4 header and 8 bytes");
+    assert_eq!((&out[0..6], &out[6..12]), (&input[6..12], &input[0..6]), "MAC addresses swapped");
+    assert_eq!(be16(&out, 12), 0x0800);
+    let ip = &out[14..34];
+    assert_eq!((ip[0], ip[9], ip[8]), (0x45, 1, 64), "IPv4, ICMP, TTL 64");
+    assert_eq!(be16(ip, 2) as usize, out.len() - 14);
+    assert_eq!(&ip[12..16], &[198, 18, 0, 20], "from the Service address the client used");
+    assert_eq!(&ip[16..20], &[198, 18, 100, 1], "to the client");
+    assert_eq!(sum(ip), 0xffff, "IPv4 header checksum");
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "destination unreachable, port unreachable");
+    assert_eq!(sum(icmp), 0xffff, "ICMP checksum");
+    assert_eq!(&icmp[8..], &input[14..14 + 28], "quotes the datagram's IPv4 header and UDP header as sent");
+
+    // With IP options the quote would not be the plain header: dropped, counted.
+    let mut opts = Frame::udp(client, sa("198.18.0.20:53"));
+    opts.ip_options = vec![1, 1, 1, 0];
+    assert_eq!(dut.run(&opts.build()).0, XDP_DROP);
+    assert_eq!((dut.stat(Stat::RejectNoBackend), dut.stat(Stat::DropNoBackend)), (1, 1));
+}
+
+#[test]
+fn icmp_answers_are_rate_limited() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(EMPTY);
+    let frame = Frame::udp(sa("198.18.100.1:40000"), sa("198.18.0.20:53")).build();
+    let start = std::time::Instant::now();
+    let verdicts: Vec<u32> = (0..400).map(|_| dut.run(&frame).0).collect();
+    let elapsed_ms = start.elapsed().as_millis() as u64;
+    let answered = verdicts.iter().filter(|v| **v == XDP_TX).count() as u64;
+    let burst = lb_common::REJECT_ICMP_BURST;
+    // Test runs may land on any CPU, each with its own bucket.
+    let cpus = aya::util::nr_cpus().unwrap() as u64;
+    let most = cpus * burst + elapsed_ms * lb_common::REJECT_ICMP_PER_SEC / 1000 + cpus;
+    assert!(answered >= burst, "at least a burst is answered: {answered}");
+    assert!(answered <= most, "{answered} answers in {elapsed_ms} ms: more than {most} (the rate limit)");
+    assert_eq!(dut.stat(Stat::RejectNoBackend), answered);
+    assert_eq!(dut.stat(Stat::DropNoBackend), 400 - answered, "the rest are dropped and counted");
 }
 
 #[test]

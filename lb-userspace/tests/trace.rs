@@ -232,9 +232,15 @@ fn trace_reports_what_the_datapath_does_and_changes_nothing() {
     let t = tracer.run(&req(Proto::Tcp, "198.18.100.2:1", "198.18.0.99:80", 0x02)).unwrap();
     assert_eq!((t.decision, t.verdict, t.counter), ("no_service", "XDP_PASS", "pass_no_service"));
     assert!(t.rewrite.is_none());
-    let t = tracer.run(&req(Proto::Tcp, "198.18.100.2:1", "198.18.0.12:80", 0x02)).unwrap();
-    assert_eq!((t.decision, t.verdict, t.counter), ("no_backend", "XDP_DROP", "drop_no_backend"));
+    let syn_to_empty = req(Proto::Tcp, "198.18.100.2:1", "198.18.0.12:80", 0x02);
+    let t = tracer.run(&syn_to_empty).unwrap();
+    assert_eq!((t.decision, t.verdict, t.counter), ("reject", "XDP_TX", "reject_no_backend"));
+    assert!(t.reason.contains("a TCP reset"), "{}", t.reason);
+    let rst = req(Proto::Tcp, "198.18.100.2:1", "198.18.0.12:80", 0x04);
+    let t2 = tracer.run(&rst).unwrap();
+    assert_eq!((t2.decision, t2.verdict, t2.counter), ("no_backend", "XDP_DROP", "drop_no_backend"));
     assert_eq!(live.snapshot(), before);
+    assert_eq!(t.frame_out, live.run(&frame(&syn_to_empty)).1, "the trace's reset is the datapath's");
 
     // The tracked flow's backend goes away: the trace says the flow is balanced again, and the
     // stale conntrack entry is still there afterwards (only a real packet removes it).

@@ -186,3 +186,56 @@ fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
     assert!(value("xlb_datapath_packets_total{counter=\"dnat_new\"}") >= 91.0, "{metrics}");
     assert!(value("xlb_syncs_total{result=\"ok\"}") >= 1.0);
 }
+
+/// A Service whose endpoints are all gone is refused at once, as kube-proxy refuses it: a TCP
+/// connection gets a reset (ECONNREFUSED) and a UDP datagram an ICMP port unreachable (the
+/// next receive on the connected socket fails with ECONNREFUSED), both from the Service
+/// address, instead of retrying into silence until a timeout.
+#[test]
+fn a_service_without_endpoints_is_refused_at_once() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a"]).expect("test bed");
+    bed.write_manifest(
+        "gone.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: gone, namespace: default}\nspec:\n  clusterIP: 198.18.0.40\n  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]\n",
+    )
+    .unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.40:80/TCP", 0, Duration::from_secs(10)).unwrap();
+    // The answer leaves by XDP_TX. On a veth in native XDP mode the kernel hands such frames to
+    // the peer's NAPI, which exists only when the peer has GRO (or an XDP program) on; a
+    // physical NIC needs nothing of the kind. The agent warns about it.
+    let log = bed.agent.as_ref().unwrap().log_text();
+    assert!(log.contains("veth in native XDP mode") && log.contains("iface=eth0"), "{log}");
+    bed.client.exec("ethtool", &["-K", "eth0", "gro", "on"]).unwrap();
+
+    let (tcp, udp) = bed.client.enter(|| {
+        let start = std::time::Instant::now();
+        let tcp =
+            std::net::TcpStream::connect_timeout(&"198.18.0.40:80".parse().unwrap(), Duration::from_secs(5))
+                .map(|_| ())
+                .map_err(|e| (e.kind(), start.elapsed()));
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect("198.18.0.40:53").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = std::time::Instant::now();
+        s.send(b"anyone?").unwrap();
+        let udp = s.recv(&mut [0u8; 64]).map(|_| ()).map_err(|e| (e.kind(), start.elapsed()));
+        (tcp, udp)
+    });
+    for (what, r) in [("TCP connect", tcp), ("UDP receive", udp)] {
+        let (kind, took) = r.expect_err(what);
+        assert_eq!(
+            kind,
+            std::io::ErrorKind::ConnectionRefused,
+            "{what}: {kind:?} after {took:?}\n{}",
+            bed.logs()
+        );
+        assert!(took < Duration::from_secs(1), "{what} was refused only after {took:?}");
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(stats["reject_no_backend"]["packets"], 2, "{stats}");
+}

@@ -1,0 +1,253 @@
+//! Answers for a Service without a usable endpoint, as kube-proxy's REJECT rules give them: a
+//! TCP reset (RFC 9293 3.10.7.1), or an ICMP port unreachable for UDP (RFC 792, quoting the
+//! IPv4 header and the first 8 bytes of the datagram). The frame is rewritten in place into the
+//! answer and sent back out of the interface it came in on (XDP_TX), so the client learns at
+//! once instead of retrying into a black hole.
+//!
+//! Every value needed is read before the frame changes size; after `bpf_xdp_adjust_*` every
+//! packet pointer is taken and bounds-checked again.
+use aya_ebpf::{
+    helpers::generated::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{IPPROTO_TCP, REJECT_ICMP_BURST, REJECT_ICMP_PER_SEC};
+
+use crate::{
+    maps::REJECT_BUCKET,
+    parse::{ETH_HLEN, Packet, load16, load32, store16, store32},
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const IPPROTO_ICMP: u8 = 1;
+const TTL: u8 = 64;
+
+/// Turns `pkt` into the answer to its sender. `false` when no answer may be sent (the packet is
+/// itself a reset, a UDP packet carries IP options, the ICMP rate limit is reached) or the frame
+/// could not be resized: the caller then drops it. `TRACE` leaves the rate limiter alone.
+#[inline(always)]
+pub fn answer<const TRACE: bool>(ctx: &XdpContext, pkt: &Packet) -> bool {
+    if pkt.proto == IPPROTO_TCP { tcp_reset(ctx, pkt) } else { icmp_unreachable::<TRACE>(ctx, pkt) }
+}
+
+/// Folds a 32-bit sum of 16-bit words into the one's complement checksum, in host order.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Sum of the two 16-bit words of an address held in memory order.
+#[inline(always)]
+fn addr_words(a: u32) -> u32 {
+    let a = u32::from_be(a);
+    (a >> 16) + (a & 0xffff)
+}
+
+/// The three 16-bit words of a MAC address at `at`.
+///
+/// # Safety
+/// `at..at + 6` must be bounds-checked.
+#[inline(always)]
+unsafe fn mac(at: usize) -> [u16; 3] {
+    unsafe { [load16(at), load16(at + 2), load16(at + 4)] }
+}
+
+/// # Safety
+/// `at..at + 6` must be bounds-checked.
+#[inline(always)]
+unsafe fn put_mac(at: usize, m: [u16; 3]) {
+    unsafe {
+        store16(at, m[0]);
+        store16(at + 2, m[1]);
+        store16(at + 4, m[2]);
+    }
+}
+
+/// Writes a 20-byte IPv4 header without options at `l3` and its checksum.
+///
+/// # Safety
+/// `l3..l3 + 20` must be bounds-checked.
+#[inline(always)]
+unsafe fn put_ipv4(l3: usize, tot_len: u16, frag: u16, proto: u8, saddr: u32, daddr: u32) {
+    let w0 = 0x4500u16;
+    let w4 = (u16::from(TTL) << 8) | u16::from(proto);
+    let sum = u32::from(w0)
+        + u32::from(tot_len)
+        + u32::from(frag)
+        + u32::from(w4)
+        + addr_words(saddr)
+        + addr_words(daddr);
+    unsafe {
+        store16(l3, w0.to_be());
+        store16(l3 + 2, tot_len.to_be());
+        store16(l3 + 4, 0); // identification
+        store16(l3 + 6, frag.to_be());
+        store16(l3 + 8, w4.to_be());
+        store16(l3 + 10, fold(sum).to_be());
+        store32(l3 + 12, saddr);
+        store32(l3 + 16, daddr);
+    }
+}
+
+/// Resizes the frame to `len` bytes from its start; `false` if the kernel refused.
+#[inline(always)]
+fn resize_tail(ctx: &XdpContext, len: usize) -> bool {
+    let cur = ctx.data_end() - ctx.data();
+    if cur == len {
+        return true;
+    }
+    // SAFETY: helper on the program's own context; frame pointers are re-read afterwards.
+    unsafe { bpf_xdp_adjust_tail(ctx.ctx, len as i32 - cur as i32) == 0 }
+}
+
+#[inline(always)]
+fn tcp_reset(ctx: &XdpContext, pkt: &Packet) -> bool {
+    if pkt.tcp_flags & TCP_RST != 0 {
+        return false; // never answer a reset
+    }
+    // SAFETY: parse() checked the whole IPv4 header and 20 bytes of TCP header, and the
+    // Ethernet header before them.
+    let (dst_mac, src_mac, tot_len, ihl, seq, ack, doff) = unsafe {
+        // From the checked header pointer: a fresh read of ctx.data() carries no bounds.
+        let eth = pkt.l3 - ETH_HLEN;
+        (
+            mac(eth),
+            mac(eth + 6),
+            u16::from_be(load16(pkt.l3 + 2)),
+            u32::from(load16(pkt.l3).to_ne_bytes()[0] & 0x0f) * 4,
+            u32::from_be(load32(pkt.l4 + 4)),
+            u32::from_be(load32(pkt.l4 + 8)),
+            u32::from(load16(pkt.l4 + 12).to_ne_bytes()[0] >> 4) * 4,
+        )
+    };
+    // RFC 9293: if the segment has ACK, the reset takes its sequence number from it; otherwise
+    // the reset acknowledges the segment (its data, and SYN and FIN, which count one each).
+    let (seq_out, ack_out, flags_out) = if pkt.tcp_flags & TCP_ACK != 0 {
+        (ack, 0u32, TCP_RST)
+    } else {
+        let payload = u32::from(tot_len).saturating_sub(ihl + doff);
+        let len = payload + u32::from(pkt.tcp_flags & TCP_SYN != 0) + u32::from(pkt.tcp_flags & TCP_FIN != 0);
+        (0u32, seq.wrapping_add(len), TCP_RST | TCP_ACK)
+    };
+    let (saddr, daddr, sport, dport) = (pkt.saddr, pkt.daddr, pkt.sport, pkt.dport);
+
+    // Ethernet, a 20-byte IPv4 header and a 20-byte TCP header: nothing else.
+    const LEN: usize = ETH_HLEN + 20 + 20;
+    if !resize_tail(ctx, LEN) {
+        return false;
+    }
+    let data = ctx.data();
+    if data + LEN > ctx.data_end() {
+        return false;
+    }
+    let l3 = data + ETH_HLEN;
+    let l4 = l3 + 20;
+    let w6 = (5u16 << 12) | u16::from(flags_out); // data offset 5, flags
+    let sum = addr_words(daddr)
+        + addr_words(saddr)
+        + u32::from(IPPROTO_TCP)
+        + 20
+        + u32::from(u16::from_be(dport))
+        + u32::from(u16::from_be(sport))
+        + (seq_out >> 16)
+        + (seq_out & 0xffff)
+        + (ack_out >> 16)
+        + (ack_out & 0xffff)
+        + u32::from(w6);
+    // SAFETY: data + LEN <= data_end checked just above.
+    unsafe {
+        put_mac(data, src_mac);
+        put_mac(data + 6, dst_mac);
+        put_ipv4(l3, 40, 0x4000, IPPROTO_TCP, daddr, saddr);
+        store16(l4, dport);
+        store16(l4 + 2, sport);
+        store32(l4 + 4, seq_out.to_be());
+        store32(l4 + 8, ack_out.to_be());
+        store16(l4 + 12, w6.to_be());
+        store16(l4 + 14, 0); // window
+        store16(l4 + 16, fold(sum).to_be());
+        store16(l4 + 18, 0); // urgent pointer
+    }
+    true
+}
+
+/// Takes one answer's worth of credit from this CPU's bucket.
+#[inline(always)]
+fn icmp_allowed() -> bool {
+    let Some(b) = REJECT_BUCKET.get_ptr_mut(0) else { return false };
+    const COST: u64 = 1_000_000_000 / REJECT_ICMP_PER_SEC;
+    const CAP: u64 = COST * REJECT_ICMP_BURST;
+    // SAFETY: helper without arguments; `b` is this CPU's slot of a per-CPU array.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        let credit = if (*b).last_ns == 0 {
+            CAP
+        } else {
+            ((*b).credit_ns + now.saturating_sub((*b).last_ns)).min(CAP)
+        };
+        (*b).last_ns = now;
+        if credit < COST {
+            (*b).credit_ns = credit;
+            return false;
+        }
+        (*b).credit_ns = credit - COST;
+    }
+    true
+}
+
+#[inline(always)]
+fn icmp_unreachable<const TRACE: bool>(ctx: &XdpContext, pkt: &Packet) -> bool {
+    // The quote must be the IPv4 header and 8 bytes: kept to option-less headers, so that every
+    // offset below is a constant.
+    if pkt.l4 != pkt.l3 + 20 {
+        return false;
+    }
+    if !TRACE && !icmp_allowed() {
+        return false;
+    }
+    // Room for a new IPv4 and ICMP header in front of the datagram: the old IPv4 header then
+    // sits exactly where the ICMP message quotes it.
+    const GROW: usize = 20 + 8;
+    // SAFETY: helper on the program's own context; frame pointers are re-read afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return false;
+    }
+    const QUOTE: usize = 20 + 8;
+    const LEN: usize = ETH_HLEN + 20 + 8 + QUOTE;
+    if !resize_tail(ctx, LEN) {
+        return false;
+    }
+    let data = ctx.data();
+    if data + LEN > ctx.data_end() {
+        return false;
+    }
+    let old_eth = data + GROW;
+    let quote = old_eth + ETH_HLEN;
+    let l3 = data + ETH_HLEN;
+    let icmp = l3 + 20;
+    // SAFETY: data + LEN <= data_end checked above; every offset below is within LEN.
+    unsafe {
+        let (dst_mac, src_mac) = (mac(old_eth), mac(old_eth + 6));
+        let (saddr, daddr) = (load32(quote + 12), load32(quote + 16));
+        put_mac(data, src_mac);
+        put_mac(data + 6, dst_mac);
+        store16(data + 12, 0x0800u16.to_be());
+        put_ipv4(l3, (20 + 8 + QUOTE) as u16, 0, IPPROTO_ICMP, daddr, saddr);
+        // Type 3 (destination unreachable), code 3 (port unreachable), 4 unused bytes.
+        let w0 = 0x0303u16;
+        let mut sum = u32::from(w0);
+        let mut i = 0;
+        while i < QUOTE {
+            sum += u32::from(u16::from_be(load16(quote + i)));
+            i += 2;
+        }
+        store16(icmp, w0.to_be());
+        store16(icmp + 2, fold(sum).to_be());
+        store32(icmp + 4, 0);
+    }
+    true
+}
