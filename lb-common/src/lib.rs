@@ -16,6 +16,9 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
 
 /// Name of the XDP program in the object file.
 pub const PROG_XDP: &str = "xlb_xdp";
+/// Name of the TC egress program: translates replies of flows whose frontend is an address of
+/// this node, after the kernel routed them.
+pub const PROG_TC_EGRESS: &str = "xlb_tc_egress";
 
 /// Service frontends and their backend slots (hash, [`Svc4Key`] -> [`Svc4Value`]).
 pub const MAP_SERVICES: &str = "xlb_svc4_v1";
@@ -24,7 +27,7 @@ pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
 pub const MAP_CT: &str = "xlb_ct4_v1";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
-pub const MAP_STATS: &str = "xlb_stats_v2";
+pub const MAP_STATS: &str = "xlb_stats_v3";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
 pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v2";
 /// New flows sent to each backend (array, backend id -> u64); the agent zeroes an id's count
@@ -130,6 +133,11 @@ pub const SVC_F_EXTERNAL_IP: u16 = 1 << 1;
 pub const SVC_F_LB_INGRESS: u16 = 1 << 2;
 /// [`Svc4Value::flags`]: the frontend is a node address on the nodePort.
 pub const SVC_F_NODE_PORT: u16 = 1 << 3;
+/// [`Svc4Value::flags`]: the frontend address is one of this node's own addresses (a node
+/// port, or an externalIP or ingress IP the node carries). Replies of its flows are translated
+/// at TC egress, after the kernel routed them: a reply given a local source address at XDP
+/// ingress would be dropped by the kernel as a martian. Read by the datapath.
+pub const SVC_F_LOCAL: u16 = 1 << 4;
 
 /// Value of [`MAP_BACKENDS`]. 8 bytes.
 #[repr(C)]
@@ -156,6 +164,10 @@ pub const BACKEND_STATE_TERMINATING: u8 = 2;
 pub const CT_DIR_FORWARD: u8 = 0;
 /// [`Ct4Key::dir`]: packet from the backend back towards the client.
 pub const CT_DIR_REPLY: u8 = 1;
+
+/// [`Ct4Value::flags`] of a reply entry: the reply is translated at TC egress, not at XDP
+/// (the frontend is an address of this node, see [`SVC_F_LOCAL`]).
+pub const CT_F_EGRESS_REVNAT: u8 = 1 << 0;
 
 /// Key of [`MAP_CT`]: the tuple as it stands in the packet when it reaches the program. 16 bytes.
 #[repr(C)]
@@ -189,7 +201,7 @@ pub struct Ct4Value {
     pub nat_port: u16,
     /// Union of the TCP flags seen on this direction (0 for UDP).
     pub tcp_flags: u8,
-    /// Reserved, zero.
+    /// `CT_F_*` bits.
     pub flags: u8,
     /// Backend chosen for the flow (index into [`MAP_BACKENDS`]). Host order.
     pub backend_id: u32,
@@ -312,10 +324,16 @@ pub enum Stat {
     /// Answered (XDP_TX): the service has no usable endpoint, so the client got a TCP reset or
     /// an ICMP port unreachable, as kube-proxy's REJECT rules send.
     RejectNoBackend = 13,
+    /// Passed untouched: a reply of a flow to one of this node's addresses; TC egress
+    /// translates it once the kernel has routed it.
+    PassEgressRevNat = 14,
+    /// TC egress (not counted in `Rx`): a reply's source was translated back to the node
+    /// address and port the client used.
+    EgressRevNat = 15,
 }
 
 /// Number of [`Stat`] counters; size of [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 14;
+pub const STAT_COUNT: u32 = 16;
 
 /// Names of the [`Stat`] counters, by index, as the CLI and /metrics show them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -333,6 +351,8 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_ct_full",
     "ct_stale_backend",
     "reject_no_backend",
+    "pass_egress_rev_nat",
+    "egress_rev_nat",
 ];
 
 /// Value of [`MAP_TRACE`]: what the trace program decided for one packet. 32 bytes.
@@ -386,7 +406,7 @@ const _: () = {
     assert!(core::mem::size_of::<StatValue>() == 16);
     assert!(core::mem::size_of::<SvcInfo>() == 432);
     assert!(core::mem::size_of::<TraceRecord>() == 32);
-    assert!(Stat::RejectNoBackend as u32 + 1 == STAT_COUNT);
+    assert!(Stat::EgressRevNat as u32 + 1 == STAT_COUNT);
     assert!(core::mem::size_of::<RejectBucket>() == 16);
 };
 

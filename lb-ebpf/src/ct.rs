@@ -50,6 +50,7 @@ pub fn create(
     backend_port: u16,
     backend_id: u32,
     svc_id: u32,
+    reply_flags: u8,
 ) -> Result<(), i32> {
     let now = now_secs();
     let fwd = Ct4Value {
@@ -75,6 +76,7 @@ pub fn create(
         nat_addr: pkt.daddr.to_ne_bytes(),
         nat_port: u16::from_be(pkt.dport),
         tcp_flags: 0,
+        flags: reply_flags,
         ..fwd
     };
     // Reply first: once the forward entry exists, packets are translated and their replies

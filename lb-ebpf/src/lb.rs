@@ -7,8 +7,9 @@
 //! insert, touch or delete, no counter).
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_get_prandom_u32, programs::XdpContext};
 use lb_common::{
-    BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, SCOPE_EXTERNAL, Stat, Svc4Key, TRACE_CT_FORWARD,
-    TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord,
+    BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL, Stat,
+    Svc4Key, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REJECT,
+    TRACE_REWRITE, TraceRecord,
 };
 
 use crate::{
@@ -42,7 +43,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     if !TRACE_MODE {
         count(Stat::Rx, bytes);
     }
-    let pkt = match parse::parse(ctx) {
+    let pkt = match parse::parse(ctx.data(), ctx.data_end()) {
         Parsed::L4(pkt) => pkt,
         Parsed::NotIpv4 => return pass(rec, Stat::PassNotIpv4, bytes),
         Parsed::Malformed => return pass(rec, Stat::PassMalformed, bytes),
@@ -89,10 +90,22 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         let reply_key = ct::key_of(&pkt, CT_DIR_REPLY);
         if let Some(entry) = CT.get_ptr_mut(reply_key) {
             // SAFETY: as above.
-            let (nat_addr, nat_port, backend_id, svc_id) =
-                unsafe { ((*entry).nat_addr, (*entry).nat_port, (*entry).backend_id, (*entry).svc_id) };
+            let (nat_addr, nat_port, backend_id, svc_id, flags) = unsafe {
+                ((*entry).nat_addr, (*entry).nat_port, (*entry).backend_id, (*entry).svc_id, (*entry).flags)
+            };
             if !TRACE_MODE {
                 ct::touch(entry, &pkt);
+            }
+            if flags & CT_F_EGRESS_REVNAT != 0 {
+                // The source becomes a local address: the kernel must route the reply first,
+                // and TC egress translates it.
+                step(rec, |r| {
+                    r.steps |= TRACE_CT_REPLY;
+                    r.ct_backend_id = backend_id;
+                    r.backend_id = backend_id;
+                    r.svc_id = svc_id;
+                });
+                return pass(rec, Stat::PassEgressRevNat, bytes);
             }
             nat::rewrite(&pkt, Side::Source, nat_addr, nat_port);
             step(rec, |r| {
@@ -122,7 +135,7 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         return pass(rec, Stat::PassNoService, bytes);
     };
     // SAFETY: pointer from a lookup in this run.
-    let (count_, svc_id) = unsafe { ((*svc).count, (*svc).svc_id) };
+    let (count_, svc_id, svc_flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };
     step(rec, |r| {
         r.steps |= TRACE_FRONTEND;
         r.svc_id = svc_id;
@@ -156,7 +169,8 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
     if TRACE_MODE {
         step(rec, |r| r.steps |= TRACE_NEW_FLOW);
     } else {
-        if ct::create(pkt, addr, port, backend_id, svc_id).is_err() {
+        let reply_flags = if svc_flags & SVC_F_LOCAL != 0 { CT_F_EGRESS_REVNAT } else { 0 };
+        if ct::create(pkt, addr, port, backend_id, svc_id, reply_flags).is_err() {
             return drop(rec, Stat::DropCtFull, bytes);
         }
         if let Some(n) = BACKEND_FLOWS.get_ptr_mut(backend_id) {

@@ -3,7 +3,7 @@
 //! One module per concern: `parse` (bounds-checked header access), `maps`, `stats`, `nat`
 //! (address/port rewrite with incremental checksums), `ct` (connection tracking), `lb` (service
 //! lookup and backend selection, and the per-packet decision), `reject` (the answer for a
-//! Service without endpoints).
+//! Service without endpoints), `tc` (TC egress: replies of flows to the node's own addresses).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // The bpf target has no atomic read-modify-write in core::sync::atomic; the intrinsic compiles
@@ -25,10 +25,16 @@ mod parse;
 mod reject;
 #[cfg(target_arch = "bpf")]
 mod stats;
+#[cfg(target_arch = "bpf")]
+mod tc;
 
 #[cfg(target_arch = "bpf")]
 mod entry {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+    use aya_ebpf::{
+        bindings::{TC_ACT_OK, xdp_action},
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
+    };
 
     /// Attached at XDP on every interface of the node that carries Service traffic: translates
     /// packets to a frontend towards a backend, and replies from a backend back to the frontend.
@@ -50,6 +56,14 @@ mod entry {
             Ok(verdict) => verdict,
             Err(()) => xdp_action::XDP_PASS,
         }
+    }
+
+    /// Attached at TC egress on the same interfaces: translates the replies of flows to the
+    /// node's own addresses once the kernel has routed them. Never drops anything.
+    #[classifier]
+    pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
+        crate::tc::egress(&ctx);
+        TC_ACT_OK as i32
     }
 
     #[panic_handler]

@@ -3,7 +3,6 @@
 //! The Ethernet header is 14 bytes, so IPv4 fields sit on 2-byte boundaries: every access goes
 //! through 16-bit loads and stores, which are aligned as long as the frame starts 2-aligned (the
 //! kernel's XDP buffers do).
-use aya_ebpf::programs::XdpContext;
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
@@ -78,10 +77,9 @@ impl Packet {
     }
 }
 
+/// Parses the frame between `data` and `end` (an XDP buffer, or the linear part of an skb).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
-    let data = ctx.data();
-    let end = ctx.data_end();
+pub fn parse(data: usize, end: usize) -> Parsed {
     if data + ETH_HLEN + 20 > end {
         if data + ETH_HLEN > end {
             return Parsed::Malformed;

@@ -47,10 +47,11 @@ pub struct AgentConfig {
     pub capacities: Capacities,
     /// After a change, wait this long for more before syncing, so a burst is one sync.
     pub batch_delay: Duration,
-    /// Node ports outside this range are rejected. Node ports are validated (range,
-    /// conflicts) but not yet served: answering on the node's own addresses needs the reply
-    /// path of issue #5 (a translated reply from a local address is a martian to the kernel).
+    /// Node ports outside this range are rejected.
     pub node_port_range: RangeInclusive<u16>,
+    /// Node ports are answered on the node's addresses within these prefixes (all of them,
+    /// loopback excepted, when empty), as kube-proxy's `--nodeport-addresses`.
+    pub nodeport_addresses: Vec<crate::node::Cidr>,
     /// Where /metrics, /healthz and /readyz are served; `None`: not served.
     pub http_addr: Option<SocketAddr>,
     /// /healthz fails once a change has waited this long for a successful sync.
@@ -284,8 +285,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
     let maps = BpfMaps::open(&cfg.pin_dir)?;
     let rec = Reconciler::new(maps).context("reading back the pinned maps")?;
-    // No node addresses: node ports are checked, not served (see AgentConfig::node_port_range).
-    let model_cfg = ModelConfig { node_port_range: cfg.node_port_range.clone(), ..ModelConfig::default() };
+    // Frontends on the node's own addresses need TC egress (tcx links, kernel 6.6) for their
+    // replies; without it node ports are checked but not served.
+    let node_addrs = if ebpf::tcx_supported() {
+        let a = crate::node::addresses(&cfg.nodeport_addresses).context("listing the node's addresses")?;
+        info!(addresses = ?a, "node ports are answered on these addresses");
+        a
+    } else {
+        warn!("kernel older than 6.6 (no tcx links): node ports are checked but not served");
+        Vec::new()
+    };
+    let model_cfg =
+        ModelConfig { node_port_range: cfg.node_port_range.clone(), node_addrs, ..ModelConfig::default() };
     let mut syncer = Syncer::new(rec, model_cfg, metrics.clone());
 
     let _http = match cfg.http_addr {
@@ -328,6 +339,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             Attached::Replaced => info!(%iface, "attached XDP (replaced the program of the pinned link)"),
             Attached::Unpinned => {
                 warn!(%iface, "attached XDP without a link (kernel < 5.9): it detaches when the agent stops")
+            }
+        }
+        if ebpf::tcx_supported() {
+            match ebpf::attach_tc_pinned(&mut ebpf, iface, &cfg.pin_dir)? {
+                Attached::Replaced => {
+                    info!(%iface, "attached TC egress (replaced the program of the pinned link)")
+                }
+                _ => info!(%iface, "attached TC egress (new pinned link)"),
             }
         }
     }

@@ -108,6 +108,7 @@ pub fn kinds(flags: u16) -> Vec<&'static str> {
         (SVC_F_EXTERNAL_IP, "ExternalIP"),
         (SVC_F_LB_INGRESS, "LoadBalancerIngress"),
         (SVC_F_NODE_PORT, "NodePort"),
+        (lb_common::SVC_F_LOCAL, "NodeAddress"),
     ]
     .into_iter()
     .filter(|(f, _)| flags & f != 0)
@@ -811,6 +812,8 @@ pub fn stat_meaning(name: &str) -> &'static str {
         "drop_stale_slot" => "backend slot vanished during an update (race with the agent)",
         "drop_ct_full" => "connection could not be tracked (conntrack map update failed)",
         "ct_stale_backend" => "tracked flow whose backend was removed; balanced again",
+        "pass_egress_rev_nat" => "reply of a flow to a node address, left for TC egress to translate",
+        "egress_rev_nat" => "TC egress: reply's source set back to the node address and port",
         _ => "",
     }
 }

@@ -4,12 +4,16 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        ProgramError, Xdp, XdpMode,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
+    util::KernelVersion,
 };
-use lb_common::{ALL_MAPS, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_SERVICES, PROG_XDP, PROG_XDP_TRACE};
+use lb_common::{
+    ALL_MAPS, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_SERVICES, PROG_TC_EGRESS, PROG_XDP, PROG_XDP_TRACE,
+};
 
 /// The object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
@@ -35,7 +39,7 @@ pub enum LoadError {
     MapsChanged { name: &'static str },
     #[error("loading program {PROG_XDP} into the kernel failed: {0}")]
     Verify(ProgramError),
-    #[error("attaching XDP to interface {iface} failed: {source}")]
+    #[error("attaching to interface {iface} failed: {source}")]
     Attach { iface: String, source: ProgramError },
     #[error("pinning the XDP link of {iface} at {path} failed: {reason}")]
     PinLink { iface: String, path: PathBuf, reason: String },
@@ -116,7 +120,55 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
     }
     let mut ebpf = loader.load(OBJECT)?;
     xdp(&mut ebpf)?.load().map_err(LoadError::Verify)?;
+    tc_egress(&mut ebpf)?.load().map_err(LoadError::Verify)?;
     Ok(ebpf)
+}
+
+/// The loaded TC egress program.
+pub fn tc_egress(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    ebpf.program_mut(PROG_TC_EGRESS).ok_or(LoadError::NoProgram)?.try_into().map_err(|_| LoadError::NoProgram)
+}
+
+/// TC programs are attached through tcx links (kernel 6.6), which can be pinned like XDP
+/// links, so that they survive the agent and are replaced atomically by the next one.
+pub fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Where the TC egress link of `iface` is pinned.
+pub fn tc_link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("tc_egress_{iface}"))
+}
+
+/// Attaches the TC egress program to `iface` through a tcx link pinned under `pin_dir/links`,
+/// or updates the program of a link pinned there by an earlier agent. Needs [`tcx_supported`].
+pub fn attach_tc_pinned(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<Attached, LoadError> {
+    let path = tc_link_pin(pin_dir, iface);
+    let pin_err = |reason: String| LoadError::PinLink { iface: iface.to_owned(), path: path.clone(), reason };
+    let prog = tc_egress(ebpf)?;
+    if path.exists() {
+        let updated = PinnedLink::from_pin(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+            .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+        match updated {
+            Ok(_) => return Ok(Attached::Replaced),
+            Err(e) => {
+                tracing::warn!(%iface, path = %path.display(), error = %e, "pinned TC link is unusable; creating a new one");
+                std::fs::remove_file(&path).map_err(|e| pin_err(format!("removing the old pin: {e}")))?;
+            }
+        }
+    }
+    let attach_err = |source| LoadError::Attach { iface: iface.to_owned(), source };
+    let id = prog
+        .attach_with_options(iface, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .map_err(attach_err)?;
+    let link = prog.take_link(id).map_err(attach_err)?;
+    let fd_link = FdLink::try_from(link).map_err(|e| pin_err(format!("not a link: {e}")))?;
+    let dir = path.parent().unwrap_or(pin_dir);
+    std::fs::create_dir_all(dir).map_err(|e| pin_err(format!("creating {}: {e}", dir.display())))?;
+    drop(fd_link.pin(&path).map_err(|e| pin_err(e.to_string()))?);
+    Ok(Attached::New)
 }
 
 /// Loads the trace program ([`PROG_XDP_TRACE`]) against the maps pinned under `pin_dir`, which
@@ -268,19 +320,49 @@ pub fn driver(iface: &str) -> Option<String> {
     ok.then(|| crate::reconcile::unfixed(&info.driver))
 }
 
-/// Removes the pinned links (detaching the program) and maps under `pin_dir`. Returns what was
-/// removed.
+/// Removes the pinned links (detaching the programs, which it waits for) and maps under
+/// `pin_dir`. Returns what was removed.
 pub fn unpin_all(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let links = pin_dir.join("links");
+    let (mut links_left, mut progs_left) = (Vec::new(), Vec::new());
     if links.is_dir() {
         for e in std::fs::read_dir(&links)? {
             let p = e?.path();
+            if let Ok(l) = PinnedLink::from_pin(&p)
+                && let Ok(info) = FdLink::from(l).info()
+            {
+                links_left.push(info.id());
+                progs_left.push(info.program_id());
+            }
             std::fs::remove_file(&p)?;
             removed.push(p);
         }
         std::fs::remove_dir(&links)?;
     }
+    // The kernel releases an unpinned link from a work queue: its id goes first, then the
+    // program is detached and put. Return once the programs are gone too, so that nothing
+    // runs any more (unless an agent still holds them: then only the links are waited for).
+    let wait = |ids: &mut Vec<u32>, live: &dyn Fn() -> Vec<u32>, limit: std::time::Duration| {
+        let deadline = std::time::Instant::now() + limit;
+        while !ids.is_empty() && std::time::Instant::now() < deadline {
+            let now = live();
+            ids.retain(|id| now.contains(id));
+            if !ids.is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    };
+    wait(
+        &mut links_left,
+        &|| aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect(),
+        std::time::Duration::from_secs(5),
+    );
+    wait(
+        &mut progs_left,
+        &|| aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect(),
+        std::time::Duration::from_secs(2),
+    );
     for m in lb_common::ALL_MAPS {
         let p = pin_dir.join(m);
         if p.exists() {

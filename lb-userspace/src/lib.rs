@@ -9,6 +9,7 @@ pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod packet;
 pub mod reconcile;
 pub mod trace;

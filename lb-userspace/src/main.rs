@@ -173,6 +173,10 @@ struct AgentArgs {
     /// outside it are rejected.
     #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
     node_port_range: std::ops::RangeInclusive<u16>,
+    /// Answer node ports only on the node's addresses within these prefixes (comma-separated
+    /// CIDRs, as kube-proxy's --nodeport-addresses). Default: every address but loopback.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<lb_userspace::node::Cidr>,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_http_addr)]
     http_addr: HttpAddr,
@@ -252,6 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 batch_delay: Duration::from_millis(a.batch_delay_ms),
                 node_port_range: a.node_port_range,
+                nodeport_addresses: a.nodeport_addresses,
                 http_addr: a.http_addr.0,
                 max_pending: Duration::from_secs(a.healthz_max_pending_s),
             };

@@ -820,6 +820,12 @@ fn service_ports(
                 *kinds.entry(Frontend { addr, port: np, proto }).or_default() |= lb_common::SVC_F_NODE_PORT;
             }
         }
+        // Frontends on the node's own addresses: their replies are translated at egress.
+        for (f, k) in kinds.iter_mut() {
+            if cfg.node_addrs.contains(&f.addr) {
+                *k |= lb_common::SVC_F_LOCAL;
+            }
+        }
         let (frontends, frontend_kinds): (Vec<Frontend>, Vec<u16>) = kinds.into_iter().unzip();
         out.push(DesiredPort {
             id: PortRef { namespace: namespace.to_owned(), name: name.to_owned(), port_name, proto },

@@ -255,6 +255,17 @@ impl Tracer {
                     Some(backend(rec.backend_id, None)?),
                 )
             }
+            "pass_egress_rev_nat" => {
+                not_done.push("refresh the conntrack entry's last-seen time".to_string());
+                (
+                    "reply",
+                    format!(
+                        "a reply of a tracked flow of {} to one of this node's addresses: left untouched here so that the kernel routes it; TC egress then sets its source back to the node address and port the client used",
+                        label(rec.svc_id)
+                    ),
+                    Some(backend(rec.backend_id, None)?),
+                )
+            }
             "dnat_new" => {
                 not_done.push(
                     "create the conntrack entries client -> frontend and backend -> client".to_string(),

@@ -707,21 +707,23 @@ const CONNTRACK_FIRST_JSON: &str = r#"{
 }
 "#;
 
-const STATS: &str = r#"COUNTER             VERDICT             PACKETS   BYTES   MEANING
-rx                  seen                20        2000    every packet the program saw
-pass_not_ipv4       pass                0         0       not IPv4 (ARP, IPv6, VLAN...)
-pass_malformed      pass                0         0       truncated or inconsistent header; left to the kernel
-pass_other_proto    pass                0         0       IPv4 but neither TCP nor UDP
-pass_fragment       pass                0         0       IPv4 fragment (never rewritten)
-pass_no_service     pass                0         0       no frontend and no tracked flow matched
-dnat_new            pass (translated)   3         180     first packet of a new flow, sent to a backend
-dnat_established    pass (translated)   9         900     packet of a tracked flow, sent to its backend
-rev_nat             pass (translated)   8         920     reply from a backend, source set back to the frontend
-drop_no_backend     drop                0         0       service has no usable endpoint, and no answer was possible (a reset, IP options, ICMP rate limit)
-drop_stale_slot     drop                0         0       backend slot vanished during an update (race with the agent)
-drop_ct_full        drop                0         0       connection could not be tracked (conntrack map update failed)
-ct_stale_backend    event               0         0       tracked flow whose backend was removed; balanced again
-reject_no_backend   reject (answered)   0         0       service has no usable endpoint: answered with a TCP reset or ICMP port unreachable
+const STATS: &str = r#"COUNTER               VERDICT             PACKETS   BYTES   MEANING
+rx                    seen                20        2000    every packet the program saw
+pass_not_ipv4         pass                0         0       not IPv4 (ARP, IPv6, VLAN...)
+pass_malformed        pass                0         0       truncated or inconsistent header; left to the kernel
+pass_other_proto      pass                0         0       IPv4 but neither TCP nor UDP
+pass_fragment         pass                0         0       IPv4 fragment (never rewritten)
+pass_no_service       pass                0         0       no frontend and no tracked flow matched
+dnat_new              pass (translated)   3         180     first packet of a new flow, sent to a backend
+dnat_established      pass (translated)   9         900     packet of a tracked flow, sent to its backend
+rev_nat               pass (translated)   8         920     reply from a backend, source set back to the frontend
+drop_no_backend       drop                0         0       service has no usable endpoint, and no answer was possible (a reset, IP options, ICMP rate limit)
+drop_stale_slot       drop                0         0       backend slot vanished during an update (race with the agent)
+drop_ct_full          drop                0         0       connection could not be tracked (conntrack map update failed)
+ct_stale_backend      event               0         0       tracked flow whose backend was removed; balanced again
+reject_no_backend     reject (answered)   0         0       service has no usable endpoint: answered with a TCP reset or ICMP port unreachable
+pass_egress_rev_nat   pass                0         0       reply of a flow to a node address, left for TC egress to translate
+egress_rev_nat        pass (translated)   0         0       TC egress: reply's source set back to the node address and port
 "#;
 
 const GET_SERVICES: &str = r#"NAMESPACE   NAME       TYPE           FRONTEND             AFFINITY           POLICY(EXT/INT)   BACKENDS

@@ -25,16 +25,21 @@ const XDP_PASS: u32 = 2;
 struct Dut {
     ebpf: aya::Ebpf,
     rec: Reconciler<BpfMaps>,
+    cfg: ModelConfig,
 }
 
 impl Dut {
     fn new(yaml: &str) -> Self {
+        Self::with_config(yaml, ModelConfig::default())
+    }
+
+    fn with_config(yaml: &str, cfg: ModelConfig) -> Self {
         let caps = Capacities { service_entries: 4096, backends: 1024, ct_entries: 4096 };
         let mut ebpf =
             ebpf::load(None, caps).unwrap_or_else(|e| panic!("the verifier must accept the program: {e:?}"));
         let maps = BpfMaps::take(&mut ebpf).expect("maps");
         let rec = Reconciler::new(maps).expect("reconciler");
-        let mut dut = Dut { ebpf, rec };
+        let mut dut = Dut { ebpf, rec, cfg };
         dut.apply(yaml);
         dut
     }
@@ -43,7 +48,7 @@ impl Dut {
         let mut objects = manifests::Objects::default();
         manifests::read_str("test.yaml".as_ref(), yaml, &mut objects);
         assert!(objects.errors.is_empty(), "{:?}", objects.errors);
-        let m = model::build(&objects.services, &objects.slices, &ModelConfig::default());
+        let m = model::build(&objects.services, &objects.slices, &self.cfg);
         assert!(m.rejected.is_empty(), "{:?}", m.rejected);
         self.rec.apply(&m.ports).expect("apply");
     }
@@ -59,6 +64,21 @@ impl Dut {
                 ..TestRunOptions::new()
             })
             .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// Runs the TC egress program once on `frame` as it leaves an interface.
+    fn egress(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = ebpf::tc_egress(&mut self.ebpf).unwrap();
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN of the TC program");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
@@ -491,4 +511,83 @@ fn terminating_backend_keeps_its_flows_but_takes_no_new_ones() {
         let (_, out) = dut.run(&Frame::tcp(c, sa("198.18.0.10:80")).build());
         assert_eq!(backend_of(&decode(&out).unwrap()), "198.18.1.2");
     }
+}
+
+/// shop: NodePort 30080 (port 80 -> 8080) with one endpoint; the node's addresses are
+/// 198.18.100.1 and 198.18.10.1.
+const SHOP: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 198.18.0.40
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}, {name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: shop-1, namespace: default, labels: {kubernetes.io/service-name: shop}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: [198.18.1.2]}]
+"#;
+
+#[test]
+fn node_ports_answer_on_node_addresses_and_replies_are_translated_at_egress() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let cfg = ModelConfig {
+        node_addrs: vec!["198.18.10.1".parse().unwrap(), "198.18.100.1".parse().unwrap()],
+        ..ModelConfig::default()
+    };
+    let mut dut = Dut::with_config(SHOP, cfg);
+    let client = sa("198.18.100.2:40000");
+    for (frame, node_port, backend) in [
+        (Frame::tcp as fn(SocketAddrV4, SocketAddrV4) -> Frame, "198.18.100.1:30080", "198.18.1.2:8080"),
+        (Frame::tcp, "198.18.10.1:30080", "198.18.1.2:8080"),
+        (Frame::udp, "198.18.100.1:30053", "198.18.1.2:5353"),
+    ] {
+        let (node_port, backend) = (sa(node_port), sa(backend));
+        // In: DNAT to the pod at XDP, the client's address kept.
+        let (v, out) = dut.run(&frame(client, node_port).build());
+        assert_eq!(v, XDP_PASS);
+        let d = decode(&out).unwrap();
+        assert_eq!((d.src, d.dst), (client, backend), "{node_port}");
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+
+        // The reply at XDP: left alone, so that the kernel routes it with the pod's source.
+        let reply = frame(backend, client).build();
+        let before = dut.stat(Stat::PassEgressRevNat);
+        let (v, out) = dut.run(&reply);
+        assert_eq!((v, &out), (XDP_PASS, &reply), "{node_port}: untouched at XDP");
+        assert_eq!(dut.stat(Stat::PassEgressRevNat), before + 1);
+
+        // At TC egress: the source becomes the node address and node port the client used.
+        let (v, out) = dut.egress(&reply);
+        assert_eq!(v, 0, "TC_ACT_OK");
+        let d = decode(&out).unwrap();
+        assert_eq!((d.src, d.dst), (node_port, client), "{node_port}");
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+    }
+    assert_eq!(dut.stat(Stat::EgressRevNat), 3);
+
+    // The ClusterIP of the same Service is translated back at XDP, and egress leaves it alone.
+    let vip = sa("198.18.0.40:80");
+    let (_, out) = dut.run(&Frame::tcp(sa("198.18.100.2:40001"), vip).build());
+    let reply = Frame::tcp(decode(&out).unwrap().dst, sa("198.18.100.2:40001")).build();
+    let (_, out) = dut.run(&reply);
+    assert_eq!(decode(&out).unwrap().src, vip, "translated at XDP");
+    let (_, again) = dut.egress(&out);
+    assert_eq!(again, out, "nothing more at egress");
+    // Nor does egress touch anything it does not track.
+    let other = Frame::tcp(sa("198.18.1.2:8080"), sa("198.18.100.9:1234")).build();
+    assert_eq!(dut.egress(&other).1, other);
+    assert_eq!(dut.stat(Stat::EgressRevNat), 3);
+
+    // A node port on an address that is not the node's is not a frontend.
+    let stray = Frame::tcp(client, sa("198.18.100.7:30080")).build();
+    let (v, out) = dut.run(&stray);
+    assert_eq!((v, out), (XDP_PASS, stray));
+    assert_eq!(dut.stat(Stat::PassNoService), 1);
 }

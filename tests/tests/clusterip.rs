@@ -115,9 +115,9 @@ fn agent_picks_up_manifest_changes_and_reports_bad_objects() {
 }
 
 /// A LoadBalancer Service with an externalIP and a selector-less Service with hand-made
-/// Endpoints: every frontend (ClusterIP, externalIP, ingress IP) leads to the pods (node
-/// ports are validated, and served once issue #5 gives them their reply path), replies come from the address the client used, and the agent's
-/// /metrics and /readyz say so.
+/// Endpoints: every frontend (ClusterIP, externalIP, ingress IP, and the nodePort on each of the
+/// node's addresses) leads to the pods, replies come from the address the client used, the pods
+/// see the client's own address, and the agent's /metrics and /readyz say so.
 #[test]
 fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
     if !privileged("end-to-end tests need root") {
@@ -141,7 +141,16 @@ fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
     bed.wait_for_service("198.18.0.22:80/TCP", 2, Duration::from_secs(10)).unwrap();
     bed.wait_for_service("198.18.0.30:5432/TCP", 1, Duration::from_secs(10)).unwrap();
 
-    for frontend in ["198.18.0.20:80", "198.18.0.21:80", "198.18.0.22:80"] {
+    let client_ip = bed.client_ip;
+    // The node's addresses: towards the client, and towards each pod.
+    for frontend in [
+        "198.18.0.20:80",
+        "198.18.0.21:80",
+        "198.18.0.22:80",
+        "198.18.100.1:30080",
+        "198.18.10.1:30080",
+        "198.18.11.1:30080",
+    ] {
         let to: SocketAddrV4 = frontend.parse().unwrap();
         let answers =
             bed.client.enter(|| (0..30).map(|_| tcp_request(to, Duration::from_secs(3))).collect::<Vec<_>>());
@@ -150,6 +159,7 @@ fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
             let a = a.unwrap_or_else(|e| panic!("{frontend}: {e:#}\n{}", bed.logs()));
             assert_eq!(a.from, to.into(), "the reply comes from the address the client used");
             assert_eq!(a.server.port(), 8080);
+            assert_eq!(a.peer.ip(), std::net::IpAddr::V4(client_ip), "{frontend}: the pod sees the client");
             pods.insert(a.pod);
         }
         assert_eq!(pods.len(), 2, "{frontend}: both pods answer");
@@ -181,8 +191,9 @@ fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
     };
     assert_eq!(value("xlb_ready"), 1.0);
     assert_eq!(value("xlb_objects{kind=\"Service\"}"), 2.0);
-    // shop: clusterIP, externalIP, ingress IP; db: its clusterIP.
-    assert_eq!(value("xlb_frontends"), 4.0);
+    // shop: clusterIP, externalIP, ingress IP and 3 node addresses; db: its clusterIP.
+    assert_eq!(value("xlb_frontends"), 7.0);
+    assert!(value("xlb_datapath_packets_total{counter=\"egress_rev_nat\"}") >= 90.0, "{metrics}");
     assert!(value("xlb_datapath_packets_total{counter=\"dnat_new\"}") >= 91.0, "{metrics}");
     assert!(value("xlb_syncs_total{result=\"ok\"}") >= 1.0);
 }

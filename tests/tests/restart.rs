@@ -95,7 +95,8 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
 
     // The new agent took the pinned link over and rewrote nothing: ids and slots are as before.
     let log = bed.agent.as_ref().unwrap().log_text();
-    assert!(log.contains("replaced the program of the pinned link"), "{log}");
+    assert!(log.contains("attached XDP (replaced the program of the pinned link)"), "{log}");
+    assert!(log.contains("attached TC egress (replaced the program of the pinned link)"), "{log}");
     assert!(log.contains("writes=0") && log.contains("deletes=0"), "the restart rewrote maps:\n{log}");
     assert_eq!(before, ids(&bed), "service and backend ids stay the same across the restart");
     assert!(bed.pin_dir.join("links/xdp_eth0").exists());
@@ -103,7 +104,10 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     // `xlb cleanup` after the agent stops: the pins go, and with them the program.
     bed.agent.take().unwrap().stop(Duration::from_secs(5));
     let out = bed.xlb_cli(&["cleanup"]).unwrap();
-    assert!(out.contains("links/xdp_eth0") && out.contains("xlb_svc4_v1"), "{out}");
+    assert!(
+        out.contains("links/xdp_eth0") && out.contains("links/tc_egress_eth0") && out.contains("xlb_svc4_v1"),
+        "{out}"
+    );
     assert_eq!(std::fs::read_dir(&bed.pin_dir).unwrap().count(), 0, "nothing left pinned");
     let r = bed.client.enter(|| tcp_request(vip, Duration::from_secs(1)));
     assert!(r.is_err(), "after cleanup no program translates the ClusterIP: {r:?}");

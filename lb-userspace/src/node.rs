@@ -1,0 +1,79 @@
+//! The node's own addresses: where node ports are answered.
+use std::net::Ipv4Addr;
+
+/// An IPv4 prefix, as kube-proxy's `--nodeport-addresses` takes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len)) };
+        u32::from(a) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.split_once('/').unwrap_or((s, "32"));
+        let addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
+        let len =
+            l.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{s:?}: bad prefix length {l:?}"))?;
+        Ok(Cidr { addr, len })
+    }
+}
+
+/// The IPv4 addresses of this network namespace's interfaces, loopback excluded, sorted; only
+/// those within one of `only` when it is not empty.
+pub fn addresses(only: &[Cidr]) -> std::io::Result<Vec<Ipv4Addr>> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs allocates a list that is walked read-only and freed once.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut head) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut p = head;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
+                let sin = &*(a as *const libc::sockaddr_in);
+                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out.retain(|a| !a.is_loopback() && (only.is_empty() || only.iter().any(|c| c.contains(*a))));
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let c: Cidr = "198.18.0.0/15".parse().unwrap();
+        assert!(c.contains("198.19.255.1".parse().unwrap()));
+        assert!(!c.contains("198.20.0.1".parse().unwrap()));
+        let one: Cidr = "10.0.0.1".parse().unwrap();
+        assert_eq!(one.len, 32);
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nope/8".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn addresses_never_include_loopback() {
+        let all = addresses(&[]).unwrap();
+        assert!(all.iter().all(|a| !a.is_loopback()), "{all:?}");
+        let none = addresses(&["203.0.113.0/24".parse().unwrap()]).unwrap();
+        assert!(none.iter().all(|a| a.octets()[..3] == [203, 0, 113]), "{none:?}");
+    }
+}
