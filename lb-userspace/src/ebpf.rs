@@ -58,6 +58,31 @@ pub enum Attached {
     Unpinned,
 }
 
+/// When a link is pinned at `path`, hands it to `update`, which makes it run the new program
+/// (atomically: no packet meets the interface without one). A pin whose link no longer works
+/// (its interface was deleted) is removed. `true` when the pinned link now runs the program.
+fn update_pinned(
+    path: &Path,
+    iface: &str,
+    update: impl FnOnce(FdLink) -> Result<(), String>,
+) -> Result<bool, LoadError> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    match PinnedLink::from_pin(path).map_err(|e| e.to_string()).and_then(|p| update(FdLink::from(p))) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::warn!(%iface, path = %path.display(), error = %e, "pinned link is unusable; creating a new one");
+            std::fs::remove_file(path).map_err(|e| LoadError::PinLink {
+                iface: iface.to_owned(),
+                path: path.to_owned(),
+                reason: format!("removing the old pin: {e}"),
+            })?;
+            Ok(false)
+        }
+    }
+}
+
 /// Where the XDP link of `iface` is pinned.
 pub fn link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
     pin_dir.join("links").join(format!("xdp_{iface}"))
@@ -146,18 +171,11 @@ pub fn attach_tc_pinned(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<
     let path = tc_link_pin(pin_dir, iface);
     let pin_err = |reason: String| LoadError::PinLink { iface: iface.to_owned(), path: path.clone(), reason };
     let prog = tc_egress(ebpf)?;
-    if path.exists() {
-        let updated = PinnedLink::from_pin(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
-            .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
-        match updated {
-            Ok(_) => return Ok(Attached::Replaced),
-            Err(e) => {
-                tracing::warn!(%iface, path = %path.display(), error = %e, "pinned TC link is unusable; creating a new one");
-                std::fs::remove_file(&path).map_err(|e| pin_err(format!("removing the old pin: {e}")))?;
-            }
-        }
+    if update_pinned(&path, iface, |l| {
+        let link = SchedClassifierLink::try_from(l).map_err(|e| e.to_string())?;
+        prog.attach_to_link(link).map(drop).map_err(|e| e.to_string())
+    })? {
+        return Ok(Attached::Replaced);
     }
     let attach_err = |source| LoadError::Attach { iface: iface.to_owned(), source };
     let id = prog
@@ -250,19 +268,12 @@ pub fn attach_pinned(
     let path = link_pin(pin_dir, iface);
     let pin_err = |reason: String| LoadError::PinLink { iface: iface.to_owned(), path: path.clone(), reason };
     let prog = xdp(ebpf)?;
-    if path.exists() {
-        let updated = PinnedLink::from_pin(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
-            .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
-        match updated {
-            // The program keeps the link's handle until the agent exits; the pin keeps the link.
-            Ok(_) => return Ok(Attached::Replaced),
-            Err(e) => {
-                tracing::warn!(%iface, path = %path.display(), error = %e, "pinned XDP link is unusable; creating a new one");
-                std::fs::remove_file(&path).map_err(|e| pin_err(format!("removing the old pin: {e}")))?;
-            }
-        }
+    // The program keeps the link's handle until the agent exits; the pin keeps the link.
+    if update_pinned(&path, iface, |l| {
+        let link = XdpLink::try_from(l).map_err(|e| e.to_string())?;
+        prog.attach_to_link(link).map(drop).map_err(|e| e.to_string())
+    })? {
+        return Ok(Attached::Replaced);
     }
     let id =
         prog.attach(iface, mode).map_err(|source| LoadError::Attach { iface: iface.to_owned(), source })?;
