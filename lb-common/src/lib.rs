@@ -138,6 +138,10 @@ pub const SVC_F_NODE_PORT: u16 = 1 << 3;
 /// at TC egress, after the kernel routed them: a reply given a local source address at XDP
 /// ingress would be dropped by the kernel as a martian. Read by the datapath.
 pub const SVC_F_LOCAL: u16 = 1 << 4;
+/// [`Svc4Value::flags`]: a traffic policy `Local` applies and this node has no endpoint for
+/// the frontend, though other nodes have: new flows are dropped, as kube-proxy drops them, not
+/// answered (a load balancer's health check must see this node as down). Read by the datapath.
+pub const SVC_F_NO_LOCAL_ENDPOINT: u16 = 1 << 5;
 
 /// Value of [`MAP_BACKENDS`]. 8 bytes.
 #[repr(C)]

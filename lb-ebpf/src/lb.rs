@@ -7,9 +7,9 @@
 //! insert, touch or delete, no counter).
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_get_prandom_u32, programs::XdpContext};
 use lb_common::{
-    BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL, Stat,
-    Svc4Key, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REJECT,
-    TRACE_REWRITE, TraceRecord,
+    BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL,
+    SVC_F_NO_LOCAL_ENDPOINT, Stat, Svc4Key, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND,
+    TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord,
 };
 
 use crate::{
@@ -142,8 +142,10 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         r.count = count_;
     });
     if count_ == 0 {
-        // As kube-proxy: the client is told at once (TCP reset, ICMP port unreachable).
-        if reject::answer::<TRACE_MODE>(ctx, pkt) {
+        // As kube-proxy: the client is told at once (TCP reset, ICMP port unreachable), unless
+        // only a traffic policy Local leaves this node without an endpoint: then the packet
+        // is dropped, so that a load balancer's health check sees the node as down.
+        if svc_flags & SVC_F_NO_LOCAL_ENDPOINT == 0 && reject::answer::<TRACE_MODE>(ctx, pkt) {
             step(rec, |r| r.steps |= TRACE_REJECT);
             return verdict(rec, Stat::RejectNoBackend, bytes, xdp_action::XDP_TX);
         }

@@ -52,6 +52,9 @@ pub struct AgentConfig {
     /// Node ports are answered on the node's addresses within these prefixes (all of them,
     /// loopback excepted, when empty), as kube-proxy's `--nodeport-addresses`.
     pub nodeport_addresses: Vec<crate::node::Cidr>,
+    /// This node's name as EndpointSlices give it (`nodeName`), for the traffic policies
+    /// `Local`.
+    pub node_name: Option<String>,
     /// Where /metrics, /healthz and /readyz are served; `None`: not served.
     pub http_addr: Option<SocketAddr>,
     /// /healthz fails once a change has waited this long for a successful sync.
@@ -295,8 +298,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         warn!("kernel older than 6.6 (no tcx links): node ports are checked but not served");
         Vec::new()
     };
-    let model_cfg =
-        ModelConfig { node_port_range: cfg.node_port_range.clone(), node_addrs, ..ModelConfig::default() };
+    info!(node_name = cfg.node_name.as_deref().unwrap_or("<none>"), "endpoints on this node are local");
+    let model_cfg = ModelConfig {
+        node_port_range: cfg.node_port_range.clone(),
+        node_addrs,
+        node_name: cfg.node_name.clone(),
+        ..ModelConfig::default()
+    };
     let mut syncer = Syncer::new(rec, model_cfg, metrics.clone());
 
     let _http = match cfg.http_addr {

@@ -536,12 +536,9 @@ pub fn describe_text(d: &ServiceDescription) -> String {
             .collect();
         o.push_str(&table(&["  ID", "ADDRESS", "STATE", "SELECTABLE", "NEW-FLOWS", "ACTIVE-FLOWS"], rows));
     }
-    if d.affinity_timeout_seconds.is_some()
-        || d.external_traffic_policy == Policy::Local
-        || d.internal_traffic_policy == Policy::Local
-    {
+    if d.affinity_timeout_seconds.is_some() {
         o.push_str(
-            "Note:                     this xlb shows session affinity and Local traffic policies but does not enforce them yet (see README, Limitations)\n",
+            "Note:                     this xlb shows session affinity but does not enforce it yet (see README, Limitations)\n",
         );
     }
     o
@@ -804,7 +801,7 @@ pub fn stat_meaning(name: &str) -> &'static str {
         "dnat_established" => "packet of a tracked flow, sent to its backend",
         "rev_nat" => "reply from a backend, source set back to the frontend",
         "drop_no_backend" => {
-            "service has no usable endpoint, and no answer was possible (a reset, IP options, ICMP rate limit)"
+            "service has no usable endpoint and no answer was possible (a reset, IP options, ICMP rate limit), or a traffic policy Local leaves this node without one"
         }
         "reject_no_backend" => {
             "service has no usable endpoint: answered with a TCP reset or ICMP port unreachable"

@@ -177,6 +177,11 @@ struct AgentArgs {
     /// CIDRs, as kube-proxy's --nodeport-addresses). Default: every address but loopback.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<lb_userspace::node::Cidr>,
+    /// This node's name as EndpointSlices give it in nodeName (for externalTrafficPolicy and
+    /// internalTrafficPolicy Local). Default: NODE_NAME (set it from the downward API), else
+    /// the host name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_http_addr)]
     http_addr: HttpAddr,
@@ -212,6 +217,14 @@ fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
 
 fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     lb_userspace::model::parse_port_range(s)
+}
+
+/// The host name (what kubelet registers as the node name by default).
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    (r == 0).then(|| lb_userspace::reconcile::unfixed(&buf)).filter(|h| !h.is_empty())
 }
 
 fn main() -> ExitCode {
@@ -257,6 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch_delay: Duration::from_millis(a.batch_delay_ms),
                 node_port_range: a.node_port_range,
                 nodeport_addresses: a.nodeport_addresses,
+                node_name: a.node_name.or_else(hostname),
                 http_addr: a.http_addr.0,
                 max_pending: Duration::from_secs(a.healthz_max_pending_s),
             };

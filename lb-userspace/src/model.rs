@@ -154,6 +154,8 @@ pub struct DesiredBackend {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub state: BackendState,
+    /// The endpoint runs on this node (its `nodeName` is `ModelConfig::node_name`).
+    pub local: bool,
 }
 
 /// One Service port as the datapath must serve it.
@@ -223,9 +225,26 @@ impl DesiredPort {
     /// The backends new flows choose from: the ready ones, or, when none is ready, the
     /// terminating ones that still serve.
     pub fn selectable(&self) -> impl Iterator<Item = &DesiredBackend> {
-        let any_active = self.backends.iter().any(|b| b.state == BackendState::Active);
+        self.selectable_where(false)
+    }
+
+    /// As [`Self::selectable`], among the endpoints on this node only when `local_only`.
+    pub fn selectable_where(&self, local_only: bool) -> impl Iterator<Item = &DesiredBackend> {
+        let pool = move || self.backends.iter().filter(move |b| !local_only || b.local);
+        let any_active = pool().any(|b| b.state == BackendState::Active);
         let want = if any_active { BackendState::Active } else { BackendState::Terminating };
-        self.backends.iter().filter(move |b| b.state == want)
+        pool().filter(move |b| b.state == want)
+    }
+
+    /// Whether a traffic policy `Local` applies to a frontend of this kind (`SVC_F_*` bits):
+    /// externalTrafficPolicy to externalIPs, ingress IPs and node ports, internalTrafficPolicy
+    /// to clusterIPs.
+    pub fn local_only(&self, kind: u16) -> bool {
+        let external =
+            lb_common::SVC_F_EXTERNAL_IP | lb_common::SVC_F_LB_INGRESS | lb_common::SVC_F_NODE_PORT;
+        let policy =
+            if kind & external != 0 { self.shown.external_policy } else { self.shown.internal_policy };
+        policy == Policy::Local
     }
 }
 
@@ -255,6 +274,9 @@ pub struct ModelConfig {
     pub node_port_range: std::ops::RangeInclusive<u16>,
     /// The node's addresses: each NodePort is answered on all of them.
     pub node_addrs: Vec<Ipv4Addr>,
+    /// This node's name, as EndpointSlices give it in `nodeName`: endpoints there are local
+    /// (for the traffic policies `Local`). `None`: no endpoint is local.
+    pub node_name: Option<String>,
 }
 
 impl Default for ModelConfig {
@@ -263,6 +285,7 @@ impl Default for ModelConfig {
             max_backends_per_service: usize::from(lb_common::MAX_BACKENDS_PER_SERVICE),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             node_addrs: Vec::new(),
+            node_name: None,
         }
     }
 }
@@ -297,7 +320,8 @@ fn ns_name(meta: &ObjectMeta) -> (String, String) {
 }
 
 /// Endpoints of one service, by (slice port name, protocol).
-type EndpointIndex = BTreeMap<(String, Proto), BTreeMap<(Ipv4Addr, u16), BackendState>>;
+/// (port name, protocol) -> (address, port) -> (state, the endpoint's node).
+type EndpointIndex = BTreeMap<(String, Proto), BTreeMap<(Ipv4Addr, u16), (BackendState, Option<Arc<str>>)>>;
 
 /// Builds the desired datapath state. Objects are taken in a deterministic order (namespace,
 /// name), so that when two Services claim the same frontend the same one always wins.
@@ -317,7 +341,8 @@ struct ParsedSlice {
     service: (String, String),
     /// (slice port name, protocol, number).
     ports: Vec<(String, Proto, u16)>,
-    endpoints: Vec<(Ipv4Addr, BackendState)>,
+    /// (address, state, `nodeName`).
+    endpoints: Vec<(Ipv4Addr, BackendState, Option<Arc<str>>)>,
 }
 
 /// A slice read: `None` for one xlb does not serve (IPv6, FQDN).
@@ -684,7 +709,7 @@ fn parse_slice(slice: &EndpointSlice) -> SliceResult {
             // Only the first address is used, as kube-proxy does.
             let Some(first) = ep.addresses.first() else { continue };
             match first.parse::<Ipv4Addr>() {
-                Ok(a) => addrs.push((a, state)),
+                Ok(a) => addrs.push((a, state, ep.node_name.as_deref().map(Arc::from))),
                 Err(_) => {
                     bad = Some(format!("endpoint address {first:?} is not an IPv4 address"));
                     break;
@@ -704,10 +729,13 @@ fn index_endpoints<'a>(slices: impl Iterator<Item = &'a ParsedSlice>) -> Endpoin
     for slice in slices {
         for (port_name, proto, number) in &slice.ports {
             let eps = by_port.entry((port_name.clone(), *proto)).or_default();
-            for &(addr, state) in &slice.endpoints {
+            for (addr, state, node) in &slice.endpoints {
                 // The most usable state wins.
-                let e = eps.entry((addr, *number)).or_insert(state);
-                *e = (*e).min(state);
+                let e = eps.entry((*addr, *number)).or_insert((*state, node.clone()));
+                e.0 = e.0.min(*state);
+                if e.1.is_none() {
+                    e.1 = node.clone();
+                }
             }
         }
     }
@@ -804,7 +832,12 @@ fn service_ports(
             .get(&(port_name.clone(), proto))
             .into_iter()
             .flatten()
-            .map(|(&(addr, port), &state)| DesiredBackend { addr, port, state })
+            .map(|(&(addr, port), (state, node))| DesiredBackend {
+                addr,
+                port,
+                state: *state,
+                local: cfg.node_name.is_some() && node.as_deref() == cfg.node_name.as_deref(),
+            })
             .collect();
         if backends.len() > cfg.max_backends_per_service {
             return Err(format!(
@@ -1069,6 +1102,64 @@ mod tests {
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: {ty}\n  clusterIP: 198.18.0.{n}\n  ports: {ports}\n{extra}---\n",
             n = name.len() + 10
         )
+    }
+
+    #[test]
+    fn endpoints_on_this_node_are_local_and_policies_pick_the_frontends() {
+        let yaml = typed_svc(
+            "web",
+            "NodePort",
+            "  externalTrafficPolicy: Local\n  externalIPs: [198.18.0.99]\n",
+            "[{port: 80, nodePort: 30080}]",
+        ) + &slice(
+            "web-1",
+            "web",
+            "[{port: 8080}]",
+            "[{addresses: [198.18.1.1], nodeName: n1}, {addresses: [198.18.1.2], nodeName: n2}, {addresses: [198.18.1.3]}]",
+        );
+        let o = objects(&yaml);
+        let cfg = ModelConfig {
+            node_name: Some("n1".into()),
+            node_addrs: vec!["198.18.100.1".parse().unwrap()],
+            ..ModelConfig::default()
+        };
+        let m = build(&o.services, &o.slices, &cfg);
+        let p = &m.ports[0];
+        let local: Vec<String> = p.backends.iter().filter(|b| b.local).map(|b| b.addr.to_string()).collect();
+        assert_eq!(local, ["198.18.1.1"], "only nodeName n1 is local; no nodeName is not");
+        assert_eq!(p.shown.external_policy, Policy::Local);
+        let kind = |addr: &str| {
+            p.frontend_kinds[p.frontends.iter().position(|f| f.addr.to_string() == addr).unwrap()]
+        };
+        assert!(
+            p.local_only(kind("198.18.100.1")) && p.local_only(kind("198.18.0.99")),
+            "node port and externalIP"
+        );
+        assert!(
+            !p.local_only(kind(
+                &p.frontends
+                    .iter()
+                    .find(|f| f.port == 80 && f.addr.to_string() != "198.18.0.99")
+                    .unwrap()
+                    .addr
+                    .to_string()
+            )),
+            "the clusterIP follows internalTrafficPolicy (Cluster)"
+        );
+        assert_eq!(p.selectable_where(true).count(), 1);
+        assert_eq!(p.selectable_where(false).count(), 3);
+        // Without a node name nothing is local.
+        let m = build(&o.services, &o.slices, &ModelConfig::default());
+        assert!(m.ports[0].backends.iter().all(|b| !b.local));
+        // A policy that is neither Cluster nor Local is an error of that Service alone.
+        let bad = typed_svc(
+            "bad",
+            "NodePort",
+            "  externalTrafficPolicy: Nearby\n",
+            "[{port: 80, nodePort: 30081}]",
+        );
+        let m = build_yaml(&bad);
+        assert!(m.rejected[0].reason.contains("externalTrafficPolicy \"Nearby\""), "{:?}", m.rejected);
     }
 
     #[test]

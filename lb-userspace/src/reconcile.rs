@@ -367,12 +367,29 @@ impl<D: Datapath> Reconciler<D> {
             let id_of = |b: &crate::model::DesiredBackend| {
                 self.backend_ids[&BackendKey { addr: b.addr, port: b.port, proto: p.id.proto }]
             };
-            let mut slots: Vec<u32> = p.selectable().map(id_of).collect();
-            let count = slots.len() as u16;
-            let mut rest: Vec<u32> = p.backends.iter().map(id_of).filter(|id| !slots.contains(id)).collect();
-            slots.append(&mut rest);
+            // The selectable backends first (count of them), then every other one. A frontend
+            // with a traffic policy Local selects among this node's endpoints only.
+            let slots_for = |local_only: bool| -> (Vec<u32>, u16) {
+                let mut slots: Vec<u32> = p.selectable_where(local_only).map(id_of).collect();
+                let count = slots.len() as u16;
+                let mut rest: Vec<u32> =
+                    p.backends.iter().map(id_of).filter(|id| !slots.contains(id)).collect();
+                slots.append(&mut rest);
+                (slots, count)
+            };
+            let cluster = slots_for(false);
+            let local = p.frontend_kinds.iter().any(|&k| p.local_only(k)).then(|| slots_for(true));
             for (fi, f) in p.frontends.iter().enumerate() {
-                let flags = p.frontend_kinds.get(fi).copied().unwrap_or(0);
+                let mut flags = p.frontend_kinds.get(fi).copied().unwrap_or(0);
+                let (slots, count) = match &local {
+                    Some(l) if p.local_only(flags) => {
+                        if l.1 == 0 && cluster.1 > 0 {
+                            flags |= lb_common::SVC_F_NO_LOCAL_ENDPOINT;
+                        }
+                        (&l.0, l.1)
+                    }
+                    _ => (&cluster.0, cluster.1),
+                };
                 wanted_frontends.insert(*f);
                 let old = self.frontends.get(f).cloned();
                 let old_slots = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or_default();
@@ -571,7 +588,12 @@ mod tests {
             frontend_kinds: vec![lb_common::SVC_F_CLUSTER_IP],
             backends: backends
                 .iter()
-                .map(|&(b, state)| DesiredBackend { addr: Ipv4Addr::new(198, 18, 1, b), port: 8080, state })
+                .map(|&(b, state)| DesiredBackend {
+                    addr: Ipv4Addr::new(198, 18, 1, b),
+                    port: 8080,
+                    state,
+                    local: false,
+                })
                 .collect(),
             shown: Default::default(),
         }

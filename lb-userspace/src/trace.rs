@@ -300,7 +300,7 @@ impl Tracer {
             "drop_no_backend" => (
                 "no_backend",
                 format!(
-                    "{} has no endpoint that takes new flows, and no answer may be sent (the packet is a reset, or carries IP options): it is dropped",
+                    "{} has no endpoint here that takes new flows, and no answer is sent (a traffic policy Local and no endpoint on this node, or the packet is a reset or carries IP options): it is dropped",
                     label(rec.svc_id)
                 ),
                 None,

@@ -544,7 +544,7 @@ Backends:
   1    198.18.1.2:8080   active        yes          7           1
   2    198.18.2.2:8080   active        yes          5           0
   3    198.18.3.2:8080   terminating   no           0           0
-Note:                     this xlb shows session affinity and Local traffic policies but does not enforce them yet (see README, Limitations)
+Note:                     this xlb shows session affinity but does not enforce it yet (see README, Limitations)
 "#;
 
 const DESCRIBE_DB: &str = r#"Name:                     db
@@ -717,7 +717,7 @@ pass_no_service       pass                0         0       no frontend and no t
 dnat_new              pass (translated)   3         180     first packet of a new flow, sent to a backend
 dnat_established      pass (translated)   9         900     packet of a tracked flow, sent to its backend
 rev_nat               pass (translated)   8         920     reply from a backend, source set back to the frontend
-drop_no_backend       drop                0         0       service has no usable endpoint, and no answer was possible (a reset, IP options, ICMP rate limit)
+drop_no_backend       drop                0         0       service has no usable endpoint and no answer was possible (a reset, IP options, ICMP rate limit), or a traffic policy Local leaves this node without one
 drop_stale_slot       drop                0         0       backend slot vanished during an update (race with the agent)
 drop_ct_full          drop                0         0       connection could not be tracked (conntrack map update failed)
 ct_stale_backend      event               0         0       tracked flow whose backend was removed; balanced again

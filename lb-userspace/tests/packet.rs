@@ -591,3 +591,74 @@ fn node_ports_answer_on_node_addresses_and_replies_are_translated_at_egress() {
     assert_eq!((v, out), (XDP_PASS, stray));
     assert_eq!(dut.stat(Stat::PassNoService), 1);
 }
+
+/// local: NodePort 30081 with externalTrafficPolicy Local; pod 198.18.1.2 on this node
+/// (node-1), 198.18.2.2 on node-2.
+const LOCAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 198.18.0.41
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: default, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [198.18.1.2], nodeName: node-1}
+- {addresses: [198.18.2.2], nodeName: node-2}
+"#;
+
+#[test]
+fn external_traffic_policy_local_uses_this_nodes_endpoints_only() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let cfg = ModelConfig {
+        node_addrs: vec!["198.18.100.1".parse().unwrap()],
+        node_name: Some("node-1".into()),
+        ..ModelConfig::default()
+    };
+    let mut dut = Dut::with_config(LOCAL, cfg);
+    let to = |dut: &mut Dut, dst: &str, first: u16| -> std::collections::BTreeMap<String, usize> {
+        let mut seen = std::collections::BTreeMap::new();
+        for port in first..first + 60 {
+            let (v, out) = dut
+                .run(&Frame::tcp(SocketAddrV4::new("198.18.100.2".parse().unwrap(), port), sa(dst)).build());
+            assert_eq!(v, XDP_PASS);
+            let d = decode(&out).unwrap();
+            assert_eq!(d.src.ip().to_string(), "198.18.100.2", "the client's address is kept");
+            *seen.entry(backend_of(&d)).or_default() += 1;
+        }
+        seen
+    };
+    // The node port (external): this node's endpoint only. The clusterIP: both.
+    let external = to(&mut dut, "198.18.100.1:30081", 20000);
+    assert_eq!(external.keys().collect::<Vec<_>>(), ["198.18.1.2"], "{external:?}");
+    let internal = to(&mut dut, "198.18.0.41:80", 21000);
+    assert_eq!(internal.len(), 2, "internalTrafficPolicy Cluster: {internal:?}");
+
+    // Only node-2 has an endpoint left: the node port drops (no answer, as kube-proxy), while
+    // the clusterIP still reaches node-2's endpoint.
+    dut.apply(&LOCAL.replace("- {addresses: [198.18.1.2], nodeName: node-1}\n", ""));
+    let (v, _) = dut.run(&Frame::tcp(sa("198.18.100.2:30000"), sa("198.18.100.1:30081")).build());
+    assert_eq!(v, XDP_DROP, "no local endpoint: dropped, not answered");
+    assert_eq!((dut.stat(Stat::DropNoBackend), dut.stat(Stat::RejectNoBackend)), (1, 0));
+    let (_, out) = dut.run(&Frame::tcp(sa("198.18.100.2:30001"), sa("198.18.0.41:80")).build());
+    assert_eq!(backend_of(&decode(&out).unwrap()), "198.18.2.2");
+
+    // No endpoint anywhere: refused, like any Service without endpoints.
+    let none = LOCAL.replace(
+        "- {addresses: [198.18.1.2], nodeName: node-1}\n- {addresses: [198.18.2.2], nodeName: node-2}\n",
+        "",
+    );
+    assert_ne!(none, LOCAL);
+    dut.apply(&none);
+    let (v, _) = dut.run(&Frame::tcp(sa("198.18.100.2:30002"), sa("198.18.100.1:30081")).build());
+    assert_eq!(v, XDP_TX);
+}

@@ -396,7 +396,9 @@ impl SingleNode {
             .arg("agent")
             .arg("--manifests")
             .arg(&self.manifests)
-            .env("XLB_LOG", "info");
+            .env("XLB_LOG", "info")
+            // The node of the test manifests' endpoints (`nodeName: node-1`).
+            .env("NODE_NAME", "node-1");
         for i in &self.node_ifaces {
             cmd.arg("--iface").arg(i);
         }

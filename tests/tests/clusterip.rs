@@ -250,3 +250,39 @@ fn a_service_without_endpoints_is_refused_at_once() {
         serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(stats["reject_no_backend"]["packets"], 2, "{stats}");
 }
+
+/// externalTrafficPolicy Local: the node port leads only to the endpoint on this node (node-1),
+/// the pod sees the client's own address, and the clusterIP (internalTrafficPolicy Cluster)
+/// still reaches both pods, the other one being declared on node-2.
+#[test]
+fn external_traffic_policy_local_keeps_node_port_traffic_on_this_node() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    bed.start_servers(&testbed(), &[8080], &[]).expect("servers");
+    bed.write_manifest(
+        "local.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: local, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 198.18.0.50\n  externalTrafficPolicy: Local\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: local-1, namespace: default, labels: {kubernetes.io/service-name: local}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- {addresses: [198.18.10.2], nodeName: node-1}\n- {addresses: [198.18.11.2], nodeName: node-2}\n",
+    )
+    .unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.50:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    let count = |to: &str| -> BTreeMap<String, usize> {
+        let to: SocketAddrV4 = to.parse().unwrap();
+        let answers =
+            bed.client.enter(|| (0..30).map(|_| tcp_request(to, Duration::from_secs(3))).collect::<Vec<_>>());
+        let mut per_pod = BTreeMap::new();
+        for a in answers {
+            let a = a.unwrap_or_else(|e| panic!("{to}: {e:#}\n{}", bed.logs()));
+            assert_eq!(a.from, to.into());
+            assert_eq!(a.peer.ip(), std::net::IpAddr::V4(bed.client_ip), "the pod sees the client");
+            *per_pod.entry(a.pod).or_default() += 1;
+        }
+        per_pod
+    };
+    let external = count("198.18.100.1:30090");
+    assert_eq!(external, BTreeMap::from([("pod-a".to_string(), 30)]), "only this node's endpoint");
+    let internal = count("198.18.0.50:80");
+    assert_eq!(internal.len(), 2, "the clusterIP reaches both: {internal:?}");
+}
