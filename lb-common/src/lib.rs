@@ -27,7 +27,7 @@ pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
 pub const MAP_CT: &str = "xlb_ct4_v1";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
-pub const MAP_STATS: &str = "xlb_stats_v3";
+pub const MAP_STATS: &str = "xlb_stats_v4";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
 pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v2";
 /// New flows sent to each backend (array, backend id -> u64); the agent zeroes an id's count
@@ -57,9 +57,13 @@ pub struct RejectBucket {
     pub last_ns: u64,
 }
 
+/// `loadBalancerSourceRanges` (LPM trie, [`SrcRange4`] with prefix length 32 + the range's ->
+/// 1): the client prefixes allowed on a service port's LoadBalancer frontends.
+pub const MAP_SOURCE_RANGES: &str = "xlb_srcrange4_v1";
+
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 6] =
-    [MAP_SERVICES, MAP_BACKENDS, MAP_CT, MAP_STATS, MAP_SVC_INFO, MAP_BACKEND_FLOWS];
+pub const ALL_MAPS: [&str; 7] =
+    [MAP_SERVICES, MAP_BACKENDS, MAP_CT, MAP_STATS, MAP_SVC_INFO, MAP_BACKEND_FLOWS, MAP_SOURCE_RANGES];
 
 /// Name of the trace program: the datapath's decision, run by `xlb trace` on a crafted packet
 /// with BPF_PROG_TEST_RUN. It reads the live maps and writes nothing but [`MAP_TRACE`].
@@ -70,6 +74,8 @@ pub const DEFAULT_MAX_SERVICE_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_SVC_INFO: u32 = 65_536;
+/// Capacity of [`MAP_SOURCE_RANGES`] (allocated per entry: LPM tries are never preallocated).
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// `map_flags` of [`MAP_SVC_INFO`]: BPF_F_NO_PREALLOC, so that display names only take kernel
 /// memory for the service ports that exist.
 pub const SVC_INFO_MAP_FLAGS: usize = 1;
@@ -142,6 +148,20 @@ pub const SVC_F_LOCAL: u16 = 1 << 4;
 /// the frontend, though other nodes have: new flows are dropped, as kube-proxy drops them, not
 /// answered (a load balancer's health check must see this node as down). Read by the datapath.
 pub const SVC_F_NO_LOCAL_ENDPOINT: u16 = 1 << 5;
+/// [`Svc4Value::flags`]: new flows are allowed only from the clients in the service port's
+/// `loadBalancerSourceRanges` ([`MAP_SOURCE_RANGES`]); others are dropped. Read by the datapath.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 6;
+
+/// The data of a [`MAP_SOURCE_RANGES`] key: the service port, then the client prefix. The key's
+/// prefix length is 32 (the whole service id) plus the range's own. 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange4 {
+    /// Service port id, host order (matched whole).
+    pub svc_id: u32,
+    /// Client address prefix, bytes as in the packet.
+    pub addr: [u8; 4],
+}
 
 /// Value of [`MAP_BACKENDS`]. 8 bytes.
 #[repr(C)]
@@ -334,10 +354,13 @@ pub enum Stat {
     /// TC egress (not counted in `Rx`): a reply's source was translated back to the node
     /// address and port the client used.
     EgressRevNat = 15,
+    /// Dropped: a new flow to a LoadBalancer frontend from a client outside its
+    /// `loadBalancerSourceRanges`.
+    DropSourceRange = 16,
 }
 
 /// Number of [`Stat`] counters; size of [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 16;
+pub const STAT_COUNT: u32 = 17;
 
 /// Names of the [`Stat`] counters, by index, as the CLI and /metrics show them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -357,6 +380,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "reject_no_backend",
     "pass_egress_rev_nat",
     "egress_rev_nat",
+    "drop_source_range",
 ];
 
 /// Value of [`MAP_TRACE`]: what the trace program decided for one packet. 32 bytes.
@@ -410,7 +434,8 @@ const _: () = {
     assert!(core::mem::size_of::<StatValue>() == 16);
     assert!(core::mem::size_of::<SvcInfo>() == 432);
     assert!(core::mem::size_of::<TraceRecord>() == 32);
-    assert!(Stat::EgressRevNat as u32 + 1 == STAT_COUNT);
+    assert!(Stat::DropSourceRange as u32 + 1 == STAT_COUNT);
+    assert!(core::mem::size_of::<SrcRange4>() == 8);
     assert!(core::mem::size_of::<RejectBucket>() == 16);
 };
 
@@ -427,4 +452,5 @@ mod pod {
     unsafe impl aya::Pod for StatValue {}
     unsafe impl aya::Pod for SvcInfo {}
     unsafe impl aya::Pod for TraceRecord {}
+    unsafe impl aya::Pod for SrcRange4 {}
 }

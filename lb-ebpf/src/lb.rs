@@ -5,16 +5,19 @@
 //! lookups and the same choice, rewrites the same headers, and records each step in
 //! [`TRACE`](crate::maps::TRACE) instead of changing anything the datapath shares (no conntrack
 //! insert, touch or delete, no counter).
-use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_get_prandom_u32, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, btf_maps::lpm_trie::Key, helpers::generated::bpf_get_prandom_u32,
+    programs::XdpContext,
+};
 use lb_common::{
     BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL,
-    SVC_F_NO_LOCAL_ENDPOINT, Stat, Svc4Key, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND,
-    TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord,
+    SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key, TRACE_CT_FORWARD, TRACE_CT_REPLY,
+    TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord,
 };
 
 use crate::{
     ct,
-    maps::{BACKEND_FLOWS, BACKENDS, CT, SERVICES, TRACE},
+    maps::{BACKEND_FLOWS, BACKENDS, CT, SERVICES, SOURCE_RANGES, TRACE},
     nat::{self, Side},
     parse::{self, Packet, Parsed},
     reject,
@@ -141,6 +144,12 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         r.svc_id = svc_id;
         r.count = count_;
     });
+    if svc_flags & SVC_F_SOURCE_RANGES != 0 {
+        let k = Key::new(64, SrcRange4 { svc_id, addr: pkt.saddr.to_ne_bytes() });
+        if SOURCE_RANGES.get(&k).is_none() {
+            return drop(rec, Stat::DropSourceRange, bytes);
+        }
+    }
     if count_ == 0 {
         // As kube-proxy: the client is told at once (TCP reset, ICMP port unreachable), unless
         // only a traffic policy Local leaves this node without an endpoint: then the packet

@@ -1,12 +1,12 @@
 //! The maps, one line of purpose each. Names and layouts come from lb-common; capacities here are
 //! defaults that the agent overrides at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, StatValue, Svc4Key, Svc4Value,
-    SvcInfo, TraceRecord,
+    Backend4, Ct4Key, Ct4Value, MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SrcRange4,
+    StatValue, Svc4Key, Svc4Value, SvcInfo, TraceRecord,
 };
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
@@ -22,7 +22,7 @@ pub static BACKENDS: Array<Backend4, 262_144> = Array::new();
 pub static CT: LruHashMap<Ct4Key, Ct4Value, 262_144> = LruHashMap::new();
 
 /// Per-CPU packet and byte counters by verdict and reason (see lb_common::Stat).
-#[btf_map(name = "xlb_stats_v3")]
+#[btf_map(name = "xlb_stats_v4")]
 pub static STATS: PerCpuArray<StatValue, { STAT_COUNT as usize }> = PerCpuArray::new();
 
 /// Service id -> names for display; written by the agent, never read here. Declared in the
@@ -41,3 +41,7 @@ pub static TRACE: Array<TraceRecord, 1> = Array::new();
 /// Token bucket of the ICMP answers for Services without endpoints, per CPU.
 #[btf_map(name = "xlb_rejectbkt_v1")]
 pub static REJECT_BUCKET: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
+
+/// loadBalancerSourceRanges: (service id, client prefix) -> 1.
+#[btf_map(name = "xlb_srcrange4_v1")]
+pub static SOURCE_RANGES: LpmTrie<SrcRange4, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();

@@ -109,6 +109,7 @@ pub fn kinds(flags: u16) -> Vec<&'static str> {
         (SVC_F_LB_INGRESS, "LoadBalancerIngress"),
         (SVC_F_NODE_PORT, "NodePort"),
         (lb_common::SVC_F_LOCAL, "NodeAddress"),
+        (lb_common::SVC_F_SOURCE_RANGES, "SourceRanges"),
     ]
     .into_iter()
     .filter(|(f, _)| flags & f != 0)
@@ -132,6 +133,8 @@ struct FrontendEntry {
 /// Everything the CLI shows, read once from the maps.
 pub struct View {
     infos: BTreeMap<u32, SvcInfo>,
+    /// loadBalancerSourceRanges by service port id.
+    ranges: BTreeMap<u32, Vec<crate::node::Cidr>>,
     frontends: Vec<FrontendEntry>,
     backends: BTreeMap<u32, lb_common::Backend4>,
     flows: BTreeMap<u32, u64>,
@@ -173,7 +176,14 @@ impl View {
                 }
             }
         }
-        Ok(View { infos, frontends: entries.into_values().collect(), backends, flows })
+        let mut ranges: BTreeMap<u32, Vec<crate::node::Cidr>> = BTreeMap::new();
+        for (id, c) in dp.read_source_ranges()? {
+            ranges.entry(id).or_default().push(c);
+        }
+        for v in ranges.values_mut() {
+            v.sort();
+        }
+        Ok(View { infos, ranges, frontends: entries.into_values().collect(), backends, flows })
     }
 
     fn backend_row(&self, id: u32, selectable: bool) -> BackendRow {
@@ -359,6 +369,8 @@ pub struct ServiceDescription {
     pub cluster_ips: Vec<String>,
     pub external_ips: Vec<String>,
     pub load_balancer_ingress: Vec<String>,
+    /// `loadBalancerSourceRanges`: the clients allowed on the ingress IPs (empty: all).
+    pub load_balancer_source_ranges: Vec<String>,
     pub external_name: Option<String>,
     pub session_affinity: &'static str,
     pub affinity_timeout_seconds: Option<u32>,
@@ -417,6 +429,14 @@ impl View {
             cluster_ips: addrs(SVC_F_CLUSTER_IP),
             external_ips: addrs(SVC_F_EXTERNAL_IP),
             load_balancer_ingress: addrs(SVC_F_LB_INGRESS),
+            load_balancer_source_ranges: {
+                let set: BTreeSet<String> = rows
+                    .iter()
+                    .flat_map(|r| self.ranges.get(&r.service_id).into_iter().flatten())
+                    .map(ToString::to_string)
+                    .collect();
+                set.into_iter().collect()
+            },
             external_name: first.external_name.clone(),
             session_affinity: first.session_affinity,
             affinity_timeout_seconds: first.affinity_timeout_seconds,
@@ -465,7 +485,7 @@ fn or_none(v: &[String]) -> String {
 }
 
 fn kv(o: &mut String, k: &str, v: &str) {
-    let line = format!("{:<26}{v}", format!("{k}:"));
+    let line = format!("{:<25} {v}", format!("{k}:"));
     let _ = writeln!(o, "{}", line.trim_end());
 }
 
@@ -485,6 +505,9 @@ pub fn describe_text(d: &ServiceDescription) -> String {
     }
     if !d.load_balancer_ingress.is_empty() {
         kv(&mut o, "LoadBalancer Ingress", &d.load_balancer_ingress.join(", "));
+    }
+    if !d.load_balancer_source_ranges.is_empty() {
+        kv(&mut o, "LoadBalancer Source Ranges", &d.load_balancer_source_ranges.join(","));
     }
     let affinity = match d.affinity_timeout_seconds {
         Some(t) => format!("ClientIP (timeout {t}s)"),
@@ -811,6 +834,7 @@ pub fn stat_meaning(name: &str) -> &'static str {
         "ct_stale_backend" => "tracked flow whose backend was removed; balanced again",
         "pass_egress_rev_nat" => "reply of a flow to a node address, left for TC egress to translate",
         "egress_rev_nat" => "TC egress: reply's source set back to the node address and port",
+        "drop_source_range" => "new flow to a LoadBalancer IP from a client outside loadBalancerSourceRanges",
         _ => "",
     }
 }

@@ -5,11 +5,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
-use lb_common::{
-    Backend4, Ct4Key, Ct4Value, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_STATS,
-    MAP_SVC_INFO, STAT_COUNT, StatValue, Svc4Key, Svc4Value, SvcInfo,
+use aya::maps::{
+    Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray,
+    lpm_trie::{Key as LpmKey, LpmTrie},
 };
+use lb_common::{
+    Backend4, Ct4Key, Ct4Value, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_SOURCE_RANGES,
+    MAP_STATS, MAP_SVC_INFO, STAT_COUNT, SrcRange4, StatValue, Svc4Key, Svc4Value, SvcInfo,
+};
+
+use crate::node::Cidr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -61,6 +66,10 @@ pub trait Datapath {
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError>;
     /// Zeroes the new-flow count of a backend id (before the id names a new backend).
     fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError>;
+    /// Every `loadBalancerSourceRanges` entry: (service port id, client prefix).
+    fn read_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, DatapathError>;
+    fn write_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError>;
+    fn delete_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError>;
 
     // What the CLI reads besides the above.
     /// New flows sent to backend `id`.
@@ -80,6 +89,7 @@ pub struct BpfMaps {
     pub stats: PerCpuArray<MapData, StatValue>,
     pub svc_info: HashMap<MapData, u32, SvcInfo>,
     pub flows: Array<MapData, u64>,
+    pub source_ranges: LpmTrie<MapData, SrcRange4, u8>,
     capacity: Capacity,
 }
 
@@ -129,7 +139,9 @@ impl BpfMaps {
         let svc_info = typed(MAP_SVC_INFO, &p, m)?;
         let (p, m) = open(MAP_BACKEND_FLOWS)?;
         let flows = typed(MAP_BACKEND_FLOWS, &p, m)?;
-        Self::new(services, backends, ct, stats, svc_info, flows)
+        let (p, m) = open(MAP_SOURCE_RANGES)?;
+        let source_ranges = typed(MAP_SOURCE_RANGES, &p, m)?;
+        Self::new(services, backends, ct, stats, svc_info, flows, source_ranges)
     }
 
     /// Takes the maps out of a loaded object (which then no longer owns them).
@@ -148,7 +160,8 @@ impl BpfMaps {
         let stats = typed(MAP_STATS, &path, take(MAP_STATS)?)?;
         let svc_info = typed(MAP_SVC_INFO, &path, take(MAP_SVC_INFO)?)?;
         let flows = typed(MAP_BACKEND_FLOWS, &path, take(MAP_BACKEND_FLOWS)?)?;
-        Self::new(services, backends, ct, stats, svc_info, flows)
+        let source_ranges = typed(MAP_SOURCE_RANGES, &path, take(MAP_SOURCE_RANGES)?)?;
+        Self::new(services, backends, ct, stats, svc_info, flows, source_ranges)
     }
 
     fn new(
@@ -158,6 +171,7 @@ impl BpfMaps {
         stats: PerCpuArray<MapData, StatValue>,
         svc_info: HashMap<MapData, u32, SvcInfo>,
         flows: Array<MapData, u64>,
+        source_ranges: LpmTrie<MapData, SrcRange4, u8>,
     ) -> Result<Self, DatapathError> {
         let max = |m: &MapData, name| m.info().map(|i| i.max_entries()).map_err(map_err("info", name));
         let capacity = Capacity {
@@ -184,7 +198,7 @@ impl BpfMaps {
                 },
             });
         }
-        Ok(Self { services, backends, ct, stats, svc_info, flows, capacity })
+        Ok(Self { services, backends, ct, stats, svc_info, flows, source_ranges, capacity })
     }
 
     /// The kernel's map ids, by name (to tell whether two handles are the same map).
@@ -197,8 +211,13 @@ impl BpfMaps {
             id(IterableMap::map(&self.stats), MAP_STATS)?,
             id(IterableMap::map(&self.svc_info), MAP_SVC_INFO)?,
             id(IterableMap::map(&self.flows), MAP_BACKEND_FLOWS)?,
+            id(IterableMap::map(&self.source_ranges), MAP_SOURCE_RANGES)?,
         ])
     }
+}
+
+fn range_key(svc_id: u32, range: Cidr) -> LpmKey<SrcRange4> {
+    LpmKey::new(32 + u32::from(range.len), SrcRange4 { svc_id, addr: range.addr.octets() })
 }
 
 /// Opens one pinned map, telling apart a missing pin, a pin of another layout version and a
@@ -315,6 +334,29 @@ impl Datapath for BpfMaps {
         self.flows.set(id, 0, 0).map_err(map_err("update", MAP_BACKEND_FLOWS))
     }
 
+    fn read_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, DatapathError> {
+        self.source_ranges
+            .keys()
+            .map(|k| {
+                let k = k.map_err(map_err("iterate", MAP_SOURCE_RANGES))?;
+                let d = k.data();
+                let len = k.prefix_len().saturating_sub(32).min(32) as u8;
+                Ok((d.svc_id, Cidr { addr: d.addr.into(), len }))
+            })
+            .collect()
+    }
+
+    fn write_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
+        self.source_ranges
+            .insert(&range_key(svc_id, range), 1, 0)
+            .map_err(map_err("update", MAP_SOURCE_RANGES))
+    }
+
+    fn delete_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
+        absent_ok(self.source_ranges.remove(&range_key(svc_id, range)))
+            .map_err(map_err("delete", MAP_SOURCE_RANGES))
+    }
+
     fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
         self.flows.get(&id, 0).map_err(map_err("lookup", MAP_BACKEND_FLOWS))
     }
@@ -345,6 +387,7 @@ pub struct MemDatapath {
     pub ct: BTreeMap<Ct4Key, Ct4Value>,
     /// Packets and bytes by [`lb_common::Stat`] index (missing ones are zero).
     pub stats: BTreeMap<u32, (u64, u64)>,
+    pub source_ranges: std::collections::BTreeSet<(u32, Cidr)>,
     pub capacity: Option<Capacity>,
     /// Every write and delete, in order, as `(op, key)` strings, for ordering assertions.
     pub log: Vec<String>,
@@ -428,6 +471,22 @@ impl Datapath for MemDatapath {
 
     fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
         self.flows.remove(&id);
+        Ok(())
+    }
+
+    fn read_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, DatapathError> {
+        Ok(self.source_ranges.iter().copied().collect())
+    }
+
+    fn write_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
+        self.log.push(format!("source range {svc_id} {range}"));
+        self.source_ranges.insert((svc_id, range));
+        Ok(())
+    }
+
+    fn delete_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
+        self.log.push(format!("delete source range {svc_id} {range}"));
+        self.source_ranges.remove(&(svc_id, range));
         Ok(())
     }
 
@@ -539,6 +598,18 @@ impl<D: Datapath> Datapath for FaultyDatapath<D> {
     fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
         self.roll(self.write_fail_per_mille, "resetting a backend's flow count")?;
         self.inner.reset_backend_flows(id)
+    }
+    fn read_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, DatapathError> {
+        self.read_roll("reading the source ranges")?;
+        self.inner.read_source_ranges()
+    }
+    fn write_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "writing a source range")?;
+        self.inner.write_source_range(svc_id, range)
+    }
+    fn delete_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "deleting a source range")?;
+        self.inner.delete_source_range(svc_id, range)
     }
     fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
         self.inner.read_backend_flows(id)

@@ -240,7 +240,8 @@ fn map_data(m: &aya::maps::Map) -> Option<&aya::maps::MapData> {
         | Map::LruHashMap(d)
         | Map::PerCpuArray(d)
         | Map::PerCpuHashMap(d)
-        | Map::PerCpuLruHashMap(d) => Some(d),
+        | Map::PerCpuLruHashMap(d)
+        | Map::LpmTrie(d) => Some(d),
         _ => None,
     }
 }

@@ -177,6 +177,9 @@ pub struct DesiredPort {
     pub backends: Vec<DesiredBackend>,
     /// What the CLI shows of the port beyond the datapath.
     pub shown: Shown,
+    /// `loadBalancerSourceRanges` (type LoadBalancer): the clients allowed on the ingress IPs;
+    /// empty: all. Normalised (host bits cleared), sorted, without duplicates.
+    pub source_ranges: Vec<crate::node::Cidr>,
 }
 
 /// Traffic policy (`externalTrafficPolicy`, `internalTrafficPolicy`).
@@ -543,6 +546,7 @@ fn external_name_ports(
         frontend_kinds: Vec::new(),
         backends: Vec::new(),
         shown: shown.clone(),
+        source_ranges: Vec::new(),
     };
     let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
     if ports.is_empty() {
@@ -797,6 +801,16 @@ fn service_ports(
         return Err("no ports".into());
     }
     let settings = shown_settings(spec)?;
+    let mut source_ranges = Vec::new();
+    if svc_type == SvcType::LoadBalancer {
+        for r in spec.load_balancer_source_ranges.iter().flatten() {
+            let c: crate::node::Cidr =
+                r.trim().parse().map_err(|e| format!("loadBalancerSourceRanges: {e}"))?;
+            source_ranges.push(c.network());
+        }
+        source_ranges.sort();
+        source_ranges.dedup();
+    }
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     let mut seen_node_ports = BTreeSet::new();
@@ -859,6 +873,14 @@ fn service_ports(
                 *k |= lb_common::SVC_F_LOCAL;
             }
         }
+        // loadBalancerSourceRanges guard the ingress IPs.
+        if !source_ranges.is_empty() {
+            for k in kinds.values_mut() {
+                if *k & lb_common::SVC_F_LB_INGRESS != 0 {
+                    *k |= lb_common::SVC_F_SOURCE_RANGES;
+                }
+            }
+        }
         let (frontends, frontend_kinds): (Vec<Frontend>, Vec<u16>) = kinds.into_iter().unzip();
         out.push(DesiredPort {
             id: PortRef { namespace: namespace.to_owned(), name: name.to_owned(), port_name, proto },
@@ -868,6 +890,7 @@ fn service_ports(
             frontends,
             frontend_kinds,
             backends,
+            source_ranges: source_ranges.clone(),
             shown: Shown {
                 target_port: match &sp.target_port {
                     Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => n.to_string(),
@@ -1102,6 +1125,42 @@ mod tests {
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: {ty}\n  clusterIP: 198.18.0.{n}\n  ports: {ports}\n{extra}---\n",
             n = name.len() + 10
         )
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_guard_the_ingress_ips_only() {
+        let yaml = typed_svc(
+            "lb",
+            "LoadBalancer",
+            "  externalIPs: [198.18.0.98]\n  loadBalancerSourceRanges: [198.18.100.7/24, 10.0.0.0/8, 198.18.100.0/24]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.0.99}]}}\n",
+            "[{port: 80, nodePort: 30080}]",
+        ) + &typed_svc(
+            "clusterip",
+            "ClusterIP",
+            "  loadBalancerSourceRanges: [10.0.0.0/8]\n",
+            "[{port: 80}]",
+        ) + &typed_svc(
+            "bad",
+            "LoadBalancer",
+            "  loadBalancerSourceRanges: [10.0.0.0/40]\n",
+            "[{port: 80, nodePort: 30081}]",
+        );
+        let m = build_yaml(&yaml);
+        assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
+        assert!(
+            m.rejected[0].name == "bad" && m.rejected[0].reason.contains("loadBalancerSourceRanges"),
+            "{:?}",
+            m.rejected
+        );
+        let lb = m.ports.iter().find(|p| p.id.name == "lb").unwrap();
+        let ranges: Vec<String> = lb.source_ranges.iter().map(ToString::to_string).collect();
+        assert_eq!(ranges, ["10.0.0.0/8", "198.18.100.0/24"], "normalised, sorted, deduplicated");
+        for (f, k) in lb.frontends.iter().zip(&lb.frontend_kinds) {
+            let guarded = k & lb_common::SVC_F_SOURCE_RANGES != 0;
+            assert_eq!(guarded, f.addr.to_string() == "198.18.0.99", "{f}: only the ingress IP is guarded");
+        }
+        let ci = m.ports.iter().find(|p| p.id.name == "clusterip").unwrap();
+        assert!(ci.source_ranges.is_empty(), "only type LoadBalancer has source ranges");
     }
 
     #[test]

@@ -2,16 +2,30 @@
 use std::net::Ipv4Addr;
 
 /// An IPv4 prefix, as kube-proxy's `--nodeport-addresses` takes them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
     pub addr: Ipv4Addr,
     pub len: u8,
 }
 
 impl Cidr {
+    fn mask(&self) -> u32 {
+        if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len)) }
+    }
+
     pub fn contains(&self, a: Ipv4Addr) -> bool {
-        let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len)) };
-        u32::from(a) & mask == u32::from(self.addr) & mask
+        u32::from(a) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+
+    /// The same prefix with the host bits cleared (`10.1.2.3/8` is `10.0.0.0/8`).
+    pub fn network(&self) -> Cidr {
+        Cidr { addr: Ipv4Addr::from(u32::from(self.addr) & self.mask()), len: self.len }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
     }
 }
 

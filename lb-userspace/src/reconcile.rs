@@ -109,6 +109,8 @@ pub struct Reconciler<D> {
     backend_ids: HashMap<BackendKey, u32>,
     backend_values: HashMap<u32, Backend4>,
     be_ids: Ids,
+    /// `loadBalancerSourceRanges` entries: (service port id, client prefix).
+    ranges: BTreeSet<(u32, crate::node::Cidr)>,
     /// Set when a write failed: the picture is re-read before the next apply.
     stale: bool,
 }
@@ -187,6 +189,7 @@ impl<D: Datapath> Reconciler<D> {
             backend_ids: HashMap::new(),
             backend_values: HashMap::new(),
             be_ids: Ids::default(),
+            ranges: BTreeSet::new(),
             stale: false,
         };
         r.read_back()?;
@@ -282,6 +285,7 @@ impl<D: Datapath> Reconciler<D> {
         }
         self.svc_ids = Ids::rebuild(svc_ids_used);
         self.be_ids = Ids::rebuild(be_used);
+        self.ranges = self.dp.read_source_ranges()?.into_iter().collect();
         self.stale = false;
         Ok(())
     }
@@ -359,6 +363,18 @@ impl<D: Datapath> Reconciler<D> {
                 self.backend_values.insert(id, v);
                 st.writes += 1;
             }
+        }
+
+        // Source ranges before the frontends that check them.
+        let wanted_ranges: BTreeSet<(u32, crate::node::Cidr)> = desired
+            .iter()
+            .zip(&ids)
+            .flat_map(|(p, &id)| p.source_ranges.iter().map(move |c| (id, *c)))
+            .collect();
+        for r in wanted_ranges.difference(&self.ranges.clone()) {
+            self.dp.write_source_range(r.0, r.1)?;
+            self.ranges.insert(*r);
+            st.writes += 1;
         }
 
         // 2. Frontends: slots, then the entry, then stale slots.
@@ -465,6 +481,13 @@ impl<D: Datapath> Reconciler<D> {
             self.svc_ids.release(id);
         }
 
+        // Source ranges no longer wanted (their frontends no longer check them).
+        for r in self.ranges.difference(&wanted_ranges).copied().collect::<Vec<_>>() {
+            self.dp.delete_source_range(r.0, r.1)?;
+            self.ranges.remove(&r);
+            st.deletes += 1;
+        }
+
         // 5. Backends no longer referenced: freed last.
         let dead: Vec<(BackendKey, u32)> = self
             .backend_ids
@@ -554,6 +577,15 @@ mod tests {
         fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
             self.0.reset_backend_flows(id)
         }
+        fn read_source_ranges(&self) -> Result<Vec<(u32, crate::node::Cidr)>, DatapathError> {
+            self.0.read_source_ranges()
+        }
+        fn write_source_range(&mut self, svc_id: u32, r: crate::node::Cidr) -> Result<(), DatapathError> {
+            self.0.write_source_range(svc_id, r)
+        }
+        fn delete_source_range(&mut self, svc_id: u32, r: crate::node::Cidr) -> Result<(), DatapathError> {
+            self.0.delete_source_range(svc_id, r)
+        }
         fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
             self.0.read_backend_flows(id)
         }
@@ -596,6 +628,7 @@ mod tests {
                 })
                 .collect(),
             shown: Default::default(),
+            source_ranges: Vec::new(),
         }
     }
 
@@ -621,6 +654,34 @@ mod tests {
             out.insert((k.addr, k.port), (name, bes));
         }
         out
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_frontend_and_removed_after() {
+        let c = |s: &str| s.parse::<crate::node::Cidr>().unwrap();
+        let mut p = port("lb", 10, &[(1, BackendState::Active)]);
+        p.frontend_kinds = vec![lb_common::SVC_F_LB_INGRESS | lb_common::SVC_F_SOURCE_RANGES];
+        p.source_ranges = vec![c("198.18.100.0/24")];
+        let mut r = Reconciler::new(MemDatapath::default()).unwrap();
+        r.apply(&[p.clone()]).unwrap();
+        let log = &r.datapath().log;
+        let range = log.iter().position(|l| l.starts_with("source range")).unwrap();
+        let entry = log.iter().position(|l| l.contains("slot 0")).unwrap();
+        assert!(range < entry, "{log:?}");
+        // A restart reads them back and writes nothing.
+        let mut again = Reconciler::new(r.datapath().clone()).unwrap();
+        assert_eq!(again.apply(&[p.clone()]).unwrap(), ApplyStats::default());
+        // Dropped from the Service: the frontend stops checking first, then the entry goes.
+        p.source_ranges.clear();
+        p.frontend_kinds = vec![lb_common::SVC_F_LB_INGRESS];
+        let mut r = again;
+        r.datapath_mut().log.clear();
+        r.apply(&[p]).unwrap();
+        let log = &r.datapath().log;
+        let entry = log.iter().position(|l| l.contains("slot 0")).unwrap();
+        let gone = log.iter().position(|l| l.starts_with("delete source range")).unwrap();
+        assert!(entry < gone, "{log:?}");
+        assert!(r.datapath().source_ranges.is_empty());
     }
 
     #[test]

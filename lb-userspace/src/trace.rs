@@ -255,6 +255,15 @@ impl Tracer {
                     Some(backend(rec.backend_id, None)?),
                 )
             }
+            "drop_source_range" => (
+                "source_range",
+                format!(
+                    "{} allows new flows on this LoadBalancer address only from its loadBalancerSourceRanges, and {} is outside them: dropped",
+                    label(rec.svc_id),
+                    req.from.ip()
+                ),
+                None,
+            ),
             "pass_egress_rev_nat" => {
                 not_done.push("refresh the conntrack entry's last-seen time".to_string());
                 (

@@ -90,6 +90,8 @@ fn known_maps() -> (PathBuf, DirGuard) {
     m.write_backend(2, be([198, 18, 2, 2], 8080, BACKEND_STATE_ACTIVE)).unwrap();
     m.write_backend(3, be([198, 18, 3, 2], 8080, BACKEND_STATE_TERMINATING)).unwrap();
     m.write_backend(4, be([198, 18, 1, 2], 5353, BACKEND_STATE_ACTIVE)).unwrap();
+    m.write_source_range(1, "198.18.100.0/24".parse().unwrap()).unwrap();
+    m.write_source_range(1, "10.0.0.0/8".parse().unwrap()).unwrap();
     for (id, n) in [(1, 7), (2, 5), (4, 2)] {
         m.flows.set(id, n, 0).unwrap();
     }
@@ -530,6 +532,7 @@ Type:                     LoadBalancer
 IP:                       198.18.0.10
 External IPs:             198.18.0.50
 LoadBalancer Ingress:     198.18.0.50
+LoadBalancer Source Ranges: 10.0.0.0/8,198.18.100.0/24
 Session Affinity:         ClientIP (timeout 10800s)
 External Traffic Policy:  Local
 Internal Traffic Policy:  Cluster
@@ -573,6 +576,10 @@ const DESCRIBE_WEB_JSON: &str = r#"{
   ],
   "load_balancer_ingress": [
     "198.18.0.50"
+  ],
+  "load_balancer_source_ranges": [
+    "10.0.0.0/8",
+    "198.18.100.0/24"
   ],
   "external_name": null,
   "session_affinity": "ClientIP",
@@ -724,6 +731,7 @@ ct_stale_backend      event               0         0       tracked flow whose b
 reject_no_backend     reject (answered)   0         0       service has no usable endpoint: answered with a TCP reset or ICMP port unreachable
 pass_egress_rev_nat   pass                0         0       reply of a flow to a node address, left for TC egress to translate
 egress_rev_nat        pass (translated)   0         0       TC egress: reply's source set back to the node address and port
+drop_source_range     drop                0         0       new flow to a LoadBalancer IP from a client outside loadBalancerSourceRanges
 "#;
 
 const GET_SERVICES: &str = r#"NAMESPACE   NAME       TYPE           FRONTEND             AFFINITY           POLICY(EXT/INT)   BACKENDS

@@ -58,6 +58,15 @@ impl Datapath for Shared {
     fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
         self.0.lock().unwrap().reset_backend_flows(id)
     }
+    fn read_source_ranges(&self) -> Result<Vec<(u32, lb_userspace::node::Cidr)>, DatapathError> {
+        self.0.lock().unwrap().read_source_ranges()
+    }
+    fn write_source_range(&mut self, id: u32, r: lb_userspace::node::Cidr) -> Result<(), DatapathError> {
+        self.0.lock().unwrap().write_source_range(id, r)
+    }
+    fn delete_source_range(&mut self, id: u32, r: lb_userspace::node::Cidr) -> Result<(), DatapathError> {
+        self.0.lock().unwrap().delete_source_range(id, r)
+    }
     fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
         self.0.lock().unwrap().read_backend_flows(id)
     }

@@ -662,3 +662,52 @@ fn external_traffic_policy_local_uses_this_nodes_endpoints_only() {
     let (v, _) = dut.run(&Frame::tcp(sa("198.18.100.2:30002"), sa("198.18.100.1:30081")).build());
     assert_eq!(v, XDP_TX);
 }
+
+#[test]
+fn load_balancer_source_ranges_drop_other_clients_on_the_ingress_ip() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let lb = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.18.0.60
+  loadBalancerSourceRanges: [198.18.100.0/24, 198.18.201.7/32]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30082}]
+status: {loadBalancer: {ingress: [{ip: 198.18.0.61}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: default, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [198.18.1.2]}]
+"#;
+    let mut dut = Dut::new(lb);
+    let ingress = sa("198.18.0.61:80");
+    for (client, allowed) in [
+        ("198.18.100.2:1000", true),
+        ("198.18.201.7:1000", true),
+        ("198.18.201.8:1000", false),
+        ("198.18.200.2:1000", false),
+    ] {
+        let (v, out) = dut.run(&Frame::tcp(sa(client), ingress).build());
+        if allowed {
+            assert_eq!((v, decode(&out).unwrap().dst), (XDP_PASS, sa("198.18.1.2:8080")), "{client}");
+        } else {
+            assert_eq!(v, XDP_DROP, "{client} is outside the ranges");
+        }
+    }
+    assert_eq!(dut.stat(Stat::DropSourceRange), 2);
+    // The ranges guard the LoadBalancer address, not the clusterIP.
+    let (v, out) = dut.run(&Frame::tcp(sa("198.18.200.2:1001"), sa("198.18.0.60:80")).build());
+    assert_eq!((v, decode(&out).unwrap().dst), (XDP_PASS, sa("198.18.1.2:8080")));
+    // Dropping the ranges opens the address to every client.
+    dut.apply(&lb.replace("  loadBalancerSourceRanges: [198.18.100.0/24, 198.18.201.7/32]\n", ""));
+    let (v, _) = dut.run(&Frame::tcp(sa("198.18.200.2:1002"), ingress).build());
+    assert_eq!(v, XDP_PASS);
+    assert!(dut.rec.datapath().read_source_ranges().unwrap().is_empty(), "the entries are gone");
+}

@@ -286,3 +286,36 @@ fn external_traffic_policy_local_keeps_node_port_traffic_on_this_node() {
     let internal = count("198.18.0.50:80");
     assert_eq!(internal.len(), 2, "the clusterIP reaches both: {internal:?}");
 }
+
+/// loadBalancerSourceRanges: a client outside them gets nothing from the LoadBalancer address
+/// (its SYN is dropped), while the clusterIP still answers it; a Service whose ranges include
+/// the client answers on its LoadBalancer address.
+#[test]
+fn load_balancer_source_ranges_keep_other_clients_out() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a"]).expect("test bed");
+    bed.start_servers(&testbed(), &[8080], &[]).expect("servers");
+    let lb = |name: &str, n: u8, ranges: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.18.0.{n}\n  loadBalancerSourceRanges: [{ranges}]\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 300{n}}}]\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.18.1.{n}}}]}}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{{addresses: [198.18.10.2]}}]\n"
+        )
+    };
+    // The client is 198.18.100.2.
+    bed.write_manifest("closed.yaml", &lb("closed", 70, "203.0.113.0/24")).unwrap();
+    bed.write_manifest("open.yaml", &lb("open", 71, "198.18.100.0/24")).unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.1.70:80/TCP", 1, Duration::from_secs(10)).unwrap();
+    bed.wait_for_service("198.18.1.71:80/TCP", 1, Duration::from_secs(10)).unwrap();
+    let req = |to: &str| bed.client.enter(|| tcp_request(to.parse().unwrap(), Duration::from_secs(1)));
+    let closed = req("198.18.1.70:80");
+    assert!(closed.is_err(), "a client outside the ranges is answered: {closed:?}");
+    assert_eq!(req("198.18.0.70:80").expect("the clusterIP is not guarded").pod, "pod-a");
+    assert_eq!(req("198.18.1.71:80").expect("a client inside the ranges").pod, "pod-a");
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
+    assert!(stats["drop_source_range"]["packets"].as_u64().unwrap() >= 1, "{stats}");
+    let described = bed.xlb_cli(&["describe", "service", "closed"]).unwrap();
+    assert!(described.contains("LoadBalancer Source Ranges: 203.0.113.0/24"), "{described}");
+}
