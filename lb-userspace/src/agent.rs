@@ -55,6 +55,8 @@ pub struct AgentConfig {
     /// This node's name as EndpointSlices give it (`nodeName`), for the traffic policies
     /// `Local`.
     pub node_name: Option<String>,
+    /// How often the node's addresses are read again.
+    pub address_poll: Duration,
     /// Where /metrics, /healthz and /readyz are served; `None`: not served.
     pub http_addr: Option<SocketAddr>,
     /// /healthz fails once a change has waited this long for a successful sync.
@@ -86,11 +88,13 @@ pub struct Syncer<D> {
     pub cfg: ModelConfig,
     pub metrics: Arc<Metrics>,
     pub cache: ModelCache,
+    /// The node's addresses as last read by the watcher task; taken into `cfg` at each sync.
+    pub node_addrs: Option<Arc<std::sync::Mutex<Vec<std::net::Ipv4Addr>>>>,
 }
 
 impl<D: Datapath> Syncer<D> {
     pub fn new(rec: Reconciler<D>, cfg: ModelConfig, metrics: Arc<Metrics>) -> Self {
-        Self { rec, cfg, metrics, cache: ModelCache::default() }
+        Self { rec, cfg, metrics, cache: ModelCache::default(), node_addrs: None }
     }
 
     /// Builds the model and writes the difference. Invalid objects are logged and counted, not
@@ -99,6 +103,13 @@ impl<D: Datapath> Syncer<D> {
         let started = Instant::now();
         for e in &snap.doc_errors {
             warn!(error = %e, "skipped manifest document");
+        }
+        if let Some(src) = &self.node_addrs {
+            let now = src.lock().map(|a| a.clone()).unwrap_or_default();
+            if now != self.cfg.node_addrs {
+                info!(addresses = ?now, "the node's addresses changed: node ports follow");
+                self.cfg.node_addrs = now;
+            }
         }
         let model = self.cache.build(&snap.services, &snap.slices, &self.cfg);
         let model_done = started.elapsed();
@@ -326,6 +337,29 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
 
     let changed = Arc::new(Notify::new());
+    // Addresses come and go (DHCP, new interfaces): node ports follow within a poll.
+    let _addr_watch = if ebpf::tcx_supported() {
+        let shared = Arc::new(std::sync::Mutex::new(syncer.cfg.node_addrs.clone()));
+        syncer.node_addrs = Some(shared.clone());
+        let (changed, only, every) = (changed.clone(), cfg.nodeport_addresses.clone(), cfg.address_poll);
+        Some(AbortOnDrop(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match crate::node::addresses(&only) {
+                    Ok(now) => {
+                        let mut cur = shared.lock().unwrap_or_else(|e| e.into_inner());
+                        if *cur != now {
+                            *cur = now;
+                            changed.notify_one();
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot list the node's addresses"),
+                }
+            }
+        })))
+    } else {
+        None
+    };
     let source = Source::start(&cfg.source, changed.clone(), metrics.clone()).await?;
     source.wait_ready().await;
     // Maps first, then attach: the program never runs against maps the agent has not filled.

@@ -200,6 +200,9 @@ struct AgentArgs {
     /// Capacity of the connection-tracking map (two entries per flow).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_CT_ENTRIES)]
     max_ct_entries: u32,
+    /// How often to read the node's addresses again (node ports follow them), in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    address_poll_ms: u64,
     /// How often to check the manifest directory for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
@@ -271,6 +274,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 node_port_range: a.node_port_range,
                 nodeport_addresses: a.nodeport_addresses,
                 node_name: a.node_name.or_else(hostname),
+                address_poll: Duration::from_millis(a.address_poll_ms.max(100)),
                 http_addr: a.http_addr.0,
                 max_pending: Duration::from_secs(a.healthz_max_pending_s),
             };

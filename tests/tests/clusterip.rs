@@ -164,6 +164,21 @@ fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
         }
         assert_eq!(pods.len(), 2, "{frontend}: both pods answer");
     }
+    // A new address on the node: the node port answers there too, within a poll or so.
+    bed.node.ip(&["addr", "add", "198.18.100.5/24", "dev", "eth0"]).unwrap();
+    let new_addr: SocketAddrV4 = "198.18.100.5:30080".parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let a = loop {
+        match bed.client.enter(|| tcp_request(new_addr, Duration::from_millis(300))) {
+            Ok(a) => break a,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("the node port never answered on a new node address: {e:#}\n{}", bed.logs())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(a.from, new_addr.into());
+    assert!(bed.agent.as_ref().unwrap().log_text().contains("the node's addresses changed"));
     let db: SocketAddrV4 = "198.18.0.30:5432".parse().unwrap();
     let a = bed.client.enter(|| tcp_request(db, Duration::from_secs(3))).expect("db");
     assert_eq!((a.pod.as_str(), a.server.port()), ("pod-b", 9090));
@@ -191,8 +206,8 @@ fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
     };
     assert_eq!(value("xlb_ready"), 1.0);
     assert_eq!(value("xlb_objects{kind=\"Service\"}"), 2.0);
-    // shop: clusterIP, externalIP, ingress IP and 3 node addresses; db: its clusterIP.
-    assert_eq!(value("xlb_frontends"), 7.0);
+    // shop: clusterIP, externalIP, ingress IP and 4 node addresses; db: its clusterIP.
+    assert_eq!(value("xlb_frontends"), 8.0);
     assert!(value("xlb_datapath_packets_total{counter=\"egress_rev_nat\"}") >= 90.0, "{metrics}");
     assert!(value("xlb_datapath_packets_total{counter=\"dnat_new\"}") >= 91.0, "{metrics}");
     assert!(value("xlb_syncs_total{result=\"ok\"}") >= 1.0);
