@@ -27,7 +27,7 @@ pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
 pub const MAP_CT: &str = "xlb_ct4_v1";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
-pub const MAP_STATS: &str = "xlb_stats_v4";
+pub const MAP_STATS: &str = "xlb_stats_v5";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
 pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v2";
 /// New flows sent to each backend (array, backend id -> u64); the agent zeroes an id's count
@@ -324,7 +324,7 @@ pub enum Stat {
     PassNotIpv4 = 1,
     /// Passed: a header was truncated or inconsistent; the kernel's own checks will handle it.
     PassMalformed = 2,
-    /// Passed: IPv4 but neither TCP nor UDP.
+    /// Passed: IPv4 but neither TCP nor UDP (nor an ICMP error about a tracked flow).
     PassOtherProto = 3,
     /// Passed: an IPv4 fragment (never rewritten: later fragments carry no ports).
     PassFragment = 4,
@@ -357,10 +357,13 @@ pub enum Stat {
     /// Dropped: a new flow to a LoadBalancer frontend from a client outside its
     /// `loadBalancerSourceRanges`.
     DropSourceRange = 16,
+    /// Passed after translation: an ICMP error (unreachable, fragmentation needed, time
+    /// exceeded) about a tracked flow, sent on to the backend or the client it concerns.
+    IcmpTranslated = 17,
 }
 
 /// Number of [`Stat`] counters; size of [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 17;
+pub const STAT_COUNT: u32 = 18;
 
 /// Names of the [`Stat`] counters, by index, as the CLI and /metrics show them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -381,6 +384,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_egress_rev_nat",
     "egress_rev_nat",
     "drop_source_range",
+    "icmp_translated",
 ];
 
 /// Value of [`MAP_TRACE`]: what the trace program decided for one packet. 32 bytes.
@@ -434,7 +438,7 @@ const _: () = {
     assert!(core::mem::size_of::<StatValue>() == 16);
     assert!(core::mem::size_of::<SvcInfo>() == 432);
     assert!(core::mem::size_of::<TraceRecord>() == 32);
-    assert!(Stat::DropSourceRange as u32 + 1 == STAT_COUNT);
+    assert!(Stat::IcmpTranslated as u32 + 1 == STAT_COUNT);
     assert!(core::mem::size_of::<SrcRange4>() == 8);
     assert!(core::mem::size_of::<RejectBucket>() == 16);
 };

@@ -16,7 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    ct,
+    ct, icmp,
     maps::{BACKEND_FLOWS, BACKENDS, CT, SERVICES, SOURCE_RANGES, TRACE},
     nat::{self, Side},
     parse::{self, Packet, Parsed},
@@ -50,7 +50,14 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         Parsed::L4(pkt) => pkt,
         Parsed::NotIpv4 => return pass(rec, Stat::PassNotIpv4, bytes),
         Parsed::Malformed => return pass(rec, Stat::PassMalformed, bytes),
-        Parsed::OtherProto => return pass(rec, Stat::PassOtherProto, bytes),
+        Parsed::OtherProto => {
+            let stat = if icmp::translate(ctx.data(), ctx.data_end()) {
+                Stat::IcmpTranslated
+            } else {
+                Stat::PassOtherProto
+            };
+            return pass(rec, stat, bytes);
+        }
         Parsed::Fragment => return pass(rec, Stat::PassFragment, bytes),
     };
 

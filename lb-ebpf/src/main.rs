@@ -3,7 +3,7 @@
 //! One module per concern: `parse` (bounds-checked header access), `maps`, `stats`, `nat`
 //! (address/port rewrite with incremental checksums), `ct` (connection tracking), `lb` (service
 //! lookup and backend selection, and the per-packet decision), `reject` (the answer for a
-//! Service without endpoints), `tc` (TC egress: replies of flows to the node's own addresses).
+//! Service without endpoints), `icmp` (ICMP errors about translated flows), `tc` (TC egress: replies of flows to the node's own addresses).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // The bpf target has no atomic read-modify-write in core::sync::atomic; the intrinsic compiles
@@ -13,6 +13,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod ct;
+#[cfg(target_arch = "bpf")]
+mod icmp;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]

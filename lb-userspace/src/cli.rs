@@ -817,7 +817,7 @@ pub fn stat_meaning(name: &str) -> &'static str {
         "rx" => "every packet the program saw",
         "pass_not_ipv4" => "not IPv4 (ARP, IPv6, VLAN...)",
         "pass_malformed" => "truncated or inconsistent header; left to the kernel",
-        "pass_other_proto" => "IPv4 but neither TCP nor UDP",
+        "pass_other_proto" => "IPv4 but neither TCP nor UDP (nor an ICMP error about a tracked flow)",
         "pass_fragment" => "IPv4 fragment (never rewritten)",
         "pass_no_service" => "no frontend and no tracked flow matched",
         "dnat_new" => "first packet of a new flow, sent to a backend",
@@ -835,6 +835,9 @@ pub fn stat_meaning(name: &str) -> &'static str {
         "pass_egress_rev_nat" => "reply of a flow to a node address, left for TC egress to translate",
         "egress_rev_nat" => "TC egress: reply's source set back to the node address and port",
         "drop_source_range" => "new flow to a LoadBalancer IP from a client outside loadBalancerSourceRanges",
+        "icmp_translated" => {
+            "ICMP error about a tracked flow, translated for the backend or client it concerns"
+        }
         _ => "",
     }
 }

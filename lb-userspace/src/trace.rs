@@ -255,6 +255,11 @@ impl Tracer {
                     Some(backend(rec.backend_id, None)?),
                 )
             }
+            "icmp_translated" => (
+                "icmp_error",
+                "an ICMP error about a tracked flow: its quoted packet and addresses are translated for the backend or client it concerns".to_string(),
+                None,
+            ),
             "drop_source_range" => (
                 "source_range",
                 format!(

@@ -718,7 +718,7 @@ const STATS: &str = r#"COUNTER               VERDICT             PACKETS   BYTES
 rx                    seen                20        2000    every packet the program saw
 pass_not_ipv4         pass                0         0       not IPv4 (ARP, IPv6, VLAN...)
 pass_malformed        pass                0         0       truncated or inconsistent header; left to the kernel
-pass_other_proto      pass                0         0       IPv4 but neither TCP nor UDP
+pass_other_proto      pass                0         0       IPv4 but neither TCP nor UDP (nor an ICMP error about a tracked flow)
 pass_fragment         pass                0         0       IPv4 fragment (never rewritten)
 pass_no_service       pass                0         0       no frontend and no tracked flow matched
 dnat_new              pass (translated)   3         180     first packet of a new flow, sent to a backend
@@ -732,6 +732,7 @@ reject_no_backend     reject (answered)   0         0       service has no usabl
 pass_egress_rev_nat   pass                0         0       reply of a flow to a node address, left for TC egress to translate
 egress_rev_nat        pass (translated)   0         0       TC egress: reply's source set back to the node address and port
 drop_source_range     drop                0         0       new flow to a LoadBalancer IP from a client outside loadBalancerSourceRanges
+icmp_translated       pass (translated)   0         0       ICMP error about a tracked flow, translated for the backend or client it concerns
 "#;
 
 const GET_SERVICES: &str = r#"NAMESPACE   NAME       TYPE           FRONTEND             AFFINITY           POLICY(EXT/INT)   BACKENDS

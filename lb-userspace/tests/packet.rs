@@ -711,3 +711,85 @@ endpoints: [{addresses: [198.18.1.2]}]
     assert_eq!(v, XDP_PASS);
     assert!(dut.rec.datapath().read_source_ranges().unwrap().is_empty(), "the entries are gone");
 }
+
+/// An ICMP error as a router or host sends it: outer IPv4 header `from -> to`, type and code,
+/// then the quoted IPv4 header and first 8 bytes of `quoted` (a frame as built by `Frame`).
+fn icmp_error(from: [u8; 4], to: [u8; 4], ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let quote = &quoted[14..14 + 28];
+    let mut icmp = vec![ty, code, 0, 0, 0, 0, 0x05, 0xdc]; // next-hop MTU 1500 (frag needed)
+    icmp.extend_from_slice(quote);
+    let c = lb_common::csum::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&from);
+    ip.extend_from_slice(&to);
+    let c = lb_common::csum::checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    let mut frame = quoted[..14].to_vec();
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_too() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    let client = sa("198.18.100.1:40000");
+    let vip = sa("198.18.0.10:80");
+    let (_, out) = dut.run(&Frame::tcp(client, vip).build());
+    let backend = decode(&out).unwrap().dst;
+    let check = |out: &[u8]| {
+        assert_eq!(sum(&out[14..34]), 0xffff, "outer IPv4 checksum");
+        assert_eq!(sum(&out[34..]), 0xffff, "ICMP checksum");
+        assert_eq!(sum(&out[42..62]), 0xffff, "quoted IPv4 checksum");
+    };
+
+    // A router between node and client: "fragmentation needed" for the reply the node sent
+    // from the ClusterIP. It is for the backend: outer destination and quoted source become it.
+    let reply_sent = Frame::tcp(vip, client).build();
+    let err = icmp_error([198, 18, 100, 254], [198, 18, 0, 10], 3, 4, &reply_sent);
+    let (v, out) = dut.run(&err);
+    assert_eq!(v, XDP_PASS);
+    check(&out);
+    assert_eq!(&out[30..34], &backend.ip().octets(), "to the backend");
+    assert_eq!(&out[26..30], &[198, 18, 100, 254], "from the router still");
+    assert_eq!(&out[42 + 12..42 + 16], &backend.ip().octets(), "the quote's source is the backend");
+    assert_eq!(be16(&out, 62), backend.port(), "and its port");
+    assert_eq!(&out[42 + 16..42 + 20], &[198, 18, 100, 1], "the quote's destination is the client");
+    assert_eq!((out[34], out[35], be16(&out, 40)), (3, 4, 1500), "type, code and MTU kept");
+
+    // The backend itself answers a client's datagram with "port unreachable": the client gets
+    // it from the ClusterIP, about the ClusterIP and port it sent to.
+    let dns = sa("198.18.0.10:53");
+    let (_, out) = dut.run(&Frame::udp(client, dns).build());
+    let dns_backend = decode(&out).unwrap().dst;
+    let err = icmp_error(
+        dns_backend.ip().octets(),
+        [198, 18, 100, 1],
+        3,
+        3,
+        &Frame::udp(client, dns_backend).build(),
+    );
+    let (v, out) = dut.run(&err);
+    assert_eq!(v, XDP_PASS);
+    check(&out);
+    assert_eq!(&out[26..30], &[198, 18, 0, 10], "from the ClusterIP");
+    assert_eq!(&out[42 + 16..42 + 20], &[198, 18, 0, 10], "about the ClusterIP");
+    assert_eq!(be16(&out, 64), 53, "and its port");
+    assert_eq!(dut.stat(Stat::IcmpTranslated), 2);
+
+    // Errors about flows nobody tracks, and other ICMP, pass untouched.
+    let stray = icmp_error(
+        [198, 18, 100, 254],
+        [198, 18, 0, 10],
+        3,
+        4,
+        &Frame::tcp(vip, sa("198.18.100.9:1")).build(),
+    );
+    assert_eq!(dut.run(&stray).1, stray);
+    assert_eq!(dut.stat(Stat::IcmpTranslated), 2);
+}

@@ -1,0 +1,163 @@
+//! ICMP errors about translated flows, translated too, so that path MTU discovery and
+//! unreachable errors reach the endpoint that can act on them (RFC 5508's rules for NAT):
+//!
+//! - an error about a reply the node sent from a frontend (a router between the node and the
+//!   client says "fragmentation needed" to the frontend address) goes to the backend: the outer
+//!   destination and the quoted source become the backend's;
+//! - an error about a client's packet the node sent to a backend (the backend's own "port
+//!   unreachable", or a router's) goes on to the client with the quoted destination set back to
+//!   the frontend, and the outer source too when the backend itself sent it (unless the frontend
+//!   is a node address: a local source is for TC egress, and the client matches the quote).
+//!
+//! Only errors whose outer and quoted IPv4 headers carry no options are translated; the quoted
+//! header and the first 8 bytes of the quoted datagram are read and rewritten, and every checksum they touch (outer IPv4, ICMP, quoted IPv4) is updated.
+use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EGRESS_REVNAT, Ct4Key, IPPROTO_TCP, IPPROTO_UDP, csum};
+
+use crate::{
+    maps::CT,
+    parse::{ETH_HLEN, ETH_P_IP, load16, load32, store16, store32},
+};
+
+const IPPROTO_ICMP: u8 = 1;
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// Translates the frame between `data` and `end` if it is an ICMP error about a tracked flow;
+/// `true` if it did. Parsed here on its own, at constant offsets (outer and quoted IPv4 headers
+/// without options), so that the TCP/UDP parser's packet ranges stay as the verifier knows them.
+#[inline(always)]
+pub fn translate(data: usize, end: usize) -> bool {
+    let l3 = data + ETH_HLEN;
+    let l4 = l3 + 20;
+    // ICMP header (8), quoted IPv4 header (20, no options), 8 bytes of its datagram.
+    let q3 = l4 + 8;
+    let q4 = q3 + 20;
+    if q4 + 8 > end {
+        return false;
+    }
+    // SAFETY: q4 + 8 <= end checked above, and every offset read lies below it.
+    let (
+        ethertype,
+        vihl,
+        frag,
+        proto,
+        ty,
+        q_vihl,
+        q_proto,
+        q_saddr,
+        q_daddr,
+        q_sport,
+        q_dport,
+        o_saddr,
+        o_daddr,
+    ) = unsafe {
+        (
+            u16::from_be(load16(data + 12)),
+            load16(l3).to_ne_bytes()[0],
+            u16::from_be(load16(l3 + 6)),
+            load16(l3 + 8).to_ne_bytes()[1],
+            load16(l4).to_ne_bytes()[0],
+            load16(q3).to_ne_bytes()[0],
+            load16(q3 + 8).to_ne_bytes()[1],
+            load32(q3 + 12),
+            load32(q3 + 16),
+            load16(q4),
+            load16(q4 + 2),
+            load32(l3 + 12),
+            load32(l3 + 16),
+        )
+    };
+    if ethertype != ETH_P_IP || vihl != 0x45 || proto != IPPROTO_ICMP || frag & 0x3fff != 0 {
+        return false;
+    }
+    if (ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED)
+        || q_vihl != 0x45
+        || (q_proto != IPPROTO_TCP && q_proto != IPPROTO_UDP)
+    {
+        return false;
+    }
+    let key = |saddr: u32, daddr: u32, sport: u16, dport: u16, dir: u8| Ct4Key {
+        saddr: saddr.to_ne_bytes(),
+        daddr: daddr.to_ne_bytes(),
+        sport: u16::from_be(sport),
+        dport: u16::from_be(dport),
+        proto: q_proto,
+        dir,
+        _pad: 0,
+    };
+
+    // The quoted packet went frontend -> client: it was a reply; the flow's forward entry
+    // (client -> frontend) names the backend.
+    if let Some(e) = CT.get_ptr(key(q_daddr, q_saddr, q_dport, q_sport, CT_DIR_FORWARD)) {
+        // SAFETY: pointer from a lookup in this run.
+        let (addr, port) = unsafe { (u32::from_ne_bytes((*e).nat_addr), (*e).nat_port.to_be()) };
+        // SAFETY: every offset is within q4 + 8 <= end, or the outer header.
+        unsafe {
+            if o_daddr == q_saddr {
+                rewrite_outer(l3, 16, o_daddr, addr);
+            }
+            rewrite_quote(l4, q3, 12, q4, q_saddr, addr, q_sport, port);
+        }
+        return true;
+    }
+    // The quoted packet went client -> backend (after DNAT): the reply entry (backend ->
+    // client) names the frontend.
+    if let Some(e) = CT.get_ptr(key(q_daddr, q_saddr, q_dport, q_sport, CT_DIR_REPLY)) {
+        // SAFETY: as above.
+        let (addr, port, flags) =
+            unsafe { (u32::from_ne_bytes((*e).nat_addr), (*e).nat_port.to_be(), (*e).flags) };
+        // SAFETY: as above.
+        unsafe {
+            if o_saddr == q_daddr && flags & CT_F_EGRESS_REVNAT == 0 {
+                rewrite_outer(l3, 12, o_saddr, addr);
+            }
+            rewrite_quote(l4, q3, 16, q4 + 2, q_daddr, addr, q_dport, port);
+        }
+        return true;
+    }
+    false
+}
+
+/// Replaces the outer address at `l3 + off` and fixes the outer header checksum.
+///
+/// # Safety
+/// `l3..l3 + 20` must be bounds-checked.
+#[inline(always)]
+unsafe fn rewrite_outer(l3: usize, off: usize, old: u32, new: u32) {
+    unsafe {
+        store16(l3 + 10, csum::replace4(load16(l3 + 10), old, new));
+        store32(l3 + off, new);
+    }
+}
+
+/// Replaces an address (at `q3 + addr_off`) and a port (at `port_at`) of the quoted datagram,
+/// fixing the quoted header's checksum and the ICMP checksum, which covers both.
+///
+/// # Safety
+/// The ICMP header at `l4`, the quoted header at `q3` and `port_at + 2` must be bounds-checked.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rewrite_quote(
+    l4: usize,
+    q3: usize,
+    addr_off: usize,
+    port_at: usize,
+    old: u32,
+    new: u32,
+    old_port: u16,
+    new_port: u16,
+) {
+    unsafe {
+        let old_qcheck = load16(q3 + 10);
+        let new_qcheck = csum::replace4(old_qcheck, old, new);
+        let mut icmp = load16(l4 + 2);
+        icmp = csum::replace4(icmp, old, new);
+        icmp = csum::replace2(icmp, old_qcheck, new_qcheck);
+        icmp = csum::replace2(icmp, old_port, new_port);
+        store16(l4 + 2, icmp);
+        store16(q3 + 10, new_qcheck);
+        store32(q3 + addr_off, new);
+        store16(port_at, new_port);
+    }
+}
