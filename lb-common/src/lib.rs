@@ -27,7 +27,7 @@ pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
 pub const MAP_CT: &str = "xlb_ct4_v1";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
-pub const MAP_STATS: &str = "xlb_stats_v5";
+pub const MAP_STATS: &str = "xlb_stats_v6";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
 pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v2";
 /// New flows sent to each backend (array, backend id -> u64); the agent zeroes an id's count
@@ -177,6 +177,10 @@ pub struct Backend4 {
     pub flags: u8,
 }
 
+/// [`Backend4::flags`]: the endpoint runs on this node. New flows from a node-address frontend
+/// to an endpoint elsewhere are SNATed to the node address, so that the reply comes back here.
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
+
 /// The backend array slot is free; flows pinned to it are stale.
 pub const BACKEND_STATE_FREE: u8 = 0;
 /// The backend is in use.
@@ -192,6 +196,20 @@ pub const CT_DIR_REPLY: u8 = 1;
 /// [`Ct4Value::flags`] of a reply entry: the reply is translated at TC egress, not at XDP
 /// (the frontend is an address of this node, see [`SVC_F_LOCAL`]).
 pub const CT_F_EGRESS_REVNAT: u8 = 1 << 0;
+/// [`Ct4Value::flags`] of a reply entry keyed by (backend -> node address:SNAT port): the
+/// destination is written back to the client (`nat_addr`, `nat_port`) at XDP.
+pub const CT_F_DNAT_BACK: u8 = 1 << 1;
+
+/// [`Ct4Key::dir`]: a SNATed flow's packet as it leaves towards its backend on another node
+/// (client -> backend); TC egress writes `nat_addr`:`nat_port` (node address, SNAT port) as
+/// its source.
+pub const CT_DIR_SNAT: u8 = 2;
+
+/// Source ports given to SNATed flows, chosen per flow so that (node address, port, backend)
+/// never collide. The agent reserves them from the node's own sockets
+/// (`net.ipv4.ip_local_reserved_ports`); they lie above the default ephemeral range.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// Key of [`MAP_CT`]: the tuple as it stands in the packet when it reaches the program. 16 bytes.
 #[repr(C)]
@@ -207,7 +225,7 @@ pub struct Ct4Key {
     pub dport: u16,
     /// IP protocol number.
     pub proto: u8,
-    /// [`CT_DIR_FORWARD`] or [`CT_DIR_REPLY`].
+    /// [`CT_DIR_FORWARD`], [`CT_DIR_REPLY`] or [`CT_DIR_SNAT`].
     pub dir: u8,
     /// Always zero.
     pub _pad: u16,
@@ -360,10 +378,13 @@ pub enum Stat {
     /// Passed after translation: an ICMP error (unreachable, fragmentation needed, time
     /// exceeded) about a tracked flow, sent on to the backend or the client it concerns.
     IcmpTranslated = 17,
+    /// TC egress (not counted in `Rx`): a packet of a flow to an endpoint on another node got
+    /// the node's address and a SNAT port as its source.
+    EgressSnat = 18,
 }
 
 /// Number of [`Stat`] counters; size of [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 18;
+pub const STAT_COUNT: u32 = 19;
 
 /// Names of the [`Stat`] counters, by index, as the CLI and /metrics show them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -385,6 +406,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "egress_rev_nat",
     "drop_source_range",
     "icmp_translated",
+    "egress_snat",
 ];
 
 /// Value of [`MAP_TRACE`]: what the trace program decided for one packet. 32 bytes.
@@ -438,7 +460,7 @@ const _: () = {
     assert!(core::mem::size_of::<StatValue>() == 16);
     assert!(core::mem::size_of::<SvcInfo>() == 432);
     assert!(core::mem::size_of::<TraceRecord>() == 32);
-    assert!(Stat::IcmpTranslated as u32 + 1 == STAT_COUNT);
+    assert!(Stat::EgressSnat as u32 + 1 == STAT_COUNT);
     assert!(core::mem::size_of::<SrcRange4>() == 8);
     assert!(core::mem::size_of::<RejectBucket>() == 16);
 };

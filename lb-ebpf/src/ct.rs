@@ -1,6 +1,9 @@
 //! Connection tracking: one LRU entry per direction of each translated flow.
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
-use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, Ct4Key, Ct4Value};
+use lb_common::{
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, Ct4Key, Ct4Value,
+    SNAT_PORT_MAX, SNAT_PORT_MIN,
+};
 
 use crate::{maps::CT, parse::Packet};
 
@@ -82,5 +85,100 @@ pub fn create(
     // Reply first: once the forward entry exists, packets are translated and their replies
     // must already be recognised.
     CT.insert(reply_key, reply, 0)?;
+    CT.insert(key_of(pkt, CT_DIR_FORWARD), fwd, 0)
+}
+
+/// BPF_NOEXIST: insert only if the key is new.
+const NOEXIST: u64 = 1;
+
+/// Tracks a new flow from a node-address frontend to a backend on another node: besides the
+/// DNAT, its packets leave with the node address and a SNAT port as their source, so that the
+/// backend's replies come back here. Four entries:
+///
+/// - (backend -> node:snat port, reply): write the client back as destination, at XDP;
+/// - (backend -> client, reply): write the frontend back as source, at TC egress;
+/// - (client -> backend, snat): write node:snat port as source, at TC egress;
+/// - (client -> frontend, forward): the DNAT, as for every flow; written last.
+///
+/// The SNAT port is drawn from a hash of the flow and probed until (backend, node, port) is
+/// free. `Err` when no port was free among the probes or an insert failed.
+#[inline(always)]
+pub fn create_snat(
+    pkt: &Packet,
+    backend_addr: [u8; 4],
+    backend_port: u16,
+    backend_id: u32,
+    svc_id: u32,
+) -> Result<(), i32> {
+    let now = now_secs();
+    let client = pkt.saddr.to_ne_bytes();
+    let (cport, frontend, fport) =
+        (u16::from_be(pkt.sport), pkt.daddr.to_ne_bytes(), u16::from_be(pkt.dport));
+    let base = Ct4Value {
+        nat_addr: client,
+        nat_port: cport,
+        tcp_flags: 0,
+        flags: CT_F_DNAT_BACK,
+        backend_id,
+        svc_id,
+        created: now,
+        last_seen: now,
+    };
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let h = pkt.saddr.wrapping_mul(0x9e37_79b1)
+        ^ u32::from(pkt.sport).wrapping_mul(0x85eb_ca6b)
+        ^ u32::from_ne_bytes(backend_addr).wrapping_mul(0xc2b2_ae35)
+        ^ u32::from(backend_port);
+    let mut snat_port = 0u16;
+    let mut i = 0u32;
+    while i < 16 {
+        let port = SNAT_PORT_MIN + ((h.wrapping_add(i)) % range) as u16;
+        let back = Ct4Key {
+            saddr: backend_addr,
+            daddr: frontend,
+            sport: backend_port,
+            dport: port,
+            proto: pkt.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        if CT.insert(back, base, NOEXIST).is_ok() {
+            snat_port = port;
+            break;
+        }
+        i += 1;
+    }
+    if snat_port == 0 {
+        return Err(-1);
+    }
+    let reply_key = Ct4Key {
+        saddr: backend_addr,
+        daddr: client,
+        sport: backend_port,
+        dport: cport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let reply = Ct4Value { nat_addr: frontend, nat_port: fport, flags: CT_F_EGRESS_REVNAT, ..base };
+    CT.insert(reply_key, reply, 0)?;
+    let out_key = Ct4Key {
+        saddr: client,
+        daddr: backend_addr,
+        sport: cport,
+        dport: backend_port,
+        proto: pkt.proto,
+        dir: CT_DIR_SNAT,
+        _pad: 0,
+    };
+    let out = Ct4Value { nat_addr: frontend, nat_port: snat_port, flags: 0, ..base };
+    CT.insert(out_key, out, 0)?;
+    let fwd = Ct4Value {
+        nat_addr: backend_addr,
+        nat_port: backend_port,
+        tcp_flags: pkt.tcp_flags,
+        flags: 0,
+        ..base
+    };
     CT.insert(key_of(pkt, CT_DIR_FORWARD), fwd, 0)
 }

@@ -10,9 +10,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL,
-    SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key, TRACE_CT_FORWARD, TRACE_CT_REPLY,
-    TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord,
+    BACKEND_F_LOCAL, BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT,
+    SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key,
+    TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REJECT,
+    TRACE_REWRITE, TraceRecord,
 };
 
 use crate::{
@@ -106,6 +107,18 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
             if !TRACE_MODE {
                 ct::touch(entry, &pkt);
             }
+            if flags & CT_F_DNAT_BACK != 0 {
+                // A reply to a SNATed flow: back to the client; TC egress then gives it the
+                // frontend as source.
+                nat::rewrite(&pkt, Side::Destination, nat_addr, nat_port);
+                step(rec, |r| {
+                    r.steps |= TRACE_CT_REPLY | TRACE_REWRITE;
+                    r.ct_backend_id = backend_id;
+                    r.backend_id = backend_id;
+                    r.svc_id = svc_id;
+                });
+                return pass(rec, Stat::RevNat, bytes);
+            }
             if flags & CT_F_EGRESS_REVNAT != 0 {
                 // The source becomes a local address: the kernel must route the reply first,
                 // and TC egress translates it.
@@ -183,12 +196,19 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
     if be.state == BACKEND_STATE_FREE {
         return drop(rec, Stat::DropStaleSlot, bytes);
     }
-    let (addr, port) = (be.addr, be.port);
+    let (addr, port, be_flags) = (be.addr, be.port, be.flags);
     if TRACE_MODE {
         step(rec, |r| r.steps |= TRACE_NEW_FLOW);
     } else {
-        let reply_flags = if svc_flags & SVC_F_LOCAL != 0 { CT_F_EGRESS_REVNAT } else { 0 };
-        if ct::create(pkt, addr, port, backend_id, svc_id, reply_flags).is_err() {
+        let local_frontend = svc_flags & SVC_F_LOCAL != 0;
+        let created = if local_frontend && be_flags & BACKEND_F_LOCAL == 0 {
+            // The endpoint is on another node: SNAT, so that its reply comes back here.
+            ct::create_snat(pkt, addr, port, backend_id, svc_id)
+        } else {
+            let reply_flags = if local_frontend { CT_F_EGRESS_REVNAT } else { 0 };
+            ct::create(pkt, addr, port, backend_id, svc_id, reply_flags)
+        };
+        if created.is_err() {
             return drop(rec, Stat::DropCtFull, bytes);
         }
         if let Some(n) = BACKEND_FLOWS.get_ptr_mut(backend_id) {

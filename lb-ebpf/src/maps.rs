@@ -22,7 +22,7 @@ pub static BACKENDS: Array<Backend4, 262_144> = Array::new();
 pub static CT: LruHashMap<Ct4Key, Ct4Value, 262_144> = LruHashMap::new();
 
 /// Per-CPU packet and byte counters by verdict and reason (see lb_common::Stat).
-#[btf_map(name = "xlb_stats_v5")]
+#[btf_map(name = "xlb_stats_v6")]
 pub static STATS: PerCpuArray<StatValue, { STAT_COUNT as usize }> = PerCpuArray::new();
 
 /// Service id -> names for display; written by the agent, never read here. Declared in the

@@ -1,12 +1,15 @@
-//! TC egress: the reply half of flows whose frontend is one of this node's own addresses
-//! (node ports, externalIPs the node carries). XDP left such replies untouched so that the
-//! kernel could route them (a packet arriving with a local source address is a martian); here,
-//! on the way out, the source becomes the node address and port the client used.
+//! TC egress: source rewrites that must wait until the kernel has routed the packet, because the
+//! new source is one of this node's own addresses (a packet arriving with a local source
+//! address is a martian):
+//! - replies of flows to a node address (node ports, externalIPs the node carries) get the node
+//!   address and port the client used;
+//! - packets of flows SNATed towards an endpoint on another node get the node address and the
+//!   flow's SNAT port.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{CT_DIR_REPLY, CT_F_EGRESS_REVNAT, IPPROTO_UDP, Stat};
+use lb_common::{CT_DIR_REPLY, CT_DIR_SNAT, CT_F_EGRESS_REVNAT, IPPROTO_UDP, Stat};
 
 use crate::{
     ct,
@@ -19,16 +22,24 @@ use crate::{
 pub fn egress(ctx: &TcContext) {
     let (data, end) = (ctx.data(), ctx.data_end());
     let Parsed::L4(pkt) = parse::parse(data, end) else { return };
-    let Some(entry) = CT.get_ptr(ct::key_of(&pkt, CT_DIR_REPLY)) else { return };
-    // SAFETY: pointer from a lookup in this run; plain integer reads.
-    let (flags, nat_addr, nat_port) = unsafe { ((*entry).flags, (*entry).nat_addr, (*entry).nat_port) };
-    if flags & CT_F_EGRESS_REVNAT == 0 {
-        return; // translated at XDP already
-    }
+    // A SNATed flow leaving towards its backend: the node address and SNAT port as source.
+    let (nat, stat) = if let Some(e) = CT.get_ptr(ct::key_of(&pkt, CT_DIR_SNAT)) {
+        // SAFETY: pointer from a lookup in this run; plain integer reads.
+        (unsafe { ((*e).nat_addr, (*e).nat_port) }, Stat::EgressSnat)
+    } else if let Some(e) = CT.get_ptr(ct::key_of(&pkt, CT_DIR_REPLY)) {
+        // SAFETY: as above.
+        let (flags, addr, port) = unsafe { ((*e).flags, (*e).nat_addr, (*e).nat_port) };
+        if flags & CT_F_EGRESS_REVNAT == 0 {
+            return; // translated at XDP already
+        }
+        ((addr, port), Stat::EgressRevNat)
+    } else {
+        return;
+    };
     let (l3, l4) = (pkt.l3 - data, pkt.l4 - data);
     let l4_check = pkt.l4_check() - data;
-    let (old_addr, new_addr) = (pkt.saddr, u32::from_ne_bytes(nat_addr));
-    let (old_port, new_port) = (pkt.sport, nat_port.to_be());
+    let (old_addr, new_addr) = (pkt.saddr, u32::from_ne_bytes(nat.0));
+    let (old_port, new_port) = (pkt.sport, nat.1.to_be());
     // A UDP checksum of zero means "none" and stays so.
     let mangled = if pkt.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     // The helpers keep the checksums right for every skb checksum state (partial included).
@@ -44,6 +55,6 @@ pub fn egress(ctx: &TcContext) {
         .and_then(|()| ctx.store(l3 + 12, &new_addr, 0))
         .and_then(|()| ctx.store(l4, &new_port, 0));
     if ok.is_ok() {
-        count(Stat::EgressRevNat, u64::from(ctx.len()));
+        count(stat, u64::from(ctx.len()));
     }
 }

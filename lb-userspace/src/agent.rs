@@ -304,6 +304,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let node_addrs = if ebpf::tcx_supported() {
         let a = crate::node::addresses(&cfg.nodeport_addresses).context("listing the node's addresses")?;
         info!(addresses = ?a, "node ports are answered on these addresses");
+        // SNATed flows take their source ports from a range the node's own sockets must not use.
+        match crate::node::reserve_snat_ports() {
+            Ok(r) => info!(ports = %r, "reserved the SNAT source ports (net.ipv4.ip_local_reserved_ports)"),
+            Err(e) => {
+                warn!(error = %e, "cannot reserve the SNAT source ports; a local socket bound there could clash with a SNATed flow")
+            }
+        }
         a
     } else {
         warn!("kernel older than 6.6 (no tcx links): node ports are checked but not served");

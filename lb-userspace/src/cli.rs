@@ -643,6 +643,8 @@ pub struct FlowRow {
     pub service: String,
     /// TCP flags seen from the client (`SYN,ACK,...`); empty for UDP.
     pub tcp_flags: String,
+    /// For a flow to an endpoint on another node: the node address and port it is SNATed to.
+    pub snat: Option<String>,
     /// An entry for client -> frontend exists (false: only the reply entry is left).
     pub forward_tracked: bool,
     /// An entry for backend -> client exists.
@@ -710,7 +712,18 @@ impl View {
         // Keyed by (proto, client, frontend, backend), each as (addr, port).
         type Tuple = (u8, ([u8; 4], u16), ([u8; 4], u16), ([u8; 4], u16));
         let mut flows: BTreeMap<Tuple, (Option<Ct4Value>, Option<Ct4Value>)> = BTreeMap::new();
+        // SNATed flows: (proto, client, backend) -> the node address and port they leave with.
+        type Ends = (u8, ([u8; 4], u16), ([u8; 4], u16));
+        let mut snat: BTreeMap<Ends, String> = BTreeMap::new();
         for (k, v) in ct {
+            if k.dir == lb_common::CT_DIR_SNAT {
+                let at = format!("{}:{}", Ipv4Addr::from(v.nat_addr), v.nat_port);
+                snat.insert((k.proto, (k.saddr, k.sport), (k.daddr, k.dport)), at);
+                continue;
+            }
+            if k.dir == CT_DIR_REPLY && v.flags & lb_common::CT_F_DNAT_BACK != 0 {
+                continue; // the SNATed side of a flow shown through its other entries
+            }
             match k.dir {
                 CT_DIR_FORWARD => {
                     let t = (k.proto, (k.saddr, k.sport), (k.daddr, k.dport), (v.nat_addr, v.nat_port));
@@ -758,6 +771,7 @@ impl View {
                     String::new()
                 },
                 tcp_flags: tcp_flag_names(fwd.map_or(0, |f| f.tcp_flags)),
+                snat: snat.get(&(proto, client, backend)).cloned(),
                 forward_tracked: fwd.is_some(),
                 reply_tracked: rep.is_some(),
                 stale,
@@ -838,6 +852,7 @@ pub fn stat_meaning(name: &str) -> &'static str {
         "icmp_translated" => {
             "ICMP error about a tracked flow, translated for the backend or client it concerns"
         }
+        "egress_snat" => "TC egress: a flow to an endpoint on another node leaves with the node's address",
         _ => "",
     }
 }
@@ -874,4 +889,17 @@ pub fn stats_table(stats: &[(&'static str, u64, u64)]) -> String {
         })
         .collect();
     table(&["COUNTER", "VERDICT", "PACKETS", "BYTES", "MEANING"], body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_a_verdict_and_a_meaning() {
+        for n in lb_common::STAT_NAMES {
+            assert!(!stat_meaning(n).is_empty(), "{n} has no meaning");
+            assert!(!stat_verdict(n).is_empty(), "{n} has no verdict");
+        }
+    }
 }

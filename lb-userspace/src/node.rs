@@ -67,6 +67,21 @@ pub fn addresses(only: &[Cidr]) -> std::io::Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
+/// Adds `SNAT_PORT_MIN-SNAT_PORT_MAX` to this network namespace's
+/// `net.ipv4.ip_local_reserved_ports`, keeping what is there. Returns the range.
+pub fn reserve_snat_ports() -> std::io::Result<String> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let range = format!("{}-{}", lb_common::SNAT_PORT_MIN, lb_common::SNAT_PORT_MAX);
+    let cur = std::fs::read_to_string(PATH)?;
+    let cur = cur.trim();
+    if cur.split(',').any(|r| r == range) {
+        return Ok(range);
+    }
+    let new = if cur.is_empty() { range.clone() } else { format!("{cur},{range}") };
+    std::fs::write(PATH, new)?;
+    Ok(range)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

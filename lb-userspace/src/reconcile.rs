@@ -130,7 +130,7 @@ fn frontend_of(k: &Svc4Key) -> Option<Frontend> {
     Some(Frontend { addr: Ipv4Addr::from(k.addr), port: k.port, proto: Proto::from_number(k.proto)? })
 }
 
-fn backend_value(b: &BackendKey, state: BackendState) -> Backend4 {
+fn backend_value(b: &BackendKey, state: BackendState, local: bool) -> Backend4 {
     Backend4 {
         addr: b.addr.octets(),
         port: b.port,
@@ -138,7 +138,7 @@ fn backend_value(b: &BackendKey, state: BackendState) -> Backend4 {
             BackendState::Active => BACKEND_STATE_ACTIVE,
             BackendState::Terminating | BackendState::Draining => BACKEND_STATE_TERMINATING,
         },
-        flags: 0,
+        flags: if local { lb_common::BACKEND_F_LOCAL } else { 0 },
     }
 }
 
@@ -332,12 +332,13 @@ impl<D: Datapath> Reconciler<D> {
         }
 
         // 1. Backends.
-        let mut wanted_backends: HashMap<BackendKey, BackendState> = HashMap::new();
+        let mut wanted_backends: HashMap<BackendKey, (BackendState, bool)> = HashMap::new();
         for p in desired {
             for b in &p.backends {
                 let k = BackendKey { addr: b.addr, port: b.port, proto: p.id.proto };
-                let e = wanted_backends.entry(k).or_insert(b.state);
-                *e = (*e).min(b.state);
+                let e = wanted_backends.entry(k).or_insert((b.state, b.local));
+                e.0 = e.0.min(b.state);
+                e.1 |= b.local;
             }
         }
         let mut sorted_backends: Vec<_> = wanted_backends.iter().collect();
@@ -357,7 +358,7 @@ impl<D: Datapath> Reconciler<D> {
                     id
                 }
             };
-            let v = backend_value(k, *state);
+            let v = backend_value(k, state.0, state.1);
             if self.backend_values.get(&id) != Some(&v) {
                 self.dp.write_backend(id, v)?;
                 self.backend_values.insert(id, v);

@@ -706,6 +706,7 @@ const CONNTRACK_FIRST_JSON: &str = r#"{
   "service_id": 1,
   "service": "default/web:http",
   "tcp_flags": "SYN,ACK",
+  "snat": null,
   "forward_tracked": true,
   "reply_tracked": true,
   "stale": false,
@@ -733,6 +734,7 @@ pass_egress_rev_nat   pass                0         0       reply of a flow to a
 egress_rev_nat        pass (translated)   0         0       TC egress: reply's source set back to the node address and port
 drop_source_range     drop                0         0       new flow to a LoadBalancer IP from a client outside loadBalancerSourceRanges
 icmp_translated       pass (translated)   0         0       ICMP error about a tracked flow, translated for the backend or client it concerns
+egress_snat           pass (translated)   0         0       TC egress: a flow to an endpoint on another node leaves with the node's address
 "#;
 
 const GET_SERVICES: &str = r#"NAMESPACE   NAME       TYPE           FRONTEND             AFFINITY           POLICY(EXT/INT)   BACKENDS

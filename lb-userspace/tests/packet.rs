@@ -793,3 +793,61 @@ fn icmp_errors_about_translated_flows_are_translated_too() {
     assert_eq!(dut.run(&stray).1, stray);
     assert_eq!(dut.stat(Stat::IcmpTranslated), 2);
 }
+
+#[test]
+fn node_port_flows_to_another_nodes_endpoint_are_snated_to_the_node() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let remote = SHOP.replace(
+        "endpoints: [{addresses: [198.18.1.2]}]",
+        "endpoints: [{addresses: [198.18.1.2], nodeName: node-2}]",
+    );
+    assert_ne!(remote, SHOP);
+    let cfg = ModelConfig {
+        node_addrs: vec!["198.18.100.1".parse().unwrap()],
+        node_name: Some("node-1".into()),
+        ..ModelConfig::default()
+    };
+    let mut dut = Dut::with_config(&remote, cfg);
+    let node_port = sa("198.18.100.1:30080");
+    let backend = sa("198.18.1.2:8080");
+    let mut snat_ports = std::collections::BTreeSet::new();
+    for cport in 40000..40050 {
+        let client = SocketAddrV4::new("198.18.100.2".parse().unwrap(), cport);
+        // In at XDP: DNAT only; the kernel routes it towards the other node.
+        let (v, out) = dut.run(&Frame::tcp(client, node_port).build());
+        assert_eq!(v, XDP_PASS);
+        assert_eq!((decode(&out).unwrap().src, decode(&out).unwrap().dst), (client, backend));
+        // Out at TC egress: the node's address and a SNAT port as source.
+        let (_, out) = dut.egress(&out);
+        let d = decode(&out).unwrap();
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+        assert_eq!((d.src.ip().to_string(), d.dst), ("198.18.100.1".to_string(), backend));
+        let sp = d.src.port();
+        assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&sp), "{sp}");
+        snat_ports.insert(sp);
+        // The backend's reply comes back to node:port: at XDP it goes to the client...
+        let reply = Frame::tcp(backend, d.src).build();
+        let (v, out) = dut.run(&reply);
+        assert_eq!(v, XDP_PASS);
+        let d = decode(&out).unwrap();
+        assert_eq!((d.src, d.dst), (backend, client), "to the client, still from the backend");
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+        // ...and at TC egress it gets the node port the client used as source.
+        let (_, out) = dut.egress(&out);
+        let d = decode(&out).unwrap();
+        assert_eq!((d.src, d.dst), (node_port, client));
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    }
+    assert_eq!(snat_ports.len(), 50, "every flow to the same backend has its own SNAT port");
+    assert_eq!((dut.stat(Stat::EgressSnat), dut.stat(Stat::EgressRevNat)), (50, 50));
+    // The CLI shows each flow once, with its SNAT address.
+    let view = lb_userspace::cli::View::read(dut.rec.datapath()).unwrap();
+    let rows = view.flow_rows(&dut.rec.datapath().read_ct().unwrap(), 0, &Default::default());
+    assert_eq!(rows.len(), 50);
+    assert!(
+        rows.iter().all(|r| r.snat.as_deref().is_some_and(|s| s.starts_with("198.18.100.1:"))),
+        "{rows:?}"
+    );
+}

@@ -127,7 +127,7 @@ fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
     bed.start_servers(&testbed(), &[8080, 9090], &[]).expect("servers");
     bed.write_manifest(
         "lb.yaml",
-        "apiVersion: v1\nkind: Service\nmetadata: {name: shop, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.18.0.20\n  externalIPs: [198.18.0.21]\n  selector: {app: shop}\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.0.22}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: shop-1, namespace: default, labels: {kubernetes.io/service-name: shop}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- addresses: [198.18.10.2]\n- addresses: [198.18.11.2]\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: shop, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.18.0.20\n  externalIPs: [198.18.0.21]\n  selector: {app: shop}\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.0.22}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: shop-1, namespace: default, labels: {kubernetes.io/service-name: shop}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- {addresses: [198.18.10.2], nodeName: node-1}\n- {addresses: [198.18.11.2], nodeName: node-1}\n",
     )
     .unwrap();
     // No selector: the Endpoints are written by hand (here: pod-b's other port, standing in
@@ -333,4 +333,52 @@ fn load_balancer_source_ranges_keep_other_clients_out() {
     assert!(stats["drop_source_range"]["packets"].as_u64().unwrap() >= 1, "{stats}");
     let described = bed.xlb_cli(&["describe", "service", "closed"]).unwrap();
     assert!(described.contains("LoadBalancer Source Ranges: 203.0.113.0/24"), "{described}");
+}
+
+/// A node port whose only endpoint is declared on another node (node-2; in this bed it is
+/// reached through the same node): the flow is SNATed to the node address the client used, so
+/// the pod sees the node, the reply comes back through the node, and the client sees it from
+/// the node port it called.
+#[test]
+fn node_port_to_another_nodes_endpoint_is_snated_to_the_node() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    bed.start_servers(&testbed(), &[8080], &[]).expect("servers");
+    bed.write_manifest(
+        "far.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: far, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 198.18.0.80\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30180}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: far-1, namespace: default, labels: {kubernetes.io/service-name: far}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- {addresses: [198.18.11.2], nodeName: node-2}\n",
+    )
+    .unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.80:80/TCP", 1, Duration::from_secs(10)).unwrap();
+    let log = bed.agent.as_ref().unwrap().log_text();
+    assert!(log.contains("reserved the SNAT source ports"), "{log}");
+    let reserved = bed.node.exec("cat", &["/proc/sys/net/ipv4/ip_local_reserved_ports"]).unwrap();
+    assert!(reserved.contains("61000-65535"), "{reserved}");
+
+    let to: SocketAddrV4 = "198.18.100.1:30180".parse().unwrap();
+    let answers =
+        bed.client.enter(|| (0..30).map(|_| tcp_request(to, Duration::from_secs(3))).collect::<Vec<_>>());
+    for a in answers {
+        let a = a.unwrap_or_else(|e| panic!("{e:#}\n{}", bed.logs()));
+        assert_eq!(a.pod, "pod-b");
+        assert_eq!(a.from, to.into(), "the reply comes from the node port the client called");
+        assert_eq!(a.peer.ip().to_string(), "198.18.100.1", "the pod sees the node's address (SNAT)");
+        assert!(a.peer.port() >= 61000, "from a SNAT port: {}", a.peer);
+    }
+    // The clusterIP is not SNATed: the pod sees the client.
+    let a =
+        bed.client.enter(|| tcp_request("198.18.0.80:80".parse().unwrap(), Duration::from_secs(3))).unwrap();
+    assert_eq!(a.peer.ip(), std::net::IpAddr::V4(bed.client_ip));
+    let ct: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(&["conntrack", "-o", "json"]).unwrap()).unwrap();
+    assert!(
+        ct.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["snat"].as_str().is_some_and(|s| s.starts_with("198.18.100.1:"))),
+        "{ct}"
+    );
 }
