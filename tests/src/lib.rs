@@ -572,3 +572,153 @@ pub fn install_interrupt_flag() -> &'static std::sync::atomic::AtomicBool {
     }
     &FLAG
 }
+
+/// Two nodes, a pod on each, and a client outside:
+///
+/// ```text
+///  client 198.18.100.2 ── node-1 198.18.100.1 ─┬─ 198.18.200.1 ── 198.18.200.2 node-2 ── 198.18.20.1 ── pod-b 198.18.20.2
+///  route 198.18.0.0/16 via node-1              └─ 198.18.10.1 ── pod-a 198.18.10.2
+/// ```
+/// Each node runs its own `xlb agent` (NODE_NAME node-1, node-2) on all its interfaces, from the
+/// same manifest directory (the cluster's objects), with its own pins. The nodes route each
+/// other's pod networks; node-2 reaches the client's network through node-1.
+pub struct TwoNodes {
+    pub prefix: String,
+    pub client: Netns,
+    pub nodes: [Netns; 2],
+    pub pods: [Pod; 2],
+    pub client_ip: Ipv4Addr,
+    pub work: PathBuf,
+    pub manifests: PathBuf,
+    pub pin_dirs: [PathBuf; 2],
+    pub xlb: PathBuf,
+    pub agents: Vec<Proc>,
+    pub servers: Vec<Proc>,
+    _pins: [DirGuard; 2],
+    _work: DirGuard,
+}
+
+impl TwoNodes {
+    pub fn new() -> anyhow::Result<Self> {
+        reap_stale();
+        ensure_bpffs()?;
+        let xlb = workspace_bin("xlb", "XLB_BIN")?;
+        let prefix = unique_prefix();
+        let work = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(work.join("manifests"))?;
+        let work_guard = DirGuard(work.clone());
+        let pin_dirs = [1, 2].map(|i| PathBuf::from("/sys/fs/bpf").join(format!("{prefix}-n{i}")));
+        let pins = [DirGuard(pin_dirs[0].clone()), DirGuard(pin_dirs[1].clone())];
+        let client = Netns::new(format!("{prefix}-client"))?;
+        let n1 = Netns::new(format!("{prefix}-node1"))?;
+        let n2 = Netns::new(format!("{prefix}-node2"))?;
+        let pa = Netns::new(format!("{prefix}-pod-a"))?;
+        let pb = Netns::new(format!("{prefix}-pod-b"))?;
+        link(&client, "eth0", "198.18.100.2/24", &n1, "eth0", "198.18.100.1/24")?;
+        link(&n1, "eth1", "198.18.200.1/24", &n2, "eth0", "198.18.200.2/24")?;
+        link(&n1, "eth2", "198.18.10.1/24", &pa, "eth0", "198.18.10.2/24")?;
+        link(&n2, "eth1", "198.18.20.1/24", &pb, "eth0", "198.18.20.2/24")?;
+        client.ip(&["route", "add", "198.18.0.0/16", "via", "198.18.100.1"])?;
+        n1.ip(&["route", "add", "198.18.20.0/24", "via", "198.18.200.2"])?;
+        n2.ip(&["route", "add", "198.18.10.0/24", "via", "198.18.200.1"])?;
+        n2.ip(&["route", "add", "198.18.100.0/24", "via", "198.18.200.1"])?;
+        pa.ip(&["route", "add", "default", "via", "198.18.10.1"])?;
+        pb.ip(&["route", "add", "default", "via", "198.18.20.1"])?;
+        for n in [&n1, &n2] {
+            n.sysctl("net.ipv4.ip_forward", "1")?;
+        }
+        Ok(TwoNodes {
+            prefix,
+            client,
+            nodes: [n1, n2],
+            pods: [
+                Pod { name: "pod-a".into(), ip: Ipv4Addr::new(198, 18, 10, 2), ns: pa },
+                Pod { name: "pod-b".into(), ip: Ipv4Addr::new(198, 18, 20, 2), ns: pb },
+            ],
+            client_ip: Ipv4Addr::new(198, 18, 100, 2),
+            manifests: work.join("manifests"),
+            work,
+            pin_dirs,
+            xlb,
+            agents: Vec::new(),
+            servers: Vec::new(),
+            _pins: pins,
+            _work: work_guard,
+        })
+    }
+
+    /// Echo servers in both pods on the given TCP ports.
+    pub fn start_servers(&mut self, testbed: &Path, tcp: &[u16]) -> anyhow::Result<()> {
+        for pod in &self.pods {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &pod.ns.name]).arg(testbed).args(["serve", "--name", &pod.name]);
+            for p in tcp {
+                cmd.args(["--tcp", &p.to_string()]);
+            }
+            let log = self.work.join(format!("server-{}.log", pod.name));
+            let mut proc = Proc::spawn(&format!("server in {}", pod.name), &mut cmd, Some(&log))?;
+            proc.wait_for_log("listening", Duration::from_secs(10))?;
+            self.servers.push(proc);
+        }
+        Ok(())
+    }
+
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifests.join(file))?;
+        Ok(())
+    }
+
+    /// Starts an agent on each node and waits until both are ready.
+    pub fn start_agents(&mut self) -> anyhow::Result<()> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net={}", node.path().display()))
+                .arg(&self.xlb)
+                .arg("--pin-dir")
+                .arg(&self.pin_dirs[i])
+                .args(["agent", "--manifests"])
+                .arg(&self.manifests)
+                .env("XLB_LOG", "info")
+                .env("NODE_NAME", format!("node-{}", i + 1));
+            for iface in ["eth0", "eth1", "eth2"] {
+                if node.ip(&["link", "show", iface]).is_ok() {
+                    cmd.args(["--iface", iface]);
+                }
+            }
+            let log = self.work.join(format!("agent-node{}.log", i + 1));
+            let mut agent = Proc::spawn(&format!("xlb agent on node-{}", i + 1), &mut cmd, Some(&log))?;
+            agent.wait_for_log(" ready pin_dir=", Duration::from_secs(30))?;
+            self.agents.push(agent);
+        }
+        Ok(())
+    }
+
+    /// Runs the xlb CLI against node `i`'s pins (0 or 1).
+    pub fn xlb_cli(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
+        let pin = self.pin_dirs[i].display().to_string();
+        let mut full = vec!["--pin-dir", &pin];
+        full.extend_from_slice(args);
+        run(&self.xlb.display().to_string(), &full)
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for p in self.agents.iter().chain(&self.servers) {
+            s.push_str(&format!("--- {} ---\n{}\n", p.name, p.log_text()));
+        }
+        s
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test bed {} logs:\n{}", self.prefix, self.logs());
+        }
+        for mut p in self.agents.drain(..).chain(self.servers.drain(..)) {
+            p.stop(Duration::from_secs(5));
+        }
+    }
+}
