@@ -107,36 +107,25 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
             if !TRACE_MODE {
                 ct::touch(entry, &pkt);
             }
-            if flags & CT_F_DNAT_BACK != 0 {
-                // A reply to a SNATed flow: back to the client; TC egress then gives it the
-                // frontend as source.
-                nat::rewrite(&pkt, Side::Destination, nat_addr, nat_port);
-                step(rec, |r| {
-                    r.steps |= TRACE_CT_REPLY | TRACE_REWRITE;
-                    r.ct_backend_id = backend_id;
-                    r.backend_id = backend_id;
-                    r.svc_id = svc_id;
-                });
-                return pass(rec, Stat::RevNat, bytes);
-            }
-            if flags & CT_F_EGRESS_REVNAT != 0 {
-                // The source becomes a local address: the kernel must route the reply first,
-                // and TC egress translates it.
-                step(rec, |r| {
-                    r.steps |= TRACE_CT_REPLY;
-                    r.ct_backend_id = backend_id;
-                    r.backend_id = backend_id;
-                    r.svc_id = svc_id;
-                });
-                return pass(rec, Stat::PassEgressRevNat, bytes);
-            }
-            nat::rewrite(&pkt, Side::Source, nat_addr, nat_port);
             step(rec, |r| {
-                r.steps |= TRACE_CT_REPLY | TRACE_REWRITE;
+                r.steps |= TRACE_CT_REPLY;
                 r.ct_backend_id = backend_id;
                 r.backend_id = backend_id;
                 r.svc_id = svc_id;
             });
+            let side = if flags & CT_F_DNAT_BACK != 0 {
+                // A reply to a SNATed flow: back to the client; TC egress then gives it the
+                // frontend as source.
+                Side::Destination
+            } else if flags & CT_F_EGRESS_REVNAT != 0 {
+                // The source becomes a local address: the kernel must route the reply first,
+                // and TC egress translates it.
+                return pass(rec, Stat::PassEgressRevNat, bytes);
+            } else {
+                Side::Source
+            };
+            nat::rewrite(&pkt, side, nat_addr, nat_port);
+            step(rec, |r| r.steps |= TRACE_REWRITE);
             return pass(rec, Stat::RevNat, bytes);
         }
     }

@@ -346,36 +346,14 @@ impl SingleNode {
     /// Starts an echo server in every pod on the given TCP and UDP ports.
     pub fn start_servers(&mut self, testbed: &Path, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
         for pod in &self.pods {
-            let mut args: Vec<String> = vec![
-                "netns".into(),
-                "exec".into(),
-                pod.ns.name.clone(),
-                testbed.display().to_string(),
-                "serve".into(),
-                "--name".into(),
-                pod.name.clone(),
-            ];
-            for p in tcp {
-                args.extend(["--tcp".into(), p.to_string()]);
-            }
-            for p in udp {
-                args.extend(["--udp".into(), p.to_string()]);
-            }
-            let log = self.work.join(format!("server-{}.log", pod.name));
-            let mut proc =
-                Proc::spawn(&format!("server in {}", pod.name), Command::new("ip").args(&args), Some(&log))?;
-            proc.wait_for_log("listening", Duration::from_secs(10))?;
-            self.servers.push(proc);
+            self.servers.push(start_server(testbed, pod, tcp, udp, &self.work)?);
         }
         Ok(())
     }
 
     /// Writes a manifest file into the agent's directory (replacing one of the same name).
     pub fn write_manifest(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
-        let tmp = self.manifests.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml)?;
-        std::fs::rename(&tmp, self.manifests.join(file))?;
-        Ok(())
+        write_manifest_in(&self.manifests, file, yaml)
     }
 
     /// Starts `xlb agent` in the node namespace (through nsenter, so that /sys/fs/bpf stays the
@@ -440,11 +418,7 @@ impl SingleNode {
 
     /// Text of every log (agent and servers), for a failing test's report.
     pub fn logs(&self) -> String {
-        let mut s = String::new();
-        for p in self.agent.iter().chain(&self.servers) {
-            s.push_str(&format!("--- {} ---\n{}\n", p.name, p.log_text()));
-        }
-        s
+        logs_of(self.agent.iter().chain(&self.servers))
     }
 }
 
@@ -573,6 +547,35 @@ pub fn install_interrupt_flag() -> &'static std::sync::atomic::AtomicBool {
     &FLAG
 }
 
+/// Starts the echo server of `pod` on the given ports; its log goes to `work`.
+fn start_server(testbed: &Path, pod: &Pod, tcp: &[u16], udp: &[u16], work: &Path) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &pod.ns.name]).arg(testbed).args(["serve", "--name", &pod.name]);
+    for p in tcp {
+        cmd.args(["--tcp", &p.to_string()]);
+    }
+    for p in udp {
+        cmd.args(["--udp", &p.to_string()]);
+    }
+    let log = work.join(format!("server-{}.log", pod.name));
+    let mut proc = Proc::spawn(&format!("server in {}", pod.name), &mut cmd, Some(&log))?;
+    proc.wait_for_log("listening", Duration::from_secs(10))?;
+    Ok(proc)
+}
+
+/// Writes a manifest into `dir` atomically (replacing one of the same name).
+fn write_manifest_in(dir: &Path, file: &str, yaml: &str) -> anyhow::Result<()> {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, yaml)?;
+    std::fs::rename(&tmp, dir.join(file))?;
+    Ok(())
+}
+
+/// The logs of `procs`, each under its name, for a failing test's report.
+fn logs_of<'a>(procs: impl Iterator<Item = &'a Proc>) -> String {
+    procs.map(|p| format!("--- {} ---\n{}\n", p.name, p.log_text())).collect()
+}
+
 /// Two nodes, a pod on each, and a client outside:
 ///
 /// ```text
@@ -650,24 +653,13 @@ impl TwoNodes {
     /// Echo servers in both pods on the given TCP ports.
     pub fn start_servers(&mut self, testbed: &Path, tcp: &[u16]) -> anyhow::Result<()> {
         for pod in &self.pods {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &pod.ns.name]).arg(testbed).args(["serve", "--name", &pod.name]);
-            for p in tcp {
-                cmd.args(["--tcp", &p.to_string()]);
-            }
-            let log = self.work.join(format!("server-{}.log", pod.name));
-            let mut proc = Proc::spawn(&format!("server in {}", pod.name), &mut cmd, Some(&log))?;
-            proc.wait_for_log("listening", Duration::from_secs(10))?;
-            self.servers.push(proc);
+            self.servers.push(start_server(testbed, pod, tcp, &[], &self.work)?);
         }
         Ok(())
     }
 
     pub fn write_manifest(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
-        let tmp = self.manifests.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml)?;
-        std::fs::rename(&tmp, self.manifests.join(file))?;
-        Ok(())
+        write_manifest_in(&self.manifests, file, yaml)
     }
 
     /// Starts an agent on each node and waits until both are ready.
@@ -704,11 +696,7 @@ impl TwoNodes {
     }
 
     pub fn logs(&self) -> String {
-        let mut s = String::new();
-        for p in self.agents.iter().chain(&self.servers) {
-            s.push_str(&format!("--- {} ---\n{}\n", p.name, p.log_text()));
-        }
-        s
+        logs_of(self.agents.iter().chain(&self.servers))
     }
 }
 
