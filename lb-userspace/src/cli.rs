@@ -252,7 +252,7 @@ impl View {
     }
 
     /// `NS/NAME` of a service id, with `:PORT_NAME` when the port has a name.
-    fn port_label(&self, svc_id: u32) -> String {
+    pub fn port_label(&self, svc_id: u32) -> String {
         match self.infos.get(&svc_id) {
             Some(i) => {
                 let (ns, name, port) = (unfixed(&i.namespace), unfixed(&i.name), unfixed(&i.port_name));

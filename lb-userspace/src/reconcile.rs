@@ -372,9 +372,9 @@ impl<D: Datapath> Reconciler<D> {
             .zip(&ids)
             .flat_map(|(p, &id)| p.source_ranges.iter().map(move |c| (id, *c)))
             .collect();
-        for r in wanted_ranges.difference(&self.ranges.clone()) {
+        for r in wanted_ranges.difference(&self.ranges).copied().collect::<Vec<_>>() {
             self.dp.write_source_range(r.0, r.1)?;
-            self.ranges.insert(*r);
+            self.ranges.insert(r);
             st.writes += 1;
         }
 

@@ -196,19 +196,7 @@ impl Tracer {
         rec: TraceRecord,
     ) -> anyhow::Result<Trace> {
         let view = View::read(&self.maps)?;
-        let rows = view.service_rows();
-        let label = |id: u32| {
-            rows.iter()
-                .find(|r| r.service_id == id)
-                .map(|r| {
-                    let mut s = format!("{}/{}", r.namespace, r.name);
-                    if !r.port_name.is_empty() {
-                        s.push_str(&format!(":{}", r.port_name));
-                    }
-                    s
-                })
-                .unwrap_or_else(|| format!("<service id {id}>"))
-        };
+        let label = |id: u32| view.port_label(id);
         let backend = |id: u32, slot: Option<u16>| -> anyhow::Result<TraceBackend> {
             let b = self.maps.read_backend(id)?;
             Ok(TraceBackend { id, address: Ipv4Addr::from(b.addr).to_string(), port: b.port, slot })

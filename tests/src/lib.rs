@@ -366,32 +366,15 @@ impl SingleNode {
 
     /// Starts `xlb agent` like [`Self::start_agent`], and hands its process to the caller.
     pub fn spawn_agent(&self) -> anyhow::Result<Proc> {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.node.path().display()))
-            .arg(&self.xlb)
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("agent")
-            .arg("--manifests")
-            .arg(&self.manifests)
-            .env("XLB_LOG", "info")
-            // The node of the test manifests' endpoints (`nodeName: node-1`).
-            .env("NODE_NAME", "node-1");
-        for i in &self.node_ifaces {
-            cmd.arg("--iface").arg(i);
-        }
-        let log = self.work.join("agent.log");
-        let mut agent = Proc::spawn("xlb agent", &mut cmd, Some(&log))?;
-        agent.wait_for_log(" ready pin_dir=", Duration::from_secs(30))?;
-        Ok(agent)
+        // The node of the test manifests' endpoints is `nodeName: node-1`.
+        let node =
+            AgentNode { ns: &self.node, pin_dir: &self.pin_dir, name: "node-1", ifaces: &self.node_ifaces };
+        spawn_agent(&self.xlb, &node, &self.manifests, "xlb agent", &self.work.join("agent.log"))
     }
 
     /// Runs the xlb CLI against this node's pinned maps.
     pub fn xlb_cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let pin = self.pin_dir.display().to_string();
-        let mut full = vec!["--pin-dir", &pin];
-        full.extend_from_slice(args);
-        run(&self.xlb.display().to_string(), &full)
+        xlb_cli_at(&self.xlb, &self.pin_dir, args)
     }
 
     /// Waits until `xlb services` lists `frontend` with `backends` backends.
@@ -571,6 +554,48 @@ fn write_manifest_in(dir: &Path, file: &str, yaml: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A node an agent runs on: its namespace, pins, name (NODE_NAME) and interfaces.
+struct AgentNode<'a> {
+    ns: &'a Netns,
+    pin_dir: &'a Path,
+    name: &'a str,
+    ifaces: &'a [String],
+}
+
+/// Starts `xlb agent` in `node`'s namespace (through nsenter, so that /sys/fs/bpf stays the
+/// host's bpffs) on the manifests in `manifests`, and waits until it has attached.
+fn spawn_agent(
+    xlb: &Path,
+    node: &AgentNode,
+    manifests: &Path,
+    what: &str,
+    log: &Path,
+) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", node.ns.path().display()))
+        .arg(xlb)
+        .arg("--pin-dir")
+        .arg(node.pin_dir)
+        .args(["agent", "--manifests"])
+        .arg(manifests)
+        .env("XLB_LOG", "info")
+        .env("NODE_NAME", node.name);
+    for i in node.ifaces {
+        cmd.arg("--iface").arg(i);
+    }
+    let mut agent = Proc::spawn(what, &mut cmd, Some(log))?;
+    agent.wait_for_log(" ready pin_dir=", Duration::from_secs(30))?;
+    Ok(agent)
+}
+
+/// Runs the xlb CLI against the pins under `pin_dir`.
+fn xlb_cli_at(xlb: &Path, pin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let pin = pin_dir.display().to_string();
+    let mut full = vec!["--pin-dir", &pin];
+    full.extend_from_slice(args);
+    run(&xlb.display().to_string(), &full)
+}
+
 /// The logs of `procs`, each under its name, for a failing test's report.
 fn logs_of<'a>(procs: impl Iterator<Item = &'a Proc>) -> String {
     procs.map(|p| format!("--- {} ---\n{}\n", p.name, p.log_text())).collect()
@@ -664,24 +689,17 @@ impl TwoNodes {
 
     /// Starts an agent on each node and waits until both are ready.
     pub fn start_agents(&mut self) -> anyhow::Result<()> {
-        for (i, node) in self.nodes.iter().enumerate() {
-            let mut cmd = Command::new("nsenter");
-            cmd.arg(format!("--net={}", node.path().display()))
-                .arg(&self.xlb)
-                .arg("--pin-dir")
-                .arg(&self.pin_dirs[i])
-                .args(["agent", "--manifests"])
-                .arg(&self.manifests)
-                .env("XLB_LOG", "info")
-                .env("NODE_NAME", format!("node-{}", i + 1));
-            for iface in ["eth0", "eth1", "eth2"] {
-                if node.ip(&["link", "show", iface]).is_ok() {
-                    cmd.args(["--iface", iface]);
-                }
-            }
+        for (i, ns) in self.nodes.iter().enumerate() {
+            let ifaces: Vec<String> = ["eth0", "eth1", "eth2"]
+                .into_iter()
+                .filter(|iface| ns.ip(&["link", "show", iface]).is_ok())
+                .map(String::from)
+                .collect();
+            let name = format!("node-{}", i + 1);
+            let node = AgentNode { ns, pin_dir: &self.pin_dirs[i], name: &name, ifaces: &ifaces };
             let log = self.work.join(format!("agent-node{}.log", i + 1));
-            let mut agent = Proc::spawn(&format!("xlb agent on node-{}", i + 1), &mut cmd, Some(&log))?;
-            agent.wait_for_log(" ready pin_dir=", Duration::from_secs(30))?;
+            let agent =
+                spawn_agent(&self.xlb, &node, &self.manifests, &format!("xlb agent on {name}"), &log)?;
             self.agents.push(agent);
         }
         Ok(())
@@ -689,10 +707,7 @@ impl TwoNodes {
 
     /// Runs the xlb CLI against node `i`'s pins (0 or 1).
     pub fn xlb_cli(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
-        let pin = self.pin_dirs[i].display().to_string();
-        let mut full = vec!["--pin-dir", &pin];
-        full.extend_from_slice(args);
-        run(&self.xlb.display().to_string(), &full)
+        xlb_cli_at(&self.xlb, &self.pin_dirs[i], args)
     }
 
     pub fn logs(&self) -> String {
