@@ -27,7 +27,7 @@ pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
 pub const MAP_CT: &str = "xlb_ct4_v1";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
-pub const MAP_STATS: &str = "xlb_stats_v6";
+pub const MAP_STATS: &str = "xlb_stats_v7";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
 pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v2";
 /// New flows sent to each backend (array, backend id -> u64); the agent zeroes an id's count
@@ -61,9 +61,30 @@ pub struct RejectBucket {
 /// 1): the client prefixes allowed on a service port's LoadBalancer frontends.
 pub const MAP_SOURCE_RANGES: &str = "xlb_srcrange4_v1";
 
+/// Socket-level translation by the cgroup programs (LRU hash, [`SockNat4Key`] ->
+/// [`SockNat4Value`]): for each socket whose connect or sendmsg to a frontend was given a
+/// backend, the frontend to show for that backend, and for unconnected UDP the backend that the
+/// socket's next datagrams to the frontend keep.
+pub const MAP_SOCK_NAT: &str = "xlb_socknat4_v1";
+
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 7] =
-    [MAP_SERVICES, MAP_BACKENDS, MAP_CT, MAP_STATS, MAP_SVC_INFO, MAP_BACKEND_FLOWS, MAP_SOURCE_RANGES];
+pub const ALL_MAPS: [&str; 8] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_CT,
+    MAP_STATS,
+    MAP_SVC_INFO,
+    MAP_BACKEND_FLOWS,
+    MAP_SOURCE_RANGES,
+    MAP_SOCK_NAT,
+];
+
+/// The cgroup programs of socket-level load balancing: connections and datagrams of the node's
+/// own processes and of its pods to a frontend are given a backend before any packet exists.
+pub const PROG_SOCK_CONNECT4: &str = "xlb_sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "xlb_sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "xlb_sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "xlb_sock_getpeername4";
 
 /// Name of the trace program: the datapath's decision, run by `xlb trace` on a crafted packet
 /// with BPF_PROG_TEST_RUN. It reads the live maps and writes nothing but [`MAP_TRACE`].
@@ -74,6 +95,7 @@ pub const DEFAULT_MAX_SERVICE_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_SVC_INFO: u32 = 65_536;
+pub const DEFAULT_MAX_SOCK_NAT: u32 = 262_144;
 /// Capacity of [`MAP_SOURCE_RANGES`] (allocated per entry: LPM tries are never preallocated).
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// `map_flags` of [`MAP_SVC_INFO`]: BPF_F_NO_PREALLOC, so that display names only take kernel
@@ -255,6 +277,45 @@ pub struct Ct4Value {
     pub last_seen: u32,
 }
 
+/// [`SockNat4Key::kind`]: keyed by a backend; the value is the frontend the socket called.
+pub const SOCK_NAT_REV: u8 = 0;
+/// [`SockNat4Key::kind`]: keyed by a frontend; the value is the backend an unconnected UDP
+/// socket's datagrams to it keep going to.
+pub const SOCK_NAT_FWD: u8 = 1;
+
+/// Key of [`MAP_SOCK_NAT`]. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockNat4Key {
+    /// The socket's cookie (`bpf_get_socket_cookie`), unique while the machine runs.
+    pub cookie: u64,
+    /// [`SOCK_NAT_REV`]: backend address; [`SOCK_NAT_FWD`]: frontend address. Bytes as in the
+    /// packet.
+    pub addr: [u8; 4],
+    /// The port of `addr`, host order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`SOCK_NAT_REV`] or [`SOCK_NAT_FWD`].
+    pub kind: u8,
+}
+
+/// Value of [`MAP_SOCK_NAT`]. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockNat4Value {
+    /// [`SOCK_NAT_REV`]: the frontend address; [`SOCK_NAT_FWD`]: the backend address.
+    pub addr: [u8; 4],
+    /// The port of `addr`, host order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+    /// The backend (index into [`MAP_BACKENDS`]). Host order.
+    pub backend_id: u32,
+    /// The service port. Host order.
+    pub svc_id: u32,
+}
+
 /// Value of [`MAP_STATS`] (one per CPU per counter). 16 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -381,10 +442,16 @@ pub enum Stat {
     /// TC egress (not counted in `Rx`): a packet of a flow to an endpoint on another node got
     /// the node's address and a SNAT port as its source.
     EgressSnat = 18,
+    /// Socket level (cgroup programs, not counted in `Rx`; bytes are 0): a connect or a UDP
+    /// datagram of a local process or pod to a frontend was given a backend.
+    SockTranslated = 19,
+    /// Socket level: a connect or UDP datagram to a frontend without usable endpoints failed at
+    /// once with ECONNREFUSED.
+    SockRefused = 20,
 }
 
 /// Number of [`Stat`] counters; size of [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 19;
+pub const STAT_COUNT: u32 = 21;
 
 /// Names of the [`Stat`] counters, by index, as the CLI and /metrics show them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -407,6 +474,8 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_source_range",
     "icmp_translated",
     "egress_snat",
+    "sock_translated",
+    "sock_refused",
 ];
 
 /// Value of [`MAP_TRACE`]: what the trace program decided for one packet. 32 bytes.
@@ -460,9 +529,11 @@ const _: () = {
     assert!(core::mem::size_of::<StatValue>() == 16);
     assert!(core::mem::size_of::<SvcInfo>() == 432);
     assert!(core::mem::size_of::<TraceRecord>() == 32);
-    assert!(Stat::EgressSnat as u32 + 1 == STAT_COUNT);
+    assert!(Stat::SockRefused as u32 + 1 == STAT_COUNT);
     assert!(core::mem::size_of::<SrcRange4>() == 8);
     assert!(core::mem::size_of::<RejectBucket>() == 16);
+    assert!(core::mem::size_of::<SockNat4Key>() == 16);
+    assert!(core::mem::size_of::<SockNat4Value>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -479,4 +550,6 @@ mod pod {
     unsafe impl aya::Pod for SvcInfo {}
     unsafe impl aya::Pod for TraceRecord {}
     unsafe impl aya::Pod for SrcRange4 {}
+    unsafe impl aya::Pod for SockNat4Key {}
+    unsafe impl aya::Pod for SockNat4Value {}
 }

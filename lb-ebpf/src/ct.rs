@@ -93,7 +93,9 @@ const NOEXIST: u64 = 1;
 
 /// Tracks a new flow from a node-address frontend to a backend on another node: besides the
 /// DNAT, its packets leave with the node address and a SNAT port as their source, so that the
-/// backend's replies come back here. Four entries:
+/// backend's replies come back here. A hairpin flow (a pod landing on itself through its
+/// Service) is tracked the same way, with the frontend (a ClusterIP) in place of the node
+/// address. Four entries:
 ///
 /// - (backend -> node:snat port, reply): write the client back as destination, at XDP;
 /// - (backend -> client, reply): write the frontend back as source, at TC egress;

@@ -22,7 +22,7 @@ use crate::{
     nat::{self, Side},
     parse::{self, Packet, Parsed},
     reject,
-    stats::count,
+    stats::{atomic_add, count},
 };
 
 /// Where the trace program writes; `None` in the datapath, so every use compiles away there.
@@ -190,8 +190,14 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         step(rec, |r| r.steps |= TRACE_NEW_FLOW);
     } else {
         let local_frontend = svc_flags & SVC_F_LOCAL != 0;
-        let created = if local_frontend && be_flags & BACKEND_F_LOCAL == 0 {
-            // The endpoint is on another node: SNAT, so that its reply comes back here.
+        // Hairpin: a pod reaching its own Service and landing on itself. Its packet would come
+        // back with its own address as source, which it drops as a martian, and its reply would
+        // never reach the node: SNAT to the frontend, so that the pod answers the frontend and
+        // the node translates the answer back (kube-proxy masquerades hairpin traffic too).
+        let hairpin = addr == pkt.saddr.to_ne_bytes();
+        let created = if hairpin || (local_frontend && be_flags & BACKEND_F_LOCAL == 0) {
+            // The endpoint is on another node, or is the client itself: SNAT, so that its
+            // reply comes back here.
             ct::create_snat(pkt, addr, port, backend_id, svc_id)
         } else {
             let reply_flags = if local_frontend { CT_F_EGRESS_REVNAT } else { 0 };
@@ -201,11 +207,8 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
             return drop(rec, Stat::DropCtFull, bytes);
         }
         if let Some(n) = BACKEND_FLOWS.get_ptr_mut(backend_id) {
-            // SAFETY: a u64 inside the array's value area, 8-aligned; shared between CPUs, so
-            // the add is atomic.
-            unsafe {
-                core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(n, 1)
-            };
+            // SAFETY: a u64 inside the array's value area, 8-aligned; shared between CPUs.
+            unsafe { atomic_add(n, 1) };
         }
     }
     nat::rewrite(pkt, Side::Destination, addr, port);

@@ -3,7 +3,9 @@
 //! One module per concern: `parse` (bounds-checked header access), `maps`, `stats`, `nat`
 //! (address/port rewrite with incremental checksums), `ct` (connection tracking), `lb` (service
 //! lookup and backend selection, and the per-packet decision), `reject` (the answer for a
-//! Service without endpoints), `icmp` (ICMP errors about translated flows), `tc` (TC egress: replies of flows to the node's own addresses).
+//! Service without endpoints), `icmp` (ICMP errors about translated flows), `tc` (TC egress: replies of flows to the node's own
+//! addresses, SNAT), `sock` (cgroup programs: socket-level balancing for the node's processes
+//! and pods).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // The bpf target has no atomic read-modify-write in core::sync::atomic; the intrinsic compiles
@@ -26,6 +28,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
+mod sock;
+#[cfg(target_arch = "bpf")]
 mod stats;
 #[cfg(target_arch = "bpf")]
 mod tc;
@@ -34,8 +38,8 @@ mod tc;
 mod entry {
     use aya_ebpf::{
         bindings::{TC_ACT_OK, xdp_action},
-        macros::{classifier, xdp},
-        programs::{TcContext, XdpContext},
+        macros::{cgroup_sock_addr, classifier, xdp},
+        programs::{SockAddrContext, TcContext, XdpContext},
     };
 
     /// Attached at XDP on every interface of the node that carries Service traffic: translates
@@ -66,6 +70,32 @@ mod entry {
     pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
         crate::tc::egress(&ctx);
         TC_ACT_OK as i32
+    }
+
+    /// Attached to the node's cgroup (the root of the cgroup v2 hierarchy, so every process of
+    /// the node and of its pods): a TCP or UDP connect to a frontend is given a backend.
+    #[cgroup_sock_addr(connect4)]
+    pub fn xlb_sock_connect4(ctx: SockAddrContext) -> i32 {
+        crate::sock::forward(&ctx, false)
+    }
+
+    /// As `xlb_sock_connect4`, for each datagram of an unconnected UDP socket.
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn xlb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+        crate::sock::forward(&ctx, true)
+    }
+
+    /// A datagram received from a backend that the socket was given shows the frontend as its
+    /// source.
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn xlb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+        crate::sock::reverse(&ctx)
+    }
+
+    /// getpeername on a socket connected through a frontend reports the frontend.
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn xlb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+        crate::sock::reverse(&ctx)
     }
 
     #[panic_handler]

@@ -13,3 +13,14 @@ pub fn count(stat: Stat, bytes: u64) {
         }
     }
 }
+
+/// `*p += v` as one BPF atomic add (without fetch when the result is unused, so any kernel takes
+/// it): for counters that other CPUs, or an interrupting program on this one, also update.
+///
+/// # Safety
+/// `p` points at a live, 8-aligned u64 in a map value.
+#[inline(always)]
+pub unsafe fn atomic_add(p: *mut u64, v: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, v) };
+}

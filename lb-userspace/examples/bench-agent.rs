@@ -160,6 +160,8 @@ fn main() -> anyhow::Result<()> {
         .args(["agent", "--kubeconfig"])
         .arg(&kubeconfig)
         .args(["--iface", "lo", "--xdp-mode", "generic", "--http-addr", "off"])
+        // Never the machine's own cgroup: socket-level balancing is not what this measures.
+        .args(["--cgroup", "off"])
         .env("XLB_LOG", "info");
     let started = Instant::now();
     let mut agent = Proc::spawn("xlb agent", &mut cmd, Some(&log))?;

@@ -61,6 +61,9 @@ pub struct AgentConfig {
     pub http_addr: Option<SocketAddr>,
     /// /healthz fails once a change has waited this long for a successful sync.
     pub max_pending: Duration,
+    /// The cgroup (v2) whose processes get socket-level balancing: the hierarchy's root on a
+    /// node, so that the node's processes and its pods reach ClusterIPs. `None`: off.
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 /// The objects one sync is built from.
@@ -397,6 +400,31 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
                 _ => info!(%iface, "attached TC egress (new pinned link)"),
             }
+        }
+    }
+    match &cfg.socket_lb_cgroup {
+        Some(dir) => {
+            let how = ebpf::attach_sock_pinned(&mut ebpf, dir, &cfg.pin_dir)?;
+            let replaced = how.iter().filter(|a| **a == Attached::Replaced).count();
+            info!(
+                cgroup = %dir.display(),
+                replaced,
+                "attached socket-level balancing (connect4, sendmsg4, recvmsg4, getpeername4)"
+            );
+        }
+        None => {
+            // An earlier agent's socket programs would keep running against maps nobody keeps
+            // up to date any more.
+            for (_, pin) in ebpf::SOCK_PROGRAMS {
+                let p = ebpf::sock_link_pin(&cfg.pin_dir, pin);
+                if p.exists() {
+                    std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                    info!(path = %p.display(), "socket-level balancing is off: detached an earlier agent's program");
+                }
+            }
+            info!(
+                "socket-level balancing is off: the node's processes reach Services only through the interfaces xlb is attached to"
+            );
         }
     }
     // Maps of another layout version, pinned by an agent of another version, are used by no

@@ -818,6 +818,8 @@ pub fn stat_verdict(name: &str) -> &'static str {
     match name {
         "rx" => "seen",
         "ct_stale_backend" => "event",
+        "sock_translated" => "sock (translated)",
+        "sock_refused" => "sock (refused)",
         n if n.starts_with("reject_") => "reject (answered)",
         n if n.starts_with("drop_") => "drop",
         n if n.starts_with("pass_") => "pass",
@@ -853,6 +855,12 @@ pub fn stat_meaning(name: &str) -> &'static str {
             "ICMP error about a tracked flow, translated for the backend or client it concerns"
         }
         "egress_snat" => "TC egress: a flow to an endpoint on another node leaves with the node's address",
+        "sock_translated" => {
+            "socket level: a connect or UDP datagram of a node process or pod to a frontend was given a backend"
+        }
+        "sock_refused" => {
+            "socket level: a connect or UDP datagram to a frontend without usable endpoints failed with ECONNREFUSED"
+        }
         _ => "",
     }
 }

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
@@ -12,8 +13,17 @@ use aya::{
     util::KernelVersion,
 };
 use lb_common::{
-    ALL_MAPS, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_SERVICES, PROG_TC_EGRESS, PROG_XDP, PROG_XDP_TRACE,
+    ALL_MAPS, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_SOCK_NAT, PROG_SOCK_CONNECT4,
+    PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4, PROG_TC_EGRESS, PROG_XDP, PROG_XDP_TRACE,
 };
+
+/// The socket-level programs, each with the name of its link's pin.
+pub const SOCK_PROGRAMS: [(&str, &str); 4] = [
+    (PROG_SOCK_CONNECT4, "sock_connect4"),
+    (PROG_SOCK_SENDMSG4, "sock_sendmsg4"),
+    (PROG_SOCK_RECVMSG4, "sock_recvmsg4"),
+    (PROG_SOCK_GETPEERNAME4, "sock_getpeername4"),
+];
 
 /// The object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-ebpf"));
@@ -33,7 +43,9 @@ pub enum LoadError {
     PinDir { dir: PathBuf, source: std::io::Error },
     #[error("loading the eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("program {PROG_XDP} or {PROG_XDP_TRACE} is missing from the object or is not XDP")]
+    #[error(
+        "a program ({PROG_XDP}, {PROG_XDP_TRACE}, {PROG_TC_EGRESS} or a socket program) is missing from the object or has the wrong type"
+    )]
     NoProgram,
     #[error("the pinned map {name} changed while loading (an agent restarting, or `xlb cleanup`); try again")]
     MapsChanged { name: &'static str },
@@ -41,7 +53,13 @@ pub enum LoadError {
     Verify(ProgramError),
     #[error("attaching to interface {iface} failed: {source}")]
     Attach { iface: String, source: ProgramError },
-    #[error("pinning the XDP link of {iface} at {path} failed: {reason}")]
+    #[error(
+        "cannot open cgroup {dir} for socket-level balancing: {source} (pass --cgroup with the cgroup v2 root, or --cgroup off)"
+    )]
+    Cgroup { dir: PathBuf, source: std::io::Error },
+    #[error("attaching {prog} to cgroup {dir} failed: {source}")]
+    AttachCgroup { prog: &'static str, dir: PathBuf, source: ProgramError },
+    #[error("pinning the link on {iface} at {path} failed: {reason}")]
     PinLink { iface: String, path: PathBuf, reason: String },
 }
 
@@ -94,6 +112,7 @@ pub struct Capacities {
     pub service_entries: u32,
     pub backends: u32,
     pub ct_entries: u32,
+    pub sock_nat_entries: u32,
 }
 
 impl Default for Capacities {
@@ -102,6 +121,7 @@ impl Default for Capacities {
             service_entries: lb_common::DEFAULT_MAX_SERVICE_ENTRIES,
             backends: lb_common::DEFAULT_MAX_BACKENDS,
             ct_entries: lb_common::DEFAULT_MAX_CT_ENTRIES,
+            sock_nat_entries: lb_common::DEFAULT_MAX_SOCK_NAT,
         }
     }
 }
@@ -128,7 +148,8 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
         .map_max_entries(MAP_SERVICES, caps.service_entries)
         .map_max_entries(MAP_BACKENDS, caps.backends)
         .map_max_entries(MAP_BACKEND_FLOWS, caps.backends)
-        .map_max_entries(MAP_CT, caps.ct_entries);
+        .map_max_entries(MAP_CT, caps.ct_entries)
+        .map_max_entries(MAP_SOCK_NAT, caps.sock_nat_entries);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)
@@ -146,7 +167,71 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
     let mut ebpf = loader.load(OBJECT)?;
     xdp(&mut ebpf)?.load().map_err(LoadError::Verify)?;
     tc_egress(&mut ebpf)?.load().map_err(LoadError::Verify)?;
+    for (name, _) in SOCK_PROGRAMS {
+        sock_program(&mut ebpf, name)?.load().map_err(LoadError::Verify)?;
+    }
     Ok(ebpf)
+}
+
+/// A loaded socket-level program, by name (one of [`SOCK_PROGRAMS`]).
+pub fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr, LoadError> {
+    ebpf.program_mut(name).ok_or(LoadError::NoProgram)?.try_into().map_err(|_| LoadError::NoProgram)
+}
+
+/// Where the link of socket program `pin` (from [`SOCK_PROGRAMS`]) is pinned.
+pub fn sock_link_pin(pin_dir: &Path, pin: &str) -> PathBuf {
+    pin_dir.join("links").join(pin)
+}
+
+/// The root of the cgroup v2 hierarchy (where every process of the node and its pods lies
+/// below), from /proc/self/mountinfo: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified
+/// on hybrid ones. `None` when no cgroup2 is mounted.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        // "36 25 0:31 / /sys/fs/cgroup rw,... - cgroup2 cgroup2 rw"
+        let (left, right) = l.split_once(" - ")?;
+        let mut f = left.split_whitespace().skip(3);
+        let (root, mount) = (f.next()?, f.next()?);
+        (right.split_whitespace().next()? == "cgroup2" && root == "/").then(|| PathBuf::from(mount))
+    })
+}
+
+/// Attaches the socket-level programs to the cgroup `dir` through links pinned under
+/// `pin_dir/links`. Links an earlier agent pinned there are replaced: the new link is attached
+/// next to the old one (both run for a moment, which is harmless: a socket given a backend by
+/// the first no longer names a frontend for the second), then its pin takes the old pin's place
+/// and the old link goes with it.
+pub fn attach_sock_pinned(ebpf: &mut Ebpf, dir: &Path, pin_dir: &Path) -> Result<Vec<Attached>, LoadError> {
+    let cgroup =
+        std::fs::File::open(dir).map_err(|source| LoadError::Cgroup { dir: dir.to_owned(), source })?;
+    let mut done = Vec::new();
+    for (name, pin) in SOCK_PROGRAMS {
+        let path = sock_link_pin(pin_dir, pin);
+        let pin_err = |reason: String| LoadError::PinLink {
+            iface: format!("cgroup {}", dir.display()),
+            path: path.clone(),
+            reason,
+        };
+        let attach_err = |source| LoadError::AttachCgroup { prog: name, dir: dir.to_owned(), source };
+        let prog = sock_program(ebpf, name)?;
+        // Flags 0: cgroup links always run next to the cgroup's other programs, and the kernel
+        // refuses BPF_F_ALLOW_MULTI on them (aya creates links from kernel 5.7 on).
+        let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(format!("not a link: {e}")))?;
+        let parent = path.parent().unwrap_or(pin_dir);
+        std::fs::create_dir_all(parent)
+            .map_err(|e| pin_err(format!("creating {}: {e}", parent.display())))?;
+        // bpffs takes no dots in names.
+        let tmp = path.with_file_name(format!("{pin}_new"));
+        let _ = std::fs::remove_file(&tmp);
+        drop(fd_link.pin(&tmp).map_err(|e| pin_err(e.to_string()))?);
+        let replaced = path.exists();
+        std::fs::rename(&tmp, &path).map_err(|e| pin_err(format!("renaming {}: {e}", tmp.display())))?;
+        done.push(if replaced { Attached::Replaced } else { Attached::New });
+    }
+    Ok(done)
 }
 
 /// The loaded TC egress program.
@@ -200,9 +285,15 @@ pub fn load_trace(pin_dir: &Path, expected: &[(&'static str, u32)]) -> Result<Eb
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS.into_iter().map(|m| (m, pin_dir.join(m))).collect();
     for (name, path) in &paths {
-        // A map the loader would have to create (its pin vanished since the caller opened it)
-        // gets this tell-tale size, so that it can be recognised and its pin taken away again.
-        loader.map_pin_path(name, path.as_path()).map_max_entries(name, TRACE_SENTINEL_ENTRIES);
+        if expected.iter().any(|(e, _)| e == name) {
+            // A map the loader would have to create (its pin vanished since the caller opened
+            // it) gets this tell-tale size, so that it can be recognised and its pin taken away
+            // again.
+            loader.map_pin_path(name, path.as_path()).map_max_entries(name, TRACE_SENTINEL_ENTRIES);
+        } else {
+            // A map the trace program does not use: a private one, as small as can be.
+            loader.map_max_entries(name, 1);
+        }
     }
     let mut ebpf = loader.load(OBJECT)?;
     for (name, want) in expected {

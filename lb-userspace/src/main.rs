@@ -206,6 +206,16 @@ struct AgentArgs {
     /// How often to check the manifest directory for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
+    /// Socket-level balancing (cgroup programs) for the processes of this cgroup v2 and below,
+    /// so that the node's own processes and its pods reach ClusterIPs: "auto" is the root of
+    /// the cgroup v2 hierarchy (every process of the node), "off" disables it, anything else is
+    /// the path of a cgroup directory.
+    #[arg(long, default_value = "auto")]
+    cgroup: String,
+    /// Capacity of the socket-level translation map (two entries per unconnected UDP socket
+    /// and frontend, one per connected socket).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCK_NAT)]
+    max_sock_nat_entries: u32,
 }
 
 #[derive(Clone)]
@@ -269,6 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     service_entries: a.max_service_entries,
                     backends: a.max_backends,
                     ct_entries: a.max_ct_entries,
+                    sock_nat_entries: a.max_sock_nat_entries,
                 },
                 batch_delay: Duration::from_millis(a.batch_delay_ms),
                 node_port_range: a.node_port_range,
@@ -277,6 +288,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 address_poll: Duration::from_millis(a.address_poll_ms.max(100)),
                 http_addr: a.http_addr.0,
                 max_pending: Duration::from_secs(a.healthz_max_pending_s),
+                socket_lb_cgroup: match a.cgroup.as_str() {
+                    "off" => None,
+                    "auto" => Some(lb_userspace::ebpf::cgroup2_root().ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "no cgroup v2 hierarchy is mounted: socket-level balancing needs one (mount it, pass --cgroup PATH, or --cgroup off)"
+                        )
+                    })?),
+                    dir => Some(PathBuf::from(dir)),
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -44,7 +44,7 @@ fn known_maps() -> (PathBuf, DirGuard) {
     ensure_bpffs().unwrap();
     let dir = PathBuf::from("/sys/fs/bpf").join(unique_prefix());
     let guard = DirGuard(dir.clone());
-    let caps = Capacities { service_entries: 64, backends: 16, ct_entries: 64 };
+    let caps = Capacities { service_entries: 64, backends: 16, ct_entries: 64, sock_nat_entries: 64 };
     drop(ebpf::load(Some(&dir), caps).expect("load with pins"));
     let mut m = BpfMaps::open(&dir).unwrap();
     let info = |ns: &str, name: &str, port_name: &str, port: u16, proto: u8, ty: u8| SvcInfo {
@@ -735,6 +735,8 @@ egress_rev_nat        pass (translated)   0         0       TC egress: reply's s
 drop_source_range     drop                0         0       new flow to a LoadBalancer IP from a client outside loadBalancerSourceRanges
 icmp_translated       pass (translated)   0         0       ICMP error about a tracked flow, translated for the backend or client it concerns
 egress_snat           pass (translated)   0         0       TC egress: a flow to an endpoint on another node leaves with the node's address
+sock_translated       sock (translated)   0         0       socket level: a connect or UDP datagram of a node process or pod to a frontend was given a backend
+sock_refused          sock (refused)      0         0       socket level: a connect or UDP datagram to a frontend without usable endpoints failed with ECONNREFUSED
 "#;
 
 const GET_SERVICES: &str = r#"NAMESPACE   NAME       TYPE           FRONTEND             AFFINITY           POLICY(EXT/INT)   BACKENDS

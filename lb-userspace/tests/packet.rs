@@ -34,7 +34,8 @@ impl Dut {
     }
 
     fn with_config(yaml: &str, cfg: ModelConfig) -> Self {
-        let caps = Capacities { service_entries: 4096, backends: 1024, ct_entries: 4096 };
+        let caps =
+            Capacities { service_entries: 4096, backends: 1024, ct_entries: 4096, sock_nat_entries: 1024 };
         let mut ebpf =
             ebpf::load(None, caps).unwrap_or_else(|e| panic!("the verifier must accept the program: {e:?}"));
         let maps = BpfMaps::take(&mut ebpf).expect("maps");
@@ -850,4 +851,61 @@ fn node_port_flows_to_another_nodes_endpoint_are_snated_to_the_node() {
         rows.iter().all(|r| r.snat.as_deref().is_some_and(|s| s.starts_with("198.18.100.1:"))),
         "{rows:?}"
     );
+}
+
+#[test]
+fn a_pod_reaching_its_own_service_is_snated_to_the_frontend() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    const SELF: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: self, namespace: default}
+spec:
+  clusterIP: 198.18.0.30
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: self-1, namespace: default, labels: {kubernetes.io/service-name: self}}
+addressType: IPv4
+ports: [{port: 8080, protocol: TCP}]
+endpoints: [{addresses: [198.18.1.2], nodeName: node-1}]
+"#;
+    let cfg = ModelConfig { node_name: Some("node-1".into()), ..ModelConfig::default() };
+    let mut dut = Dut::with_config(SELF, cfg);
+    let (vip, pod) = (sa("198.18.0.30:80"), sa("198.18.1.2:8080"));
+    let client = sa("198.18.1.2:40000");
+    // In from the pod at XDP: DNAT to the pod itself.
+    let (v, out) = dut.run(&Frame::tcp(client, vip).build());
+    assert_eq!(v, XDP_PASS);
+    let d = decode(&out).unwrap();
+    assert_eq!((d.src, d.dst), (client, pod));
+    // Back out towards the pod at TC egress: the frontend and a SNAT port as source, so that the
+    // pod does not see a packet from itself.
+    let (_, out) = dut.egress(&out);
+    let d = decode(&out).unwrap();
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+    assert_eq!((d.src.ip(), d.dst), (vip.ip(), pod));
+    let snat = d.src;
+    assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&snat.port()), "{snat}");
+    // The pod answers the frontend: at XDP the answer is sent back to the pod's client socket...
+    let (v, out) = dut.run(&Frame::tcp(pod, snat).build());
+    assert_eq!(v, XDP_PASS);
+    let d = decode(&out).unwrap();
+    assert_eq!((d.src, d.dst), (pod, client));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    // ...and at egress it comes from the Service the pod called.
+    let (_, out) = dut.egress(&out);
+    let d = decode(&out).unwrap();
+    assert_eq!((d.src, d.dst), (vip, client));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    // Another pod reaching the same Service is not SNATed.
+    let other = sa("198.18.2.2:40000");
+    let (_, out) = dut.run(&Frame::tcp(other, vip).build());
+    let (_, out) = dut.egress(&out);
+    let d = decode(&out).unwrap();
+    assert_eq!((d.src, d.dst), (other, pod));
+    assert_eq!((dut.stat(Stat::EgressSnat), dut.stat(Stat::EgressRevNat)), (1, 1));
 }

@@ -76,6 +76,86 @@ pub fn reap_stale() {
             }
         }
     }
+    if let Some(root) = cgroup2_root()
+        && let Ok(rd) = std::fs::read_dir(&root)
+    {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if owner(&name).is_some_and(|pid| !alive(pid)) {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
+/// CGROUP2_SUPER_MAGIC from linux/magic.h.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+/// Where this machine mounts its cgroup v2 hierarchy (unified or hybrid layout), if it does.
+fn cgroup2_root() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].into_iter().map(PathBuf::from).find(|p| {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+        // SAFETY: statfs writes into a zeroed struct we own; the path is a valid C string.
+        unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_MAGIC
+        }
+    })
+}
+
+/// A cgroup v2 of the test's own, standing for one node's root cgroup: that node's agent
+/// attaches its socket-level programs here (never to the machine's root cgroup), so only the
+/// processes a test starts in it ([`in_cgroup`]: the node's processes and its pods) are balanced
+/// at the socket. Removed on drop, once its processes are gone.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    /// `None`, with a note, when the machine has no cgroup v2 hierarchy (the agent then runs
+    /// with `--cgroup off`, and the tests of socket-level balancing say they cannot run).
+    pub fn new(name: &str) -> anyhow::Result<Option<Self>> {
+        let Some(root) = cgroup2_root() else {
+            eprintln!(
+                "no cgroup v2 hierarchy on this machine: socket-level balancing is off in this test bed"
+            );
+            return Ok(None);
+        };
+        let path = root.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Some(Self { path }))
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // A process that just exited may still be listed for a moment.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while std::fs::remove_dir(&self.path).is_err() && self.path.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Makes the process `cmd` starts a member of `cgroup` (it writes itself into cgroup.procs
+/// between fork and exec).
+pub fn in_cgroup(cmd: &mut Command, cgroup: &Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+    // SAFETY: the closure only calls open, write and close (async-signal-safe) on memory it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n == 1 { Ok(()) } else { Err(err) }
+        });
+    }
+    Ok(())
 }
 
 /// A network namespace, deleted on drop.
@@ -291,6 +371,8 @@ pub struct SingleNode {
     pub xlb: PathBuf,
     pub agent: Option<Proc>,
     pub servers: Vec<Proc>,
+    /// The node's cgroup, where its agent attaches socket-level balancing.
+    pub cgroup: Option<TestCgroup>,
     // Dropped last (declaration order): the pins and files outlive the processes using them.
     _pins: DirGuard,
     _work: DirGuard,
@@ -309,6 +391,7 @@ impl SingleNode {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&prefix);
         let pins_guard = DirGuard(pin_dir.clone());
 
+        let cgroup = TestCgroup::new(&format!("{prefix}-node"))?;
         let client = Netns::new(format!("{prefix}-client"))?;
         let node = Netns::new(format!("{prefix}-node"))?;
         link(&client, "eth0", "198.18.100.2/24", &node, "eth0", "198.18.100.1/24")?;
@@ -338,6 +421,7 @@ impl SingleNode {
             xlb,
             agent: None,
             servers: Vec::new(),
+            cgroup,
             _pins: pins_guard,
             _work: work_guard,
         })
@@ -367,8 +451,13 @@ impl SingleNode {
     /// Starts `xlb agent` like [`Self::start_agent`], and hands its process to the caller.
     pub fn spawn_agent(&self) -> anyhow::Result<Proc> {
         // The node of the test manifests' endpoints is `nodeName: node-1`.
-        let node =
-            AgentNode { ns: &self.node, pin_dir: &self.pin_dir, name: "node-1", ifaces: &self.node_ifaces };
+        let node = AgentNode {
+            ns: &self.node,
+            pin_dir: &self.pin_dir,
+            name: "node-1",
+            ifaces: &self.node_ifaces,
+            cgroup: self.cgroup.as_ref().map(|c| c.path.as_path()),
+        };
         spawn_agent(&self.xlb, &node, &self.manifests, "xlb agent", &self.work.join("agent.log"))
     }
 
@@ -461,6 +550,46 @@ pub fn udp_request(to: SocketAddrV4, timeout: Duration) -> anyhow::Result<Answer
     let mut buf = [0u8; 512];
     let (n, from) = s.recv_from(&mut buf).with_context(|| format!("no UDP answer from {to}"))?;
     parse_answer(std::str::from_utf8(&buf[..n])?, from)
+}
+
+/// `count` requests to `to` (TCP, or UDP with `udp`) made by a process of their own
+/// (`xlb-testbed request`) in `ns`, inside `cgroup` when given: as one of that node's processes
+/// or pods, which socket-level balancing sees, unlike a thread of the test. Each answer, or the
+/// error the request met.
+pub fn requests_from(
+    testbed: &Path,
+    ns: &Netns,
+    cgroup: Option<&Path>,
+    udp: bool,
+    to: SocketAddrV4,
+    count: usize,
+) -> anyhow::Result<Vec<Result<Answer, String>>> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name]).arg(testbed).args([
+        "request",
+        if udp { "--udp" } else { "--tcp" },
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ]);
+    if let Some(c) = cgroup {
+        in_cgroup(&mut cmd, c)?;
+    }
+    let out = cmd.output().context("running xlb-testbed request")?;
+    if !out.status.success() {
+        bail!("xlb-testbed request failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| match l.split_once(' ') {
+            Some(("ok", rest)) => {
+                let (answer, from) = rest.rsplit_once(' ').ok_or_else(|| anyhow!("malformed line {l:?}"))?;
+                Ok(Ok(parse_answer(answer, from.parse()?)?))
+            }
+            Some(("err", msg)) => Ok(Err(msg.to_owned())),
+            _ => bail!("malformed line {l:?}"),
+        })
+        .collect()
 }
 
 /// The echo server run in pods: answers every TCP connection and UDP datagram with
@@ -560,6 +689,9 @@ struct AgentNode<'a> {
     pin_dir: &'a Path,
     name: &'a str,
     ifaces: &'a [String],
+    /// The node's cgroup for socket-level balancing; `None`: `--cgroup off`. Never the
+    /// machine's own.
+    cgroup: Option<&'a Path>,
 }
 
 /// Starts `xlb agent` in `node`'s namespace (through nsenter, so that /sys/fs/bpf stays the
@@ -579,7 +711,9 @@ fn spawn_agent(
         .args(["agent", "--manifests"])
         .arg(manifests)
         .env("XLB_LOG", "info")
-        .env("NODE_NAME", node.name);
+        .env("NODE_NAME", node.name)
+        .arg("--cgroup")
+        .arg(node.cgroup.map_or(PathBuf::from("off"), Path::to_path_buf));
     for i in node.ifaces {
         cmd.arg("--iface").arg(i);
     }
@@ -622,6 +756,8 @@ pub struct TwoNodes {
     pub xlb: PathBuf,
     pub agents: Vec<Proc>,
     pub servers: Vec<Proc>,
+    /// Each node's cgroup, where its agent attaches socket-level balancing.
+    pub cgroups: [Option<TestCgroup>; 2],
     _pins: [DirGuard; 2],
     _work: DirGuard,
 }
@@ -637,6 +773,8 @@ impl TwoNodes {
         let work_guard = DirGuard(work.clone());
         let pin_dirs = [1, 2].map(|i| PathBuf::from("/sys/fs/bpf").join(format!("{prefix}-n{i}")));
         let pins = [DirGuard(pin_dirs[0].clone()), DirGuard(pin_dirs[1].clone())];
+        let cgroups =
+            [TestCgroup::new(&format!("{prefix}-node1"))?, TestCgroup::new(&format!("{prefix}-node2"))?];
         let client = Netns::new(format!("{prefix}-client"))?;
         let n1 = Netns::new(format!("{prefix}-node1"))?;
         let n2 = Netns::new(format!("{prefix}-node2"))?;
@@ -670,15 +808,16 @@ impl TwoNodes {
             xlb,
             agents: Vec::new(),
             servers: Vec::new(),
+            cgroups,
             _pins: pins,
             _work: work_guard,
         })
     }
 
-    /// Echo servers in both pods on the given TCP ports.
-    pub fn start_servers(&mut self, testbed: &Path, tcp: &[u16]) -> anyhow::Result<()> {
+    /// Echo servers in both pods on the given TCP and UDP ports.
+    pub fn start_servers(&mut self, testbed: &Path, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
         for pod in &self.pods {
-            self.servers.push(start_server(testbed, pod, tcp, &[], &self.work)?);
+            self.servers.push(start_server(testbed, pod, tcp, udp, &self.work)?);
         }
         Ok(())
     }
@@ -696,7 +835,8 @@ impl TwoNodes {
                 .map(String::from)
                 .collect();
             let name = format!("node-{}", i + 1);
-            let node = AgentNode { ns, pin_dir: &self.pin_dirs[i], name: &name, ifaces: &ifaces };
+            let cgroup = self.cgroups[i].as_ref().map(|c| c.path.as_path());
+            let node = AgentNode { ns, pin_dir: &self.pin_dirs[i], name: &name, ifaces: &ifaces, cgroup };
             let log = self.work.join(format!("agent-node{}.log", i + 1));
             let agent =
                 spawn_agent(&self.xlb, &node, &self.manifests, &format!("xlb agent on {name}"), &log)?;

@@ -1,7 +1,9 @@
 //! Restart without loss: while a client keeps opening connections to a ClusterIP, the agent is
 //! killed with SIGKILL and started again. The XDP program stays attached through its pinned
 //! link, the maps stay pinned, and the new agent takes over without rewriting anything: no
-//! connection fails, and every id stays the same.
+//! connection fails, and every id stays the same. The same holds for the node's own processes,
+//! balanced at the socket by the cgroup programs, whose pinned links are replaced by the new
+//! agent's.
 //!
 //! Needs root. Without it the test skips, unless XLB_REQUIRE_PRIVILEGED=1 (CI), where it fails.
 use std::{
@@ -10,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb_tests::{SingleNode, privileged, tcp_request};
+use xlb_tests::{SingleNode, privileged, requests_from, run, tcp_request};
 
 const MANIFEST: &str = include_str!("../manifests/demo.yaml");
 
@@ -24,6 +26,13 @@ fn ids(bed: &SingleNode) -> serde_json::Value {
         }
     }
     v
+}
+
+/// The programs attached to the cgroup `path`, by bpftool.
+fn cgroup_programs(path: &std::path::Path) -> Vec<String> {
+    let out = run("bpftool", &["-j", "cgroup", "show", &path.display().to_string()]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out }).unwrap();
+    v.as_array().unwrap().iter().map(|p| format!("{} {}", p["attach_type"], p["name"])).collect()
 }
 
 /// Two pods serving 8080, the demo Service, and an agent that serves it.
@@ -48,8 +57,18 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     let vip = "198.18.0.10:80".parse().unwrap();
     let mut agent = bed.agent.take().expect("agent running");
     let bed_ref = &bed;
-    let (results, killed_at, restarted_at, new_agent) = std::thread::scope(|s| {
+    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
+    let cg = bed.cgroup.as_ref().expect("the test bed's cgroup v2").path.clone();
+    let (results, node_results, killed_at, restarted_at, new_agent) = std::thread::scope(|s| {
         let bed = bed_ref;
+        // The node's own processes, balanced at the socket, in batches of fresh processes.
+        let node_client = s.spawn(|| {
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                out.extend(requests_from(&testbed, &bed.node, Some(&cg), false, vip, 5).expect("request"));
+            }
+            out
+        });
         let client = s.spawn(|| {
             bed.client.enter(|| {
                 let mut out = Vec::new();
@@ -74,7 +93,8 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
         let new_agent = bed.spawn_agent();
         std::thread::sleep(Duration::from_millis(1000));
         stop.store(true, Ordering::Relaxed);
-        (client.join().expect("client thread"), killed_at, restarted_at, new_agent)
+        let node_results = node_client.join().expect("node client thread");
+        (client.join().expect("client thread"), node_results, killed_at, restarted_at, new_agent)
     });
     bed.agent = Some(new_agent.expect("restarted agent"));
 
@@ -92,6 +112,10 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     assert!(while_dead >= 20, "only {while_dead} connections were made while the agent was dead");
     let pods: std::collections::BTreeSet<_> = results.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
     assert_eq!(pods.len(), 2, "both pods kept getting connections: {pods:?}");
+    let node_failed: Vec<_> = node_results.iter().filter_map(|r| r.as_ref().err()).collect();
+    eprintln!("{} connections from the node's processes, {} failed", node_results.len(), node_failed.len());
+    assert!(node_results.len() >= 20, "only {} connections from the node", node_results.len());
+    assert!(node_failed.is_empty(), "connections from the node failed: {node_failed:?}\n{}", bed.logs());
 
     // The new agent took the pinned link over and rewrote nothing: ids and slots are as before.
     let log = bed.agent.as_ref().unwrap().log_text();
@@ -100,6 +124,10 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     assert!(log.contains("writes=0") && log.contains("deletes=0"), "the restart rewrote maps:\n{log}");
     assert_eq!(before, ids(&bed), "service and backend ids stay the same across the restart");
     assert!(bed.pin_dir.join("links/xdp_eth0").exists());
+    // One program per socket hook: the old agent's links went when the new ones took their pins.
+    let progs = cgroup_programs(&cg);
+    assert_eq!(progs.len(), 4, "{progs:?}");
+    assert!(log.contains("attached socket-level balancing") && log.contains("replaced=4"), "{log}");
 
     // `xlb cleanup` after the agent stops: the pins go, and with them the program.
     bed.agent.take().unwrap().stop(Duration::from_secs(5));
@@ -111,6 +139,9 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     assert_eq!(std::fs::read_dir(&bed.pin_dir).unwrap().count(), 0, "nothing left pinned");
     let r = bed.client.enter(|| tcp_request(vip, Duration::from_secs(1)));
     assert!(r.is_err(), "after cleanup no program translates the ClusterIP: {r:?}");
+    assert_eq!(cgroup_programs(&cg), Vec::<String>::new(), "the socket programs are detached too");
+    let r = requests_from(&testbed, &bed.node, Some(&cg), false, vip, 1).unwrap();
+    assert!(r[0].is_err(), "after cleanup the node's processes reach no ClusterIP: {r:?}");
 }
 
 #[test]

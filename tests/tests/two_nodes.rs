@@ -1,10 +1,16 @@
 //! Two nodes in network namespaces, each running its own agent: node ports across nodes, as a
-//! client outside the cluster sees them.
+//! client outside the cluster sees them; ClusterIPs from the nodes' processes and pods, at the
+//! socket and through XDP, and a pod reaching its own Service.
 //!
 //! Needs root. Without it the test skips, unless XLB_REQUIRE_PRIVILEGED=1 (CI), where it fails.
-use std::{collections::BTreeMap, net::SocketAddrV4, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
-use xlb_tests::{TwoNodes, privileged, tcp_request};
+use xlb_tests::{Answer, TwoNodes, privileged, requests_from, tcp_request};
 
 fn service(name: &str, n: u8, node_port: u16, extra: &str, endpoints: &str) -> String {
     format!(
@@ -35,7 +41,7 @@ fn node_ports_across_two_nodes() {
         return;
     }
     let mut bed = TwoNodes::new().expect("test bed");
-    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080]).expect("servers");
+    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
     // far: its only endpoint is on node-2. local: one on each node, externalTrafficPolicy Local.
     bed.write_manifest("far.yaml", &service("far", 90, 30090, "", POD_B)).unwrap();
     bed.write_manifest(
@@ -63,4 +69,101 @@ fn node_ports_across_two_nodes() {
     let stats: serde_json::Value =
         serde_json::from_str(&bed.xlb_cli(0, &["stats", "-o", "json"]).unwrap()).unwrap();
     assert!(stats["egress_snat"]["packets"].as_u64().unwrap() >= 40, "{stats}");
+}
+
+/// (pod that answered, address the pod saw the client at) for each answer; panics on errors.
+fn tally(
+    to: &str,
+    all: Vec<Result<Answer, String>>,
+    logs: impl Fn() -> String,
+) -> BTreeMap<(String, String), usize> {
+    let to: SocketAddrV4 = to.parse().unwrap();
+    let mut seen = BTreeMap::new();
+    for a in all {
+        let a = a.unwrap_or_else(|e| panic!("{to}: {e}\n{}", logs()));
+        assert_eq!(a.from, to.into(), "the caller only ever sees the address it called: {a:?}");
+        *seen.entry((a.pod, a.peer.ip().to_string())).or_default() += 1;
+    }
+    seen
+}
+
+#[test]
+fn cluster_ips_from_nodes_and_pods_and_a_pod_reaching_itself() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
+    let mut bed = TwoNodes::new().expect("test bed");
+    let (Some(cg1), Some(cg2)) = (&bed.cgroups[0], &bed.cgroups[1]) else {
+        assert!(
+            std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
+            "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
+        );
+        eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
+        return;
+    };
+    let (cg1, cg2) = (cg1.path.clone(), cg2.path.clone());
+    bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
+    // web: a pod on each node. self: pod-a only. none: no endpoint at all.
+    let web = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  clusterIP: 198.18.0.95\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]\nendpoints:\n".to_string() + POD_A + POD_B;
+    bed.write_manifest("web.yaml", &web).unwrap();
+    let own = "apiVersion: v1\nkind: Service\nmetadata: {name: self, namespace: default}\nspec:\n  clusterIP: 198.18.0.96\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: self-1, namespace: default, labels: {kubernetes.io/service-name: self}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n".to_string() + POD_A;
+    bed.write_manifest("self.yaml", &own).unwrap();
+    bed.write_manifest(
+        "none.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: none, namespace: default}\nspec:\n  clusterIP: 198.18.0.97\n  ports: [{port: 80, targetPort: 8080}]\n",
+    )
+    .unwrap();
+    bed.start_agents().expect("agents");
+    let logs = || bed.logs();
+    let req = |ns: &xlb_tests::Netns, cg: Option<&std::path::Path>, udp: bool, to: &str, n: usize| {
+        requests_from(&testbed, ns, cg, udp, to.parse().unwrap(), n).expect("xlb-testbed request")
+    };
+    let pods =
+        |m: &BTreeMap<(String, String), usize>| m.keys().map(|(p, _)| p.clone()).collect::<BTreeSet<_>>();
+    let both: BTreeSet<String> = ["pod-a".into(), "pod-b".into()].into();
+
+    // A process of node-1 (in node-1's cgroup): the node has no route to ClusterIPs at all, so
+    // only socket-level balancing gets it there. It reaches both pods, and TCP's peer name and
+    // UDP's reply source are the ClusterIP it called.
+    let tcp = tally("198.18.0.95:80", req(&bed.nodes[0], Some(&cg1), false, "198.18.0.95:80", 30), logs);
+    assert_eq!(pods(&tcp), both, "{tcp:?}");
+    let udp = tally("198.18.0.95:53", req(&bed.nodes[0], Some(&cg1), true, "198.18.0.95:53", 30), logs);
+    assert_eq!(pods(&udp), both, "{udp:?}");
+    // The same process outside the node's cgroup gets nowhere: no route.
+    let outside = req(&bed.nodes[0], None, false, "198.18.0.95:80", 1);
+    assert!(
+        outside[0].is_err(),
+        "without socket-level balancing the node cannot reach a ClusterIP: {outside:?}"
+    );
+
+    // A pod on node-2, in node-2's cgroup: both pods, and the pods see its own address.
+    let from_b = tally("198.18.0.95:80", req(&bed.pods[1].ns, Some(&cg2), false, "198.18.0.95:80", 30), logs);
+    assert_eq!(pods(&from_b), both, "{from_b:?}");
+    assert!(from_b.keys().all(|(_, peer)| peer == "198.18.20.2"), "{from_b:?}");
+    // The same pod outside the cgroup: its packets go through node-2's XDP program instead (and
+    // the half that land on pod-b itself are hairpinned there).
+    let xdp_b = tally("198.18.0.95:80", req(&bed.pods[1].ns, None, false, "198.18.0.95:80", 30), logs);
+    assert_eq!(pods(&xdp_b), both, "{xdp_b:?}");
+
+    // Hairpin, a pod reaching its own Service: at the socket it simply talks to itself...
+    let hp = tally("198.18.0.96:80", req(&bed.pods[0].ns, Some(&cg1), false, "198.18.0.96:80", 10), logs);
+    assert_eq!(hp, BTreeMap::from([(("pod-a".into(), "198.18.10.2".into()), 10)]), "{hp:?}");
+    // ...and through XDP (outside the cgroup) node-1 SNATs it to the Service's address, so that
+    // the pod never sees a packet from itself and its answer comes back through the node.
+    let hp = tally("198.18.0.96:80", req(&bed.pods[0].ns, None, false, "198.18.0.96:80", 10), logs);
+    assert_eq!(hp, BTreeMap::from([(("pod-a".into(), "198.18.0.96".into()), 10)]), "{hp:?}");
+
+    // No endpoint: refused at once, at the socket.
+    let started = Instant::now();
+    let none = req(&bed.nodes[0], Some(&cg1), false, "198.18.0.97:80", 1);
+    let took = started.elapsed();
+    let err = none[0].as_ref().expect_err("a Service without endpoints must refuse");
+    assert!(err.contains("refused"), "{err}");
+    assert!(took < Duration::from_secs(1), "refused at once, not after a timeout: {took:?}");
+
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(0, &["stats", "-o", "json"]).unwrap()).unwrap();
+    assert!(stats["sock_translated"]["packets"].as_u64().unwrap() >= 70, "{stats}");
+    assert!(stats["sock_refused"]["packets"].as_u64().unwrap() >= 1, "{stats}");
 }

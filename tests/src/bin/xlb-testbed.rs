@@ -1,4 +1,6 @@
-//! `xlb-testbed serve`: the echo server run in pods. `xlb-testbed demo`: the README's demo.
+//! `xlb-testbed serve`: the echo server run in pods. `xlb-testbed request`: requests made by a
+//! process of their own (a node process or a pod's, for socket-level balancing). `xlb-testbed
+//! demo`: the README's demo.
 use std::{
     collections::BTreeMap,
     net::SocketAddrV4,
@@ -9,11 +11,14 @@ use std::{
 use anyhow::{Context as _, bail};
 use xlb_tests::{SingleNode, install_interrupt_flag, serve, tcp_request, udp_request, workspace_bin};
 
+/// How long `request` waits for a connection or an answer.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
 const DEMO_MANIFEST: &str = include_str!("../../manifests/demo.yaml");
 
 fn usage() -> ! {
     eprintln!(
-        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed demo"
+        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed request (--tcp|--udp) ADDR:PORT [--count N]\n       xlb-testbed demo"
     );
     std::process::exit(2)
 }
@@ -34,6 +39,28 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             serve(&name, &tcp, &udp)
+        }
+        Some("request") => {
+            let (mut to, mut udp, mut count) = (None, false, 1usize);
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                let v = it.next().unwrap_or_else(|| usage());
+                match a.as_str() {
+                    "--tcp" => to = Some(v.parse::<SocketAddrV4>()?),
+                    "--udp" => (to, udp) = (Some(v.parse::<SocketAddrV4>()?), true),
+                    "--count" => count = v.parse()?,
+                    _ => usage(),
+                }
+            }
+            let to = to.unwrap_or_else(|| usage());
+            for _ in 0..count {
+                let r = if udp { udp_request(to, TIMEOUT) } else { tcp_request(to, TIMEOUT) };
+                match r {
+                    Ok(a) => println!("ok {} {} {} {}", a.pod, a.server, a.peer, a.from),
+                    Err(e) => println!("err {e:#}"),
+                }
+            }
+            Ok(())
         }
         Some("demo") => {
             let stop = install_interrupt_flag();
