@@ -173,6 +173,8 @@ pub const SVC_F_NO_LOCAL_ENDPOINT: u16 = 1 << 5;
 /// [`Svc4Value::flags`]: new flows are allowed only from the clients in the service port's
 /// `loadBalancerSourceRanges` ([`MAP_SOURCE_RANGES`]); others are dropped. Read by the datapath.
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 6;
+/// [`Svc4Value::flags`]: a pod's hostPort on this node's address (display only).
+pub const SVC_F_HOST_PORT: u16 = 1 << 7;
 
 /// The data of a [`MAP_SOURCE_RANGES`] key: the service port, then the client prefix. The key's
 /// prefix length is 32 (the whole service id) plus the range's own. 8 bytes.
@@ -391,6 +393,8 @@ pub const SVC_TYPE_CLUSTER_IP: u8 = 1;
 pub const SVC_TYPE_NODE_PORT: u8 = 2;
 pub const SVC_TYPE_LOAD_BALANCER: u8 = 3;
 pub const SVC_TYPE_EXTERNAL_NAME: u8 = 4;
+/// Not a Service: a pod's container port exposed on `hostPort` of its node's addresses.
+pub const SVC_TYPE_HOST_PORT: u8 = 5;
 
 /// Index into [`MAP_STATS`]. Every packet the program sees is counted in `Rx` and in exactly one
 /// other counter, which names its verdict and the reason for it.

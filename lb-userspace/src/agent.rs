@@ -15,7 +15,10 @@ use std::{
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
@@ -35,7 +38,11 @@ pub enum SourceConfig {
     /// A directory of manifests, checked for changes every `poll`.
     Manifests { dir: PathBuf, poll: Duration },
     /// The API server, from this kubeconfig or else the environment (in-cluster, KUBECONFIG).
-    Kube { kubeconfig: Option<PathBuf> },
+    Kube {
+        kubeconfig: Option<PathBuf>,
+        /// This node: its pods are watched for their hostPorts (none without a name).
+        node_name: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +78,8 @@ pub struct AgentConfig {
 pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
     pub slices: Vec<Arc<EndpointSlice>>,
+    /// Pods of this node (all pods from manifests; the model keeps this node's), for hostPorts.
+    pub pods: Vec<Arc<Pod>>,
     /// Manifest documents that could not be read.
     pub doc_errors: Vec<DocError>,
 }
@@ -80,6 +89,7 @@ impl Snapshot {
         Self {
             services: o.services.into_iter().map(Arc::new).collect(),
             slices: o.slices.into_iter().map(Arc::new).collect(),
+            pods: o.pods.into_iter().map(Arc::new).collect(),
             doc_errors: o.errors,
         }
     }
@@ -114,7 +124,8 @@ impl<D: Datapath> Syncer<D> {
                 self.cfg.node_addrs = now;
             }
         }
-        let model = self.cache.build(&snap.services, &snap.slices, &self.cfg);
+        let mut model = self.cache.build(&snap.services, &snap.slices, &self.cfg);
+        crate::model::add_host_ports(&mut model, &snap.pods, &self.cfg);
         let model_done = started.elapsed();
         for r in &model.rejected {
             warn!(object = %format!("{} {}/{}", r.kind, r.namespace, r.name), reason = %r.reason, "rejected object");
@@ -196,9 +207,9 @@ impl Source {
                 });
                 Ok(Source::Manifests { dir: dir.clone(), _poller: AbortOnDrop(poller) })
             }
-            SourceConfig::Kube { kubeconfig } => {
+            SourceConfig::Kube { kubeconfig, node_name } => {
                 let client = kube_source::client(kubeconfig.as_deref()).await?;
-                Ok(Source::Kube(KubeSource::start(client, changed, metrics)))
+                Ok(Source::Kube(KubeSource::start(client, node_name.as_deref(), changed, metrics)))
             }
         }
     }
@@ -228,6 +239,7 @@ impl Source {
             Source::Kube(k) => Ok(Snapshot {
                 services: k.services.state(),
                 slices: k.slices.state(),
+                pods: k.pods.as_ref().map(|p| p.state()).unwrap_or_default(),
                 doc_errors: Vec::new(),
             }),
         }

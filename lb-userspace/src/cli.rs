@@ -110,6 +110,7 @@ pub fn kinds(flags: u16) -> Vec<&'static str> {
         (SVC_F_NODE_PORT, "NodePort"),
         (lb_common::SVC_F_LOCAL, "NodeAddress"),
         (lb_common::SVC_F_SOURCE_RANGES, "SourceRanges"),
+        (lb_common::SVC_F_HOST_PORT, "HostPort"),
     ]
     .into_iter()
     .filter(|(f, _)| flags & f != 0)

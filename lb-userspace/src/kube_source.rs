@@ -1,5 +1,5 @@
-//! The Kubernetes source: list/watch of Services and EndpointSlices (discovery.k8s.io/v1) into
-//! reflector stores, with kube-rs' watcher.
+//! The Kubernetes source: list/watch of Services, EndpointSlices (discovery.k8s.io/v1) and this
+//! node's Pods (for hostPorts) into reflector stores, with kube-rs' watcher.
 //!
 //! The watcher lists, then watches from the list's resourceVersion with bookmarks; on a
 //! dropped connection it resumes the watch, and when the API server answers 410 Gone (the
@@ -10,7 +10,10 @@
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -45,10 +48,13 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
     Client::try_from(config).context("building the Kubernetes client")
 }
 
-/// Services and EndpointSlices as the API server last said they were.
+/// Services and EndpointSlices as the API server last said they were, and the pods of this
+/// node (for their hostPorts).
 pub struct KubeSource {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
+    /// `None` when the node has no name to select its pods by.
+    pub pods: Option<Store<Pod>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -61,27 +67,68 @@ impl Drop for KubeSource {
 }
 
 impl KubeSource {
-    /// Starts both watches. `changed` is notified after every change to a store (and once a
-    /// relist completes).
-    pub fn start(client: Client, changed: Arc<Notify>, metrics: Arc<Metrics>) -> Self {
+    /// Starts the watches: Services, EndpointSlices, and the pods of `node` (selected by
+    /// `spec.nodeName` on the server, so a node sees only its own). `changed` is notified after
+    /// every change to a store (and once a relist completes).
+    pub fn start(client: Client, node: Option<&str>, changed: Arc<Notify>, metrics: Arc<Metrics>) -> Self {
         let (services, w1) = reflector::store();
         let (slices, w2) = reflector::store();
         let cfg = watcher::Config::default().any_semantic();
         let svc_stream =
             watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone()).default_backoff().reflect(w1);
-        let slice_stream =
-            watcher::watcher(Api::<EndpointSlice>::all(client), cfg).default_backoff().reflect(w2);
-        let tasks = vec![
+        let slice_stream = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone())
+            .default_backoff()
+            .reflect(w2);
+        let mut tasks = vec![
             tokio::spawn(drive("services", svc_stream, changed.clone(), metrics.clone())),
-            tokio::spawn(drive("endpointslices", slice_stream, changed, metrics)),
+            tokio::spawn(drive("endpointslices", slice_stream, changed.clone(), metrics.clone())),
         ];
-        Self { services, slices, tasks }
+        let pods = node.map(|node| {
+            let (pods, w3) = reflector::store();
+            let cfg = cfg.fields(&format!("spec.nodeName={node}"));
+            // Only what hostPorts need is kept of each pod.
+            let stream = watcher::watcher(Api::<Pod>::all(client), cfg)
+                .default_backoff()
+                .modify(strip_pod)
+                .reflect(w3);
+            tasks.push(tokio::spawn(drive("pods", stream, changed, metrics)));
+            pods
+        });
+        Self { services, slices, pods, tasks }
     }
 
-    /// Waits until both stores hold a complete first list.
+    /// Waits until every store holds a complete first list.
     pub async fn wait_ready(&self) {
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
+        if let Some(p) = &self.pods {
+            let _ = p.wait_until_ready().await;
+        }
+    }
+}
+
+/// Drops what the model never reads of a pod (managed fields, annotations, volumes, env...), so
+/// that a node with many pods keeps the agent small.
+fn strip_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.metadata.labels = None;
+    pod.metadata.owner_references = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.volumes = None;
+        for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+            let ports = c.ports.take();
+            *c = k8s_openapi::api::core::v1::Container {
+                name: std::mem::take(&mut c.name),
+                ports,
+                ..Default::default()
+            };
+        }
+    }
+    if let Some(status) = pod.status.as_mut() {
+        status.conditions = None;
+        status.container_statuses = None;
+        status.init_container_statuses = None;
     }
 }
 

@@ -262,9 +262,10 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(a) => {
+            let node_name = a.node_name.or_else(hostname);
             let source = match a.manifests {
                 Some(dir) => SourceConfig::Manifests { dir, poll: Duration::from_millis(a.poll_ms.max(10)) },
-                None => SourceConfig::Kube { kubeconfig: a.kubeconfig },
+                None => SourceConfig::Kube { kubeconfig: a.kubeconfig, node_name: node_name.clone() },
             };
             let cfg = AgentConfig {
                 source,
@@ -284,7 +285,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch_delay: Duration::from_millis(a.batch_delay_ms),
                 node_port_range: a.node_port_range,
                 nodeport_addresses: a.nodeport_addresses,
-                node_name: a.node_name.or_else(hostname),
+                node_name,
                 address_poll: Duration::from_millis(a.address_poll_ms.max(100)),
                 http_addr: a.http_addr.0,
                 max_pending: Duration::from_secs(a.healthz_max_pending_s),

@@ -1,5 +1,5 @@
-//! The standalone source: a directory of Kubernetes manifests (Services, EndpointSlices and
-//! core/v1 Endpoints; YAML or JSON, several documents per file, `kind: List` included), read
+//! The standalone source: a directory of Kubernetes manifests (Services, EndpointSlices,
+//! core/v1 Endpoints, and Pods for their hostPorts; YAML or JSON, several documents per file, `kind: List` included), read
 //! into k8s-openapi objects. A document that cannot be
 //! read is reported with its file, position and name, and every other document still loads.
 use std::{
@@ -8,7 +8,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
+    core::v1::{Endpoints, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use serde::Deserialize as _;
@@ -47,8 +47,10 @@ pub struct Objects {
     /// EndpointSlices, and the slices equivalent to each core/v1 Endpoints object (see
     /// [`crate::model::slices_from_endpoints`]).
     pub slices: Vec<EndpointSlice>,
+    /// Pods, for their hostPorts.
+    pub pods: Vec<Pod>,
     pub errors: Vec<DocError>,
-    /// Documents of kinds xlb does not use (Deployments, Pods, ...), counted, not errors.
+    /// Documents of kinds xlb does not use (Deployments, ConfigMaps, ...), counted, not errors.
     pub ignored: usize,
 }
 
@@ -127,12 +129,16 @@ fn add_value(
             Ok(s) => objects.slices.push(s),
             Err(e) => objects.errors.push(err(label, format!("invalid EndpointSlice: {e}"))),
         },
+        ("v1", "Pod") => match serde_yaml::from_value::<Pod>(value) {
+            Ok(p) => objects.pods.push(p),
+            Err(e) => objects.errors.push(err(label, format!("invalid Pod: {e}"))),
+        },
         ("v1", "Endpoints") => match serde_yaml::from_value::<Endpoints>(value) {
             Ok(e) => objects.slices.extend(crate::model::slices_from_endpoints(&e)),
             Err(e) => objects.errors.push(err(label, format!("invalid Endpoints: {e}"))),
         },
         (_, "") => objects.errors.push(err(None, "document has no kind".into())),
-        (_, "Service" | "EndpointSlice" | "Endpoints") => {
+        (_, "Service" | "EndpointSlice" | "Endpoints" | "Pod") => {
             objects.errors.push(err(label, format!("unsupported apiVersion {api:?} for {kind}")))
         }
         _ => objects.ignored += 1,

@@ -13,7 +13,9 @@
 //!   `port`, and (types NodePort and LoadBalancer) at every node address on `nodePort`;
 //! - an invalid Service is rejected with its reason and never disturbs the others;
 //! - ExternalName Services have no datapath; their ports are kept, with no frontend and no
-//!   backend, so that the CLI can show them.
+//!   backend, so that the CLI can show them;
+//! - a container port with a `hostPort`, in a pod of this node, is reached at every address of
+//!   the node (or at its `hostIP` alone) on `hostPort`, as the CNI portmap plugin makes it.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
@@ -23,7 +25,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Endpoints, Service},
+        core::v1::{Endpoints, Pod, Service},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -82,6 +84,8 @@ pub enum SvcType {
     NodePort,
     LoadBalancer,
     ExternalName,
+    /// A pod's hostPort (not a Service).
+    HostPort,
 }
 
 impl SvcType {
@@ -91,6 +95,7 @@ impl SvcType {
             SvcType::NodePort => lb_common::SVC_TYPE_NODE_PORT,
             SvcType::LoadBalancer => lb_common::SVC_TYPE_LOAD_BALANCER,
             SvcType::ExternalName => lb_common::SVC_TYPE_EXTERNAL_NAME,
+            SvcType::HostPort => lb_common::SVC_TYPE_HOST_PORT,
         }
     }
 
@@ -100,6 +105,7 @@ impl SvcType {
             lb_common::SVC_TYPE_NODE_PORT => Some(SvcType::NodePort),
             lb_common::SVC_TYPE_LOAD_BALANCER => Some(SvcType::LoadBalancer),
             lb_common::SVC_TYPE_EXTERNAL_NAME => Some(SvcType::ExternalName),
+            lb_common::SVC_TYPE_HOST_PORT => Some(SvcType::HostPort),
             _ => None,
         }
     }
@@ -904,6 +910,126 @@ fn service_ports(
     Ok(out)
 }
 
+/// Adds the hostPorts of the pods on this node (`cfg.node_name`) to `model`: each (pod,
+/// hostPort, protocol) is one port with a single, local backend (pod IP, containerPort), reached
+/// at every node address, or at its `hostIP` alone when one is given. A hostPort whose frontend
+/// a Service already uses, or that another pod took first (in namespace/name order), is
+/// rejected with the pod. Pods on other nodes, of the host network, finished, or without an IP
+/// yet are skipped.
+pub fn add_host_ports(model: &mut Model, pods: &[Arc<Pod>], cfg: &ModelConfig) {
+    let Some(node) = cfg.node_name.as_deref() else { return };
+    let mut claimed: HashMap<Frontend, String> = model
+        .ports
+        .iter()
+        .flat_map(|p| p.frontends.iter().map(|f| (*f, format!("Service {}/{}", p.id.namespace, p.id.name))))
+        .collect();
+    let mut sorted: Vec<((String, String), &Pod)> = pods
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .map(|p| (ns_name(&p.metadata), p.as_ref()))
+        .collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((namespace, name), pod) in sorted {
+        match pod_host_ports(pod, &namespace, &name, cfg) {
+            Ok(ports) => {
+                let clash = ports.iter().flat_map(|p| p.frontends.iter()).find_map(|f| {
+                    claimed.get(f).map(|o| format!("hostPort frontend {f} is already used by {o}"))
+                });
+                if let Some(reason) = clash {
+                    model.rejected.push(Rejection { kind: "Pod", namespace, name, reason });
+                    continue;
+                }
+                for p in ports {
+                    for f in &p.frontends {
+                        claimed.insert(*f, format!("Pod {namespace}/{name}"));
+                    }
+                    model.ports.push(Arc::new(p));
+                }
+            }
+            Err(reason) => model.rejected.push(Rejection { kind: "Pod", namespace, name, reason }),
+        }
+    }
+    model.ports.sort_by(|a, b| a.id.cmp(&b.id));
+}
+
+/// The hostPorts of one pod of this node.
+fn pod_host_ports(
+    pod: &Pod,
+    namespace: &str,
+    name: &str,
+    cfg: &ModelConfig,
+) -> Result<Vec<DesiredPort>, String> {
+    let Some(spec) = pod.spec.as_ref() else { return Ok(Vec::new()) };
+    let status = pod.status.as_ref();
+    let finished = matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
+    let pod_ip = status.and_then(|s| s.pod_ip.as_deref()).filter(|ip| !ip.is_empty());
+    // Host-network pods listen on the node's addresses themselves.
+    if spec.host_network == Some(true) || finished {
+        return Ok(Vec::new());
+    }
+    let mut by_port: BTreeMap<(u16, Proto), DesiredPort> = BTreeMap::new();
+    let containers = spec.init_containers.iter().flatten().chain(spec.containers.iter());
+    for cp in containers.flat_map(|c| c.ports.iter().flatten()) {
+        let Some(hp) = cp.host_port.filter(|p| *p != 0) else { continue };
+        let Some(pod_ip) = pod_ip else { return Ok(Vec::new()) }; // not running yet
+        let pod_ip: Ipv4Addr = match pod_ip.parse() {
+            Ok(a) => a,
+            Err(_) => return Ok(Vec::new()), // IPv6 pod: not served by this datapath
+        };
+        let host_port = u16::try_from(hp).map_err(|_| format!("hostPort {hp} is not a port"))?;
+        let container_port = u16::try_from(cp.container_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("containerPort {} is not a port", cp.container_port))?;
+        let proto = Proto::parse(cp.protocol.as_deref()).map_err(|e| format!("hostPort {host_port}: {e}"))?;
+        let addrs: Vec<Ipv4Addr> = match cp.host_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "0.0.0.0")
+        {
+            Some(ip) => vec![
+                ip.parse()
+                    .map_err(|_| format!("hostPort {host_port}: hostIP {ip:?} is not an IPv4 address"))?,
+            ],
+            None => cfg.node_addrs.clone(),
+        };
+        let entry = by_port.entry((host_port, proto)).or_insert_with(|| DesiredPort {
+            id: PortRef {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                // Upper case: no Service port name (a lower-case DNS label) can take it.
+                port_name: format!("hostPort-{host_port}"),
+                proto,
+            },
+            svc_type: SvcType::HostPort,
+            port: host_port,
+            node_port: None,
+            frontends: Vec::new(),
+            frontend_kinds: Vec::new(),
+            backends: vec![DesiredBackend {
+                addr: pod_ip,
+                port: container_port,
+                state: BackendState::Active,
+                local: true,
+            }],
+            shown: Shown { target_port: container_port.to_string(), ..Shown::default() },
+            source_ranges: Vec::new(),
+        });
+        if entry.backends[0].port != container_port {
+            return Err(format!(
+                "hostPort {host_port}/{proto} leads to two container ports ({} and {container_port})",
+                entry.backends[0].port
+            ));
+        }
+        for addr in addrs {
+            let f = Frontend { addr, port: host_port, proto };
+            if !entry.frontends.contains(&f) {
+                entry.frontends.push(f);
+                let local = if cfg.node_addrs.contains(&addr) { lb_common::SVC_F_LOCAL } else { 0 };
+                entry.frontend_kinds.push(lb_common::SVC_F_HOST_PORT | local);
+            }
+        }
+    }
+    Ok(by_port.into_values().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -935,6 +1061,125 @@ mod tests {
 
     fn backends(p: &DesiredPort) -> Vec<String> {
         p.backends.iter().map(|b| format!("{}:{} {:?}", b.addr, b.port, b.state)).collect()
+    }
+
+    fn pod(name: &str, node: &str, ip: &str, ports: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  nodeName: {node}\n{extra}  containers:\n  - name: c\n    ports: {ports}\nstatus: {{podIP: {ip}, phase: Running}}\n---\n"
+        )
+    }
+
+    fn with_host_ports(yaml: &str, cfg: &ModelConfig) -> Model {
+        let o = objects(yaml);
+        let mut m = build(&o.services, &o.slices, cfg);
+        let pods: Vec<Arc<Pod>> = o.pods.into_iter().map(Arc::new).collect();
+        add_host_ports(&mut m, &pods, cfg);
+        m
+    }
+
+    #[test]
+    fn host_ports_of_this_nodes_pods_lead_to_the_container_port() {
+        let cfg = ModelConfig {
+            node_name: Some("node-1".into()),
+            node_addrs: vec!["198.18.100.1".parse().unwrap(), "198.18.200.1".parse().unwrap()],
+            ..ModelConfig::default()
+        };
+        let yaml =
+            pod(
+                "dns",
+                "node-1",
+                "198.18.10.2",
+                "[{containerPort: 53, hostPort: 5353, protocol: UDP}, {containerPort: 9000}]",
+                "",
+            ) + &pod(
+                "web",
+                "node-1",
+                "198.18.10.3",
+                "[{containerPort: 8080, hostPort: 8081, hostIP: 198.18.200.1}]",
+                "",
+            ) + &pod("elsewhere", "node-2", "198.18.20.2", "[{containerPort: 8080, hostPort: 8082}]", "")
+                + &pod(
+                    "hostnet",
+                    "node-1",
+                    "198.18.100.1",
+                    "[{containerPort: 9100, hostPort: 9100}]",
+                    "  hostNetwork: true\n",
+                );
+        let m = with_host_ports(&yaml, &cfg);
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        // (port, frontends, backends, frontend kinds)
+        type Row = (String, Vec<String>, Vec<String>, Vec<u16>);
+        let got: Vec<Row> = m
+            .ports
+            .iter()
+            .map(|p| {
+                (
+                    format!(
+                        "{}/{}:{}/{} {:?}",
+                        p.id.namespace, p.id.name, p.id.port_name, p.id.proto, p.svc_type
+                    ),
+                    p.frontends.iter().map(|f| f.to_string()).collect(),
+                    backends(p),
+                    p.frontend_kinds.clone(),
+                )
+            })
+            .collect();
+        let (hp, local) = (lb_common::SVC_F_HOST_PORT, lb_common::SVC_F_LOCAL);
+        assert_eq!(
+            got,
+            [
+                (
+                    "default/dns:hostPort-5353/UDP HostPort".to_string(),
+                    vec!["198.18.100.1:5353/UDP".to_string(), "198.18.200.1:5353/UDP".to_string()],
+                    vec!["198.18.10.2:53 Active".to_string()],
+                    vec![hp | local, hp | local],
+                ),
+                (
+                    "default/web:hostPort-8081/TCP HostPort".to_string(),
+                    vec!["198.18.200.1:8081/TCP".to_string()],
+                    vec!["198.18.10.3:8080 Active".to_string()],
+                    vec![hp | local],
+                ),
+            ]
+        );
+        assert!(m.ports.iter().all(|p| p.backends.iter().all(|b| b.local)));
+        // Without a node name, no pod is known to be on this node.
+        let m = with_host_ports(&yaml, &ModelConfig { node_name: None, ..cfg });
+        assert!(m.ports.is_empty());
+    }
+
+    #[test]
+    fn a_host_port_taken_by_a_service_or_another_pod_is_rejected_with_its_pod() {
+        let cfg = ModelConfig {
+            node_name: Some("node-1".into()),
+            node_addrs: vec!["198.18.100.1".parse().unwrap()],
+            ..ModelConfig::default()
+        };
+        let np = "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 198.18.0.10\n  ports: [{port: 80, nodePort: 30080}]\n---\n";
+        let yaml = np.to_string()
+            + &pod("a", "node-1", "198.18.10.2", "[{containerPort: 80, hostPort: 30080}]", "")
+            + &pod("b", "node-1", "198.18.10.3", "[{containerPort: 80, hostPort: 8080}]", "")
+            + &pod("c", "node-1", "198.18.10.4", "[{containerPort: 80, hostPort: 8080}]", "")
+            + &pod(
+                "d",
+                "node-1",
+                "198.18.10.5",
+                "[{containerPort: 80, hostPort: 8090}, {containerPort: 81, hostPort: 8090}]",
+                "",
+            )
+            + &pod("pending", "node-1", "", "[{containerPort: 80, hostPort: 8095}]", "");
+        let m = with_host_ports(&yaml, &cfg);
+        let rejected: Vec<String> = m.rejected.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            rejected,
+            [
+                "Pod default/a: hostPort frontend 198.18.100.1:30080/TCP is already used by Service default/np",
+                "Pod default/c: hostPort frontend 198.18.100.1:8080/TCP is already used by Pod default/b",
+                "Pod default/d: hostPort 8090/TCP leads to two container ports (80 and 81)",
+            ]
+        );
+        let names: Vec<&str> = m.ports.iter().map(|p| p.id.name.as_str()).collect();
+        assert_eq!(names, ["b", "np"], "the Service and the first pod keep working");
     }
 
     #[test]

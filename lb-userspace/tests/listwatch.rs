@@ -19,7 +19,7 @@ use lb_userspace::{
     reconcile::Reconciler,
 };
 use tokio::{net::TcpListener, sync::Notify};
-use xlb_tests::fake_api::{FakeApi, Kind, serve, service, slice};
+use xlb_tests::fake_api::{FakeApi, Kind, pod, serve, service, slice};
 
 // ---------------------------------------------------------------------------------------------
 // The agent side: in-memory maps shared with the test.
@@ -124,10 +124,15 @@ async fn the_agent_converges_through_disconnects_relists_and_an_absent_api_serve
     let client = kube::Client::try_from(config).unwrap();
     let metrics = Arc::new(Metrics::default());
     let changed = Arc::new(Notify::new());
-    let source = Source::Kube(KubeSource::start(client, changed.clone(), metrics.clone()));
+    let source = Source::Kube(KubeSource::start(client, Some("node-1"), changed.clone(), metrics.clone()));
     let dp = Shared::default();
-    let mut syncer =
-        Syncer::new(Reconciler::new(dp.clone()).unwrap(), ModelConfig::default(), metrics.clone());
+    // This agent is node-1's, with one address (for hostPorts).
+    let cfg = ModelConfig {
+        node_name: Some("node-1".into()),
+        node_addrs: vec!["198.18.100.1".parse().unwrap()],
+        ..ModelConfig::default()
+    };
+    let mut syncer = Syncer::new(Reconciler::new(dp.clone()).unwrap(), cfg, metrics.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(async move {
         source.wait_ready().await;
@@ -148,6 +153,20 @@ async fn the_agent_converges_through_disconnects_relists_and_an_absent_api_serve
     let both =
         ["198.18.0.10:80/TCP -> 198.18.1.1:8080,198.18.1.2:8080", "198.18.0.20:5432/TCP -> 198.18.2.1:15432"];
     converge(&dp, &both, "watch events").await;
+
+    // 2b. Pods: only this node's are watched (field selector spec.nodeName), for their
+    // hostPorts; a pod of node-2 with a hostPort is never seen here.
+    api.put(Kind::Pod, pod("other", "node-2", "198.18.20.2", 8080, 8082));
+    api.put(Kind::Pod, pod("mine", "node-1", "198.18.10.2", 8080, 8081));
+    let with_pod = [both[0], both[1], "198.18.100.1:8081/TCP -> 198.18.10.2:8080"];
+    converge(&dp, &with_pod, "a hostPort of this node's pod").await;
+    assert!(
+        api.requests().iter().any(|(k, verb, _)| *k == Kind::Pod && *verb == "watch"),
+        "pods are watched: {:?}",
+        api.requests()
+    );
+    api.delete(Kind::Pod, "default/mine");
+    converge(&dp, &both, "the pod is gone").await;
 
     // 3. Bookmarks: slice changes move the version on; the Service watch hears of it only
     // through bookmarks. After a dropped connection it resumes from the bookmark's version.
@@ -266,7 +285,7 @@ async fn failed_map_writes_are_retried_until_the_maps_converge() {
         kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
     let metrics = Arc::new(Metrics::default());
     let changed = Arc::new(Notify::new());
-    let source = Source::Kube(KubeSource::start(client, changed.clone(), metrics.clone()));
+    let source = Source::Kube(KubeSource::start(client, Some("node-1"), changed.clone(), metrics.clone()));
     let dp = Shared::default();
     // One write in twenty fails (retries back off from 100 ms, doubling).
     let faulty = FaultyDatapath::new(dp.clone(), 3, 50, 0);

@@ -1,4 +1,5 @@
-//! A fake Kubernetes API server for tests and benchmarks: Services and EndpointSlices over the
+//! A fake Kubernetes API server for tests and benchmarks: Services, EndpointSlices and Pods
+//! (with the `spec.nodeName` field selector) over the
 //! list and watch protocol (resource versions, chunked watch streams, bookmarks every 300 ms,
 //! 410 Gone for compacted versions), with knobs to drop watch connections and compact history.
 use std::{
@@ -18,6 +19,7 @@ use tokio::{
 pub enum Kind {
     Service,
     Slice,
+    Pod,
 }
 
 impl Kind {
@@ -25,12 +27,14 @@ impl Kind {
         match self {
             Kind::Service => "/api/v1/services",
             Kind::Slice => "/apis/discovery.k8s.io/v1/endpointslices",
+            Kind::Pod => "/api/v1/pods",
         }
     }
     pub fn list_kind(self) -> (&'static str, &'static str) {
         match self {
             Kind::Service => ("v1", "ServiceList"),
             Kind::Slice => ("discovery.k8s.io/v1", "EndpointSliceList"),
+            Kind::Pod => ("v1", "PodList"),
         }
     }
 }
@@ -158,6 +162,7 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
     let kind = match path {
         p if p == Kind::Service.path() => Kind::Service,
         p if p == Kind::Slice.path() => Kind::Slice,
+        p if p == Kind::Pod.path() => Kind::Pod,
         _ => {
             let _ = stream
                 .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -167,13 +172,23 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
     };
     let q = query(&target);
     let rv_asked = q.get("resourceVersion").cloned().unwrap_or_default();
+    // `fieldSelector=spec.nodeName=NAME` (the only selector the agent uses), URL-encoded.
+    let node = q.get("fieldSelector").and_then(|f| {
+        f.replace("%3D", "=").replace("%3d", "=").strip_prefix("spec.nodeName=").map(str::to_owned)
+    });
+    let selected =
+        move |obj: &Value| node.as_ref().is_none_or(|n| obj["spec"]["nodeName"].as_str() == Some(n.as_str()));
     if q.get("watch").map(String::as_str) != Some("true") {
         // A list: everything, at the current version (no paging: the limit is never reached).
         let body = {
             let mut st = api.state.lock().unwrap();
             st.requests.push((kind, "list", rv_asked));
-            let items: Vec<Value> =
-                st.objects.iter().filter(|((k, _), _)| *k == kind).map(|(_, v)| v.clone()).collect();
+            let items: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|((k, _), v)| *k == kind && selected(v))
+                .map(|(_, v)| v.clone())
+                .collect();
             let (api_version, list_kind) = kind.list_kind();
             json!({"apiVersion": api_version, "kind": list_kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})
                 .to_string()
@@ -220,7 +235,7 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
             let evs: Vec<Value> = st
                 .events
                 .iter()
-                .filter(|(rv, k, _, _)| *k == kind && *rv > sent_up_to)
+                .filter(|(rv, k, _, obj)| *k == kind && *rv > sent_up_to && selected(obj))
                 .map(|(_, _, ty, obj)| json!({"type": ty, "object": obj}))
                 .collect();
             (evs, st.rv, st.generation != generation)
@@ -245,7 +260,11 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
             _ = bookmark.tick() => {
                 // A bookmark carries the newest version, which may come from the other kind.
                 let (api_version, _) = kind.list_kind();
-                let k = match kind { Kind::Service => "Service", Kind::Slice => "EndpointSlice" };
+                let k = match kind {
+                    Kind::Service => "Service",
+                    Kind::Slice => "EndpointSlice",
+                    Kind::Pod => "Pod",
+                };
                 let bm = json!({"type": "BOOKMARK", "object": {"kind": k, "apiVersion": api_version,
                     "metadata": {"resourceVersion": now_rv.to_string()}}});
                 if !send(&mut stream, &bm).await {
@@ -274,4 +293,13 @@ pub fn slice(name: &str, svc: &str, port: u16, addrs: &[&str]) -> Value {
                      "labels": {"kubernetes.io/service-name": svc}},
         "addressType": "IPv4", "endpoints": eps,
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}]})
+}
+
+/// A running pod on `node` whose container port `port` is exposed on `host_port`.
+pub fn pod(name: &str, node: &str, ip: &str, port: u16, host_port: u16) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "c",
+            "ports": [{"containerPort": port, "hostPort": host_port, "protocol": "TCP"}]}]},
+        "status": {"phase": "Running", "podIP": ip}})
 }
