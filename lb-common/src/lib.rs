@@ -86,6 +86,11 @@ pub const PROG_SOCK_SENDMSG4: &str = "xlb_sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "xlb_sock_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "xlb_sock_getpeername4";
 
+/// Name of a program that passes every packet: on the receiving end of a veth, it makes the
+/// kernel deliver the frames the peer's XDP program sends back (XDP_TX) at once; it is also the
+/// floor the benchmarks subtract.
+pub const PROG_XDP_PASS: &str = "xlb_xdp_pass";
+
 /// Name of the trace program: the datapath's decision, run by `xlb trace` on a crafted packet
 /// with BPF_PROG_TEST_RUN. It reads the live maps and writes nothing but [`MAP_TRACE`].
 pub const PROG_XDP_TRACE: &str = "xlb_xdp_trace";

@@ -64,6 +64,14 @@ mod entry {
         }
     }
 
+    /// Passes every packet. `xlb xdp-pass` attaches it to the far end of a veth whose near end
+    /// runs `xlb_xdp` in native mode: the kernel schedules a veth's receive for the frames its
+    /// peer sends back (XDP_TX) only when it has an XDP program. Also the benchmarks' floor.
+    #[xdp]
+    pub fn xlb_xdp_pass(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
     /// Attached at TC egress on the same interfaces: translates the replies of flows to the
     /// node's own addresses once the kernel has routed them. Never drops anything.
     #[classifier]

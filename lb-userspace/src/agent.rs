@@ -395,7 +395,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if cfg.xdp_mode != XdpMode::Skb && ebpf::driver(iface).as_deref() == Some("veth") {
             warn!(
                 %iface,
-                "veth in native XDP mode: the answers xlb sends back out of it (TCP resets and ICMP errors for Services without endpoints) reach its peer only if the peer has GRO or an XDP program on (`ethtool -K PEER gro on`); otherwise run with --xdp-mode generic"
+                "veth in native XDP mode: the answers xlb sends back out of it (TCP resets and ICMP errors for Services without endpoints) reach its peer at once only if the peer runs an XDP program (`xlb xdp-pass --iface PEER` in the peer's namespace); with GRO alone they wait for other traffic, without either they are lost. Otherwise run with --xdp-mode generic"
             );
         }
         match ebpf::attach_pinned(&mut ebpf, iface, cfg.xdp_mode, &cfg.pin_dir)? {

@@ -234,6 +234,27 @@ pub fn attach_sock_pinned(ebpf: &mut Ebpf, dir: &Path, pin_dir: &Path) -> Result
     Ok(done)
 }
 
+/// Loads [`PROG_XDP_PASS`] alone (every map of the object created as small as can be, unpinned)
+/// and attaches it to `iface` in `mode`. It stays attached while the returned object lives.
+pub fn attach_xdp_pass(iface: &str, mode: XdpMode) -> Result<Ebpf, LoadError> {
+    if OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    let mut loader = EbpfLoader::new();
+    for m in ALL_MAPS.into_iter().chain([lb_common::MAP_TRACE, lb_common::MAP_REJECT_BUCKET]) {
+        loader.map_max_entries(m, 1);
+    }
+    let mut ebpf = loader.load(OBJECT)?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(lb_common::PROG_XDP_PASS)
+        .ok_or(LoadError::NoProgram)?
+        .try_into()
+        .map_err(|_| LoadError::NoProgram)?;
+    prog.load().map_err(LoadError::Verify)?;
+    prog.attach(iface, mode).map_err(|source| LoadError::Attach { iface: iface.to_owned(), source })?;
+    Ok(ebpf)
+}
+
 /// The loaded TC egress program.
 pub fn tc_egress(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
     ebpf.program_mut(PROG_TC_EGRESS).ok_or(LoadError::NoProgram)?.try_into().map_err(|_| LoadError::NoProgram)

@@ -55,6 +55,15 @@ enum Command {
     /// (BPF_PROG_TEST_RUN) on a crafted packet against the live maps. Changes nothing live: no
     /// conntrack entry, counter or flow count.
     Trace(TraceArgs),
+    /// Attach a program that passes every packet to an interface, until interrupted. On the far
+    /// end of a veth whose near end runs xlb in native XDP mode, it makes the kernel deliver the
+    /// answers xlb sends back (resets, ICMP errors) at once. Used by the test beds.
+    XdpPass {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_enum, default_value_t = Mode::Native)]
+        xdp_mode: Mode,
+    },
 }
 
 #[derive(Subcommand)]
@@ -152,6 +161,16 @@ enum Mode {
     Native,
     /// Generic (skb) mode.
     Generic,
+}
+
+impl From<Mode> for XdpMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Auto => XdpMode::Default,
+            Mode::Native => XdpMode::Driver,
+            Mode::Generic => XdpMode::Skb,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -271,11 +290,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 source,
                 interfaces: a.interfaces,
                 pin_dir: cli.pin_dir,
-                xdp_mode: match a.xdp_mode {
-                    Mode::Auto => XdpMode::Default,
-                    Mode::Native => XdpMode::Driver,
-                    Mode::Generic => XdpMode::Skb,
-                },
+                xdp_mode: a.xdp_mode.into(),
                 capacities: Capacities {
                     service_entries: a.max_service_entries,
                     backends: a.max_backends,
@@ -304,6 +319,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(agent::run(cfg))
+        }
+        Command::XdpPass { iface, xdp_mode } => {
+            let _attached = lb_userspace::ebpf::attach_xdp_pass(&iface, xdp_mode.into())
+                .with_context(|| format!("attaching {} to {iface}", lb_common::PROG_XDP_PASS))?;
+            println!("attached {} to {iface}; interrupt to detach", lb_common::PROG_XDP_PASS);
+            use std::io::Write as _;
+            std::io::stdout().flush()?;
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                anyhow::Ok(())
+            })
         }
         Command::Cleanup => {
             let removed = lb_userspace::ebpf::unpin_all(&cli.pin_dir)

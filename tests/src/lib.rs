@@ -466,6 +466,14 @@ impl SingleNode {
         xlb_cli_at(&self.xlb, &self.pin_dir, args)
     }
 
+    /// Lets the client receive the answers xlb sends back by XDP_TX at once (see
+    /// [`client_xdp_pass`]).
+    pub fn client_takes_xdp_tx(&mut self) -> anyhow::Result<()> {
+        let p = client_xdp_pass(&self.xlb, &self.client, &self.work)?;
+        self.servers.push(p);
+        Ok(())
+    }
+
     /// Waits until `xlb services` lists `frontend` with `backends` backends.
     pub fn wait_for_service(&self, frontend: &str, backends: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -722,6 +730,18 @@ fn spawn_agent(
     Ok(agent)
 }
 
+/// Attaches `xlb xdp-pass` (a program that passes every packet) to the client's eth0, as a real
+/// NIC would take them: the kernel delivers the frames a veth peer sends back with XDP_TX (xlb's
+/// resets and ICMP errors) only to a veth with an XDP program; without one they wait in its
+/// queue until other traffic wakes it. The process is the caller's to stop.
+fn client_xdp_pass(xlb: &Path, client: &Netns, work: &Path) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", client.path().display())).arg(xlb).args(["xdp-pass", "--iface", "eth0"]);
+    let mut p = Proc::spawn("xlb xdp-pass on the client", &mut cmd, Some(&work.join("client-xdp-pass.log")))?;
+    p.wait_for_log("attached", Duration::from_secs(10))?;
+    Ok(p)
+}
+
 /// Runs the xlb CLI against the pins under `pin_dir`.
 fn xlb_cli_at(xlb: &Path, pin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     let pin = pin_dir.display().to_string();
@@ -848,6 +868,14 @@ impl TwoNodes {
     /// Runs the xlb CLI against node `i`'s pins (0 or 1).
     pub fn xlb_cli(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
         xlb_cli_at(&self.xlb, &self.pin_dirs[i], args)
+    }
+
+    /// Lets the client receive the answers xlb sends back by XDP_TX at once (see
+    /// [`client_xdp_pass`]).
+    pub fn client_takes_xdp_tx(&mut self) -> anyhow::Result<()> {
+        let p = client_xdp_pass(&self.xlb, &self.client, &self.work)?;
+        self.servers.push(p);
+        Ok(())
     }
 
     pub fn logs(&self) -> String {

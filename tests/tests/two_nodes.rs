@@ -215,3 +215,43 @@ fn a_host_port_is_served_on_its_pods_node_only() {
     assert!(!hp.is_empty() && hp.iter().all(|r| r["name"] == "pod-a" && r["port"] == 8081), "{n1}");
     assert!(rows(1).as_array().unwrap().is_empty(), "node-2 serves no hostPort");
 }
+
+#[test]
+fn refusals_and_source_ranges_across_two_nodes() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = TwoNodes::new().expect("test bed");
+    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
+    bed.write_manifest("empty.yaml", &service("empty", 92, 30092, "", "  []\n")).unwrap();
+    let lb = |name: &str, n: u8, ranges: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.18.0.{n}\n  loadBalancerSourceRanges: [{ranges}]\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 300{n}}}]\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.18.1.{n}}}]}}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{POD_B}"
+        )
+    };
+    // The client is 198.18.100.2; the only endpoint is on node-2.
+    bed.write_manifest("closed.yaml", &lb("closed", 93, "203.0.113.0/24")).unwrap();
+    bed.write_manifest("open.yaml", &lb("open", 94, "198.18.100.0/24")).unwrap();
+    bed.start_agents().expect("agents");
+    // The answers xlb sends back by XDP_TX reach the client's veth at once only if it runs an
+    // XDP program (TOOLCHAIN.md), as a real NIC needs none.
+    bed.client_takes_xdp_tx().expect("xdp-pass on the client");
+    let req =
+        |to: &str, t: u64| bed.client.enter(|| tcp_request(to.parse().unwrap(), Duration::from_secs(t)));
+
+    // No endpoint: refused at once on either node (node-2 is reached through node-1).
+    for to in ["198.18.100.1:30092", "198.18.200.2:30092", "198.18.0.92:80"] {
+        let started = Instant::now();
+        let err = req(to, 3).expect_err("a Service without endpoints must refuse");
+        assert!(format!("{err:#}").contains("refused"), "{to}: {err:#}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{to}: refused at once, not after a timeout");
+    }
+    // loadBalancerSourceRanges: the client is outside one range and inside the other.
+    assert!(req("198.18.1.93:80", 1).is_err(), "a client outside loadBalancerSourceRanges is answered");
+    let open = req("198.18.1.94:80", 3).unwrap_or_else(|e| panic!("{e:#}\n{}", bed.logs()));
+    assert_eq!((open.pod.as_str(), open.peer.ip().to_string()), ("pod-b", "198.18.100.2".to_string()));
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(0, &["stats", "-o", "json"]).unwrap()).unwrap();
+    assert!(stats["drop_source_range"]["packets"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(stats["reject_no_backend"]["packets"].as_u64().unwrap() >= 2, "{stats}");
+}
