@@ -49,7 +49,9 @@ impl Dut {
         let mut objects = manifests::Objects::default();
         manifests::read_str("test.yaml".as_ref(), yaml, &mut objects);
         assert!(objects.errors.is_empty(), "{:?}", objects.errors);
-        let m = model::build(&objects.services, &objects.slices, &self.cfg);
+        let mut m = model::build(&objects.services, &objects.slices, &self.cfg);
+        let pods: Vec<std::sync::Arc<_>> = objects.pods.into_iter().map(std::sync::Arc::new).collect();
+        model::add_host_ports(&mut m, &pods, &self.cfg);
         assert!(m.rejected.is_empty(), "{:?}", m.rejected);
         self.rec.apply(&m.ports).expect("apply");
     }
@@ -908,4 +910,50 @@ endpoints: [{addresses: [198.18.1.2], nodeName: node-1}]
     let d = decode(&out).unwrap();
     assert_eq!((d.src, d.dst), (other, pod));
     assert_eq!((dut.stat(Stat::EgressSnat), dut.stat(Stat::EgressRevNat)), (1, 1));
+}
+
+#[test]
+fn a_host_port_leads_to_its_pod_and_answers_from_the_node() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: dns, namespace: default}
+spec:
+  nodeName: node-1
+  containers:
+  - name: dns
+    ports: [{containerPort: 53, hostPort: 5353, protocol: UDP}, {containerPort: 8053, hostPort: 8053}]
+status: {podIP: 198.18.1.2, phase: Running}
+"#;
+    let cfg = ModelConfig {
+        node_addrs: vec!["198.18.100.1".parse().unwrap()],
+        node_name: Some("node-1".into()),
+        ..ModelConfig::default()
+    };
+    let mut dut = Dut::with_config(POD, cfg);
+    let client = sa("198.18.100.2:40000");
+    for (frame, host_port, pod) in [
+        (Frame::udp as fn(SocketAddrV4, SocketAddrV4) -> Frame, "198.18.100.1:5353", "198.18.1.2:53"),
+        (Frame::tcp, "198.18.100.1:8053", "198.18.1.2:8053"),
+    ] {
+        let (host_port, pod) = (sa(host_port), sa(pod));
+        // In at XDP: to the pod's container port, the client's address kept.
+        let (v, out) = dut.run(&frame(client, host_port).build());
+        assert_eq!(v, XDP_PASS);
+        let d = decode(&out).unwrap();
+        assert_eq!((d.src, d.dst), (client, pod));
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+        // The pod's answer leaves the node from the hostPort the client called.
+        let (_, out) = dut.run(&frame(pod, client).build());
+        let (_, out) = dut.egress(&out);
+        let d = decode(&out).unwrap();
+        assert_eq!((d.src, d.dst), (host_port, client));
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+    }
+    // The hostPort is the node's only: the same port elsewhere is left alone.
+    let stray = Frame::udp(client, sa("198.18.100.7:5353")).build();
+    assert_eq!(dut.run(&stray), (XDP_PASS, stray));
 }
