@@ -27,7 +27,7 @@ pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
 pub const MAP_CT: &str = "xlb_ct4_v1";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
-pub const MAP_STATS: &str = "xlb_stats_v7";
+pub const MAP_STATS: &str = "xlb_stats_v8";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
 pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v2";
 /// New flows sent to each backend (array, backend id -> u64); the agent zeroes an id's count
@@ -67,8 +67,35 @@ pub const MAP_SOURCE_RANGES: &str = "xlb_srcrange4_v1";
 /// socket's next datagrams to the frontend keep.
 pub const MAP_SOCK_NAT: &str = "xlb_socknat4_v1";
 
+/// Settings of the datapath (array of one [`DatapathConfig`]), written by the agent at start.
+pub const MAP_CONFIG: &str = "xlb_config_v1";
+
+/// Value of [`MAP_CONFIG`]. A zero field means its default. 24 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatapathConfig {
+    /// Seconds a TCP flow whose client has not yet acknowledged the handshake lives idle.
+    pub tcp_syn_s: u32,
+    /// Seconds an established TCP flow lives idle.
+    pub tcp_established_s: u32,
+    /// Seconds a TCP flow lives idle once a FIN or RST was seen.
+    pub tcp_close_s: u32,
+    /// Seconds a UDP flow lives idle.
+    pub udp_s: u32,
+    /// Size of the Maglev lookup tables (a prime); 0: new flows pick a backend at random.
+    pub maglev_size: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+
+/// Default idle lifetimes of tracked flows, in seconds (those of Cilium's conntrack).
+pub const CT_TCP_SYN_S: u32 = 60;
+pub const CT_TCP_ESTABLISHED_S: u32 = 21_600;
+pub const CT_TCP_CLOSE_S: u32 = 10;
+pub const CT_UDP_S: u32 = 60;
+
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT,
@@ -77,6 +104,7 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_BACKEND_FLOWS,
     MAP_SOURCE_RANGES,
     MAP_SOCK_NAT,
+    MAP_CONFIG,
 ];
 
 /// The cgroup programs of socket-level load balancing: connections and datagrams of the node's
@@ -109,6 +137,12 @@ pub const SVC_INFO_MAP_FLAGS: usize = 1;
 
 /// Most backends a single service frontend may have (slots 1..=this).
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
+
+/// TCP header flags, as in [`Ct4Value::tcp_flags`].
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -228,6 +262,9 @@ pub const CT_F_EGRESS_REVNAT: u8 = 1 << 0;
 /// [`Ct4Value::flags`] of a reply entry keyed by (backend -> node address:SNAT port): the
 /// destination is written back to the client (`nat_addr`, `nat_port`) at XDP.
 pub const CT_F_DNAT_BACK: u8 = 1 << 1;
+/// [`Ct4Value::flags`] of a forward entry: the flow is SNATed (its [`CT_DIR_SNAT`] entry holds
+/// the SNAT address and port).
+pub const CT_F_SNAT: u8 = 1 << 2;
 
 /// [`Ct4Key::dir`]: a SNATed flow's packet as it leaves towards its backend on another node
 /// (client -> backend); TC egress writes `nat_addr`:`nat_port` (node address, SNAT port) as
@@ -457,10 +494,16 @@ pub enum Stat {
     /// Socket level: a connect or UDP datagram to a frontend without usable endpoints failed at
     /// once with ECONNREFUSED.
     SockRefused = 20,
+    /// Event (bytes 0): a new flow was tracked.
+    CtCreated = 21,
+    /// Event (bytes 0): a tracked flow idle past its lifetime was forgotten when its next packet
+    /// came (which then starts a new flow). Flows the LRU map evicted are counted by the agent
+    /// and the CLI: created - expired - stale - live.
+    CtExpired = 22,
 }
 
 /// Number of [`Stat`] counters; size of [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 21;
+pub const STAT_COUNT: u32 = 23;
 
 /// Names of the [`Stat`] counters, by index, as the CLI and /metrics show them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -485,6 +528,8 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "egress_snat",
     "sock_translated",
     "sock_refused",
+    "ct_created",
+    "ct_expired",
 ];
 
 /// Value of [`MAP_TRACE`]: what the trace program decided for one packet. 32 bytes.
@@ -518,6 +563,9 @@ pub const TRACE_CT_REPLY: u32 = 1 << 1;
 /// [`TraceRecord::steps`]: the tracked flow's backend is gone; the entry would be removed and
 /// the flow balanced again.
 pub const TRACE_CT_STALE: u32 = 1 << 2;
+/// [`TraceRecord::steps`]: the tracked flow is over (idle past its lifetime, or a new
+/// connection on a closed tuple); it is balanced again as a new flow.
+pub const TRACE_CT_EXPIRED: u32 = 1 << 7;
 /// [`TraceRecord::steps`]: the destination is a service frontend.
 pub const TRACE_FRONTEND: u32 = 1 << 3;
 /// [`TraceRecord::steps`]: a backend was chosen for a new flow, and conntrack entries would be
@@ -538,10 +586,11 @@ const _: () = {
     assert!(core::mem::size_of::<StatValue>() == 16);
     assert!(core::mem::size_of::<SvcInfo>() == 432);
     assert!(core::mem::size_of::<TraceRecord>() == 32);
-    assert!(Stat::SockRefused as u32 + 1 == STAT_COUNT);
+    assert!(Stat::CtExpired as u32 + 1 == STAT_COUNT);
     assert!(core::mem::size_of::<SrcRange4>() == 8);
     assert!(core::mem::size_of::<RejectBucket>() == 16);
     assert!(core::mem::size_of::<SockNat4Key>() == 16);
+    assert!(core::mem::size_of::<DatapathConfig>() == 24);
     assert!(core::mem::size_of::<SockNat4Value>() == 16);
 };
 
@@ -560,5 +609,6 @@ mod pod {
     unsafe impl aya::Pod for TraceRecord {}
     unsafe impl aya::Pod for SrcRange4 {}
     unsafe impl aya::Pod for SockNat4Key {}
+    unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for SockNat4Value {}
 }

@@ -1,11 +1,47 @@
 //! Connection tracking: one LRU entry per direction of each translated flow.
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, Ct4Key, Ct4Value,
-    SNAT_PORT_MAX, SNAT_PORT_MIN,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, CT_F_SNAT, CT_TCP_CLOSE_S,
+    CT_TCP_ESTABLISHED_S, CT_TCP_SYN_S, CT_UDP_S, Ct4Key, Ct4Value, IPPROTO_TCP, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, TCP_ACK, TCP_FIN, TCP_RST,
 };
 
-use crate::{maps::CT, parse::Packet};
+use crate::{
+    maps::{CONFIG, CT},
+    parse::Packet,
+};
+
+/// How long an entry may stay idle: by protocol and, for TCP, by the flags its direction has
+/// seen (handshake not yet acknowledged, established, closing). From the agent's settings, else
+/// the defaults.
+#[inline(always)]
+pub fn lifetime(proto: u8, tcp_flags: u8) -> u32 {
+    let or = |v: u32, d: u32| if v == 0 { d } else { v };
+    let (syn, est, close, udp) = match CONFIG.get(0) {
+        Some(c) => (
+            or(c.tcp_syn_s, CT_TCP_SYN_S),
+            or(c.tcp_established_s, CT_TCP_ESTABLISHED_S),
+            or(c.tcp_close_s, CT_TCP_CLOSE_S),
+            or(c.udp_s, CT_UDP_S),
+        ),
+        None => (CT_TCP_SYN_S, CT_TCP_ESTABLISHED_S, CT_TCP_CLOSE_S, CT_UDP_S),
+    };
+    if proto != IPPROTO_TCP {
+        udp
+    } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        close
+    } else if tcp_flags & TCP_ACK != 0 {
+        est
+    } else {
+        syn
+    }
+}
+
+/// True when the entry has been idle longer than its lifetime at `now`.
+#[inline(always)]
+pub fn expired(v: &Ct4Value, proto: u8, now: u32) -> bool {
+    now.wrapping_sub(v.last_seen) > lifetime(proto, v.tcp_flags)
+}
 
 /// Seconds of CLOCK_MONOTONIC, coarse (a jiffy's precision is plenty for lifetimes).
 #[inline(always)]
@@ -148,6 +184,14 @@ pub fn create_snat(
             snat_port = port;
             break;
         }
+        // A port held by a flow idle past its lifetime is free again (the LRU map would only
+        // evict it once full).
+        // SAFETY: pointer from a lookup in this run; plain integer reads.
+        let stale = CT.get_ptr(back).is_some_and(|e| expired(unsafe { &*e }, pkt.proto, now));
+        if stale && CT.insert(back, base, 0).is_ok() {
+            snat_port = port;
+            break;
+        }
         i += 1;
     }
     if snat_port == 0 {
@@ -179,8 +223,64 @@ pub fn create_snat(
         nat_addr: backend_addr,
         nat_port: backend_port,
         tcp_flags: pkt.tcp_flags,
-        flags: 0,
+        flags: CT_F_SNAT,
         ..base
     };
     CT.insert(key_of(pkt, CT_DIR_FORWARD), fwd, 0)
+}
+
+/// The entry the backend's replies of the flow tracked by `fwd` (found at `key`) refresh: for a
+/// SNATed flow (backend -> node:SNAT port), else (backend -> client).
+#[inline(always)]
+fn reply_key(key: &Ct4Key, fwd: &Ct4Value) -> Option<Ct4Key> {
+    let mut r = Ct4Key {
+        saddr: fwd.nat_addr,
+        daddr: key.saddr,
+        sport: fwd.nat_port,
+        dport: key.sport,
+        proto: key.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    if fwd.flags & CT_F_SNAT != 0 {
+        let out = Ct4Key {
+            saddr: key.saddr,
+            daddr: fwd.nat_addr,
+            sport: key.sport,
+            dport: fwd.nat_port,
+            proto: key.proto,
+            dir: CT_DIR_SNAT,
+            _pad: 0,
+        };
+        let snat = CT.get_ptr(out)?;
+        // SAFETY: pointer from a lookup in this run; plain integer reads.
+        (r.daddr, r.dport) = unsafe { ((*snat).nat_addr, (*snat).nat_port) };
+    }
+    Some(r)
+}
+
+/// Whether the flow whose forward entry `fwd` was found at `key` is over: idle past its
+/// lifetime in both directions (a one-way stream only refreshes one), or a new connection (a
+/// SYN without ACK) on a tuple whose last connection closed. Only reads.
+#[inline(always)]
+pub fn flow_over(key: &Ct4Key, fwd: &Ct4Value, pkt: &Packet) -> bool {
+    let reopened = pkt.proto == IPPROTO_TCP
+        && pkt.tcp_flags & (lb_common::TCP_SYN | TCP_ACK) == lb_common::TCP_SYN
+        && fwd.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    if reopened {
+        return true;
+    }
+    let now = now_secs();
+    if !expired(fwd, key.proto, now) {
+        return false;
+    }
+    match reply_key(key, fwd).and_then(|k| CT.get_ptr(k)) {
+        // The flow's state is what both directions have seen (a FIN from either side closes).
+        Some(r) => {
+            // SAFETY: as above.
+            let (seen, flags) = unsafe { ((*r).last_seen, (*r).tcp_flags) };
+            now.wrapping_sub(seen) > lifetime(key.proto, flags | fwd.tcp_flags)
+        }
+        None => true,
+    }
 }

@@ -12,8 +12,8 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_LOCAL, BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT,
     SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key,
-    TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REJECT,
-    TRACE_REWRITE, TraceRecord,
+    TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW,
+    TRACE_REJECT, TRACE_REWRITE, TraceRecord,
 };
 
 use crate::{
@@ -65,7 +65,22 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     // A tracked flow: one lookup covers both directions, since the key holds the tuple as it
     // stands in the packet and the direction.
     let fwd_key = ct::key_of(&pkt, CT_DIR_FORWARD);
-    if let Some(entry) = CT.get_ptr_mut(fwd_key) {
+    let mut tracked = CT.get_ptr_mut(fwd_key);
+    // SAFETY: pointer from a lookup in this run.
+    if let Some(entry) = tracked
+        && ct::flow_over(&fwd_key, unsafe { &*entry }, &pkt)
+    {
+        // Idle past its lifetime, or a new connection on a closed tuple: forgotten here, balanced
+        // again below (its other entries are overwritten by the new flow's, or age out).
+        if TRACE_MODE {
+            step(rec, |r| r.steps |= TRACE_CT_EXPIRED);
+        } else {
+            let _ = CT.remove(fwd_key);
+            count(Stat::CtExpired, 0);
+        }
+        tracked = None;
+    }
+    if let Some(entry) = tracked {
         // SAFETY: pointer from a lookup in this run; plain integer reads.
         let (backend_id, svc_id, nat_addr, nat_port) =
             unsafe { ((*entry).backend_id, (*entry).svc_id, (*entry).nat_addr, (*entry).nat_port) };
@@ -206,6 +221,7 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         if created.is_err() {
             return drop(rec, Stat::DropCtFull, bytes);
         }
+        count(Stat::CtCreated, 0);
         if let Some(n) = BACKEND_FLOWS.get_ptr_mut(backend_id) {
             // SAFETY: a u64 inside the array's value area, 8-aligned; shared between CPUs.
             unsafe { atomic_add(n, 1) };

@@ -5,8 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SockNat4Key,
-    SockNat4Value, SrcRange4, StatValue, Svc4Key, Svc4Value, SvcInfo, TraceRecord,
+    Backend4, Ct4Key, Ct4Value, DatapathConfig, MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT,
+    SVC_INFO_MAP_FLAGS, SockNat4Key, SockNat4Value, SrcRange4, StatValue, Svc4Key, Svc4Value, SvcInfo,
+    TraceRecord,
 };
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
@@ -22,7 +23,7 @@ pub static BACKENDS: Array<Backend4, 262_144> = Array::new();
 pub static CT: LruHashMap<Ct4Key, Ct4Value, 262_144> = LruHashMap::new();
 
 /// Per-CPU packet and byte counters by verdict and reason (see lb_common::Stat).
-#[btf_map(name = "xlb_stats_v7")]
+#[btf_map(name = "xlb_stats_v8")]
 pub static STATS: PerCpuArray<StatValue, { STAT_COUNT as usize }> = PerCpuArray::new();
 
 /// Service id -> names for display; written by the agent, never read here. Declared in the
@@ -50,3 +51,7 @@ pub static SOURCE_RANGES: LpmTrie<SrcRange4, u8, { MAX_SOURCE_RANGES as usize }>
 /// frontend) -> backend. Least recently used first out: entries of closed sockets age away.
 #[btf_map(name = "xlb_socknat4_v1")]
 pub static SOCK_NAT: LruHashMap<SockNat4Key, SockNat4Value, 262_144> = LruHashMap::new();
+
+/// The datapath's settings (conntrack lifetimes, selection), written by the agent.
+#[btf_map(name = "xlb_config_v1")]
+pub static CONFIG: Array<DatapathConfig, 1> = Array::new();

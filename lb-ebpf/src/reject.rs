@@ -10,17 +10,13 @@ use aya_ebpf::{
     helpers::generated::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{IPPROTO_TCP, REJECT_ICMP_BURST, REJECT_ICMP_PER_SEC};
+use lb_common::{IPPROTO_TCP, REJECT_ICMP_BURST, REJECT_ICMP_PER_SEC, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     maps::REJECT_BUCKET,
     parse::{ETH_HLEN, Packet, load16, load32, store16, store32},
 };
 
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 const IPPROTO_ICMP: u8 = 1;
 const TTL: u8 = 64;
 

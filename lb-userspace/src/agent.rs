@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub http_addr: Option<SocketAddr>,
     /// /healthz fails once a change has waited this long for a successful sync.
     pub max_pending: Duration,
+    /// The datapath's settings: conntrack lifetimes, backend selection.
+    pub datapath: lb_common::DatapathConfig,
     /// The cgroup (v2) whose processes get socket-level balancing: the hierarchy's root on a
     /// node, so that the node's processes and its pods reach ClusterIPs. `None`: off.
     pub socket_lb_cgroup: Option<PathBuf>,
@@ -312,6 +314,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let metrics = Arc::new(Metrics::default());
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
+    crate::datapath::write_config(&mut ebpf, cfg.datapath).context("writing the datapath's settings")?;
+    info!(settings = ?cfg.datapath, "datapath settings (conntrack lifetimes in seconds; maglev_size 0: random selection)");
     let maps = BpfMaps::open(&cfg.pin_dir)?;
     let rec = Reconciler::new(maps).context("reading back the pinned maps")?;
     // Frontends on the node's own addresses need TC egress (tcx links, kernel 6.6) for their

@@ -818,7 +818,8 @@ pub fn flows_table(rows: &[FlowRow]) -> String {
 pub fn stat_verdict(name: &str) -> &'static str {
     match name {
         "rx" => "seen",
-        "ct_stale_backend" => "event",
+        "ct_live" | "ct_evicted" => "derived",
+        n if n.starts_with("ct_") => "event",
         "sock_translated" => "sock (translated)",
         "sock_refused" => "sock (refused)",
         n if n.starts_with("reject_") => "reject (answered)",
@@ -849,6 +850,14 @@ pub fn stat_meaning(name: &str) -> &'static str {
         "drop_stale_slot" => "backend slot vanished during an update (race with the agent)",
         "drop_ct_full" => "connection could not be tracked (conntrack map update failed)",
         "ct_stale_backend" => "tracked flow whose backend was removed; balanced again",
+        "ct_created" => "new flow tracked",
+        "ct_live" => "flows tracked now (forward entries in the conntrack map)",
+        "ct_evicted" => {
+            "flows evicted from the full conntrack map before they expired (created - expired - stale - live)"
+        }
+        "ct_expired" => {
+            "tracked flow over (idle past its lifetime, or a new connection on a closed one); balanced again"
+        }
         "pass_egress_rev_nat" => "reply of a flow to a node address, left for TC egress to translate",
         "egress_rev_nat" => "TC egress: reply's source set back to the node address and port",
         "drop_source_range" => "new flow to a LoadBalancer IP from a client outside loadBalancerSourceRanges",
@@ -882,6 +891,22 @@ pub fn stat_rows(stats: &[(&'static str, u64, u64)]) -> BTreeMap<&'static str, S
             (n, StatRow { packets, bytes, verdict: stat_verdict(n), meaning: stat_meaning(n) })
         })
         .collect()
+}
+
+/// The counters, followed by two derived from them and the conntrack map: `ct_live` (flows
+/// tracked now: forward entries) and `ct_evicted` (flows the LRU map evicted before they
+/// expired: created - expired - stale - live).
+pub fn with_ct_rows(
+    mut stats: Vec<(&'static str, u64, u64)>,
+    ct: &[(lb_common::Ct4Key, lb_common::Ct4Value)],
+) -> Vec<(&'static str, u64, u64)> {
+    let get = |n: &str| stats.iter().find(|s| s.0 == n).map_or(0, |s| s.1);
+    let live = ct.iter().filter(|(k, _)| k.dir == lb_common::CT_DIR_FORWARD).count() as u64;
+    let gone = get("ct_expired") + get("ct_stale_backend") + live;
+    let evicted = get("ct_created").saturating_sub(gone);
+    stats.push(("ct_live", live, 0));
+    stats.push(("ct_evicted", evicted, 0));
+    stats
 }
 
 pub fn stats_table(stats: &[(&'static str, u64, u64)]) -> String {

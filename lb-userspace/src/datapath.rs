@@ -247,6 +247,16 @@ pub fn open_pin(pin_dir: &Path, name: &'static str) -> Result<MapData, DatapathE
     })
 }
 
+/// Writes the datapath's settings into the loaded object's [`lb_common::MAP_CONFIG`].
+pub fn write_config(ebpf: &mut aya::Ebpf, cfg: lb_common::DatapathConfig) -> Result<(), DatapathError> {
+    let name = lb_common::MAP_CONFIG;
+    let path = PathBuf::from("<loaded object>");
+    let map = ebpf.map_mut(name).ok_or(DatapathError::NotPinned { path: path.clone() })?;
+    let mut arr: aya::maps::Array<&mut MapData, lb_common::DatapathConfig> =
+        aya::maps::Array::try_from(map).map_err(|source| DatapathError::Layout { name, path, source })?;
+    arr.set(0, cfg, 0).map_err(|source| DatapathError::Map { op: "write", name, source })
+}
+
 /// Splits `xlb_svcinfo_v2` into (`xlb_svcinfo`, 2).
 pub fn layout_version(name: &str) -> Option<(&str, u32)> {
     let (base, v) = name.rsplit_once("_v")?;

@@ -311,8 +311,12 @@ pub fn load_trace(pin_dir: &Path, expected: &[(&'static str, u32)]) -> Result<Eb
             // it) gets this tell-tale size, so that it can be recognised and its pin taken away
             // again.
             loader.map_pin_path(name, path.as_path()).map_max_entries(name, TRACE_SENTINEL_ENTRIES);
+        } else if *name == lb_common::MAP_CONFIG && path.exists() {
+            // The agent's settings (conntrack lifetimes), read only.
+            loader.map_pin_path(name, path.as_path());
         } else {
-            // A map the trace program does not use: a private one, as small as can be.
+            // A map the trace program does not use (or the settings, never written: defaults):
+            // a private one, as small as can be.
             loader.map_max_entries(name, 1);
         }
     }

@@ -231,6 +231,19 @@ struct AgentArgs {
     /// the path of a cgroup directory.
     #[arg(long, default_value = "auto")]
     cgroup: String,
+    /// Seconds a TCP flow whose handshake the client has not acknowledged yet stays tracked
+    /// while idle.
+    #[arg(long, default_value_t = lb_common::CT_TCP_SYN_S, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_tcp_syn_timeout: u32,
+    /// Seconds an established TCP flow stays tracked while idle.
+    #[arg(long, default_value_t = lb_common::CT_TCP_ESTABLISHED_S, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_tcp_established_timeout: u32,
+    /// Seconds a TCP flow stays tracked while idle once a FIN or RST was seen.
+    #[arg(long, default_value_t = lb_common::CT_TCP_CLOSE_S, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_tcp_close_timeout: u32,
+    /// Seconds a UDP flow stays tracked while idle.
+    #[arg(long, default_value_t = lb_common::CT_UDP_S, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_udp_timeout: u32,
     /// Capacity of the socket-level translation map (two entries per unconnected UDP socket
     /// and frontend, one per connected socket).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCK_NAT)]
@@ -304,6 +317,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 address_poll: Duration::from_millis(a.address_poll_ms.max(100)),
                 http_addr: a.http_addr.0,
                 max_pending: Duration::from_secs(a.healthz_max_pending_s),
+                datapath: lb_common::DatapathConfig {
+                    tcp_syn_s: a.ct_tcp_syn_timeout,
+                    tcp_established_s: a.ct_tcp_established_timeout,
+                    tcp_close_s: a.ct_tcp_close_timeout,
+                    udp_s: a.ct_udp_timeout,
+                    maglev_size: 0,
+                    _pad: 0,
+                },
                 socket_lb_cgroup: match a.cgroup.as_str() {
                     "off" => None,
                     "auto" => Some(lb_userspace::ebpf::cgroup2_root().ok_or_else(|| {
@@ -347,7 +368,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats(o) => {
-            let stats = BpfMaps::open(&cli.pin_dir)?.read_stats()?;
+            let maps = BpfMaps::open(&cli.pin_dir)?;
+            let stats = cli::with_ct_rows(maps.read_stats()?, &maps.read_ct()?);
             emit(o.output, &cli::stat_rows(&stats), || cli::stats_table(&stats))
         }
         Command::Services(o) | Command::Get { what: GetWhat::Services(o) } => {

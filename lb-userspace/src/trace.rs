@@ -15,8 +15,8 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use lb_common::{
-    MAP_TRACE, STAT_NAMES, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_REWRITE,
-    TraceRecord,
+    MAP_TRACE, STAT_NAMES, TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE,
+    TRACE_FRONTEND, TRACE_REWRITE, TraceRecord,
 };
 use serde::Serialize;
 
@@ -87,7 +87,7 @@ pub struct Rewrite {
 pub struct Trace {
     pub packet: TracePacket,
     /// `forward` (the flow is tracked), `reply` (a reply of a tracked flow), `stale` (tracked,
-    /// but its backend is gone), or `none`.
+    /// but its backend is gone), `expired` (tracked, but over), or `none`.
     pub conntrack: &'static str,
     pub frontend: Option<TraceFrontend>,
     /// `existing_flow`, `reply`, `new_flow`, `no_service`, `no_backend`, `stale_slot`, or the
@@ -206,6 +206,8 @@ impl Tracer {
         let steps = rec.steps;
         let conntrack = if steps & TRACE_CT_STALE != 0 {
             "stale"
+        } else if steps & TRACE_CT_EXPIRED != 0 {
+            "expired"
         } else if steps & TRACE_CT_FORWARD != 0 {
             "forward"
         } else if steps & TRACE_CT_REPLY != 0 {
@@ -281,6 +283,12 @@ impl Tracer {
                         rec.slot, rec.count
                     )
                 };
+                if steps & TRACE_CT_EXPIRED != 0 {
+                    why = format!(
+                        "the tracked flow is over (idle past its lifetime, or a new connection on a closed one), so it is balanced again; {why}"
+                    );
+                    not_done.insert(0, "forget the expired conntrack entry".to_string());
+                }
                 if steps & TRACE_CT_STALE != 0 {
                     why = format!(
                         "the tracked flow's backend {} is gone, so the flow is balanced again; {why}",
@@ -399,6 +407,9 @@ pub fn trace_text(t: &Trace) -> String {
             "forward" => "tracked flow (entry client -> frontend)".into(),
             "reply" => "reply of a tracked flow (entry backend -> client)".into(),
             "stale" => "tracked, but the flow's backend is gone".into(),
+            "expired" => {
+                "tracked, but the flow is over (idle past its lifetime, or closed and opened again)".into()
+            }
             _ => "no entry".into(),
         },
     );

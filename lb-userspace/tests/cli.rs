@@ -301,7 +301,8 @@ fn every_listing_prints_the_known_maps() {
         serde_json::json!({"packets": 3, "bytes": 180, "verdict": "pass (translated)", "meaning": "first packet of a new flow, sent to a backend"})
     );
     assert_eq!(s["drop_no_backend"]["verdict"], "drop");
-    assert_eq!(s.as_object().unwrap().len(), STAT_COUNT as usize);
+    assert_eq!(s.as_object().unwrap().len(), STAT_COUNT as usize + 2, "the counters, ct_live and ct_evicted");
+    assert_eq!(s["ct_live"]["packets"], 3, "the three tracked flows");
     let y: serde_json::Value = serde_yaml::from_str(&stdout(&dir, &["stats", "-o", "yaml"])).unwrap();
     assert_eq!(y, s);
 }
@@ -737,6 +738,10 @@ icmp_translated       pass (translated)   0         0       ICMP error about a t
 egress_snat           pass (translated)   0         0       TC egress: a flow to an endpoint on another node leaves with the node's address
 sock_translated       sock (translated)   0         0       socket level: a connect or UDP datagram of a node process or pod to a frontend was given a backend
 sock_refused          sock (refused)      0         0       socket level: a connect or UDP datagram to a frontend without usable endpoints failed with ECONNREFUSED
+ct_created            event               0         0       new flow tracked
+ct_expired            event               0         0       tracked flow over (idle past its lifetime, or a new connection on a closed one); balanced again
+ct_live               derived             3         0       flows tracked now (forward entries in the conntrack map)
+ct_evicted            derived             0         0       flows evicted from the full conntrack map before they expired (created - expired - stale - live)
 "#;
 
 const GET_SERVICES: &str = r#"NAMESPACE   NAME       TYPE           FRONTEND             AFFINITY           POLICY(EXT/INT)   BACKENDS

@@ -957,3 +957,128 @@ status: {podIP: 198.18.1.2, phase: Running}
     let stray = Frame::udp(client, sa("198.18.100.7:5353")).build();
     assert_eq!(dut.run(&stray), (XDP_PASS, stray));
 }
+
+impl Dut {
+    /// Makes every tracked entry `secs` older (as if that long had passed without a packet).
+    fn age_ct(&mut self, secs: u32, only: impl Fn(&lb_common::Ct4Key) -> bool) {
+        let ct = &mut self.rec.datapath_mut().ct;
+        let entries: Vec<_> = ct.iter().filter_map(Result::ok).collect();
+        for (k, mut v) in entries {
+            if only(&k) {
+                v.last_seen = v.last_seen.wrapping_sub(secs);
+                v.created = v.created.wrapping_sub(secs);
+                ct.insert(k, v, 0).unwrap();
+            }
+        }
+    }
+
+    fn set_config(&mut self, cfg: lb_common::DatapathConfig) {
+        lb_userspace::datapath::write_config(&mut self.ebpf, cfg).unwrap();
+    }
+}
+
+fn tcp_with(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+    let mut f = Frame::tcp(src, dst);
+    f.tcp_flags = flags;
+    f.build()
+}
+
+#[test]
+fn tracked_flows_expire_by_protocol_and_tcp_state() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    dut.set_config(lb_common::DatapathConfig {
+        tcp_syn_s: 60,
+        tcp_established_s: 600,
+        tcp_close_s: 10,
+        udp_s: 30,
+        ..Default::default()
+    });
+    let (vip, dns) = (sa("198.18.0.10:80"), sa("198.18.0.10:53"));
+    let (syn, ack, fin) = (0x02, 0x10, 0x11);
+    // Each case: open the flow, age it, send one more packet: is it still the same flow?
+    let mut expect_expired = 0;
+    // (what, client port, packets as (tcp flags, is tcp), age, expires)
+    type Case = (&'static str, u16, Vec<(u8, bool)>, u32, bool);
+    let cases: [Case; 5] = [
+        ("udp within its lifetime", 41000, vec![(0, false)], 29, false),
+        ("udp past its lifetime", 41001, vec![(0, false)], 31, true),
+        ("tcp handshake past 60 s", 41002, vec![(syn, true)], 61, true),
+        ("tcp established at 61 s", 41003, vec![(syn, true), (ack, true)], 61, false),
+        ("tcp closing past 10 s", 41004, vec![(syn, true), (ack, true), (fin, true)], 11, true),
+    ];
+    for (what, port, packets, age, expires) in cases {
+        let client = SocketAddrV4::new("198.18.100.1".parse().unwrap(), port);
+        let tcp = packets[0].1;
+        let frame =
+            |flags: u8| if tcp { tcp_with(client, vip, flags) } else { Frame::udp(client, dns).build() };
+        for (flags, _) in &packets {
+            dut.run(&frame(*flags));
+        }
+        dut.age_ct(age, |k| k.saddr == client.ip().octets() || k.daddr == client.ip().octets());
+        let (new_before, est_before) = (dut.stat(Stat::DnatNew), dut.stat(Stat::DnatEstablished));
+        let (v, _) = dut.run(&frame(ack));
+        assert_eq!(v, XDP_PASS, "{what}");
+        if expires {
+            expect_expired += 1;
+        }
+        assert_eq!(dut.stat(Stat::CtExpired), expect_expired, "{what}");
+        assert_eq!(
+            (dut.stat(Stat::DnatNew) - new_before, dut.stat(Stat::DnatEstablished) - est_before),
+            if expires { (1, 0) } else { (0, 1) },
+            "{what}: a new flow when it expired, the same flow otherwise"
+        );
+    }
+
+    // A one-way stream: the client has been silent past the lifetime, but the backend's replies
+    // kept coming: the flow lives on.
+    let client = sa("198.18.100.1:41010");
+    let (_, out) = dut.run(&Frame::udp(client, dns).build());
+    let backend = decode(&out).unwrap().dst;
+    dut.age_ct(31, |k| k.saddr == client.ip().octets() && k.sport == 41010);
+    dut.run(&Frame::udp(backend, client).build()); // a reply refreshes its own entry
+    let est = dut.stat(Stat::DnatEstablished);
+    dut.run(&Frame::udp(client, dns).build());
+    assert_eq!(dut.stat(Stat::DnatEstablished), est + 1, "replies keep a one-way flow alive");
+
+    // A new connection (SYN) on a tuple whose connection closed is a new flow at once.
+    let client = sa("198.18.100.1:41020");
+    for flags in [syn, ack, fin] {
+        dut.run(&tcp_with(client, vip, flags));
+    }
+    let expired = dut.stat(Stat::CtExpired);
+    dut.run(&tcp_with(client, vip, syn));
+    assert_eq!(dut.stat(Stat::CtExpired), expired + 1, "SYN after FIN opens a new flow");
+    assert!(dut.stat(Stat::CtCreated) >= 8, "every new flow is counted");
+}
+
+#[test]
+fn a_snat_port_held_by_an_expired_flow_is_taken_again() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let remote = SHOP.replace(
+        "endpoints: [{addresses: [198.18.1.2]}]",
+        "endpoints: [{addresses: [198.18.1.2], nodeName: node-2}]",
+    );
+    let cfg = ModelConfig {
+        node_addrs: vec!["198.18.100.1".parse().unwrap()],
+        node_name: Some("node-1".into()),
+        ..ModelConfig::default()
+    };
+    let mut dut = Dut::with_config(&remote, cfg);
+    let (client, node_port) = (sa("198.18.100.2:40000"), sa("198.18.100.1:30053"));
+    let snat_port = |dut: &mut Dut| {
+        let (_, out) = dut.run(&Frame::udp(client, node_port).build());
+        decode(&dut.egress(&out).1).unwrap().src.port()
+    };
+    let first = snat_port(&mut dut);
+    // A second client tuple hashing alike would take first + 1; the same tuple, its flow
+    // expired, finds its port held by the expired entries and takes it again.
+    dut.age_ct(61, |_| true);
+    let again = snat_port(&mut dut);
+    assert_eq!(dut.stat(Stat::CtExpired), 1);
+    assert_eq!(again, first, "the expired flow's SNAT port is free again");
+}
