@@ -67,6 +67,36 @@ pub const MAP_SOURCE_RANGES: &str = "xlb_srcrange4_v1";
 /// socket's next datagrams to the frontend keep.
 pub const MAP_SOCK_NAT: &str = "xlb_socknat4_v1";
 
+/// sessionAffinity ClientIP (LRU hash, [`Affinity4Key`] -> [`Affinity4Value`]): the backend a
+/// client's new flows to a service port keep while they come within its timeout.
+pub const MAP_AFFINITY: &str = "xlb_affinity4_v1";
+
+/// Key of [`MAP_AFFINITY`]. 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Affinity4Key {
+    /// Service port, host order.
+    pub svc_id: u32,
+    /// Client address, bytes as in the packet.
+    pub client: [u8; 4],
+}
+
+/// Value of [`MAP_AFFINITY`]. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Affinity4Value {
+    /// The backend chosen (index into [`MAP_BACKENDS`]). Host order.
+    pub backend_id: u32,
+    /// The slot it was chosen from: it still holds the backend if the service still has it.
+    pub slot: u16,
+    /// Always zero.
+    pub _pad: u16,
+    /// Seconds of CLOCK_MONOTONIC when a new flow last used it.
+    pub last_used: u32,
+    /// Always zero.
+    pub _pad2: u32,
+}
+
 /// Settings of the datapath (array of one [`DatapathConfig`]), written by the agent at start.
 pub const MAP_CONFIG: &str = "xlb_config_v1";
 
@@ -95,7 +125,7 @@ pub const CT_TCP_CLOSE_S: u32 = 10;
 pub const CT_UDP_S: u32 = 60;
 
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT,
@@ -105,6 +135,7 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_SOURCE_RANGES,
     MAP_SOCK_NAT,
     MAP_CONFIG,
+    MAP_AFFINITY,
 ];
 
 /// The cgroup programs of socket-level load balancing: connections and datagrams of the node's
@@ -129,6 +160,7 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_SVC_INFO: u32 = 65_536;
 pub const DEFAULT_MAX_SOCK_NAT: u32 = 262_144;
+pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
 /// Capacity of [`MAP_SOURCE_RANGES`] (allocated per entry: LPM tries are never preallocated).
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// `map_flags` of [`MAP_SVC_INFO`]: BPF_F_NO_PREALLOC, so that display names only take kernel
@@ -188,7 +220,7 @@ pub struct Svc4Value {
     /// Slot 0: `SVC_F_*` bits: what the frontend address is to the Service (for display; the
     /// datapath treats every kind alike).
     pub flags: u16,
-    /// Reserved for session affinity (seconds); zero for now.
+    /// Slot 0: sessionAffinity ClientIP timeout in seconds ([`MAP_AFFINITY`]); 0: none.
     pub affinity_timeout: u32,
 }
 
@@ -566,6 +598,8 @@ pub const TRACE_CT_STALE: u32 = 1 << 2;
 /// [`TraceRecord::steps`]: the tracked flow is over (idle past its lifetime, or a new
 /// connection on a closed tuple); it is balanced again as a new flow.
 pub const TRACE_CT_EXPIRED: u32 = 1 << 7;
+/// [`TraceRecord::steps`]: sessionAffinity ClientIP kept the client's backend (`slot`).
+pub const TRACE_AFFINITY: u32 = 1 << 8;
 /// [`TraceRecord::steps`]: the destination is a service frontend.
 pub const TRACE_FRONTEND: u32 = 1 << 3;
 /// [`TraceRecord::steps`]: a backend was chosen for a new flow, and conntrack entries would be
@@ -591,6 +625,8 @@ const _: () = {
     assert!(core::mem::size_of::<RejectBucket>() == 16);
     assert!(core::mem::size_of::<SockNat4Key>() == 16);
     assert!(core::mem::size_of::<DatapathConfig>() == 24);
+    assert!(core::mem::size_of::<Affinity4Key>() == 8);
+    assert!(core::mem::size_of::<Affinity4Value>() == 16);
     assert!(core::mem::size_of::<SockNat4Value>() == 16);
 };
 
@@ -610,5 +646,7 @@ mod pod {
     unsafe impl aya::Pod for SrcRange4 {}
     unsafe impl aya::Pod for SockNat4Key {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for Affinity4Key {}
+    unsafe impl aya::Pod for Affinity4Value {}
     unsafe impl aya::Pod for SockNat4Value {}
 }

@@ -10,15 +10,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_LOCAL, BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT,
-    SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key,
-    TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW,
-    TRACE_REJECT, TRACE_REWRITE, TraceRecord,
+    Affinity4Key, Affinity4Value, BACKEND_F_LOCAL, BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_NO_LOCAL_ENDPOINT,
+    SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key, TRACE_AFFINITY, TRACE_CT_EXPIRED, TRACE_CT_FORWARD,
+    TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord,
 };
 
 use crate::{
     ct, icmp,
-    maps::{BACKEND_FLOWS, BACKENDS, CT, SERVICES, SOURCE_RANGES, TRACE},
+    maps::{AFFINITY, BACKEND_FLOWS, BACKENDS, CT, SERVICES, SOURCE_RANGES, TRACE},
     nat::{self, Side},
     parse::{self, Packet, Parsed},
     reject,
@@ -184,9 +184,20 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         }
         return drop(rec, Stat::DropNoBackend, bytes);
     }
-    // SAFETY: helper with no arguments.
-    let rnd = unsafe { bpf_get_prandom_u32() };
-    key.slot = (rnd % u32::from(count_)) as u16 + 1;
+    // sessionAffinity ClientIP: the client's last backend for this service port, if it came
+    // within the timeout and its slot still holds that backend; else a slot at random.
+    // SAFETY: as above.
+    let affinity = unsafe { (*svc).affinity_timeout };
+    let aff_key = Affinity4Key { svc_id, client: pkt.saddr.to_ne_bytes() };
+    let now = if affinity != 0 { ct::now_secs() } else { 0 };
+    let kept = affinity != 0 && keep_affinity::<TRACE_MODE>(&mut key, &aff_key, count_, affinity, now);
+    if kept {
+        step(rec, |r| r.steps |= TRACE_AFFINITY);
+    } else {
+        // SAFETY: helper with no arguments.
+        let rnd = unsafe { bpf_get_prandom_u32() };
+        key.slot = (rnd % u32::from(count_)) as u16 + 1;
+    }
     step(rec, |r| r.slot = key.slot);
     let Some(slot) = SERVICES.get_ptr(key) else {
         return drop(rec, Stat::DropStaleSlot, bytes);
@@ -222,6 +233,10 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
             return drop(rec, Stat::DropCtFull, bytes);
         }
         count(Stat::CtCreated, 0);
+        if affinity != 0 && !kept {
+            let v = Affinity4Value { backend_id, slot: key.slot, _pad: 0, last_used: now, _pad2: 0 };
+            let _ = AFFINITY.insert(aff_key, v, 0);
+        }
         if let Some(n) = BACKEND_FLOWS.get_ptr_mut(backend_id) {
             // SAFETY: a u64 inside the array's value area, 8-aligned; shared between CPUs.
             unsafe { atomic_add(n, 1) };
@@ -230,6 +245,35 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
     nat::rewrite(pkt, Side::Destination, addr, port);
     step(rec, |r| r.steps |= TRACE_REWRITE);
     pass(rec, Stat::DnatNew, bytes)
+}
+
+/// Sets `key.slot` to the slot of the client's affinity entry if it is within `timeout` and the
+/// slot (among the selectable ones) still holds its backend; refreshes the entry's time (not in
+/// a trace). `false` when a backend must be chosen anew.
+#[inline(always)]
+fn keep_affinity<const TRACE_MODE: bool>(
+    key: &mut Svc4Key,
+    aff_key: &Affinity4Key,
+    count: u16,
+    timeout: u32,
+    now: u32,
+) -> bool {
+    let Some(a) = AFFINITY.get_ptr_mut(*aff_key) else { return false };
+    // SAFETY: pointer from a lookup in this run; plain integer reads.
+    let (backend_id, slot, used) = unsafe { ((*a).backend_id, (*a).slot, (*a).last_used) };
+    if now.wrapping_sub(used) > timeout || slot == 0 || slot > count {
+        return false;
+    }
+    key.slot = slot;
+    // SAFETY: as above.
+    if SERVICES.get_ptr(*key).is_none_or(|v| unsafe { (*v).backend_id } != backend_id) {
+        return false;
+    }
+    if !TRACE_MODE && used != now {
+        // SAFETY: as above; a racing writer can only make the time one of two recent values.
+        unsafe { (*a).last_used = now };
+    }
+    true
 }
 
 #[inline(always)]

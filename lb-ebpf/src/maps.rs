@@ -5,9 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, DatapathConfig, MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT,
-    SVC_INFO_MAP_FLAGS, SockNat4Key, SockNat4Value, SrcRange4, StatValue, Svc4Key, Svc4Value, SvcInfo,
-    TraceRecord,
+    Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, DatapathConfig, MAX_SOURCE_RANGES,
+    RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SockNat4Key, SockNat4Value, SrcRange4, StatValue, Svc4Key,
+    Svc4Value, SvcInfo, TraceRecord,
 };
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
@@ -55,3 +55,7 @@ pub static SOCK_NAT: LruHashMap<SockNat4Key, SockNat4Value, 262_144> = LruHashMa
 /// The datapath's settings (conntrack lifetimes, selection), written by the agent.
 #[btf_map(name = "xlb_config_v1")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// sessionAffinity ClientIP: (service port, client) -> the backend its new flows keep.
+#[btf_map(name = "xlb_affinity4_v1")]
+pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value, 65_536> = LruHashMap::new();

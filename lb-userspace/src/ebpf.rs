@@ -113,6 +113,7 @@ pub struct Capacities {
     pub backends: u32,
     pub ct_entries: u32,
     pub sock_nat_entries: u32,
+    pub affinity_entries: u32,
 }
 
 impl Default for Capacities {
@@ -122,6 +123,7 @@ impl Default for Capacities {
             backends: lb_common::DEFAULT_MAX_BACKENDS,
             ct_entries: lb_common::DEFAULT_MAX_CT_ENTRIES,
             sock_nat_entries: lb_common::DEFAULT_MAX_SOCK_NAT,
+            affinity_entries: lb_common::DEFAULT_MAX_AFFINITY,
         }
     }
 }
@@ -149,7 +151,8 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
         .map_max_entries(MAP_BACKENDS, caps.backends)
         .map_max_entries(MAP_BACKEND_FLOWS, caps.backends)
         .map_max_entries(MAP_CT, caps.ct_entries)
-        .map_max_entries(MAP_SOCK_NAT, caps.sock_nat_entries);
+        .map_max_entries(MAP_SOCK_NAT, caps.sock_nat_entries)
+        .map_max_entries(lb_common::MAP_AFFINITY, caps.affinity_entries);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)
@@ -311,8 +314,8 @@ pub fn load_trace(pin_dir: &Path, expected: &[(&'static str, u32)]) -> Result<Eb
             // it) gets this tell-tale size, so that it can be recognised and its pin taken away
             // again.
             loader.map_pin_path(name, path.as_path()).map_max_entries(name, TRACE_SENTINEL_ENTRIES);
-        } else if *name == lb_common::MAP_CONFIG && path.exists() {
-            // The agent's settings (conntrack lifetimes), read only.
+        } else if [lb_common::MAP_CONFIG, lb_common::MAP_AFFINITY].contains(name) && path.exists() {
+            // The agent's settings (conntrack lifetimes) and the clients' affinities, read only.
             loader.map_pin_path(name, path.as_path());
         } else {
             // A map the trace program does not use (or the settings, never written: defaults):

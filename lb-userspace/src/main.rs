@@ -244,6 +244,10 @@ struct AgentArgs {
     /// Seconds a UDP flow stays tracked while idle.
     #[arg(long, default_value_t = lb_common::CT_UDP_S, value_parser = clap::value_parser!(u32).range(1..))]
     ct_udp_timeout: u32,
+    /// Capacity of the session affinity map (one entry per client and service port with
+    /// sessionAffinity ClientIP; least recently used first out).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_AFFINITY)]
+    max_affinity_entries: u32,
     /// Capacity of the socket-level translation map (two entries per unconnected UDP socket
     /// and frontend, one per connected socket).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCK_NAT)]
@@ -309,6 +313,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     backends: a.max_backends,
                     ct_entries: a.max_ct_entries,
                     sock_nat_entries: a.max_sock_nat_entries,
+                    affinity_entries: a.max_affinity_entries,
                 },
                 batch_delay: Duration::from_millis(a.batch_delay_ms),
                 node_port_range: a.node_port_range,

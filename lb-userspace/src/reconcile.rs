@@ -51,6 +51,8 @@ struct FrontendState {
     flags: u16,
     /// Slots new flows choose from: 1..=count.
     count: u16,
+    /// sessionAffinity ClientIP timeout (seconds), 0: none.
+    affinity: u32,
     /// Backend ids in slots 1..=len: the selectable ones, then the others (terminating), which
     /// only existing flows use. Every backend is in a slot, so the maps alone say which
     /// backends a service has (for read-back after a restart and for the CLI).
@@ -228,11 +230,11 @@ impl<D: Datapath> Reconciler<D> {
         self.backend_values.clear();
 
         let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
-        let mut entries: BTreeMap<Frontend, (u32, u16, u16)> = BTreeMap::new();
+        let mut entries: BTreeMap<Frontend, (u32, u16, u16, u32)> = BTreeMap::new();
         for (k, v) in self.dp.read_services()? {
             let Some(f) = frontend_of(&k) else { continue };
             if k.slot == 0 {
-                entries.insert(f, (v.svc_id, v.count, v.flags));
+                entries.insert(f, (v.svc_id, v.count, v.flags, v.affinity_timeout));
             } else {
                 slots.entry(f).or_default().insert(k.slot, v.backend_id);
             }
@@ -252,16 +254,17 @@ impl<D: Datapath> Reconciler<D> {
         }
         // Every slot ever written, including orphans past a count, so they get cleaned up.
         for (f, s) in &slots {
-            let (svc_id, count, flags) = entries.get(f).copied().unwrap_or((0, 0, 0));
+            let (svc_id, count, flags, affinity) = entries.get(f).copied().unwrap_or((0, 0, 0, 0));
             let max = s.keys().last().copied().unwrap_or(0);
             let list = (1..=max).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
-            self.frontends.insert(*f, FrontendState { svc_id, flags, count, slots: list });
+            self.frontends.insert(*f, FrontendState { svc_id, flags, count, affinity, slots: list });
         }
-        for (f, (svc_id, count, flags)) in &entries {
+        for (f, (svc_id, count, flags, affinity)) in &entries {
             self.frontends.entry(*f).or_insert(FrontendState {
                 flags: *flags,
                 svc_id: *svc_id,
                 count: *count,
+                affinity: *affinity,
                 slots: Vec::new(),
             });
             svc_ids_used.insert(*svc_id);
@@ -417,12 +420,16 @@ impl<D: Datapath> Reconciler<D> {
                         st.writes += 1;
                     }
                 }
+                let affinity = p.shown.affinity_timeout;
                 let entry_changed = match &old {
-                    Some(o) => o.svc_id != svc_id || o.count != count || o.flags != flags,
+                    Some(o) => {
+                        o.svc_id != svc_id || o.count != count || o.flags != flags || o.affinity != affinity
+                    }
                     None => true,
                 };
                 if entry_changed {
-                    let v = Svc4Value { svc_id, count, flags, ..Default::default() };
+                    let v =
+                        Svc4Value { svc_id, count, flags, affinity_timeout: affinity, ..Default::default() };
                     self.dp.write_service(key(f, 0), v)?;
                     st.writes += 1;
                 }
@@ -430,7 +437,7 @@ impl<D: Datapath> Reconciler<D> {
                 // the last one down; each stays in the picture until its delete succeeded.
                 let mut picture = slots.clone();
                 picture.extend_from_slice(old_slots.get(slots.len()..).unwrap_or_default());
-                self.frontends.insert(*f, FrontendState { svc_id, flags, count, slots: picture });
+                self.frontends.insert(*f, FrontendState { svc_id, flags, count, affinity, slots: picture });
                 for i in (slots.len()..old_slots.len()).rev() {
                     self.dp.delete_service(key(f, i as u16 + 1))?;
                     if let Some(fs) = self.frontends.get_mut(f) {

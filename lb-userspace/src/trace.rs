@@ -15,8 +15,8 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use lb_common::{
-    MAP_TRACE, STAT_NAMES, TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE,
-    TRACE_FRONTEND, TRACE_REWRITE, TraceRecord,
+    MAP_TRACE, STAT_NAMES, TRACE_AFFINITY, TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY,
+    TRACE_CT_STALE, TRACE_FRONTEND, TRACE_REWRITE, TraceRecord,
 };
 use serde::Serialize;
 
@@ -275,7 +275,10 @@ impl Tracer {
                     "create the conntrack entries client -> frontend and backend -> client".to_string(),
                 );
                 not_done.push(format!("add one to backend {}'s new-flow count", rec.backend_id));
-                let mut why = if rec.count == 1 {
+                let mut why = if steps & TRACE_AFFINITY != 0 {
+                    not_done.push("refresh the client's session affinity".to_string());
+                    format!("sessionAffinity ClientIP: the client keeps its backend (slot {})", rec.slot)
+                } else if rec.count == 1 {
                     "the frontend has one backend for new flows".to_string()
                 } else {
                     format!(

@@ -44,7 +44,13 @@ fn known_maps() -> (PathBuf, DirGuard) {
     ensure_bpffs().unwrap();
     let dir = PathBuf::from("/sys/fs/bpf").join(unique_prefix());
     let guard = DirGuard(dir.clone());
-    let caps = Capacities { service_entries: 64, backends: 16, ct_entries: 64, sock_nat_entries: 64 };
+    let caps = Capacities {
+        service_entries: 64,
+        backends: 16,
+        ct_entries: 64,
+        sock_nat_entries: 64,
+        affinity_entries: 64,
+    };
     drop(ebpf::load(Some(&dir), caps).expect("load with pins"));
     let mut m = BpfMaps::open(&dir).unwrap();
     let info = |ns: &str, name: &str, port_name: &str, port: u16, proto: u8, ty: u8| SvcInfo {

@@ -34,8 +34,13 @@ impl Dut {
     }
 
     fn with_config(yaml: &str, cfg: ModelConfig) -> Self {
-        let caps =
-            Capacities { service_entries: 4096, backends: 1024, ct_entries: 4096, sock_nat_entries: 1024 };
+        let caps = Capacities {
+            service_entries: 4096,
+            backends: 1024,
+            ct_entries: 4096,
+            sock_nat_entries: 1024,
+            affinity_entries: 1024,
+        };
         let mut ebpf =
             ebpf::load(None, caps).unwrap_or_else(|e| panic!("the verifier must accept the program: {e:?}"));
         let maps = BpfMaps::take(&mut ebpf).expect("maps");
@@ -1081,4 +1086,89 @@ fn a_snat_port_held_by_an_expired_flow_is_taken_again() {
     let again = snat_port(&mut dut);
     assert_eq!(dut.stat(Stat::CtExpired), 1);
     assert_eq!(again, first, "the expired flow's SNAT port is free again");
+}
+
+/// sticky: ClusterIP 198.18.0.50:80 with sessionAffinity ClientIP (100 s), three pods.
+const STICKY: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  clusterIP: 198.18.0.50
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 100}}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [198.18.1.2]}, {addresses: [198.18.2.2]}, {addresses: [198.18.3.2]}]
+"#;
+
+impl Dut {
+    /// Makes every session affinity `secs` older.
+    fn age_affinity(&mut self, secs: u32) {
+        let map = self.ebpf.map_mut(lb_common::MAP_AFFINITY).unwrap();
+        let mut aff: aya::maps::HashMap<_, lb_common::Affinity4Key, lb_common::Affinity4Value> =
+            aya::maps::HashMap::try_from(map).unwrap();
+        let entries: Vec<_> = aff.iter().filter_map(Result::ok).collect();
+        for (k, mut v) in entries {
+            v.last_used = v.last_used.wrapping_sub(secs);
+            aff.insert(k, v, 0).unwrap();
+        }
+    }
+}
+
+#[test]
+fn session_affinity_keeps_a_clients_backend_within_its_timeout() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(STICKY);
+    let vip = sa("198.18.0.50:80");
+    let new_flow = |dut: &mut Dut, client: &str, port: u16| -> String {
+        let c = SocketAddrV4::new(client.parse().unwrap(), port);
+        let (v, out) = dut.run(&Frame::tcp(c, vip).build());
+        assert_eq!(v, XDP_PASS);
+        let d = decode(&out).unwrap();
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+        backend_of(&d)
+    };
+    // Within the timeout: every new flow of a client goes where its first went, for each client.
+    for (i, client) in ["198.18.100.1", "198.18.100.2", "198.18.100.3", "198.18.100.4"].iter().enumerate() {
+        let first = new_flow(&mut dut, client, 40000);
+        for port in 40001..40030 {
+            assert_eq!(new_flow(&mut dut, client, port), first, "client {client}, flow {port}");
+        }
+        // Time passes, but less than the timeout since the last new flow: still kept.
+        dut.age_affinity(90);
+        assert_eq!(new_flow(&mut dut, client, 41000 + i as u16), first, "client {client} after 90 s");
+    }
+    // Past the timeout the client is balanced again: over 30 expiries it meets more than one
+    // backend (all alike by chance: 3^-29).
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 42000..42030 {
+        dut.age_affinity(101);
+        seen.insert(new_flow(&mut dut, "198.18.100.9", port));
+    }
+    assert!(seen.len() > 1, "after the timeout a client is balanced again: {seen:?}");
+
+    // The backend a client keeps leaves the service: the client moves to a remaining one, and
+    // keeps that one.
+    let kept = new_flow(&mut dut, "198.18.100.20", 43000);
+    let remaining: Vec<&str> =
+        ["198.18.1.2", "198.18.2.2", "198.18.3.2"].into_iter().filter(|b| *b != kept).collect();
+    let yaml = STICKY.replace(
+        "endpoints: [{addresses: [198.18.1.2]}, {addresses: [198.18.2.2]}, {addresses: [198.18.3.2]}]",
+        &format!("endpoints: [{{addresses: [{}]}}, {{addresses: [{}]}}]", remaining[0], remaining[1]),
+    );
+    assert_ne!(yaml, STICKY);
+    dut.apply(&yaml);
+    let moved = new_flow(&mut dut, "198.18.100.20", 43001);
+    assert!(remaining.contains(&moved.as_str()), "{moved} is not one of {remaining:?}");
+    for port in 43002..43010 {
+        assert_eq!(new_flow(&mut dut, "198.18.100.20", port), moved);
+    }
 }

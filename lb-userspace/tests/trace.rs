@@ -76,8 +76,13 @@ impl Live {
         ensure_bpffs().unwrap();
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique_prefix());
         let guard = DirGuard(pin_dir.clone());
-        let caps =
-            Capacities { service_entries: 4096, backends: 1024, ct_entries: 4096, sock_nat_entries: 1024 };
+        let caps = Capacities {
+            service_entries: 4096,
+            backends: 1024,
+            ct_entries: 4096,
+            sock_nat_entries: 1024,
+            affinity_entries: 1024,
+        };
         let ebpf = ebpf::load(Some(&pin_dir), caps).expect("load with pins");
         let rec = Reconciler::new(BpfMaps::open(&pin_dir).unwrap()).unwrap();
         let mut live = Live { ebpf, rec, pin_dir, _pins: guard };
