@@ -550,6 +550,35 @@ pub fn tcp_request(to: SocketAddrV4, timeout: Duration) -> anyhow::Result<Answer
     parse_answer(&line, from)
 }
 
+/// A TCP connection held open: each request is one line out and one answer back. Open it
+/// inside a namespace ([`Netns::enter`]); it can be used from any thread afterwards.
+pub struct HeldConn {
+    stream: TcpStream,
+    to: SocketAddrV4,
+}
+
+impl HeldConn {
+    pub fn open(to: SocketAddrV4, timeout: Duration) -> anyhow::Result<Self> {
+        let stream =
+            TcpStream::connect_timeout(&to.into(), timeout).with_context(|| format!("connect {to}"))?;
+        Ok(Self { stream, to })
+    }
+
+    /// One request on the connection.
+    pub fn request(&mut self, timeout: Duration) -> anyhow::Result<Answer> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.write_all(b"ping\n").with_context(|| format!("write to {}", self.to))?;
+        let mut line = String::new();
+        BufReader::new(&self.stream)
+            .read_line(&mut line)
+            .with_context(|| format!("read from {}", self.to))?;
+        if line.is_empty() {
+            bail!("{} closed the connection", self.to);
+        }
+        parse_answer(&line, self.stream.peer_addr()?)
+    }
+}
+
 /// One UDP request from a fresh socket (a new flow): the answer and where it came from.
 pub fn udp_request(to: SocketAddrV4, timeout: Duration) -> anyhow::Result<Answer> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
@@ -600,8 +629,8 @@ pub fn requests_from(
         .collect()
 }
 
-/// The echo server run in pods: answers every TCP connection and UDP datagram with
-/// `<name> <server addr> <peer addr>`. Runs until killed.
+/// The echo server run in pods: answers every request on a TCP connection (each read) and
+/// every UDP datagram with `<name> <server addr> <peer addr>`. Runs until killed.
 pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     for &port in tcp {
@@ -612,11 +641,15 @@ pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
                 let Ok(mut c) = conn else { continue };
                 let name = name.clone();
                 std::thread::spawn(move || {
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    // One answer per request (a read), until the client closes: a connection
+                    // can be held open and used again.
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(120)));
                     let mut buf = [0u8; 64];
-                    let _ = c.read(&mut buf);
-                    if let (Ok(local), Ok(peer)) = (c.local_addr(), c.peer_addr()) {
-                        let _ = c.write_all(format!("{name} {local} {peer}\n").as_bytes());
+                    while matches!(c.read(&mut buf), Ok(1..)) {
+                        let (Ok(local), Ok(peer)) = (c.local_addr(), c.peer_addr()) else { break };
+                        if c.write_all(format!("{name} {local} {peer}\n").as_bytes()).is_err() {
+                            break;
+                        }
                     }
                 });
             }
