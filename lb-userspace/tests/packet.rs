@@ -34,10 +34,14 @@ impl Dut {
     }
 
     fn with_config(yaml: &str, cfg: ModelConfig) -> Self {
+        Self::with_caps(yaml, cfg, 4096)
+    }
+
+    fn with_caps(yaml: &str, cfg: ModelConfig, ct_entries: u32) -> Self {
         let caps = Capacities {
             service_entries: 4096,
             backends: 1024,
-            ct_entries: 4096,
+            ct_entries,
             sock_nat_entries: 1024,
             affinity_entries: 1024,
         };
@@ -1171,4 +1175,44 @@ fn session_affinity_keeps_a_clients_backend_within_its_timeout() {
     for port in 43002..43010 {
         assert_eq!(new_flow(&mut dut, "198.18.100.20", port), moved);
     }
+}
+
+#[test]
+fn a_full_conntrack_map_evicts_old_flows_and_keeps_taking_new_ones() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    const CAPACITY: u32 = 256;
+    let mut dut = Dut::with_caps(WEB, ModelConfig::default(), CAPACITY);
+    let dns = sa("198.18.0.10:53");
+    let flows = 2000u16;
+    for port in 0..flows {
+        let client = SocketAddrV4::new("198.18.100.1".parse().unwrap(), 20000 + port);
+        let (v, out) = dut.run(&Frame::udp(client, dns).build());
+        assert_eq!(v, XDP_PASS, "flow {port}");
+        let d = decode(&out).unwrap();
+        assert!(BACKENDS.contains(&backend_of(&d).as_str()), "flow {port} was balanced: {d:?}");
+    }
+    // Every flow was taken: none dropped for want of room.
+    assert_eq!(dut.stat(Stat::DnatNew), u64::from(flows));
+    assert_eq!(dut.stat(Stat::DropCtFull), 0);
+    let ct = dut.rec.datapath().read_ct().unwrap();
+    assert!(ct.len() <= CAPACITY as usize, "{} entries in a map of {CAPACITY}", ct.len());
+    // The newest flow is tracked; the oldest ones were evicted.
+    let tracked = |port: u16| ct.iter().any(|(k, _)| k.dir == lb_common::CT_DIR_FORWARD && k.sport == port);
+    assert!(tracked(20000 + flows - 1), "the newest flow is tracked");
+    assert!(!tracked(20000), "the oldest flow was evicted");
+    // The counters say so: created, live, and evicted = created - expired - stale - live.
+    let stats = lb_userspace::cli::with_ct_rows(dut.rec.datapath().read_stats().unwrap(), &ct);
+    let get = |n: &str| stats.iter().find(|s| s.0 == n).unwrap().1;
+    let live = ct.iter().filter(|(k, _)| k.dir == lb_common::CT_DIR_FORWARD).count() as u64;
+    assert_eq!(get("ct_created"), u64::from(flows));
+    assert_eq!(get("ct_live"), live);
+    assert_eq!(get("ct_evicted"), u64::from(flows) - live);
+    assert!(get("ct_evicted") >= u64::from(flows) - u64::from(CAPACITY), "{stats:?}");
+    // A tracked flow still goes on to its backend.
+    let last = SocketAddrV4::new("198.18.100.1".parse().unwrap(), 20000 + flows - 1);
+    let before = dut.stat(Stat::DnatEstablished);
+    dut.run(&Frame::udp(last, dns).build());
+    assert_eq!(dut.stat(Stat::DnatEstablished), before + 1);
 }
