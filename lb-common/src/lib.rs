@@ -97,6 +97,45 @@ pub struct Affinity4Value {
     pub _pad2: u32,
 }
 
+/// Maglev lookup tables (hash of maps, [`maglev_key`] -> array of u64, each holding four u16
+/// slots: entry `i` of the table is bits `16 * (i % 4)..` of element `i / 4`): for each service
+/// port's list of selectable backends, the slot (1..=count) each flow hash leads to. Filled
+/// only when the agent runs with `--lb-algorithm maglev`.
+pub const MAP_MAGLEV: &str = "xlb_maglev4_v1";
+
+/// Table sizes allowed for Maglev: primes, so that every backend's permutation covers the table.
+pub const MAGLEV_SIZES: [u32; 10] = [251, 509, 1021, 2039, 4093, 8191, 16_381, 32_749, 65_521, 131_071];
+/// The default Maglev table size (64 KiB of kernel memory per table at two bytes a slot).
+pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;
+/// Elements (u64, four slots each) of a Maglev table of `size` entries.
+pub const fn maglev_elements(size: u32) -> u32 {
+    size.div_ceil(4)
+}
+
+/// `map_flags` of the Maglev tables: BPF_F_MMAPABLE | BPF_F_INNER_MAP.
+pub const MAGLEV_TABLE_FLAGS: u32 = 0x400 | 0x1000;
+
+/// Capacity of [`MAP_MAGLEV`]: two lists (all endpoints, this node's) per service port.
+pub const MAX_MAGLEV_TABLES: u32 = 131_072;
+
+/// Key of a service port's Maglev table in [`MAP_MAGLEV`]: `local` for the list of this node's
+/// endpoints that frontends with a traffic policy `Local` use.
+pub const fn maglev_key(svc_id: u32, local: bool) -> u32 {
+    (svc_id << 1) | local as u32
+}
+
+/// The hash that places a flow in a Maglev table: the client's address, port and protocol, so
+/// that every node sends the same flow to the same backend. Murmur3's finalizer over a mix.
+pub const fn maglev_flow_hash(saddr: [u8; 4], sport: u16, proto: u8) -> u32 {
+    let mut h = u32::from_ne_bytes(saddr).wrapping_mul(0x9e37_79b1)
+        ^ ((sport as u32) << 8 | proto as u32).wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 /// Settings of the datapath (array of one [`DatapathConfig`]), written by the agent at start.
 pub const MAP_CONFIG: &str = "xlb_config_v1";
 
@@ -125,7 +164,7 @@ pub const CT_TCP_CLOSE_S: u32 = 10;
 pub const CT_UDP_S: u32 = 60;
 
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT,
@@ -136,6 +175,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_SOCK_NAT,
     MAP_CONFIG,
     MAP_AFFINITY,
+    MAP_MAGLEV,
 ];
 
 /// The cgroup programs of socket-level load balancing: connections and datagrams of the node's
@@ -246,6 +286,9 @@ pub const SVC_F_NO_LOCAL_ENDPOINT: u16 = 1 << 5;
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 6;
 /// [`Svc4Value::flags`]: a pod's hostPort on this node's address (display only).
 pub const SVC_F_HOST_PORT: u16 = 1 << 7;
+/// [`Svc4Value::flags`]: the frontend's slots are this node's endpoints only (a traffic policy
+/// `Local` applies): its Maglev table is the service port's local one.
+pub const SVC_F_LOCAL_LIST: u16 = 1 << 8;
 
 /// The data of a [`MAP_SOURCE_RANGES`] key: the service port, then the client prefix. The key's
 /// prefix length is 32 (the whole service id) plus the range's own. 8 bytes.
@@ -600,6 +643,8 @@ pub const TRACE_CT_STALE: u32 = 1 << 2;
 pub const TRACE_CT_EXPIRED: u32 = 1 << 7;
 /// [`TraceRecord::steps`]: sessionAffinity ClientIP kept the client's backend (`slot`).
 pub const TRACE_AFFINITY: u32 = 1 << 8;
+/// [`TraceRecord::steps`]: the slot came from the service port's Maglev table.
+pub const TRACE_MAGLEV: u32 = 1 << 9;
 /// [`TraceRecord::steps`]: the destination is a service frontend.
 pub const TRACE_FRONTEND: u32 = 1 << 3;
 /// [`TraceRecord::steps`]: a backend was chosen for a new flow, and conntrack entries would be

@@ -11,14 +11,15 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, BACKEND_F_LOCAL, BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_NO_LOCAL_ENDPOINT,
-    SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key, TRACE_AFFINITY, TRACE_CT_EXPIRED, TRACE_CT_FORWARD,
-    TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord,
+    CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST,
+    SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key, TRACE_AFFINITY, TRACE_CT_EXPIRED,
+    TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_MAGLEV, TRACE_NEW_FLOW,
+    TRACE_REJECT, TRACE_REWRITE, TraceRecord, maglev_flow_hash, maglev_key,
 };
 
 use crate::{
     ct, icmp,
-    maps::{AFFINITY, BACKEND_FLOWS, BACKENDS, CT, SERVICES, SOURCE_RANGES, TRACE},
+    maps::{AFFINITY, BACKEND_FLOWS, BACKENDS, CONFIG, CT, MAGLEV, SERVICES, SOURCE_RANGES, TRACE},
     nat::{self, Side},
     parse::{self, Packet, Parsed},
     reject,
@@ -193,6 +194,8 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
     let kept = affinity != 0 && keep_affinity::<TRACE_MODE>(&mut key, &aff_key, count_, affinity, now);
     if kept {
         step(rec, |r| r.steps |= TRACE_AFFINITY);
+    } else if maglev_slot(&mut key, pkt, svc_id, svc_flags, count_) {
+        step(rec, |r| r.steps |= TRACE_MAGLEV);
     } else {
         // SAFETY: helper with no arguments.
         let rnd = unsafe { bpf_get_prandom_u32() };
@@ -245,6 +248,30 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
     nat::rewrite(pkt, Side::Destination, addr, port);
     step(rec, |r| r.steps |= TRACE_REWRITE);
     pass(rec, Stat::DnatNew, bytes)
+}
+
+/// With Maglev on (a table size in the settings), sets `key.slot` from the frontend's table:
+/// the same flow gets the same slot on every node. `false` (random selection) when Maglev is
+/// off, the table is missing, or it names no slot of the `count` selectable ones (an update in
+/// progress).
+#[inline(always)]
+fn maglev_slot(key: &mut Svc4Key, pkt: &Packet, svc_id: u32, flags: u16, count: u16) -> bool {
+    let size = CONFIG.get(0).map_or(0, |c| c.maglev_size);
+    if size == 0 {
+        return false;
+    }
+    let table = maglev_key(svc_id, flags & SVC_F_LOCAL_LIST != 0);
+    let idx = maglev_flow_hash(pkt.saddr.to_ne_bytes(), u16::from_be(pkt.sport), pkt.proto) % size;
+    // SAFETY: inner arrays are written only by the agent, which replaces a table whole (a new
+    // map swapped in), never in place.
+    let four = unsafe { MAGLEV.get_value(&table, &(idx / 4)) };
+    match four.map(|&v| (v >> ((idx % 4) * 16)) as u16) {
+        Some(slot) if slot >= 1 && slot <= count => {
+            key.slot = slot;
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Sets `key.slot` to the slot of the client's affinity entry if it is within `timeout` and the

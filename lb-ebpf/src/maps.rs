@@ -1,7 +1,7 @@
 //! The maps, one line of purpose each. Names and layouts come from lb-common; capacities here are
 //! defaults that the agent overrides at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -59,3 +59,15 @@ pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
 /// sessionAffinity ClientIP: (service port, client) -> the backend its new flows keep.
 #[btf_map(name = "xlb_affinity4_v1")]
 pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value, 65_536> = LruHashMap::new();
+
+/// Flags of the Maglev tables: BPF_F_INNER_MAP (the agent's tables may have another size than
+/// this template) and BPF_F_MMAPABLE (the agent fills a new table with one copy).
+const MAGLEV_TABLE_FLAGS: usize = lb_common::MAGLEV_TABLE_FLAGS as usize;
+
+/// Maglev: (service port, list) -> table of slots, four per u64 (see lb_common::MAP_MAGLEV).
+#[btf_map(name = "xlb_maglev4_v1")]
+pub static MAGLEV: HashOfMaps<
+    u32,
+    Array<u64, { lb_common::maglev_elements(lb_common::MAGLEV_DEFAULT_SIZE) as usize }, MAGLEV_TABLE_FLAGS>,
+    { lb_common::MAX_MAGLEV_TABLES as usize },
+> = HashOfMaps::new();

@@ -316,8 +316,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
     crate::datapath::write_config(&mut ebpf, cfg.datapath).context("writing the datapath's settings")?;
     info!(settings = ?cfg.datapath, "datapath settings (conntrack lifetimes in seconds; maglev_size 0: random selection)");
-    let maps = BpfMaps::open(&cfg.pin_dir)?;
-    let rec = Reconciler::new(maps).context("reading back the pinned maps")?;
+    let maps = BpfMaps::open(&cfg.pin_dir)?.with_maglev_pinned(&cfg.pin_dir)?;
+    let mut rec = Reconciler::new(maps).context("reading back the pinned maps")?;
+    rec.set_maglev(cfg.datapath.maglev_size);
     // Frontends on the node's own addresses need TC egress (tcx links, kernel 6.6) for their
     // replies; without it node ports are checked but not served.
     let node_addrs = if ebpf::tcx_supported() {

@@ -6,12 +6,13 @@ use std::{
 };
 
 use aya::maps::{
-    Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray,
+    Array, HashMap, HashOfMaps, IterableMap, Map, MapData, MapError, PerCpuArray,
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_SOURCE_RANGES,
-    MAP_STATS, MAP_SVC_INFO, STAT_COUNT, SrcRange4, StatValue, Svc4Key, Svc4Value, SvcInfo,
+    Backend4, Ct4Key, Ct4Value, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_MAGLEV, MAP_SERVICES,
+    MAP_SOURCE_RANGES, MAP_STATS, MAP_SVC_INFO, STAT_COUNT, SrcRange4, StatValue, Svc4Key, Svc4Value,
+    SvcInfo,
 };
 
 use crate::node::Cidr;
@@ -44,6 +45,8 @@ pub enum DatapathError {
     Full { name: &'static str, capacity: u32 },
     #[error("injected fault: {0}")]
     Injected(String),
+    #[error("this datapath has no {0}")]
+    Unsupported(&'static str),
 }
 
 /// Capacities of the maps the reconciler allocates from.
@@ -78,6 +81,19 @@ pub trait Datapath {
     fn read_ct(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError>;
     /// The counters summed over CPUs: `(name, packets, bytes)` for every [`lb_common::Stat`].
     fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError>;
+
+    // Maglev (used only when the reconciler builds tables).
+    /// The keys of the Maglev tables present ([`lb_common::maglev_key`]).
+    fn read_maglev_keys(&self) -> Result<Vec<u32>, DatapathError> {
+        Ok(Vec::new())
+    }
+    /// Puts `table` (slots, one per entry) at `key`, replacing the table there at once.
+    fn write_maglev(&mut self, _key: u32, _table: &[u16]) -> Result<(), DatapathError> {
+        Err(DatapathError::Unsupported("Maglev tables"))
+    }
+    fn delete_maglev(&mut self, _key: u32) -> Result<(), DatapathError> {
+        Err(DatapathError::Unsupported("Maglev tables"))
+    }
 }
 
 /// The kernel maps, opened from their pins (CLI, agent) or taken from a freshly loaded object
@@ -90,6 +106,8 @@ pub struct BpfMaps {
     pub svc_info: HashMap<MapData, u32, SvcInfo>,
     pub flows: Array<MapData, u64>,
     pub source_ranges: LpmTrie<MapData, SrcRange4, u8>,
+    /// Taken or opened by [`Self::with_maglev`] (the agent, tests); the CLI does without.
+    pub maglev: Option<HashOfMaps<MapData, u32, Array<MapData, u64>>>,
     capacity: Capacity,
 }
 
@@ -198,7 +216,32 @@ impl BpfMaps {
                 },
             });
         }
-        Ok(Self { services, backends, ct, stats, svc_info, flows, source_ranges, capacity })
+        Ok(Self { services, backends, ct, stats, svc_info, flows, source_ranges, maglev: None, capacity })
+    }
+
+    /// Adds the Maglev map, pinned under `pin_dir` (the agent).
+    pub fn with_maglev_pinned(mut self, pin_dir: &Path) -> Result<Self, DatapathError> {
+        let path = pin_dir.join(MAP_MAGLEV);
+        let data = open_pin(pin_dir, MAP_MAGLEV)?;
+        let map = Map::from_map_data(data).map_err(|source| DatapathError::Layout {
+            name: MAP_MAGLEV,
+            path: path.clone(),
+            source,
+        })?;
+        self.maglev = Some(typed(MAP_MAGLEV, &path, map)?);
+        Ok(self)
+    }
+
+    /// Adds the Maglev map, taken from a loaded object (packet tests).
+    pub fn with_maglev_taken(mut self, ebpf: &mut aya::Ebpf) -> Result<Self, DatapathError> {
+        let path = PathBuf::from("<loaded object>");
+        let map = ebpf.take_map(MAP_MAGLEV).ok_or_else(|| DatapathError::Layout {
+            name: MAP_MAGLEV,
+            path: path.clone(),
+            source: MapError::InvalidName { name: MAP_MAGLEV.into() },
+        })?;
+        self.maglev = Some(typed(MAP_MAGLEV, &path, map)?);
+        Ok(self)
     }
 
     /// The kernel's map ids, by name (to tell whether two handles are the same map).
@@ -384,6 +427,66 @@ impl Datapath for BpfMaps {
             })
             .collect()
     }
+
+    fn read_maglev_keys(&self) -> Result<Vec<u32>, DatapathError> {
+        let Some(m) = &self.maglev else { return Ok(Vec::new()) };
+        m.keys().collect::<Result<_, _>>().map_err(map_err("iterate", MAP_MAGLEV))
+    }
+
+    fn write_maglev(&mut self, key: u32, table: &[u16]) -> Result<(), DatapathError> {
+        let Some(m) = &mut self.maglev else { return Err(DatapathError::Unsupported("Maglev map")) };
+        let elements = lb_common::maglev_elements(table.len() as u32);
+        let inner = Array::<MapData, u64>::create(elements, lb_common::MAGLEV_TABLE_FLAGS)
+            .map_err(map_err("create a table for", MAP_MAGLEV))?;
+        let mut packed = vec![0u64; elements as usize];
+        for (i, &slot) in table.iter().enumerate() {
+            packed[i / 4] |= u64::from(slot) << ((i % 4) * 16);
+        }
+        fill_mmapped(IterableMap::map(&inner), &packed)?;
+        // One update swaps the whole table in: a packet sees the old table or the new one.
+        m.insert(key, &inner, 0).map_err(map_err("update", MAP_MAGLEV))
+    }
+
+    fn delete_maglev(&mut self, key: u32) -> Result<(), DatapathError> {
+        let Some(m) = &mut self.maglev else { return Err(DatapathError::Unsupported("Maglev map")) };
+        absent_ok(m.remove(&key)).map_err(map_err("delete", MAP_MAGLEV))
+    }
+}
+
+/// Copies `data` into a new, BPF_F_MMAPABLE array map through a shared mapping of it: one copy
+/// instead of a syscall per element.
+fn fill_mmapped(map: &MapData, data: &[u64]) -> Result<(), DatapathError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let len = std::mem::size_of_val(data);
+    if len == 0 {
+        return Ok(());
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: a fresh shared mapping of the map's value area (at least `len` bytes, since the
+    // map holds `data.len()` u64 elements), written within bounds and unmapped before return.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(DatapathError::Map {
+                op: "mmap a table of",
+                name: MAP_MAGLEV,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "mmap",
+                    io_error: std::io::Error::last_os_error(),
+                }),
+            });
+        }
+        std::ptr::copy_nonoverlapping(data.as_ptr().cast::<u8>(), p.cast::<u8>(), len);
+        libc::munmap(p, len);
+    }
+    Ok(())
 }
 
 /// The maps in memory, with the same capacity rules as the kernel's, for tests of the reconciler
@@ -401,6 +504,8 @@ pub struct MemDatapath {
     pub capacity: Option<Capacity>,
     /// Every write and delete, in order, as `(op, key)` strings, for ordering assertions.
     pub log: Vec<String>,
+    /// Maglev tables by key.
+    pub maglev: BTreeMap<u32, Vec<u16>>,
 }
 
 impl MemDatapath {
@@ -516,6 +621,22 @@ impl Datapath for MemDatapath {
             })
             .collect())
     }
+
+    fn read_maglev_keys(&self) -> Result<Vec<u32>, DatapathError> {
+        Ok(self.maglev.keys().copied().collect())
+    }
+
+    fn write_maglev(&mut self, key: u32, table: &[u16]) -> Result<(), DatapathError> {
+        self.log.push(format!("maglev {key}"));
+        self.maglev.insert(key, table.to_vec());
+        Ok(())
+    }
+
+    fn delete_maglev(&mut self, key: u32) -> Result<(), DatapathError> {
+        self.log.push(format!("maglev-delete {key}"));
+        self.maglev.remove(&key);
+        Ok(())
+    }
 }
 
 /// A datapath that fails some of its operations on purpose, to test that the reconciler
@@ -629,5 +750,17 @@ impl<D: Datapath> Datapath for FaultyDatapath<D> {
     }
     fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
         self.inner.read_stats()
+    }
+    fn read_maglev_keys(&self) -> Result<Vec<u32>, DatapathError> {
+        self.read_roll("reading the Maglev tables")?;
+        self.inner.read_maglev_keys()
+    }
+    fn write_maglev(&mut self, key: u32, table: &[u16]) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "writing a Maglev table")?;
+        self.inner.write_maglev(key, table)
+    }
+    fn delete_maglev(&mut self, key: u32) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "deleting a Maglev table")?;
+        self.inner.delete_maglev(key)
     }
 }

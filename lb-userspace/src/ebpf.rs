@@ -314,8 +314,10 @@ pub fn load_trace(pin_dir: &Path, expected: &[(&'static str, u32)]) -> Result<Eb
             // it) gets this tell-tale size, so that it can be recognised and its pin taken away
             // again.
             loader.map_pin_path(name, path.as_path()).map_max_entries(name, TRACE_SENTINEL_ENTRIES);
-        } else if [lb_common::MAP_CONFIG, lb_common::MAP_AFFINITY].contains(name) && path.exists() {
-            // The agent's settings (conntrack lifetimes) and the clients' affinities, read only.
+        } else if [lb_common::MAP_CONFIG, lb_common::MAP_AFFINITY, lb_common::MAP_MAGLEV].contains(name)
+            && path.exists()
+        {
+            // The agent's settings, the clients' affinities and the Maglev tables, read only.
             loader.map_pin_path(name, path.as_path());
         } else {
             // A map the trace program does not use (or the settings, never written: defaults):

@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod http;
 pub mod kube_source;
+pub mod maglev;
 pub mod manifests;
 pub mod metrics;
 pub mod model;

@@ -163,6 +163,21 @@ enum Mode {
     Generic,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LbAlgorithm {
+    Random,
+    Maglev,
+}
+
+fn parse_maglev_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if lb_common::MAGLEV_SIZES.contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not one of the prime table sizes {:?}", lb_common::MAGLEV_SIZES))
+    }
+}
+
 impl From<Mode> for XdpMode {
     fn from(m: Mode) -> Self {
         match m {
@@ -244,6 +259,15 @@ struct AgentArgs {
     /// Seconds a UDP flow stays tracked while idle.
     #[arg(long, default_value_t = lb_common::CT_UDP_S, value_parser = clap::value_parser!(u32).range(1..))]
     ct_udp_timeout: u32,
+    /// How new flows choose a backend: at random, or by Maglev consistent hashing (every node
+    /// picks the same backend for the same client address and port, and a backend change moves
+    /// few flows; costs --maglev-table-size x 2 bytes of kernel memory per service port).
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
+    lb_algorithm: LbAlgorithm,
+    /// Entries of each Maglev table: a prime, at least about 100 x the most backends a service
+    /// has (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071).
+    #[arg(long, default_value_t = lb_common::MAGLEV_DEFAULT_SIZE, value_parser = parse_maglev_size)]
+    maglev_table_size: u32,
     /// Capacity of the session affinity map (one entry per client and service port with
     /// sessionAffinity ClientIP; least recently used first out).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_AFFINITY)]
@@ -327,7 +351,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tcp_established_s: a.ct_tcp_established_timeout,
                     tcp_close_s: a.ct_tcp_close_timeout,
                     udp_s: a.ct_udp_timeout,
-                    maglev_size: 0,
+                    maglev_size: match a.lb_algorithm {
+                        LbAlgorithm::Random => 0,
+                        LbAlgorithm::Maglev => a.maglev_table_size,
+                    },
                     _pad: 0,
                 },
                 socket_lb_cgroup: match a.cgroup.as_str() {

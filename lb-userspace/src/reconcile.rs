@@ -115,6 +115,11 @@ pub struct Reconciler<D> {
     ranges: BTreeSet<(u32, crate::node::Cidr)>,
     /// Set when a write failed: the picture is re-read before the next apply.
     stale: bool,
+    /// Maglev table size; 0: no tables (random selection).
+    maglev_size: u32,
+    /// Maglev tables present, by key, with the backends they were built from (`None`: present,
+    /// content unknown, as after a restart).
+    maglev: BTreeMap<u32, Option<Vec<String>>>,
 }
 
 fn key(f: &Frontend, slot: u16) -> Svc4Key {
@@ -193,9 +198,22 @@ impl<D: Datapath> Reconciler<D> {
             be_ids: Ids::default(),
             ranges: BTreeSet::new(),
             stale: false,
+            maglev_size: 0,
+            maglev: BTreeMap::new(),
         };
         r.read_back()?;
         Ok(r)
+    }
+
+    /// Builds Maglev tables of `size` entries (a prime, see [`lb_common::MAGLEV_SIZES`]) for
+    /// every service port from the next apply on; 0 removes them (random selection).
+    pub fn set_maglev(&mut self, size: u32) {
+        if size != self.maglev_size {
+            self.maglev_size = size;
+            for v in self.maglev.values_mut() {
+                *v = None; // rebuilt at the new size
+            }
+        }
     }
 
     pub fn datapath(&self) -> &D {
@@ -289,6 +307,7 @@ impl<D: Datapath> Reconciler<D> {
         self.svc_ids = Ids::rebuild(svc_ids_used);
         self.be_ids = Ids::rebuild(be_used);
         self.ranges = self.dp.read_source_ranges()?.into_iter().collect();
+        self.maglev = self.dp.read_maglev_keys()?.into_iter().map(|k| (k, None)).collect();
         self.stale = false;
         Ok(())
     }
@@ -403,6 +422,7 @@ impl<D: Datapath> Reconciler<D> {
                 let mut flags = p.frontend_kinds.get(fi).copied().unwrap_or(0);
                 let (slots, count) = match &local {
                     Some(l) if p.local_only(flags) => {
+                        flags |= lb_common::SVC_F_LOCAL_LIST;
                         if l.1 == 0 && cluster.1 > 0 {
                             flags |= lb_common::SVC_F_NO_LOCAL_ENDPOINT;
                         }
@@ -446,6 +466,35 @@ impl<D: Datapath> Reconciler<D> {
                     st.deletes += 1;
                 }
             }
+        }
+
+        // 2b. Maglev tables: one per list of selectable backends (all, and this node's where a
+        // traffic policy Local applies), in slot order, swapped in whole. Written after the
+        // slots; until then the datapath ignores a slot past the count.
+        let mut wanted_tables: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        if self.maglev_size != 0 {
+            for (p, &svc_id) in desired.iter().zip(&ids) {
+                let lists = [(false, true), (true, p.frontend_kinds.iter().any(|&k| p.local_only(k)))];
+                for (local, wanted) in lists {
+                    let names: Vec<String> =
+                        p.selectable_where(local).map(|b| format!("{}:{}", b.addr, b.port)).collect();
+                    if wanted && !names.is_empty() {
+                        wanted_tables.insert(lb_common::maglev_key(svc_id, local), names);
+                    }
+                }
+            }
+        }
+        for (k, names) in &wanted_tables {
+            if self.maglev.get(k) != Some(&Some(names.clone())) {
+                self.dp.write_maglev(*k, &crate::maglev::table(names, self.maglev_size))?;
+                self.maglev.insert(*k, Some(names.clone()));
+                st.writes += 1;
+            }
+        }
+        for k in self.maglev.keys().filter(|k| !wanted_tables.contains_key(k)).copied().collect::<Vec<_>>() {
+            self.dp.delete_maglev(k)?;
+            self.maglev.remove(&k);
+            st.deletes += 1;
         }
 
         // 3. Frontends no longer wanted.

@@ -16,7 +16,7 @@ use aya::{
 };
 use lb_common::{
     MAP_TRACE, STAT_NAMES, TRACE_AFFINITY, TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY,
-    TRACE_CT_STALE, TRACE_FRONTEND, TRACE_REWRITE, TraceRecord,
+    TRACE_CT_STALE, TRACE_FRONTEND, TRACE_MAGLEV, TRACE_REWRITE, TraceRecord,
 };
 use serde::Serialize;
 
@@ -278,6 +278,11 @@ impl Tracer {
                 let mut why = if steps & TRACE_AFFINITY != 0 {
                     not_done.push("refresh the client's session affinity".to_string());
                     format!("sessionAffinity ClientIP: the client keeps its backend (slot {})", rec.slot)
+                } else if steps & TRACE_MAGLEV != 0 {
+                    format!(
+                        "slot {} of {} from the service port's Maglev table (the same on every node for this client address and port)",
+                        rec.slot, rec.count
+                    )
                 } else if rec.count == 1 {
                     "the frontend has one backend for new flows".to_string()
                 } else {

@@ -47,7 +47,7 @@ impl Dut {
         };
         let mut ebpf =
             ebpf::load(None, caps).unwrap_or_else(|e| panic!("the verifier must accept the program: {e:?}"));
-        let maps = BpfMaps::take(&mut ebpf).expect("maps");
+        let maps = BpfMaps::take(&mut ebpf).and_then(|m| m.with_maglev_taken(&mut ebpf)).expect("maps");
         let rec = Reconciler::new(maps).expect("reconciler");
         let mut dut = Dut { ebpf, rec, cfg };
         dut.apply(yaml);
@@ -1215,4 +1215,85 @@ fn a_full_conntrack_map_evicts_old_flows_and_keeps_taking_new_ones() {
     let before = dut.stat(Stat::DnatEstablished);
     dut.run(&Frame::udp(last, dns).build());
     assert_eq!(dut.stat(Stat::DnatEstablished), before + 1);
+}
+
+/// A ClusterIP 198.18.0.70:80 with pods 198.18.1.2 .. 198.18.<n>.2.
+fn pods_service(n: u8) -> String {
+    let eps: Vec<String> = (1..=n).map(|i| format!("{{addresses: [198.18.{i}.2]}}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: many, namespace: default}}\nspec:\n  clusterIP: 198.18.0.70\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: many-1, namespace: default, labels: {{kubernetes.io/service-name: many}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{}]\n",
+        eps.join(", ")
+    )
+}
+
+/// A node whose datapath selects by Maglev (table size `m`), serving `yaml`.
+fn maglev_node(yaml: &str, m: u32) -> Dut {
+    let mut dut = Dut::new("");
+    dut.set_config(lb_common::DatapathConfig { maglev_size: m, ..Default::default() });
+    dut.rec.set_maglev(m);
+    dut.apply(yaml);
+    dut
+}
+
+/// The backend each of `flows` new TCP flows (client ports 10000..) is sent to.
+fn choices(dut: &mut Dut, flows: u16) -> Vec<String> {
+    let vip = sa("198.18.0.70:80");
+    (0..flows)
+        .map(|i| {
+            let client =
+                SocketAddrV4::new(std::net::Ipv4Addr::new(198, 18, 100 + (i % 7) as u8, 1), 10000 + i);
+            let (v, out) = dut.run(&Frame::tcp(client, vip).build());
+            assert_eq!(v, XDP_PASS);
+            backend_of(&decode(&out).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn maglev_sends_a_flow_to_the_same_backend_on_every_node_and_moves_few_flows() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    const M: u32 = 1021;
+    const FLOWS: u16 = 2000;
+    let five = pods_service(5);
+    // Two nodes, each its own datapath and agent state: the same choice for every flow.
+    let on_node1 = choices(&mut maglev_node(&five, M), FLOWS);
+    let on_node2 = choices(&mut maglev_node(&five, M), FLOWS);
+    assert_eq!(on_node1, on_node2, "every node sends a flow to the same backend");
+    let used: std::collections::BTreeSet<&String> = on_node1.iter().collect();
+    assert_eq!(used.len(), 5, "the flows spread over all five backends");
+
+    // One of five backends goes: about a fifth of the flows move (those it had), barely more.
+    let four = pods_service(5).replace("{addresses: [198.18.3.2]}, ", "");
+    assert_ne!(four, five);
+    let after = choices(&mut maglev_node(&four, M), FLOWS);
+    let moved = on_node1.iter().zip(&after).filter(|(a, b)| a != b).count();
+    let had = on_node1.iter().filter(|b| *b == "198.18.3.2").count();
+    eprintln!("{moved} of {FLOWS} flows moved; the removed backend had {had}");
+    assert!(moved >= had, "every flow of the removed backend moved");
+    assert!(
+        (moved as f64) <= had as f64 * 1.25 + 20.0,
+        "Maglev moved {moved} flows; the removed backend had {had}"
+    );
+    assert!(after.iter().all(|b| b != "198.18.3.2"));
+
+    // The same change on a live node: the agent swaps the table in, and new flows follow it.
+    let mut node = maglev_node(&five, M);
+    node.apply(&four);
+    let vip = sa("198.18.0.70:80");
+    let client = SocketAddrV4::new("198.18.100.1".parse().unwrap(), 65000);
+    let (_, out) = node.run(&Frame::tcp(client, vip).build());
+    let mut fresh = maglev_node(&four, M);
+    let (_, expect) = fresh.run(&Frame::tcp(client, vip).build());
+    assert_eq!(backend_of(&decode(&out).unwrap()), backend_of(&decode(&expect).unwrap()));
+
+    // Random selection (no Maglev) agrees between two nodes for about a fifth of the flows only.
+    let r1 = choices(&mut Dut::new(&five), 500);
+    let r2 = choices(&mut Dut::new(&five), 500);
+    let same = r1.iter().zip(&r2).filter(|(a, b)| a == b).count();
+    assert!(
+        same < 250,
+        "random selection agreed on {same} of 500: the test above would not tell Maglev apart"
+    );
 }

@@ -373,6 +373,8 @@ pub struct SingleNode {
     pub servers: Vec<Proc>,
     /// The node's cgroup, where its agent attaches socket-level balancing.
     pub cgroup: Option<TestCgroup>,
+    /// More flags for the agent (e.g. `--lb-algorithm maglev`).
+    pub agent_args: Vec<String>,
     // Dropped last (declaration order): the pins and files outlive the processes using them.
     _pins: DirGuard,
     _work: DirGuard,
@@ -422,6 +424,7 @@ impl SingleNode {
             agent: None,
             servers: Vec::new(),
             cgroup,
+            agent_args: Vec::new(),
             _pins: pins_guard,
             _work: work_guard,
         })
@@ -457,6 +460,7 @@ impl SingleNode {
             name: "node-1",
             ifaces: &self.node_ifaces,
             cgroup: self.cgroup.as_ref().map(|c| c.path.as_path()),
+            args: &self.agent_args,
         };
         spawn_agent(&self.xlb, &node, &self.manifests, "xlb agent", &self.work.join("agent.log"))
     }
@@ -733,6 +737,8 @@ struct AgentNode<'a> {
     /// The node's cgroup for socket-level balancing; `None`: `--cgroup off`. Never the
     /// machine's own.
     cgroup: Option<&'a Path>,
+    /// More agent flags.
+    args: &'a [String],
 }
 
 /// Starts `xlb agent` in `node`'s namespace (through nsenter, so that /sys/fs/bpf stays the
@@ -758,6 +764,7 @@ fn spawn_agent(
     for i in node.ifaces {
         cmd.arg("--iface").arg(i);
     }
+    cmd.args(node.args);
     let mut agent = Proc::spawn(what, &mut cmd, Some(log))?;
     agent.wait_for_log(" ready pin_dir=", Duration::from_secs(30))?;
     Ok(agent)
@@ -889,7 +896,8 @@ impl TwoNodes {
                 .collect();
             let name = format!("node-{}", i + 1);
             let cgroup = self.cgroups[i].as_ref().map(|c| c.path.as_path());
-            let node = AgentNode { ns, pin_dir: &self.pin_dirs[i], name: &name, ifaces: &ifaces, cgroup };
+            let node =
+                AgentNode { ns, pin_dir: &self.pin_dirs[i], name: &name, ifaces: &ifaces, cgroup, args: &[] };
             let log = self.work.join(format!("agent-node{}.log", i + 1));
             let agent =
                 spawn_agent(&self.xlb, &node, &self.manifests, &format!("xlb agent on {name}"), &log)?;

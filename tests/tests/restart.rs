@@ -178,3 +178,40 @@ fn an_agent_of_a_new_layout_takes_over_and_removes_the_old_maps() {
     // Traffic still flows.
     bed.client.enter(|| tcp_request("198.18.0.10:80".parse().unwrap(), Duration::from_secs(2))).unwrap();
 }
+
+#[test]
+fn maglev_selection_serves_traffic_and_survives_a_restart() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    bed.agent_args = ["--lb-algorithm", "maglev", "--maglev-table-size", "1021"].map(String::from).to_vec();
+    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
+    bed.write_manifest("web.yaml", MANIFEST).unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    let vip = "198.18.0.10:80".parse().unwrap();
+    let pods = |bed: &SingleNode| -> std::collections::BTreeSet<String> {
+        bed.client.enter(|| {
+            (0..40).map(|_| tcp_request(vip, Duration::from_secs(3)).expect("request").pod).collect()
+        })
+    };
+    assert_eq!(pods(&bed).len(), 2, "new flows spread over both pods");
+    // The trace names the table it took the slot from.
+    let t = bed
+        .xlb_cli(&["trace", "--from", "198.18.100.2:40000", "--to", "198.18.0.10:80", "-o", "json"])
+        .unwrap();
+    assert!(t.contains("Maglev table"), "{t}");
+    // The agent restarts onto the pinned tables and keeps serving.
+    bed.agent.take().unwrap().stop(Duration::from_secs(5));
+    bed.start_agent().expect("agent again");
+    let log = bed.agent.as_ref().unwrap().log_text();
+    assert!(log.contains("maglev_size: 1021"), "{log}");
+    assert_eq!(pods(&bed).len(), 2);
+    let t2 = bed
+        .xlb_cli(&["trace", "--from", "198.18.100.2:40000", "--to", "198.18.0.10:80", "-o", "json"])
+        .unwrap();
+    let backend = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap()["backend"].clone();
+    assert!(!backend(&t).is_null(), "{t}");
+    assert_eq!(backend(&t), backend(&t2), "the same flow goes to the same backend after the restart");
+}
