@@ -1297,3 +1297,63 @@ fn maglev_sends_a_flow_to_the_same_backend_on_every_node_and_moves_few_flows() {
         "random selection agreed on {same} of 500: the test above would not tell Maglev apart"
     );
 }
+
+#[test]
+fn serving_terminating_endpoints_take_new_flows_only_when_none_is_ready() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    // 198.18.1.2 terminating but serving, 198.18.2.2 terminating and no longer serving.
+    let draining = WEB
+        .replace(
+            "- addresses: [198.18.1.2]\n  conditions: {ready: true}",
+            "- addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}",
+        )
+        .replace(
+            "- addresses: [198.18.2.2]\n  conditions: {ready: true}",
+            "- addresses: [198.18.2.2]\n  conditions: {ready: false, serving: false, terminating: true}",
+        );
+    assert_eq!(draining.matches("terminating: true").count(), 2);
+    let mut dut = Dut::new(&draining);
+    for port in 33000..33050u16 {
+        let c = SocketAddrV4::new("198.18.100.1".parse().unwrap(), port);
+        let (v, out) = dut.run(&Frame::tcp(c, sa("198.18.0.10:80")).build());
+        assert_eq!((v, backend_of(&decode(&out).unwrap())), (XDP_PASS, "198.18.1.2".to_string()));
+    }
+    // Once a ready endpoint exists again, new flows go to it only.
+    dut.apply(&draining.replace(
+        "- addresses: [198.18.2.2]\n  conditions: {ready: false, serving: false, terminating: true}",
+        "- addresses: [198.18.2.2]\n  conditions: {ready: true}",
+    ));
+    for port in 33100..33150u16 {
+        let c = SocketAddrV4::new("198.18.100.1".parse().unwrap(), port);
+        let (_, out) = dut.run(&Frame::tcp(c, sa("198.18.0.10:80")).build());
+        assert_eq!(backend_of(&decode(&out).unwrap()), "198.18.2.2");
+    }
+}
+
+#[test]
+fn a_tcp_flow_whose_endpoint_is_removed_is_reset_at_its_next_packet() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    let vip = sa("198.18.0.10:80");
+    let client = flow_to(&mut dut, |c| Frame::tcp(c, vip), "198.18.1.2", 34000);
+    let ack = |c: SocketAddrV4| Frame { tcp_flags: 0x10, ..Frame::tcp(c, vip) }.build();
+    // Its endpoint leaves, another stays: the next segment is balanced again and goes to the
+    // other pod, whose kernel knows no such connection and resets it.
+    dut.apply(&WEB.replace("- addresses: [198.18.1.2]\n  conditions: {ready: true}\n", ""));
+    let (v, out) = dut.run(&ack(client));
+    assert_eq!((v, backend_of(&decode(&out).unwrap())), (XDP_PASS, "198.18.2.2".to_string()));
+    assert_eq!(dut.stat(Stat::CtStaleBackend), 1);
+    // No endpoint is left at all: the node itself answers the next segment with a reset.
+    let other = flow_to(&mut dut, |c| Frame::tcp(c, vip), "198.18.2.2", 35000);
+    dut.apply(&WEB.replace("- addresses: [198.18.1.2]\n  conditions: {ready: true}\n- addresses: [198.18.2.2]\n  conditions: {ready: true}\n", ""));
+    let (v, out) = dut.run(&ack(other));
+    assert_eq!(v, 3, "XDP_TX: answered on the spot");
+    let d = decode(&out).unwrap();
+    assert_eq!((d.src, d.dst), (vip, other), "a reset from the Service address to the client");
+    assert_eq!(out[14 + 20 + 13] & 0x04, 0x04, "RST set");
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+}
