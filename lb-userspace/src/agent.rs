@@ -105,11 +105,38 @@ pub struct Syncer<D> {
     pub cache: ModelCache,
     /// The node's addresses as last read by the watcher task; taken into `cfg` at each sync.
     pub node_addrs: Option<Arc<std::sync::Mutex<Vec<std::net::Ipv4Addr>>>>,
+    /// (pin directory, cgroup) of socket-level balancing, whose sockets connected to removed
+    /// backends are terminated after each sync; `None`: off.
+    pub terminate: Option<(PathBuf, PathBuf)>,
 }
 
 impl<D: Datapath> Syncer<D> {
     pub fn new(rec: Reconciler<D>, cfg: ModelConfig, metrics: Arc<Metrics>) -> Self {
-        Self { rec, cfg, metrics, cache: ModelCache::default(), node_addrs: None }
+        Self { rec, cfg, metrics, cache: ModelCache::default(), node_addrs: None, terminate: None }
+    }
+
+    /// Destroys the sockets that socket-level balancing connected to the backends the last
+    /// applies removed, so that their owners connect again to live ones.
+    fn terminate_sockets(&mut self) {
+        let freed = self.rec.take_freed();
+        let Some((pin_dir, cgroup)) = &self.terminate else { return };
+        if freed.is_empty() {
+            return;
+        }
+        let gone: std::collections::HashSet<crate::sockterm::Gone> = freed.into_iter().collect();
+        let result = crate::sockterm::cookies_for(pin_dir, &gone).and_then(|cookies| {
+            if cookies.is_empty() {
+                return Ok(0);
+            }
+            crate::sockterm::terminate(&crate::sockterm::namespaces_below(cgroup), &gone, &cookies)
+        });
+        match result {
+            Ok(0) => {}
+            Ok(n) => {
+                info!(sockets = n, backends = gone.len(), "terminated sockets connected to removed backends")
+            }
+            Err(e) => warn!(error = %e, "cannot terminate the sockets connected to removed backends"),
+        }
     }
 
     /// Builds the model and writes the difference. Invalid objects are logged and counted, not
@@ -134,6 +161,7 @@ impl<D: Datapath> Syncer<D> {
         }
         match self.rec.apply(&model.ports) {
             Ok(stats) => {
+                self.terminate_sockets();
                 let elapsed = started.elapsed();
                 let mut rejected = std::collections::BTreeMap::new();
                 for r in &model.rejected {
@@ -344,6 +372,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ..ModelConfig::default()
     };
     let mut syncer = Syncer::new(rec, model_cfg, metrics.clone());
+    syncer.terminate = cfg.socket_lb_cgroup.clone().map(|c| (cfg.pin_dir.clone(), c));
 
     let _http = match cfg.http_addr {
         Some(addr) => {

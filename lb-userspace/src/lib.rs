@@ -13,4 +13,5 @@ pub mod model;
 pub mod node;
 pub mod packet;
 pub mod reconcile;
+pub mod sockterm;
 pub mod trace;

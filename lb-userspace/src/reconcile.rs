@@ -120,6 +120,8 @@ pub struct Reconciler<D> {
     /// Maglev tables present, by key, with the backends they were built from (`None`: present,
     /// content unknown, as after a restart).
     maglev: BTreeMap<u32, Option<Vec<String>>>,
+    /// Backends freed since [`Self::take_freed`] was last called: (address, port, protocol).
+    freed: Vec<(Ipv4Addr, u16, u8)>,
 }
 
 fn key(f: &Frontend, slot: u16) -> Svc4Key {
@@ -200,6 +202,7 @@ impl<D: Datapath> Reconciler<D> {
             stale: false,
             maglev_size: 0,
             maglev: BTreeMap::new(),
+            freed: Vec::new(),
         };
         r.read_back()?;
         Ok(r)
@@ -214,6 +217,11 @@ impl<D: Datapath> Reconciler<D> {
                 *v = None; // rebuilt at the new size
             }
         }
+    }
+
+    /// The backends freed by the applies since the last call: (address, port, protocol).
+    pub fn take_freed(&mut self) -> Vec<(Ipv4Addr, u16, u8)> {
+        std::mem::take(&mut self.freed)
     }
 
     pub fn datapath(&self) -> &D {
@@ -555,6 +563,7 @@ impl<D: Datapath> Reconciler<D> {
         for (k, id) in dead {
             self.dp.write_backend(id, Backend4::default())?;
             st.writes += 1;
+            self.freed.push((k.addr, k.port, k.proto.number()));
             self.backend_ids.remove(&k);
             self.backend_values.remove(&id);
             self.be_ids.release(id);

@@ -277,6 +277,20 @@ impl Proc {
         }
     }
 
+    /// Waits until the process exits by itself (its exit status).
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} still runs after {timeout:?}:\n{}", self.name, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill on our own child's pid.

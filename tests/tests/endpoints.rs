@@ -212,3 +212,95 @@ fn scaling_5_to_1_to_5_under_load_loses_nothing_that_should_live() {
     assert!(stats["ct_stale_backend"]["packets"].as_u64().unwrap() >= 1, "{stats}");
     assert_eq!(stats["drop_stale_slot"]["packets"], 0, "{stats}");
 }
+
+/// (epoch ms, "ok POD" or "err ...") lines of an `xlb-testbed session` log.
+fn session_lines(log: &str) -> Vec<(u128, String)> {
+    log.lines()
+        .filter_map(|l| {
+            let (t, rest) = l.split_once(' ')?;
+            Some((t.parse().ok()?, rest.to_string()))
+        })
+        .collect()
+}
+
+fn epoch_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+}
+
+#[test]
+fn sockets_connected_to_a_removed_backend_are_terminated_and_reconnect_to_a_live_one() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
+    let mut bed = SingleNode::new(&["pod-0", "pod-1"]).expect("test bed");
+    let Some(cg) = bed.cgroup.as_ref().map(|c| c.path.clone()) else {
+        assert!(
+            std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
+            "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
+        );
+        eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
+        return;
+    };
+    bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
+    bed.write_manifest("churn.yaml", &manifest(&[0, 1], &[])).unwrap();
+    bed.start_agent().expect("agent");
+    wait_applied(&bed, &[0, 1], 2);
+
+    // A node process with a connected UDP socket and one with a TCP connection, both opened
+    // through the ClusterIP (balanced at the socket: the node has no route to it).
+    let mut sessions = Vec::new();
+    for (proto, to) in [("--udp", "198.18.0.60:53"), ("--tcp", "198.18.0.60:80")] {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &bed.node.name]).arg(&testbed).args([
+            "session",
+            proto,
+            to,
+            "--count",
+            "80",
+            "--interval-ms",
+            "25",
+        ]);
+        xlb_tests::in_cgroup(&mut cmd, &cg).unwrap();
+        let log = bed.work.join(format!("session{proto}.log"));
+        sessions.push(xlb_tests::Proc::spawn(&format!("session {proto}"), &mut cmd, Some(&log)).unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sessions.iter().any(|s| session_lines(&s.log_text()).len() < 10) {
+        assert!(Instant::now() < deadline, "sessions did not start:\n{}", bed.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Remove pod-0 when one session uses it, else pod-1; the sessions' pods, by their answers.
+    let using = |s: &xlb_tests::Proc| session_lines(&s.log_text()).last().unwrap().1.clone();
+    let (udp_pod, tcp_pod) = (using(&sessions[0]), using(&sessions[1]));
+    let gone = if udp_pod == "ok pod-0" || tcp_pod == "ok pod-0" { 0 } else { 1 };
+    let stays = 1 - gone;
+    bed.write_manifest("churn.yaml", &manifest(&[stays], &[])).unwrap();
+    wait_applied(&bed, &[stays], 1);
+    let applied = epoch_ms();
+    for s in &mut sessions {
+        let status = s.wait_exit(Duration::from_secs(10)).unwrap();
+        assert!(status.success(), "{}: {status}\n{}", s.name, s.log_text());
+    }
+    for (s, was) in sessions.iter().zip([udp_pod, tcp_pod]) {
+        let lines = session_lines(&s.log_text());
+        let after: Vec<&(u128, String)> = lines.iter().filter(|(t, _)| *t > applied + 100).collect();
+        assert!(after.len() >= 10, "{}: too few requests after the removal: {lines:?}", s.name);
+        // From shortly after the removal on, only the pod that stays answers.
+        assert!(
+            after.iter().all(|(_, r)| *r == format!("ok pod-{stays}")),
+            "{}: a request after the removal of pod-{gone} did not reach pod-{stays}: {after:?}",
+            s.name
+        );
+        if was == format!("ok pod-{gone}") {
+            // This session's socket was on the removed pod: it was terminated, and reconnected.
+            let err = lines.iter().find(|(_, r)| r.starts_with("err"));
+            assert!(err.is_some_and(|(t, _)| *t >= applied.saturating_sub(1000)), "{}: {lines:?}", s.name);
+        }
+    }
+    assert!(
+        bed.logs().contains("terminated sockets connected to removed backends"),
+        "the agent says what it did:\n{}",
+        bed.logs()
+    );
+}

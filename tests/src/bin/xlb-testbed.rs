@@ -18,7 +18,7 @@ const DEMO_MANIFEST: &str = include_str!("../../manifests/demo.yaml");
 
 fn usage() -> ! {
     eprintln!(
-        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed request (--tcp|--udp) ADDR:PORT [--count N]\n       xlb-testbed demo"
+        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed request (--tcp|--udp) ADDR:PORT [--count N]\n       xlb-testbed session (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed demo"
     );
     std::process::exit(2)
 }
@@ -62,6 +62,24 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Some("session") => {
+            // One connection (TCP, or a connected UDP socket) used every interval; on an error
+            // it says so and connects again. Each line: epoch ms, then `ok POD` or `err ...`.
+            let (mut to, mut udp, mut count, mut every) = (None, false, 10usize, 50u64);
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                let v = it.next().unwrap_or_else(|| usage());
+                match a.as_str() {
+                    "--tcp" => to = Some(v.parse::<SocketAddrV4>()?),
+                    "--udp" => (to, udp) = (Some(v.parse::<SocketAddrV4>()?), true),
+                    "--count" => count = v.parse()?,
+                    "--interval-ms" => every = v.parse()?,
+                    _ => usage(),
+                }
+            }
+            let to = to.unwrap_or_else(|| usage());
+            session(to, udp, count, Duration::from_millis(every))
+        }
         Some("demo") => {
             let stop = install_interrupt_flag();
             match demo(stop) {
@@ -75,6 +93,48 @@ fn main() -> anyhow::Result<()> {
         }
         _ => usage(),
     }
+}
+
+fn session(to: SocketAddrV4, udp: bool, count: usize, every: Duration) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    enum Conn {
+        Tcp(xlb_tests::HeldConn),
+        Udp(std::net::UdpSocket),
+    }
+    let open = || -> anyhow::Result<Conn> {
+        Ok(if udp {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(to)?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Conn::Udp(s)
+        } else {
+            Conn::Tcp(xlb_tests::HeldConn::open(to, TIMEOUT)?)
+        })
+    };
+    let now_ms =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut conn = open()?;
+    for _ in 0..count {
+        let r = match &mut conn {
+            Conn::Tcp(c) => c.request(TIMEOUT).map(|a| a.pod),
+            Conn::Udp(s) => (|| -> anyhow::Result<String> {
+                s.send(b"session\n")?;
+                let mut buf = [0u8; 256];
+                let n = s.recv(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap_or("").to_string())
+            })(),
+        };
+        match r {
+            Ok(pod) => println!("{} ok {pod}", now_ms()),
+            Err(e) => {
+                println!("{} err {e:#}", now_ms());
+                conn = open()?;
+            }
+        }
+        std::io::stdout().flush()?;
+        std::thread::sleep(every);
+    }
+    Ok(())
 }
 
 fn step(stop: &AtomicBool, what: &str) -> anyhow::Result<()> {
