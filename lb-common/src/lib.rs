@@ -25,7 +25,7 @@ pub const MAP_SERVICES: &str = "xlb_svc4_v1";
 /// Backends by id (array, index -> [`Backend4`]); id 0 is never used.
 pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
-pub const MAP_CT: &str = "xlb_ct4_v1";
+pub const MAP_CT: &str = "xlb_ct4_v2";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
 pub const MAP_STATS: &str = "xlb_stats_v8";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
@@ -341,10 +341,16 @@ pub const CT_F_DNAT_BACK: u8 = 1 << 1;
 /// the SNAT address and port).
 pub const CT_F_SNAT: u8 = 1 << 2;
 
-/// [`Ct4Key::dir`]: a SNATed flow's packet as it leaves towards its backend on another node
-/// (client -> backend); TC egress writes `nat_addr`:`nat_port` (node address, SNAT port) as
-/// its source.
+/// [`Ct4Key::dir`]: a SNATed flow's packet as it leaves towards its backend on another node,
+/// keyed (client:SNAT port -> backend) since XDP already gave it the SNAT port; TC egress writes
+/// `nat_addr` (the node address) as its source.
 pub const CT_DIR_SNAT: u8 = 2;
+
+/// [`Ct4Key::dir`]: a SNATed flow's reply as it leaves towards its client (backend -> client,
+/// once XDP wrote the client back as destination); TC egress writes `nat_addr`:`nat_port` (the
+/// frontend) as its source. Apart from [`CT_DIR_REPLY`], because the same client port may have a
+/// flow to the same backend through another frontend, whose reply entry has that same tuple.
+pub const CT_DIR_SNAT_REPLY: u8 = 3;
 
 /// Source ports given to SNATed flows, chosen per flow so that (node address, port, backend)
 /// never collide. The agent reserves them from the node's own sockets
@@ -366,13 +372,13 @@ pub struct Ct4Key {
     pub dport: u16,
     /// IP protocol number.
     pub proto: u8,
-    /// [`CT_DIR_FORWARD`], [`CT_DIR_REPLY`] or [`CT_DIR_SNAT`].
+    /// [`CT_DIR_FORWARD`], [`CT_DIR_REPLY`], [`CT_DIR_SNAT`] or [`CT_DIR_SNAT_REPLY`].
     pub dir: u8,
     /// Always zero.
     pub _pad: u16,
 }
 
-/// Value of [`MAP_CT`]. 24 bytes.
+/// Value of [`MAP_CT`]. 28 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Ct4Value {
@@ -394,6 +400,11 @@ pub struct Ct4Value {
     pub created: u32,
     /// Seconds of CLOCK_MONOTONIC when a packet last used the entry.
     pub last_seen: u32,
+    /// Forward entry of a SNATed flow ([`CT_F_SNAT`]): the source port its packets get at XDP
+    /// (the address follows at TC egress). Host order; 0 otherwise.
+    pub snat_port: u16,
+    /// Always zero.
+    pub _pad: u16,
 }
 
 /// [`SockNat4Key::kind`]: keyed by a backend; the value is the frontend the socket called.
@@ -661,7 +672,7 @@ const _: () = {
     assert!(core::mem::size_of::<Svc4Value>() == 16);
     assert!(core::mem::size_of::<Backend4>() == 8);
     assert!(core::mem::size_of::<Ct4Key>() == 16);
-    assert!(core::mem::size_of::<Ct4Value>() == 24);
+    assert!(core::mem::size_of::<Ct4Value>() == 28);
     assert!(core::mem::size_of::<StatValue>() == 16);
     assert!(core::mem::size_of::<SvcInfo>() == 432);
     assert!(core::mem::size_of::<TraceRecord>() == 32);

@@ -1,9 +1,9 @@
 //! Connection tracking: one LRU entry per direction of each translated flow.
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, CT_F_SNAT, CT_TCP_CLOSE_S,
-    CT_TCP_ESTABLISHED_S, CT_TCP_SYN_S, CT_UDP_S, Ct4Key, Ct4Value, IPPROTO_TCP, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, TCP_ACK, TCP_FIN, TCP_RST,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT,
+    CT_F_SNAT, CT_TCP_CLOSE_S, CT_TCP_ESTABLISHED_S, CT_TCP_SYN_S, CT_UDP_S, Ct4Key, Ct4Value, IPPROTO_TCP,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_FIN, TCP_RST,
 };
 
 use crate::{
@@ -101,6 +101,8 @@ pub fn create(
         svc_id,
         created: now,
         last_seen: now,
+        snat_port: 0,
+        _pad: 0,
     };
     let reply_key = Ct4Key {
         saddr: backend_addr,
@@ -127,19 +129,34 @@ pub fn create(
 /// BPF_NOEXIST: insert only if the key is new.
 const NOEXIST: u64 = 1;
 
+/// Inserts `value` at `key` if the key is free (atomically: of two CPUs claiming it, one wins)
+/// or held by an expired entry.
+#[inline(always)]
+fn claim(key: Ct4Key, value: Ct4Value, proto: u8, now: u32) -> bool {
+    if CT.insert(key, value, NOEXIST).is_ok() {
+        return true;
+    }
+    // SAFETY: pointer from a lookup in this run; plain integer reads.
+    let stale = CT.get_ptr(key).is_some_and(|e| expired(unsafe { &*e }, proto, now));
+    stale && CT.insert(key, value, 0).is_ok()
+}
+
 /// Tracks a new flow from a node-address frontend to a backend on another node: besides the
 /// DNAT, its packets leave with the node address and a SNAT port as their source, so that the
 /// backend's replies come back here. A hairpin flow (a pod landing on itself through its
 /// Service) is tracked the same way, with the frontend (a ClusterIP) in place of the node
-/// address. Four entries:
+/// address. The SNAT port is written at XDP with the DNAT, the address at TC egress (a packet
+/// arriving with a local source address is a martian); so the packet is told apart at egress
+/// from any other flow of the same client port to the same backend. Four entries:
 ///
 /// - (backend -> node:snat port, reply): write the client back as destination, at XDP;
-/// - (backend -> client, reply): write the frontend back as source, at TC egress;
-/// - (client -> backend, snat): write node:snat port as source, at TC egress;
-/// - (client -> frontend, forward): the DNAT, as for every flow; written last.
+/// - (backend -> client, snat reply): write the frontend back as source, at TC egress;
+/// - (client:snat port -> backend, snat): write the node address as source, at TC egress;
+/// - (client -> frontend, forward): the DNAT and the SNAT port, as for every flow; written last.
 ///
 /// The SNAT port is drawn from a hash of the flow and probed until (backend, node, port) is
-/// free. `Err` when no port was free among the probes or an insert failed.
+/// free, and no other flow of the client from that port to that backend exists. Returns the
+/// port; `Err` when no port was free among the probes or an insert failed.
 #[inline(always)]
 pub fn create_snat(
     pkt: &Packet,
@@ -147,7 +164,7 @@ pub fn create_snat(
     backend_port: u16,
     backend_id: u32,
     svc_id: u32,
-) -> Result<(), i32> {
+) -> Result<u16, i32> {
     let now = now_secs();
     let client = pkt.saddr.to_ne_bytes();
     let (cport, frontend, fport) =
@@ -161,7 +178,19 @@ pub fn create_snat(
         svc_id,
         created: now,
         last_seen: now,
+        snat_port: 0,
+        _pad: 0,
     };
+    let out_of = |port: u16| Ct4Key {
+        saddr: client,
+        daddr: backend_addr,
+        sport: port,
+        dport: backend_port,
+        proto: pkt.proto,
+        dir: CT_DIR_SNAT,
+        _pad: 0,
+    };
+    let out = Ct4Value { nat_addr: frontend, flags: 0, ..base };
     let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
     let h = pkt.saddr.wrapping_mul(0x9e37_79b1)
         ^ u32::from(pkt.sport).wrapping_mul(0x85eb_ca6b)
@@ -171,6 +200,7 @@ pub fn create_snat(
     let mut i = 0u32;
     while i < 16 {
         let port = SNAT_PORT_MIN + ((h.wrapping_add(i)) % range) as u16;
+        i += 1;
         let back = Ct4Key {
             saddr: backend_addr,
             daddr: frontend,
@@ -180,19 +210,23 @@ pub fn create_snat(
             dir: CT_DIR_REPLY,
             _pad: 0,
         };
-        if CT.insert(back, base, NOEXIST).is_ok() {
-            snat_port = port;
-            break;
+        // The client's own flow from that port to that backend (not SNATed) would look alike
+        // at egress.
+        let own = Ct4Key { dir: CT_DIR_REPLY, saddr: backend_addr, daddr: client, ..back };
+        if CT.get_ptr(own).is_some() {
+            continue;
         }
-        // A port held by a flow idle past its lifetime is free again (the LRU map would only
-        // evict it once full).
-        // SAFETY: pointer from a lookup in this run; plain integer reads.
-        let stale = CT.get_ptr(back).is_some_and(|e| expired(unsafe { &*e }, pkt.proto, now));
-        if stale && CT.insert(back, base, 0).is_ok() {
-            snat_port = port;
-            break;
+        // Claim (backend, node, port), then (client, port, backend); a key held by a flow idle
+        // past its lifetime is free again (the LRU map would only evict it once full).
+        if !claim(back, base, pkt.proto, now) {
+            continue;
         }
-        i += 1;
+        if !claim(out_of(port), Ct4Value { nat_port: port, ..out }, pkt.proto, now) {
+            let _ = CT.remove(back);
+            continue;
+        }
+        snat_port = port;
+        break;
     }
     if snat_port == 0 {
         return Err(-1);
@@ -203,60 +237,38 @@ pub fn create_snat(
         sport: backend_port,
         dport: cport,
         proto: pkt.proto,
-        dir: CT_DIR_REPLY,
+        dir: CT_DIR_SNAT_REPLY,
         _pad: 0,
     };
     let reply = Ct4Value { nat_addr: frontend, nat_port: fport, flags: CT_F_EGRESS_REVNAT, ..base };
     CT.insert(reply_key, reply, 0)?;
-    let out_key = Ct4Key {
-        saddr: client,
-        daddr: backend_addr,
-        sport: cport,
-        dport: backend_port,
-        proto: pkt.proto,
-        dir: CT_DIR_SNAT,
-        _pad: 0,
-    };
-    let out = Ct4Value { nat_addr: frontend, nat_port: snat_port, flags: 0, ..base };
-    CT.insert(out_key, out, 0)?;
     let fwd = Ct4Value {
         nat_addr: backend_addr,
         nat_port: backend_port,
         tcp_flags: pkt.tcp_flags,
         flags: CT_F_SNAT,
+        snat_port,
         ..base
     };
-    CT.insert(key_of(pkt, CT_DIR_FORWARD), fwd, 0)
+    CT.insert(key_of(pkt, CT_DIR_FORWARD), fwd, 0)?;
+    Ok(snat_port)
 }
 
 /// The entry the backend's replies of the flow tracked by `fwd` (found at `key`) refresh: for a
-/// SNATed flow (backend -> node:SNAT port), else (backend -> client).
+/// SNATed flow (backend -> node:SNAT port, the node address being the frontend the client
+/// called), else (backend -> client).
 #[inline(always)]
-fn reply_key(key: &Ct4Key, fwd: &Ct4Value) -> Option<Ct4Key> {
-    let mut r = Ct4Key {
+fn reply_key(key: &Ct4Key, fwd: &Ct4Value) -> Ct4Key {
+    let snat = fwd.flags & CT_F_SNAT != 0;
+    Ct4Key {
         saddr: fwd.nat_addr,
-        daddr: key.saddr,
+        daddr: if snat { key.daddr } else { key.saddr },
         sport: fwd.nat_port,
-        dport: key.sport,
+        dport: if snat { fwd.snat_port } else { key.sport },
         proto: key.proto,
         dir: CT_DIR_REPLY,
         _pad: 0,
-    };
-    if fwd.flags & CT_F_SNAT != 0 {
-        let out = Ct4Key {
-            saddr: key.saddr,
-            daddr: fwd.nat_addr,
-            sport: key.sport,
-            dport: fwd.nat_port,
-            proto: key.proto,
-            dir: CT_DIR_SNAT,
-            _pad: 0,
-        };
-        let snat = CT.get_ptr(out)?;
-        // SAFETY: pointer from a lookup in this run; plain integer reads.
-        (r.daddr, r.dport) = unsafe { ((*snat).nat_addr, (*snat).nat_port) };
     }
-    Some(r)
 }
 
 /// Whether the flow whose forward entry `fwd` was found at `key` is over: idle past its
@@ -274,7 +286,7 @@ pub fn flow_over(key: &Ct4Key, fwd: &Ct4Value, pkt: &Packet) -> bool {
     if !expired(fwd, key.proto, now) {
         return false;
     }
-    match reply_key(key, fwd).and_then(|k| CT.get_ptr(k)) {
+    match CT.get_ptr(reply_key(key, fwd)) {
         // The flow's state is what both directions have seen (a FIN from either side closes).
         Some(r) => {
             // SAFETY: as above.

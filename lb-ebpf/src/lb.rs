@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, BACKEND_F_LOCAL, BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST,
+    CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, CT_F_SNAT, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST,
     SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key, TRACE_AFFINITY, TRACE_CT_EXPIRED,
     TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_MAGLEV, TRACE_NEW_FLOW,
     TRACE_REJECT, TRACE_REWRITE, TraceRecord, maglev_flow_hash, maglev_key,
@@ -85,6 +85,8 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         // SAFETY: pointer from a lookup in this run; plain integer reads.
         let (backend_id, svc_id, nat_addr, nat_port) =
             unsafe { ((*entry).backend_id, (*entry).svc_id, (*entry).nat_addr, (*entry).nat_port) };
+        // SAFETY: as above.
+        let snat_port = unsafe { if (*entry).flags & CT_F_SNAT != 0 { (*entry).snat_port } else { 0 } };
         step(rec, |r| {
             r.steps |= TRACE_CT_FORWARD;
             r.ct_backend_id = backend_id;
@@ -96,6 +98,9 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
                     ct::touch(entry, &pkt);
                 }
                 nat::rewrite(&pkt, Side::Destination, nat_addr, nat_port);
+                if snat_port != 0 {
+                    nat::rewrite_port(&pkt, Side::Source, snat_port);
+                }
                 step(rec, |r| {
                     r.steps |= TRACE_REWRITE;
                     r.backend_id = backend_id;
@@ -215,6 +220,7 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         return drop(rec, Stat::DropStaleSlot, bytes);
     }
     let (addr, port, be_flags) = (be.addr, be.port, be.flags);
+    let mut snat_port = 0u16;
     if TRACE_MODE {
         step(rec, |r| r.steps |= TRACE_NEW_FLOW);
     } else {
@@ -230,10 +236,11 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
             ct::create_snat(pkt, addr, port, backend_id, svc_id)
         } else {
             let reply_flags = if local_frontend { CT_F_EGRESS_REVNAT } else { 0 };
-            ct::create(pkt, addr, port, backend_id, svc_id, reply_flags)
+            ct::create(pkt, addr, port, backend_id, svc_id, reply_flags).map(|()| 0)
         };
-        if created.is_err() {
-            return drop(rec, Stat::DropCtFull, bytes);
+        match created {
+            Ok(p) => snat_port = p,
+            Err(_) => return drop(rec, Stat::DropCtFull, bytes),
         }
         count(Stat::CtCreated, 0);
         if affinity != 0 && !kept {
@@ -246,6 +253,10 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         }
     }
     nat::rewrite(pkt, Side::Destination, addr, port);
+    if snat_port != 0 {
+        // The SNAT port now; the node address at TC egress, once routed.
+        nat::rewrite_port(pkt, Side::Source, snat_port);
+    }
     step(rec, |r| r.steps |= TRACE_REWRITE);
     pass(rec, Stat::DnatNew, bytes)
 }

@@ -19,7 +19,7 @@ pub static SERVICES: HashMap<Svc4Key, Svc4Value, 262_144> = HashMap::new();
 pub static BACKENDS: Array<Backend4, 262_144> = Array::new();
 
 /// Tracked flows, both directions, evicted least recently used first.
-#[btf_map(name = "xlb_ct4_v1")]
+#[btf_map(name = "xlb_ct4_v2")]
 pub static CT: LruHashMap<Ct4Key, Ct4Value, 262_144> = LruHashMap::new();
 
 /// Per-CPU packet and byte counters by verdict and reason (see lb_common::Stat).

@@ -10,6 +10,25 @@ pub enum Side {
     Destination,
 }
 
+/// Writes `port` (host order) into the chosen side of `pkt` and fixes the L4 checksum.
+#[inline(always)]
+pub fn rewrite_port(pkt: &Packet, side: Side, port: u16) {
+    let port = port.to_be();
+    let port_off = if side == Side::Source { 0 } else { 2 };
+    let l4_check = pkt.l4_check();
+    // SAFETY: as in `rewrite`: the L4 header was bounds-checked by parse().
+    unsafe {
+        let old_port = load16(pkt.l4 + port_off);
+        let old_l4 = load16(l4_check);
+        let mut l4 = csum::replace2(old_l4, old_port, port);
+        if pkt.proto == IPPROTO_UDP {
+            l4 = csum::udp_fixup(old_l4, l4);
+        }
+        store16(l4_check, l4);
+        store16(pkt.l4 + port_off, port);
+    }
+}
+
 /// Writes `addr` (packet order) and `port` (host order) into the chosen side of `pkt` and fixes
 /// both checksums.
 #[inline(always)]

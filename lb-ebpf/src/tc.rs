@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{CT_DIR_REPLY, CT_DIR_SNAT, CT_F_EGRESS_REVNAT, IPPROTO_UDP, Stat};
+use lb_common::{CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_EGRESS_REVNAT, IPPROTO_UDP, Stat};
 
 use crate::{
     ct,
@@ -26,6 +26,10 @@ pub fn egress(ctx: &TcContext) {
     let (nat, stat) = if let Some(e) = CT.get_ptr(ct::key_of(&pkt, CT_DIR_SNAT)) {
         // SAFETY: pointer from a lookup in this run; plain integer reads.
         (unsafe { ((*e).nat_addr, (*e).nat_port) }, Stat::EgressSnat)
+    } else if let Some(e) = CT.get_ptr(ct::key_of(&pkt, CT_DIR_SNAT_REPLY)) {
+        // A SNATed flow's reply on its way to the client: the frontend as source.
+        // SAFETY: as above.
+        (unsafe { ((*e).nat_addr, (*e).nat_port) }, Stat::EgressRevNat)
     } else if let Some(e) = CT.get_ptr(ct::key_of(&pkt, CT_DIR_REPLY)) {
         // SAFETY: as above.
         let (flags, addr, port) = unsafe { ((*e).flags, (*e).nat_addr, (*e).nat_port) };

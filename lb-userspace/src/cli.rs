@@ -713,7 +713,8 @@ impl View {
         // Keyed by (proto, client, frontend, backend), each as (addr, port).
         type Tuple = (u8, ([u8; 4], u16), ([u8; 4], u16), ([u8; 4], u16));
         let mut flows: BTreeMap<Tuple, (Option<Ct4Value>, Option<Ct4Value>)> = BTreeMap::new();
-        // SNATed flows: (proto, client, backend) -> the node address and port they leave with.
+        // SNATed flows: (proto, client address and SNAT port, backend) -> the node address and
+        // port they leave with.
         type Ends = (u8, ([u8; 4], u16), ([u8; 4], u16));
         let mut snat: BTreeMap<Ends, String> = BTreeMap::new();
         for (k, v) in ct {
@@ -730,7 +731,7 @@ impl View {
                     let t = (k.proto, (k.saddr, k.sport), (k.daddr, k.dport), (v.nat_addr, v.nat_port));
                     flows.entry(t).or_default().0 = Some(*v);
                 }
-                CT_DIR_REPLY => {
+                CT_DIR_REPLY | lb_common::CT_DIR_SNAT_REPLY => {
                     let t = (k.proto, (k.daddr, k.dport), (v.nat_addr, v.nat_port), (k.saddr, k.sport));
                     flows.entry(t).or_default().1 = Some(*v);
                 }
@@ -772,7 +773,11 @@ impl View {
                     String::new()
                 },
                 tcp_flags: tcp_flag_names(fwd.map_or(0, |f| f.tcp_flags)),
-                snat: snat.get(&(proto, client, backend)).cloned(),
+                // Keyed by the SNAT port the forward entry names.
+                snat: fwd
+                    .filter(|f| f.flags & lb_common::CT_F_SNAT != 0)
+                    .and_then(|f| snat.get(&(proto, (client.0, f.snat_port), backend)))
+                    .cloned(),
                 forward_tracked: fwd.is_some(),
                 reply_tracked: rep.is_some(),
                 stale,

@@ -147,6 +147,7 @@ fn known_maps() -> (PathBuf, DirGuard) {
         svc_id: svc,
         created: now - age,
         last_seen: now - idle,
+        ..Default::default()
     };
     let client = [198, 18, 100, 2];
     m.ct.insert(

@@ -549,11 +549,18 @@ fn node_ports_answer_on_node_addresses_and_replies_are_translated_at_egress() {
     if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
+    // The endpoint runs on this node (for one elsewhere, see the SNAT test).
     let cfg = ModelConfig {
         node_addrs: vec!["198.18.10.1".parse().unwrap(), "198.18.100.1".parse().unwrap()],
+        node_name: Some("node-1".into()),
         ..ModelConfig::default()
     };
-    let mut dut = Dut::with_config(SHOP, cfg);
+    let local = SHOP.replace(
+        "endpoints: [{addresses: [198.18.1.2]}]",
+        "endpoints: [{addresses: [198.18.1.2], nodeName: node-1}]",
+    );
+    assert_ne!(local, SHOP);
+    let mut dut = Dut::with_config(&local, cfg);
     let client = sa("198.18.100.2:40000");
     for (frame, node_port, backend) in [
         (Frame::tcp as fn(SocketAddrV4, SocketAddrV4) -> Frame, "198.18.100.1:30080", "198.18.1.2:8080"),
@@ -827,16 +834,20 @@ fn node_port_flows_to_another_nodes_endpoint_are_snated_to_the_node() {
     let mut snat_ports = std::collections::BTreeSet::new();
     for cport in 40000..40050 {
         let client = SocketAddrV4::new("198.18.100.2".parse().unwrap(), cport);
-        // In at XDP: DNAT only; the kernel routes it towards the other node.
+        // In at XDP: DNAT and the SNAT port; the kernel routes it towards the other node.
         let (v, out) = dut.run(&Frame::tcp(client, node_port).build());
         assert_eq!(v, XDP_PASS);
-        assert_eq!((decode(&out).unwrap().src, decode(&out).unwrap().dst), (client, backend));
-        // Out at TC egress: the node's address and a SNAT port as source.
+        let d = decode(&out).unwrap();
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+        assert_eq!((d.src.ip(), d.dst), (client.ip(), backend));
+        let at_xdp = d.src.port();
+        // Out at TC egress: the node's address as source, with that SNAT port.
         let (_, out) = dut.egress(&out);
         let d = decode(&out).unwrap();
         assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
         assert_eq!((d.src.ip().to_string(), d.dst), ("198.18.100.1".to_string(), backend));
         let sp = d.src.port();
+        assert_eq!(sp, at_xdp);
         assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&sp), "{sp}");
         snat_ports.insert(sp);
         // The backend's reply comes back to node:port: at XDP it goes to the client...
@@ -888,11 +899,11 @@ endpoints: [{addresses: [198.18.1.2], nodeName: node-1}]
     let mut dut = Dut::with_config(SELF, cfg);
     let (vip, pod) = (sa("198.18.0.30:80"), sa("198.18.1.2:8080"));
     let client = sa("198.18.1.2:40000");
-    // In from the pod at XDP: DNAT to the pod itself.
+    // In from the pod at XDP: DNAT to the pod itself, and the SNAT port.
     let (v, out) = dut.run(&Frame::tcp(client, vip).build());
     assert_eq!(v, XDP_PASS);
     let d = decode(&out).unwrap();
-    assert_eq!((d.src, d.dst), (client, pod));
+    assert_eq!((d.src.ip(), d.dst), (client.ip(), pod));
     // Back out towards the pod at TC egress: the frontend and a SNAT port as source, so that the
     // pod does not see a packet from itself.
     let (_, out) = dut.egress(&out);
@@ -1356,4 +1367,94 @@ fn a_tcp_flow_whose_endpoint_is_removed_is_reset_at_its_next_packet() {
     assert_eq!((d.src, d.dst), (vip, other), "a reset from the Service address to the client");
     assert_eq!(out[14 + 20 + 13] & 0x04, 0x04, "RST set");
     assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+}
+
+#[test]
+fn one_client_port_through_a_node_port_and_a_cluster_ip_to_the_same_backend() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    // The endpoint is on node-2: the node port flow is SNATed, the ClusterIP flow is not. A
+    // client may use one source port for both (different destinations): the two flows' replies
+    // must each get their own frontend back, whichever came first.
+    let remote = SHOP.replace(
+        "endpoints: [{addresses: [198.18.1.2]}]",
+        "endpoints: [{addresses: [198.18.1.2], nodeName: node-2}]",
+    );
+    let cfg = ModelConfig {
+        node_addrs: vec!["198.18.100.1".parse().unwrap()],
+        node_name: Some("node-1".into()),
+        ..ModelConfig::default()
+    };
+    let mut dut = Dut::with_config(&remote, cfg);
+    let (node_port, vip, backend) = (sa("198.18.100.1:30080"), sa("198.18.0.40:80"), sa("198.18.1.2:8080"));
+    for (cport, node_port_first) in [(40000, true), (40001, false)] {
+        let client = SocketAddrV4::new("198.18.100.2".parse().unwrap(), cport);
+        let mut snat = None;
+        let order = if node_port_first { [true, false] } else { [false, true] };
+        for via_node_port in order {
+            let to = if via_node_port { node_port } else { vip };
+            let (_, out) = dut.run(&Frame::tcp(client, to).build());
+            let (_, out) = dut.egress(&out);
+            if via_node_port {
+                snat = Some(decode(&out).unwrap().src);
+            }
+        }
+        let snat = snat.unwrap();
+        // The ClusterIP flow's reply: from the ClusterIP, at XDP; egress leaves it so.
+        let (v, out) = dut.run(&Frame::tcp(backend, client).build());
+        assert_eq!(v, XDP_PASS);
+        let (_, out) = dut.egress(&out);
+        let d = decode(&out).unwrap();
+        assert_eq!((d.src, d.dst), (vip, client), "ClusterIP reply, node port first: {node_port_first}");
+        // The node port flow's reply (to node:SNAT port): to the client from the node port.
+        let (_, out) = dut.run(&Frame::tcp(backend, snat).build());
+        let (_, out) = dut.egress(&out);
+        let d = decode(&out).unwrap();
+        assert_eq!(
+            (d.src, d.dst),
+            (node_port, client),
+            "node port reply, node port first: {node_port_first}"
+        );
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    }
+}
+
+#[test]
+fn one_client_port_through_a_node_port_and_a_cluster_ip_leaves_as_two_flows() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    // The same client port to the same (remote) backend through the node port (SNATed) and the
+    // ClusterIP (not): at egress each packet must be told apart, so that only the node port
+    // flow's packets get the node's address.
+    let remote = SHOP.replace(
+        "endpoints: [{addresses: [198.18.1.2]}]",
+        "endpoints: [{addresses: [198.18.1.2], nodeName: node-2}]",
+    );
+    let cfg = ModelConfig {
+        node_addrs: vec!["198.18.100.1".parse().unwrap()],
+        node_name: Some("node-1".into()),
+        ..ModelConfig::default()
+    };
+    let mut dut = Dut::with_config(&remote, cfg);
+    let (node_port, vip, backend) = (sa("198.18.100.1:30080"), sa("198.18.0.40:80"), sa("198.18.1.2:8080"));
+    for (cport, node_port_first) in [(40000, true), (40001, false)] {
+        let client = SocketAddrV4::new("198.18.100.2".parse().unwrap(), cport);
+        let order = if node_port_first { [true, false] } else { [false, true] };
+        for via_node_port in order {
+            for flags in [0x02, 0x10] {
+                let to = if via_node_port { node_port } else { vip };
+                let (_, out) = dut.run(&tcp_with(client, to, flags));
+                let (_, out) = dut.egress(&out);
+                let d = decode(&out).unwrap();
+                assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+                if via_node_port {
+                    assert_eq!(d.src.ip().to_string(), "198.18.100.1", "node port flow leaves SNATed");
+                } else {
+                    assert_eq!((d.src, d.dst), (client, backend), "ClusterIP flow leaves as the client");
+                }
+            }
+        }
+    }
 }
