@@ -369,6 +369,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         node_port_range: cfg.node_port_range.clone(),
         node_addrs,
         node_name: cfg.node_name.clone(),
+        // Standalone, nobody else gives node ports out.
+        allocate_node_ports: matches!(cfg.source, SourceConfig::Manifests { .. }),
         ..ModelConfig::default()
     };
     let mut syncer = Syncer::new(rec, model_cfg, metrics.clone());

@@ -7,7 +7,7 @@
 //! given), which is what the datapath's service map is indexed by.
 
 /// 64-bit FNV-1a: stable across builds and machines (the std hasher is not promised to be).
-fn fnv1a(bytes: &[u8], basis: u64) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8], basis: u64) -> u64 {
     bytes.iter().fold(basis, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 

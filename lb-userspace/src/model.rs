@@ -286,6 +286,11 @@ pub struct ModelConfig {
     /// This node's name, as EndpointSlices give it in `nodeName`: endpoints there are local
     /// (for the traffic policies `Local`). `None`: no endpoint is local.
     pub node_name: Option<String>,
+    /// Give a NodePort or LoadBalancer port without a `nodePort` one from the range, as the API
+    /// server would (standalone mode, where no API server does): the same one on every node,
+    /// from a hash of the port's name, the first free one from there. Otherwise such a port is
+    /// rejected.
+    pub allocate_node_ports: bool,
 }
 
 impl Default for ModelConfig {
@@ -295,6 +300,7 @@ impl Default for ModelConfig {
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             node_addrs: Vec::new(),
             node_name: None,
+            allocate_node_ports: false,
         }
     }
 }
@@ -456,7 +462,7 @@ impl ModelCache {
                     let clash = ports
                         .iter()
                         .find_map(|p| {
-                            let np = p.node_port?;
+                            let np = p.node_port.filter(|&np| np != TO_ALLOCATE)?;
                             claimed_node_ports.get(&(np, p.id.proto)).map(|o| {
                                 format!("nodePort {np}/{} is already used by {}", p.id.proto, owner(o))
                             })
@@ -475,7 +481,7 @@ impl ModelCache {
                             for f in &p.frontends {
                                 claimed.insert(*f, p.clone());
                             }
-                            if let Some(np) = p.node_port {
+                            if let Some(np) = p.node_port.filter(|&np| np != TO_ALLOCATE) {
                                 claimed_node_ports.insert((np, p.id.proto), p.clone());
                             }
                         }
@@ -493,8 +499,45 @@ impl ModelCache {
             self.services
                 .insert(key, CachedService { svc: svc.clone(), slices: slice_ptrs, model: service_model });
         }
+        allocate_node_ports(&mut model, &claimed_node_ports, cfg);
         model.ports.sort_by(|a, b| a.id.cmp(&b.id));
         model
+    }
+}
+
+/// `DesiredPort::node_port` of a port whose node port is still to be allocated.
+const TO_ALLOCATE: u16 = 0;
+
+/// Gives each port waiting for a node port ([`TO_ALLOCATE`], in the model's order) the first
+/// free one of the range from a hash of its name, and its frontends on the node's addresses.
+/// Every node computes the same from the same objects.
+fn allocate_node_ports(
+    model: &mut Model,
+    claimed: &HashMap<(u16, Proto), Arc<DesiredPort>>,
+    cfg: &ModelConfig,
+) {
+    let (lo, hi) = (u32::from(*cfg.node_port_range.start()), u32::from(*cfg.node_port_range.end()));
+    let size = hi - lo + 1;
+    let mut taken: BTreeSet<(u16, Proto)> = claimed.keys().copied().collect();
+    for p in model.ports.iter_mut().filter(|p| p.node_port == Some(TO_ALLOCATE)) {
+        let name = format!("{}/{}/{}/{}", p.id.namespace, p.id.name, p.id.port_name, p.id.proto);
+        let start = (crate::maglev::fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325) % u64::from(size)) as u32;
+        let free = (0..size)
+            .map(|i| (lo + (start + i) % size) as u16)
+            .find(|np| !taken.contains(&(*np, p.id.proto)));
+        let port = Arc::make_mut(p);
+        match free {
+            Some(np) => {
+                taken.insert((np, port.id.proto));
+                port.node_port = Some(np);
+                for &addr in &cfg.node_addrs {
+                    port.frontends.push(Frontend { addr, port: np, proto: port.id.proto });
+                    port.frontend_kinds.push(lb_common::SVC_F_NODE_PORT | lb_common::SVC_F_LOCAL);
+                }
+            }
+            // The range is full: serve the rest of the port, without a node port.
+            None => port.node_port = None,
+        }
     }
 }
 
@@ -832,6 +875,8 @@ fn service_ports(
         }
         let node_port = match sp.node_port {
             _ if !wants_node_port => None,
+            // Allocated once every Service's own node ports are known (see `allocate_node_ports`).
+            None if cfg.allocate_node_ports => Some(TO_ALLOCATE),
             None => return Err(format!("port {port_name:?}: type {svc_type:?} without a nodePort")),
             Some(np) => {
                 let np =
@@ -868,7 +913,7 @@ fn service_ports(
         }
         let mut kinds: BTreeMap<Frontend, u16> =
             addrs.iter().map(|(&addr, &k)| (Frontend { addr, port, proto }, k)).collect();
-        if let Some(np) = node_port {
+        if let Some(np) = node_port.filter(|&np| np != TO_ALLOCATE) {
             for &addr in &cfg.node_addrs {
                 *kinds.entry(Frontend { addr, port: np, proto }).or_default() |= lb_common::SVC_F_NODE_PORT;
             }
@@ -1180,6 +1225,47 @@ mod tests {
         );
         let names: Vec<&str> = m.ports.iter().map(|p| p.id.name.as_str()).collect();
         assert_eq!(names, ["b", "np"], "the Service and the first pod keep working");
+    }
+
+    #[test]
+    fn node_ports_left_out_are_allocated_alike_on_every_node_in_standalone_mode() {
+        let cfg = ModelConfig {
+            node_port_range: 30000..=30050,
+            node_addrs: vec!["198.18.100.1".parse().unwrap()],
+            allocate_node_ports: true,
+            ..ModelConfig::default()
+        };
+        let np = |name: &str, ip: &str, node_port: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {ip}\n  ports: [{{port: 80{node_port}}}]\n---\n"
+            )
+        };
+        let mut yaml = np("fixed", "198.18.0.1", ", nodePort: 30010");
+        for i in 0..40 {
+            yaml += &np(&format!("auto{i}"), &format!("198.18.1.{i}"), "");
+        }
+        let o = objects(&yaml);
+        let m = build(&o.services, &o.slices, &cfg);
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        let ports: Vec<u16> = m.ports.iter().map(|p| p.node_port.unwrap()).collect();
+        assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), 41, "all distinct: {ports:?}");
+        assert!(ports.iter().all(|p| (30000..=30050).contains(p)));
+        let auto0 = m.ports.iter().find(|p| p.id.name == "auto0").unwrap();
+        assert_eq!(
+            auto0.frontends.iter().filter(|f| f.addr == "198.18.100.1".parse::<Ipv4Addr>().unwrap()).count(),
+            1,
+            "answered on the node's address: {:?}",
+            auto0.frontends
+        );
+        // Another node (another agent, same objects) allocates the same.
+        let again = build(&o.services, &o.slices, &cfg);
+        assert_eq!(
+            again.ports.iter().map(|p| p.node_port).collect::<Vec<_>>(),
+            m.ports.iter().map(|p| p.node_port).collect::<Vec<_>>()
+        );
+        // Without allocation (the API server's job) such a port is rejected.
+        let strict = build(&o.services, &o.slices, &ModelConfig { allocate_node_ports: false, ..cfg });
+        assert_eq!(strict.rejected.len(), 40);
     }
 
     #[test]

@@ -809,20 +809,28 @@ fn logs_of<'a>(procs: impl Iterator<Item = &'a Proc>) -> String {
     procs.map(|p| format!("--- {} ---\n{}\n", p.name, p.log_text())).collect()
 }
 
-/// Two nodes, a pod on each, and a client outside:
+/// Two nodes, pods behind each, a client outside, and optionally a host outside the cluster
+/// (a database at a fixed address). With the default pods:
 ///
 /// ```text
 ///  client 198.18.100.2 ── node-1 198.18.100.1 ─┬─ 198.18.200.1 ── 198.18.200.2 node-2 ── 198.18.20.1 ── pod-b 198.18.20.2
-///  route 198.18.0.0/16 via node-1              └─ 198.18.10.1 ── pod-a 198.18.10.2
+///  route 198.18.0.0/16 via node-1              ├─ 198.18.10.1 ── pod-a 198.18.10.2
+///                                              └─ 198.18.50.1 ── db 198.18.50.2 (outside the cluster, optional)
 /// ```
-/// Each node runs its own `xlb agent` (NODE_NAME node-1, node-2) on all its interfaces, from the
-/// same manifest directory (the cluster's objects), with its own pins. The nodes route each
-/// other's pod networks; node-2 reaches the client's network through node-1.
+/// The k-th pod on node n (1 or 2) is at 198.18.<10 n + k>.2. Each node runs its own
+/// `xlb agent` (NODE_NAME node-1, node-2) on all its interfaces, from the same manifest
+/// directory (the cluster's objects: as from one API server), with its own pins and cgroup. The
+/// nodes route each other's pod networks; node-2 reaches the client's network and the outside
+/// host through node-1.
 pub struct TwoNodes {
     pub prefix: String,
     pub client: Netns,
     pub nodes: [Netns; 2],
-    pub pods: [Pod; 2],
+    pub pods: Vec<Pod>,
+    /// The node (0 or 1) of each pod.
+    pub pod_nodes: Vec<usize>,
+    /// The host outside the cluster, when asked for.
+    pub outside: Option<Pod>,
     pub client_ip: Ipv4Addr,
     pub work: PathBuf,
     pub manifests: PathBuf,
@@ -832,12 +840,20 @@ pub struct TwoNodes {
     pub servers: Vec<Proc>,
     /// Each node's cgroup, where its agent attaches socket-level balancing.
     pub cgroups: [Option<TestCgroup>; 2],
+    /// More flags for both agents (e.g. `--lb-algorithm maglev`).
+    pub agent_args: Vec<String>,
     _pins: [DirGuard; 2],
     _work: DirGuard,
 }
 
 impl TwoNodes {
+    /// pod-a on node-1, pod-b on node-2.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_pods(&[("pod-a", 0), ("pod-b", 1)], false)
+    }
+
+    /// The given pods, each on node 0 or 1, and the host outside the cluster if `outside`.
+    pub fn with_pods(pods: &[(&str, usize)], outside: bool) -> anyhow::Result<Self> {
         reap_stale();
         ensure_bpffs()?;
         let xlb = workspace_bin("xlb", "XLB_BIN")?;
@@ -852,29 +868,55 @@ impl TwoNodes {
         let client = Netns::new(format!("{prefix}-client"))?;
         let n1 = Netns::new(format!("{prefix}-node1"))?;
         let n2 = Netns::new(format!("{prefix}-node2"))?;
-        let pa = Netns::new(format!("{prefix}-pod-a"))?;
-        let pb = Netns::new(format!("{prefix}-pod-b"))?;
         link(&client, "eth0", "198.18.100.2/24", &n1, "eth0", "198.18.100.1/24")?;
         link(&n1, "eth1", "198.18.200.1/24", &n2, "eth0", "198.18.200.2/24")?;
-        link(&n1, "eth2", "198.18.10.1/24", &pa, "eth0", "198.18.10.2/24")?;
-        link(&n2, "eth1", "198.18.20.1/24", &pb, "eth0", "198.18.20.2/24")?;
         client.ip(&["route", "add", "198.18.0.0/16", "via", "198.18.100.1"])?;
-        n1.ip(&["route", "add", "198.18.20.0/24", "via", "198.18.200.2"])?;
-        n2.ip(&["route", "add", "198.18.10.0/24", "via", "198.18.200.1"])?;
         n2.ip(&["route", "add", "198.18.100.0/24", "via", "198.18.200.1"])?;
-        pa.ip(&["route", "add", "default", "via", "198.18.10.1"])?;
-        pb.ip(&["route", "add", "default", "via", "198.18.20.1"])?;
-        for n in [&n1, &n2] {
+        let nodes = [n1, n2];
+        let mut made = Vec::new();
+        let mut per_node = [0u8; 2];
+        // Node-side interfaces after the node's own: eth2.. on node-1, eth1.. on node-2.
+        let mut next_if = [2u8, 1u8];
+        for &(name, n) in pods {
+            anyhow::ensure!(n < 2, "pod {name} on node {n}: there are two nodes, 0 and 1");
+            let net = 10 * (n as u8 + 1) + per_node[n];
+            per_node[n] += 1;
+            let ns = Netns::new(format!("{prefix}-{name}"))?;
+            let node_if = format!("eth{}", next_if[n]);
+            next_if[n] += 1;
+            link(
+                &nodes[n],
+                &node_if,
+                &format!("198.18.{net}.1/24"),
+                &ns,
+                "eth0",
+                &format!("198.18.{net}.2/24"),
+            )?;
+            ns.ip(&["route", "add", "default", "via", &format!("198.18.{net}.1")])?;
+            // The other node reaches this pod through this node's inter-node address.
+            let via = if n == 0 { "198.18.200.1" } else { "198.18.200.2" };
+            nodes[1 - n].ip(&["route", "add", &format!("198.18.{net}.0/24"), "via", via])?;
+            made.push(Pod { name: name.to_string(), ip: Ipv4Addr::new(198, 18, net, 2), ns });
+        }
+        let outside = if outside {
+            let ns = Netns::new(format!("{prefix}-db"))?;
+            link(&nodes[0], "ext0", "198.18.50.1/24", &ns, "eth0", "198.18.50.2/24")?;
+            ns.ip(&["route", "add", "default", "via", "198.18.50.1"])?;
+            nodes[1].ip(&["route", "add", "198.18.50.0/24", "via", "198.18.200.1"])?;
+            Some(Pod { name: "db".into(), ip: Ipv4Addr::new(198, 18, 50, 2), ns })
+        } else {
+            None
+        };
+        for n in &nodes {
             n.sysctl("net.ipv4.ip_forward", "1")?;
         }
         Ok(TwoNodes {
             prefix,
             client,
-            nodes: [n1, n2],
-            pods: [
-                Pod { name: "pod-a".into(), ip: Ipv4Addr::new(198, 18, 10, 2), ns: pa },
-                Pod { name: "pod-b".into(), ip: Ipv4Addr::new(198, 18, 20, 2), ns: pb },
-            ],
+            nodes,
+            pods: made,
+            pod_nodes: pods.iter().map(|p| p.1).collect(),
+            outside,
             client_ip: Ipv4Addr::new(198, 18, 100, 2),
             manifests: work.join("manifests"),
             work,
@@ -883,9 +925,35 @@ impl TwoNodes {
             agents: Vec::new(),
             servers: Vec::new(),
             cgroups,
+            agent_args: Vec::new(),
             _pins: pins,
             _work: work_guard,
         })
+    }
+
+    /// The pod named `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// An echo server on the host outside the cluster.
+    pub fn start_outside_server(&mut self, testbed: &Path, tcp: &[u16]) -> anyhow::Result<()> {
+        let outside = self.outside.as_ref().ok_or_else(|| anyhow!("this bed has no outside host"))?;
+        self.servers.push(start_server(testbed, outside, tcp, &[], &self.work)?);
+        Ok(())
+    }
+
+    /// An echo server in one pod.
+    pub fn start_server_in(
+        &mut self,
+        testbed: &Path,
+        pod: &str,
+        tcp: &[u16],
+        udp: &[u16],
+    ) -> anyhow::Result<()> {
+        let p = start_server(testbed, self.pod(pod), tcp, udp, &self.work)?;
+        self.servers.push(p);
+        Ok(())
     }
 
     /// Echo servers in both pods on the given TCP and UDP ports.
@@ -902,16 +970,42 @@ impl TwoNodes {
 
     /// Starts an agent on each node and waits until both are ready.
     pub fn start_agents(&mut self) -> anyhow::Result<()> {
-        for (i, ns) in self.nodes.iter().enumerate() {
-            let ifaces: Vec<String> = ["eth0", "eth1", "eth2"]
-                .into_iter()
-                .filter(|iface| ns.ip(&["link", "show", iface]).is_ok())
-                .map(String::from)
+        for i in 0..2 {
+            self.start_agent(i)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the agent of node `i` (0 or 1); its programs stay attached.
+    pub fn stop_agent(&mut self, i: usize) {
+        let name = format!("xlb agent on node-{}", i + 1);
+        if let Some(at) = self.agents.iter().position(|a| a.name == name) {
+            self.agents.remove(at).stop(Duration::from_secs(5));
+        }
+    }
+
+    /// Starts the agent of node `i` (0 or 1) and waits until it is ready.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        {
+            let ns = &self.nodes[i];
+            // Every interface but loopback: the client's, the other node's, the pods'.
+            let ifaces: Vec<String> = ns
+                .ip(&["-o", "link", "show"])?
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .map(|n| n.split('@').next().unwrap_or(n).to_string())
+                .filter(|n| n != "lo")
                 .collect();
             let name = format!("node-{}", i + 1);
             let cgroup = self.cgroups[i].as_ref().map(|c| c.path.as_path());
-            let node =
-                AgentNode { ns, pin_dir: &self.pin_dirs[i], name: &name, ifaces: &ifaces, cgroup, args: &[] };
+            let node = AgentNode {
+                ns,
+                pin_dir: &self.pin_dirs[i],
+                name: &name,
+                ifaces: &ifaces,
+                cgroup,
+                args: &self.agent_args,
+            };
             let log = self.work.join(format!("agent-node{}.log", i + 1));
             let agent =
                 spawn_agent(&self.xlb, &node, &self.manifests, &format!("xlb agent on {name}"), &log)?;

@@ -169,54 +169,6 @@ fn cluster_ips_from_nodes_and_pods_and_a_pod_reaching_itself() {
 }
 
 #[test]
-fn a_host_port_is_served_on_its_pods_node_only() {
-    if !privileged("end-to-end tests need root") {
-        return;
-    }
-    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
-    let mut bed = TwoNodes::new().expect("test bed");
-    bed.start_servers(&testbed, &[8080], &[]).expect("servers");
-    // pod-a on node-1 exposes its container port 8080 on hostPort 8081 (no Service at all).
-    bed.write_manifest(
-        "pod-a.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: pod-a, namespace: default}\nspec:\n  nodeName: node-1\n  containers:\n  - name: web\n    image: web\n    ports: [{containerPort: 8080, hostPort: 8081}]\nstatus: {podIP: 198.18.10.2, phase: Running}\n",
-    )
-    .unwrap();
-    bed.start_agents().expect("agents");
-
-    // From outside, on node-1's address: the pod answers and sees the client itself.
-    let on_node1 = answers(&bed, "198.18.100.1:8081");
-    assert_eq!(on_node1, BTreeMap::from([(("pod-a".into(), "198.18.100.2".into()), 20)]), "{on_node1:?}");
-    // node-2 runs no such pod: nothing listens there.
-    let to_node2: SocketAddrV4 = "198.18.200.2:8081".parse().unwrap();
-    let r = bed.client.enter(|| tcp_request(to_node2, Duration::from_secs(2)));
-    assert!(r.is_err(), "node-2 must not serve pod-a's hostPort: {r:?}");
-    // From a process of node-1 (socket level), at its own address.
-    if let Some(cg) = &bed.cgroups[0] {
-        let all = requests_from(
-            &testbed,
-            &bed.nodes[0],
-            Some(&cg.path),
-            false,
-            "198.18.100.1:8081".parse().unwrap(),
-            5,
-        )
-        .expect("xlb-testbed request");
-        let seen = tally("198.18.100.1:8081", all, || bed.logs());
-        assert_eq!(seen.keys().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["pod-a"], "{seen:?}");
-    }
-    // The CLI shows it on node-1 only.
-    let rows = |i| -> serde_json::Value {
-        serde_json::from_str(&bed.xlb_cli(i, &["services", "-o", "json"]).unwrap()).unwrap()
-    };
-    let n1 = rows(0);
-    let hp: Vec<&serde_json::Value> =
-        n1.as_array().unwrap().iter().filter(|r| r["type"] == "HostPort").collect();
-    assert!(!hp.is_empty() && hp.iter().all(|r| r["name"] == "pod-a" && r["port"] == 8081), "{n1}");
-    assert!(rows(1).as_array().unwrap().is_empty(), "node-2 serves no hostPort");
-}
-
-#[test]
 fn refusals_and_source_ranges_across_two_nodes() {
     if !privileged("end-to-end tests need root") {
         return;

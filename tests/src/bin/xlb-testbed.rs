@@ -18,7 +18,7 @@ const DEMO_MANIFEST: &str = include_str!("../../manifests/demo.yaml");
 
 fn usage() -> ! {
     eprintln!(
-        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed request (--tcp|--udp) ADDR:PORT [--count N]\n       xlb-testbed session (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed demo"
+        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed request (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed session (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed demo"
     );
     std::process::exit(2)
 }
@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
             serve(&name, &tcp, &udp)
         }
         Some("request") => {
-            let (mut to, mut udp, mut count) = (None, false, 1usize);
+            let (mut to, mut udp, mut count, mut every) = (None, false, 1usize, 0u64);
             let mut it = args[1..].iter();
             while let Some(a) = it.next() {
                 let v = it.next().unwrap_or_else(|| usage());
@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
                     "--tcp" => to = Some(v.parse::<SocketAddrV4>()?),
                     "--udp" => (to, udp) = (Some(v.parse::<SocketAddrV4>()?), true),
                     "--count" => count = v.parse()?,
+                    "--interval-ms" => every = v.parse()?,
                     _ => usage(),
                 }
             }
@@ -59,6 +60,8 @@ fn main() -> anyhow::Result<()> {
                     Ok(a) => println!("ok {} {} {} {}", a.pod, a.server, a.peer, a.from),
                     Err(e) => println!("err {e:#}"),
                 }
+                std::io::Write::flush(&mut std::io::stdout())?;
+                std::thread::sleep(Duration::from_millis(every));
             }
             Ok(())
         }
