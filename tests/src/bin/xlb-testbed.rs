@@ -9,12 +9,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use xlb_tests::{SingleNode, install_interrupt_flag, serve, tcp_request, udp_request, workspace_bin};
+use xlb_tests::{
+    Answer, TwoNodes, install_interrupt_flag, requests_from, serve, tcp_request, udp_request, workspace_bin,
+};
 
 /// How long `request` waits for a connection or an answer.
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-const DEMO_MANIFEST: &str = include_str!("../../manifests/demo.yaml");
+const DEMO_MANIFEST: &str = include_str!("../../manifests/cluster-demo.yaml");
 
 fn usage() -> ! {
     eprintln!(
@@ -150,66 +152,102 @@ fn step(stop: &AtomicBool, what: &str) -> anyhow::Result<()> {
 
 fn demo(stop: &AtomicBool) -> anyhow::Result<()> {
     let testbed = workspace_bin("xlb-testbed", "XLB_TESTBED_BIN")?;
-    println!("xlb demo: a Kubernetes ClusterIP Service load-balanced by xlb's XDP program,");
-    println!("on network namespaces of this machine (client -> node -> two pods); no cluster needed.");
+    println!("xlb demo: Kubernetes Services served by xlb's eBPF datapath on a two-node cluster made");
+    println!("of network namespaces on this machine (198.18.0.0/15); no Kubernetes needed.");
 
-    step(stop, "Setting up namespaces: client, node, pod-a, pod-b (198.18.0.0/15)")?;
-    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).context("building the namespaces")?;
-    for p in &bed.pods {
-        println!("   {:<6} {}  (namespace {})", p.name, p.ip, p.ns.name);
+    step(stop, "Building the cluster")?;
+    let mut bed =
+        TwoNodes::with_pods(&[("pod-a", 0), ("pod-b", 1)], true).context("building the namespaces")?;
+    println!("   client 198.18.100.2 --- node-1 198.18.100.1 --- node-2 198.18.200.2");
+    for (p, n) in bed.pods.iter().zip(&bed.pod_nodes) {
+        println!("   {:<6} {:<12} on node-{}", p.name, p.ip, n + 1);
     }
-    println!("   client {}  node interfaces {:?}", bed.client_ip, bed.node_ifaces);
-    bed.start_servers(&testbed, &[8080], &[5353])?;
-    println!("   each pod runs an echo server on TCP 8080 and UDP 5353 that says who it is");
+    println!("   db     198.18.50.2  outside the cluster (behind node-1)");
+    bed.start_servers(&testbed, &[8080, 80], &[])?;
+    bed.start_outside_server(&testbed, &[3306])?;
+    println!("   every pod and the db run an echo server that answers with its name");
 
-    step(stop, "Starting `xlb agent` on the node with this manifest")?;
-    for line in DEMO_MANIFEST.lines().filter(|l| !l.starts_with('#')) {
+    step(stop, "Starting `xlb agent` on each node, both reading the same objects")?;
+    for line in DEMO_MANIFEST.lines().filter(|l| !l.starts_with('#') && !l.starts_with("---")) {
         println!("   | {line}");
     }
-    bed.write_manifest("demo.yaml", DEMO_MANIFEST)?;
-    bed.start_agent()?;
-    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10))?;
-    println!("   agent attached XDP to the node's interfaces and wrote the service maps");
+    bed.write_manifest("cluster.yaml", DEMO_MANIFEST)?;
+    bed.start_agents()?;
+    println!("   both agents attached XDP, TC and socket programs, and wrote the service maps");
 
-    step(stop, "`xlb services` (read from the pinned maps)")?;
-    print!("{}", bed.xlb_cli(&["services"])?);
+    step(stop, "`xlb get services` on node-1 (read from its pinned maps)")?;
+    print!("{}", bed.xlb_cli(0, &["get", "services"])?);
 
-    step(stop, "10 TCP connections from the client to ClusterIP 198.18.0.10:80")?;
+    let show =
+        |what: &str, from: &str, to: &str, answers: Vec<anyhow::Result<Answer>>| -> anyhow::Result<()> {
+            println!("   {what}");
+            let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+            for a in answers {
+                let a = a?;
+                *seen
+                    .entry(format!(
+                        "answered by {:<6} at {}, which saw the caller as {}",
+                        a.pod,
+                        a.server,
+                        a.peer.ip()
+                    ))
+                    .or_default() += 1;
+            }
+            for (line, n) in seen {
+                println!("     {from} -> {to}: {n:>2} x {line}");
+            }
+            Ok(())
+        };
+    step(stop, "NodePort nginx-service (nodePort 30001) from the client, on both nodes")?;
+    for node in ["198.18.100.1:30001", "198.18.200.2:30001"] {
+        let to: SocketAddrV4 = node.parse()?;
+        let answers =
+            bed.client.enter(|| (0..6).map(|_| tcp_request(to, Duration::from_secs(3))).collect::<Vec<_>>());
+        show(&format!("to {node}:"), "client", node, answers)?;
+    }
+    println!(
+        "   node-1 has no nginx pod: it sends the connection on to node-2's pod and SNATs it to its own"
+    );
+    println!("   address (the pod sees 198.18.100.1), so that the reply comes back through node-1.");
+
+    step(stop, "ClusterIP web (198.18.0.10:80 -> targetPort 8080) from pod-b, and from a process of node-1")?;
     let vip: SocketAddrV4 = "198.18.0.10:80".parse()?;
-    let answers =
-        bed.client.enter(|| (0..10).map(|_| tcp_request(vip, Duration::from_secs(3))).collect::<Vec<_>>());
-    let mut per_pod: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, a) in answers.into_iter().enumerate() {
-        let a = a?;
-        println!(
-            "   #{:<2} {} -> {}  answered by {} at {} (targetPort), reply seen from {}",
-            i + 1,
-            a.peer,
-            vip,
-            a.pod,
-            a.server,
-            a.from
-        );
-        *per_pod.entry(a.pod).or_default() += 1;
-    }
-    println!("   per pod: {per_pod:?}");
-
-    step(stop, "4 UDP datagrams to 198.18.0.10:53, each from a new socket")?;
-    let dns: SocketAddrV4 = "198.18.0.10:53".parse()?;
-    let answers =
-        bed.client.enter(|| (0..4).map(|_| udp_request(dns, Duration::from_secs(3))).collect::<Vec<_>>());
-    for a in answers {
-        let a = a?;
-        println!(
-            "   {} -> {}  answered by {} at {}, reply seen from {}",
-            a.peer, dns, a.pod, a.server, a.from
-        );
+    let answers = bed.pods[1]
+        .ns
+        .enter(|| (0..10).map(|_| tcp_request(vip, Duration::from_secs(3))).collect::<Vec<_>>());
+    show("from pod-b (translated by node-2's XDP program):", "pod-b", "198.18.0.10:80", answers)?;
+    println!(
+        "     (pod-b landing on itself is hairpinned: SNATed to the Service address, so it sees 198.18.0.10)"
+    );
+    if let Some(cg) = &bed.cgroups[0] {
+        let answers = requests_from(&testbed, &bed.nodes[0], Some(&cg.path), false, vip, 10)?
+            .into_iter()
+            .map(|r| r.map_err(|e| anyhow::anyhow!(e)))
+            .collect();
+        show(
+            "from node-1 itself (translated at connect() by its socket program):",
+            "node-1",
+            "198.18.0.10:80",
+            answers,
+        )?;
     }
 
-    step(stop, "Datapath counters (`xlb` reads them from the per-CPU stats map)")?;
-    print!("{}", bed.xlb_cli(&["stats"]).unwrap_or_else(|e| format!("   (unavailable: {e})\n")));
+    step(stop, "mysql-production (no selector, hand-made Endpoints) from pod-a")?;
+    let db: SocketAddrV4 = "198.18.0.12:3306".parse()?;
+    let answers =
+        bed.pods[0].ns.enter(|| (0..3).map(|_| tcp_request(db, Duration::from_secs(3))).collect::<Vec<_>>());
+    show("to the database outside the cluster:", "pod-a", "198.18.0.12:3306", answers)?;
 
-    step(stop, "Cleaning up: stopping the agent and servers, deleting namespaces and pins")?;
+    step(stop, "Datapath counters on node-1 (`xlb stats`, non-zero ones)")?;
+    let stats = bed.xlb_cli(0, &["stats"]).unwrap_or_default();
+    for line in stats.lines().filter(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        l.starts_with("COUNTER") || f.iter().skip(1).any(|w| w.parse::<u64>().is_ok_and(|n| n > 0))
+    }) {
+        println!("   {line}");
+    }
+
+    step(stop, "Cleaning up: stopping agents and servers, deleting namespaces, pins and cgroups")?;
     drop(bed);
     println!("   done");
     Ok(())
