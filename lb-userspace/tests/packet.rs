@@ -544,6 +544,22 @@ ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protoco
 endpoints: [{addresses: [198.18.1.2]}]
 "#;
 
+/// node-1 (address 198.18.100.1) serving SHOP, whose endpoint 198.18.1.2 runs on node-2: its
+/// node-port flows are SNATed.
+fn snat_node() -> Dut {
+    let remote = SHOP.replace(
+        "endpoints: [{addresses: [198.18.1.2]}]",
+        "endpoints: [{addresses: [198.18.1.2], nodeName: node-2}]",
+    );
+    assert_ne!(remote, SHOP);
+    let cfg = ModelConfig {
+        node_addrs: vec!["198.18.100.1".parse().unwrap()],
+        node_name: Some("node-1".into()),
+        ..ModelConfig::default()
+    };
+    Dut::with_config(&remote, cfg)
+}
+
 #[test]
 fn node_ports_answer_on_node_addresses_and_replies_are_translated_at_egress() {
     if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
@@ -818,17 +834,7 @@ fn node_port_flows_to_another_nodes_endpoint_are_snated_to_the_node() {
     if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
-    let remote = SHOP.replace(
-        "endpoints: [{addresses: [198.18.1.2]}]",
-        "endpoints: [{addresses: [198.18.1.2], nodeName: node-2}]",
-    );
-    assert_ne!(remote, SHOP);
-    let cfg = ModelConfig {
-        node_addrs: vec!["198.18.100.1".parse().unwrap()],
-        node_name: Some("node-1".into()),
-        ..ModelConfig::default()
-    };
-    let mut dut = Dut::with_config(&remote, cfg);
+    let mut dut = snat_node();
     let node_port = sa("198.18.100.1:30080");
     let backend = sa("198.18.1.2:8080");
     let mut snat_ports = std::collections::BTreeSet::new();
@@ -1079,16 +1085,7 @@ fn a_snat_port_held_by_an_expired_flow_is_taken_again() {
     if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
-    let remote = SHOP.replace(
-        "endpoints: [{addresses: [198.18.1.2]}]",
-        "endpoints: [{addresses: [198.18.1.2], nodeName: node-2}]",
-    );
-    let cfg = ModelConfig {
-        node_addrs: vec!["198.18.100.1".parse().unwrap()],
-        node_name: Some("node-1".into()),
-        ..ModelConfig::default()
-    };
-    let mut dut = Dut::with_config(&remote, cfg);
+    let mut dut = snat_node();
     let (client, node_port) = (sa("198.18.100.2:40000"), sa("198.18.100.1:30053"));
     let snat_port = |dut: &mut Dut| {
         let (_, out) = dut.run(&Frame::udp(client, node_port).build());
@@ -1370,78 +1367,20 @@ fn a_tcp_flow_whose_endpoint_is_removed_is_reset_at_its_next_packet() {
 }
 
 #[test]
-fn one_client_port_through_a_node_port_and_a_cluster_ip_to_the_same_backend() {
-    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
-        return;
-    }
-    // The endpoint is on node-2: the node port flow is SNATed, the ClusterIP flow is not. A
-    // client may use one source port for both (different destinations): the two flows' replies
-    // must each get their own frontend back, whichever came first.
-    let remote = SHOP.replace(
-        "endpoints: [{addresses: [198.18.1.2]}]",
-        "endpoints: [{addresses: [198.18.1.2], nodeName: node-2}]",
-    );
-    let cfg = ModelConfig {
-        node_addrs: vec!["198.18.100.1".parse().unwrap()],
-        node_name: Some("node-1".into()),
-        ..ModelConfig::default()
-    };
-    let mut dut = Dut::with_config(&remote, cfg);
-    let (node_port, vip, backend) = (sa("198.18.100.1:30080"), sa("198.18.0.40:80"), sa("198.18.1.2:8080"));
-    for (cport, node_port_first) in [(40000, true), (40001, false)] {
-        let client = SocketAddrV4::new("198.18.100.2".parse().unwrap(), cport);
-        let mut snat = None;
-        let order = if node_port_first { [true, false] } else { [false, true] };
-        for via_node_port in order {
-            let to = if via_node_port { node_port } else { vip };
-            let (_, out) = dut.run(&Frame::tcp(client, to).build());
-            let (_, out) = dut.egress(&out);
-            if via_node_port {
-                snat = Some(decode(&out).unwrap().src);
-            }
-        }
-        let snat = snat.unwrap();
-        // The ClusterIP flow's reply: from the ClusterIP, at XDP; egress leaves it so.
-        let (v, out) = dut.run(&Frame::tcp(backend, client).build());
-        assert_eq!(v, XDP_PASS);
-        let (_, out) = dut.egress(&out);
-        let d = decode(&out).unwrap();
-        assert_eq!((d.src, d.dst), (vip, client), "ClusterIP reply, node port first: {node_port_first}");
-        // The node port flow's reply (to node:SNAT port): to the client from the node port.
-        let (_, out) = dut.run(&Frame::tcp(backend, snat).build());
-        let (_, out) = dut.egress(&out);
-        let d = decode(&out).unwrap();
-        assert_eq!(
-            (d.src, d.dst),
-            (node_port, client),
-            "node port reply, node port first: {node_port_first}"
-        );
-        assert!(d.ip_checksum_ok && d.l4_checksum_ok);
-    }
-}
-
-#[test]
-fn one_client_port_through_a_node_port_and_a_cluster_ip_leaves_as_two_flows() {
+fn one_client_port_through_a_node_port_and_a_cluster_ip_stays_two_flows() {
     if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
     // The same client port to the same (remote) backend through the node port (SNATed) and the
-    // ClusterIP (not): at egress each packet must be told apart, so that only the node port
-    // flow's packets get the node's address.
-    let remote = SHOP.replace(
-        "endpoints: [{addresses: [198.18.1.2]}]",
-        "endpoints: [{addresses: [198.18.1.2], nodeName: node-2}]",
-    );
-    let cfg = ModelConfig {
-        node_addrs: vec!["198.18.100.1".parse().unwrap()],
-        node_name: Some("node-1".into()),
-        ..ModelConfig::default()
-    };
-    let mut dut = Dut::with_config(&remote, cfg);
+    // ClusterIP (not), in either order: at egress each packet must be told apart, so that only
+    // the node port flow's packets get the node's address, and each reply must get its own
+    // frontend back.
+    let mut dut = snat_node();
     let (node_port, vip, backend) = (sa("198.18.100.1:30080"), sa("198.18.0.40:80"), sa("198.18.1.2:8080"));
     for (cport, node_port_first) in [(40000, true), (40001, false)] {
         let client = SocketAddrV4::new("198.18.100.2".parse().unwrap(), cport);
         let order = if node_port_first { [true, false] } else { [false, true] };
+        let mut snat = None;
         for via_node_port in order {
             for flags in [0x02, 0x10] {
                 let to = if via_node_port { node_port } else { vip };
@@ -1451,10 +1390,24 @@ fn one_client_port_through_a_node_port_and_a_cluster_ip_leaves_as_two_flows() {
                 assert!(d.ip_checksum_ok && d.l4_checksum_ok);
                 if via_node_port {
                     assert_eq!(d.src.ip().to_string(), "198.18.100.1", "node port flow leaves SNATed");
+                    snat = Some(d.src);
                 } else {
                     assert_eq!((d.src, d.dst), (client, backend), "ClusterIP flow leaves as the client");
                 }
             }
         }
+        let reply = |dut: &mut Dut, to: SocketAddrV4| {
+            let (_, out) = dut.run(&Frame::tcp(backend, to).build());
+            decode(&dut.egress(&out).1).unwrap()
+        };
+        let d = reply(&mut dut, client);
+        assert_eq!((d.src, d.dst), (vip, client), "ClusterIP reply, node port first: {node_port_first}");
+        let d = reply(&mut dut, snat.unwrap());
+        assert_eq!(
+            (d.src, d.dst),
+            (node_port, client),
+            "node port reply, node port first: {node_port_first}"
+        );
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok);
     }
 }

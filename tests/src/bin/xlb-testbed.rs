@@ -43,47 +43,23 @@ fn main() -> anyhow::Result<()> {
             serve(&name, &tcp, &udp)
         }
         Some("request") => {
-            let (mut to, mut udp, mut count, mut every) = (None, false, 1usize, 0u64);
-            let mut it = args[1..].iter();
-            while let Some(a) = it.next() {
-                let v = it.next().unwrap_or_else(|| usage());
-                match a.as_str() {
-                    "--tcp" => to = Some(v.parse::<SocketAddrV4>()?),
-                    "--udp" => (to, udp) = (Some(v.parse::<SocketAddrV4>()?), true),
-                    "--count" => count = v.parse()?,
-                    "--interval-ms" => every = v.parse()?,
-                    _ => usage(),
-                }
-            }
-            let to = to.unwrap_or_else(|| usage());
-            for _ in 0..count {
-                let r = if udp { udp_request(to, TIMEOUT) } else { tcp_request(to, TIMEOUT) };
+            let t = Target::parse(&args[1..], 1, 0)?;
+            for _ in 0..t.count {
+                let r = if t.udp { udp_request(t.to, TIMEOUT) } else { tcp_request(t.to, TIMEOUT) };
                 match r {
                     Ok(a) => println!("ok {} {} {} {}", a.pod, a.server, a.peer, a.from),
                     Err(e) => println!("err {e:#}"),
                 }
                 std::io::Write::flush(&mut std::io::stdout())?;
-                std::thread::sleep(Duration::from_millis(every));
+                std::thread::sleep(t.every);
             }
             Ok(())
         }
         Some("session") => {
             // One connection (TCP, or a connected UDP socket) used every interval; on an error
             // it says so and connects again. Each line: epoch ms, then `ok POD` or `err ...`.
-            let (mut to, mut udp, mut count, mut every) = (None, false, 10usize, 50u64);
-            let mut it = args[1..].iter();
-            while let Some(a) = it.next() {
-                let v = it.next().unwrap_or_else(|| usage());
-                match a.as_str() {
-                    "--tcp" => to = Some(v.parse::<SocketAddrV4>()?),
-                    "--udp" => (to, udp) = (Some(v.parse::<SocketAddrV4>()?), true),
-                    "--count" => count = v.parse()?,
-                    "--interval-ms" => every = v.parse()?,
-                    _ => usage(),
-                }
-            }
-            let to = to.unwrap_or_else(|| usage());
-            session(to, udp, count, Duration::from_millis(every))
+            let t = Target::parse(&args[1..], 10, 50)?;
+            session(t.to, t.udp, t.count, t.every)
         }
         Some("demo") => {
             let stop = install_interrupt_flag();
@@ -97,6 +73,32 @@ fn main() -> anyhow::Result<()> {
             }
         }
         _ => usage(),
+    }
+}
+
+/// `(--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]`.
+struct Target {
+    to: SocketAddrV4,
+    udp: bool,
+    count: usize,
+    every: Duration,
+}
+
+impl Target {
+    fn parse(args: &[String], count: usize, every_ms: u64) -> anyhow::Result<Self> {
+        let (mut to, mut udp, mut count, mut every_ms) = (None, false, count, every_ms);
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let v = it.next().unwrap_or_else(|| usage());
+            match a.as_str() {
+                "--tcp" => to = Some(v.parse::<SocketAddrV4>()?),
+                "--udp" => (to, udp) = (Some(v.parse::<SocketAddrV4>()?), true),
+                "--count" => count = v.parse()?,
+                "--interval-ms" => every_ms = v.parse()?,
+                _ => usage(),
+            }
+        }
+        Ok(Self { to: to.unwrap_or_else(|| usage()), udp, count, every: Duration::from_millis(every_ms) })
     }
 }
 
