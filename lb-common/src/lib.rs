@@ -198,7 +198,9 @@ pub const PROG_XDP_TRACE: &str = "xlb_xdp_trace";
 pub const DEFAULT_MAX_SERVICE_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
-pub const DEFAULT_MAX_SVC_INFO: u32 = 65_536;
+/// Service ports (names for display); not preallocated, so a large capacity costs nothing
+/// until used.
+pub const DEFAULT_MAX_SVC_INFO: u32 = 262_144;
 pub const DEFAULT_MAX_SOCK_NAT: u32 = 262_144;
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
 /// Capacity of [`MAP_SOURCE_RANGES`] (allocated per entry: LPM tries are never preallocated).

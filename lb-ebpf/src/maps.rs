@@ -29,7 +29,8 @@ pub static STATS: PerCpuArray<StatValue, { STAT_COUNT as usize }> = PerCpuArray:
 /// Service id -> names for display; written by the agent, never read here. Declared in the
 /// object so that the map carries BTF and `bpftool map dump` shows its fields.
 #[btf_map(name = "xlb_svcinfo_v2")]
-pub static SVC_INFO: HashMap<u32, SvcInfo, 65_536, SVC_INFO_MAP_FLAGS> = HashMap::new();
+pub static SVC_INFO: HashMap<u32, SvcInfo, { lb_common::DEFAULT_MAX_SVC_INFO as usize }, SVC_INFO_MAP_FLAGS> =
+    HashMap::new();
 
 /// Backend id -> new flows sent to it (one atomic add per new flow, not per packet).
 #[btf_map(name = "xlb_beflows_v1")]

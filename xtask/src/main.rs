@@ -41,6 +41,13 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Benchmark the datapath's cost per packet (BPF_PROG_TEST_RUN, floor subtracted) at 1 to
+    /// 100,000 Services x 5 endpoints: no service, new flow, established, SNAT, reply.
+    BenchDatapath {
+        /// Passed on to the benchmark: --services N,N,.. --calls C --rounds R.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmark the agent's control plane (release build): cold start with N Services x E
     /// endpoints from a fake API server, endpoint-change-to-map latency, memory.
     BenchAgent {
@@ -163,6 +170,14 @@ fn main() -> anyhow::Result<()> {
                 bail!("the demo creates network namespaces and loads eBPF: run it as root");
             }
             run(Command::new(root().join("target/debug/xlb-testbed")).arg("demo"))
+        }
+        Cmd::BenchDatapath { args } => {
+            setup()?;
+            if !is_root() {
+                bail!("the benchmark loads eBPF: run it as root");
+            }
+            run(cargo().args(["build", "--release", "-p", "lb-userspace", "--example", "bench-datapath"]))?;
+            run(Command::new(root().join("target/release/examples/bench-datapath")).args(&args))
         }
         Cmd::BenchAgent { args } => {
             setup()?;

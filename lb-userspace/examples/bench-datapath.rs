@@ -1,0 +1,252 @@
+//! Benchmark of the datapath's cost per packet (not a test: it prints measured figures).
+//!
+//! The XDP program is loaded (never attached) with its maps filled through the reconciler with N
+//! ClusterIP Services of 5 endpoints each, plus one NodePort Service whose endpoint runs on
+//! another node, and run by the kernel with BPF_PROG_TEST_RUN on crafted frames. A program that
+//! rewrites a packet cannot be timed with repeat > 1 (the kernel would run it again on the
+//! already rewritten buffer), so every call runs it once on a fresh copy of the frame, on one
+//! CPU, and the kernel's own measurement of that run is taken; the floor, a program that only
+//! returns XDP_PASS (`xlb_xdp_pass`, from the same object), is measured in the same rounds and
+//! subtracted. Each figure is the median over rounds of the per-round median, with the rounds'
+//! minimum and maximum.
+//!
+//! Paths: a packet to no service; a new TCP flow to a ClusterIP (a new client port each call);
+//! an established flow; a new flow to a node port whose endpoint is on another node (SNAT: four
+//! conntrack entries); a backend's reply translated back.
+//!
+//! Run with `cargo xtask bench-datapath [-- --services 1,1000,10000,100000 --calls C --rounds R]`
+//! (root).
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, bail};
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use lb_common::{PROG_XDP_PASS, SVC_F_CLUSTER_IP, SVC_F_LOCAL, SVC_F_NODE_PORT};
+use lb_userspace::{
+    datapath::BpfMaps,
+    ebpf::{self, Capacities},
+    model::{BackendState, DesiredBackend, DesiredPort, Frontend, PortRef, Proto, Shown, SvcType},
+    packet::Frame,
+    reconcile::Reconciler,
+};
+
+struct Args {
+    services: Vec<u32>,
+    calls: u32,
+    rounds: u32,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args { services: vec![1, 1_000, 10_000, 100_000], calls: 4_000, rounds: 5 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let val = it.next().context("missing value")?;
+        match flag.as_str() {
+            "--services" => a.services = val.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--calls" => a.calls = val.parse()?,
+            "--rounds" => a.rounds = val.parse()?,
+            other => bail!("unknown argument {other:?} (--services N,N,.. --calls C --rounds R)"),
+        }
+    }
+    if a.services.iter().any(|&n| n == 0 || n > 200_000) || a.calls == 0 || a.rounds == 0 {
+        bail!("--services must be in 1..=200000, --calls and --rounds at least 1");
+    }
+    Ok(a)
+}
+
+const ENDPOINTS: u32 = 5;
+
+/// Service i's ClusterIP: 198.18.0.0 + i + 1 (in 198.18.0.0/15).
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i + 1)
+}
+
+/// Endpoint b (of all): one of ten addresses in 198.19.255.0/24, and a port.
+fn endpoint(b: u32) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::new(198, 19, 255, 1 + (b / 50_000) as u8), 10_000 + (b % 50_000) as u16)
+}
+
+const NODE: Ipv4Addr = Ipv4Addr::new(198, 19, 254, 1);
+
+fn port(
+    name: String,
+    svc_type: SvcType,
+    port: u16,
+    frontends: Vec<(Frontend, u16)>,
+    backends: Vec<DesiredBackend>,
+) -> Arc<DesiredPort> {
+    let (frontends, frontend_kinds) = frontends.into_iter().unzip();
+    Arc::new(DesiredPort {
+        id: PortRef { namespace: "bench".into(), name, port_name: String::new(), proto: Proto::Tcp },
+        svc_type,
+        port,
+        node_port: (svc_type == SvcType::NodePort).then_some(30_080),
+        frontends,
+        frontend_kinds,
+        backends,
+        shown: Shown::default(),
+        source_ranges: Vec::new(),
+    })
+}
+
+/// N ClusterIP Services (port 80, 5 endpoints each) and one NodePort Service (198.19.254.1:30080)
+/// whose 64 endpoints are on other nodes.
+fn services(n: u32) -> Vec<Arc<DesiredPort>> {
+    let mut out: Vec<Arc<DesiredPort>> = (0..n)
+        .map(|i| {
+            let backends = (0..ENDPOINTS)
+                .map(|j| {
+                    let (addr, port) = endpoint(i * ENDPOINTS + j);
+                    DesiredBackend { addr, port, state: BackendState::Active, local: false }
+                })
+                .collect();
+            let f = Frontend { addr: vip(i), port: 80, proto: Proto::Tcp };
+            port(format!("svc-{i}"), SvcType::ClusterIP, 80, vec![(f, SVC_F_CLUSTER_IP)], backends)
+        })
+        .collect();
+    let f = Frontend { addr: NODE, port: 30_080, proto: Proto::Tcp };
+    // 64 endpoints: each (endpoint, node address) pair has 4536 SNAT ports.
+    let bes = (0..64u8)
+        .map(|i| DesiredBackend {
+            addr: Ipv4Addr::new(198, 19, 254, 2 + i),
+            port: 8080,
+            state: BackendState::Active,
+            local: false,
+        })
+        .collect();
+    out.push(port("remote".into(), SvcType::NodePort, 80, vec![(f, SVC_F_NODE_PORT | SVC_F_LOCAL)], bes));
+    out
+}
+
+/// Runs `prog` once on `frame`: the kernel's time for that run, and the verdict.
+fn once(prog: &mut Xdp, frame: &[u8], out: &mut [u8]) -> anyhow::Result<(Duration, u32)> {
+    let r =
+        prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(out), ..TestRunOptions::new() })?;
+    Ok((r.duration, r.return_value))
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with bit 0 set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+type FrameGen = Box<dyn FnMut(u32) -> Vec<u8>>;
+
+/// Client k of the new flows: 198.19.0.0/16 addresses and ports, a different tuple each.
+fn client(k: u32) -> std::net::SocketAddrV4 {
+    let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + ((k >> 14) & 0xfff));
+    std::net::SocketAddrV4::new(addr, 1024 + (k & 0x3fff) as u16)
+}
+
+/// The floor program.
+fn pass(obj: &mut aya::Ebpf) -> anyhow::Result<&mut Xdp> {
+    Ok(obj.program_mut(PROG_XDP_PASS).context("no pass program")?.try_into()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = args()?;
+    pin_to_cpu0();
+    println!("xlb datapath cost per packet, BPF_PROG_TEST_RUN, one run per call on a fresh frame, CPU 0,");
+    println!(
+        "net of the floor (xlb_xdp_pass in the same rounds): median of {} rounds of {} calls [min-max]",
+        a.rounds, a.calls
+    );
+    println!();
+    println!(
+        "| services | no service (ns) | new flow (ns) | established (ns) | new flow, SNAT (ns) | reply (ns) | floor (ns) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for &n in &a.services {
+        let caps = Capacities {
+            service_entries: (n * (ENDPOINTS + 1) + 64).next_power_of_two(),
+            backends: (n * ENDPOINTS + 64).next_power_of_two(),
+            ct_entries: 262_144,
+            ..Capacities::default()
+        };
+        let mut obj = ebpf::load(None, caps).context("loading the datapath")?;
+        let maps = BpfMaps::take(&mut obj)?;
+        let mut rec = Reconciler::new(maps)?;
+        let started = std::time::Instant::now();
+        rec.apply(&services(n))?;
+        let programmed = started.elapsed();
+        pass(&mut obj)?.load()?;
+
+        // The last service: the same lookup cost as any (hash maps), the farthest in the table.
+        let target = vip(n - 1);
+        let to = std::net::SocketAddrV4::new(target, 80);
+        let mut out = vec![0u8; 256];
+        // An established flow and its reply: set up once.
+        let flow = client(u32::MAX >> 2);
+        let syn = Frame::tcp(flow, to).build();
+        let (_, _) = once(ebpf::xdp(&mut obj)?, &syn, &mut out)?;
+        let backend = lb_userspace::packet::decode(&out).context("decoding the DNATed SYN")?.dst;
+        let ack = Frame { tcp_flags: 0x10, ..Frame::tcp(flow, to) }.build();
+        let reply = Frame { tcp_flags: 0x12, ..Frame::tcp(backend, flow) }.build();
+        let node_port = std::net::SocketAddrV4::new(NODE, 30_080);
+
+        let mut paths: Vec<(&str, FrameGen)> = vec![
+            (
+                "no service",
+                Box::new(move |_| {
+                    Frame::udp(client(1), std::net::SocketAddrV4::new(Ipv4Addr::new(198, 19, 253, 1), 9))
+                        .build()
+                }),
+            ),
+            ("new flow", Box::new(move |k| Frame::tcp(client(k), to).build())),
+            ("established", Box::new(move |_| ack.clone())),
+            ("new flow, SNAT", Box::new(move |k| Frame::tcp(client(k), node_port).build())),
+            ("reply", Box::new(move |_| reply.clone())),
+        ];
+        let mut net: Vec<Vec<i64>> = vec![Vec::new(); paths.len()];
+        let mut floors = Vec::new();
+        let mut k = 0u32;
+        for round in 0..a.rounds {
+            // The floor, on the same frame sizes.
+            let frame = Frame::tcp(client(0), to).build();
+            let mut f: Vec<u64> = (0..a.calls)
+                .map(|_| once(pass(&mut obj)?, &frame, &mut out).map(|(d, _)| d.as_nanos() as u64))
+                .collect::<anyhow::Result<_>>()?;
+            let floor = median(&mut f);
+            floors.push(floor);
+            for (i, (name, make)) in paths.iter_mut().enumerate() {
+                let prog = ebpf::xdp(&mut obj)?;
+                let mut t = Vec::with_capacity(a.calls as usize);
+                for _ in 0..a.calls {
+                    k = k.wrapping_add(1);
+                    let frame = make(k);
+                    let (d, verdict) = once(prog, &frame, &mut out)?;
+                    if verdict != 2 {
+                        bail!("{name}: verdict {verdict}, not XDP_PASS (round {round})");
+                    }
+                    t.push(d.as_nanos() as u64);
+                }
+                net[i].push(median(&mut t) as i64 - floor as i64);
+            }
+        }
+        let cell = |v: &mut Vec<i64>| {
+            v.sort_unstable();
+            format!("{} [{}-{}]", v[v.len() / 2], v[0], v[v.len() - 1])
+        };
+        let mut floor_sorted = floors.clone();
+        floor_sorted.sort_unstable();
+        println!(
+            "| {n} | {} | {} | {} | {} | {} | {} |",
+            cell(&mut net[0]),
+            cell(&mut net[1]),
+            cell(&mut net[2]),
+            cell(&mut net[3]),
+            cell(&mut net[4]),
+            floor_sorted[floor_sorted.len() / 2]
+        );
+        eprintln!("   ({n} services x {ENDPOINTS} endpoints programmed in {programmed:.2?})");
+    }
+    Ok(())
+}
