@@ -63,11 +63,10 @@ pub fn key_of(pkt: &Packet, dir: u8) -> Ct4Key {
     }
 }
 
-/// Marks a tracked entry as used by `pkt` now; writes only what changed, to keep the cache line
-/// clean on the hot path. The clock is read here, so packets that match no flow never pay for it.
+/// Marks a tracked entry as used by `pkt` at `now`; writes only what changed, to keep the cache
+/// line clean on the hot path.
 #[inline(always)]
-pub fn touch(entry: *mut Ct4Value, pkt: &Packet) {
-    let now = now_secs();
+pub fn touch(entry: *mut Ct4Value, pkt: &Packet, now: u32) {
     // SAFETY: `entry` came from a lookup in this program run; a concurrent eviction can at worst
     // make us write into a recycled slot, which only affects timestamps and flags.
     unsafe {
@@ -275,15 +274,15 @@ fn reply_key(key: &Ct4Key, fwd: &Ct4Value) -> Ct4Key {
 /// lifetime in both directions (a one-way stream only refreshes one), or a new connection (a
 /// SYN without ACK) on a tuple whose last connection closed. Only reads.
 #[inline(always)]
-pub fn flow_over(key: &Ct4Key, fwd: &Ct4Value, pkt: &Packet) -> bool {
+pub fn flow_over(key: &Ct4Key, fwd: &Ct4Value, pkt: &Packet, now: u32) -> bool {
     let reopened = pkt.proto == IPPROTO_TCP
         && pkt.tcp_flags & (lb_common::TCP_SYN | TCP_ACK) == lb_common::TCP_SYN
         && fwd.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     if reopened {
         return true;
     }
-    let now = now_secs();
-    if !expired(fwd, key.proto, now) {
+    // Used this second: alive whatever the lifetime (at least a second), and no settings read.
+    if now == fwd.last_seen || !expired(fwd, key.proto, now) {
         return false;
     }
     match CT.get_ptr(reply_key(key, fwd)) {

@@ -67,9 +67,11 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     // stands in the packet and the direction.
     let fwd_key = ct::key_of(&pkt, CT_DIR_FORWARD);
     let mut tracked = CT.get_ptr_mut(fwd_key);
+    // The clock is read only for packets of tracked flows (here, or for a reply below).
+    let now = if tracked.is_some() { ct::now_secs() } else { 0 };
     // SAFETY: pointer from a lookup in this run.
     if let Some(entry) = tracked
-        && ct::flow_over(&fwd_key, unsafe { &*entry }, &pkt)
+        && ct::flow_over(&fwd_key, unsafe { &*entry }, &pkt, now)
     {
         // Idle past its lifetime, or a new connection on a closed tuple: forgotten here, balanced
         // again below (its other entries are overwritten by the new flow's, or age out).
@@ -95,7 +97,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         match BACKENDS.get(backend_id) {
             Some(be) if be.state != BACKEND_STATE_FREE && be.addr == nat_addr && be.port == nat_port => {
                 if !TRACE_MODE {
-                    ct::touch(entry, &pkt);
+                    ct::touch(entry, &pkt, now);
                 }
                 nat::rewrite(&pkt, Side::Destination, nat_addr, nat_port);
                 if snat_port != 0 {
@@ -126,7 +128,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
                 ((*entry).nat_addr, (*entry).nat_port, (*entry).backend_id, (*entry).svc_id, (*entry).flags)
             };
             if !TRACE_MODE {
-                ct::touch(entry, &pkt);
+                ct::touch(entry, &pkt, ct::now_secs());
             }
             step(rec, |r| {
                 r.steps |= TRACE_CT_REPLY;
