@@ -44,20 +44,26 @@ fn args() -> anyhow::Result<Args> {
             other => bail!("unknown argument {other:?} (--services N --endpoints E --changes C)"),
         }
     }
-    if a.services == 0 || a.services > 65_000 || a.endpoints == 0 || a.endpoints > 100 {
-        bail!("--services must be 1..=65000 and --endpoints 1..=100");
+    if a.services == 0 || a.services > 130_000 || a.endpoints == 0 || a.endpoints > 100 {
+        bail!("--services must be 1..=130000 and --endpoints 1..=100");
     }
     Ok(a)
 }
 
-/// Service i's ClusterIP, in 198.19.0.0/16.
+/// Service i's ClusterIP, in 198.18.0.0/15 (up to 131,072; no traffic is sent).
 fn vip(i: u32) -> Ipv4Addr {
-    Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8)
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i)
 }
 
-/// Endpoint address number n, in 198.18.0.0/16 (fresh ones for changes come after the rest).
-fn pod(n: u32) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, (n >> 8) as u8, n as u8)
+/// Endpoint e of service i: an address of 198.19.<254 - i / 50000>.<1 + e> (fresh ones for
+/// changes come after the service's own), and the port its slice gives, 10000 + i % 50000; so
+/// every endpoint of every service is its own backend.
+fn pod(i: u32, e: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 254 - (i / 50_000) as u8, 1 + e as u8)
+}
+
+fn pod_port(i: u32) -> u16 {
+    10_000 + (i % 50_000) as u16
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -68,8 +74,8 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// True once `addr` is among the selectable backends of service i in the kernel maps.
-fn serves(maps: &BpfMaps, i: u32, addr: Ipv4Addr) -> bool {
+/// True once `addr`:`port` is among the selectable backends of service i in the kernel maps.
+fn serves(maps: &BpfMaps, i: u32, addr: Ipv4Addr, port: u16) -> bool {
     let key = |slot| Svc4Key {
         addr: vip(i).octets(),
         port: 80,
@@ -84,7 +90,7 @@ fn serves(maps: &BpfMaps, i: u32, addr: Ipv4Addr) -> bool {
             .get(&key(s), 0)
             .ok()
             .and_then(|v| maps.backends.get(&v.backend_id, 0).ok())
-            .is_some_and(|b| b.addr == addr.octets())
+            .is_some_and(|b| b.addr == addr.octets() && b.port == port)
     })
 }
 
@@ -115,9 +121,9 @@ fn main() -> anyhow::Result<()> {
     for i in 0..a.services {
         let name = format!("svc-{i}");
         api.put(Kind::Service, service(&name, &vip(i).to_string(), 80, 8080));
-        let addrs: Vec<String> = (0..a.endpoints).map(|e| pod(i * a.endpoints + e).to_string()).collect();
+        let addrs: Vec<String> = (0..a.endpoints).map(|e| pod(i, e).to_string()).collect();
         let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-        api.put(Kind::Slice, slice(&format!("{name}-1"), &name, 8080, &refs));
+        api.put(Kind::Slice, slice(&format!("{name}-1"), &name, pod_port(i), &refs));
     }
     api.compact(); // a watch starts from the list's version, not from the build-up history
     eprintln!(
@@ -162,6 +168,11 @@ fn main() -> anyhow::Result<()> {
         .args(["--iface", "lo", "--xdp-mode", "generic", "--http-addr", "off"])
         // Never the machine's own cgroup: socket-level balancing is not what this measures.
         .args(["--cgroup", "off"])
+        // Room for every frontend and slot, and every backend (and the changes' fresh ones).
+        .arg("--max-service-entries")
+        .arg((a.services * (a.endpoints + 1) + 1024).next_power_of_two().max(262_144).to_string())
+        .arg("--max-backends")
+        .arg((a.services * a.endpoints + a.changes + 1024).next_power_of_two().max(262_144).to_string())
         .env("XLB_LOG", "info");
     let started = Instant::now();
     let mut agent = Proc::spawn("xlb agent", &mut cmd, Some(&log))?;
@@ -181,7 +192,8 @@ fn main() -> anyhow::Result<()> {
 
     // Endpoint changes: one slice at a time, a fresh address replacing the last endpoint.
     let maps = BpfMaps::open(&pin_dir)?;
-    if !serves(&maps, a.services - 1, pod(a.services * a.endpoints - 1)) {
+    let last = a.services - 1;
+    if !serves(&maps, last, pod(last, a.endpoints - 1), pod_port(last)) {
         bail!("the maps do not hold the last service after ready:\n{}", agent.log_text());
     }
     let mut lat = Vec::new();
@@ -189,15 +201,14 @@ fn main() -> anyhow::Result<()> {
     for c in 0..a.changes {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let i = ((seed >> 33) % u64::from(a.services)) as u32;
-        let fresh = pod(a.services * a.endpoints + c);
+        let fresh = pod(i, a.endpoints + c % 100);
         let name = format!("svc-{i}");
-        let mut addrs: Vec<String> =
-            (0..a.endpoints - 1).map(|e| pod(i * a.endpoints + e).to_string()).collect();
+        let mut addrs: Vec<String> = (0..a.endpoints - 1).map(|e| pod(i, e).to_string()).collect();
         addrs.push(fresh.to_string());
         let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
         let t = Instant::now();
-        api.put(Kind::Slice, slice(&format!("{name}-1"), &name, 8080, &refs));
-        while !serves(&maps, i, fresh) {
+        api.put(Kind::Slice, slice(&format!("{name}-1"), &name, pod_port(i), &refs));
+        while !serves(&maps, i, fresh, pod_port(i)) {
             if t.elapsed() > Duration::from_secs(30) {
                 bail!("change to {name} not in the maps after 30 s:\n{}", agent.log_text());
             }
@@ -243,9 +254,10 @@ fn main() -> anyhow::Result<()> {
     );
     println!("  first sync (model + maps):  {:>10.1} ms", sync_us as f64 / 1e3);
     println!(
-        "  endpoint change -> map:     p50 {:.2} ms, p90 {:.2} ms, max {:.2} ms over {} changes (includes the 10 ms batch delay)",
+        "  endpoint change -> map:     p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} changes (includes the 10 ms batch delay)",
         percentile(&lat, 0.5).as_secs_f64() * 1e3,
         percentile(&lat, 0.9).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3,
         lat.last().unwrap().as_secs_f64() * 1e3,
         lat.len()
     );
