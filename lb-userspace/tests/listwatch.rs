@@ -188,11 +188,20 @@ async fn the_agent_converges_through_disconnects_relists_and_an_absent_api_serve
         "after dropped watches",
     )
     .await;
+    // The maps may converge through the slice watch before the Service watch is back: wait for
+    // it (its retry comes with the watcher's backoff).
+    let service_resumed = |r: &[(Kind, &str, String)]| {
+        r.iter().any(|(k, verb, rv)| {
+            *k == Kind::Service && *verb == "watch" && rv.parse::<u64>().unwrap() >= newest
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !service_resumed(&api.requests()[before..]) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let resumed: Vec<_> = api.requests()[before..].to_vec();
     assert!(
-        resumed.iter().any(|(k, verb, rv)| *k == Kind::Service
-            && *verb == "watch"
-            && rv.parse::<u64>().unwrap() >= newest),
+        service_resumed(&resumed),
         "the Service watch resumed from a bookmarked version (>= {newest}): {resumed:?}"
     );
     assert!(
