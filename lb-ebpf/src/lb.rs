@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, BACKEND_F_LOCAL, BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, CT_F_SNAT, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST,
+    CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST,
     SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key, TRACE_AFFINITY, TRACE_CT_EXPIRED,
     TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_MAGLEV, TRACE_NEW_FLOW,
     TRACE_REJECT, TRACE_REWRITE, TraceRecord, maglev_flow_hash, maglev_key,
@@ -87,8 +87,9 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         // SAFETY: pointer from a lookup in this run; plain integer reads.
         let (backend_id, svc_id, nat_addr, nat_port) =
             unsafe { ((*entry).backend_id, (*entry).svc_id, (*entry).nat_addr, (*entry).nat_port) };
+        // Non-zero only in the forward entry of a SNATed flow.
         // SAFETY: as above.
-        let snat_port = unsafe { if (*entry).flags & CT_F_SNAT != 0 { (*entry).snat_port } else { 0 } };
+        let snat_port = unsafe { (*entry).snat_port };
         step(rec, |r| {
             r.steps |= TRACE_CT_FORWARD;
             r.ct_backend_id = backend_id;

@@ -17,8 +17,8 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKEND_FLOWS, BACKENDS, SERVICES, SOCK_NAT, STATS},
-    stats::atomic_add,
+    maps::{BACKEND_FLOWS, BACKENDS, SERVICES, SOCK_NAT},
+    stats::{atomic_add, count_atomic},
 };
 
 /// Let the call go on (a sock_addr program's "allow").
@@ -35,15 +35,6 @@ fn set_retval(err: i32) {
     let f: unsafe extern "C" fn(i32) -> i64 = unsafe { core::mem::transmute(187usize) };
     // SAFETY: a helper call with a plain integer.
     unsafe { f(err) };
-}
-
-#[inline(always)]
-fn count(stat: Stat) {
-    // Process context: an XDP run on this CPU may interrupt the update, so it is atomic.
-    if let Some(v) = STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: pointer into this CPU's slot, from a lookup in this run.
-        unsafe { atomic_add(&raw mut (*v).packets, 1) };
-    }
 }
 
 /// connect4 (`sendmsg = false`) and sendmsg4 (`true`): a destination that is a frontend becomes
@@ -86,7 +77,7 @@ pub fn forward(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         }
     }
     if n == 0 {
-        count(Stat::SockRefused);
+        count_atomic(Stat::SockRefused);
         set_retval(-ECONNREFUSED);
         return REJECT;
     }
@@ -117,7 +108,7 @@ pub fn forward(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         unsafe { atomic_add(flows, 1) };
     }
     rewrite(ctx, baddr, bport);
-    count(Stat::SockTranslated);
+    count_atomic(Stat::SockTranslated);
     ALLOW
 }
 

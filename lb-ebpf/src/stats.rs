@@ -24,3 +24,13 @@ pub unsafe fn atomic_add(p: *mut u64, v: u64) {
     // SAFETY: guaranteed by the caller.
     unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, v) };
 }
+
+/// Counts one event of `stat` (bytes untouched) from process context, where an XDP run on this
+/// CPU may interrupt the update: atomically (the socket programs).
+#[inline(always)]
+pub fn count_atomic(stat: Stat) {
+    if let Some(v) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: pointer into this CPU's slot, from a lookup in this run.
+        unsafe { atomic_add(&raw mut (*v).packets, 1) };
+    }
+}
