@@ -87,13 +87,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn from_manifests(o: manifests::Objects) -> Self {
-        Self {
-            services: o.services.into_iter().map(Arc::new).collect(),
-            slices: o.slices.into_iter().map(Arc::new).collect(),
-            pods: o.pods.into_iter().map(Arc::new).collect(),
-            doc_errors: o.errors,
-        }
+    pub fn from_manifests(o: impl Into<manifests::SharedObjects>) -> Self {
+        let o = o.into();
+        Self { services: o.services, slices: o.slices, pods: o.pods, doc_errors: o.errors }
     }
 }
 
@@ -207,7 +203,7 @@ impl<D: Datapath> Syncer<D> {
 
 /// Where snapshots come from.
 pub enum Source {
-    Manifests { dir: PathBuf, _poller: AbortOnDrop },
+    Manifests { dir: PathBuf, cache: std::sync::Mutex<manifests::DirCache>, _poller: AbortOnDrop },
     Kube(KubeSource),
 }
 
@@ -235,7 +231,11 @@ impl Source {
                         }
                     }
                 });
-                Ok(Source::Manifests { dir: dir.clone(), _poller: AbortOnDrop(poller) })
+                Ok(Source::Manifests {
+                    dir: dir.clone(),
+                    cache: Default::default(),
+                    _poller: AbortOnDrop(poller),
+                })
             }
             SourceConfig::Kube { kubeconfig, node_name } => {
                 let client = kube_source::client(kubeconfig.as_deref()).await?;
@@ -265,7 +265,10 @@ impl Source {
 
     pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
         match self {
-            Source::Manifests { dir, .. } => Ok(Snapshot::from_manifests(manifests::read_dir(dir)?)),
+            Source::Manifests { dir, cache, .. } => {
+                let mut cache = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                Ok(Snapshot::from_manifests(cache.read(dir)?))
+            }
             Source::Kube(k) => Ok(Snapshot {
                 services: k.services.state(),
                 slices: k.slices.state(),
@@ -488,6 +491,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     metrics.set_ready();
     info!(pin_dir = %cfg.pin_dir.display(), "ready");
 
+    // SIGHUP: read the source again now (for manifests, without waiting for the next poll).
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let _reload = {
+        let (changed, metrics) = (changed.clone(), metrics.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            while sighup.recv().await.is_some() {
+                info!("SIGHUP: reading the source again");
+                metrics.changed();
+                changed.notify_one();
+            }
+        }))
+    };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
