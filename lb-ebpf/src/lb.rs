@@ -18,7 +18,7 @@ use lb_common::{
 };
 
 use crate::{
-    ct, icmp,
+    ct, filter, icmp,
     maps::{AFFINITY, BACKEND_FLOWS, BACKENDS, CONFIG, CT, MAGLEV, SERVICES, SOURCE_RANGES, TRACE},
     nat::{self, Side},
     parse::{self, Packet, Parsed},
@@ -63,10 +63,22 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         Parsed::Fragment => return pass(rec, Stat::PassFragment, bytes),
     };
 
+    // The filter: a packet to no frontend can be neither a new flow nor a tracked one's forward
+    // direction (keyed client -> frontend); one from no backend cannot be a reply (keyed backend
+    // -> client). Not in a trace: it only skips lookups that would miss.
+    let (to_known, from_known) = if TRACE_MODE {
+        (true, true)
+    } else {
+        (filter::has(pkt.daddr, pkt.dport, pkt.proto), filter::has(pkt.saddr, pkt.sport, pkt.proto))
+    };
+    if !to_known && !from_known {
+        return pass(rec, Stat::PassNoService, bytes);
+    }
+
     // A tracked flow: one lookup covers both directions, since the key holds the tuple as it
     // stands in the packet and the direction.
     let fwd_key = ct::key_of(&pkt, CT_DIR_FORWARD);
-    let mut tracked = CT.get_ptr_mut(fwd_key);
+    let mut tracked = if to_known { CT.get_ptr_mut(fwd_key) } else { None };
     // The clock is read only for packets of tracked flows (here, or for a reply below).
     let now = if tracked.is_some() { ct::now_secs() } else { 0 };
     // SAFETY: pointer from a lookup in this run.
@@ -121,7 +133,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
                 }
             }
         }
-    } else {
+    } else if from_known {
         let reply_key = ct::key_of(&pkt, CT_DIR_REPLY);
         if let Some(entry) = CT.get_ptr_mut(reply_key) {
             // SAFETY: as above.
@@ -154,6 +166,9 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         }
     }
 
+    if !to_known {
+        return pass(rec, Stat::PassNoService, bytes);
+    }
     new_flow::<TRACE_MODE>(ctx, rec, &pkt, bytes)
 }
 

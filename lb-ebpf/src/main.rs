@@ -16,6 +16,8 @@
 #[cfg(target_arch = "bpf")]
 mod ct;
 #[cfg(target_arch = "bpf")]
+mod filter;
+#[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod lb;

@@ -61,6 +61,11 @@ pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
 #[btf_map(name = "xlb_affinity4_v1")]
 pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value, 65_536> = LruHashMap::new();
 
+/// The endpoint filter: one bit per frontend and backend (lb_common::filter_bit); see
+/// lb_common::MAP_FILTER.
+#[btf_map(name = "xlb_filter4_v1")]
+pub static FILTER: Array<u64, { lb_common::FILTER_WORDS as usize }> = Array::new();
+
 /// Flags of the Maglev tables: BPF_F_INNER_MAP (the agent's tables may have another size than
 /// this template) and BPF_F_MMAPABLE (the agent fills a new table with one copy).
 const MAGLEV_TABLE_FLAGS: usize = lb_common::MAGLEV_TABLE_FLAGS as usize;

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use lb_common::{CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_EGRESS_REVNAT, IPPROTO_UDP, Stat};
 
 use crate::{
-    ct,
+    ct, filter,
     maps::CT,
     parse::{self, Parsed},
     stats::count,
@@ -22,6 +22,10 @@ use crate::{
 pub fn egress(ctx: &TcContext) {
     let (data, end) = (ctx.data(), ctx.data_end());
     let Parsed::L4(pkt) = parse::parse(data, end) else { return };
+    // Every entry below has a backend at one end (source or destination).
+    if !filter::has(pkt.daddr, pkt.dport, pkt.proto) && !filter::has(pkt.saddr, pkt.sport, pkt.proto) {
+        return;
+    }
     // A SNATed flow leaving towards its backend: the node address and SNAT port as source.
     let (nat, stat) = if let Some(e) = CT.get_ptr(ct::key_of(&pkt, CT_DIR_SNAT)) {
         // SAFETY: pointer from a lookup in this run; plain integer reads.

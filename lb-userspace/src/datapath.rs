@@ -73,6 +73,13 @@ pub trait Datapath {
     fn read_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, DatapathError>;
     fn write_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError>;
     fn delete_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError>;
+    /// The endpoint filter's words ([`lb_common::MAP_FILTER`]); empty: this datapath has none.
+    fn read_filter(&self) -> Result<Vec<u64>, DatapathError> {
+        Ok(Vec::new())
+    }
+    fn write_filter_word(&mut self, _index: u32, _word: u64) -> Result<(), DatapathError> {
+        Ok(())
+    }
 
     // What the CLI reads besides the above.
     /// New flows sent to backend `id`.
@@ -108,6 +115,8 @@ pub struct BpfMaps {
     pub source_ranges: LpmTrie<MapData, SrcRange4, u8>,
     /// Taken or opened by [`Self::with_maglev`] (the agent, tests); the CLI does without.
     pub maglev: Option<HashOfMaps<MapData, u32, Array<MapData, u64>>>,
+    /// The endpoint filter; `None` when opened from the pins of an agent that has none.
+    pub filter: Option<Array<MapData, u64>>,
     capacity: Capacity,
 }
 
@@ -159,7 +168,12 @@ impl BpfMaps {
         let flows = typed(MAP_BACKEND_FLOWS, &p, m)?;
         let (p, m) = open(MAP_SOURCE_RANGES)?;
         let source_ranges = typed(MAP_SOURCE_RANGES, &p, m)?;
-        Self::new(services, backends, ct, stats, svc_info, flows, source_ranges)
+        let mut maps = Self::new(services, backends, ct, stats, svc_info, flows, source_ranges)?;
+        if pin_dir.join(lb_common::MAP_FILTER).exists() {
+            let (p, m) = open(lb_common::MAP_FILTER)?;
+            maps.filter = Some(typed(lb_common::MAP_FILTER, &p, m)?);
+        }
+        Ok(maps)
     }
 
     /// Takes the maps out of a loaded object (which then no longer owns them).
@@ -179,7 +193,10 @@ impl BpfMaps {
         let svc_info = typed(MAP_SVC_INFO, &path, take(MAP_SVC_INFO)?)?;
         let flows = typed(MAP_BACKEND_FLOWS, &path, take(MAP_BACKEND_FLOWS)?)?;
         let source_ranges = typed(MAP_SOURCE_RANGES, &path, take(MAP_SOURCE_RANGES)?)?;
-        Self::new(services, backends, ct, stats, svc_info, flows, source_ranges)
+        let filter = typed(lb_common::MAP_FILTER, &path, take(lb_common::MAP_FILTER)?)?;
+        let mut maps = Self::new(services, backends, ct, stats, svc_info, flows, source_ranges)?;
+        maps.filter = Some(filter);
+        Ok(maps)
     }
 
     fn new(
@@ -216,7 +233,18 @@ impl BpfMaps {
                 },
             });
         }
-        Ok(Self { services, backends, ct, stats, svc_info, flows, source_ranges, maglev: None, capacity })
+        Ok(Self {
+            services,
+            backends,
+            ct,
+            stats,
+            svc_info,
+            flows,
+            source_ranges,
+            maglev: None,
+            filter: None,
+            capacity,
+        })
     }
 
     /// Adds the Maglev map, pinned under `pin_dir` (the agent).
@@ -349,6 +377,18 @@ pub fn other_version_pins(pin_dir: &Path) -> Vec<PathBuf> {
 impl Datapath for BpfMaps {
     fn capacity(&self) -> Capacity {
         self.capacity
+    }
+
+    fn read_filter(&self) -> Result<Vec<u64>, DatapathError> {
+        let Some(f) = &self.filter else { return Ok(Vec::new()) };
+        (0..f.len()).map(|i| f.get(&i, 0).map_err(map_err("read", lb_common::MAP_FILTER))).collect()
+    }
+
+    fn write_filter_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError> {
+        match &mut self.filter {
+            Some(f) => f.set(index, word, 0).map_err(map_err("update", lb_common::MAP_FILTER)),
+            None => Ok(()),
+        }
     }
 
     fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError> {
@@ -506,6 +546,8 @@ pub struct MemDatapath {
     pub log: Vec<String>,
     /// Maglev tables by key.
     pub maglev: BTreeMap<u32, Vec<u16>>,
+    /// The endpoint filter's words; empty (the default): none.
+    pub filter: Vec<u64>,
 }
 
 impl MemDatapath {
@@ -515,6 +557,17 @@ impl MemDatapath {
 }
 
 impl Datapath for MemDatapath {
+    fn read_filter(&self) -> Result<Vec<u64>, DatapathError> {
+        Ok(self.filter.clone())
+    }
+
+    fn write_filter_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError> {
+        if let Some(w) = self.filter.get_mut(index as usize) {
+            *w = word;
+        }
+        Ok(())
+    }
+
     fn capacity(&self) -> Capacity {
         self.capacity.unwrap_or(Capacity {
             service_entries: lb_common::DEFAULT_MAX_SERVICE_ENTRIES,
@@ -741,6 +794,14 @@ impl<D: Datapath> Datapath for FaultyDatapath<D> {
     fn delete_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
         self.roll(self.write_fail_per_mille, "deleting a source range")?;
         self.inner.delete_source_range(svc_id, range)
+    }
+    fn read_filter(&self) -> Result<Vec<u64>, DatapathError> {
+        self.read_roll("reading the endpoint filter")?;
+        self.inner.read_filter()
+    }
+    fn write_filter_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "writing the endpoint filter")?;
+        self.inner.write_filter_word(index, word)
     }
     fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
         self.inner.read_backend_flows(id)

@@ -122,7 +122,22 @@ pub struct Reconciler<D> {
     maglev: BTreeMap<u32, Option<Vec<String>>>,
     /// Backends freed since [`Self::take_freed`] was last called: (address, port, protocol).
     freed: Vec<(Ipv4Addr, u16, u8)>,
+    /// The endpoint filter's words as written; empty: the datapath has no filter.
+    filter: Vec<u64>,
+    /// Freed backends whose filter bit stays set until the time given, so that the replies of
+    /// their flows still in flight are still translated (see [`FILTER_GRACE`]).
+    lingering: Vec<(std::time::Instant, BackendKey)>,
+    /// The filter as read back (at start, or after a failed write), kept set until the time
+    /// given: it may hold the bits of backends an earlier agent (or apply) removed.
+    read_bits: Option<(std::time::Instant, Vec<u64>)>,
+    filter_grace: std::time::Duration,
 }
+
+/// How long a removed backend keeps its endpoint-filter bit: its flows are balanced again at
+/// their next packet from the client, but a reply already on its way (a SYN-ACK racing with
+/// the removal) must still get the frontend's address, or the client would wait for a
+/// retransmission instead of getting a reset. The UDP and half-open TCP lifetime.
+pub const FILTER_GRACE: std::time::Duration = std::time::Duration::from_secs(lb_common::CT_UDP_S as u64);
 
 fn key(f: &Frontend, slot: u16) -> Svc4Key {
     Svc4Key {
@@ -203,9 +218,21 @@ impl<D: Datapath> Reconciler<D> {
             maglev_size: 0,
             maglev: BTreeMap::new(),
             freed: Vec::new(),
+            filter: Vec::new(),
+            lingering: Vec::new(),
+            read_bits: None,
+            filter_grace: FILTER_GRACE,
         };
         r.read_back()?;
         Ok(r)
+    }
+
+    /// How long a removed backend keeps its endpoint-filter bit (default [`FILTER_GRACE`]).
+    pub fn set_filter_grace(&mut self, grace: std::time::Duration) {
+        self.filter_grace = grace;
+        if grace.is_zero() {
+            self.read_bits = None;
+        }
     }
 
     /// Builds Maglev tables of `size` entries (a prime, see [`lb_common::MAGLEV_SIZES`]) for
@@ -249,6 +276,10 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     fn read_back(&mut self) -> Result<(), ReconcileError> {
+        self.filter = self.dp.read_filter()?;
+        if !self.filter.is_empty() && !self.filter_grace.is_zero() {
+            self.read_bits = Some((std::time::Instant::now() + self.filter_grace, self.filter.clone()));
+        }
         self.port_ids.clear();
         self.infos.clear();
         self.frontends.clear();
@@ -369,6 +400,46 @@ impl<D: Datapath> Reconciler<D> {
                 let e = wanted_backends.entry(k).or_insert((b.state, b.local));
                 e.0 = e.0.min(b.state);
                 e.1 |= b.local;
+            }
+        }
+
+        // 0. The endpoint filter gains the new frontends' and backends' bits before any map names
+        // them; it loses the bits of removed ones only at the end, once no map names them.
+        let mut wanted_filter = vec![0u64; self.filter.len()];
+        if !wanted_filter.is_empty() {
+            let mut set = |addr: Ipv4Addr, port: u16, proto: Proto| {
+                let bit = lb_common::filter_bit(addr.octets(), port, proto.number());
+                if let Some(w) = wanted_filter.get_mut((bit >> 6) as usize) {
+                    *w |= 1 << (bit & 63);
+                }
+            };
+            for k in wanted_backends.keys() {
+                set(k.addr, k.port, k.proto);
+            }
+            let now = std::time::Instant::now();
+            self.lingering.retain(|(until, _)| *until > now);
+            for (_, k) in &self.lingering {
+                set(k.addr, k.port, k.proto);
+            }
+
+            for p in desired {
+                for f in &p.frontends {
+                    set(f.addr, f.port, f.proto);
+                }
+            }
+            match &self.read_bits {
+                Some((until, bits)) if *until > now => {
+                    wanted_filter.iter_mut().zip(bits).for_each(|(w, b)| *w |= b);
+                }
+                _ => self.read_bits = None,
+            }
+            for (i, (have, want)) in self.filter.iter_mut().zip(&wanted_filter).enumerate() {
+                let union = *have | want;
+                if union != *have {
+                    self.dp.write_filter_word(i as u32, union)?;
+                    *have = union;
+                    st.writes += 1;
+                }
             }
         }
         let mut sorted_backends: Vec<_> = wanted_backends.iter().collect();
@@ -564,9 +635,25 @@ impl<D: Datapath> Reconciler<D> {
             self.dp.write_backend(id, Backend4::default())?;
             st.writes += 1;
             self.freed.push((k.addr, k.port, k.proto.number()));
+            if !self.filter.is_empty() && !self.filter_grace.is_zero() {
+                self.lingering.push((std::time::Instant::now() + self.filter_grace, k));
+                let bit = lb_common::filter_bit(k.addr.octets(), k.port, k.proto.number());
+                if let Some(w) = wanted_filter.get_mut((bit >> 6) as usize) {
+                    *w |= 1 << (bit & 63);
+                }
+            }
             self.backend_ids.remove(&k);
             self.backend_values.remove(&id);
             self.be_ids.release(id);
+        }
+
+        // 6. Filter bits of what is gone.
+        for (i, (have, &want)) in self.filter.iter_mut().zip(&wanted_filter).enumerate() {
+            if *have != want {
+                self.dp.write_filter_word(i as u32, want)?;
+                *have = want;
+                st.writes += 1;
+            }
         }
         Ok(st)
     }
@@ -581,11 +668,31 @@ mod tests {
     };
 
     /// Checks, after every single write, what a packet could observe: every service entry's
-    /// count is covered by written slots, and every slot names a live backend.
+    /// count is covered by written slots, every slot names a live backend, and the endpoint
+    /// filter has the bit of every frontend and of every backend a slot names.
     struct Checked(MemDatapath);
 
+    /// A datapath with an endpoint filter, for [`Checked`].
+    fn filtered() -> MemDatapath {
+        MemDatapath { filter: vec![0; lb_common::FILTER_WORDS as usize], ..MemDatapath::default() }
+    }
+
     impl Checked {
+        fn filter_has(&self, addr: [u8; 4], port: u16, proto: u8) -> bool {
+            let bit = lb_common::filter_bit(addr, port, proto);
+            self.0.filter[(bit >> 6) as usize] >> (bit & 63) & 1 == 1
+        }
+
         fn check(&self) {
+            for (k, v) in &self.0.services {
+                if k.slot == 0 {
+                    assert!(self.filter_has(k.addr, k.port, k.proto), "frontend {k:?} not in the filter");
+                } else if let Some(be) = self.0.backends.get(&v.backend_id)
+                    && be.state != lb_common::BACKEND_STATE_FREE
+                {
+                    assert!(self.filter_has(be.addr, be.port, k.proto), "backend {be:?} not in the filter");
+                }
+            }
             for (k, v) in &self.0.services {
                 if k.slot != 0 {
                     continue;
@@ -636,6 +743,14 @@ mod tests {
         }
         fn write_svc_info(&mut self, id: u32, i: SvcInfo) -> Result<(), DatapathError> {
             self.0.write_svc_info(id, i)
+        }
+        fn read_filter(&self) -> Result<Vec<u64>, DatapathError> {
+            self.0.read_filter()
+        }
+        fn write_filter_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError> {
+            self.0.write_filter_word(index, word)?;
+            self.check();
+            Ok(())
         }
         fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
             self.0.delete_svc_info(id)
@@ -771,8 +886,32 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_backend_keeps_its_filter_bit_for_the_grace_period() {
+        let has = |dp: &MemDatapath, last: u8| {
+            let bit = lb_common::filter_bit([198, 18, 1, last], 8080, Proto::Tcp.number());
+            dp.filter[(bit >> 6) as usize] >> (bit & 63) & 1 == 1
+        };
+        let both = [port("a", 10, &[(1, BackendState::Active), (2, BackendState::Active)])];
+        let one = [port("a", 10, &[(1, BackendState::Active)])];
+        let mut r = Reconciler::new(filtered()).unwrap();
+        r.apply(&both).unwrap();
+        assert!(has(r.datapath(), 1) && has(r.datapath(), 2));
+        // Removed: its replies in flight are still recognised for FILTER_GRACE.
+        r.apply(&one).unwrap();
+        assert!(has(r.datapath(), 1) && has(r.datapath(), 2), "backend 2 lost its bit at once");
+        assert!(
+            r.datapath().backends.values().filter(|b| b.state != lb_common::BACKEND_STATE_FREE).count() == 1
+        );
+        // Once the grace period is over, the next apply clears it.
+        r.set_filter_grace(std::time::Duration::ZERO);
+        r.lingering.iter_mut().for_each(|(until, _)| *until = std::time::Instant::now());
+        r.apply(&one).unwrap();
+        assert!(has(r.datapath(), 1) && !has(r.datapath(), 2), "backend 2 kept its bit");
+    }
+
+    #[test]
     fn write_order_never_exposes_a_half_written_service() {
-        let mut r = Reconciler::new(Checked(MemDatapath::default())).unwrap();
+        let mut r = Reconciler::new(Checked(filtered())).unwrap();
         let a5: Vec<_> = (1..=5).map(|b| (b, BackendState::Active)).collect();
         r.apply(&[port("a", 10, &a5)]).unwrap();
         r.apply(&[port("a", 10, &a5[..1])]).unwrap(); // scale down: entry before stale slots
@@ -792,7 +931,8 @@ mod tests {
     #[test]
     fn random_changes_converge_and_stay_consistent() {
         let mut rng = Lcg(42);
-        let mut r = Reconciler::new(Checked(MemDatapath::default())).unwrap();
+        let mut r = Reconciler::new(Checked(filtered())).unwrap();
+        r.set_filter_grace(std::time::Duration::ZERO);
         for round in 0..300 {
             let mut desired = Vec::new();
             for s in 0..rng.below(6) {
@@ -811,12 +951,25 @@ mod tests {
             let mut fresh = Reconciler::new(MemDatapath::default()).unwrap();
             fresh.apply(&desired).unwrap();
             assert_eq!(meaning(&r.datapath().0), meaning(fresh.datapath()), "round {round}");
+            // The filter holds exactly the bits of what the maps name: removed ones are cleared.
+            let mut exact = vec![0u64; lb_common::FILTER_WORDS as usize];
+            let dp = &r.datapath().0;
+            for (k, v) in &dp.services {
+                let (addr, port) = match k.slot {
+                    0 => (k.addr, k.port),
+                    _ => (dp.backends[&v.backend_id].addr, dp.backends[&v.backend_id].port),
+                };
+                let bit = lb_common::filter_bit(addr, port, k.proto);
+                exact[(bit >> 6) as usize] |= 1 << (bit & 63);
+            }
+            assert!(dp.filter == exact, "round {round}: the filter differs from the maps' entries");
             // And ids stay bounded: freed ids are reused.
             assert!(r.datapath().0.backends.keys().all(|&id| id <= 8), "round {round}");
             // Occasionally restart the agent on the same maps.
             if rng.below(10) == 0 {
                 let dp = Checked(r.datapath().0.clone());
                 r = Reconciler::new(dp).unwrap();
+                r.set_filter_grace(std::time::Duration::ZERO);
                 assert_eq!(
                     r.apply(&desired).unwrap(),
                     ApplyStats::default(),
@@ -846,7 +999,7 @@ mod tests {
         let mut rng = Lcg(7);
         // 3% of writes and 1% of reads fail; every single write is still checked for a
         // half-written service.
-        let dp = FaultyDatapath::new(Checked(MemDatapath::default()), 99, 30, 10);
+        let dp = FaultyDatapath::new(Checked(filtered()), 99, 30, 10);
         let mut r = Reconciler::new(dp).unwrap();
         let (mut failures, mut retries_max) = (0, 0);
         for round in 0..300 {
