@@ -30,10 +30,12 @@ struct Args {
     services: u32,
     endpoints: u32,
     changes: u32,
+    /// Also write the figures here, as JSON (for `cargo xtask bench-report`).
+    json: Option<PathBuf>,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { services: 10_000, endpoints: 5, changes: 30 };
+    let mut a = Args { services: 10_000, endpoints: 5, changes: 30, json: None };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || -> anyhow::Result<u32> { Ok(it.next().context("missing value")?.parse()?) };
@@ -41,7 +43,8 @@ fn args() -> anyhow::Result<Args> {
             "--services" => a.services = val()?,
             "--endpoints" => a.endpoints = val()?,
             "--changes" => a.changes = val()?,
-            other => bail!("unknown argument {other:?} (--services N --endpoints E --changes C)"),
+            "--json" => a.json = Some(it.next().context("missing value")?.into()),
+            other => bail!("unknown argument {other:?} (--services N --endpoints E --changes C --json FILE)"),
         }
     }
     if a.services == 0 || a.services > 130_000 || a.endpoints == 0 || a.endpoints > 100 {
@@ -236,6 +239,7 @@ fn main() -> anyhow::Result<()> {
     let rebuilt_max = log_ms("rebuilt=").last().map_or(0.0, |v| v * 1e3);
     let rss = status_kib(agent.pid(), "VmRSS:");
     let hwm = status_kib(agent.pid(), "VmHWM:");
+    let kernel = kernel_map_bytes(&pin_dir);
     agent.stop(Duration::from_secs(5));
     let _ = stop_tx.send(());
     let _ = driver.join();
@@ -281,5 +285,39 @@ fn main() -> anyhow::Result<()> {
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
+    println!(
+        "  kernel map memory:          {:.1} MiB (bytes_memlock of the pinned maps, as bpftool shows it)",
+        kernel as f64 / (1024.0 * 1024.0)
+    );
+    if let Some(path) = &a.json {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let doc = serde_json::json!({
+            "services": a.services, "endpoints": a.endpoints, "changes": lat.len(),
+            "cold_start_ms": ms(cold), "first_sync_ms": sync_us as f64 / 1e3, "first_sync_writes": writes,
+            "change_ms": {
+                "p50": ms(percentile(&lat, 0.5)), "p90": ms(percentile(&lat, 0.9)),
+                "p99": ms(percentile(&lat, 0.99)), "max": ms(*lat.last().unwrap()),
+            },
+            "sync_ms_p50": sync_ms.get(sync_ms.len() / 2), "model_ms_p50": model_ms.get(model_ms.len() / 2),
+            "rss_ready_mib": rss_ready as f64 / 1024.0, "rss_mib": rss as f64 / 1024.0,
+            "rss_peak_mib": hwm as f64 / 1024.0, "kernel_map_mib": kernel as f64 / (1024.0 * 1024.0),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// Kernel memory of the maps pinned under `pin_dir` (their `bytes_memlock`, from bpftool).
+fn kernel_map_bytes(pin_dir: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(pin_dir) else { return 0 };
+    rd.filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| {
+            let out =
+                Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(e.path()).output().ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            v["bytes_memlock"].as_u64()
+        })
+        .sum()
 }

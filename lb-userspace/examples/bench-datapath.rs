@@ -14,8 +14,8 @@
 //! an established flow; a new flow to a node port whose endpoint is on another node (SNAT: four
 //! conntrack entries); a backend's reply translated back.
 //!
-//! Run with `cargo xtask bench-datapath [-- --services 1,1000,10000,100000 --calls C --rounds R]`
-//! (root).
+//! Run with `cargo xtask bench-datapath [-- --services 1,1000,10000,100000 --calls C --rounds R
+//! --json FILE]` (root).
 use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
@@ -33,10 +33,15 @@ struct Args {
     services: Vec<u32>,
     calls: u32,
     rounds: u32,
+    /// Also write the figures here, as JSON (for `cargo xtask bench-report`).
+    json: Option<std::path::PathBuf>,
+    /// Run only this path (for profiling it), e.g. "new flow".
+    only: Option<String>,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { services: vec![1, 1_000, 10_000, 100_000], calls: 4_000, rounds: 5 };
+    let mut a =
+        Args { services: vec![1, 1_000, 10_000, 100_000], calls: 4_000, rounds: 5, json: None, only: None };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let val = it.next().context("missing value")?;
@@ -44,7 +49,9 @@ fn args() -> anyhow::Result<Args> {
             "--services" => a.services = val.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--calls" => a.calls = val.parse()?,
             "--rounds" => a.rounds = val.parse()?,
-            other => bail!("unknown argument {other:?} (--services N,N,.. --calls C --rounds R)"),
+            "--json" => a.json = Some(val.into()),
+            "--only" => a.only = Some(val),
+            other => bail!("unknown argument {other:?} (--services N,N,.. --calls C --rounds R --json FILE)"),
         }
     }
     if a.services.iter().any(|&n| n == 0 || n > 200_000) || a.calls == 0 || a.rounds == 0 {
@@ -146,6 +153,22 @@ fn client(k: u32) -> std::net::SocketAddrV4 {
     std::net::SocketAddrV4::new(addr, 1024 + (k & 0x3fff) as u16)
 }
 
+/// Under `perf record -D -1 --control fifo:CTL,ACK` (see `cargo xtask bench`), with the FIFOs'
+/// directory in XLB_PERF_CTL: turns sampling on or off around the measured calls, and waits for
+/// perf's acknowledgement.
+fn perf_control(cmd: &str) {
+    let Ok(dir) = std::env::var("XLB_PERF_CTL") else { return };
+    let dir = std::path::PathBuf::from(dir);
+    let sent = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("ctl"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{cmd}\n").as_bytes()));
+    if sent.is_ok() {
+        let mut ack = [0u8; 5];
+        let _ = std::fs::File::open(dir.join("ack")).and_then(|mut f| std::io::Read::read(&mut f, &mut ack));
+    }
+}
+
 /// The floor program.
 fn pass(obj: &mut aya::Ebpf) -> anyhow::Result<&mut Xdp> {
     Ok(obj.program_mut(PROG_XDP_PASS).context("no pass program")?.try_into()?)
@@ -164,6 +187,7 @@ fn main() -> anyhow::Result<()> {
         "| services | no service (ns) | new flow (ns) | established (ns) | new flow, SNAT (ns) | reply (ns) | floor (ns) |"
     );
     println!("|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
     for &n in &a.services {
         let caps = Capacities {
             service_entries: (n * (ENDPOINTS + 1) + 64).next_power_of_two(),
@@ -205,9 +229,18 @@ fn main() -> anyhow::Result<()> {
             ("new flow, SNAT", Box::new(move |k| Frame::tcp(client(k), node_port).build())),
             ("reply", Box::new(move |_| reply.clone())),
         ];
+        if let Some(only) = &a.only {
+            paths.retain(|(name, _)| name == only);
+            if paths.is_empty() {
+                bail!(
+                    "--only {only:?}: no such path (no service, new flow, established, new flow, SNAT, reply)"
+                );
+            }
+        }
         let mut net: Vec<Vec<i64>> = vec![Vec::new(); paths.len()];
         let mut floors = Vec::new();
         let mut k = 0u32;
+        perf_control("enable");
         for round in 0..a.rounds {
             // The floor, on the same frame sizes.
             let frame = Frame::tcp(client(0), to).build();
@@ -231,22 +264,35 @@ fn main() -> anyhow::Result<()> {
                 net[i].push(median(&mut t) as i64 - floor as i64);
             }
         }
+        perf_control("disable");
         let cell = |v: &mut Vec<i64>| {
             v.sort_unstable();
             format!("{} [{}-{}]", v[v.len() / 2], v[0], v[v.len() - 1])
         };
+        let stat = |v: &Vec<i64>| {
+            let mut v = v.clone();
+            v.sort_unstable();
+            serde_json::json!({"median": v[v.len() / 2], "min": v[0], "max": v[v.len() - 1]})
+        };
+        let mut paths_json = serde_json::Map::new();
+        for (i, (name, _)) in paths.iter().enumerate() {
+            paths_json.insert((*name).to_owned(), stat(&net[i]));
+        }
+        let floor_stat = stat(&floors.iter().map(|&f| f as i64).collect());
+        rows.push(serde_json::json!({
+            "services": n, "endpoints": ENDPOINTS, "paths_ns": paths_json, "floor_ns": floor_stat,
+            "programmed_s": programmed.as_secs_f64(),
+        }));
         let mut floor_sorted = floors.clone();
         floor_sorted.sort_unstable();
-        println!(
-            "| {n} | {} | {} | {} | {} | {} | {} |",
-            cell(&mut net[0]),
-            cell(&mut net[1]),
-            cell(&mut net[2]),
-            cell(&mut net[3]),
-            cell(&mut net[4]),
-            floor_sorted[floor_sorted.len() / 2]
-        );
+        let cells: Vec<String> = net.iter_mut().map(cell).collect();
+        println!("| {n} | {} | {} |", cells.join(" | "), floor_sorted[floor_sorted.len() / 2]);
         eprintln!("   ({n} services x {ENDPOINTS} endpoints programmed in {programmed:.2?})");
+    }
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({"calls": a.calls, "rounds": a.rounds, "rows": rows});
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

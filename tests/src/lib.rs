@@ -8,6 +8,7 @@
 //! by the next one ([`reap_stale`]). Nothing is ever attached to, or changed in, the root
 //! namespace's interfaces, routes or firewall.
 pub mod fake_api;
+pub mod kpb;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},

@@ -13,6 +13,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod report;
+
 /// Debian packages the build, the tests and the demo use.
 const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "ethtool", "util-linux", "iperf3"];
 /// The bpf-linker release known to work with the nightly's LLVM 22 (see README, Toolchain).
@@ -40,6 +43,14 @@ enum Cmd {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+    },
+    /// Run every benchmark (datapath, control plane, traffic against kube-proxy's iptables and
+    /// nftables modes) and write BENCHMARKS.md with its plots (about 30 minutes; root).
+    Bench(bench::BenchArgs),
+    /// Write BENCHMARKS.md and its plots from the results of an earlier `cargo xtask bench`.
+    BenchReport {
+        /// The results directory (`target/bench/<time>`).
+        dir: PathBuf,
     },
     /// Benchmark the datapath's cost per packet (BPF_PROG_TEST_RUN, floor subtracted) at 1 to
     /// 100,000 Services x 5 endpoints: no service, new flow, established, SNAT, reply.
@@ -86,9 +97,9 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|u| u == "0")
 }
 
-fn setup() -> anyhow::Result<()> {
-    // 1. Debian packages.
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `packages` that are not installed yet (none: nothing runs).
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -106,6 +117,12 @@ fn setup() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+fn setup() -> anyhow::Result<()> {
+    // 1. Debian packages.
+    apt_install(APT_PACKAGES)?;
 
     // 2. The nightly toolchain (for the eBPF crate) and its rust-src (for -Z build-std=core).
     //    An installed nightly is used as it is: updating it would change its LLVM under bpf-linker.
@@ -150,7 +167,7 @@ fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
@@ -171,6 +188,11 @@ fn main() -> anyhow::Result<()> {
             }
             run(Command::new(root().join("target/debug/xlb-testbed")).arg("demo"))
         }
+        Cmd::Bench(args) => {
+            setup()?;
+            bench::run_all(&args)
+        }
+        Cmd::BenchReport { dir } => report::write(&dir, &root()),
         Cmd::BenchDatapath { args } => {
             setup()?;
             if !is_root() {

@@ -1,6 +1,7 @@
 //! `xlb-testbed serve`: the echo server run in pods. `xlb-testbed request`: requests made by a
 //! process of their own (a node process or a pod's, for socket-level balancing). `xlb-testbed
-//! demo`: the README's demo.
+//! demo`: the README's demo. `xlb-testbed kpb-plugin`: xlb in the kube-proxy baseline harness
+//! (see [`xlb_tests::kpb`]).
 use std::{
     collections::BTreeMap,
     net::SocketAddrV4,
@@ -20,7 +21,7 @@ const DEMO_MANIFEST: &str = include_str!("../../manifests/cluster-demo.yaml");
 
 fn usage() -> ! {
     eprintln!(
-        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed request (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed session (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed demo"
+        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed request (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed session (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed demo\n       xlb-testbed kpb-plugin (full|update) NETNS CLUSTER_JSON | cleanup NETNS"
     );
     std::process::exit(2)
 }
@@ -61,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             let t = Target::parse(&args[1..], 10, 50)?;
             session(t.to, t.udp, t.count, t.every)
         }
+        Some("kpb-plugin") => xlb_tests::kpb::main(&args[1..]),
         Some("demo") => {
             let stop = install_interrupt_flag();
             match demo(stop) {
