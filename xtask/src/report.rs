@@ -179,8 +179,7 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
     writeln!(w, "# xlb benchmarks\n")?;
     writeln!(
         w,
-        "Written by `cargo xtask bench` (all benchmarks, about 30 minutes, root) from the results in `{}`;\n`cargo xtask bench-report DIR` writes this file again from a results directory. Machine: {} CPUs ({}), kernel {}, {}, commit {}.{}\n",
-        dir.strip_prefix(root).unwrap_or(dir).display(),
+        "Written by `cargo xtask bench` (all benchmarks, about 30 minutes, root); the results it was written from, raw samples included, are in [docs/bench/results](docs/bench/results), and `cargo xtask bench-report docs/bench/results` writes this file again from them. Machine: {} CPUs ({}), kernel {}, {}, commit {}.{}\n",
         machine["cpus"],
         machine["cpu"].as_str().unwrap_or("?"),
         machine["kernel"].as_str().unwrap_or("?"),
@@ -518,7 +517,29 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
     }
     writeln!(w, "{}", TRAFFIC_WHY)?;
     std::fs::write(root.join("BENCHMARKS.md"), md)?;
+    keep_results(dir, &img.join("results"))?;
     eprintln!("xtask: wrote {} and {}", root.join("BENCHMARKS.md").display(), img.display());
+    Ok(())
+}
+
+/// Copies the results the report was written from (every figure and raw sample, not perf's
+/// data) into `to`, which is committed beside the report.
+fn keep_results(dir: &Path, to: &Path) -> anyhow::Result<()> {
+    if dir.canonicalize().ok() == to.canonicalize().ok() {
+        return Ok(());
+    }
+    let _ = std::fs::remove_dir_all(to);
+    for sub in ["", "traffic", "traffic-generic"] {
+        let (from, into) = (dir.join(sub), to.join(sub));
+        let Ok(rd) = std::fs::read_dir(&from) else { continue };
+        std::fs::create_dir_all(&into)?;
+        for e in rd.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_file() && [".json", ".jsonl", ".txt", ".md"].iter().any(|x| name.ends_with(x)) {
+                std::fs::copy(e.path(), into.join(&name))?;
+            }
+        }
+    }
     Ok(())
 }
 
