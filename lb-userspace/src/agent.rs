@@ -191,6 +191,11 @@ impl<D: Datapath> Syncer<D> {
                     elapsed_us = elapsed.as_micros() as u64,
                     "synced"
                 );
+                // A large sync (the first, a relist) leaves much of the heap free, but held by
+                // the allocator's arenas: give it back.
+                if stats.writes + stats.deletes >= 1000 || self.cache.last_rebuilt >= 1000 {
+                    trim_heap();
+                }
                 Ok(stats)
             }
             Err(e) => {
@@ -198,6 +203,16 @@ impl<D: Datapath> Syncer<D> {
                 Err(anyhow::Error::new(e).context("writing the datapath maps"))
             }
         }
+    }
+}
+
+/// Returns the free memory at the top of the allocator's heaps (and whole free pages within
+/// them) to the system.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -74,10 +74,13 @@ impl KubeSource {
         let (services, w1) = reflector::store();
         let (slices, w2) = reflector::store();
         let cfg = watcher::Config::default().any_semantic();
-        let svc_stream =
-            watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone()).default_backoff().reflect(w1);
+        let svc_stream = watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone())
+            .default_backoff()
+            .modify(strip_meta)
+            .reflect(w1);
         let slice_stream = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone())
             .default_backoff()
+            .modify(strip_meta)
             .reflect(w2);
         let mut tasks = vec![
             tokio::spawn(drive("services", svc_stream, changed.clone(), metrics.clone())),
@@ -104,6 +107,16 @@ impl KubeSource {
         if let Some(p) = &self.pods {
             let _ = p.wait_until_ready().await;
         }
+    }
+}
+
+/// Drops what the model never reads of a Service or EndpointSlice and what is often the largest
+/// part of one in a real cluster: its managed fields and `kubectl apply`'s copy of it.
+fn strip_meta<K: Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 
