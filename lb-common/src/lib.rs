@@ -175,6 +175,9 @@ pub const MAP_FILTER: &str = "xlb_filter4_v1";
 pub const FILTER_BITS_LOG2: u32 = 23;
 /// Words (u64) of [`MAP_FILTER`].
 pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
+/// `map_flags` of [`MAP_FILTER`]: BPF_F_MMAPABLE (the agent writes words through a shared
+/// mapping, not a syscall each).
+pub const FILTER_MAP_FLAGS: u32 = 0x400;
 
 /// The filter bit of (address as in the packet, port in host order, protocol): a multiplicative
 /// (Fibonacci) hash of the three, its top bits.

@@ -66,12 +66,11 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     // The filter: a packet to no frontend can be neither a new flow nor a tracked one's forward
     // direction (keyed client -> frontend); one from no backend cannot be a reply (keyed backend
     // -> client). Not in a trace: it only skips lookups that would miss.
-    let (to_known, from_known) = if TRACE_MODE {
-        (true, true)
-    } else {
-        (filter::has(pkt.daddr, pkt.dport, pkt.proto), filter::has(pkt.saddr, pkt.sport, pkt.proto))
-    };
-    if !to_known && !from_known {
+    // The source is looked up only when needed: here if the destination missed, else once the
+    // forward lookup has.
+    let to_known = TRACE_MODE || filter::has(pkt.daddr, pkt.dport, pkt.proto);
+    let from_known = (!to_known).then(|| filter::has(pkt.saddr, pkt.sport, pkt.proto));
+    if from_known == Some(false) {
         return pass(rec, Stat::PassNoService, bytes);
     }
 
@@ -133,7 +132,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
                 }
             }
         }
-    } else if from_known {
+    } else if from_known.unwrap_or_else(|| TRACE_MODE || filter::has(pkt.saddr, pkt.sport, pkt.proto)) {
         let reply_key = ct::key_of(&pkt, CT_DIR_REPLY);
         if let Some(entry) = CT.get_ptr_mut(reply_key) {
             // SAFETY: as above.

@@ -64,7 +64,11 @@ pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value, 65_536> = LruHashM
 /// The endpoint filter: one bit per frontend and backend (lb_common::filter_bit); see
 /// lb_common::MAP_FILTER.
 #[btf_map(name = "xlb_filter4_v1")]
-pub static FILTER: Array<u64, { lb_common::FILTER_WORDS as usize }> = Array::new();
+pub static FILTER: Array<
+    u64,
+    { lb_common::FILTER_WORDS as usize },
+    { lb_common::FILTER_MAP_FLAGS as usize },
+> = Array::new();
 
 /// Flags of the Maglev tables: BPF_F_INNER_MAP (the agent's tables may have another size than
 /// this template) and BPF_F_MMAPABLE (the agent fills a new table with one copy).

@@ -77,7 +77,8 @@ pub trait Datapath {
     fn read_filter(&self) -> Result<Vec<u64>, DatapathError> {
         Ok(Vec::new())
     }
-    fn write_filter_word(&mut self, _index: u32, _word: u64) -> Result<(), DatapathError> {
+    /// Writes words of the endpoint filter: (index, word).
+    fn write_filter(&mut self, _words: &[(u32, u64)]) -> Result<(), DatapathError> {
         Ok(())
     }
 
@@ -384,11 +385,52 @@ impl Datapath for BpfMaps {
         (0..f.len()).map(|i| f.get(&i, 0).map_err(map_err("read", lb_common::MAP_FILTER))).collect()
     }
 
-    fn write_filter_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError> {
-        match &mut self.filter {
-            Some(f) => f.set(index, word, 0).map_err(map_err("update", lb_common::MAP_FILTER)),
-            None => Ok(()),
+    fn write_filter(&mut self, words: &[(u32, u64)]) -> Result<(), DatapathError> {
+        let Some(f) = &mut self.filter else { return Ok(()) };
+        if words.is_empty() {
+            return Ok(());
         }
+        let mmapable =
+            IterableMap::map(f).info().is_ok_and(|i| i.map_flags() & lb_common::FILTER_MAP_FLAGS != 0);
+        if !mmapable {
+            for &(i, w) in words {
+                f.set(i, w, 0).map_err(map_err("update", lb_common::MAP_FILTER))?;
+            }
+            return Ok(());
+        }
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let len = f.len() as usize * 8;
+        let fd = IterableMap::map(f).fd().as_fd().as_raw_fd();
+        // SAFETY: a shared mapping of the map's `len`-byte value area; every index is checked
+        // against its length; aligned u64 stores, which the datapath's reads see whole.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return Err(DatapathError::Map {
+                    op: "mmap",
+                    name: lb_common::MAP_FILTER,
+                    source: MapError::SyscallError(aya::sys::SyscallError {
+                        call: "mmap",
+                        io_error: std::io::Error::last_os_error(),
+                    }),
+                });
+            }
+            let base = p.cast::<u64>();
+            for &(i, w) in words {
+                if (i as usize) < len / 8 {
+                    std::ptr::write_volatile(base.add(i as usize), w);
+                }
+            }
+            libc::munmap(p, len);
+        }
+        Ok(())
     }
 
     fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError> {
@@ -561,9 +603,11 @@ impl Datapath for MemDatapath {
         Ok(self.filter.clone())
     }
 
-    fn write_filter_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError> {
-        if let Some(w) = self.filter.get_mut(index as usize) {
-            *w = word;
+    fn write_filter(&mut self, words: &[(u32, u64)]) -> Result<(), DatapathError> {
+        for &(i, w) in words {
+            if let Some(x) = self.filter.get_mut(i as usize) {
+                *x = w;
+            }
         }
         Ok(())
     }
@@ -799,9 +843,9 @@ impl<D: Datapath> Datapath for FaultyDatapath<D> {
         self.read_roll("reading the endpoint filter")?;
         self.inner.read_filter()
     }
-    fn write_filter_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError> {
+    fn write_filter(&mut self, words: &[(u32, u64)]) -> Result<(), DatapathError> {
         self.roll(self.write_fail_per_mille, "writing the endpoint filter")?;
-        self.inner.write_filter_word(index, word)
+        self.inner.write_filter(words)
     }
     fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
         self.inner.read_backend_flows(id)

@@ -17,11 +17,15 @@
 //! - a container port with a `hostPort`, in a pod of this node, is reached at every address of
 //!   the node (or at its `hostIP` alone) on `hostPort`, as the CNI portmap plugin makes it.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
     sync::Arc,
 };
+
+/// A hash map with a fast, non-cryptographic hasher (foldhash): its keys come from the API
+/// server and the agent's own state, and it is hashed on every sync.
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use k8s_openapi::{
     api::{
@@ -407,7 +411,7 @@ impl ModelCache {
 
         // Slices: parsed once per object version, grouped by Service.
         let mut old_slices = std::mem::take(&mut self.slices);
-        let mut by_service: HashMap<(String, String), Vec<usize>> = HashMap::new();
+        let mut by_service: HashMap<(String, String), Vec<usize>> = HashMap::default();
         for slice in slices {
             let ptr = Arc::as_ptr(slice) as usize;
             let parsed = match old_slices.remove(&ptr) {
@@ -430,9 +434,9 @@ impl ModelCache {
         let mut old_services = std::mem::take(&mut self.services);
         self.last_rebuilt = 0;
         // Owners of claimed frontends and node ports (an `Arc` clone, not a copy of the names).
-        let mut claimed: HashMap<Frontend, Arc<DesiredPort>> = HashMap::new();
+        let mut claimed: HashMap<Frontend, Arc<DesiredPort>> = HashMap::default();
         // Node ports are claimed even when no node address is known: they are cluster-wide.
-        let mut claimed_node_ports: HashMap<(u16, Proto), Arc<DesiredPort>> = HashMap::new();
+        let mut claimed_node_ports: HashMap<(u16, Proto), Arc<DesiredPort>> = HashMap::default();
 
         for (key, svc) in sorted {
             let mut slice_ptrs = by_service.remove(&key).unwrap_or_default();

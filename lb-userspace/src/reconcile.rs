@@ -12,9 +12,13 @@
 //! every id and rewrites nothing that is already right), and again after any failed write.
 use std::{
     borrow::Borrow,
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
 };
+
+/// A hash map with a fast, non-cryptographic hasher (foldhash): its keys come from the API
+/// server and the agent's own state, and it is hashed on every sync.
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use lb_common::{
     BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend4, SCOPE_EXTERNAL, SVC_INFO_DNS_NAME_LEN,
@@ -206,12 +210,12 @@ impl<D: Datapath> Reconciler<D> {
     pub fn new(dp: D) -> Result<Self, ReconcileError> {
         let mut r = Reconciler {
             dp,
-            port_ids: HashMap::new(),
-            infos: HashMap::new(),
+            port_ids: HashMap::default(),
+            infos: HashMap::default(),
             svc_ids: Ids::default(),
             frontends: BTreeMap::new(),
-            backend_ids: HashMap::new(),
-            backend_values: HashMap::new(),
+            backend_ids: HashMap::default(),
+            backend_values: HashMap::default(),
             be_ids: Ids::default(),
             ranges: BTreeSet::new(),
             stale: false,
@@ -393,7 +397,7 @@ impl<D: Datapath> Reconciler<D> {
         }
 
         // 1. Backends.
-        let mut wanted_backends: HashMap<BackendKey, (BackendState, bool)> = HashMap::new();
+        let mut wanted_backends: HashMap<BackendKey, (BackendState, bool)> = HashMap::default();
         for p in desired {
             for b in &p.backends {
                 let k = BackendKey { addr: b.addr, port: b.port, proto: p.id.proto };
@@ -433,14 +437,11 @@ impl<D: Datapath> Reconciler<D> {
                 }
                 _ => self.read_bits = None,
             }
-            for (i, (have, want)) in self.filter.iter_mut().zip(&wanted_filter).enumerate() {
-                let union = *have | want;
-                if union != *have {
-                    self.dp.write_filter_word(i as u32, union)?;
-                    *have = union;
-                    st.writes += 1;
-                }
-            }
+            let words: Vec<(u32, u64)> = (self.filter.iter().zip(&wanted_filter).enumerate())
+                .filter(|(_, (have, want))| **have | **want != **have)
+                .map(|(i, (have, want))| (i as u32, have | want))
+                .collect();
+            self.write_filter(&words, &mut st)?;
         }
         let mut sorted_backends: Vec<_> = wanted_backends.iter().collect();
         sorted_backends.sort();
@@ -648,14 +649,25 @@ impl<D: Datapath> Reconciler<D> {
         }
 
         // 6. Filter bits of what is gone.
-        for (i, (have, &want)) in self.filter.iter_mut().zip(&wanted_filter).enumerate() {
-            if *have != want {
-                self.dp.write_filter_word(i as u32, want)?;
-                *have = want;
-                st.writes += 1;
-            }
-        }
+        let words: Vec<(u32, u64)> = (self.filter.iter().zip(&wanted_filter).enumerate())
+            .filter(|(_, (have, want))| have != want)
+            .map(|(i, (_, want))| (i as u32, *want))
+            .collect();
+        self.write_filter(&words, &mut st)?;
         Ok(st)
+    }
+
+    /// Writes words of the endpoint filter (one write, whatever their number).
+    fn write_filter(&mut self, words: &[(u32, u64)], st: &mut ApplyStats) -> Result<(), ReconcileError> {
+        if words.is_empty() {
+            return Ok(());
+        }
+        self.dp.write_filter(words)?;
+        for &(i, w) in words {
+            self.filter[i as usize] = w;
+        }
+        st.writes += 1;
+        Ok(())
     }
 }
 
@@ -747,8 +759,8 @@ mod tests {
         fn read_filter(&self) -> Result<Vec<u64>, DatapathError> {
             self.0.read_filter()
         }
-        fn write_filter_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError> {
-            self.0.write_filter_word(index, word)?;
+        fn write_filter(&mut self, words: &[(u32, u64)]) -> Result<(), DatapathError> {
+            self.0.write_filter(words)?;
             self.check();
             Ok(())
         }
