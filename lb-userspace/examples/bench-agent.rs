@@ -199,6 +199,25 @@ fn main() -> anyhow::Result<()> {
     if !serves(&maps, last, pod(last, a.endpoints - 1), pod_port(last)) {
         bail!("the maps do not hold the last service after ready:\n{}", agent.log_text());
     }
+    // With XLB_PERF_AGENT=FILE: a CPU profile of the agent during the changes, flat by symbol.
+    let perf_file = std::env::var_os("XLB_PERF_AGENT").map(PathBuf::from);
+    let perf = match &perf_file {
+        Some(f) => Some(
+            Command::new("perf")
+                .args(["record", "-q", "-e", "cpu-clock", "-F", "10000", "-g", "-p"])
+                .arg(agent.pid().to_string())
+                .arg("-o")
+                .arg(f.with_extension("data"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting perf")?,
+        ),
+        None => None,
+    };
+    if perf.is_some() {
+        std::thread::sleep(Duration::from_millis(500)); // perf attaches
+    }
     let mut lat = Vec::new();
     let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
     for c in 0..a.changes {
@@ -221,6 +240,34 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100)); // one change at a time
     }
     lat.sort();
+    if let (Some(mut p), Some(f)) = (perf, &perf_file) {
+        // SAFETY: a signal to the perf process this benchmark started.
+        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+        let _ = p.wait();
+        let out = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "sym",
+                "--percent-limit",
+                "1",
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(f.with_extension("data"))
+            .output()?;
+        let text: String = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(30)
+            .map(|l| format!("{}\n", l.trim_end()))
+            .collect();
+        std::fs::write(f, text)?;
+        let _ = std::fs::remove_file(f.with_extension("data"));
+    }
     // The agent's own time per sync after the first (model + diff + writes), from its log.
     let log_ms = |field: &str| {
         let mut v: Vec<f64> = agent

@@ -100,10 +100,15 @@ pub fn run_all(a: &BenchArgs) -> anyhow::Result<()> {
     let sizes: &[u32] = if a.quick { &[1_000] } else { &[1_000, 10_000, 30_000, 100_000] };
     for n in sizes {
         let changes = if a.quick { "10" } else { "30" };
-        run(Command::new(rel.join("examples/bench-agent"))
-            .args(["--services", &n.to_string(), "--endpoints", "5", "--changes", changes, "--json"])
+        let mut cmd = Command::new(rel.join("examples/bench-agent"));
+        cmd.args(["--services", &n.to_string(), "--endpoints", "5", "--changes", changes, "--json"])
             .arg(out.join(format!("agent-{n}.json")))
-            .env("XLB_BIN", rel.join("xlb")))?;
+            .env("XLB_BIN", rel.join("xlb"));
+        // The agent's profile during the changes, at 10,000 Services.
+        if *n == 10_000 || a.quick {
+            cmd.env("XLB_PERF_AGENT", out.join("profile-agent-changes.txt"));
+        }
+        run(&mut cmd)?;
     }
 
     // 3. Traffic, with the harness; xlb in native XDP (its default) and in generic XDP.
