@@ -100,15 +100,22 @@ pub fn run_all(a: &BenchArgs) -> anyhow::Result<()> {
     let sizes: &[u32] = if a.quick { &[1_000] } else { &[1_000, 10_000, 30_000, 100_000] };
     for n in sizes {
         let changes = if a.quick { "10" } else { "30" };
-        let mut cmd = Command::new(rel.join("examples/bench-agent"));
-        cmd.args(["--services", &n.to_string(), "--endpoints", "5", "--changes", changes, "--json"])
+        run(Command::new(rel.join("examples/bench-agent"))
+            .args(["--services", &n.to_string(), "--endpoints", "5", "--changes", changes, "--json"])
             .arg(out.join(format!("agent-{n}.json")))
-            .env("XLB_BIN", rel.join("xlb"));
-        // The agent's profile during the changes, at 10,000 Services.
-        if *n == 10_000 || a.quick {
-            cmd.env("XLB_PERF_AGENT", out.join("profile-agent-changes.txt"));
-        }
-        run(&mut cmd)?;
+            .env("XLB_BIN", rel.join("xlb")))?;
+    }
+    // The agent's profile during the changes, at 10,000 Services: a run of its own, since
+    // sampling slows the agent down.
+    {
+        let n = if a.quick { "1000" } else { "10000" };
+        let scratch = out.join("profiled-run.json");
+        run(Command::new(rel.join("examples/bench-agent"))
+            .args(["--services", n, "--endpoints", "5", "--changes", "30", "--json"])
+            .arg(&scratch)
+            .env("XLB_PERF_AGENT", out.join("profile-agent-changes.txt"))
+            .env("XLB_BIN", rel.join("xlb")))?;
+        let _ = std::fs::remove_file(scratch);
     }
 
     // 3. Traffic, with the harness; xlb in native XDP (its default) and in generic XDP.
@@ -135,9 +142,22 @@ pub fn run_all(a: &BenchArgs) -> anyhow::Result<()> {
                 ],
             )
         } else {
+            // nftables at 10,000 must run even when its load at 100 predicts (quadratically) more
+            // than the harness's default limit of 900 s: it is the comparison the issue asks for.
             (
                 "100,10000,30000",
-                &["--repeats", "3", "--lat-rounds", "3", "--wrk-rounds", "3", "--iperf-rounds", "3"],
+                &[
+                    "--repeats",
+                    "3",
+                    "--lat-rounds",
+                    "3",
+                    "--wrk-rounds",
+                    "3",
+                    "--iperf-rounds",
+                    "3",
+                    "--skip-op-seconds",
+                    "3000",
+                ],
             )
         };
         let runs = [

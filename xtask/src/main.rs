@@ -45,7 +45,7 @@ enum Cmd {
         no_lint: bool,
     },
     /// Run every benchmark (datapath, control plane, traffic against kube-proxy's iptables and
-    /// nftables modes) and write BENCHMARKS.md with its plots (about 30 minutes; root).
+    /// nftables modes) and write BENCHMARKS.md with its plots (about 20 minutes; root).
     Bench(bench::BenchArgs),
     /// Write BENCHMARKS.md and its plots from the results of an earlier `cargo xtask bench`.
     BenchReport {

@@ -179,7 +179,7 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
     writeln!(w, "# xlb benchmarks\n")?;
     writeln!(
         w,
-        "Written by `cargo xtask bench` (all benchmarks, about 30 minutes, root); the results it was written from, raw samples included, are in [docs/bench/results](docs/bench/results), and `cargo xtask bench-report docs/bench/results` writes this file again from them. Machine: {} CPUs ({}), kernel {}, {}, commit {}.{}\n",
+        "Written by `cargo xtask bench` (all benchmarks, about 20 minutes, root); the results it was written from, raw samples included, are in [docs/bench/results](docs/bench/results), and `cargo xtask bench-report docs/bench/results` writes this file again from them. Machine: {} CPUs ({}), kernel {}, {}, commit {}.{}\n",
         machine["cpus"],
         machine["cpu"].as_str().unwrap_or("?"),
         machine["kernel"].as_str().unwrap_or("?"),
@@ -400,7 +400,7 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
     if let Ok(text) = std::fs::read_to_string(dir.join("profile-agent-changes.txt")) {
         writeln!(
             w,
-            "Where the agent's time goes during the changes (`perf record -e cpu-clock -p <agent>` over the 30 changes at 10,000 Services, flat by symbol):\n\n```\n{text}```\n"
+            "Where the agent's time goes during the changes (`perf record -e cpu-clock -p <agent>` over 30 changes at 10,000 Services, flat by symbol; in a run of its own, since sampling slows the agent down):\n\n```\n{text}```\n"
         )?;
     }
     writeln!(w, "{}", CONTROL_WHY)?;
