@@ -344,6 +344,13 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
             .filter_map(|a| Some((a["services"].as_f64()?, f(&a["cold_start_ms"])? / 1e3)))
             .collect(),
     }];
+    prog.push(Series {
+        name: "xlb agent, first sync (model + every map write)".into(),
+        points: agents
+            .iter()
+            .filter_map(|a| Some((a["services"].as_f64()?, f(&a["first_sync_ms"])? / 1e3)))
+            .collect(),
+    });
     for (mode, label, key) in [
         ("custom", "xlb via the harness (manifests, full resync)", "resync"),
         ("iptables-legacy", "kube-proxy iptables-legacy, cold load", "cold"),
@@ -607,6 +614,12 @@ done yet.
 ";
 
 const TRAFFIC_WHY: &str = "\
+Read these rows with the machine in mind: the harness measures mode after mode (`none` first), \
+a run takes about 15 minutes, and this shared 2-CPU VM's speed drifts over such a span (`none` \
+itself has varied by about a third between runs of the same day). Ratios to `none` within about ±20% are inside that drift; the shapes are not: \
+iptables' latency and connection rate to the last service degrade with N, xlb's and nftables' \
+do not, and native XDP on veths costs most of the throughput.
+
 Why xlb's rows differ from `none`: the harness's node is a network namespace whose interfaces \
 are veths. XDP on a veth runs in the veth's own NAPI loop on a private, linear buffer with 256 \
 bytes of headroom; TCP's packets reach the veth as clones (TCP keeps the original for \
