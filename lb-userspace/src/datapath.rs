@@ -398,39 +398,16 @@ impl Datapath for BpfMaps {
             }
             return Ok(());
         }
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        let len = f.len() as usize * 8;
-        let fd = IterableMap::map(f).fd().as_fd().as_raw_fd();
-        // SAFETY: a shared mapping of the map's `len`-byte value area; every index is checked
-        // against its length; aligned u64 stores, which the datapath's reads see whole.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                return Err(DatapathError::Map {
-                    op: "mmap",
-                    name: lb_common::MAP_FILTER,
-                    source: MapError::SyscallError(aya::sys::SyscallError {
-                        call: "mmap",
-                        io_error: std::io::Error::last_os_error(),
-                    }),
-                });
-            }
-            let base = p.cast::<u64>();
+        let n = f.len() as usize;
+        // Aligned u64 stores, which the datapath's reads see whole.
+        with_mmapped(IterableMap::map(f), n, "mmap", lb_common::MAP_FILTER, |area| {
             for &(i, w) in words {
-                if (i as usize) < len / 8 {
-                    std::ptr::write_volatile(base.add(i as usize), w);
+                if let Some(x) = area.get_mut(i as usize) {
+                    // SAFETY: a valid, aligned element of the shared mapping.
+                    unsafe { std::ptr::write_volatile(x, w) };
                 }
             }
-            libc::munmap(p, len);
-        }
-        Ok(())
+        })
     }
 
     fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError> {
@@ -538,14 +515,26 @@ impl Datapath for BpfMaps {
 /// Copies `data` into a new, BPF_F_MMAPABLE array map through a shared mapping of it: one copy
 /// instead of a syscall per element.
 fn fill_mmapped(map: &MapData, data: &[u64]) -> Result<(), DatapathError> {
+    with_mmapped(map, data.len(), "mmap a table of", MAP_MAGLEV, |area| area.copy_from_slice(data))
+}
+
+/// Runs `f` on the first `elements` u64 values of a BPF_F_MMAPABLE array map (which must hold at
+/// least that many), through a shared mapping made for the call.
+fn with_mmapped(
+    map: &MapData,
+    elements: usize,
+    op: &'static str,
+    name: &'static str,
+    f: impl FnOnce(&mut [u64]),
+) -> Result<(), DatapathError> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
-    let len = std::mem::size_of_val(data);
+    let len = elements * 8;
     if len == 0 {
         return Ok(());
     }
     let fd = map.fd().as_fd().as_raw_fd();
-    // SAFETY: a fresh shared mapping of the map's value area (at least `len` bytes, since the
-    // map holds `data.len()` u64 elements), written within bounds and unmapped before return.
+    // SAFETY: a fresh shared mapping of `len` bytes of the map's value area, page-aligned (so
+    // u64-aligned), handed to `f` as a slice of exactly that size and unmapped before return.
     unsafe {
         let p = libc::mmap(
             std::ptr::null_mut(),
@@ -557,15 +546,15 @@ fn fill_mmapped(map: &MapData, data: &[u64]) -> Result<(), DatapathError> {
         );
         if p == libc::MAP_FAILED {
             return Err(DatapathError::Map {
-                op: "mmap a table of",
-                name: MAP_MAGLEV,
+                op,
+                name,
                 source: MapError::SyscallError(aya::sys::SyscallError {
                     call: "mmap",
                     io_error: std::io::Error::last_os_error(),
                 }),
             });
         }
-        std::ptr::copy_nonoverlapping(data.as_ptr().cast::<u8>(), p.cast::<u8>(), len);
+        f(std::slice::from_raw_parts_mut(p.cast::<u64>(), elements));
         libc::munmap(p, len);
     }
     Ok(())
