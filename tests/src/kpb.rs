@@ -333,3 +333,55 @@ fn cleanup(netns: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_harness_service_becomes_a_service_and_one_slice_per_endpoint_port() {
+        let svc = json!({
+            "namespace": "ns0", "name": "svc7", "port_name": "http", "protocol": "tcp",
+            "cluster_ip": "198.18.128.8", "port": 80, "node_port": 30080,
+            "endpoints": [
+                {"ip": "198.19.0.1", "port": 8080},
+                {"ip": "198.19.0.2", "port": 8080},
+                {"ip": "198.19.0.3", "port": 9090},
+            ],
+        });
+        let objs = objects(&svc).unwrap();
+        assert_eq!(objs.len(), 3, "{objs:#?}");
+        let s = &objs[0];
+        assert_eq!((s["kind"].as_str(), s["spec"]["type"].as_str()), (Some("Service"), Some("NodePort")));
+        assert_eq!(s["spec"]["clusterIP"], "198.18.128.8");
+        let port = &s["spec"]["ports"][0];
+        // The API's protocol names are upper case; the harness writes them in lower case.
+        assert_eq!((port["protocol"].as_str(), port["port"].as_u64()), (Some("TCP"), Some(80)));
+        assert_eq!((port["nodePort"].as_u64(), port["targetPort"].as_u64()), (Some(30080), Some(8080)));
+        let slices: Vec<(u64, Vec<&str>)> = objs[1..]
+            .iter()
+            .map(|o| {
+                assert_eq!(o["metadata"]["labels"]["kubernetes.io/service-name"], "svc7");
+                assert_eq!(o["ports"][0]["name"], "http");
+                let ips =
+                    o["endpoints"].as_array().unwrap().iter().map(|e| e["addresses"][0].as_str().unwrap());
+                (o["ports"][0]["port"].as_u64().unwrap(), ips.collect())
+            })
+            .collect();
+        assert_eq!(slices, vec![(8080, vec!["198.19.0.1", "198.19.0.2"]), (9090, vec!["198.19.0.3"])]);
+        // Without a node port: a ClusterIP Service.
+        let mut plain = svc.clone();
+        plain["node_port"] = Value::Null;
+        let objs = objects(&plain).unwrap();
+        assert_eq!(objs[0]["spec"]["type"], "ClusterIP");
+        assert!(objs[0]["spec"]["ports"][0].get("nodePort").is_none());
+    }
+
+    #[test]
+    fn namespace_names_are_checked_before_use_in_paths() {
+        assert!(check_name("kpb-node").is_ok());
+        for bad in ["", "../x", "a b", "kpb/node"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
