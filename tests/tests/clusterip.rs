@@ -114,6 +114,34 @@ fn agent_picks_up_manifest_changes_and_reports_bad_objects() {
     }
 }
 
+/// SIGHUP makes the agent read its manifests at once: with a poll of ten minutes, a change is in
+/// the maps within seconds only because of the signal.
+#[test]
+fn sighup_reads_the_manifests_at_once() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    bed.agent_args = vec!["--poll-ms".into(), "600000".into()];
+    bed.write_manifest("web.yaml", MANIFEST).unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    let unready = MANIFEST.replace(
+        "- addresses: [\"198.18.10.2\"]\n  conditions: {ready: true, serving: true, terminating: false}",
+        "- addresses: [\"198.18.10.2\"]\n  conditions: {ready: false, serving: false, terminating: false}",
+    );
+    assert_ne!(unready, MANIFEST);
+    bed.write_manifest("web.yaml", &unready).unwrap();
+    // Not picked up without the signal (the poll is ten minutes away)...
+    std::thread::sleep(Duration::from_secs(1));
+    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::ZERO).expect("changed without a signal");
+    // ... and at once with it.
+    bed.agent.as_ref().unwrap().signal(libc::SIGHUP);
+    bed.wait_for_service("198.18.0.10:80/TCP", 1, Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("{e}\n{}", bed.logs()));
+    assert!(bed.agent.as_ref().unwrap().log_text().contains("SIGHUP: reading the source again"));
+}
+
 /// A LoadBalancer Service with an externalIP and a selector-less Service with hand-made
 /// Endpoints: every frontend (ClusterIP, externalIP, ingress IP, and the nodePort on each of the
 /// node's addresses) leads to the pods, replies come from the address the client used, the pods
