@@ -15,3 +15,8 @@ pub mod packet;
 pub mod reconcile;
 pub mod sockterm;
 pub mod trace;
+
+/// A hash map with a fast, non-cryptographic hasher (foldhash), for the model's and the
+/// reconciler's maps: their keys come from the API server and the agent's own state, and they
+/// are hashed on every sync.
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -75,12 +75,22 @@ pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 pub fn read_dir(dir: &Path) -> Result<Objects, ManifestError> {
     let mut objects = Objects::default();
     for file in manifest_files(dir)? {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => read_str(&file, &text, &mut objects),
-            Err(e) => objects.errors.push(DocError { file, doc: 0, object: None, reason: e.to_string() }),
-        }
+        read_file(&file, &mut objects);
     }
     Ok(objects)
+}
+
+/// Reads the documents of one file into `objects`; a file that cannot be read is an error there.
+fn read_file(file: &Path, objects: &mut Objects) {
+    match std::fs::read_to_string(file) {
+        Ok(text) => read_str(file, &text, objects),
+        Err(e) => objects.errors.push(DocError {
+            file: file.to_owned(),
+            doc: 0,
+            object: None,
+            reason: e.to_string(),
+        }),
+    }
 }
 
 /// Objects read from a directory, shared: the same `Arc` for an object of an unchanged file from
@@ -132,15 +142,7 @@ impl DirCache {
                 Some((old, parsed)) if old == stamp && stamp.0.is_some() => parsed,
                 _ => {
                     let mut parsed = Objects::default();
-                    match std::fs::read_to_string(&file) {
-                        Ok(text) => read_str(&file, &text, &mut parsed),
-                        Err(e) => parsed.errors.push(DocError {
-                            file: file.clone(),
-                            doc: 0,
-                            object: None,
-                            reason: e.to_string(),
-                        }),
-                    }
+                    read_file(&file, &mut parsed);
                     SharedObjects::from(parsed)
                 }
             };

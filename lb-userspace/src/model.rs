@@ -23,9 +23,7 @@ use std::{
     sync::Arc,
 };
 
-/// A hash map with a fast, non-cryptographic hasher (foldhash): its keys come from the API
-/// server and the agent's own state, and it is hashed on every sync.
-pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+use crate::HashMap;
 
 use k8s_openapi::{
     api::{

@@ -16,9 +16,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-/// A hash map with a fast, non-cryptographic hasher (foldhash): its keys come from the API
-/// server and the agent's own state, and it is hashed on every sync.
-pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+use crate::HashMap;
 
 use lb_common::{
     BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend4, SCOPE_EXTERNAL, SVC_INFO_DNS_NAME_LEN,
@@ -142,6 +140,14 @@ pub struct Reconciler<D> {
 /// the removal) must still get the frontend's address, or the client would wait for a
 /// retransmission instead of getting a reset. The UDP and half-open TCP lifetime.
 pub const FILTER_GRACE: std::time::Duration = std::time::Duration::from_secs(lb_common::CT_UDP_S as u64);
+
+/// Sets the endpoint-filter bit of (address, port, protocol) in `words`.
+fn set_filter_bit(words: &mut [u64], addr: Ipv4Addr, port: u16, proto: Proto) {
+    let bit = lb_common::filter_bit(addr.octets(), port, proto.number());
+    if let Some(w) = words.get_mut((bit >> 6) as usize) {
+        *w |= 1 << (bit & 63);
+    }
+}
 
 fn key(f: &Frontend, slot: u16) -> Svc4Key {
     Svc4Key {
@@ -411,24 +417,17 @@ impl<D: Datapath> Reconciler<D> {
         // them; it loses the bits of removed ones only at the end, once no map names them.
         let mut wanted_filter = vec![0u64; self.filter.len()];
         if !wanted_filter.is_empty() {
-            let mut set = |addr: Ipv4Addr, port: u16, proto: Proto| {
-                let bit = lb_common::filter_bit(addr.octets(), port, proto.number());
-                if let Some(w) = wanted_filter.get_mut((bit >> 6) as usize) {
-                    *w |= 1 << (bit & 63);
-                }
-            };
             for k in wanted_backends.keys() {
-                set(k.addr, k.port, k.proto);
+                set_filter_bit(&mut wanted_filter, k.addr, k.port, k.proto);
             }
             let now = std::time::Instant::now();
             self.lingering.retain(|(until, _)| *until > now);
             for (_, k) in &self.lingering {
-                set(k.addr, k.port, k.proto);
+                set_filter_bit(&mut wanted_filter, k.addr, k.port, k.proto);
             }
-
             for p in desired {
                 for f in &p.frontends {
-                    set(f.addr, f.port, f.proto);
+                    set_filter_bit(&mut wanted_filter, f.addr, f.port, f.proto);
                 }
             }
             match &self.read_bits {
@@ -638,10 +637,7 @@ impl<D: Datapath> Reconciler<D> {
             self.freed.push((k.addr, k.port, k.proto.number()));
             if !self.filter.is_empty() && !self.filter_grace.is_zero() {
                 self.lingering.push((std::time::Instant::now() + self.filter_grace, k));
-                let bit = lb_common::filter_bit(k.addr.octets(), k.port, k.proto.number());
-                if let Some(w) = wanted_filter.get_mut((bit >> 6) as usize) {
-                    *w |= 1 << (bit & 63);
-                }
+                set_filter_bit(&mut wanted_filter, k.addr, k.port, k.proto);
             }
             self.backend_ids.remove(&k);
             self.backend_values.remove(&id);
