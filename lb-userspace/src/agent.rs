@@ -73,6 +73,73 @@ pub struct AgentConfig {
     /// The cgroup (v2) whose processes get socket-level balancing: the hierarchy's root on a
     /// node, so that the node's processes and its pods reach ClusterIPs. `None`: off.
     pub socket_lb_cgroup: Option<PathBuf>,
+    /// Where the node's sysctls are (normally /proc/sys).
+    pub proc_sys: PathBuf,
+}
+
+impl AgentConfig {
+    /// The settings, one `name: value` line each (`xlb agent --dry-run`).
+    pub fn describe(&self) -> String {
+        let source = match &self.source {
+            SourceConfig::Manifests { dir, poll } => {
+                format!("manifests {} (checked every {} ms)", dir.display(), poll.as_millis())
+            }
+            SourceConfig::Kube { kubeconfig: Some(k), .. } => {
+                format!("API server from kubeconfig {}", k.display())
+            }
+            SourceConfig::Kube { kubeconfig: None, .. } => {
+                "API server from the environment (in-cluster service account, KUBECONFIG, ~/.kube/config)"
+                    .into()
+            }
+        };
+        let c = &self.capacities;
+        let d = &self.datapath;
+        let lines = [
+            ("source", source),
+            ("interfaces", self.interfaces.join(",")),
+            ("xdp mode", format!("{:?}", self.xdp_mode)),
+            ("pin dir", self.pin_dir.display().to_string()),
+            ("node name", self.node_name.clone().unwrap_or_else(|| "<none>".into())),
+            ("node port range", format!("{}-{}", self.node_port_range.start(), self.node_port_range.end())),
+            (
+                "node port addresses",
+                if self.nodeport_addresses.is_empty() {
+                    "every address but loopback".into()
+                } else {
+                    self.nodeport_addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                },
+            ),
+            (
+                "socket-level balancing",
+                self.socket_lb_cgroup.as_ref().map_or("off".into(), |c| format!("cgroup {}", c.display())),
+            ),
+            ("http", self.http_addr.map_or("off".into(), |a| a.to_string())),
+            ("sysctls", self.proc_sys.display().to_string()),
+            (
+                "capacities",
+                format!(
+                    "services {} backends {} conntrack {} socket translations {} affinity {}",
+                    c.service_entries, c.backends, c.ct_entries, c.sock_nat_entries, c.affinity_entries
+                ),
+            ),
+            (
+                "conntrack timeouts (s)",
+                format!(
+                    "tcp syn {} established {} close {} udp {}",
+                    d.tcp_syn_s, d.tcp_established_s, d.tcp_close_s, d.udp_s
+                ),
+            ),
+            (
+                "backend selection",
+                if d.maglev_size == 0 {
+                    "random".into()
+                } else {
+                    format!("maglev, table size {}", d.maglev_size)
+                },
+            ),
+        ];
+        lines.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    }
 }
 
 /// The objects one sync is built from.
@@ -358,6 +425,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if cfg.interfaces.is_empty() {
         anyhow::bail!("no interface given: pass --iface for each interface that carries Service traffic");
     }
+    match ebpf::effective_capabilities() {
+        Ok(caps) => {
+            for w in ebpf::check_capabilities(caps, cfg.socket_lb_cgroup.is_some())? {
+                warn!("{w}");
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read this process's capabilities; trying anyway"),
+    }
     let metrics = Arc::new(Metrics::default());
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
     crate::datapath::write_config(&mut ebpf, cfg.datapath).context("writing the datapath's settings")?;
@@ -371,10 +446,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let a = crate::node::addresses(&cfg.nodeport_addresses).context("listing the node's addresses")?;
         info!(addresses = ?a, "node ports are answered on these addresses");
         // SNATed flows take their source ports from a range the node's own sockets must not use.
-        match crate::node::reserve_snat_ports() {
+        match crate::node::reserve_snat_ports(&cfg.proc_sys) {
             Ok(r) => info!(ports = %r, "reserved the SNAT source ports (net.ipv4.ip_local_reserved_ports)"),
             Err(e) => {
-                warn!(error = %e, "cannot reserve the SNAT source ports; a local socket bound there could clash with a SNATed flow")
+                warn!(error = %e, proc_sys = %cfg.proc_sys.display(), "cannot reserve the SNAT source ports (in a container, mount the host's /proc/sys/net writable and pass its parent with --proc-sys); a local socket bound there could clash with a SNATed flow")
             }
         }
         a

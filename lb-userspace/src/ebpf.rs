@@ -128,15 +128,19 @@ impl Default for Capacities {
     }
 }
 
-/// True when `dir` lies on a bpffs.
-pub fn is_bpffs(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt as _;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+/// The magic number of the filesystem `dir` lies on (statfs), if it can be read.
+fn fs_magic(dir: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs writes into a zeroed struct we own; the path is a valid C string.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+        (libc::statfs(c.as_ptr(), &mut st) == 0).then_some(st.f_type as i64)
     }
+}
+
+/// True when `dir` lies on a bpffs.
+pub fn is_bpffs(dir: &Path) -> bool {
+    fs_magic(dir) == Some(BPF_FS_MAGIC)
 }
 
 /// Loads the object and its XDP program. With `pin_dir`, every map is pinned there, and maps
@@ -198,6 +202,98 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         let (root, mount) = (f.next()?, f.next()?);
         (right.split_whitespace().next()? == "cgroup2" && root == "/").then(|| PathBuf::from(mount))
     })
+}
+
+/// The effective capabilities of this process (CapEff of /proc/self/status), as a bit set.
+pub fn effective_capabilities() -> std::io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| std::io::Error::other("no CapEff line in /proc/self/status"))
+}
+
+/// Checks the capabilities the agent needs, before it tries anything: an error naming the
+/// missing ones when the datapath cannot be loaded, and warnings for what works only in part.
+/// `caps` is a set as [`effective_capabilities`] gives it.
+pub fn check_capabilities(caps: u64, socket_lb: bool) -> anyhow::Result<Vec<String>> {
+    const NET_ADMIN: u32 = 12;
+    const SYS_PTRACE: u32 = 19;
+    const SYS_ADMIN: u32 = 21;
+    const PERFMON: u32 = 38;
+    const BPF: u32 = 39;
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    let mut missing = Vec::new();
+    // Since 5.8 CAP_SYS_ADMIN stands for CAP_BPF and CAP_PERFMON.
+    if !has(BPF) && !has(SYS_ADMIN) {
+        missing.push("CAP_BPF (to load programs and create maps)");
+    }
+    if !has(PERFMON) && !has(SYS_ADMIN) {
+        missing
+            .push("CAP_PERFMON (the verifier allows the datapath's packet pointer arithmetic only with it)");
+    }
+    if !has(NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN (to attach to interfaces and cgroups)");
+    }
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "missing capabilities: {}. The agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, and CAP_SYS_ADMIN and CAP_SYS_PTRACE for socket termination (deploy/daemonset.yaml lists them)",
+            missing.join("; ")
+        );
+    }
+    let mut warnings = Vec::new();
+    if socket_lb && !(has(SYS_ADMIN) && has(SYS_PTRACE)) {
+        warnings.push(
+            "without CAP_SYS_ADMIN and CAP_SYS_PTRACE the agent cannot enter the pods' network namespaces: sockets connected to a removed backend are not terminated, and their owners find out only from timeouts"
+                .to_owned(),
+        );
+    }
+    Ok(warnings)
+}
+
+/// Whether `dir` is a directory of a cgroup v2 hierarchy.
+fn is_cgroup2(dir: &Path) -> bool {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    fs_magic(dir) == Some(CGROUP2_SUPER_MAGIC)
+}
+
+/// The cgroup of `--cgroup`: `off` is none; `auto` the root of the cgroup v2 hierarchy, which
+/// covers every process of the node only outside a cgroup namespace of its own (a container's
+/// /sys/fs/cgroup is just the container); any other value a cgroup v2 directory, or on a hybrid
+/// host the `unified` directory below it (so that the host's /sys/fs/cgroup can be given as is).
+pub fn socket_lb_cgroup(arg: &str) -> anyhow::Result<Option<PathBuf>> {
+    /// The inode of the initial cgroup namespace (the kernel's PROC_CGROUP_INIT_INO).
+    const INIT_CGROUP_NS: u64 = 0xEFFF_FFFB;
+    match arg {
+        "off" => Ok(None),
+        "auto" => {
+            use std::os::unix::fs::MetadataExt as _;
+            if std::fs::metadata("/proc/self/ns/cgroup").is_ok_and(|m| m.ino() != INIT_CGROUP_NS) {
+                anyhow::bail!(
+                    "--cgroup auto: this process is in a cgroup namespace of its own (a container), whose cgroup root holds only the container's processes; mount the host's /sys/fs/cgroup (hostPath) and pass its path, or --cgroup off"
+                );
+            }
+            cgroup2_root().map(Some).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no cgroup v2 hierarchy is mounted: socket-level balancing needs one (mount it, pass --cgroup PATH, or --cgroup off)"
+                )
+            })
+        }
+        dir => {
+            let dir = PathBuf::from(dir);
+            if is_cgroup2(&dir) {
+                Ok(Some(dir))
+            } else if is_cgroup2(&dir.join("unified")) {
+                Ok(Some(dir.join("unified")))
+            } else {
+                anyhow::bail!(
+                    "--cgroup {}: not a directory of a cgroup v2 hierarchy (nor is its unified/); pass the host's cgroup2 mount, auto, or off",
+                    dir.display()
+                )
+            }
+        }
+    }
 }
 
 /// Attaches the socket-level programs to the cgroup `dir` through links pinned under
@@ -508,4 +604,29 @@ pub fn unpin_all(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         removed.push(p);
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_capabilities as check;
+
+    fn set(caps: &[u32]) -> u64 {
+        caps.iter().fold(0u64, |s, c| s | 1 << c)
+    }
+
+    #[test]
+    fn capabilities_are_checked_before_loading() {
+        // The DaemonSet's set: BPF, NET_ADMIN, PERFMON, SYS_ADMIN, SYS_PTRACE.
+        assert!(check(set(&[39, 12, 38, 21, 19]), true).unwrap().is_empty());
+        // Without socket termination's two, it loads and says what is lost.
+        let w = check(set(&[39, 12, 38]), true).unwrap();
+        assert!(w.len() == 1 && w[0].contains("CAP_SYS_PTRACE"), "{w:?}");
+        assert!(check(set(&[39, 12, 38]), false).unwrap().is_empty());
+        // CAP_SYS_ADMIN stands for CAP_BPF and CAP_PERFMON.
+        assert!(check(set(&[12, 21]), false).is_ok());
+        let e = check(set(&[39, 12]), false).unwrap_err().to_string();
+        assert!(e.contains("CAP_PERFMON (") && !e.contains("CAP_BPF ("), "{e}");
+        let e = check(0, false).unwrap_err().to_string();
+        assert!(["CAP_BPF (", "CAP_PERFMON (", "CAP_NET_ADMIN ("].iter().all(|c| e.contains(c)), "{e}");
+    }
 }

@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run the agent: load the datapath and keep it equal to the API server's Services and
     /// EndpointSlices (or to a manifest directory).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Detach the datapath and remove its pinned links and maps (uninstall from this node).
     Cleanup,
     /// List the services as the datapath holds them, one row per frontend (like `kubectl get
@@ -196,20 +196,31 @@ struct AgentArgs {
     manifests: Option<PathBuf>,
     /// Kubeconfig for the API server. Default: in-cluster service account, or KUBECONFIG, or
     /// ~/.kube/config.
-    #[arg(long, conflicts_with = "manifests")]
+    #[arg(long, env = "XLB_KUBECONFIG", conflicts_with = "manifests")]
     kubeconfig: Option<PathBuf>,
-    /// Interface to attach to (repeat for each interface carrying Service traffic or replies).
-    #[arg(long = "iface", required = true)]
+    /// Interface to attach to (repeat for each interface carrying Service traffic or replies;
+    /// comma-separated lists are taken too). `auto`: every interface with a default route
+    /// (IPv4 or IPv6), read once at start.
+    #[arg(long = "iface", env = "XLB_IFACE", required = true, value_delimiter = ',')]
     interfaces: Vec<String>,
-    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    /// Where the node's sysctls are (the SNAT source ports are reserved in
+    /// net/ipv4/ip_local_reserved_ports below it). In a container, whose own /proc/sys is
+    /// read-only, a hostPath mount of the host's /proc/sys/net.
+    #[arg(long, env = "XLB_PROC_SYS", default_value = "/proc/sys")]
+    proc_sys: PathBuf,
+    /// Check the flags, resolve `auto` values, print the settings the agent would run with, and
+    /// exit without loading anything.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long, env = "XLB_XDP_MODE", value_enum, default_value_t = Mode::Auto)]
     xdp_mode: Mode,
     /// The cluster's node port range (kube-apiserver's --service-node-port-range); node ports
     /// outside it are rejected.
-    #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
+    #[arg(long, env = "XLB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = parse_range)]
     node_port_range: std::ops::RangeInclusive<u16>,
     /// Answer node ports only on the node's addresses within these prefixes (comma-separated
     /// CIDRs, as kube-proxy's --nodeport-addresses). Default: every address but loopback.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "XLB_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<lb_userspace::node::Cidr>,
     /// This node's name as EndpointSlices give it in nodeName (for externalTrafficPolicy and
     /// internalTrafficPolicy Local). Default: NODE_NAME (set it from the downward API), else
@@ -217,64 +228,64 @@ struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
-    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_http_addr)]
+    #[arg(long, env = "XLB_HTTP_ADDR", default_value = "127.0.0.1:10249", value_parser = parse_http_addr)]
     http_addr: HttpAddr,
     /// /healthz fails once a change has waited this many seconds for a successful sync.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, env = "XLB_HEALTHZ_MAX_PENDING_S", default_value_t = 60)]
     healthz_max_pending_s: u64,
     /// After a change, wait this long (ms) for more before syncing, so a burst is one sync.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "XLB_BATCH_DELAY_MS", default_value_t = 10)]
     batch_delay_ms: u64,
     /// Capacity of the service map (frontends plus backend slots).
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICE_ENTRIES)]
+    #[arg(long, env = "XLB_MAX_SERVICE_ENTRIES", default_value_t = lb_common::DEFAULT_MAX_SERVICE_ENTRIES)]
     max_service_entries: u32,
     /// Capacity of the backend map.
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
+    #[arg(long, env = "XLB_MAX_BACKENDS", default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
     /// Capacity of the connection-tracking map (two entries per flow).
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_CT_ENTRIES)]
+    #[arg(long, env = "XLB_MAX_CT_ENTRIES", default_value_t = lb_common::DEFAULT_MAX_CT_ENTRIES)]
     max_ct_entries: u32,
     /// How often to read the node's addresses again (node ports follow them), in milliseconds.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, env = "XLB_ADDRESS_POLL_MS", default_value_t = 2000)]
     address_poll_ms: u64,
     /// How often to check the manifest directory for changes, in milliseconds.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, env = "XLB_POLL_MS", default_value_t = 200)]
     poll_ms: u64,
     /// Socket-level balancing (cgroup programs) for the processes of this cgroup v2 and below,
     /// so that the node's own processes and its pods reach ClusterIPs: "auto" is the root of
     /// the cgroup v2 hierarchy (every process of the node), "off" disables it, anything else is
     /// the path of a cgroup directory.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, env = "XLB_CGROUP", default_value = "auto")]
     cgroup: String,
     /// Seconds a TCP flow whose handshake the client has not acknowledged yet stays tracked
     /// while idle.
-    #[arg(long, default_value_t = lb_common::CT_TCP_SYN_S, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "XLB_CT_TCP_SYN_TIMEOUT", default_value_t = lb_common::CT_TCP_SYN_S, value_parser = clap::value_parser!(u32).range(1..))]
     ct_tcp_syn_timeout: u32,
     /// Seconds an established TCP flow stays tracked while idle.
-    #[arg(long, default_value_t = lb_common::CT_TCP_ESTABLISHED_S, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "XLB_CT_TCP_ESTABLISHED_TIMEOUT", default_value_t = lb_common::CT_TCP_ESTABLISHED_S, value_parser = clap::value_parser!(u32).range(1..))]
     ct_tcp_established_timeout: u32,
     /// Seconds a TCP flow stays tracked while idle once a FIN or RST was seen.
-    #[arg(long, default_value_t = lb_common::CT_TCP_CLOSE_S, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "XLB_CT_TCP_CLOSE_TIMEOUT", default_value_t = lb_common::CT_TCP_CLOSE_S, value_parser = clap::value_parser!(u32).range(1..))]
     ct_tcp_close_timeout: u32,
     /// Seconds a UDP flow stays tracked while idle.
-    #[arg(long, default_value_t = lb_common::CT_UDP_S, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "XLB_CT_UDP_TIMEOUT", default_value_t = lb_common::CT_UDP_S, value_parser = clap::value_parser!(u32).range(1..))]
     ct_udp_timeout: u32,
     /// How new flows choose a backend: at random, or by Maglev consistent hashing (every node
     /// picks the same backend for the same client address and port, and a backend change moves
     /// few flows; costs --maglev-table-size x 2 bytes of kernel memory per service port).
-    #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
+    #[arg(long, env = "XLB_LB_ALGORITHM", value_enum, default_value_t = LbAlgorithm::Random)]
     lb_algorithm: LbAlgorithm,
     /// Entries of each Maglev table: a prime, at least about 100 x the most backends a service
     /// has (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071).
-    #[arg(long, default_value_t = lb_common::MAGLEV_DEFAULT_SIZE, value_parser = parse_maglev_size)]
+    #[arg(long, env = "XLB_MAGLEV_TABLE_SIZE", default_value_t = lb_common::MAGLEV_DEFAULT_SIZE, value_parser = parse_maglev_size)]
     maglev_table_size: u32,
     /// Capacity of the session affinity map (one entry per client and service port with
     /// sessionAffinity ClientIP; least recently used first out).
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_AFFINITY)]
+    #[arg(long, env = "XLB_MAX_AFFINITY_ENTRIES", default_value_t = lb_common::DEFAULT_MAX_AFFINITY)]
     max_affinity_entries: u32,
     /// Capacity of the socket-level translation map (two entries per unconnected UDP socket
     /// and frontend, one per connected socket).
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SOCK_NAT)]
+    #[arg(long, env = "XLB_MAX_SOCK_NAT_ENTRIES", default_value_t = lb_common::DEFAULT_MAX_SOCK_NAT)]
     max_sock_nat_entries: u32,
 }
 
@@ -292,6 +303,35 @@ fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     lb_userspace::model::parse_port_range(s)
 }
 
+/// Warns of XLB_* variables in the environment that no agent flag reads: a misspelt setting
+/// in the ConfigMap would otherwise be ignored without a word.
+fn warn_unknown_settings() {
+    use clap::CommandFactory as _;
+    let cli = Cli::command();
+    let known: Vec<String> = cli
+        .get_arguments()
+        .chain(cli.find_subcommand("agent").into_iter().flat_map(|a| a.get_arguments()))
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        // XLB_LOG is the log filter; the others belong to the test beds and benchmarks.
+        const NOT_FLAGS: [&str; 6] = [
+            "XLB_LOG",
+            "XLB_BIN",
+            "XLB_TESTBED_BIN",
+            "XLB_REQUIRE_PRIVILEGED",
+            "XLB_PERF_CTL",
+            "XLB_PERF_AGENT",
+        ];
+        let ours = k.starts_with("XLB_") && !NOT_FLAGS.contains(&&*k) && !k.starts_with("XLB_KPB_");
+        if ours && !known.iter().any(|n| *n == *k) {
+            tracing::warn!(variable = %k, "unknown setting in the environment (misspelt?); it is ignored");
+        }
+    }
+}
+
 /// The host name (what kubelet registers as the node name by default).
 fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
@@ -301,6 +341,16 @@ fn hostname() -> Option<String> {
 }
 
 fn main() -> ExitCode {
+    // An empty setting means its default (a ConfigMap key left empty), where clap would take
+    // the empty string as the value.
+    let empty: Vec<std::ffi::OsString> = std::env::vars_os()
+        .filter(|(k, v)| k.to_string_lossy().starts_with("XLB_") && v.is_empty())
+        .map(|(k, _)| k)
+        .collect();
+    for k in empty {
+        // SAFETY: no other thread exists yet to read the environment.
+        unsafe { std::env::remove_var(k) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("XLB_LOG")
@@ -329,7 +379,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let cfg = AgentConfig {
                 source,
-                interfaces: a.interfaces,
+                interfaces: lb_userspace::node::resolve_interfaces(&a.interfaces)?,
                 pin_dir: cli.pin_dir,
                 xdp_mode: a.xdp_mode.into(),
                 capacities: Capacities {
@@ -357,16 +407,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     _pad: 0,
                 },
-                socket_lb_cgroup: match a.cgroup.as_str() {
-                    "off" => None,
-                    "auto" => Some(lb_userspace::ebpf::cgroup2_root().ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "no cgroup v2 hierarchy is mounted: socket-level balancing needs one (mount it, pass --cgroup PATH, or --cgroup off)"
-                        )
-                    })?),
-                    dir => Some(PathBuf::from(dir)),
-                },
+                socket_lb_cgroup: lb_userspace::ebpf::socket_lb_cgroup(&a.cgroup)?,
+                proc_sys: a.proc_sys,
             };
+            warn_unknown_settings();
+            if a.dry_run {
+                print!("{}", cfg.describe());
+                return Ok(());
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
