@@ -7,6 +7,7 @@
 //! (`xlbt<pid>-...`), so leftovers of a run that was killed outright are recognised and removed
 //! by the next one ([`reap_stale`]). Nothing is ever attached to, or changed in, the root
 //! namespace's interfaces, routes or firewall.
+pub mod deploy;
 pub mod fake_api;
 pub mod kpb;
 
@@ -93,7 +94,7 @@ pub fn reap_stale() {
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 /// Where this machine mounts its cgroup v2 hierarchy (unified or hybrid layout), if it does.
-fn cgroup2_root() -> Option<PathBuf> {
+pub fn cgroup2_root() -> Option<PathBuf> {
     ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].into_iter().map(PathBuf::from).find(|p| {
         let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
         // SAFETY: statfs writes into a zeroed struct we own; the path is a valid C string.
