@@ -27,6 +27,19 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 
+/// Every request the agent makes to the API server, as RBAC names them: (verb, API group,
+/// resource). deploy/'s ClusterRole grants these and nothing more; lb-userspace/tests/rbac.rs
+/// runs the agent against an API server that enforces that role and checks that the requests
+/// it sees are exactly these. Pods are asked for with the field selector spec.nodeName.
+pub const API_CALLS: &[(&str, &str, &str)] = &[
+    ("list", "", "services"),
+    ("watch", "", "services"),
+    ("list", "discovery.k8s.io", "endpointslices"),
+    ("watch", "discovery.k8s.io", "endpointslices"),
+    ("list", "", "pods"),
+    ("watch", "", "pods"),
+];
+
 /// Builds a client from `--kubeconfig`, or else the environment: KUBECONFIG, ~/.kube/config, or
 /// the in-cluster service account.
 pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {

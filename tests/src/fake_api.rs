@@ -9,6 +9,8 @@ use std::{
 };
 
 use serde_json::{Value, json};
+
+use crate::rbac::{Attributes, Decision, Rbac};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -52,6 +54,10 @@ pub struct State {
     pub requests: Vec<(Kind, &'static str, String)>,
     /// Bumped to make every open watch stream end (a dropped connection).
     pub generation: u64,
+    /// When set, requests are authenticated and authorized (RBAC); otherwise all are served.
+    pub rbac: Option<Rbac>,
+    /// Every request the authorizer saw, with its decision and target (path and query).
+    pub audit: Vec<(Attributes, Decision, String)>,
 }
 
 pub struct FakeApi {
@@ -123,6 +129,15 @@ impl FakeApi {
         self.wake();
     }
 
+    /// Authenticates and authorizes every request from now on, as an API server with `rbac`.
+    pub fn enforce(&self, rbac: Rbac) {
+        self.state.lock().unwrap().rbac = Some(rbac);
+    }
+
+    pub fn audit(&self) -> Vec<(Attributes, Decision, String)> {
+        self.state.lock().unwrap().audit.clone()
+    }
+
     pub fn requests(&self) -> Vec<(Kind, &'static str, String)> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -157,7 +172,12 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
         }
     }
     let head = String::from_utf8_lossy(&buf).to_string();
+    let method = head.split_whitespace().next().unwrap_or("").to_string();
     let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
+    if let Some(reply) = authorize(&api, &head, &method, &target) {
+        let _ = stream.write_all(reply.as_bytes()).await;
+        return;
+    }
     let path = target.split('?').next().unwrap_or("");
     let kind = match path {
         p if p == Kind::Service.path() => Kind::Service,
@@ -274,6 +294,52 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
             }
         }
     }
+}
+
+/// With RBAC enforced: records the request and answers 401 or 403 as the API server would, or
+/// `None` to serve it.
+fn authorize(api: &FakeApi, head: &str, method: &str, target: &str) -> Option<String> {
+    let mut st = api.state.lock().unwrap();
+    let rbac = st.rbac.as_ref()?;
+    let authorization = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case("authorization").then(|| v.trim().to_owned())
+    });
+    let attrs = Attributes::of(method, target);
+    let decision = rbac.decide(authorization.as_deref(), &attrs);
+    st.audit.push((attrs.clone(), decision.clone(), target.to_owned()));
+    let (code, reason, message) = match &decision {
+        Decision::Allowed(_) => return None,
+        Decision::Unauthenticated => ("401 Unauthorized", "Unauthorized", "Unauthorized".to_owned()),
+        Decision::Denied(user) => {
+            let what = match &attrs.resource {
+                Some(r) => format!(
+                    "{} is forbidden: User \"{}\" cannot {} resource \"{}\" in API group \"{}\" {}",
+                    r.resource,
+                    user.name,
+                    attrs.verb,
+                    r.resource,
+                    r.group,
+                    if r.namespace.is_empty() {
+                        "at the cluster scope".into()
+                    } else {
+                        format!("in the namespace \"{}\"", r.namespace)
+                    }
+                ),
+                None => {
+                    format!("forbidden: User \"{}\" cannot {} path \"{}\"", user.name, attrs.verb, attrs.path)
+                }
+            };
+            ("403 Forbidden", "Forbidden", what)
+        }
+    };
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code[..3].parse::<u16>().unwrap()})
+    .to_string();
+    Some(format!(
+        "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ))
 }
 
 /// A ClusterIP Service with one TCP port named "http".

@@ -10,6 +10,7 @@
 pub mod deploy;
 pub mod fake_api;
 pub mod kpb;
+pub mod rbac;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -391,6 +392,8 @@ pub struct SingleNode {
     pub cgroup: Option<TestCgroup>,
     /// More flags for the agent (e.g. `--lb-algorithm maglev`).
     pub agent_args: Vec<String>,
+    /// A command the agent runs under (e.g. `setpriv --bounding-set=... --`).
+    pub agent_wrapper: Vec<String>,
     // Dropped last (declaration order): the pins and files outlive the processes using them.
     _pins: DirGuard,
     _work: DirGuard,
@@ -441,6 +444,7 @@ impl SingleNode {
             servers: Vec::new(),
             cgroup,
             agent_args: Vec::new(),
+            agent_wrapper: Vec::new(),
             _pins: pins_guard,
             _work: work_guard,
         })
@@ -477,6 +481,7 @@ impl SingleNode {
             ifaces: &self.node_ifaces,
             cgroup: self.cgroup.as_ref().map(|c| c.path.as_path()),
             args: &self.agent_args,
+            wrapper: &self.agent_wrapper,
         };
         spawn_agent(&self.xlb, &node, &self.manifests, "xlb agent", &self.work.join("agent.log"))
     }
@@ -755,6 +760,8 @@ struct AgentNode<'a> {
     cgroup: Option<&'a Path>,
     /// More agent flags.
     args: &'a [String],
+    /// A command the agent runs under.
+    wrapper: &'a [String],
 }
 
 /// Starts `xlb agent` in `node`'s namespace (through nsenter, so that /sys/fs/bpf stays the
@@ -768,6 +775,7 @@ fn spawn_agent(
 ) -> anyhow::Result<Proc> {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", node.ns.path().display()))
+        .args(node.wrapper)
         .arg(xlb)
         .arg("--pin-dir")
         .arg(node.pin_dir)
@@ -1007,6 +1015,7 @@ impl TwoNodes {
                 ifaces: &ifaces,
                 cgroup,
                 args: &self.agent_args,
+                wrapper: &[],
             };
             let log = self.work.join(format!("agent-node{}.log", i + 1));
             let agent =
