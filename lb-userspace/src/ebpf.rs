@@ -603,6 +603,10 @@ pub fn unpin_all(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         std::fs::remove_file(&p)?;
         removed.push(p);
     }
+    // The directory too, once nothing is left in it (an uninstall leaves no trace on the node).
+    if !removed.is_empty() && std::fs::remove_dir(pin_dir).is_ok() {
+        removed.push(pin_dir.to_owned());
+    }
     Ok(removed)
 }
 

@@ -232,15 +232,45 @@ fn sockets_connected_to_a_removed_backend_are_terminated_and_reconnect_to_a_live
     if !privileged("end-to-end tests need root") {
         return;
     }
+    sockets_of_a_removed_backend_are_terminated(Vec::new());
+}
+
+/// The agent run with the capabilities deploy/'s DaemonSet gives it and no others (the bounding
+/// set, which for root is what exec leaves): it loads and attaches everything, writes the node's
+/// sysctl, and terminates sockets in other namespaces, which needs the most of them.
+#[test]
+fn the_agent_does_all_its_work_with_the_daemon_sets_capabilities_only() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let deploy = xlb_tests::deploy::Deploy::load(&xlb_tests::deploy::dir()).unwrap();
+    let caps: Vec<String> =
+        deploy.capabilities().unwrap().iter().map(|c| format!("+{}", c.to_lowercase())).collect();
+    assert!(!caps.is_empty());
+    let wrapper = vec![
+        "setpriv".to_string(),
+        format!("--bounding-set=-all,{}", caps.join(",")),
+        "--inh-caps=-all".to_string(),
+        "--".to_string(),
+    ];
+    let log = sockets_of_a_removed_backend_are_terminated(wrapper);
+    // Its effective set was the DaemonSet's, and nothing it does was refused.
+    assert!(log.contains("reserved the SNAT source ports"), "{log}");
+    assert!(!log.contains("CAP_") && !log.contains("ermission") && !log.contains("not permitted"), "{log}");
+}
+
+/// Returns the agent's log.
+fn sockets_of_a_removed_backend_are_terminated(agent_wrapper: Vec<String>) -> String {
     let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
     let mut bed = SingleNode::new(&["pod-0", "pod-1"]).expect("test bed");
+    bed.agent_wrapper = agent_wrapper;
     let Some(cg) = bed.cgroup.as_ref().map(|c| c.path.clone()) else {
         assert!(
             std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
             "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
         );
         eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
-        return;
+        return String::new();
     };
     bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
     bed.write_manifest("churn.yaml", &manifest(&[0, 1], &[])).unwrap();
@@ -303,4 +333,5 @@ fn sockets_connected_to_a_removed_backend_are_terminated_and_reconnect_to_a_live
         "the agent says what it did:\n{}",
         bed.logs()
     );
+    bed.agent.as_ref().unwrap().log_text()
 }
