@@ -20,8 +20,11 @@ fn main() -> anyhow::Result<()> {
         manifest.parent().ok_or_else(|| anyhow!("lb-userspace has no parent directory"))?.join("lb-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
     println!("cargo:rerun-if-changed={}/../lb-common/src", ebpf_dir);
+    // The nightly that builds the eBPF crate: `nightly`, or a dated one (the Dockerfile's).
+    println!("cargo:rerun-if-env-changed=XLB_NIGHTLY");
+    let nightly = env::var("XLB_NIGHTLY").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "nightly".into());
     aya_build::build_ebpf(
         [aya_build::Package { name: "lb-ebpf", root_dir: ebpf_dir, ..Default::default() }],
-        aya_build::Toolchain::Custom("nightly"),
+        aya_build::Toolchain::Custom(&nightly),
     )
 }

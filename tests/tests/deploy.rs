@@ -4,7 +4,7 @@
 //! networking and PIDs, the mounts, the capabilities, probes on the port the agent serves, a
 //! rolling update that keeps the old agent until the new one can start, and a ConfigMap whose
 //! every key is a setting the agent reads, with values it accepts (`xlb agent --dry-run`).
-use std::{collections::BTreeSet, process::Command};
+use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
@@ -316,4 +316,119 @@ fn the_config_map_holds_settings_the_agent_takes() {
     ns.ip(&["route", "del", "default"]).unwrap();
     let (ok, _, err) = dry_run(&no_route);
     assert!(!ok && err.contains("no interface has a default route"), "{err}");
+}
+
+/// The Dockerfile's instructions by stage: (base image, instructions), continuation lines
+/// joined and comments dropped.
+fn dockerfile_stages(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut logical = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
+            continue;
+        }
+        match t.strip_suffix('\\') {
+            Some(part) => cur.push_str(&format!("{} ", part.trim())),
+            None => {
+                cur.push_str(t);
+                logical.push(std::mem::take(&mut cur));
+            }
+        }
+    }
+    let mut stages: Vec<(String, Vec<String>)> = Vec::new();
+    for l in logical.into_iter().filter(|l| !l.is_empty()) {
+        if let Some(from) = l.strip_prefix("FROM ") {
+            stages.push((from.to_owned(), Vec::new()));
+        } else if let Some((_, instrs)) = stages.last_mut() {
+            instrs.push(l);
+        }
+    }
+    stages
+}
+
+/// No container engine runs on these machines, so the image is not built here; this checks
+/// that what the Dockerfile builds is what the tests run, and that the runtime image has what
+/// the binary and the DaemonSet need.
+#[test]
+fn the_image_builds_the_tested_agent_and_carries_what_it_needs() {
+    let root = deploy::dir().parent().unwrap().to_owned();
+    let text = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let rust_version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG RUST_VERSION="))
+        .expect("ARG RUST_VERSION")
+        .trim()
+        .to_owned();
+    let stages = dockerfile_stages(&text);
+    assert_eq!(stages.len(), 2, "a build stage and a runtime stage: {stages:?}");
+    let (build_base, build) = &stages[0];
+    let (run_base, runtime) = &stages[1];
+    let has = |instrs: &[String], s: &str| instrs.iter().any(|i| i.contains(s));
+
+    // The build: the project's own set-up and a locked release build of the binary.
+    assert!(
+        build_base.contains("${RUST_VERSION}")
+            && build_base.contains("bookworm")
+            && build_base.ends_with(" AS build")
+    );
+    assert!(has(build, "cargo xtask setup --build-only"), "{build:?}");
+    assert!(has(build, "cargo build --release --locked -p lb-userspace --bin xlb"), "{build:?}");
+    assert!(has(build, "target/release/xlb /out/xlb"), "{build:?}");
+    // With the toolchains the tests were built with.
+    let rustc = Command::new("rustc").arg("--version").output().unwrap();
+    let rustc = String::from_utf8_lossy(&rustc.stdout).into_owned();
+    assert!(
+        rustc.starts_with(&format!("rustc {rust_version} ")),
+        "the Dockerfile's Rust {rust_version}, here {rustc}"
+    );
+    let nightly =
+        build.iter().find_map(|i| i.strip_prefix("ENV XLB_NIGHTLY=")).expect("ENV XLB_NIGHTLY").trim();
+    let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output().unwrap();
+    let manifest = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim())
+        .join("lib/rustlib/multirust-channel-manifest.toml");
+    match std::fs::read_to_string(&manifest) {
+        Ok(m) => {
+            let date =
+                m.lines().find_map(|l| l.strip_prefix("date = ")).unwrap_or_default().trim_matches('"');
+            assert_eq!(
+                nightly,
+                format!("nightly-{date}"),
+                "the Dockerfile's nightly is the one the tests build with"
+            );
+        }
+        Err(e) => eprintln!("NOT CHECKED: the nightly's date ({}: {e})", manifest.display()),
+    }
+
+    // The runtime: Debian 12 like the build stage (same glibc), bpftool for the maps, the binary
+    // where the DaemonSet's command finds it.
+    assert!(run_base.starts_with("docker.io/library/debian:bookworm-slim"), "{run_base}");
+    assert!(has(runtime, "apt-get install -y --no-install-recommends bpftool"), "{runtime:?}");
+    assert!(has(runtime, "COPY --from=build /out/xlb /usr/local/bin/xlb"), "{runtime:?}");
+    let d = load();
+    let command = d.agent().unwrap().command.clone().unwrap();
+    assert!(["xlb", "/usr/local/bin/xlb"].contains(&command[0].as_str()), "{command:?} is on Debian's PATH");
+
+    // The binary needs only shared libraries every Debian image has (libc6, libgcc-s1).
+    let xlb = workspace_bin("xlb", "XLB_BIN").unwrap();
+    let ldd = Command::new("ldd").arg(&xlb).output().unwrap();
+    let libs: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|l| l.split("=> ").nth(1)?.split_whitespace().next().map(str::to_owned))
+        .collect();
+    assert!(!libs.is_empty(), "ldd found no libraries: {}", String::from_utf8_lossy(&ldd.stderr));
+    for lib in &libs {
+        let real = std::fs::canonicalize(lib).unwrap();
+        match Command::new("dpkg").arg("-S").arg(&real).output() {
+            Ok(o) if o.status.success() => {
+                let pkg = String::from_utf8_lossy(&o.stdout);
+                let pkg = pkg.split(':').next().unwrap_or_default();
+                assert!(
+                    ["libc6", "libgcc-s1"].contains(&pkg),
+                    "{lib} comes from {pkg}, which the runtime image lacks"
+                );
+            }
+            _ => eprintln!("NOT CHECKED: which package has {lib} (no dpkg, or not from a package)"),
+        }
+    }
 }

@@ -20,7 +20,11 @@ mod report;
 const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "ethtool", "util-linux", "iperf3"];
 /// The bpf-linker release known to work with the nightly's LLVM 22 (see README, Toolchain).
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const NIGHTLY: &str = "nightly";
+/// The nightly toolchain that builds the eBPF crate: `nightly`, or the one XLB_NIGHTLY names
+/// (the Dockerfile pins a dated one; lb-userspace/build.rs reads the same variable).
+fn nightly() -> String {
+    std::env::var("XLB_NIGHTLY").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "nightly".into())
+}
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -32,7 +36,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install build and test prerequisites (idempotent).
-    Setup,
+    Setup {
+        /// Only what building xlb needs: the toolchains and bpf-linker (for image builds).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Run the demo: a ClusterIP Service served by xlb in network namespaces.
     Demo,
     /// Run the whole test suite (needs root for the packet and end-to-end tests).
@@ -120,23 +128,29 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn setup() -> anyhow::Result<()> {
+/// `build_only`: just what building needs (the toolchains and bpf-linker), not the test
+/// packages or the bpffs mount (for an image build, which has neither root on a host nor mounts).
+fn setup(build_only: bool) -> anyhow::Result<()> {
+    let nightly = nightly();
+    let nightly = nightly.as_str();
     // 1. Debian packages.
-    apt_install(APT_PACKAGES)?;
+    if !build_only {
+        apt_install(APT_PACKAGES)?;
+    }
 
     // 2. The nightly toolchain (for the eBPF crate) and its rust-src (for -Z build-std=core).
     //    An installed nightly is used as it is: updating it would change its LLVM under bpf-linker.
-    if !cmd_ok(Command::new("rustc").arg(format!("+{NIGHTLY}")).arg("--version")) {
-        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+    if !cmd_ok(Command::new("rustc").arg(format!("+{nightly}")).arg("--version")) {
+        run(Command::new("rustup").args(["toolchain", "install", nightly, "--profile", "minimal"]))?;
     }
     let components =
-        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))?;
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", nightly]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", nightly]))?;
     }
 
     // 3. bpf-linker, linked against the nightly's own libLLVM so that both use the same LLVM.
-    let sysroot = output(Command::new("rustc").arg(format!("+{NIGHTLY}")).args(["--print", "sysroot"]))?;
+    let sysroot = output(Command::new("rustc").arg(format!("+{nightly}")).args(["--print", "sysroot"]))?;
     let lib_dir = Path::new(&sysroot).join("lib");
     let llvm = std::fs::read_dir(&lib_dir)?
         .filter_map(Result::ok)
@@ -153,14 +167,14 @@ fn setup() -> anyhow::Result<()> {
         let rustflags =
             format!("-C link-arg=-Wl,-rpath,{lib} -L {lib} -l dylib={llvm}", lib = lib_dir.display());
         run(Command::new("cargo")
-            .arg(format!("+{NIGHTLY}"))
+            .arg(format!("+{nightly}"))
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
             .args(["--no-default-features", "--features", &format!("llvm-{major},no-llvm-linking")])
             .env("RUSTFLAGS", rustflags))?;
     }
 
     // 4. A bpffs for the pinned maps (never a second one on top of an existing mount).
-    if is_root() && !cmd_ok(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
+    if !build_only && is_root() && !cmd_ok(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     eprintln!("xtask: set-up complete");
@@ -179,9 +193,9 @@ fn build() -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Setup => setup(),
+        Cmd::Setup { build_only } => setup(build_only),
         Cmd::Demo => {
-            setup()?;
+            setup(false)?;
             build()?;
             if !is_root() {
                 bail!("the demo creates network namespaces and loads eBPF: run it as root");
@@ -189,12 +203,12 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(root().join("target/debug/xlb-testbed")).arg("demo"))
         }
         Cmd::Bench(args) => {
-            setup()?;
+            setup(false)?;
             bench::run_all(&args)
         }
         Cmd::BenchReport { dir } => report::write(&dir, &root()),
         Cmd::BenchDatapath { args } => {
-            setup()?;
+            setup(false)?;
             if !is_root() {
                 bail!("the benchmark loads eBPF: run it as root");
             }
@@ -202,7 +216,7 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(root().join("target/release/examples/bench-datapath")).args(&args))
         }
         Cmd::BenchAgent { args } => {
-            setup()?;
+            setup(false)?;
             if !is_root() {
                 bail!("the benchmark loads eBPF and creates a network namespace: run it as root");
             }
@@ -221,7 +235,7 @@ fn main() -> anyhow::Result<()> {
                 .env("XLB_BIN", root().join("target/release/xlb")))
         }
         Cmd::Test { allow_skip, no_lint } => {
-            setup()?;
+            setup(false)?;
             if !no_lint {
                 run(cargo().args(["fmt", "--all", "--check"]))?;
                 run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
