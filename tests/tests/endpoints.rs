@@ -253,14 +253,40 @@ fn the_agent_does_all_its_work_with_the_daemon_sets_capabilities_only() {
         "--inh-caps=-all".to_string(),
         "--".to_string(),
     ];
-    let log = sockets_of_a_removed_backend_are_terminated(wrapper);
+    let Some(bed) = sockets_of_a_removed_backend_are_terminated(wrapper.clone()) else { return };
+    let log = bed.agent.as_ref().unwrap().log_text();
     // Its effective set was the DaemonSet's, and nothing it does was refused.
     assert!(log.contains("reserved the SNAT source ports"), "{log}");
     assert!(!log.contains("CAP_") && !log.contains("ermission") && !log.contains("not permitted"), "{log}");
+
+    // What an operator runs in the pod (kubectl exec gets the container's capabilities): the
+    // CLI, `xlb trace`, and bpftool on the pinned maps.
+    let in_pod = |cmd: &str, args: &[&str]| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", bed.node.path().display()))
+            .args(&wrapper)
+            .arg(cmd)
+            .args(args)
+            .output()
+            .unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "`{cmd} {}` with the pod's capabilities: {text}", args.join(" "));
+        text
+    };
+    let xlb = bed.xlb.display().to_string();
+    let pins = bed.pin_dir.display().to_string();
+    let svc = in_pod(&xlb, &["--pin-dir", &pins, "services"]);
+    assert!(svc.contains("198.18.0.60:80/TCP"), "{svc}");
+    let trace =
+        in_pod(&xlb, &["--pin-dir", &pins, "trace", "--from", "198.18.0.2:40000", "--to", "198.18.0.60:80"]);
+    assert!(trace.contains("frontend") && trace.contains("backend(s) take new flows"), "{trace}");
+    let dump = in_pod("bpftool", &["map", "dump", "pinned", &format!("{pins}/{}", lb_common::MAP_SERVICES)]);
+    assert!(dump.contains("\"key\"") || dump.contains("key:"), "{dump}");
 }
 
-/// Returns the agent's log.
-fn sockets_of_a_removed_backend_are_terminated(agent_wrapper: Vec<String>) -> String {
+/// Returns the test bed, its agent still running (`None`: skipped).
+fn sockets_of_a_removed_backend_are_terminated(agent_wrapper: Vec<String>) -> Option<SingleNode> {
     let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
     let mut bed = SingleNode::new(&["pod-0", "pod-1"]).expect("test bed");
     bed.agent_wrapper = agent_wrapper;
@@ -270,7 +296,7 @@ fn sockets_of_a_removed_backend_are_terminated(agent_wrapper: Vec<String>) -> St
             "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
         );
         eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
-        return String::new();
+        return None;
     };
     bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
     bed.write_manifest("churn.yaml", &manifest(&[0, 1], &[])).unwrap();
@@ -333,5 +359,5 @@ fn sockets_of_a_removed_backend_are_terminated(agent_wrapper: Vec<String>) -> St
         "the agent says what it did:\n{}",
         bed.logs()
     );
-    bed.agent.as_ref().unwrap().log_text()
+    Some(bed)
 }
