@@ -17,7 +17,7 @@ mod bench;
 mod report;
 
 /// Debian packages the build, the tests and the demo use.
-const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "ethtool", "util-linux", "iperf3"];
+const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "ethtool", "util-linux", "iperf3", "iptables"];
 /// The bpf-linker release known to work with the nightly's LLVM 22 (see README, Toolchain).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The nightly toolchain that builds the eBPF crate: `nightly`, or the one XLB_NIGHTLY names
