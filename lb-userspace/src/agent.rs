@@ -97,7 +97,15 @@ impl AgentConfig {
         let lines = [
             ("source", source),
             ("interfaces", self.interfaces.join(",")),
-            ("xdp mode", format!("{:?}", self.xdp_mode)),
+            (
+                "xdp mode",
+                match self.xdp_mode {
+                    XdpMode::Driver => "native",
+                    XdpMode::Skb => "generic",
+                    _ => "auto",
+                }
+                .into(),
+            ),
             ("pin dir", self.pin_dir.display().to_string()),
             ("node name", self.node_name.clone().unwrap_or_else(|| "<none>".into())),
             ("node port range", format!("{}-{}", self.node_port_range.start(), self.node_port_range.end())),

@@ -294,6 +294,7 @@ fn the_config_map_holds_settings_the_agent_takes() {
         |k: &str| out.lines().find_map(|l| l.strip_prefix(&format!("{k}: "))).unwrap_or_default().to_owned();
     assert_eq!(line("interfaces"), "up0", "--iface auto is the interface with the default route:\n{out}");
     assert_eq!(line("node name"), "node-1");
+    assert_eq!(line("xdp mode"), env["XLB_XDP_MODE"]);
     assert_eq!(line("http"), env["XLB_HTTP_ADDR"]);
     assert_eq!(line("pin dir"), "/sys/fs/bpf/xlb");
     assert_eq!(line("sysctls"), "/proc/sys");
