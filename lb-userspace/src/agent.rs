@@ -179,11 +179,21 @@ pub struct Syncer<D> {
     /// (pin directory, cgroup) of socket-level balancing, whose sockets connected to removed
     /// backends are terminated after each sync; `None`: off.
     pub terminate: Option<(PathBuf, PathBuf)>,
+    /// Writes events about rejected objects (API server source only).
+    pub events: Option<crate::events::EventReporter>,
 }
 
 impl<D: Datapath> Syncer<D> {
     pub fn new(rec: Reconciler<D>, cfg: ModelConfig, metrics: Arc<Metrics>) -> Self {
-        Self { rec, cfg, metrics, cache: ModelCache::default(), node_addrs: None, terminate: None }
+        Self {
+            rec,
+            cfg,
+            metrics,
+            cache: ModelCache::default(),
+            node_addrs: None,
+            terminate: None,
+            events: None,
+        }
     }
 
     /// Destroys the sockets that socket-level balancing connected to the backends the last
@@ -229,6 +239,9 @@ impl<D: Datapath> Syncer<D> {
         let model_done = started.elapsed();
         for r in &model.rejected {
             warn!(object = %format!("{} {}/{}", r.kind, r.namespace, r.name), reason = %r.reason, "rejected object");
+        }
+        if let Some(events) = &mut self.events {
+            events.report(&model.rejected, snap);
         }
         match self.rec.apply(&model.ports) {
             Ok(stats) => {
@@ -520,6 +533,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None
     };
     let source = Source::start(&cfg.source, changed.clone(), metrics.clone()).await?;
+    if let Source::Kube(k) = &source {
+        syncer.events = Some(crate::events::EventReporter::start(k.client.clone(), cfg.node_name.as_deref()));
+    }
     source.wait_ready().await;
     // Maps first, then attach: the program never runs against maps the agent has not filled.
     // A failed first sync is retried by the loop; the maps then hold what an earlier agent left.

@@ -38,6 +38,8 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("watch", "discovery.k8s.io", "endpointslices"),
     ("list", "", "pods"),
     ("watch", "", "pods"),
+    // Events about rejected objects (crate::events), in the objects' namespaces.
+    ("create", "events.k8s.io", "events"),
 ];
 
 /// Builds a client from `--kubeconfig`, or else the environment: KUBECONFIG, ~/.kube/config, or
@@ -68,6 +70,8 @@ pub struct KubeSource {
     pub slices: Store<EndpointSlice>,
     /// `None` when the node has no name to select its pods by.
     pub pods: Option<Store<Pod>>,
+    /// The client the watches use (events about rejected objects are written with it).
+    pub client: Client,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -87,6 +91,7 @@ impl KubeSource {
         let (services, w1) = reflector::store();
         let (slices, w2) = reflector::store();
         let cfg = watcher::Config::default().any_semantic();
+        let kept = client.clone();
         let svc_stream = watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone())
             .default_backoff()
             .modify(strip_meta)
@@ -110,7 +115,7 @@ impl KubeSource {
             tasks.push(tokio::spawn(drive("pods", stream, changed, metrics)));
             pods
         });
-        Self { services, slices, pods, tasks }
+        Self { services, slices, pods, client: kept, tasks }
     }
 
     /// Waits until every store holds a complete first list.

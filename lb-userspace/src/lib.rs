@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod ebpf;
+pub mod events;
 pub mod http;
 pub mod kube_source;
 pub mod maglev;

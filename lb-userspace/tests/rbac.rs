@@ -5,10 +5,11 @@
 //! requests. Then the real `xlb agent` runs (in a network namespace of its own, datapath
 //! attached) with a kubeconfig whose token is the service account's, against an API server
 //! that authenticates the token and authorizes every request with deploy/'s ClusterRole and
-//! ClusterRoleBinding as RBAC does: the agent must become ready and program a Service, its
-//! endpoints and a hostPort, no request may be refused, and the requests it made must be
-//! exactly [`API_CALLS`] (so that the list cannot fall behind the code). Last, the same run with
-//! one grant taken away is refused and never gets ready, which shows the check can fail.
+//! ClusterRoleBinding as RBAC does: the agent must become ready, program a Service, its
+//! endpoints and a hostPort, and write an event about an invalid Service; no request may be
+//! refused, and the requests it made must be exactly [`API_CALLS`] (so that the list cannot
+//! fall behind the code). Last, the same run with one grant taken away is refused and never
+//! gets ready, which shows the check can fail; without the events grant it serves all the same.
 //!
 //! The end-to-end part needs root. Without it, it skips, unless XLB_REQUIRE_PRIVILEGED=1 (CI).
 use std::{
@@ -35,11 +36,15 @@ fn load() -> Deploy {
     Deploy::load(&deploy::dir()).unwrap_or_else(|e| panic!("deploy/: {e:#}"))
 }
 
-/// The attributes of a call of [`API_CALLS`], cluster-wide (the agent watches every namespace).
+/// The attributes of a call of [`API_CALLS`]: reads are cluster-wide (the agent watches every
+/// namespace), events are created in an object's namespace.
 fn call(verb: &str, group: &str, resource: &str) -> Attributes {
-    let path =
-        if group.is_empty() { format!("/api/v1/{resource}") } else { format!("/apis/{group}/v1/{resource}") };
-    Attributes::of("GET", &format!("{path}{}", if verb == "watch" { "?watch=true" } else { "" }))
+    let base = if group.is_empty() { "/api/v1".to_string() } else { format!("/apis/{group}/v1") };
+    match verb {
+        "create" => Attributes::of("POST", &format!("{base}/namespaces/default/{resource}")),
+        "watch" => Attributes::of("GET", &format!("{base}/{resource}?watch=true")),
+        _ => Attributes::of("GET", &format!("{base}/{resource}")),
+    }
 }
 
 fn expected() -> BTreeSet<String> {
@@ -121,6 +126,13 @@ impl Bed {
         api.put(Kind::Slice, slice("web-1", "web", 8080, &["198.18.1.1"]));
         api.put(Kind::Pod, pod("hp", "node-1", "198.18.1.2", 8080, 9090));
         api.put(Kind::Pod, pod("elsewhere", "node-2", "198.18.2.2", 8080, 9091));
+        // An invalid Service: rejected, and reported with an event.
+        api.put(
+            Kind::Service,
+            serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "broken", "namespace": "default", "uid": "uid-broken"},
+                "spec": {"type": "ClusterIP", "clusterIP": "198.18.0.11", "clusterIPs": ["198.18.0.11"], "ports": []}}),
+        );
         api.enforce(rbac);
         let rt = tokio::runtime::Runtime::new().unwrap();
         // The API server listens on the node namespace's loopback, where the agent runs.
@@ -201,8 +213,21 @@ fn the_agent_bound_to_deploys_cluster_role_has_every_right_it_uses() {
         assert!(Instant::now() < deadline, "the agent did not program the API server's objects:\n{s}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The invalid Service's event, once (by this agent; another would have got 409).
+    while bed.api.events_created().is_empty() {
+        assert!(Instant::now() < deadline, "no event about the invalid Service");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Let the watches run for a while (bookmarks, more requests if any would come).
     std::thread::sleep(Duration::from_secs(1));
+    let events = bed.api.events_created();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let ev = events.values().next().unwrap();
+    assert_eq!(ev["regarding"]["uid"], "uid-broken", "{ev}");
+    assert_eq!(ev["regarding"]["kind"], "Service", "{ev}");
+    assert_eq!((ev["type"].as_str(), ev["reason"].as_str()), (Some("Warning"), Some("Rejected")), "{ev}");
+    assert!(ev["note"].as_str().unwrap().contains("no ports"), "{ev}");
+    assert_eq!(ev["reportingInstance"], "xlb-node-1", "{ev}");
     let audit = bed.api.audit();
     let refused: Vec<String> = audit
         .iter()
@@ -219,7 +244,9 @@ fn the_agent_bound_to_deploys_cluster_role_has_every_right_it_uses() {
                 "pods of this node only: {target}"
             );
         }
-        assert_eq!(a.resource.as_ref().map(|r| r.namespace.as_str()), Some(""), "cluster-wide: {target}");
+        if a.verb != "create" {
+            assert_eq!(a.resource.as_ref().map(|r| r.namespace.as_str()), Some(""), "cluster-wide: {target}");
+        }
     }
     eprintln!("requests seen: {}", audit.len());
 }
@@ -254,4 +281,35 @@ fn the_agent_without_one_grant_is_refused_and_not_ready() {
         .map(|(a, _, _)| a.short())
         .collect();
     assert_eq!(denied, ["list /pods".to_string()].into());
+}
+
+#[test]
+fn the_agent_without_the_events_grant_still_serves_and_says_so() {
+    if !privileged("the agent's end-to-end run against an RBAC-enforcing API server needs root") {
+        return;
+    }
+    let d = load();
+    let rules = d
+        .rules()
+        .unwrap()
+        .into_iter()
+        .filter(|r| !r.resources.iter().flatten().any(|x| x == "events"))
+        .collect();
+    let mut bed = Bed::new(rbac(&d, rules));
+    bed.start_agent().wait_for_log(" ready pin_dir=", Duration::from_secs(30)).unwrap();
+    let agent = bed.agent.as_mut().unwrap();
+    agent.wait_for_log("cannot write an event", Duration::from_secs(15)).unwrap();
+    let s = bed.services();
+    assert!(
+        s.contains("198.18.0.10:80") && s.contains("198.18.1.1"),
+        "the datapath is programmed all the same: {s}"
+    );
+    let denied: BTreeSet<String> = bed
+        .api
+        .audit()
+        .iter()
+        .filter(|(_, d, _)| matches!(d, Decision::Denied(_)))
+        .map(|(a, _, _)| a.short())
+        .collect();
+    assert_eq!(denied, ["create events.k8s.io/events".to_string()].into());
 }

@@ -58,6 +58,8 @@ pub struct State {
     pub rbac: Option<Rbac>,
     /// Every request the authorizer saw, with its decision and target (path and query).
     pub audit: Vec<(Attributes, Decision, String)>,
+    /// Events created (events.k8s.io/v1), by namespace/name.
+    pub events_created: BTreeMap<String, Value>,
 }
 
 pub struct FakeApi {
@@ -134,6 +136,10 @@ impl FakeApi {
         self.state.lock().unwrap().rbac = Some(rbac);
     }
 
+    pub fn events_created(&self) -> BTreeMap<String, Value> {
+        self.state.lock().unwrap().events_created.clone()
+    }
+
     pub fn audit(&self) -> Vec<(Attributes, Decision, String)> {
         self.state.lock().unwrap().audit.clone()
     }
@@ -179,6 +185,10 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
         return;
     }
     let path = target.split('?').next().unwrap_or("");
+    if method == "POST" {
+        create_event(&api, &mut stream, &buf, path).await;
+        return;
+    }
     let kind = match path {
         p if p == Kind::Service.path() => Kind::Service,
         p if p == Kind::Slice.path() => Kind::Slice,
@@ -294,6 +304,62 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
             }
         }
     }
+}
+
+/// `POST /apis/events.k8s.io/v1/namespaces/NS/events`: stores the event, or answers 409 when
+/// one of that name exists (as the API server does); anything else POSTed is 404.
+async fn create_event(api: &FakeApi, stream: &mut TcpStream, buf: &[u8], path: &str) {
+    let ns = path
+        .strip_prefix("/apis/events.k8s.io/v1/namespaces/")
+        .and_then(|r| r.strip_suffix("/events"))
+        .filter(|ns| !ns.contains('/'));
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").map_or(buf.len(), |p| p + 4);
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    let mut chunk = [0u8; 4096];
+    while body.len() < len {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let event: Option<Value> = serde_json::from_slice(&body).ok();
+    let (code, reply) = match (ns, event) {
+        (Some(ns), Some(ev)) => {
+            let key = format!("{ns}/{}", ev["metadata"]["name"].as_str().unwrap_or(""));
+            let mut st = api.state.lock().unwrap();
+            match st.events_created.entry(key) {
+                std::collections::btree_map::Entry::Occupied(o) => {
+                    let message = format!("events.events.k8s.io {:?} already exists", o.key());
+                    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": message, "reason": "AlreadyExists", "code": 409});
+                    ("409 Conflict", status)
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(ev.clone());
+                    ("201 Created", ev)
+                }
+            }
+        }
+        _ => {
+            ("404 Not Found", json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}))
+        }
+    };
+    let body = reply.to_string();
+    let _ = stream
+        .write_all(
+            format!(
+                "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await;
 }
 
 /// With RBAC enforced: records the request and answers 401 or 403 as the API server would, or

@@ -134,11 +134,18 @@ fn the_kustomization_lists_every_manifest_and_builds() {
 }
 
 #[test]
-fn rbac_is_read_only_and_bound_to_the_agents_service_account() {
+fn rbac_reads_and_creates_events_only_and_is_bound_to_the_agents_service_account() {
     let d = load();
     let read_only: BTreeSet<&str> = ["get", "list", "watch"].into();
     for r in d.rules().unwrap() {
-        assert!(r.verbs.iter().all(|v| read_only.contains(v.as_str())), "read-only verbs: {r:?}");
+        // Reads only, but for creating events (about the objects it rejects).
+        let events = r.api_groups.as_deref() == Some(&["events.k8s.io".to_string()][..])
+            && r.resources.as_deref() == Some(&["events".to_string()][..]);
+        if events {
+            assert_eq!(r.verbs, ["create"], "events are only created: {r:?}");
+        } else {
+            assert!(r.verbs.iter().all(|v| read_only.contains(v.as_str())), "read-only verbs: {r:?}");
+        }
         let all = r.api_groups.iter().flatten().chain(r.resources.iter().flatten()).chain(&r.verbs);
         assert!(all.into_iter().all(|s| !s.contains('*')), "no wildcards: {r:?}");
         assert!(r.non_resource_urls.is_none() && r.resource_names.is_none(), "{r:?}");

@@ -1,0 +1,229 @@
+//! Kubernetes Events for the objects the agent rejects: a Warning event `Rejected` on the
+//! Service, EndpointSlice or Pod, with the reason as its note, so that `kubectl describe` shows
+//! why xlb does not serve it (the log and the metric `xlb_rejected_objects` say it too).
+//!
+//! Every node's agent sees the same objects and rejects the same ones. So that a cluster of N
+//! nodes does not write N events for each, an event's name is derived from the object's uid and
+//! the reason: the first agent creates it, and the API server answers the others 409
+//! AlreadyExists, which they take as done. An event is written when an object is rejected, or
+//! rejected for another reason than before; not again at every sync.
+//!
+//! Writing goes through a task of its own with a bounded queue: a slow or refusing API server
+//! never holds up a sync. At most [`PER_SYNC`] events are queued per sync; the rest are in the
+//! log. Failures are logged (the ClusterRole of deploy/ grants `create` on events.k8s.io
+//! events).
+use std::{collections::BTreeMap, sync::Arc};
+
+use k8s_openapi::{
+    api::{core::v1::ObjectReference, events::v1::Event},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
+use kube::{Api, Client, api::PostParams};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::{agent::Snapshot, model::Rejection};
+
+/// The most events queued by one sync.
+pub const PER_SYNC: usize = 50;
+/// `reportingController` of the events.
+pub const CONTROLLER: &str = "xlb.io/agent";
+
+/// (kind, namespace, name) of a rejected object.
+type ObjectKey = (&'static str, String, String);
+
+/// Reports rejections as events; see the module's documentation.
+pub struct EventReporter {
+    tx: mpsc::Sender<Event>,
+    /// What was last reported of each object still rejected: its reason.
+    reported: BTreeMap<ObjectKey, String>,
+    instance: String,
+}
+
+impl EventReporter {
+    /// Starts the writer task (on the current tokio runtime). `node` names the reporting
+    /// instance.
+    pub fn start(client: Client, node: Option<&str>) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Event>(PER_SYNC * 4);
+        tokio::spawn(async move {
+            let mut failures = 0u64;
+            while let Some(ev) = rx.recv().await {
+                let ns = ev.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                match Api::<Event>::namespaced(client.clone(), &ns).create(&PostParams::default(), &ev).await
+                {
+                    Ok(_) => debug!(event = ?ev.metadata.name, "event written"),
+                    // Another node's agent wrote it first.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(e) => {
+                        failures += 1;
+                        // The first failure, then one in a hundred: a refusing API server must not
+                        // flood the log.
+                        if failures % 100 == 1 {
+                            warn!(error = %e, failures, "cannot write an event about a rejected object");
+                        }
+                    }
+                }
+            }
+        });
+        let instance = format!("xlb-{}", node.unwrap_or("node"));
+        Self { tx, reported: BTreeMap::new(), instance }
+    }
+
+    /// Queues events for the objects of `rejected` that are newly rejected, or rejected for a
+    /// new reason, and forgets the ones no longer rejected.
+    pub fn report(&mut self, rejected: &[Rejection], snap: &Snapshot) {
+        let fresh = changes(&mut self.reported, rejected);
+        let mut queued = 0;
+        for r in fresh {
+            if queued == PER_SYNC {
+                debug!(object = %format!("{} {}/{}", r.kind, r.namespace, r.name), "event not written: too many this sync");
+                continue;
+            }
+            let Some(reference) = reference(r, snap) else { continue };
+            let ev = event(r, reference, &self.instance, Timestamp::now());
+            match self.tx.try_send(ev) {
+                Ok(()) => queued += 1,
+                Err(_) => {
+                    // The writer is behind: leave it out of `reported`, so the next sync tries
+                    // again.
+                    let key = (r.kind, r.namespace.clone(), r.name.clone());
+                    self.reported.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// Updates `reported` to `rejected`, and returns the rejections to report: objects not in
+/// `reported` before, or there with another reason.
+pub fn changes<'a>(
+    reported: &mut BTreeMap<ObjectKey, String>,
+    rejected: &'a [Rejection],
+) -> Vec<&'a Rejection> {
+    let mut now = BTreeMap::new();
+    let mut fresh = Vec::new();
+    for r in rejected {
+        let key = (r.kind, r.namespace.clone(), r.name.clone());
+        if reported.get(&key) != Some(&r.reason) && !now.contains_key(&key) {
+            fresh.push(r);
+        }
+        now.insert(key, r.reason.clone());
+    }
+    *reported = now;
+    fresh
+}
+
+/// The reference of the rejected object, from the snapshot (its uid makes `kubectl describe`
+/// find the event). `None` when the object is not there (a rejection of something else).
+fn reference(r: &Rejection, snap: &Snapshot) -> Option<ObjectReference> {
+    fn find<K: kube::Resource<DynamicType = ()>>(
+        objs: &[Arc<K>],
+        ns: &str,
+        name: &str,
+    ) -> Option<ObjectReference> {
+        let o = objs.iter().find(|o| {
+            o.meta().namespace.as_deref().unwrap_or("default") == ns && o.meta().name.as_deref() == Some(name)
+        })?;
+        Some(o.object_ref(&()))
+    }
+    match r.kind {
+        "Service" => find(&snap.services, &r.namespace, &r.name),
+        "EndpointSlice" => find(&snap.slices, &r.namespace, &r.name),
+        "Pod" => find(&snap.pods, &r.namespace, &r.name),
+        _ => None,
+    }
+}
+
+/// The event about `r`, named after the object's uid and the reason (see the module's
+/// documentation).
+pub fn event(r: &Rejection, regarding: ObjectReference, instance: &str, now: Timestamp) -> Event {
+    let uid = regarding.uid.clone().unwrap_or_default();
+    let name =
+        format!("{}.xlb-{:016x}", r.name, fnv1a(&[uid.as_bytes(), r.kind.as_bytes(), r.reason.as_bytes()]));
+    // The API server takes at most 1 kB of note.
+    let mut note = format!("xlb does not serve this {}: {}", r.kind, r.reason);
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+    }
+    Event {
+        metadata: ObjectMeta { name: Some(name), namespace: Some(r.namespace.clone()), ..Default::default() },
+        event_time: Some(MicroTime(now)),
+        type_: Some("Warning".into()),
+        reason: Some("Rejected".into()),
+        action: Some("Program".into()),
+        note: Some(note),
+        regarding: Some(regarding),
+        reporting_controller: Some(CONTROLLER.into()),
+        reporting_instance: Some(instance.chars().take(128).collect()),
+        ..Default::default()
+    }
+}
+
+/// FNV-1a over the parts (with a separator), for event names that every agent derives alike.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter().chain(&[0u8]) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rej(kind: &'static str, name: &str, reason: &str) -> Rejection {
+        Rejection { kind, namespace: "default".into(), name: name.into(), reason: reason.into() }
+    }
+
+    #[test]
+    fn only_new_rejections_and_new_reasons_are_reported() {
+        let mut reported = BTreeMap::new();
+        let a = rej("Service", "a", "no ports");
+        let b = rej("Service", "b", "nodePort 99999 is out of range");
+        assert_eq!(changes(&mut reported, &[a.clone(), b.clone()]).len(), 2);
+        assert!(changes(&mut reported, &[a.clone(), b.clone()]).is_empty(), "nothing new");
+        let b2 = rej("Service", "b", "nodePort 30001 is taken by default/c");
+        let both = [a.clone(), b2.clone()];
+        let fresh = changes(&mut reported, &both);
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(fresh[0].reason, b2.reason);
+        // Fixed, then broken again: reported again.
+        assert!(changes(&mut reported, std::slice::from_ref(&b2)).is_empty());
+        assert_eq!(changes(&mut reported, &[a, b2]).len(), 1);
+        // The same kind and name in another kind is another object.
+        let slice = [rej("EndpointSlice", "a", "no label")];
+        assert_eq!(changes(&mut reported, &slice).len(), 1);
+    }
+
+    #[test]
+    fn every_agent_names_an_event_alike_and_it_is_valid() {
+        let r = rej("Service", "web", &"x".repeat(2000));
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            name: Some("web".into()),
+            namespace: Some("default".into()),
+            uid: Some("5f1c".into()),
+            ..Default::default()
+        };
+        let e1 = event(&r, reference.clone(), "xlb-node-1", Timestamp::now());
+        let e2 = event(&r, reference.clone(), "xlb-node-2", Timestamp::now());
+        assert_eq!(e1.metadata.name, e2.metadata.name, "the same name on every node");
+        let other = event(&rej("Service", "web", "no ports"), reference, "xlb-node-1", Timestamp::now());
+        assert_ne!(e1.metadata.name, other.metadata.name, "another reason, another event");
+        assert!(e1.note.as_ref().unwrap().len() <= 1000);
+        assert_eq!(e1.type_.as_deref(), Some("Warning"));
+        assert_eq!(e1.metadata.namespace.as_deref(), Some("default"));
+        let name = e1.metadata.name.unwrap();
+        assert!(name.len() <= 253 && name.starts_with("web.xlb-"), "{name}");
+    }
+}
