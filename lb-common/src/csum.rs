@@ -31,6 +31,19 @@ pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// The checksum after an IPv6 address (eight 16-bit words, as they stand in memory) changes
+/// from `old` to `new`.
+#[inline(always)]
+pub fn replace16(check: u16, old: &[u16; 8], new: &[u16; 8]) -> u16 {
+    let mut sum = u32::from(!check);
+    let mut i = 0;
+    while i < 8 {
+        sum += u32::from(!old[i]) + u32::from(new[i]);
+        i += 1;
+    }
+    !fold(sum)
+}
+
 /// UDP: a zero checksum means "none" and must stay zero; a computed zero is sent as 0xffff.
 #[inline(always)]
 pub fn udp_fixup(old_check: u16, new_check: u16) -> u16 {
@@ -76,6 +89,18 @@ pub fn l4_checksum_v4(saddr: [u8; 4], daddr: [u8; 4], proto: u8, segment: &[u8])
     !fold(sum)
 }
 
+/// The TCP or UDP checksum of `segment` (its checksum field zeroed) over IPv6 (RFC 8200's
+/// pseudo-header: addresses, upper-layer length, next header).
+pub fn l4_checksum_v6(saddr: [u8; 16], daddr: [u8; 16], proto: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 40];
+    pseudo[0..16].copy_from_slice(&saddr);
+    pseudo[16..32].copy_from_slice(&daddr);
+    pseudo[32..36].copy_from_slice(&(segment.len() as u32).to_be_bytes());
+    pseudo[39] = proto;
+    let sum = sum_words(segment, sum_words(&pseudo, 0));
+    !fold(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +135,27 @@ mod tests {
             // 0x0000 and 0xffff are the same value in one's complement; RFC 1624 yields 0xffff
             // only for all-zero data, which the generator does not make.
             assert_eq!(incremental, full, "data {data:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_address_updates_match_full_recomputation() {
+        let mut rng = Lcg(11);
+        for _ in 0..10_000 {
+            let mut data = [0u8; 60];
+            for b in data.iter_mut() {
+                *b = rng.next() as u8;
+            }
+            let before = checksum(&data);
+            let words = |d: &[u8]| -> [u16; 8] {
+                core::array::from_fn(|i| u16::from_ne_bytes([d[2 * i], d[2 * i + 1]]))
+            };
+            let old = words(&data[8..24]);
+            for b in data[8..24].iter_mut() {
+                *b = rng.next() as u8;
+            }
+            let new = words(&data[8..24]);
+            assert_eq!(replace16(before, &old, &new), checksum(&data), "data {data:?}");
         }
     }
 

@@ -187,8 +187,16 @@ pub const fn filter_bit(addr: [u8; 4], port: u16, proto: u8) -> u32 {
     (k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FILTER_BITS_LOG2)) as u32
 }
 
+/// IPv6 frontends (hash, [`Svc6Key`] -> [`Svc4Value`]): as [`MAP_SERVICES`], for IPv6
+/// addresses. Backend slots name ids of [`MAP_BACKENDS6`].
+pub const MAP_SERVICES6: &str = "xlb_svc6_v1";
+/// IPv6 backends by id (array, index -> [`Backend6`]); id 0 is never used.
+pub const MAP_BACKENDS6: &str = "xlb_be6_v1";
+/// Connection tracking of IPv6 flows (LRU hash, [`Ct6Key`] -> [`Ct6Value`]).
+pub const MAP_CT6: &str = "xlb_ct6_v1";
+
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT,
@@ -201,6 +209,9 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_AFFINITY,
     MAP_MAGLEV,
     MAP_FILTER,
+    MAP_SERVICES6,
+    MAP_BACKENDS6,
+    MAP_CT6,
 ];
 
 /// The cgroup programs of socket-level load balancing: connections and datagrams of the node's
@@ -228,6 +239,8 @@ pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_SVC_INFO: u32 = 262_144;
 pub const DEFAULT_MAX_SOCK_NAT: u32 = 262_144;
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
+/// Capacity of each IPv6 map ([`MAP_SERVICES6`], [`MAP_BACKENDS6`], [`MAP_CT6`]).
+pub const DEFAULT_MAX_IPV6_ENTRIES: u32 = 65_536;
 /// Capacity of [`MAP_SOURCE_RANGES`] (allocated per entry: LPM tries are never preallocated).
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// `map_flags` of [`MAP_SVC_INFO`]: BPF_F_NO_PREALLOC, so that display names only take kernel
@@ -269,6 +282,86 @@ pub struct Svc4Key {
     pub scope: u8,
     /// 0 for the service entry, 1..=count for backend slots. Host order.
     pub slot: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+/// Key of [`MAP_SERVICES6`]. 24 bytes. As [`Svc4Key`], with an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Svc6Key {
+    /// Frontend IPv6 address, bytes as in the packet.
+    pub addr: [u8; 16],
+    /// Frontend port, host order.
+    pub port: u16,
+    /// IP protocol number ([`IPPROTO_TCP`], [`IPPROTO_UDP`]).
+    pub proto: u8,
+    /// [`SCOPE_EXTERNAL`].
+    pub scope: u8,
+    /// 0 for the service entry, 1..=count for backend slots. Host order.
+    pub slot: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+/// Value of [`MAP_BACKENDS6`]. 20 bytes. As [`Backend4`], with an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend6 {
+    /// Endpoint IPv6 address, bytes as in the packet.
+    pub addr: [u8; 16],
+    /// Endpoint port (the resolved targetPort), host order.
+    pub port: u16,
+    /// `BACKEND_STATE_*`.
+    pub state: u8,
+    /// `BACKEND_F_*` flags.
+    pub flags: u8,
+}
+
+/// Key of [`MAP_CT6`]. 40 bytes. As [`Ct4Key`], with IPv6 addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ct6Key {
+    /// Source address, bytes as in the packet.
+    pub saddr: [u8; 16],
+    /// Destination address, bytes as in the packet.
+    pub daddr: [u8; 16],
+    /// Source port, host order.
+    pub sport: u16,
+    /// Destination port, host order.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`CT_DIR_FORWARD`] or [`CT_DIR_REPLY`].
+    pub dir: u8,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+/// Value of [`MAP_CT6`]. 40 bytes. As [`Ct4Value`], with an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct6Value {
+    /// Forward: the backend address written as destination. Reply: the frontend address written
+    /// as source. Bytes as in the packet.
+    pub nat_addr: [u8; 16],
+    /// Forward: the backend port written as destination. Reply: the frontend port written as
+    /// source. Host order.
+    pub nat_port: u16,
+    /// Union of the TCP flags seen on this direction (0 for UDP).
+    pub tcp_flags: u8,
+    /// `CT_F_*` bits.
+    pub flags: u8,
+    /// Backend chosen for the flow (index into [`MAP_BACKENDS6`]). Host order.
+    pub backend_id: u32,
+    /// Service port the flow belongs to. Host order.
+    pub svc_id: u32,
+    /// Seconds of CLOCK_MONOTONIC when the entry was created.
+    pub created: u32,
+    /// Seconds of CLOCK_MONOTONIC when a packet last used the entry.
+    pub last_seen: u32,
+    /// Reserved for SNAT (0).
+    pub snat_port: u16,
     /// Always zero.
     pub _pad: u16,
 }
@@ -558,13 +651,15 @@ pub const SVC_TYPE_HOST_PORT: u8 = 5;
 pub enum Stat {
     /// Every packet the program saw.
     Rx = 0,
-    /// Passed: not IPv4 (ARP, IPv6, VLAN, ...).
+    /// Passed: neither IPv4 nor IPv6 (ARP, VLAN, ...).
     PassNotIpv4 = 1,
     /// Passed: a header was truncated or inconsistent; the kernel's own checks will handle it.
     PassMalformed = 2,
-    /// Passed: IPv4 but neither TCP nor UDP (nor an ICMP error about a tracked flow).
+    /// Passed: IPv4 or IPv6 but neither TCP nor UDP (nor an ICMP error about a tracked IPv4
+    /// flow); for IPv6 also ESP, and a chain of extension headers too long to follow.
     PassOtherProto = 3,
-    /// Passed: an IPv4 fragment (never rewritten: later fragments carry no ports).
+    /// Passed: an IPv4 fragment, or an IPv6 packet with a fragment header (never rewritten:
+    /// later fragments carry no ports).
     PassFragment = 4,
     /// Passed: no frontend and no tracked flow matched.
     PassNoService = 5,
@@ -711,6 +806,10 @@ const _: () = {
     assert!(core::mem::size_of::<Affinity4Key>() == 8);
     assert!(core::mem::size_of::<Affinity4Value>() == 16);
     assert!(core::mem::size_of::<SockNat4Value>() == 16);
+    assert!(core::mem::size_of::<Svc6Key>() == 24);
+    assert!(core::mem::size_of::<Backend6>() == 20);
+    assert!(core::mem::size_of::<Ct6Key>() == 40);
+    assert!(core::mem::size_of::<Ct6Value>() == 40);
 };
 
 #[cfg(feature = "user")]
@@ -732,4 +831,8 @@ mod pod {
     unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for Affinity4Value {}
     unsafe impl aya::Pod for SockNat4Value {}
+    unsafe impl aya::Pod for Svc6Key {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for Ct6Key {}
+    unsafe impl aya::Pod for Ct6Value {}
 }

@@ -51,6 +51,9 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     let pkt = match parse::parse(ctx.data(), ctx.data_end()) {
         Parsed::L4(pkt) => pkt,
         Parsed::NotIpv4 => return pass(rec, Stat::PassNotIpv4, bytes),
+        // IPv6 has a path of its own; the trace program does not follow it yet.
+        Parsed::Ipv6 if TRACE_MODE => return pass(rec, Stat::PassNotIpv4, bytes),
+        Parsed::Ipv6 => return crate::lb6::process(ctx.data(), ctx.data_end(), bytes),
         Parsed::Malformed => return pass(rec, Stat::PassMalformed, bytes),
         Parsed::OtherProto => {
             let stat = if icmp::translate(ctx.data(), ctx.data_end()) {

@@ -5,9 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, DatapathConfig, MAX_SOURCE_RANGES,
-    RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SockNat4Key, SockNat4Value, SrcRange4, StatValue, Svc4Key,
-    Svc4Value, SvcInfo, TraceRecord,
+    Affinity4Key, Affinity4Value, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig,
+    MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SockNat4Key, SockNat4Value, SrcRange4,
+    StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo, TraceRecord,
 };
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
@@ -81,3 +81,31 @@ pub static MAGLEV: HashOfMaps<
     Array<u64, { lb_common::maglev_elements(lb_common::MAGLEV_DEFAULT_SIZE) as usize }, MAGLEV_TABLE_FLAGS>,
     { lb_common::MAX_MAGLEV_TABLES as usize },
 > = HashOfMaps::new();
+
+/// IPv6 frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id.
+#[btf_map(name = "xlb_svc6_v1")]
+pub static SERVICES6: HashMap<Svc6Key, Svc4Value, 65_536> = HashMap::new();
+
+/// IPv6 backend id -> endpoint address and port.
+#[btf_map(name = "xlb_be6_v1")]
+pub static BACKENDS6: Array<Backend6, 65_536> = Array::new();
+
+/// Tracked IPv6 flows, both directions, evicted least recently used first.
+#[btf_map(name = "xlb_ct6_v1")]
+pub static CT6: LruHashMap<Ct6Key, Ct6Value, 65_536> = LruHashMap::new();
+
+/// Scratch space of the IPv6 path, per CPU: its keys and values (40 bytes each) live here rather
+/// than on the 512-byte stack. Never pinned; nothing outside one program run reads it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch6 {
+    /// The packet's own tuple (forward, then reply direction).
+    pub key: Ct6Key,
+    /// A second key: the other direction of a flow, or a new flow's reply entry.
+    pub key2: Ct6Key,
+    pub val: Ct6Value,
+    pub svc: Svc6Key,
+}
+
+#[btf_map(name = "xlb_scratch6_v1")]
+pub static SCRATCH6: PerCpuArray<Scratch6, 1> = PerCpuArray::new();

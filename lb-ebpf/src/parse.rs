@@ -7,6 +7,7 @@ use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
@@ -48,6 +49,8 @@ pub unsafe fn store32(addr: usize, v: u32) {
 /// What the parser found, with the tuple in packet byte order.
 pub enum Parsed {
     NotIpv4,
+    /// An IPv6 frame: [`parse6`] reads it.
+    Ipv6,
     Malformed,
     OtherProto,
     Fragment,
@@ -86,7 +89,11 @@ pub fn parse(data: usize, end: usize) -> Parsed {
         }
         // SAFETY: checked just above.
         let proto = u16::from_be(unsafe { load16(data + 12) });
-        return if proto == ETH_P_IP { Parsed::Malformed } else { Parsed::NotIpv4 };
+        return match proto {
+            ETH_P_IP => Parsed::Malformed,
+            ETH_P_IPV6 => Parsed::Ipv6,
+            _ => Parsed::NotIpv4,
+        };
     }
     // SAFETY: data + 34 <= end was checked above for every access in this block.
     let (ethertype, vihl, tot_len, frag, proto, saddr, daddr) = unsafe {
@@ -104,7 +111,7 @@ pub fn parse(data: usize, end: usize) -> Parsed {
         )
     };
     if ethertype != ETH_P_IP {
-        return Parsed::NotIpv4;
+        return if ethertype == ETH_P_IPV6 { Parsed::Ipv6 } else { Parsed::NotIpv4 };
     }
     if vihl >> 4 != 4 {
         return Parsed::Malformed;
@@ -131,4 +138,126 @@ pub fn parse(data: usize, end: usize) -> Parsed {
         (load16(l4), load16(l4 + 2), flags)
     };
     Parsed::L4(Packet { l3, l4, proto, tcp_flags, saddr, daddr, sport, dport })
+}
+
+/// What the IPv6 parser found.
+pub enum Parsed6 {
+    Malformed,
+    /// Neither TCP nor UDP (ICMPv6, ESP, no next header, an unknown header, or a chain of
+    /// extension headers longer than [`MAX_EXT_HEADERS`]).
+    OtherProto,
+    /// A fragment header: never rewritten (later fragments carry no ports).
+    Fragment,
+    L4(Packet6),
+}
+
+/// An IPv6 TCP or UDP packet whose headers, extension headers included, are all within the
+/// buffer. The addresses are read from the packet where needed (at `l3 + 8` and `l3 + 24`):
+/// copies of them would crowd the 512-byte stack.
+pub struct Packet6 {
+    /// Address of the IPv6 header.
+    pub l3: usize,
+    /// Address of the TCP or UDP header.
+    pub l4: usize,
+    /// Address of the L4 checksum field, computed where its bound was checked: the verifier
+    /// cannot tie a later test of `proto` to the check made for it.
+    pub l4_check: usize,
+    pub proto: u8,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// Packet byte order.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Extension headers skipped before giving up on finding TCP or UDP (RFC 8200 orders at most
+/// hop-by-hop, destination options, routing, fragment, authentication, destination options).
+pub const MAX_EXT_HEADERS: usize = 6;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+
+/// Copies the 16 bytes of an IPv6 address at a 2-aligned `addr` into `out`.
+///
+/// # Safety
+/// `addr..addr + 16` must have been bounds-checked against `data_end`.
+#[inline(always)]
+pub unsafe fn load_addr6(addr: usize, out: &mut [u8; 16]) {
+    let mut i = 0;
+    while i < 8 {
+        // SAFETY: within the checked 16 bytes.
+        let w = unsafe { load16(addr + 2 * i) }.to_ne_bytes();
+        out[2 * i] = w[0];
+        out[2 * i + 1] = w[1];
+        i += 1;
+    }
+}
+
+/// Parses the IPv6 frame between `data` and `end` (its ethertype already read), skipping
+/// hop-by-hop, routing, destination options and authentication headers. Every header is
+/// bounds-checked before it is read, and the L4 header must lie within the payload length.
+#[inline(always)]
+pub fn parse6(data: usize, end: usize) -> Parsed6 {
+    let l3 = data + ETH_HLEN;
+    if l3 + 40 > end {
+        return Parsed6::Malformed;
+    }
+    // SAFETY: l3 + 40 <= end checked above.
+    let (version, payload_len, first) = unsafe {
+        (load16(l3).to_ne_bytes()[0] >> 4, u16::from_be(load16(l3 + 4)), load16(l3 + 6).to_ne_bytes()[0])
+    };
+    if version != 6 {
+        return Parsed6::Malformed;
+    }
+    let mut next = first;
+    let mut off = l3 + 40;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS {
+        i += 1;
+        let len = match next {
+            IPPROTO_TCP | IPPROTO_UDP => break,
+            NEXTHDR_FRAGMENT => return Parsed6::Fragment,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH => {
+                // Every extension header is at least 8 bytes.
+                if off + 8 > end {
+                    return Parsed6::Malformed;
+                }
+                // SAFETY: off + 8 <= end checked just above.
+                let [nh, hlen] = unsafe { load16(off) }.to_ne_bytes();
+                // Units of 8 bytes past the first 8; the authentication header counts 4-byte
+                // units past the first 8 (RFC 4302).
+                let len = if next == NEXTHDR_AUTH {
+                    (usize::from(hlen) + 2) * 4
+                } else {
+                    (usize::from(hlen) + 1) * 8
+                };
+                next = nh;
+                len
+            }
+            _ => return Parsed6::OtherProto,
+        };
+        off += len;
+    }
+    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+        return Parsed6::OtherProto;
+    }
+    let l4 = off;
+    // Each length a constant in its branch, so that the verifier knows the bound of each read.
+    let (tcp_flags, l4_check) = if next == IPPROTO_TCP {
+        if l4 + 20 > end || l4 + 20 > l3 + 40 + usize::from(payload_len) {
+            return Parsed6::Malformed;
+        }
+        // SAFETY: l4 + 20 <= end checked just above; the flags byte is at l4 + 13.
+        (unsafe { load16(l4 + 12) }.to_ne_bytes()[1], l4 + 16)
+    } else {
+        if l4 + 8 > end || l4 + 8 > l3 + 40 + usize::from(payload_len) {
+            return Parsed6::Malformed;
+        }
+        (0, l4 + 6)
+    };
+    // SAFETY: l4 + 8 <= end in both branches above.
+    let (sport, dport) = unsafe { (load16(l4), load16(l4 + 2)) };
+    Parsed6::L4(Packet6 { l3, l4, l4_check, proto: next, tcp_flags, sport, dport })
 }

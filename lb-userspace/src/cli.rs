@@ -838,7 +838,7 @@ pub fn stat_verdict(name: &str) -> &'static str {
 pub fn stat_meaning(name: &str) -> &'static str {
     match name {
         "rx" => "every packet the program saw",
-        "pass_not_ipv4" => "not IPv4 (ARP, IPv6, VLAN...)",
+        "pass_not_ipv4" => "neither IPv4 nor IPv6 (ARP, VLAN...)",
         "pass_malformed" => "truncated or inconsistent header; left to the kernel",
         "pass_other_proto" => "IPv4 but neither TCP nor UDP (nor an ICMP error about a tracked flow)",
         "pass_fragment" => "IPv4 fragment (never rewritten)",

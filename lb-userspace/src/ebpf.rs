@@ -114,6 +114,8 @@ pub struct Capacities {
     pub ct_entries: u32,
     pub sock_nat_entries: u32,
     pub affinity_entries: u32,
+    /// Capacity of each IPv6 map (frontends and slots, backends, conntrack).
+    pub ipv6_entries: u32,
 }
 
 impl Default for Capacities {
@@ -124,6 +126,7 @@ impl Default for Capacities {
             ct_entries: lb_common::DEFAULT_MAX_CT_ENTRIES,
             sock_nat_entries: lb_common::DEFAULT_MAX_SOCK_NAT,
             affinity_entries: lb_common::DEFAULT_MAX_AFFINITY,
+            ipv6_entries: lb_common::DEFAULT_MAX_IPV6_ENTRIES,
         }
     }
 }
@@ -156,7 +159,10 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
         .map_max_entries(MAP_BACKEND_FLOWS, caps.backends)
         .map_max_entries(MAP_CT, caps.ct_entries)
         .map_max_entries(MAP_SOCK_NAT, caps.sock_nat_entries)
-        .map_max_entries(lb_common::MAP_AFFINITY, caps.affinity_entries);
+        .map_max_entries(lb_common::MAP_AFFINITY, caps.affinity_entries)
+        .map_max_entries(lb_common::MAP_SERVICES6, caps.ipv6_entries)
+        .map_max_entries(lb_common::MAP_BACKENDS6, caps.ipv6_entries)
+        .map_max_entries(lb_common::MAP_CT6, caps.ipv6_entries);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)

@@ -388,6 +388,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ct_entries: a.max_ct_entries,
                     sock_nat_entries: a.max_sock_nat_entries,
                     affinity_entries: a.max_affinity_entries,
+                    // The agent does not program IPv6 yet (issue 10): its maps stay minimal.
+                    ipv6_entries: 1,
                 },
                 batch_delay: Duration::from_millis(a.batch_delay_ms),
                 node_port_range: a.node_port_range,

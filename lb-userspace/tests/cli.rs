@@ -50,6 +50,7 @@ fn known_maps() -> (PathBuf, DirGuard) {
         ct_entries: 64,
         sock_nat_entries: 64,
         affinity_entries: 64,
+        ipv6_entries: 64,
     };
     drop(ebpf::load(Some(&dir), caps).expect("load with pins"));
     let mut m = BpfMaps::open(&dir).unwrap();
@@ -725,7 +726,7 @@ const CONNTRACK_FIRST_JSON: &str = r#"{
 
 const STATS: &str = r#"COUNTER               VERDICT             PACKETS   BYTES   MEANING
 rx                    seen                20        2000    every packet the program saw
-pass_not_ipv4         pass                0         0       not IPv4 (ARP, IPv6, VLAN...)
+pass_not_ipv4         pass                0         0       neither IPv4 nor IPv6 (ARP, VLAN...)
 pass_malformed        pass                0         0       truncated or inconsistent header; left to the kernel
 pass_other_proto      pass                0         0       IPv4 but neither TCP nor UDP (nor an ICMP error about a tracked flow)
 pass_fragment         pass                0         0       IPv4 fragment (never rewritten)

@@ -82,6 +82,7 @@ impl Live {
             ct_entries: 4096,
             sock_nat_entries: 1024,
             affinity_entries: 1024,
+            ipv6_entries: 1024,
         };
         let ebpf = ebpf::load(Some(&pin_dir), caps).expect("load with pins");
         let rec = Reconciler::new(BpfMaps::open(&pin_dir).unwrap()).unwrap();

@@ -1,0 +1,326 @@
+//! Packet tests of the IPv6 path: the XDP program run by the kernel on crafted Ethernet/IPv6
+//! frames (BPF_PROG_TEST_RUN), with its IPv6 maps (frontends, backends) written directly, as the
+//! agent will write them. Checked:
+//! - DNAT of new and established TCP and UDP flows and the reply's translation back, every
+//!   L4 checksum recomputed from scratch;
+//! - extension headers (hop-by-hop, destination options, routing, authentication) skipped and
+//!   left as they are;
+//! - frames that must pass untouched, each with the counter that says why: fragments, ICMPv6,
+//!   ESP, too many extension headers, truncated headers at every step, a payload length shorter
+//!   than the headers, a wrong version, no frontend;
+//! - a frontend without endpoints drops; a flow whose backend is freed is balanced again.
+//!
+//! Needs root. Without it the tests skip, unless XLB_REQUIRE_PRIVILEGED=1 (CI), where they fail.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv6Addr, SocketAddrV6},
+};
+
+use aya::{
+    maps::{Array, HashMap, MapData},
+    programs::{TestRun as _, TestRunOptions},
+};
+use lb_common::{
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE, Backend6, MAP_BACKENDS6, MAP_CT6, MAP_SERVICES6,
+    SCOPE_EXTERNAL, STAT_NAMES, SVC_F_CLUSTER_IP, Stat, Svc4Value, Svc6Key,
+};
+use lb_userspace::{
+    datapath::{BpfMaps, Datapath as _},
+    ebpf::{self, Capacities},
+    model::Proto,
+    packet::{
+        ETH_HLEN, Frame6, IPV6_AUTH, IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, decode6,
+    },
+};
+use xlb_tests::privileged;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const VIP: &str = "[2001:db8:1::10]:80";
+const BACKENDS: [&str; 2] = ["2001:db8:2::2", "2001:db8:3::2"];
+const CLIENT: &str = "[2001:db8::1]:40000";
+
+struct Dut {
+    ebpf: aya::Ebpf,
+    stats: BpfMaps,
+    services: HashMap<MapData, Svc6Key, Svc4Value>,
+    backends: Array<MapData, Backend6>,
+}
+
+fn sa(s: &str) -> SocketAddrV6 {
+    s.parse().unwrap()
+}
+
+fn key(addr: Ipv6Addr, port: u16, proto: Proto, slot: u16) -> Svc6Key {
+    Svc6Key { addr: addr.octets(), port, proto: proto.number(), scope: SCOPE_EXTERNAL, slot, _pad: 0 }
+}
+
+impl Dut {
+    fn new() -> Self {
+        let caps = Capacities {
+            service_entries: 64,
+            backends: 64,
+            ct_entries: 64,
+            sock_nat_entries: 64,
+            affinity_entries: 64,
+            ipv6_entries: 1024,
+        };
+        let mut ebpf =
+            ebpf::load(None, caps).unwrap_or_else(|e| panic!("the verifier must accept the program: {e:?}"));
+        let services = HashMap::try_from(ebpf.take_map(MAP_SERVICES6).unwrap()).unwrap();
+        let backends = Array::try_from(ebpf.take_map(MAP_BACKENDS6).unwrap()).unwrap();
+        let stats = BpfMaps::take(&mut ebpf).unwrap();
+        Dut { ebpf, stats, services, backends }
+    }
+
+    /// The frontend `vip` (TCP and UDP) with service id `svc_id` and backends on `port` at
+    /// `addrs`, backend ids from `first_id`.
+    fn serve(&mut self, vip: SocketAddrV6, svc_id: u32, addrs: &[&str], port: u16, first_id: u32) {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            for (i, a) in addrs.iter().enumerate() {
+                let id = first_id + i as u32;
+                let be = Backend6 {
+                    addr: a.parse::<Ipv6Addr>().unwrap().octets(),
+                    port,
+                    state: BACKEND_STATE_ACTIVE,
+                    flags: 0,
+                };
+                self.backends.set(id, be, 0).unwrap();
+                let slot = Svc4Value { backend_id: id, svc_id, ..Default::default() };
+                self.services.insert(key(*vip.ip(), vip.port(), proto, i as u16 + 1), slot, 0).unwrap();
+            }
+            let entry = Svc4Value {
+                backend_id: 0,
+                svc_id,
+                count: addrs.len() as u16,
+                flags: SVC_F_CLUSTER_IP,
+                affinity_timeout: 0,
+            };
+            self.services.insert(key(*vip.ip(), vip.port(), proto, 0), entry, 0).unwrap();
+        }
+    }
+
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = ebpf::xdp(&mut self.ebpf).unwrap();
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn stat(&self, s: Stat) -> u64 {
+        let stats = self.stats.read_stats().unwrap();
+        stats.iter().find(|(n, _, _)| *n == STAT_NAMES[s as usize]).unwrap().1
+    }
+
+    fn tracked(&self) -> usize {
+        let ct: HashMap<&MapData, lb_common::Ct6Key, lb_common::Ct6Value> =
+            HashMap::try_from(self.ebpf.map(MAP_CT6).unwrap()).unwrap();
+        ct.keys().count()
+    }
+}
+
+/// Sends `f` and checks the frame left translated to one of the backends on 8080 with a valid
+/// checksum and everything else unchanged: the backend's address.
+fn dnat(dut: &mut Dut, f: &Frame6) -> Ipv6Addr {
+    let frame = f.build();
+    let (v, out) = dut.run(&frame);
+    assert_eq!(v, XDP_PASS);
+    let d = decode6(&out).expect("an IPv6 frame");
+    assert!(d.l4_checksum_ok, "{d:?}");
+    assert_eq!(d.src, f.src, "the source is kept");
+    assert_eq!(d.dst.port(), 8080, "{d:?}");
+    assert!(BACKENDS.iter().any(|b| b.parse::<Ipv6Addr>().unwrap() == *d.dst.ip()), "{d:?}");
+    assert_eq!(out.len(), frame.len());
+    // Only the destination address and port, and the checksum, changed.
+    let l4 = out.len() - (f.payload.len() + if f.proto == Proto::Tcp { 20 } else { 8 });
+    let check_at = l4 + if f.proto == Proto::Tcp { 16 } else { 6 };
+    for (i, (a, b)) in frame.iter().zip(&out).enumerate() {
+        let changed = (ETH_HLEN + 24..ETH_HLEN + 40).contains(&i)
+            || (l4 + 2..l4 + 4).contains(&i)
+            || (check_at..check_at + 2).contains(&i);
+        if !changed {
+            assert_eq!(a, b, "byte {i} changed");
+        }
+    }
+    *d.dst.ip()
+}
+
+fn need_root() -> bool {
+    privileged("packet tests need root (BPF_PROG_TEST_RUN)")
+}
+
+#[test]
+fn tcp_and_udp_over_ipv6_are_translated_both_ways() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.serve(sa(VIP), 7, &BACKENDS, 8080, 1);
+    for proto in [Proto::Tcp, Proto::Udp] {
+        let syn = Frame6::new(proto, sa(CLIENT), sa(VIP));
+        let backend = dnat(&mut dut, &syn);
+        // The next packet of the flow: the same backend, from conntrack.
+        let next = Frame6 { tcp_flags: 0x10, payload: b"more".to_vec(), ..syn.clone() };
+        let est = dut.stat(Stat::DnatEstablished);
+        assert_eq!(dnat(&mut dut, &next), backend);
+        assert_eq!(dut.stat(Stat::DnatEstablished), est + 1);
+        // The reply: from the backend to the client, its source written back to the frontend.
+        let reply = Frame6 {
+            tcp_flags: 0x12,
+            ..Frame6::new(proto, SocketAddrV6::new(backend, 8080, 0, 0), sa(CLIENT))
+        };
+        let rev = dut.stat(Stat::RevNat);
+        let (v, out) = dut.run(&reply.build());
+        assert_eq!(v, XDP_PASS);
+        let d = decode6(&out).unwrap();
+        assert!(d.l4_checksum_ok, "{d:?}");
+        assert_eq!((d.src, d.dst), (sa(VIP), sa(CLIENT)), "{proto:?} reply");
+        assert_eq!(dut.stat(Stat::RevNat), rev + 1);
+    }
+    assert_eq!(dut.stat(Stat::DnatNew), 2);
+    assert_eq!(dut.tracked(), 4, "both directions of both flows");
+}
+
+#[test]
+fn new_ipv6_flows_spread_over_the_backends() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.serve(sa(VIP), 7, &BACKENDS, 8080, 1);
+    let mut seen = BTreeSet::new();
+    for port in 0..64u16 {
+        let client = SocketAddrV6::new(*sa(CLIENT).ip(), 41000 + port, 0, 0);
+        seen.insert(dnat(&mut dut, &Frame6::tcp(client, sa(VIP))));
+    }
+    assert_eq!(seen.len(), 2, "64 flows reach both backends");
+    assert_eq!(dut.stat(Stat::DnatNew), 64);
+}
+
+#[test]
+fn extension_headers_are_skipped_and_kept() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.serve(sa(VIP), 7, &BACKENDS, 8080, 1);
+    let chains: [&[(u8, usize)]; 4] = [
+        &[(IPV6_HOP_BY_HOP, 8)],
+        &[(IPV6_HOP_BY_HOP, 8), (IPV6_DEST_OPTS, 24), (IPV6_ROUTING, 16)],
+        &[(IPV6_AUTH, 12), (IPV6_DEST_OPTS, 8)],
+        // Six: as many as the parser follows.
+        &[
+            (IPV6_HOP_BY_HOP, 8),
+            (IPV6_DEST_OPTS, 8),
+            (IPV6_ROUTING, 8),
+            (IPV6_AUTH, 16),
+            (IPV6_DEST_OPTS, 8),
+            (IPV6_DEST_OPTS, 2048),
+        ],
+    ];
+    for (i, chain) in chains.iter().enumerate() {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let client = SocketAddrV6::new(*sa(CLIENT).ip(), 42000 + i as u16, 0, 0);
+            let f = Frame6 { ext: chain.to_vec(), ..Frame6::new(proto, client, sa(VIP)) };
+            dnat(&mut dut, &f);
+        }
+    }
+    assert_eq!(dut.stat(Stat::DnatNew), 8);
+}
+
+#[test]
+fn ipv6_frames_passed_untouched() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.serve(sa(VIP), 7, &BACKENDS, 8080, 1);
+    let tcp = Frame6::tcp(sa(CLIENT), sa(VIP));
+    let full = tcp.build();
+    let with_hop = Frame6 { ext: vec![(IPV6_HOP_BY_HOP, 16)], ..tcp.clone() }.build();
+    let mut icmp = full.clone();
+    icmp[ETH_HLEN + 6] = 58;
+    let mut esp = full.clone();
+    esp[ETH_HLEN + 6] = 50;
+    let mut no_next = full.clone();
+    no_next[ETH_HLEN + 6] = 59;
+    let mut version4 = full.clone();
+    version4[ETH_HLEN] = 0x40;
+    let mut short_payload = full.clone();
+    short_payload[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&10u16.to_be_bytes());
+    let seven = Frame6 { ext: vec![(IPV6_DEST_OPTS, 8); 7], ..tcp.clone() }.build();
+
+    let cases: Vec<(&str, Vec<u8>, Stat)> = vec![
+        ("no such frontend", Frame6::tcp(sa(CLIENT), sa("[2001:db8:1::11]:80")).build(), Stat::PassNoService),
+        (
+            "frontend, other port",
+            Frame6::tcp(sa(CLIENT), sa("[2001:db8:1::10]:81")).build(),
+            Stat::PassNoService,
+        ),
+        (
+            "fragment header",
+            Frame6 { ext: vec![(IPV6_FRAGMENT, 8)], ..tcp.clone() }.build(),
+            Stat::PassFragment,
+        ),
+        (
+            "fragment header after hop-by-hop",
+            Frame6 { ext: vec![(IPV6_HOP_BY_HOP, 8), (IPV6_FRAGMENT, 8)], ..tcp.clone() }.build(),
+            Stat::PassFragment,
+        ),
+        ("ICMPv6", icmp, Stat::PassOtherProto),
+        ("ESP", esp, Stat::PassOtherProto),
+        ("no next header", no_next, Stat::PassOtherProto),
+        ("seven extension headers", seven, Stat::PassOtherProto),
+        ("IPv6 header cut short", full[..ETH_HLEN + 30].to_vec(), Stat::PassMalformed),
+        ("ethertype only", full[..ETH_HLEN].to_vec(), Stat::PassMalformed),
+        ("extension header cut short", with_hop[..ETH_HLEN + 40 + 12].to_vec(), Stat::PassMalformed),
+        ("TCP header cut short", full[..ETH_HLEN + 40 + 12].to_vec(), Stat::PassMalformed),
+        (
+            "UDP header cut short",
+            Frame6::udp(sa(CLIENT), sa(VIP)).build()[..ETH_HLEN + 40 + 6].to_vec(),
+            Stat::PassMalformed,
+        ),
+        ("payload length shorter than TCP", short_payload, Stat::PassMalformed),
+        ("version 4 with the IPv6 ethertype", version4, Stat::PassMalformed),
+    ];
+    for (name, frame, stat) in cases {
+        let before = dut.stat(stat);
+        let (v, out) = dut.run(&frame);
+        assert_eq!(v, XDP_PASS, "{name}: verdict");
+        assert_eq!(out, frame, "{name}: the frame must not change");
+        assert_eq!(dut.stat(stat), before + 1, "{name}: counted as {stat:?}");
+    }
+    assert_eq!(dut.stat(Stat::DnatNew), 0);
+    assert_eq!(dut.tracked(), 0, "nothing is tracked");
+}
+
+#[test]
+fn ipv6_frontend_without_endpoints_drops_and_a_freed_backend_is_left() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.serve(sa("[2001:db8:1::20]:80"), 8, &[], 8080, 10);
+    let (v, _) = dut.run(&Frame6::tcp(sa(CLIENT), sa("[2001:db8:1::20]:80")).build());
+    assert_eq!(v, XDP_DROP);
+    assert_eq!(dut.stat(Stat::DropNoBackend), 1);
+
+    // One backend serves a flow, then its slot goes to the other (as the agent frees it).
+    dut.serve(sa(VIP), 7, &BACKENDS[..1], 8080, 1);
+    let syn = Frame6::tcp(sa(CLIENT), sa(VIP));
+    assert_eq!(dnat(&mut dut, &syn), BACKENDS[0].parse::<Ipv6Addr>().unwrap());
+    dut.serve(sa(VIP), 7, &BACKENDS[1..], 8080, 2);
+    let free = Backend6 { state: BACKEND_STATE_FREE, ..Default::default() };
+    dut.backends.set(1, free, 0).unwrap();
+    let next = Frame6 { tcp_flags: 0x10, ..syn };
+    assert_eq!(dnat(&mut dut, &next), BACKENDS[1].parse::<Ipv6Addr>().unwrap(), "balanced again");
+    assert_eq!(dut.stat(Stat::CtStaleBackend), 1);
+}
