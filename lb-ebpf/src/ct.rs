@@ -63,19 +63,47 @@ pub fn key_of(pkt: &Packet, dir: u8) -> Ct4Key {
     }
 }
 
-/// Marks a tracked entry as used by `pkt` at `now`; writes only what changed, to keep the cache
-/// line clean on the hot path.
+/// A conntrack value of either family: what [`touch`] updates.
+pub trait Touched {
+    fn last_seen(&mut self) -> &mut u32;
+    fn tcp_flags(&mut self) -> &mut u8;
+}
+
+impl Touched for Ct4Value {
+    #[inline(always)]
+    fn last_seen(&mut self) -> &mut u32 {
+        &mut self.last_seen
+    }
+    #[inline(always)]
+    fn tcp_flags(&mut self) -> &mut u8 {
+        &mut self.tcp_flags
+    }
+}
+
+impl Touched for lb_common::Ct6Value {
+    #[inline(always)]
+    fn last_seen(&mut self) -> &mut u32 {
+        &mut self.last_seen
+    }
+    #[inline(always)]
+    fn tcp_flags(&mut self) -> &mut u8 {
+        &mut self.tcp_flags
+    }
+}
+
+/// Marks a tracked entry as used at `now` by a packet with `tcp_flags`; writes only what
+/// changed, to keep the cache line clean on the hot path.
 #[inline(always)]
-pub fn touch(entry: *mut Ct4Value, pkt: &Packet, now: u32) {
+pub fn touch<V: Touched>(entry: *mut V, tcp_flags: u8, now: u32) {
     // SAFETY: `entry` came from a lookup in this program run; a concurrent eviction can at worst
     // make us write into a recycled slot, which only affects timestamps and flags.
-    unsafe {
-        if (*entry).last_seen != now {
-            (*entry).last_seen = now;
-        }
-        if (*entry).tcp_flags | pkt.tcp_flags != (*entry).tcp_flags {
-            (*entry).tcp_flags |= pkt.tcp_flags;
-        }
+    let e = unsafe { &mut *entry };
+    if *e.last_seen() != now {
+        *e.last_seen() = now;
+    }
+    let seen = *e.tcp_flags();
+    if seen | tcp_flags != seen {
+        *e.tcp_flags() = seen | tcp_flags;
     }
 }
 

@@ -112,7 +112,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         match BACKENDS.get(backend_id) {
             Some(be) if be.state != BACKEND_STATE_FREE && be.addr == nat_addr && be.port == nat_port => {
                 if !TRACE_MODE {
-                    ct::touch(entry, &pkt, now);
+                    ct::touch(entry, pkt.tcp_flags, now);
                 }
                 nat::rewrite(&pkt, Side::Destination, nat_addr, nat_port);
                 if snat_port != 0 {
@@ -143,7 +143,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
                 ((*entry).nat_addr, (*entry).nat_port, (*entry).backend_id, (*entry).svc_id, (*entry).flags)
             };
             if !TRACE_MODE {
-                ct::touch(entry, &pkt, ct::now_secs());
+                ct::touch(entry, pkt.tcp_flags, ct::now_secs());
             }
             step(rec, |r| {
                 r.steps |= TRACE_CT_REPLY;

@@ -80,21 +80,6 @@ fn rewrite(pkt: &Packet6, side: Side, addr: &[u8; 16], port: u16) {
     }
 }
 
-/// Marks a tracked entry as used by `pkt` at `now`, writing only what changed.
-#[inline(always)]
-fn touch(entry: *mut Ct6Value, pkt: &Packet6, now: u32) {
-    // SAFETY: `entry` came from a lookup in this run; a concurrent eviction can at worst make
-    // us write timestamps and flags of a recycled slot.
-    unsafe {
-        if (*entry).last_seen != now {
-            (*entry).last_seen = now;
-        }
-        if (*entry).tcp_flags | pkt.tcp_flags != (*entry).tcp_flags {
-            (*entry).tcp_flags |= pkt.tcp_flags;
-        }
-    }
-}
-
 /// As `ct::flow_over`: the flow tracked by `fwd` (found at `s.key`) is idle past its lifetime
 /// in both directions, or a new connection comes on a tuple whose last connection closed.
 #[inline(never)]
@@ -195,7 +180,7 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
                         && be.addr == fwd.nat_addr
                         && be.port == fwd.nat_port =>
                 {
-                    touch(entry, &pkt, now);
+                    ct::touch(entry, pkt.tcp_flags, now);
                     rewrite(&pkt, Side::Destination, &be.addr, be.port);
                     return verdict(Stat::DnatEstablished, bytes, pass);
                 }
@@ -209,7 +194,7 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
     } else {
         s.key.dir = CT_DIR_REPLY;
         if let Some(entry) = CT6.get_ptr_mut(&s.key) {
-            touch(entry, &pkt, ct::now_secs());
+            ct::touch(entry, pkt.tcp_flags, ct::now_secs());
             // SAFETY: as above.
             let e = unsafe { &*entry };
             rewrite(&pkt, Side::Source, &e.nat_addr, e.nat_port);

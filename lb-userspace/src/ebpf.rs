@@ -371,6 +371,25 @@ pub fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
+/// Runs a packet program (XDP or TC) once on `frame` with BPF_PROG_TEST_RUN: its verdict and
+/// the frame as it leaves.
+pub fn run_once<P>(prog: &P, frame: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError>
+where
+    P: for<'a> aya::programs::TestRun<
+            Opts<'a> = aya::programs::TestRunOptions<'a>,
+            Result = aya::TestRunResult,
+        >,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog.test_run(aya::programs::TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..aya::programs::TestRunOptions::new()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
+}
+
 /// Where the TC egress link of `iface` is pinned.
 pub fn tc_link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
     pin_dir.join("links").join(format!("tc_egress_{iface}"))

@@ -8,7 +8,6 @@ use std::net::SocketAddrV4;
 
 use xlb_tests::privileged;
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{IPPROTO_TCP, STAT_NAMES, Stat};
 use lb_userspace::{
     datapath::{BpfMaps, Datapath as _},
@@ -68,32 +67,13 @@ impl Dut {
 
     /// Runs the program once on `frame`: the verdict and the frame as it leaves.
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let prog = ebpf::xdp(&mut self.ebpf).unwrap();
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        ebpf::run_once(ebpf::xdp(&mut self.ebpf).unwrap(), frame).expect("BPF_PROG_TEST_RUN")
     }
 
     /// Runs the TC egress program once on `frame` as it leaves an interface.
     fn egress(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let prog = ebpf::tc_egress(&mut self.ebpf).unwrap();
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN of the TC program");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        ebpf::run_once(ebpf::tc_egress(&mut self.ebpf).unwrap(), frame)
+            .expect("BPF_PROG_TEST_RUN of the TC program")
     }
 
     fn stat(&self, s: Stat) -> u64 {

@@ -16,10 +16,7 @@ use std::{
     net::{Ipv6Addr, SocketAddrV6},
 };
 
-use aya::{
-    maps::{Array, HashMap, MapData},
-    programs::{TestRun as _, TestRunOptions},
-};
+use aya::maps::{Array, HashMap, MapData};
 use lb_common::{
     BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE, Backend6, MAP_BACKENDS6, MAP_CT6, MAP_SERVICES6,
     SCOPE_EXTERNAL, STAT_NAMES, SVC_F_CLUSTER_IP, Stat, Svc4Value, Svc6Key,
@@ -102,17 +99,7 @@ impl Dut {
     }
 
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let prog = ebpf::xdp(&mut self.ebpf).unwrap();
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        ebpf::run_once(ebpf::xdp(&mut self.ebpf).unwrap(), frame).expect("BPF_PROG_TEST_RUN")
     }
 
     fn stat(&self, s: Stat) -> u64 {

@@ -47,6 +47,15 @@ fn call(verb: &str, group: &str, resource: &str) -> Attributes {
     }
 }
 
+/// The requests the API server refused, as `verb group/resource`.
+fn denied(api: &FakeApi) -> BTreeSet<String> {
+    api.audit()
+        .iter()
+        .filter(|(_, d, _)| matches!(d, Decision::Denied(_)))
+        .map(|(a, _, _)| a.short())
+        .collect()
+}
+
 fn expected() -> BTreeSet<String> {
     API_CALLS.iter().map(|(v, g, r)| format!("{v} {g}/{r}")).collect()
 }
@@ -273,13 +282,7 @@ fn the_agent_without_one_grant_is_refused_and_not_ready() {
     let log = agent.log_text();
     assert!(log.contains("pods") && log.contains("forbidden"), "the agent says what was refused:\n{log}");
     assert!(!log.contains(" ready pin_dir="), "ready without its pods:\n{log}");
-    let denied: BTreeSet<String> = bed
-        .api
-        .audit()
-        .iter()
-        .filter(|(_, d, _)| matches!(d, Decision::Denied(_)))
-        .map(|(a, _, _)| a.short())
-        .collect();
+    let denied = denied(&bed.api);
     assert_eq!(denied, ["list /pods".to_string()].into());
 }
 
@@ -304,12 +307,6 @@ fn the_agent_without_the_events_grant_still_serves_and_says_so() {
         s.contains("198.18.0.10:80") && s.contains("198.18.1.1"),
         "the datapath is programmed all the same: {s}"
     );
-    let denied: BTreeSet<String> = bed
-        .api
-        .audit()
-        .iter()
-        .filter(|(_, d, _)| matches!(d, Decision::Denied(_)))
-        .map(|(a, _, _)| a.short())
-        .collect();
+    let denied = denied(&bed.api);
     assert_eq!(denied, ["create events.k8s.io/events".to_string()].into());
 }

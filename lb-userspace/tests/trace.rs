@@ -7,7 +7,6 @@
 //! Needs root. Without it the tests skip, unless XLB_REQUIRE_PRIVILEGED=1 (CI).
 use std::{collections::BTreeSet, net::SocketAddrV4, path::PathBuf};
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use lb_userspace::{
     datapath::{BpfMaps, Datapath as _},
     ebpf::{self, Capacities},
@@ -102,17 +101,7 @@ impl Live {
 
     /// A real packet through the datapath program: verdict and the frame as it leaves.
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = ebpf::xdp(&mut self.ebpf)
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .unwrap();
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        ebpf::run_once(ebpf::xdp(&mut self.ebpf).unwrap(), frame).unwrap()
     }
 
     /// Every map's whole content, in a comparable form.
