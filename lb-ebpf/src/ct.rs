@@ -69,27 +69,22 @@ pub trait Touched {
     fn tcp_flags(&mut self) -> &mut u8;
 }
 
-impl Touched for Ct4Value {
-    #[inline(always)]
-    fn last_seen(&mut self) -> &mut u32 {
-        &mut self.last_seen
-    }
-    #[inline(always)]
-    fn tcp_flags(&mut self) -> &mut u8 {
-        &mut self.tcp_flags
-    }
+/// Both families' values have the same two fields.
+macro_rules! touched {
+    ($($t:ty),*) => {$(
+        impl Touched for $t {
+            #[inline(always)]
+            fn last_seen(&mut self) -> &mut u32 {
+                &mut self.last_seen
+            }
+            #[inline(always)]
+            fn tcp_flags(&mut self) -> &mut u8 {
+                &mut self.tcp_flags
+            }
+        }
+    )*};
 }
-
-impl Touched for lb_common::Ct6Value {
-    #[inline(always)]
-    fn last_seen(&mut self) -> &mut u32 {
-        &mut self.last_seen
-    }
-    #[inline(always)]
-    fn tcp_flags(&mut self) -> &mut u8 {
-        &mut self.tcp_flags
-    }
-}
+touched!(Ct4Value, lb_common::Ct6Value);
 
 /// Marks a tracked entry as used at `now` by a packet with `tcp_flags`; writes only what
 /// changed, to keep the cache line clean on the hot path.
