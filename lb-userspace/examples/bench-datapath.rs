@@ -83,7 +83,13 @@ fn port(
 ) -> Arc<DesiredPort> {
     let (frontends, frontend_kinds) = frontends.into_iter().unzip();
     Arc::new(DesiredPort {
-        id: PortRef { namespace: "bench".into(), name, port_name: String::new(), proto: Proto::Tcp },
+        id: PortRef {
+            namespace: "bench".into(),
+            name,
+            port_name: String::new(),
+            proto: Proto::Tcp,
+            family: lb_userspace::model::Family::V4,
+        },
         svc_type,
         port,
         node_port: (svc_type == SvcType::NodePort).then_some(30_080),
@@ -103,18 +109,18 @@ fn services(n: u32) -> Vec<Arc<DesiredPort>> {
             let backends = (0..ENDPOINTS)
                 .map(|j| {
                     let (addr, port) = endpoint(i * ENDPOINTS + j);
-                    DesiredBackend { addr, port, state: BackendState::Active, local: false }
+                    DesiredBackend { addr: addr.into(), port, state: BackendState::Active, local: false }
                 })
                 .collect();
-            let f = Frontend { addr: vip(i), port: 80, proto: Proto::Tcp };
+            let f = Frontend { addr: vip(i).into(), port: 80, proto: Proto::Tcp };
             port(format!("svc-{i}"), SvcType::ClusterIP, 80, vec![(f, SVC_F_CLUSTER_IP)], backends)
         })
         .collect();
-    let f = Frontend { addr: NODE, port: 30_080, proto: Proto::Tcp };
+    let f = Frontend { addr: NODE.into(), port: 30_080, proto: Proto::Tcp };
     // 64 endpoints: each (endpoint, node address) pair has 4536 SNAT ports.
     let bes = (0..64u8)
         .map(|i| DesiredBackend {
-            addr: Ipv4Addr::new(198, 19, 254, 2 + i),
+            addr: Ipv4Addr::new(198, 19, 254, 2 + i).into(),
             port: 8080,
             state: BackendState::Active,
             local: false,

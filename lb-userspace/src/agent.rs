@@ -126,8 +126,13 @@ impl AgentConfig {
             (
                 "capacities",
                 format!(
-                    "services {} backends {} conntrack {} socket translations {} affinity {}",
-                    c.service_entries, c.backends, c.ct_entries, c.sock_nat_entries, c.affinity_entries
+                    "services {} backends {} conntrack {} socket translations {} affinity {} ipv6 {}",
+                    c.service_entries,
+                    c.backends,
+                    c.ct_entries,
+                    c.sock_nat_entries,
+                    c.affinity_entries,
+                    c.ipv6_entries
                 ),
             ),
             (

@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
 };
 
 use lb_common::{
@@ -121,7 +121,7 @@ pub fn kinds(flags: u16) -> Vec<&'static str> {
 /// A frontend as read from the service map.
 #[derive(Clone, Debug)]
 struct FrontendEntry {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     proto: u8,
     svc_id: u32,
@@ -138,6 +138,8 @@ pub struct View {
     ranges: BTreeMap<u32, Vec<crate::node::Cidr>>,
     frontends: Vec<FrontendEntry>,
     backends: BTreeMap<u32, lb_common::Backend4>,
+    /// IPv6 backends: ids of their own.
+    backends6: BTreeMap<u32, lb_common::Backend6>,
     flows: BTreeMap<u32, u64>,
 }
 
@@ -145,33 +147,42 @@ impl View {
     /// Reads the service, backend, name and flow-count maps.
     pub fn read(dp: &impl Datapath) -> Result<Self, DatapathError> {
         let infos: BTreeMap<u32, SvcInfo> = dp.read_svc_infos()?.into_iter().collect();
-        let mut entries: BTreeMap<([u8; 4], u16, u8), FrontendEntry> = BTreeMap::new();
-        let mut slots: BTreeMap<([u8; 4], u16, u8), BTreeMap<u16, u32>> = BTreeMap::new();
-        for (k, v) in dp.read_services()? {
-            let fk = (k.addr, k.port, k.proto);
-            if k.slot == 0 {
-                entries.insert(
-                    fk,
-                    FrontendEntry {
-                        addr: Ipv4Addr::from(k.addr),
-                        port: k.port,
-                        proto: k.proto,
-                        svc_id: v.svc_id,
-                        flags: v.flags,
-                        count: v.count,
-                        slots: BTreeMap::new(),
-                    },
-                );
+        let mut entries: BTreeMap<(IpAddr, u16, u8), FrontendEntry> = BTreeMap::new();
+        let mut slots: BTreeMap<(IpAddr, u16, u8), BTreeMap<u16, u32>> = BTreeMap::new();
+        let v4 =
+            dp.read_services()?.into_iter().map(|(k, v)| (IpAddr::from(k.addr), k.port, k.proto, k.slot, v));
+        let v6 = dp
+            .read_services6()?
+            .into_iter()
+            .map(|(k, v)| (IpAddr::from(Ipv6Addr::from(k.addr)), k.port, k.proto, k.slot, v));
+        for (addr, port, proto, slot, v) in v4.chain(v6) {
+            let fk = (addr, port, proto);
+            if slot == 0 {
+                let e = FrontendEntry {
+                    addr,
+                    port,
+                    proto,
+                    svc_id: v.svc_id,
+                    flags: v.flags,
+                    count: v.count,
+                    slots: BTreeMap::new(),
+                };
+                entries.insert(fk, e);
             } else {
-                slots.entry(fk).or_default().insert(k.slot, v.backend_id);
+                slots.entry(fk).or_default().insert(slot, v.backend_id);
             }
         }
         let mut backends = BTreeMap::new();
+        let mut backends6 = BTreeMap::new();
         let mut flows = BTreeMap::new();
         for (fk, e) in entries.iter_mut() {
             e.slots = slots.remove(fk).unwrap_or_default();
             for &id in e.slots.values() {
-                if let std::collections::btree_map::Entry::Vacant(v) = backends.entry(id) {
+                if e.addr.is_ipv6() {
+                    if let std::collections::btree_map::Entry::Vacant(v) = backends6.entry(id) {
+                        v.insert(dp.read_backend6(id)?);
+                    }
+                } else if let std::collections::btree_map::Entry::Vacant(v) = backends.entry(id) {
                     v.insert(dp.read_backend(id)?);
                     flows.insert(id, dp.read_backend_flows(id)?);
                 }
@@ -184,15 +195,22 @@ impl View {
         for v in ranges.values_mut() {
             v.sort();
         }
-        Ok(View { infos, ranges, frontends: entries.into_values().collect(), backends, flows })
+        Ok(View { infos, ranges, frontends: entries.into_values().collect(), backends, backends6, flows })
     }
 
-    fn backend_row(&self, id: u32, selectable: bool) -> BackendRow {
-        let b = self.backends.get(&id).copied().unwrap_or_default();
+    /// The row of backend `id`, of the IPv6 backends when `v6`.
+    fn backend_row(&self, id: u32, selectable: bool, v6: bool) -> BackendRow {
+        let (address, port, state) = if v6 {
+            let b = self.backends6.get(&id).copied().unwrap_or_default();
+            (Ipv6Addr::from(b.addr).to_string(), b.port, b.state)
+        } else {
+            let b = self.backends.get(&id).copied().unwrap_or_default();
+            (Ipv4Addr::from(b.addr).to_string(), b.port, b.state)
+        };
         BackendRow {
-            address: Ipv4Addr::from(b.addr).to_string(),
-            port: b.port,
-            state: state_name(b.state),
+            address,
+            port,
+            state: state_name(state),
             id,
             selectable,
             new_flows: self.flows.get(&id).copied().unwrap_or(0),
@@ -210,7 +228,7 @@ impl View {
             name: text(|i| &i.name),
             svc_type: info.and_then(|i| SvcType::from_code(i.svc_type)),
             port_name: text(|i| &i.port_name),
-            frontend: f.map(|f| format!("{}:{}/{protocol}", f.addr, f.port)),
+            frontend: f.map(|f| format!("{}/{protocol}", SocketAddr::new(f.addr, f.port))),
             frontend_kinds: f.map(|f| kinds(f.flags)).unwrap_or_default(),
             address: f.map(|f| f.addr.to_string()),
             port: f.map(|f| f.port).or(info.map(|i| i.port)).unwrap_or(0),
@@ -225,7 +243,12 @@ impl View {
             internal_traffic_policy: Policy::from_code(info.map_or(0, |i| i.internal_policy)),
             service_id: svc_id,
             backends: f
-                .map(|f| f.slots.iter().map(|(&slot, &id)| self.backend_row(id, slot <= f.count)).collect())
+                .map(|f| {
+                    f.slots
+                        .iter()
+                        .map(|(&slot, &id)| self.backend_row(id, slot <= f.count, f.addr.is_ipv6()))
+                        .collect()
+                })
                 .unwrap_or_default(),
         }
     }
@@ -415,7 +438,7 @@ impl View {
             self.service_rows().into_iter().filter(|r| r.namespace == namespace && r.name == name).collect();
         let first = rows.first()?;
         let addrs = |flag: u16| -> Vec<String> {
-            let set: BTreeSet<Ipv4Addr> = self
+            let set: BTreeSet<IpAddr> = self
                 .frontends
                 .iter()
                 .filter(|f| f.flags & flag != 0 && rows.iter().any(|r| r.service_id == f.svc_id))
@@ -586,7 +609,8 @@ impl View {
     /// Every backend a frontend names, by id.
     pub fn backend_rows(&self, active: &BTreeMap<u32, u64>) -> Vec<BackendListRow> {
         let mut users: BTreeMap<u32, (u8, BTreeSet<String>)> = BTreeMap::new();
-        for f in &self.frontends {
+        // IPv4 backends (IPv6 backends are listed with their Services).
+        for f in self.frontends.iter().filter(|f| f.addr.is_ipv4()) {
             for &id in f.slots.values() {
                 let e = users.entry(id).or_insert((f.proto, BTreeSet::new()));
                 e.1.insert(self.port_label(f.svc_id));
@@ -595,7 +619,7 @@ impl View {
         users
             .into_iter()
             .map(|(id, (proto, services))| {
-                let b = self.backend_row(id, false);
+                let b = self.backend_row(id, false, false);
                 BackendListRow {
                     id,
                     address: b.address,

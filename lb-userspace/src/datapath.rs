@@ -10,9 +10,9 @@ use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_MAGLEV, MAP_SERVICES,
-    MAP_SOURCE_RANGES, MAP_STATS, MAP_SVC_INFO, STAT_COUNT, SrcRange4, StatValue, Svc4Key, Svc4Value,
-    SvcInfo,
+    Backend4, Backend6, Ct4Key, Ct4Value, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CT, MAP_MAGLEV,
+    MAP_SERVICES, MAP_SERVICES6, MAP_SOURCE_RANGES, MAP_STATS, MAP_SVC_INFO, STAT_COUNT, SrcRange4,
+    StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo,
 };
 
 use crate::node::Cidr;
@@ -54,6 +54,8 @@ pub enum DatapathError {
 pub struct Capacity {
     pub service_entries: u32,
     pub backends: u32,
+    /// Of each IPv6 map (frontends and slots; backends); 0: this datapath has none.
+    pub ipv6_entries: u32,
 }
 
 /// Read and write access to the service, backend and service-info maps.
@@ -102,7 +104,28 @@ pub trait Datapath {
     fn delete_maglev(&mut self, _key: u32) -> Result<(), DatapathError> {
         Err(DatapathError::Unsupported("Maglev tables"))
     }
+
+    // IPv6 frontends and backends ([`lb_common::MAP_SERVICES6`], [`lb_common::MAP_BACKENDS6`]);
+    // a datapath without them reads nothing and refuses writes.
+    fn read_services6(&self) -> Result<Vec<(Svc6Key, Svc4Value)>, DatapathError> {
+        Ok(Vec::new())
+    }
+    fn read_backend6(&self, _id: u32) -> Result<Backend6, DatapathError> {
+        Ok(Backend6::default())
+    }
+    fn write_service6(&mut self, _key: Svc6Key, _value: Svc4Value) -> Result<(), DatapathError> {
+        Err(DatapathError::Unsupported("IPv6 maps"))
+    }
+    fn delete_service6(&mut self, _key: Svc6Key) -> Result<(), DatapathError> {
+        Err(DatapathError::Unsupported("IPv6 maps"))
+    }
+    fn write_backend6(&mut self, _id: u32, _value: Backend6) -> Result<(), DatapathError> {
+        Err(DatapathError::Unsupported("IPv6 maps"))
+    }
 }
+
+/// The IPv6 frontend and backend maps.
+pub type Ipv6Maps = (HashMap<MapData, Svc6Key, Svc4Value>, Array<MapData, Backend6>);
 
 /// The kernel maps, opened from their pins (CLI, agent) or taken from a freshly loaded object
 /// (packet tests).
@@ -118,6 +141,8 @@ pub struct BpfMaps {
     pub maglev: Option<HashOfMaps<MapData, u32, Array<MapData, u64>>>,
     /// The endpoint filter; `None` when opened from the pins of an agent that has none.
     pub filter: Option<Array<MapData, u64>>,
+    /// The IPv6 maps; `None` when opened from the pins of an agent that has none.
+    pub ipv6: Option<Ipv6Maps>,
     capacity: Capacity,
 }
 
@@ -174,6 +199,12 @@ impl BpfMaps {
             let (p, m) = open(lb_common::MAP_FILTER)?;
             maps.filter = Some(typed(lb_common::MAP_FILTER, &p, m)?);
         }
+        if pin_dir.join(MAP_SERVICES6).exists() && pin_dir.join(MAP_BACKENDS6).exists() {
+            let (p, m) = open(MAP_SERVICES6)?;
+            let s6 = typed(MAP_SERVICES6, &p, m)?;
+            let (p, m) = open(MAP_BACKENDS6)?;
+            maps.set_ipv6(s6, typed(MAP_BACKENDS6, &p, m)?);
+        }
         Ok(maps)
     }
 
@@ -197,6 +228,8 @@ impl BpfMaps {
         let filter = typed(lb_common::MAP_FILTER, &path, take(lb_common::MAP_FILTER)?)?;
         let mut maps = Self::new(services, backends, ct, stats, svc_info, flows, source_ranges)?;
         maps.filter = Some(filter);
+        let s6 = typed(MAP_SERVICES6, &path, take(MAP_SERVICES6)?)?;
+        maps.set_ipv6(s6, typed(MAP_BACKENDS6, &path, take(MAP_BACKENDS6)?)?);
         Ok(maps)
     }
 
@@ -213,6 +246,7 @@ impl BpfMaps {
         let capacity = Capacity {
             service_entries: max(IterableMap::map(&services), MAP_SERVICES)?,
             backends: backends.len(),
+            ipv6_entries: 0,
         };
         if stats.len() != STAT_COUNT {
             return Err(DatapathError::Layout {
@@ -244,8 +278,19 @@ impl BpfMaps {
             source_ranges,
             maglev: None,
             filter: None,
+            ipv6: None,
             capacity,
         })
+    }
+
+    fn set_ipv6(
+        &mut self,
+        services: HashMap<MapData, Svc6Key, Svc4Value>,
+        backends: Array<MapData, Backend6>,
+    ) {
+        // Both have the same capacity (Capacities::ipv6_entries).
+        self.capacity.ipv6_entries = backends.len();
+        self.ipv6 = Some((services, backends));
     }
 
     /// Adds the Maglev map, pinned under `pin_dir` (the agent).
@@ -376,6 +421,31 @@ pub fn other_version_pins(pin_dir: &Path) -> Vec<PathBuf> {
 }
 
 impl Datapath for BpfMaps {
+    fn read_services6(&self) -> Result<Vec<(Svc6Key, Svc4Value)>, DatapathError> {
+        let Some((m, _)) = &self.ipv6 else { return Ok(Vec::new()) };
+        m.iter().collect::<Result<Vec<_>, _>>().map_err(map_err("iterate", MAP_SERVICES6))
+    }
+
+    fn read_backend6(&self, id: u32) -> Result<Backend6, DatapathError> {
+        let Some((_, b)) = &self.ipv6 else { return Ok(Backend6::default()) };
+        b.get(&id, 0).map_err(map_err("read", MAP_BACKENDS6))
+    }
+
+    fn write_service6(&mut self, key: Svc6Key, value: Svc4Value) -> Result<(), DatapathError> {
+        let (m, _) = self.ipv6.as_mut().ok_or(DatapathError::Unsupported("IPv6 maps"))?;
+        m.insert(key, value, 0).map_err(map_err("write", MAP_SERVICES6))
+    }
+
+    fn delete_service6(&mut self, key: Svc6Key) -> Result<(), DatapathError> {
+        let (m, _) = self.ipv6.as_mut().ok_or(DatapathError::Unsupported("IPv6 maps"))?;
+        absent_ok(m.remove(&key)).map_err(map_err("delete", MAP_SERVICES6))
+    }
+
+    fn write_backend6(&mut self, id: u32, value: Backend6) -> Result<(), DatapathError> {
+        let (_, b) = self.ipv6.as_mut().ok_or(DatapathError::Unsupported("IPv6 maps"))?;
+        b.set(id, value, 0).map_err(map_err("write", MAP_BACKENDS6))
+    }
+
     fn capacity(&self) -> Capacity {
         self.capacity
     }
@@ -579,6 +649,8 @@ pub struct MemDatapath {
     pub maglev: BTreeMap<u32, Vec<u16>>,
     /// The endpoint filter's words; empty (the default): none.
     pub filter: Vec<u64>,
+    pub services6: BTreeMap<Svc6Key, Svc4Value>,
+    pub backends6: BTreeMap<u32, Backend6>,
 }
 
 impl MemDatapath {
@@ -588,6 +660,46 @@ impl MemDatapath {
 }
 
 impl Datapath for MemDatapath {
+    fn read_services6(&self) -> Result<Vec<(Svc6Key, Svc4Value)>, DatapathError> {
+        Ok(self.services6.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn read_backend6(&self, id: u32) -> Result<Backend6, DatapathError> {
+        Ok(self.backends6.get(&id).copied().unwrap_or_default())
+    }
+
+    fn write_service6(&mut self, key: Svc6Key, value: Svc4Value) -> Result<(), DatapathError> {
+        let cap = self.capacity().ipv6_entries;
+        if !self.services6.contains_key(&key) && self.services6.len() as u32 >= cap {
+            return Err(DatapathError::Full { name: MAP_SERVICES6, capacity: cap });
+        }
+        let addr = std::net::Ipv6Addr::from(key.addr);
+        self.log.push(format!("service [{addr}]:{} slot {} count={}", key.port, key.slot, value.count));
+        self.services6.insert(key, value);
+        Ok(())
+    }
+
+    fn delete_service6(&mut self, key: Svc6Key) -> Result<(), DatapathError> {
+        let addr = std::net::Ipv6Addr::from(key.addr);
+        self.log.push(format!("delete [{addr}]:{} slot {}", key.port, key.slot));
+        self.services6.remove(&key);
+        Ok(())
+    }
+
+    fn write_backend6(&mut self, id: u32, value: Backend6) -> Result<(), DatapathError> {
+        let cap = self.capacity().ipv6_entries;
+        if id >= cap {
+            return Err(DatapathError::Full { name: MAP_BACKENDS6, capacity: cap });
+        }
+        self.log.push(format!("backend6 {id} state={}", value.state));
+        if value == Backend6::default() {
+            self.backends6.remove(&id);
+        } else {
+            self.backends6.insert(id, value);
+        }
+        Ok(())
+    }
+
     fn read_filter(&self) -> Result<Vec<u64>, DatapathError> {
         Ok(self.filter.clone())
     }
@@ -605,6 +717,7 @@ impl Datapath for MemDatapath {
         self.capacity.unwrap_or(Capacity {
             service_entries: lb_common::DEFAULT_MAX_SERVICE_ENTRIES,
             backends: lb_common::DEFAULT_MAX_BACKENDS,
+            ipv6_entries: lb_common::DEFAULT_MAX_IPV6_ENTRIES,
         })
     }
 

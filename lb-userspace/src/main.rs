@@ -283,6 +283,10 @@ struct AgentArgs {
     /// sessionAffinity ClientIP; least recently used first out).
     #[arg(long, env = "XLB_MAX_AFFINITY_ENTRIES", default_value_t = lb_common::DEFAULT_MAX_AFFINITY)]
     max_affinity_entries: u32,
+    /// Capacity of each IPv6 map (frontends and backend slots; backends; conntrack, two
+    /// entries per flow).
+    #[arg(long, env = "XLB_MAX_IPV6_ENTRIES", default_value_t = lb_common::DEFAULT_MAX_IPV6_ENTRIES)]
+    max_ipv6_entries: u32,
     /// Capacity of the socket-level translation map (two entries per unconnected UDP socket
     /// and frontend, one per connected socket).
     #[arg(long, env = "XLB_MAX_SOCK_NAT_ENTRIES", default_value_t = lb_common::DEFAULT_MAX_SOCK_NAT)]
@@ -388,8 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ct_entries: a.max_ct_entries,
                     sock_nat_entries: a.max_sock_nat_entries,
                     affinity_entries: a.max_affinity_entries,
-                    // The agent does not program IPv6 yet (issue 10): its maps stay minimal.
-                    ipv6_entries: 1,
+                    ipv6_entries: a.max_ipv6_entries,
                 },
                 batch_delay: Duration::from_millis(a.batch_delay_ms),
                 node_port_range: a.node_port_range,

@@ -19,7 +19,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -121,6 +121,22 @@ pub struct PortRef {
     /// The Service port's name ("" for a single unnamed port).
     pub port_name: String,
     pub proto: Proto,
+    /// A dual-stack Service port is two ports, one per family, each to its own endpoints.
+    pub family: Family,
+}
+
+/// An IP family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(a: &IpAddr) -> Self {
+        if a.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
 }
 
 impl fmt::Display for PortRef {
@@ -129,21 +145,25 @@ impl fmt::Display for PortRef {
         if !self.port_name.is_empty() {
             write!(f, ":{}", self.port_name)?;
         }
-        write!(f, "/{}", self.proto)
+        write!(f, "/{}", self.proto)?;
+        if self.family == Family::V6 {
+            write!(f, " (IPv6)")?;
+        }
+        Ok(())
     }
 }
 
 /// An address the datapath answers on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Proto,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        write!(f, "{}/{}", std::net::SocketAddr::new(self.addr, self.port), self.proto)
     }
 }
 
@@ -159,7 +179,7 @@ pub enum BackendState {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DesiredBackend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub state: BackendState,
     /// The endpoint runs on this node (its `nodeName` is `ModelConfig::node_name`).
@@ -295,6 +315,13 @@ pub struct ModelConfig {
     pub allocate_node_ports: bool,
 }
 
+impl ModelConfig {
+    /// Whether `a` is one of the node's addresses.
+    pub fn is_node_addr(&self, a: &IpAddr) -> bool {
+        matches!(a, IpAddr::V4(v4) if self.node_addrs.contains(v4))
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
@@ -338,7 +365,7 @@ fn ns_name(meta: &ObjectMeta) -> (String, String) {
 
 /// Endpoints of one service, by (slice port name, protocol).
 /// (port name, protocol) -> (address, port) -> (state, the endpoint's node).
-type EndpointIndex = BTreeMap<(String, Proto), BTreeMap<(Ipv4Addr, u16), (BackendState, Option<Arc<str>>)>>;
+type EndpointIndex = BTreeMap<(String, Proto), BTreeMap<(IpAddr, u16), (BackendState, Option<Arc<str>>)>>;
 
 /// Builds the desired datapath state. Objects are taken in a deterministic order (namespace,
 /// name), so that when two Services claim the same frontend the same one always wins.
@@ -359,10 +386,10 @@ struct ParsedSlice {
     /// (slice port name, protocol, number).
     ports: Vec<(String, Proto, u16)>,
     /// (address, state, `nodeName`).
-    endpoints: Vec<(Ipv4Addr, BackendState, Option<Arc<str>>)>,
+    endpoints: Vec<(IpAddr, BackendState, Option<Arc<str>>)>,
 }
 
-/// A slice read: `None` for one xlb does not serve (IPv6, FQDN).
+/// A slice read: `None` for one xlb does not serve (FQDN).
 type SliceResult = Option<Result<ParsedSlice, Rejection>>;
 
 /// The model of one Service, before the cluster-wide conflict checks.
@@ -533,7 +560,7 @@ fn allocate_node_ports(
                 taken.insert((np, port.id.proto));
                 port.node_port = Some(np);
                 for &addr in &cfg.node_addrs {
-                    port.frontends.push(Frontend { addr, port: np, proto: port.id.proto });
+                    port.frontends.push(Frontend { addr: IpAddr::V4(addr), port: np, proto: port.id.proto });
                     port.frontend_kinds.push(lb_common::SVC_F_NODE_PORT | lb_common::SVC_F_LOCAL);
                 }
             }
@@ -587,6 +614,7 @@ fn external_name_ports(
         name: name.to_owned(),
         port_name,
         proto,
+        family: Family::V4,
     };
     let empty = |id, port| DesiredPort {
         id,
@@ -693,20 +721,17 @@ pub fn slices_from_endpoints(ep: &Endpoints) -> Vec<EndpointSlice> {
     out
 }
 
-/// Parses an IPv4 address a Service names (clusterIP, externalIP, ingress IP) as a frontend.
-/// `Ok(None)` for an IPv6 address: that family is served once dual-stack lands.
-fn frontend_addr(what: &str, ip: &str) -> Result<Option<Ipv4Addr>, String> {
-    if ip.contains(':') {
-        return Ok(None);
-    }
-    let a: Ipv4Addr = ip.parse().map_err(|_| format!("{what} {ip:?} is not a valid IP address"))?;
-    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+/// Parses an address a Service names (clusterIP, externalIP, ingress IP) as a frontend.
+fn frontend_addr(what: &str, ip: &str) -> Result<Option<IpAddr>, String> {
+    let a: IpAddr = ip.parse().map_err(|_| format!("{what} {ip:?} is not a valid IP address"))?;
+    let broadcast = matches!(a, IpAddr::V4(v4) if v4.is_broadcast());
+    if a.is_unspecified() || broadcast || a.is_multicast() || a.is_loopback() {
         return Err(format!("{what} {a} cannot be a service address"));
     }
     Ok(Some(a))
 }
 
-/// Reads one slice. `None`: a slice xlb does not serve (IPv6, FQDN), which is no error.
+/// Reads one slice. `None`: a slice xlb does not serve (FQDN), which is no error.
 fn parse_slice(slice: &EndpointSlice) -> SliceResult {
     {
         let (namespace, name) = ns_name(&slice.metadata);
@@ -716,10 +741,12 @@ fn parse_slice(slice: &EndpointSlice) -> SliceResult {
             name: name.clone(),
             reason,
         };
-        if slice.address_type != "IPv4" {
-            // IPv6 and FQDN slices are not served yet; they are not errors.
-            return None;
-        }
+        let family = match slice.address_type.as_str() {
+            "IPv4" => Family::V4,
+            "IPv6" => Family::V6,
+            // FQDN slices have no datapath; they are not errors.
+            _ => return None,
+        };
         let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
             return Some(Err(reject(format!("no {SERVICE_NAME_LABEL} label: it belongs to no Service"))));
         };
@@ -763,10 +790,13 @@ fn parse_slice(slice: &EndpointSlice) -> SliceResult {
             };
             // Only the first address is used, as kube-proxy does.
             let Some(first) = ep.addresses.first() else { continue };
-            match first.parse::<Ipv4Addr>() {
-                Ok(a) => addrs.push((a, state, ep.node_name.as_deref().map(Arc::from))),
-                Err(_) => {
-                    bad = Some(format!("endpoint address {first:?} is not an IPv4 address"));
+            match first.parse::<IpAddr>() {
+                Ok(a) if Family::of(&a) == family => {
+                    addrs.push((a, state, ep.node_name.as_deref().map(Arc::from)))
+                }
+                _ => {
+                    bad =
+                        Some(format!("endpoint address {first:?} is not an {} address", slice.address_type));
                     break;
                 }
             }
@@ -822,8 +852,8 @@ fn service_ports(
         return Err("no clusterIP assigned (spec.clusterIP is empty)".into());
     }
     // Addresses reached on `port`.
-    let mut addrs: BTreeMap<Ipv4Addr, u16> = BTreeMap::new();
-    let mut add = |kind: u16, a: Option<Ipv4Addr>| {
+    let mut addrs: BTreeMap<IpAddr, u16> = BTreeMap::new();
+    let mut add = |kind: u16, a: Option<IpAddr>| {
         if let Some(a) = a {
             *addrs.entry(a).or_default() |= kind;
         }
@@ -917,12 +947,13 @@ fn service_ports(
             addrs.iter().map(|(&addr, &k)| (Frontend { addr, port, proto }, k)).collect();
         if let Some(np) = node_port.filter(|&np| np != TO_ALLOCATE) {
             for &addr in &cfg.node_addrs {
-                *kinds.entry(Frontend { addr, port: np, proto }).or_default() |= lb_common::SVC_F_NODE_PORT;
+                *kinds.entry(Frontend { addr: IpAddr::V4(addr), port: np, proto }).or_default() |=
+                    lb_common::SVC_F_NODE_PORT;
             }
         }
         // Frontends on the node's own addresses: their replies are translated at egress.
         for (f, k) in kinds.iter_mut() {
-            if cfg.node_addrs.contains(&f.addr) {
+            if cfg.is_node_addr(&f.addr) {
                 *k |= lb_common::SVC_F_LOCAL;
             }
         }
@@ -934,25 +965,44 @@ fn service_ports(
                 }
             }
         }
-        let (frontends, frontend_kinds): (Vec<Frontend>, Vec<u16>) = kinds.into_iter().unzip();
-        out.push(DesiredPort {
-            id: PortRef { namespace: namespace.to_owned(), name: name.to_owned(), port_name, proto },
-            svc_type,
-            port,
-            node_port,
-            frontends,
-            frontend_kinds,
-            backends,
-            source_ranges: source_ranges.clone(),
-            shown: Shown {
-                target_port: match &sp.target_port {
-                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => n.to_string(),
-                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s)) => s.clone(),
-                    None => String::new(),
+        // One port per family its frontends have (IPv4 when it has none), each with that
+        // family's endpoints only.
+        let mut families: BTreeSet<Family> = kinds.keys().map(|f| Family::of(&f.addr)).collect();
+        if families.is_empty() {
+            families.insert(Family::V4);
+        }
+        for family in families {
+            let (frontends, frontend_kinds): (Vec<Frontend>, Vec<u16>) =
+                kinds.iter().filter(|(f, _)| Family::of(&f.addr) == family).map(|(f, k)| (*f, *k)).unzip();
+            out.push(DesiredPort {
+                id: PortRef {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    port_name: port_name.clone(),
+                    proto,
+                    family,
                 },
-                ..settings.clone()
-            },
-        });
+                svc_type,
+                port,
+                node_port: node_port.filter(|_| family == Family::V4),
+                frontends,
+                frontend_kinds,
+                backends: backends.iter().filter(|b| Family::of(&b.addr) == family).cloned().collect(),
+                source_ranges: source_ranges.clone(),
+                shown: Shown {
+                    target_port: match &sp.target_port {
+                        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                            n.to_string()
+                        }
+                        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s)) => {
+                            s.clone()
+                        }
+                        None => String::new(),
+                    },
+                    ..settings.clone()
+                },
+            });
+        }
     }
     Ok(out)
 }
@@ -1044,6 +1094,7 @@ fn pod_host_ports(
                 // Upper case: no Service port name (a lower-case DNS label) can take it.
                 port_name: format!("hostPort-{host_port}"),
                 proto,
+                family: Family::V4,
             },
             svc_type: SvcType::HostPort,
             port: host_port,
@@ -1051,7 +1102,7 @@ fn pod_host_ports(
             frontends: Vec::new(),
             frontend_kinds: Vec::new(),
             backends: vec![DesiredBackend {
-                addr: pod_ip,
+                addr: IpAddr::V4(pod_ip),
                 port: container_port,
                 state: BackendState::Active,
                 local: true,
@@ -1066,7 +1117,7 @@ fn pod_host_ports(
             ));
         }
         for addr in addrs {
-            let f = Frontend { addr, port: host_port, proto };
+            let f = Frontend { addr: IpAddr::V4(addr), port: host_port, proto };
             if !entry.frontends.contains(&f) {
                 entry.frontends.push(f);
                 let local = if cfg.node_addrs.contains(&addr) { lb_common::SVC_F_LOCAL } else { 0 };
@@ -1614,6 +1665,42 @@ mod tests {
             assert!(why[1].contains("default/c") && why[1].contains("without a nodePort"), "{why:?}");
             assert!(why[2].contains("default/dd") && why[2].contains("listed twice"), "{why:?}");
         }
+    }
+
+    #[test]
+    fn a_dual_stack_service_is_one_port_per_family_each_to_its_own_endpoints() {
+        let v6_slice = |name: &str, svc: &str, eps: &str| {
+            slice(name, svc, "[{port: 8080}]", eps).replace("addressType: IPv4", "addressType: IPv6")
+        };
+        let yaml = svc("dual", "198.18.0.10", "[{port: 80, targetPort: 8080}]").replace(
+            "  clusterIP: 198.18.0.10\n",
+            "  clusterIP: 198.18.0.10\n  clusterIPs: [198.18.0.10, \"2001:db8:1::10\"]\n",
+        ) + &slice("dual-4", "dual", "[{port: 8080}]", "[{addresses: [198.18.1.2]}]")
+            + &v6_slice(
+                "dual-6",
+                "dual",
+                "[{addresses: [\"2001:db8:2::2\"]}, {addresses: [\"2001:db8:3::2\"]}]",
+            )
+            + &svc("only6", "\"2001:db8:1::20\"", "[{port: 53, protocol: UDP}]")
+            + &v6_slice("only6-1", "only6", "[{addresses: [\"2001:db8:2::3\"]}]")
+            + &svc("bad", "198.18.0.11", "[{port: 80}]")
+            + &v6_slice("bad-1", "bad", "[{addresses: [198.18.1.9]}]");
+        let m = build_yaml(&yaml);
+        let dual: Vec<&Arc<DesiredPort>> = m.ports.iter().filter(|p| p.id.name == "dual").collect();
+        assert_eq!(dual.len(), 2, "{:?}", m.ports);
+        assert_eq!((dual[0].id.family, dual[1].id.family), (Family::V4, Family::V6));
+        assert_eq!(fronts(dual[0]), ["198.18.0.10:80/TCP"]);
+        assert_eq!(backends(dual[0]), ["198.18.1.2:8080 Active"]);
+        assert_eq!(fronts(dual[1]), ["[2001:db8:1::10]:80/TCP"]);
+        assert_eq!(backends(dual[1]), ["2001:db8:2::2:8080 Active", "2001:db8:3::2:8080 Active"]);
+        assert_eq!(dual[1].id.to_string(), "default/dual/TCP (IPv6)");
+        let only6: Vec<&Arc<DesiredPort>> = m.ports.iter().filter(|p| p.id.name == "only6").collect();
+        assert_eq!(only6.len(), 1);
+        assert_eq!(only6[0].id.family, Family::V6);
+        assert_eq!(fronts(only6[0]), ["[2001:db8:1::20]:53/UDP"]);
+        // An IPv6 slice with an IPv4 address is refused, alone.
+        assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
+        assert!(m.rejected[0].name == "bad-1" && m.rejected[0].reason.contains("not an IPv6 address"));
     }
 
     #[test]

@@ -13,19 +13,19 @@
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use crate::HashMap;
 
 use lb_common::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend4, SCOPE_EXTERNAL, SVC_INFO_DNS_NAME_LEN,
-    SVC_INFO_NAME_LEN, SVC_INFO_PORT_NAME_LEN, Svc4Key, Svc4Value, SvcInfo,
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend4, Backend6, SCOPE_EXTERNAL,
+    SVC_INFO_DNS_NAME_LEN, SVC_INFO_NAME_LEN, SVC_INFO_PORT_NAME_LEN, Svc4Key, Svc4Value, Svc6Key, SvcInfo,
 };
 
 use crate::{
     datapath::{Datapath, DatapathError},
-    model::{BackendState, DesiredPort, Frontend, PortRef, Proto},
+    model::{BackendState, DesiredPort, Family, Frontend, PortRef, Proto},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +41,7 @@ pub enum ReconcileError {
 /// A backend's identity: the same endpoint used by several services shares one id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct BackendKey {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     proto: Proto,
 }
@@ -113,6 +113,9 @@ pub struct Reconciler<D> {
     backend_ids: HashMap<BackendKey, u32>,
     backend_values: HashMap<u32, Backend4>,
     be_ids: Ids,
+    /// IPv6 backends have ids of their own ([`lb_common::MAP_BACKENDS6`]).
+    backend_values6: HashMap<u32, Backend6>,
+    be_ids6: Ids,
     /// `loadBalancerSourceRanges` entries: (service port id, client prefix).
     ranges: BTreeSet<(u32, crate::node::Cidr)>,
     /// Set when a write failed: the picture is re-read before the next apply.
@@ -141,39 +144,47 @@ pub struct Reconciler<D> {
 /// retransmission instead of getting a reset. The UDP and half-open TCP lifetime.
 pub const FILTER_GRACE: std::time::Duration = std::time::Duration::from_secs(lb_common::CT_UDP_S as u64);
 
-/// Sets the endpoint-filter bit of (address, port, protocol) in `words`.
-fn set_filter_bit(words: &mut [u64], addr: Ipv4Addr, port: u16, proto: Proto) {
+/// Sets the endpoint-filter bit of (address, port, protocol) in `words`. The filter covers
+/// IPv4 only: the IPv6 path makes its lookups for every packet.
+fn set_filter_bit(words: &mut [u64], addr: IpAddr, port: u16, proto: Proto) {
+    let IpAddr::V4(addr) = addr else { return };
     let bit = lb_common::filter_bit(addr.octets(), port, proto.number());
     if let Some(w) = words.get_mut((bit >> 6) as usize) {
         *w |= 1 << (bit & 63);
     }
 }
 
-fn key(f: &Frontend, slot: u16) -> Svc4Key {
-    Svc4Key {
-        addr: f.addr.octets(),
-        port: f.port,
-        proto: f.proto.number(),
-        scope: SCOPE_EXTERNAL,
-        slot,
-        _pad: 0,
+/// Writes slot `slot` of frontend `f`, in the map of its family.
+fn write_slot<D: Datapath>(dp: &mut D, f: &Frontend, slot: u16, v: Svc4Value) -> Result<(), DatapathError> {
+    let (port, proto, scope) = (f.port, f.proto.number(), SCOPE_EXTERNAL);
+    match f.addr {
+        IpAddr::V4(a) => dp.write_service(Svc4Key { addr: a.octets(), port, proto, scope, slot, _pad: 0 }, v),
+        IpAddr::V6(a) => {
+            dp.write_service6(Svc6Key { addr: a.octets(), port, proto, scope, slot, _pad: 0 }, v)
+        }
     }
 }
 
-fn frontend_of(k: &Svc4Key) -> Option<Frontend> {
-    Some(Frontend { addr: Ipv4Addr::from(k.addr), port: k.port, proto: Proto::from_number(k.proto)? })
+/// Deletes slot `slot` of frontend `f`, in the map of its family.
+fn delete_slot<D: Datapath>(dp: &mut D, f: &Frontend, slot: u16) -> Result<(), DatapathError> {
+    let (port, proto, scope) = (f.port, f.proto.number(), SCOPE_EXTERNAL);
+    match f.addr {
+        IpAddr::V4(a) => dp.delete_service(Svc4Key { addr: a.octets(), port, proto, scope, slot, _pad: 0 }),
+        IpAddr::V6(a) => dp.delete_service6(Svc6Key { addr: a.octets(), port, proto, scope, slot, _pad: 0 }),
+    }
 }
 
-fn backend_value(b: &BackendKey, state: BackendState, local: bool) -> Backend4 {
-    Backend4 {
-        addr: b.addr.octets(),
-        port: b.port,
-        state: match state {
-            BackendState::Active => BACKEND_STATE_ACTIVE,
-            BackendState::Terminating | BackendState::Draining => BACKEND_STATE_TERMINATING,
-        },
-        flags: if local { lb_common::BACKEND_F_LOCAL } else { 0 },
-    }
+fn frontend_of(addr: IpAddr, port: u16, proto: u8) -> Option<Frontend> {
+    Some(Frontend { addr, port, proto: Proto::from_number(proto)? })
+}
+
+/// The backend value of `b` (its family's), as `(state, flags)` plus the address.
+fn backend_state(state: BackendState, local: bool) -> (u8, u8) {
+    let state = match state {
+        BackendState::Active => BACKEND_STATE_ACTIVE,
+        BackendState::Terminating | BackendState::Draining => BACKEND_STATE_TERMINATING,
+    };
+    (state, if local { lb_common::BACKEND_F_LOCAL } else { 0 })
 }
 
 fn fixed<const N: usize>(s: &str) -> [u8; N] {
@@ -223,6 +234,8 @@ impl<D: Datapath> Reconciler<D> {
             backend_ids: HashMap::default(),
             backend_values: HashMap::default(),
             be_ids: Ids::default(),
+            backend_values6: HashMap::default(),
+            be_ids6: Ids::default(),
             ranges: BTreeSet::new(),
             stale: false,
             maglev_size: 0,
@@ -273,9 +286,17 @@ impl<D: Datapath> Reconciler<D> {
     pub fn usage(&self) -> Vec<(&'static str, u64, u64)> {
         let cap = self.dp.capacity();
         let svc_entries: u64 = self.frontends.values().map(|f| 1 + f.slots.len() as u64).sum();
+        let svc_entries6: u64 = self
+            .frontends
+            .iter()
+            .filter(|(f, _)| f.addr.is_ipv6())
+            .map(|(_, s)| 1 + s.slots.len() as u64)
+            .sum();
         vec![
-            (lb_common::MAP_SERVICES, svc_entries, u64::from(cap.service_entries)),
-            (lb_common::MAP_BACKENDS, self.backend_ids.len() as u64, u64::from(cap.backends)),
+            (lb_common::MAP_SERVICES, svc_entries - svc_entries6, u64::from(cap.service_entries)),
+            (lb_common::MAP_BACKENDS, self.backend_values.len() as u64, u64::from(cap.backends)),
+            (lb_common::MAP_SERVICES6, svc_entries6, u64::from(cap.ipv6_entries)),
+            (lb_common::MAP_BACKENDS6, self.backend_values6.len() as u64, u64::from(cap.ipv6_entries)),
             (lb_common::MAP_SVC_INFO, self.infos.len() as u64, u64::from(lb_common::DEFAULT_MAX_SVC_INFO)),
         ]
     }
@@ -295,18 +316,32 @@ impl<D: Datapath> Reconciler<D> {
         self.frontends.clear();
         self.backend_ids.clear();
         self.backend_values.clear();
+        self.backend_values6.clear();
 
         let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
         let mut entries: BTreeMap<Frontend, (u32, u16, u16, u32)> = BTreeMap::new();
-        for (k, v) in self.dp.read_services()? {
-            let Some(f) = frontend_of(&k) else { continue };
-            if k.slot == 0 {
+        let v4 = self
+            .dp
+            .read_services()?
+            .into_iter()
+            .map(|(k, v)| (IpAddr::V4(Ipv4Addr::from(k.addr)), k.port, k.proto, k.slot, v));
+        let v6 = self
+            .dp
+            .read_services6()?
+            .into_iter()
+            .map(|(k, v)| (IpAddr::V6(Ipv6Addr::from(k.addr)), k.port, k.proto, k.slot, v));
+        for (addr, port, proto, slot, v) in v4.chain(v6) {
+            let Some(f) = frontend_of(addr, port, proto) else { continue };
+            if slot == 0 {
                 entries.insert(f, (v.svc_id, v.count, v.flags, v.affinity_timeout));
             } else {
-                slots.entry(f).or_default().insert(k.slot, v.backend_id);
+                slots.entry(f).or_default().insert(slot, v.backend_id);
             }
         }
         let mut svc_ids_used: BTreeSet<u32> = BTreeSet::new();
+        // A port's family is its frontends' (the names do not say it).
+        let v6_ids: BTreeSet<u32> =
+            entries.iter().filter(|(f, _)| f.addr.is_ipv6()).map(|(_, e)| e.0).collect();
         for (id, info) in self.dp.read_svc_infos()? {
             let Some(proto) = Proto::from_number(info.proto) else { continue };
             let r = PortRef {
@@ -314,6 +349,7 @@ impl<D: Datapath> Reconciler<D> {
                 name: unfixed(&info.name),
                 port_name: unfixed(&info.port_name),
                 proto,
+                family: if v6_ids.contains(&id) { Family::V6 } else { Family::V4 },
             };
             self.port_ids.insert(r, id);
             self.infos.insert(id, info);
@@ -336,25 +372,40 @@ impl<D: Datapath> Reconciler<D> {
             });
             svc_ids_used.insert(*svc_id);
         }
-        let cap = self.dp.capacity().backends;
-        let mut be_used = BTreeSet::new();
+        let cap = self.dp.capacity();
+        let (mut be_used, mut be_used6) = (BTreeSet::new(), BTreeSet::new());
         for (f, st) in &self.frontends {
             for &id in &st.slots {
-                if id == 0 || id >= cap || be_used.contains(&id) {
+                let v6 = f.addr.is_ipv6();
+                let (used, cap) =
+                    if v6 { (&mut be_used6, cap.ipv6_entries) } else { (&mut be_used, cap.backends) };
+                if id == 0 || id >= cap || used.contains(&id) {
                     continue;
                 }
-                let v = self.dp.read_backend(id)?;
-                if v.state == lb_common::BACKEND_STATE_FREE {
+                let (addr, port, state) = if v6 {
+                    let v = self.dp.read_backend6(id)?;
+                    self.backend_values6.insert(id, v);
+                    (IpAddr::V6(Ipv6Addr::from(v.addr)), v.port, v.state)
+                } else {
+                    let v = self.dp.read_backend(id)?;
+                    self.backend_values.insert(id, v);
+                    (IpAddr::V4(Ipv4Addr::from(v.addr)), v.port, v.state)
+                };
+                if state == lb_common::BACKEND_STATE_FREE {
+                    if v6 {
+                        self.backend_values6.remove(&id);
+                    } else {
+                        self.backend_values.remove(&id);
+                    }
                     continue;
                 }
-                be_used.insert(id);
-                let bk = BackendKey { addr: Ipv4Addr::from(v.addr), port: v.port, proto: f.proto };
-                self.backend_ids.insert(bk, id);
-                self.backend_values.insert(id, v);
+                used.insert(id);
+                self.backend_ids.insert(BackendKey { addr, port, proto: f.proto }, id);
             }
         }
         self.svc_ids = Ids::rebuild(svc_ids_used);
         self.be_ids = Ids::rebuild(be_used);
+        self.be_ids6 = Ids::rebuild(be_used6);
         self.ranges = self.dp.read_source_ranges()?.into_iter().collect();
         self.maglev = self.dp.read_maglev_keys()?.into_iter().map(|k| (k, None)).collect();
         self.stale = false;
@@ -382,10 +433,15 @@ impl<D: Datapath> Reconciler<D> {
         let mut st = ApplyStats::default();
         let cap = self.dp.capacity();
 
-        let needed: u64 =
-            desired.iter().map(|p| p.frontends.len() as u64 * (1 + p.selectable().count() as u64)).sum();
-        if needed > u64::from(cap.service_entries) {
-            return Err(ReconcileError::ServicesFull { capacity: cap.service_entries, needed });
+        for (family, capacity) in [(Family::V4, cap.service_entries), (Family::V6, cap.ipv6_entries)] {
+            let needed: u64 = desired
+                .iter()
+                .filter(|p| p.id.family == family)
+                .map(|p| p.frontends.len() as u64 * (1 + p.selectable().count() as u64))
+                .sum();
+            if needed > u64::from(capacity) {
+                return Err(ReconcileError::ServicesFull { capacity, needed });
+            }
         }
 
         // Service ids.
@@ -447,6 +503,11 @@ impl<D: Datapath> Reconciler<D> {
         for (k, state) in sorted_backends {
             let id = match self.backend_ids.get(k) {
                 Some(id) => *id,
+                None if k.addr.is_ipv6() => {
+                    let id = self.be_ids6.alloc("IPv6 backend", cap.ipv6_entries)?;
+                    self.backend_ids.insert(*k, id);
+                    id
+                }
                 None => {
                     let id = self.be_ids.alloc("backend", cap.backends)?;
                     // The id's flow count starts again for its new backend (an earlier one may
@@ -459,11 +520,24 @@ impl<D: Datapath> Reconciler<D> {
                     id
                 }
             };
-            let v = backend_value(k, state.0, state.1);
-            if self.backend_values.get(&id) != Some(&v) {
-                self.dp.write_backend(id, v)?;
-                self.backend_values.insert(id, v);
-                st.writes += 1;
+            let (bstate, flags) = backend_state(state.0, state.1);
+            match k.addr {
+                IpAddr::V4(a) => {
+                    let v = Backend4 { addr: a.octets(), port: k.port, state: bstate, flags };
+                    if self.backend_values.get(&id) != Some(&v) {
+                        self.dp.write_backend(id, v)?;
+                        self.backend_values.insert(id, v);
+                        st.writes += 1;
+                    }
+                }
+                IpAddr::V6(a) => {
+                    let v = Backend6 { addr: a.octets(), port: k.port, state: bstate, flags };
+                    if self.backend_values6.get(&id) != Some(&v) {
+                        self.dp.write_backend6(id, v)?;
+                        self.backend_values6.insert(id, v);
+                        st.writes += 1;
+                    }
+                }
             }
         }
 
@@ -515,7 +589,7 @@ impl<D: Datapath> Reconciler<D> {
                 for (i, &be) in slots.iter().enumerate() {
                     if old_slots.get(i) != Some(&be) {
                         let v = Svc4Value { backend_id: be, svc_id, ..Default::default() };
-                        self.dp.write_service(key(f, i as u16 + 1), v)?;
+                        write_slot(&mut self.dp, f, i as u16 + 1, v)?;
                         st.writes += 1;
                     }
                 }
@@ -529,7 +603,7 @@ impl<D: Datapath> Reconciler<D> {
                 if entry_changed {
                     let v =
                         Svc4Value { svc_id, count, flags, affinity_timeout: affinity, ..Default::default() };
-                    self.dp.write_service(key(f, 0), v)?;
+                    write_slot(&mut self.dp, f, 0, v)?;
                     st.writes += 1;
                 }
                 // The new picture holds from here: what follows only removes stale slots, from
@@ -538,7 +612,7 @@ impl<D: Datapath> Reconciler<D> {
                 picture.extend_from_slice(old_slots.get(slots.len()..).unwrap_or_default());
                 self.frontends.insert(*f, FrontendState { svc_id, flags, count, affinity, slots: picture });
                 for i in (slots.len()..old_slots.len()).rev() {
-                    self.dp.delete_service(key(f, i as u16 + 1))?;
+                    delete_slot(&mut self.dp, f, i as u16 + 1)?;
                     if let Some(fs) = self.frontends.get_mut(f) {
                         fs.slots.pop();
                     }
@@ -552,7 +626,8 @@ impl<D: Datapath> Reconciler<D> {
         // slots; until then the datapath ignores a slot past the count.
         let mut wanted_tables: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         if self.maglev_size != 0 {
-            for (p, &svc_id) in desired.iter().zip(&ids) {
+            // The IPv6 path picks at random (no Maglev yet): no tables for its ports.
+            for (p, &svc_id) in desired.iter().zip(&ids).filter(|(p, _)| p.id.family == Family::V4) {
                 let lists = [(false, true), (true, p.frontend_kinds.iter().any(|&k| p.local_only(k)))];
                 for (local, wanted) in lists {
                     let names: Vec<String> =
@@ -581,10 +656,10 @@ impl<D: Datapath> Reconciler<D> {
             self.frontends.keys().filter(|f| !wanted_frontends.contains(f)).copied().collect();
         for f in gone {
             let old = self.frontends[&f].clone();
-            self.dp.delete_service(key(&f, 0))?;
+            delete_slot(&mut self.dp, &f, 0)?;
             st.deletes += 1;
             for i in 0..old.slots.len() {
-                self.dp.delete_service(key(&f, i as u16 + 1))?;
+                delete_slot(&mut self.dp, &f, i as u16 + 1)?;
                 st.deletes += 1;
             }
             self.frontends.remove(&f);
@@ -632,16 +707,26 @@ impl<D: Datapath> Reconciler<D> {
             .map(|(k, id)| (*k, *id))
             .collect();
         for (k, id) in dead {
-            self.dp.write_backend(id, Backend4::default())?;
+            match k.addr {
+                IpAddr::V4(a) => {
+                    self.dp.write_backend(id, Backend4::default())?;
+                    // Socket termination looks at IPv4 sockets only.
+                    self.freed.push((a, k.port, k.proto.number()));
+                    self.backend_values.remove(&id);
+                    self.be_ids.release(id);
+                }
+                IpAddr::V6(_) => {
+                    self.dp.write_backend6(id, Backend6::default())?;
+                    self.backend_values6.remove(&id);
+                    self.be_ids6.release(id);
+                }
+            }
             st.writes += 1;
-            self.freed.push((k.addr, k.port, k.proto.number()));
             if !self.filter.is_empty() && !self.filter_grace.is_zero() {
                 self.lingering.push((std::time::Instant::now() + self.filter_grace, k));
                 set_filter_bit(&mut wanted_filter, k.addr, k.port, k.proto);
             }
             self.backend_ids.remove(&k);
-            self.backend_values.remove(&id);
-            self.be_ids.release(id);
         }
 
         // 6. Filter bits of what is gone.
@@ -801,16 +886,21 @@ mod tests {
                 name: name.into(),
                 port_name: String::new(),
                 proto: Proto::Tcp,
+                family: Family::V4,
             },
             svc_type: SvcType::ClusterIP,
             node_port: None,
             port: 80,
-            frontends: vec![Frontend { addr: Ipv4Addr::new(198, 18, 0, vip), port: 80, proto: Proto::Tcp }],
+            frontends: vec![Frontend {
+                addr: IpAddr::V4(Ipv4Addr::new(198, 18, 0, vip)),
+                port: 80,
+                proto: Proto::Tcp,
+            }],
             frontend_kinds: vec![lb_common::SVC_F_CLUSTER_IP],
             backends: backends
                 .iter()
                 .map(|&(b, state)| DesiredBackend {
-                    addr: Ipv4Addr::new(198, 18, 1, b),
+                    addr: IpAddr::V4(Ipv4Addr::new(198, 18, 1, b)),
                     port: 8080,
                     state,
                     local: false,
@@ -891,6 +981,60 @@ mod tests {
         assert_eq!(r2.apply(&desired).unwrap(), ApplyStats::default());
         assert_eq!(r2.datapath().services, before.services);
         assert_eq!(r2.port_id(&desired[0].id), r.port_id(&desired[0].id));
+    }
+
+    /// `port` in IPv6: frontend 2001:db8:1::`vip`, backends 2001:db8:2::`b`.
+    fn port6(name: &str, vip: u8, backends: &[u8]) -> DesiredPort {
+        let mut p = port(name, vip, &[]);
+        p.id.family = Family::V6;
+        p.frontends = vec![Frontend {
+            addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, u16::from(vip))),
+            port: 80,
+            proto: Proto::Tcp,
+        }];
+        p.backends = backends
+            .iter()
+            .map(|&b| crate::model::DesiredBackend {
+                addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, u16::from(b))),
+                port: 8080,
+                state: BackendState::Active,
+                local: false,
+            })
+            .collect();
+        p
+    }
+
+    #[test]
+    fn ipv6_ports_go_to_the_ipv6_maps_with_ids_of_their_own_and_survive_a_restart() {
+        let mut dual4 = port("dual", 10, &[(1, BackendState::Active)]);
+        dual4.id.port_name = "http".into();
+        let mut dual6 = port6("dual", 10, &[1, 2]);
+        dual6.id.port_name = "http".into();
+        let desired = vec![dual4.clone(), dual6.clone()];
+        let mut r = Reconciler::new(MemDatapath::default()).unwrap();
+        r.apply(&desired).unwrap();
+        let dp = r.datapath();
+        assert_eq!((dp.services.len(), dp.backends.len()), (2, 1), "IPv4: entry + 1 slot, 1 backend");
+        assert_eq!((dp.services6.len(), dp.backends6.len()), (3, 2), "IPv6: entry + 2 slots, 2 backends");
+        assert_ne!(r.port_id(&dual4.id), r.port_id(&dual6.id), "a service id per family");
+        // The IPv6 ids start at 1 like the IPv4 ones: separate spaces.
+        assert_eq!(dp.backends6.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        assert!(r.usage().contains(&(lb_common::MAP_SERVICES6, 3, u64::from(dp.capacity().ipv6_entries))));
+
+        // A new agent over the same maps: the same ids (the family read from the frontends),
+        // nothing rewritten.
+        let before = r.datapath().clone();
+        let mut r2 = Reconciler::new(before.clone()).unwrap();
+        assert_eq!(r2.apply(&desired).unwrap(), ApplyStats::default());
+        assert_eq!(r2.port_id(&dual6.id), r.port_id(&dual6.id));
+        assert_eq!(r2.datapath().services6, before.services6);
+
+        // The IPv6 family goes: its entries and backends are removed, the IPv4 ones stay.
+        r2.apply(&[dual4]).unwrap();
+        let dp = r2.datapath();
+        assert!(dp.services6.is_empty() && dp.backends6.is_empty(), "{:?}", dp.services6);
+        assert_eq!((dp.services.len(), dp.backends.len()), (2, 1));
+        assert!(r2.take_freed().is_empty(), "socket termination is told of IPv4 backends only");
     }
 
     #[test]
@@ -989,7 +1133,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_is_reported_and_the_next_apply_finishes() {
-        let cap = crate::datapath::Capacity { service_entries: 1024, backends: 4 };
+        let cap = crate::datapath::Capacity { service_entries: 1024, backends: 4, ipv6_entries: 64 };
         let mut r = Reconciler::new(MemDatapath::with_capacity(cap)).unwrap();
         // Backend ids 1..=3 exist; five backends cannot fit.
         let too_many: Vec<_> = (1..=5).map(|b| (b, BackendState::Active)).collect();

@@ -1,6 +1,7 @@
 //! Packet tests of the IPv6 path: the XDP program run by the kernel on crafted Ethernet/IPv6
-//! frames (BPF_PROG_TEST_RUN), with its IPv6 maps (frontends, backends) written directly, as the
-//! agent will write them. Checked:
+//! frames (BPF_PROG_TEST_RUN), with its IPv6 maps (frontends, backends) written directly
+//! through the datapath layer, and (last test) filled from a dual-stack Service's manifests
+//! through the model and the reconciler, as the agent fills them. Checked:
 //! - DNAT of new and established TCP and UDP flows and the reply's translation back, every
 //!   L4 checksum recomputed from scratch;
 //! - extension headers (hop-by-hop, destination options, routing, authentication) skipped and
@@ -16,18 +17,20 @@ use std::{
     net::{Ipv6Addr, SocketAddrV6},
 };
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{HashMap, MapData};
 use lb_common::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE, Backend6, MAP_BACKENDS6, MAP_CT6, MAP_SERVICES6,
-    SCOPE_EXTERNAL, STAT_NAMES, SVC_F_CLUSTER_IP, Stat, Svc4Value, Svc6Key,
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE, Backend6, MAP_CT6, SCOPE_EXTERNAL, STAT_NAMES,
+    SVC_F_CLUSTER_IP, Stat, Svc4Value, Svc6Key,
 };
 use lb_userspace::{
     datapath::{BpfMaps, Datapath as _},
     ebpf::{self, Capacities},
+    manifests, model,
     model::Proto,
     packet::{
         ETH_HLEN, Frame6, IPV6_AUTH, IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, decode6,
     },
+    reconcile::Reconciler,
 };
 use xlb_tests::privileged;
 
@@ -40,9 +43,9 @@ const CLIENT: &str = "[2001:db8::1]:40000";
 
 struct Dut {
     ebpf: aya::Ebpf,
-    stats: BpfMaps,
-    services: HashMap<MapData, Svc6Key, Svc4Value>,
-    backends: Array<MapData, Backend6>,
+    /// The maps, behind the reconciler (tests that write them directly go through
+    /// `datapath_mut`).
+    rec: Reconciler<BpfMaps>,
 }
 
 fn sa(s: &str) -> SocketAddrV6 {
@@ -65,10 +68,8 @@ impl Dut {
         };
         let mut ebpf =
             ebpf::load(None, caps).unwrap_or_else(|e| panic!("the verifier must accept the program: {e:?}"));
-        let services = HashMap::try_from(ebpf.take_map(MAP_SERVICES6).unwrap()).unwrap();
-        let backends = Array::try_from(ebpf.take_map(MAP_BACKENDS6).unwrap()).unwrap();
-        let stats = BpfMaps::take(&mut ebpf).unwrap();
-        Dut { ebpf, stats, services, backends }
+        let rec = Reconciler::new(BpfMaps::take(&mut ebpf).unwrap()).unwrap();
+        Dut { ebpf, rec }
     }
 
     /// The frontend `vip` (TCP and UDP) with service id `svc_id` and backends on `port` at
@@ -83,9 +84,12 @@ impl Dut {
                     state: BACKEND_STATE_ACTIVE,
                     flags: 0,
                 };
-                self.backends.set(id, be, 0).unwrap();
+                self.rec.datapath_mut().write_backend6(id, be).unwrap();
                 let slot = Svc4Value { backend_id: id, svc_id, ..Default::default() };
-                self.services.insert(key(*vip.ip(), vip.port(), proto, i as u16 + 1), slot, 0).unwrap();
+                self.rec
+                    .datapath_mut()
+                    .write_service6(key(*vip.ip(), vip.port(), proto, i as u16 + 1), slot)
+                    .unwrap();
             }
             let entry = Svc4Value {
                 backend_id: 0,
@@ -94,7 +98,7 @@ impl Dut {
                 flags: SVC_F_CLUSTER_IP,
                 affinity_timeout: 0,
             };
-            self.services.insert(key(*vip.ip(), vip.port(), proto, 0), entry, 0).unwrap();
+            self.rec.datapath_mut().write_service6(key(*vip.ip(), vip.port(), proto, 0), entry).unwrap();
         }
     }
 
@@ -103,7 +107,7 @@ impl Dut {
     }
 
     fn stat(&self, s: Stat) -> u64 {
-        let stats = self.stats.read_stats().unwrap();
+        let stats = self.rec.datapath().read_stats().unwrap();
         stats.iter().find(|(n, _, _)| *n == STAT_NAMES[s as usize]).unwrap().1
     }
 
@@ -306,8 +310,113 @@ fn ipv6_frontend_without_endpoints_drops_and_a_freed_backend_is_left() {
     assert_eq!(dnat(&mut dut, &syn), BACKENDS[0].parse::<Ipv6Addr>().unwrap());
     dut.serve(sa(VIP), 7, &BACKENDS[1..], 8080, 2);
     let free = Backend6 { state: BACKEND_STATE_FREE, ..Default::default() };
-    dut.backends.set(1, free, 0).unwrap();
+    dut.rec.datapath_mut().write_backend6(1, free).unwrap();
     let next = Frame6 { tcp_flags: 0x10, ..syn };
     assert_eq!(dnat(&mut dut, &next), BACKENDS[1].parse::<Ipv6Addr>().unwrap(), "balanced again");
     assert_eq!(dut.stat(Stat::CtStaleBackend), 1);
+}
+
+/// A dual-stack Service as the API server writes it: two clusterIPs, an IPv4 slice and an IPv6
+/// slice, each family with its own endpoints.
+const DUAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: ClusterIP
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 198.18.0.10
+  clusterIPs: [198.18.0.10, "2001:db8:1::10"]
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v4, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ["198.18.1.2"], conditions: {ready: true}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+ENDPOINTS
+"#;
+
+fn dual(v6_endpoints: &[&str]) -> String {
+    let eps: String = v6_endpoints
+        .iter()
+        .map(|a| format!("- {{addresses: [\"{a}\"], conditions: {{ready: true}}}}\n"))
+        .collect();
+    DUAL.replace("ENDPOINTS\n", &eps)
+}
+
+#[test]
+fn a_dual_stack_service_is_served_on_both_families_each_to_its_own_endpoints() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    let apply = |rec: &mut Reconciler<BpfMaps>, yaml: &str| {
+        let mut objects = manifests::Objects::default();
+        manifests::read_str("dual.yaml".as_ref(), yaml, &mut objects);
+        assert!(objects.errors.is_empty(), "{:?}", objects.errors);
+        let m = model::build(&objects.services, &objects.slices, &model::ModelConfig::default());
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        assert_eq!(m.ports.len(), 2, "one port per family: {:?}", m.ports);
+        rec.apply(&m.ports).expect("apply")
+    };
+    apply(&mut dut.rec, &dual(&BACKENDS));
+
+    // IPv6 clients reach both IPv6 endpoints, never the IPv4 one.
+    let mut seen = BTreeSet::new();
+    for port in 0..32u16 {
+        let client = SocketAddrV6::new(*sa(CLIENT).ip(), 43000 + port, 0, 0);
+        seen.insert(dnat(&mut dut, &Frame6::tcp(client, sa(VIP))));
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // IPv4 clients reach the IPv4 endpoint.
+    let v4 = lb_userspace::packet::Frame::tcp(
+        "198.18.100.1:40000".parse().unwrap(),
+        "198.18.0.10:80".parse().unwrap(),
+    );
+    let (v, out) = dut.run(&v4.build());
+    assert_eq!(v, XDP_PASS);
+    let d = lb_userspace::packet::decode(&out).unwrap();
+    assert_eq!(d.dst.to_string(), "198.18.1.2:8080");
+    assert!(d.l4_checksum_ok && d.ip_checksum_ok);
+    assert_eq!(dut.stat(Stat::DnatNew), 33);
+
+    // One IPv6 endpoint goes: new IPv6 flows reach only the other; a second apply writes nothing.
+    apply(&mut dut.rec, &dual(&BACKENDS[1..]));
+    for port in 0..16u16 {
+        let client = SocketAddrV6::new(*sa(CLIENT).ip(), 44000 + port, 0, 0);
+        assert_eq!(dnat(&mut dut, &Frame6::tcp(client, sa(VIP))), BACKENDS[1].parse::<Ipv6Addr>().unwrap());
+    }
+    let again = apply(&mut dut.rec, &dual(&BACKENDS[1..]));
+    assert_eq!((again.writes, again.deletes), (0, 0), "nothing left to write");
+
+    // `xlb get services` shows both families, each with its own endpoints.
+    let rows = lb_userspace::cli::service_rows(dut.rec.datapath()).unwrap();
+    let shown: Vec<(String, Vec<String>)> = rows
+        .iter()
+        .map(|r| {
+            let bes = r
+                .backends
+                .iter()
+                .filter(|b| b.selectable)
+                .map(|b| format!("{}:{}", b.address, b.port))
+                .collect();
+            (r.frontend.clone().unwrap_or_default(), bes)
+        })
+        .collect();
+    assert!(shown.contains(&("198.18.0.10:80/TCP".into(), vec!["198.18.1.2:8080".into()])), "{shown:?}");
+    assert!(
+        shown.contains(&("[2001:db8:1::10]:80/TCP".into(), vec!["2001:db8:3::2:8080".into()])),
+        "{shown:?}"
+    );
 }

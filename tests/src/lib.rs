@@ -566,7 +566,12 @@ fn parse_answer(line: &str, from: SocketAddr) -> anyhow::Result<Answer> {
 
 /// One TCP request: connect, send a line, read the answer line. Runs in the caller's namespace.
 pub fn tcp_request(to: SocketAddrV4, timeout: Duration) -> anyhow::Result<Answer> {
-    let mut s = TcpStream::connect_timeout(&to.into(), timeout).with_context(|| format!("connect {to}"))?;
+    tcp_request_to(to.into(), timeout)
+}
+
+/// [`tcp_request`] to an address of either family.
+pub fn tcp_request_to(to: SocketAddr, timeout: Duration) -> anyhow::Result<Answer> {
+    let mut s = TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connect {to}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(b"hello\n")?;
     let from = s.peer_addr()?;
@@ -606,7 +611,12 @@ impl HeldConn {
 
 /// One UDP request from a fresh socket (a new flow): the answer and where it came from.
 pub fn udp_request(to: SocketAddrV4, timeout: Duration) -> anyhow::Result<Answer> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+    udp_request_to(to.into(), timeout)
+}
+
+/// [`udp_request`] to an address of either family.
+pub fn udp_request_to(to: SocketAddr, timeout: Duration) -> anyhow::Result<Answer> {
+    let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(b"hello\n", to)?;
     let mut buf = [0u8; 512];
@@ -656,10 +666,17 @@ pub fn requests_from(
 
 /// The echo server run in pods: answers every request on a TCP connection (each read) and
 /// every UDP datagram with `<name> <server addr> <peer addr>`. Runs until killed.
+/// An address as a server prints it: an IPv4 client of a dual-stack socket as plain IPv4.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
 pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     for &port in tcp {
-        let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+        // Dual-stack where the namespace has IPv6, else IPv4.
+        let l = std::net::TcpListener::bind(("::", port))
+            .or_else(|_| std::net::TcpListener::bind(("0.0.0.0", port)))?;
         let name = name.to_owned();
         handles.push(std::thread::spawn(move || {
             for conn in l.incoming() {
@@ -672,6 +689,7 @@ pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
                     let mut buf = [0u8; 64];
                     while matches!(c.read(&mut buf), Ok(1..)) {
                         let (Ok(local), Ok(peer)) = (c.local_addr(), c.peer_addr()) else { break };
+                        let (local, peer) = (canonical(local), canonical(peer));
                         if c.write_all(format!("{name} {local} {peer}\n").as_bytes()).is_err() {
                             break;
                         }
@@ -681,14 +699,14 @@ pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
         }));
     }
     for &port in udp {
-        let s = UdpSocket::bind(("0.0.0.0", port))?;
+        let s = UdpSocket::bind(("::", port)).or_else(|_| UdpSocket::bind(("0.0.0.0", port)))?;
         let name = name.to_owned();
         handles.push(std::thread::spawn(move || {
             let mut buf = [0u8; 512];
             loop {
                 let Ok((_, peer)) = s.recv_from(&mut buf) else { continue };
-                let local = SocketAddr::new(local_ip_for(peer), port);
-                let _ = s.send_to(format!("{name} {local} {peer}\n").as_bytes(), peer);
+                let local = SocketAddr::new(local_ip_for(canonical(peer)), port);
+                let _ = s.send_to(format!("{name} {local} {}\n", canonical(peer)).as_bytes(), peer);
             }
         }));
     }
@@ -703,7 +721,7 @@ pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
 /// The local address the kernel would use towards `peer` (an unbound UDP socket cannot tell
 /// which address a datagram arrived on).
 fn local_ip_for(peer: SocketAddr) -> std::net::IpAddr {
-    UdpSocket::bind("0.0.0.0:0")
+    UdpSocket::bind(if peer.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
         .and_then(|s| {
             s.connect(peer)?;
             s.local_addr()

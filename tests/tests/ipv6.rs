@@ -1,0 +1,131 @@
+//! End to end over IPv6: the single-node test bed with IPv6 addresses from 2001:db8::/32 on
+//! every link as well as its IPv4 ones (a dual-stack network), and a dual-stack Service as the
+//! API server writes it (two clusterIPs, an IPv4 and an IPv6 EndpointSlice). The real agent
+//! serves both families: TCP connections and UDP datagrams to the IPv6 clusterIP reach both pods
+//! at their IPv6 addresses on targetPort, every answer comes back from the clusterIP, the pods
+//! see the client's own address; the IPv4 clusterIP still reaches the pods at their IPv4
+//! addresses; and an endpoint removed from the IPv6 slice takes no new flows.
+//!
+//! Needs root. Without it the test skips, unless XLB_REQUIRE_PRIVILEGED=1 (CI), where it fails.
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
+
+use xlb_tests::{SingleNode, privileged, tcp_request, tcp_request_to, udp_request_to};
+
+const VIP6: &str = "[2001:db8:1::10]";
+
+fn manifest(v6_pods: &[usize]) -> String {
+    let v6_eps: String = v6_pods
+        .iter()
+        .map(|i| format!("- {{addresses: [\"2001:db8:{}::2\"], conditions: {{ready: true}}}}\n", 10 + i))
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: ClusterIP
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 198.18.0.10
+  clusterIPs: [198.18.0.10, "2001:db8:1::10"]
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-v4, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
+endpoints:
+- {{addresses: ["198.18.10.2"], conditions: {{ready: true}}}}
+- {{addresses: ["198.18.11.2"], conditions: {{ready: true}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-v6, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv6
+ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
+endpoints:
+{v6_eps}"#
+    )
+}
+
+/// Adds IPv6 to the bed's links: client 2001:db8:100::2 behind the node's 2001:db8:100::1,
+/// pod i at 2001:db8:(10+i)::2 behind the node's ::1 on its link. `nodad`: usable at once.
+fn add_ipv6(bed: &SingleNode) {
+    let addr = |ns: &xlb_tests::Netns, a: &str, dev: &str| {
+        ns.ip(&["-6", "addr", "add", a, "dev", dev, "nodad"]).unwrap();
+    };
+    addr(&bed.client, "2001:db8:100::2/64", "eth0");
+    addr(&bed.node, "2001:db8:100::1/64", "eth0");
+    bed.client.ip(&["-6", "route", "add", "2001:db8::/32", "via", "2001:db8:100::1"]).unwrap();
+    bed.node.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    for (i, pod) in bed.pods.iter().enumerate() {
+        let net = 10 + i;
+        addr(&bed.node, &format!("2001:db8:{net}::1/64"), &format!("eth{}", i + 1));
+        addr(&pod.ns, &format!("2001:db8:{net}::2/64"), "eth0");
+        pod.ns.ip(&["-6", "route", "add", "default", "via", &format!("2001:db8:{net}::1")]).unwrap();
+    }
+}
+
+#[test]
+fn a_dual_stack_service_is_served_over_ipv6_and_ipv4() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    add_ipv6(&bed);
+    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[5353]).expect("servers");
+    bed.write_manifest("web.yaml", &manifest(&[0, 1])).unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service(&format!("{VIP6}:80/TCP"), 2, Duration::from_secs(10)).unwrap();
+    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
+
+    let client: std::net::IpAddr = "2001:db8:100::2".parse().unwrap();
+    let pod6 = |i: usize| format!("2001:db8:{}::2", 10 + i);
+    let check =
+        |what: &str, vip: SocketAddr, target: u16, answers: Vec<anyhow::Result<xlb_tests::Answer>>| {
+            let mut pods = BTreeSet::new();
+            for (i, a) in answers.into_iter().enumerate() {
+                let a = a.unwrap_or_else(|e| panic!("{what} {i} failed: {e:#}\n{}", bed.logs()));
+                assert_eq!(a.from, vip, "{what}: answered from the clusterIP");
+                assert_eq!(a.server.port(), target, "{what}: on targetPort");
+                let idx: usize =
+                    a.pod.trim_start_matches("pod-").chars().next().map_or(9, |c| c as usize - 'a' as usize);
+                assert_eq!(
+                    a.server.ip().to_string(),
+                    pod6(idx),
+                    "{what}: {} answered at its IPv6 address",
+                    a.pod
+                );
+                assert_eq!(a.peer.ip(), client, "{what}: the pod sees the client's address");
+                pods.insert(a.pod);
+            }
+            pods
+        };
+
+    let tcp: SocketAddr = format!("{VIP6}:80").parse().unwrap();
+    let answers = bed.client.enter(|| (0..60).map(|_| tcp_request_to(tcp, Duration::from_secs(3))).collect());
+    assert_eq!(check("TCP connection", tcp, 8080, answers).len(), 2, "both pods answer over IPv6");
+    let udp: SocketAddr = format!("{VIP6}:53").parse().unwrap();
+    let answers = bed.client.enter(|| (0..40).map(|_| udp_request_to(udp, Duration::from_secs(3))).collect());
+    assert_eq!(check("UDP datagram", udp, 5353, answers).len(), 2);
+
+    // The IPv4 family is served to the IPv4 endpoints.
+    let v4 = "198.18.0.10:80".parse().unwrap();
+    for _ in 0..10 {
+        let a = bed.client.enter(|| tcp_request(v4, Duration::from_secs(3))).unwrap();
+        assert!(a.server.ip().is_ipv4() && a.from == SocketAddr::from(v4), "{a:?}");
+    }
+
+    // pod-a leaves the IPv6 slice: new IPv6 flows reach pod-b only.
+    bed.write_manifest("web.yaml", &manifest(&[1])).unwrap();
+    bed.wait_for_service(&format!("{VIP6}:80/TCP"), 1, Duration::from_secs(10)).unwrap();
+    let answers = bed.client.enter(|| (0..20).map(|_| tcp_request_to(tcp, Duration::from_secs(3))).collect());
+    assert_eq!(check("TCP after the removal", tcp, 8080, answers), ["pod-b".to_string()].into());
+
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
+    assert!(stats["dnat_new"]["packets"].as_u64().unwrap() >= 130, "{stats}");
+}
