@@ -53,7 +53,15 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         Parsed::NotIpv4 => return pass(rec, Stat::PassNotIpv4, bytes),
         // IPv6 has a path of its own; the trace program does not follow it yet.
         Parsed::Ipv6 if TRACE_MODE => return pass(rec, Stat::PassNotIpv4, bytes),
-        Parsed::Ipv6 => return crate::lb6::process(ctx.data(), ctx.data_end(), bytes),
+        Parsed::Ipv6 => {
+            return match crate::lb6::process(ctx.data(), ctx.data_end(), bytes)? {
+                crate::lb6::REJECT if reject::answer6(ctx.ctx) => {
+                    verdict(rec, Stat::RejectNoBackend, bytes, xdp_action::XDP_TX)
+                }
+                crate::lb6::REJECT => drop(rec, Stat::DropNoBackend, bytes),
+                action => Ok(action),
+            };
+        }
         Parsed::Malformed => return pass(rec, Stat::PassMalformed, bytes),
         Parsed::OtherProto => {
             let stat = if icmp::translate(ctx.data(), ctx.data_end()) {

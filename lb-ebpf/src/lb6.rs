@@ -10,7 +10,8 @@
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_get_prandom_u32};
 use lb_common::{
     BACKEND_STATE_FREE, Backend6, CT_DIR_FORWARD, CT_DIR_REPLY, Ct6Key, Ct6Value, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_EXTERNAL, SVC_F_SOURCE_RANGES, Stat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, csum,
+    SCOPE_EXTERNAL, SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, Stat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    csum,
 };
 
 use crate::{
@@ -149,6 +150,10 @@ fn create(s: &mut Scratch6, pkt: &Packet6, be: &Backend6, backend_id: u32, svc_i
     CT6.insert(&s.key, &s.val, 0).is_ok()
 }
 
+/// Returned by [`process`] for a new flow to a frontend without endpoints: the caller sends the
+/// answer ([`crate::reject::answer6`]) and counts it. Not an XDP action.
+pub const REJECT: u32 = u32::MAX;
+
 /// The IPv6 path. `data` and `end` are the frame's bounds (the context itself cannot be handed
 /// to a subprogram: its fields would be split and shifted, which the verifier refuses on
 /// pointers).
@@ -226,6 +231,11 @@ fn new_flow(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
         return verdict(Stat::DropSourceRange, bytes, drop);
     }
     if n == 0 {
+        // As for IPv4: the client is told at once, unless only a traffic policy Local leaves
+        // this node without an endpoint. The caller, which holds the context, answers.
+        if flags & SVC_F_NO_LOCAL_ENDPOINT == 0 {
+            return Ok(REJECT);
+        }
         return verdict(Stat::DropNoBackend, bytes, drop);
     }
     // SAFETY: helper with no arguments.

@@ -7,6 +7,7 @@
 //! Every value needed is read before the frame changes size; after `bpf_xdp_adjust_*` every
 //! packet pointer is taken and bounds-checked again.
 use aya_ebpf::{
+    bindings::xdp_md,
     helpers::generated::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
@@ -14,7 +15,7 @@ use lb_common::{IPPROTO_TCP, REJECT_ICMP_BURST, REJECT_ICMP_PER_SEC, TCP_ACK, TC
 
 use crate::{
     maps::REJECT_BUCKET,
-    parse::{ETH_HLEN, Packet, load16, load32, store16, store32},
+    parse::{ETH_HLEN, Packet, Packet6, Parsed6, load16, load32, parse6, store16, store32},
 };
 
 const IPPROTO_ICMP: u8 = 1;
@@ -236,6 +237,181 @@ fn icmp_unreachable<const TRACE: bool>(ctx: &XdpContext, pkt: &Packet) -> bool {
         // Type 3 (destination unreachable), code 3 (port unreachable), 4 unused bytes.
         let w0 = 0x0303u16;
         let mut sum = u32::from(w0);
+        let mut i = 0;
+        while i < QUOTE {
+            sum += u32::from(u16::from_be(load16(quote + i)));
+            i += 2;
+        }
+        store16(icmp, w0.to_be());
+        store16(icmp + 2, fold(sum).to_be());
+        store32(icmp + 4, 0);
+    }
+    true
+}
+
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// Sum of the eight 16-bit words of an IPv6 address at `at`, host order.
+///
+/// # Safety
+/// `at..at + 16` must be bounds-checked.
+#[inline(always)]
+unsafe fn addr6_words(at: usize) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 16 {
+        sum += u32::from(u16::from_be(unsafe { load16(at + i) }));
+        i += 2;
+    }
+    sum
+}
+
+/// Writes a 40-byte IPv6 header at `l3` with the addresses of the one at `old` swapped (the
+/// answer goes back to the sender), and returns the sum of the two addresses' words.
+///
+/// # Safety
+/// `l3..l3 + 40` and `old..old + 40` must be bounds-checked; they may be the same header.
+#[inline(always)]
+unsafe fn put_ipv6_reply(l3: usize, old: usize, payload_len: u16, next: u8) -> u32 {
+    unsafe {
+        let mut src = [0u16; 8];
+        let mut dst = [0u16; 8];
+        let mut i = 0;
+        while i < 8 {
+            src[i] = load16(old + 8 + 2 * i);
+            dst[i] = load16(old + 24 + 2 * i);
+            i += 1;
+        }
+        let sum = addr6_words(old + 8) + addr6_words(old + 24);
+        store32(l3, 0x6000_0000u32.to_be()); // version 6, no class, no flow label
+        store16(l3 + 4, payload_len.to_be());
+        store16(l3 + 6, ((u16::from(next) << 8) | u16::from(TTL)).to_be());
+        let mut i = 0;
+        while i < 8 {
+            store16(l3 + 8 + 2 * i, dst[i]);
+            store16(l3 + 24 + 2 * i, src[i]);
+            i += 1;
+        }
+        sum
+    }
+}
+
+/// The IPv6 answer for a Service without a usable endpoint: a TCP reset, or an ICMPv6 port
+/// unreachable (RFC 4443 type 1 code 4) for UDP. `false` when none may be sent (a reset, UDP
+/// behind extension headers, the rate limit) or the frame could not be resized. A subprogram of
+/// its own, given the raw context: the IPv6 path's frame stays small.
+#[inline(never)]
+pub fn answer6(ctx: *mut xdp_md) -> bool {
+    let ctx = XdpContext::new(ctx);
+    let Parsed6::L4(pkt) = parse6(ctx.data(), ctx.data_end()) else { return false };
+    if pkt.proto == IPPROTO_TCP { tcp_reset6(&ctx, &pkt) } else { icmp6_unreachable(&ctx, &pkt) }
+}
+
+#[inline(always)]
+fn tcp_reset6(ctx: &XdpContext, pkt: &Packet6) -> bool {
+    if pkt.tcp_flags & TCP_RST != 0 {
+        return false;
+    }
+    // SAFETY: parse6() checked the IPv6 header, the extension headers and 20 bytes of TCP.
+    let (payload_len, seq, ack, doff) = unsafe {
+        (
+            usize::from(u16::from_be(load16(pkt.l3 + 4))),
+            u32::from_be(load32(pkt.l4 + 4)),
+            u32::from_be(load32(pkt.l4 + 8)),
+            usize::from(load16(pkt.l4 + 12).to_ne_bytes()[0] >> 4) * 4,
+        )
+    };
+    let (seq_out, ack_out, flags_out) = if pkt.tcp_flags & TCP_ACK != 0 {
+        (ack, 0u32, TCP_RST)
+    } else {
+        let ext = pkt.l4 - (pkt.l3 + 40);
+        let data = payload_len.saturating_sub(ext + doff) as u32;
+        let len = data + u32::from(pkt.tcp_flags & TCP_SYN != 0) + u32::from(pkt.tcp_flags & TCP_FIN != 0);
+        (0u32, seq.wrapping_add(len), TCP_RST | TCP_ACK)
+    };
+    let (sport, dport) = (pkt.sport, pkt.dport);
+    // The TCP header goes right after the IPv6 header (extension headers are not answered),
+    // so it is written before the frame shrinks: from the old header's fields, read above.
+    // Ethernet, IPv6 and a 20-byte TCP header: nothing else.
+    const LEN: usize = ETH_HLEN + 40 + 20;
+    // SAFETY: the Ethernet header before the checked IPv6 header; the IPv6 header itself.
+    let (dst_mac, src_mac) = unsafe { (mac(pkt.l3 - ETH_HLEN), mac(pkt.l3 - ETH_HLEN + 6)) };
+    // The answer's IPv6 header is written over the old one in place (addresses swapped).
+    // SAFETY: parse6() checked l3..l3 + 40.
+    let addr_sum = unsafe { put_ipv6_reply(pkt.l3, pkt.l3, 20, IPPROTO_TCP) };
+    if !resize_tail(ctx, LEN) {
+        return false;
+    }
+    let data = ctx.data();
+    if data + LEN > ctx.data_end() {
+        return false;
+    }
+    let l4 = data + ETH_HLEN + 40;
+    let w6 = (5u16 << 12) | u16::from(flags_out);
+    let sum = addr_sum
+        + u32::from(IPPROTO_TCP)
+        + 20
+        + u32::from(u16::from_be(dport))
+        + u32::from(u16::from_be(sport))
+        + (seq_out >> 16)
+        + (seq_out & 0xffff)
+        + (ack_out >> 16)
+        + (ack_out & 0xffff)
+        + u32::from(w6);
+    // SAFETY: data + LEN <= data_end checked just above.
+    unsafe {
+        put_mac(data, src_mac);
+        put_mac(data + 6, dst_mac);
+        store16(l4, dport);
+        store16(l4 + 2, sport);
+        store32(l4 + 4, seq_out.to_be());
+        store32(l4 + 8, ack_out.to_be());
+        store16(l4 + 12, w6.to_be());
+        store16(l4 + 14, 0); // window
+        store16(l4 + 16, fold(sum).to_be());
+        store16(l4 + 18, 0); // urgent pointer
+    }
+    true
+}
+
+#[inline(always)]
+fn icmp6_unreachable(ctx: &XdpContext, pkt: &Packet6) -> bool {
+    // The quote is the IPv6 header and the UDP header: kept to packets without extension
+    // headers, so that every offset below is a constant.
+    if pkt.l4 != pkt.l3 + 40 || !icmp_allowed() {
+        return false;
+    }
+    // Room for a new IPv6 and ICMPv6 header in front: the old IPv6 header then sits exactly
+    // where the message quotes it.
+    const GROW: usize = 40 + 8;
+    // SAFETY: helper on the program's own context; frame pointers are re-read afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return false;
+    }
+    const QUOTE: usize = 40 + 8;
+    const LEN: usize = ETH_HLEN + 40 + 8 + QUOTE;
+    if !resize_tail(ctx, LEN) {
+        return false;
+    }
+    let data = ctx.data();
+    if data + LEN > ctx.data_end() {
+        return false;
+    }
+    let old_eth = data + GROW;
+    let quote = old_eth + ETH_HLEN;
+    let l3 = data + ETH_HLEN;
+    let icmp = l3 + 40;
+    // SAFETY: data + LEN <= data_end checked above; every offset below is within LEN.
+    unsafe {
+        let (dst_mac, src_mac) = (mac(old_eth), mac(old_eth + 6));
+        put_mac(data, src_mac);
+        put_mac(data + 6, dst_mac);
+        store16(data + 12, 0x86ddu16.to_be());
+        let addr_sum = put_ipv6_reply(l3, quote, (8 + QUOTE) as u16, IPPROTO_ICMPV6);
+        // Type 1 (destination unreachable), code 4 (port unreachable), 4 unused bytes; the
+        // checksum covers the pseudo-header (addresses, length, next header).
+        let w0 = 0x0104u16;
+        let mut sum = addr_sum + (8 + QUOTE) as u32 + u32::from(IPPROTO_ICMPV6) + u32::from(w0);
         let mut i = 0;
         while i < QUOTE {
             sum += u32::from(u16::from_be(load16(quote + i)));

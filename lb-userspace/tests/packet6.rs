@@ -9,7 +9,10 @@
 //! - frames that must pass untouched, each with the counter that says why: fragments, ICMPv6,
 //!   ESP, too many extension headers, truncated headers at every step, a payload length shorter
 //!   than the headers, a wrong version, no frontend;
-//! - a frontend without endpoints drops; a flow whose backend is freed is balanced again.
+//! - a frontend without endpoints answers: a TCP reset (acknowledging a SYN and its data, or
+//!   taking the sequence number of an ACK; never for a reset), an ICMPv6 port unreachable for
+//!   UDP (quoting the IPv6 and UDP headers), every checksum recomputed;
+//! - a flow whose backend is freed is balanced again.
 //!
 //! Needs root. Without it the tests skip, unless XLB_REQUIRE_PRIVILEGED=1 (CI), where they fail.
 use std::{
@@ -294,15 +297,11 @@ fn ipv6_frames_passed_untouched() {
 }
 
 #[test]
-fn ipv6_frontend_without_endpoints_drops_and_a_freed_backend_is_left() {
+fn a_flow_whose_ipv6_backend_is_freed_is_balanced_again() {
     if !need_root() {
         return;
     }
     let mut dut = Dut::new();
-    dut.serve(sa("[2001:db8:1::20]:80"), 8, &[], 8080, 10);
-    let (v, _) = dut.run(&Frame6::tcp(sa(CLIENT), sa("[2001:db8:1::20]:80")).build());
-    assert_eq!(v, XDP_DROP);
-    assert_eq!(dut.stat(Stat::DropNoBackend), 1);
 
     // One backend serves a flow, then its slot goes to the other (as the agent frees it).
     dut.serve(sa(VIP), 7, &BACKENDS[..1], 8080, 1);
@@ -419,4 +418,66 @@ fn a_dual_stack_service_is_served_on_both_families_each_to_its_own_endpoints() {
         shown.contains(&("[2001:db8:1::10]:80/TCP".into(), vec!["2001:db8:3::2:8080".into()])),
         "{shown:?}"
     );
+}
+
+const XDP_TX: u32 = 3;
+
+#[test]
+fn an_ipv6_frontend_without_endpoints_answers_with_a_reset_or_icmpv6_unreachable() {
+    use lb_common::csum;
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    let empty = sa("[2001:db8:1::20]:80");
+    dut.serve(empty, 8, &[], 8080, 10);
+
+    // A SYN with 3 bytes of data: RST|ACK acknowledging SYN and data (seq 1 + 3 + 1).
+    let syn = Frame6::tcp(sa(CLIENT), empty);
+    let (v, out) = dut.run(&syn.build());
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out.len(), ETH_HLEN + 40 + 20, "Ethernet, IPv6, TCP: nothing else");
+    assert_eq!((&out[0..6], &out[6..12]), (&syn.build()[6..12], &syn.build()[0..6]), "MACs swapped");
+    let d = decode6(&out).expect("an IPv6 TCP frame");
+    assert!(d.l4_checksum_ok, "{d:?}");
+    assert_eq!((d.src, d.dst), (empty, sa(CLIENT)));
+    let tcp = &out[ETH_HLEN + 40..];
+    assert_eq!(tcp[13], 0x14, "RST|ACK");
+    assert_eq!(u32::from_be_bytes(tcp[8..12].try_into().unwrap()), 5);
+    // A segment with ACK: a bare RST with its acknowledgment number as sequence.
+    let ack = Frame6 { tcp_flags: 0x10, ext: vec![(IPV6_HOP_BY_HOP, 8)], ..syn.clone() };
+    let (v, out) = dut.run(&ack.build());
+    assert_eq!(v, XDP_TX, "extension headers are not in the way of a reset");
+    assert_eq!(out[ETH_HLEN + 6], 6, "the answer has no extension header");
+    assert!(decode6(&out).unwrap().l4_checksum_ok);
+    assert_eq!(out[ETH_HLEN + 40 + 13], 0x04, "RST");
+    // Never an answer to a reset.
+    let (v, _) = dut.run(&Frame6 { tcp_flags: 0x04, ..syn.clone() }.build());
+    assert_eq!(v, XDP_DROP);
+
+    // UDP: ICMPv6 destination unreachable, port unreachable, quoting IPv6 and UDP headers.
+    let udp = Frame6::udp(sa(CLIENT), SocketAddrV6::new(*empty.ip(), 80, 0, 0));
+    let sent = udp.build();
+    let (v, out) = dut.run(&sent);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out.len(), ETH_HLEN + 40 + 8 + 48);
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    let ip = &out[ETH_HLEN..];
+    assert_eq!(ip[0] >> 4, 6);
+    assert_eq!((ip[6], u16::from_be_bytes([ip[4], ip[5]])), (58, 56), "ICMPv6, 56 bytes");
+    assert_eq!(&ip[8..24], &empty.ip().octets(), "from the frontend");
+    assert_eq!(&ip[24..40], &sa(CLIENT).ip().octets(), "to the client");
+    let icmp = &ip[40..];
+    assert_eq!((icmp[0], icmp[1]), (1, 4), "destination unreachable, port unreachable");
+    assert_eq!(&icmp[8..], &sent[ETH_HLEN..ETH_HLEN + 48], "the quote: IPv6 and UDP headers");
+    let mut zeroed = icmp.to_vec();
+    zeroed[2..4].copy_from_slice(&[0, 0]);
+    let c = csum::l4_checksum_v6(ip[8..24].try_into().unwrap(), ip[24..40].try_into().unwrap(), 58, &zeroed);
+    assert_eq!(c, u16::from_ne_bytes([icmp[2], icmp[3]]), "ICMPv6 checksum");
+    // UDP behind an extension header: no answer (the quote would need it), dropped.
+    let (v, _) = dut.run(&Frame6 { ext: vec![(IPV6_DEST_OPTS, 8)], ..udp }.build());
+    assert_eq!(v, XDP_DROP);
+    assert_eq!(dut.stat(Stat::RejectNoBackend), 3);
+    assert_eq!(dut.stat(Stat::DropNoBackend), 2);
+    assert_eq!(dut.tracked(), 0);
 }

@@ -129,3 +129,51 @@ fn a_dual_stack_service_is_served_over_ipv6_and_ipv4() {
         serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
     assert!(stats["dnat_new"]["packets"].as_u64().unwrap() >= 130, "{stats}");
 }
+
+/// An IPv6-only Service without endpoints is refused at once, over IPv6: a TCP reset for the
+/// connect, an ICMPv6 port unreachable for the UDP datagram (ECONNREFUSED on the socket).
+#[test]
+fn an_ipv6_service_without_endpoints_is_refused_at_once() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a"]).expect("test bed");
+    add_ipv6(&bed);
+    bed.write_manifest(
+        "gone.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: gone, namespace: default}\nspec:\n  ipFamilies: [IPv6]\n  clusterIP: \"2001:db8:1::40\"\n  clusterIPs: [\"2001:db8:1::40\"]\n  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]\n",
+    )
+    .unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("[2001:db8:1::40]:80/TCP", 0, Duration::from_secs(10)).unwrap();
+    // The answers leave by XDP_TX: the client's veth needs an XDP program to take them at once
+    // (see the IPv4 test of the same name).
+    bed.client_takes_xdp_tx().expect("xdp-pass on the client");
+    let (tcp, udp) = bed.client.enter(|| {
+        let start = std::time::Instant::now();
+        let to: SocketAddr = "[2001:db8:1::40]:80".parse().unwrap();
+        let tcp = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .map(|_| ())
+            .map_err(|e| (e.kind(), start.elapsed()));
+        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+        s.connect("[2001:db8:1::40]:53").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = std::time::Instant::now();
+        s.send(b"anyone?").unwrap();
+        let udp = s.recv(&mut [0u8; 64]).map(|_| ()).map_err(|e| (e.kind(), start.elapsed()));
+        (tcp, udp)
+    });
+    for (what, r) in [("TCP connect", tcp), ("UDP receive", udp)] {
+        let (kind, took) = r.expect_err(what);
+        assert_eq!(
+            kind,
+            std::io::ErrorKind::ConnectionRefused,
+            "{what}: {kind:?} after {took:?}\n{}",
+            bed.logs()
+        );
+        assert!(took < Duration::from_secs(1), "{what} was refused only after {took:?}");
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(stats["reject_no_backend"]["packets"], 2, "{stats}");
+}
