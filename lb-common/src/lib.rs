@@ -195,8 +195,12 @@ pub const MAP_BACKENDS6: &str = "xlb_be6_v1";
 /// Connection tracking of IPv6 flows (LRU hash, [`Ct6Key`] -> [`Ct6Value`]).
 pub const MAP_CT6: &str = "xlb_ct6_v1";
 
+/// Socket-level translation for IPv6 sockets (LRU hash, [`SockNat6Key`] -> [`SockNat6Value`]):
+/// as [`MAP_SOCK_NAT`].
+pub const MAP_SOCK_NAT6: &str = "xlb_socknat6_v1";
+
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT,
@@ -212,6 +216,7 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES6,
     MAP_BACKENDS6,
     MAP_CT6,
+    MAP_SOCK_NAT6,
 ];
 
 /// The cgroup programs of socket-level load balancing: connections and datagrams of the node's
@@ -220,6 +225,11 @@ pub const PROG_SOCK_CONNECT4: &str = "xlb_sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "xlb_sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "xlb_sock_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "xlb_sock_getpeername4";
+/// The same for IPv6 sockets (IPv6 frontends).
+pub const PROG_SOCK_CONNECT6: &str = "xlb_sock_connect6";
+pub const PROG_SOCK_SENDMSG6: &str = "xlb_sock_sendmsg6";
+pub const PROG_SOCK_RECVMSG6: &str = "xlb_sock_recvmsg6";
+pub const PROG_SOCK_GETPEERNAME6: &str = "xlb_sock_getpeername6";
 
 /// Name of a program that passes every packet: on the receiving end of a veth, it makes the
 /// kernel deliver the frames the peer's XDP program sends back (XDP_TX) at once; it is also the
@@ -364,6 +374,35 @@ pub struct Ct6Value {
     pub snat_port: u16,
     /// Always zero.
     pub _pad: u16,
+}
+
+/// Key of [`MAP_SOCK_NAT6`]. 32 bytes. As [`SockNat4Key`], with an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockNat6Key {
+    pub cookie: u64,
+    /// Bytes as in the packet.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub proto: u8,
+    /// [`SOCK_NAT_REV`] or [`SOCK_NAT_FWD`].
+    pub kind: u8,
+    /// Always zero.
+    pub _pad: u32,
+}
+
+/// Value of [`MAP_SOCK_NAT6`]. 32 bytes. As [`SockNat4Value`], with an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockNat6Value {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+    /// The backend (index into [`MAP_BACKENDS6`]).
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub _pad2: u32,
 }
 
 /// Value of [`MAP_SERVICES`]. 16 bytes. All fields host order.
@@ -810,6 +849,8 @@ const _: () = {
     assert!(core::mem::size_of::<Backend6>() == 20);
     assert!(core::mem::size_of::<Ct6Key>() == 40);
     assert!(core::mem::size_of::<Ct6Value>() == 40);
+    assert!(core::mem::size_of::<SockNat6Key>() == 32);
+    assert!(core::mem::size_of::<SockNat6Value>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -835,4 +876,6 @@ mod pod {
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for Ct6Key {}
     unsafe impl aya::Pod for Ct6Value {}
+    unsafe impl aya::Pod for SockNat6Key {}
+    unsafe impl aya::Pod for SockNat6Value {}
 }

@@ -110,6 +110,27 @@ mod entry {
         crate::sock::reverse(&ctx)
     }
 
+    /// The IPv6 counterparts: sockets of family AF_INET6 calling IPv6 frontends.
+    #[cgroup_sock_addr(connect6)]
+    pub fn xlb_sock_connect6(ctx: SockAddrContext) -> i32 {
+        crate::sock::forward6(&ctx, false)
+    }
+
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn xlb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+        crate::sock::forward6(&ctx, true)
+    }
+
+    #[cgroup_sock_addr(recvmsg6)]
+    pub fn xlb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+        crate::sock::reverse6(&ctx)
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn xlb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+        crate::sock::reverse6(&ctx)
+    }
+
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         loop {}

@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig,
-    MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SockNat4Key, SockNat4Value, SrcRange4,
-    StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo, TraceRecord,
+    MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SockNat4Key, SockNat4Value, SockNat6Key,
+    SockNat6Value, SrcRange4, StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo, TraceRecord,
 };
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
@@ -109,3 +109,7 @@ pub struct Scratch6 {
 
 #[btf_map(name = "xlb_scratch6_v1")]
 pub static SCRATCH6: PerCpuArray<Scratch6, 1> = PerCpuArray::new();
+
+/// Socket-level translation of IPv6 sockets: as `SOCK_NAT`.
+#[btf_map(name = "xlb_socknat6_v1")]
+pub static SOCK_NAT6: LruHashMap<SockNat6Key, SockNat6Value, 65_536> = LruHashMap::new();

@@ -13,11 +13,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_STATE_FREE, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SOCK_NAT_FWD, SOCK_NAT_REV,
-    SVC_F_SOURCE_RANGES, SockNat4Key, SockNat4Value, Stat, Svc4Key,
+    SVC_F_SOURCE_RANGES, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, Stat, Svc4Key, Svc6Key,
 };
 
 use crate::{
-    maps::{BACKEND_FLOWS, BACKENDS, SERVICES, SOCK_NAT},
+    maps::{BACKEND_FLOWS, BACKENDS, BACKENDS6, SERVICES, SERVICES6, SOCK_NAT, SOCK_NAT6},
     stats::{atomic_add, count_atomic},
 };
 
@@ -147,4 +147,124 @@ fn rewrite(ctx: &SockAddrContext, addr: [u8; 4], port: u16) {
         (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(addr);
         (*ctx.sock_addr).user_port = u32::from(port.to_be());
     }
+}
+
+/// The IPv6 destination of a sock_addr call, bytes as in the packet.
+#[inline(always)]
+fn ip6_of(ctx: &SockAddrContext) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: user_ip6 is readable in these hooks, one u32 at a time.
+        let w = unsafe { (*ctx.sock_addr).user_ip6[i] }.to_ne_bytes();
+        out[4 * i..4 * i + 4].copy_from_slice(&w);
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn rewrite6(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) {
+    let mut i = 0;
+    while i < 4 {
+        let w = u32::from_ne_bytes([addr[4 * i], addr[4 * i + 1], addr[4 * i + 2], addr[4 * i + 3]]);
+        // SAFETY: user_ip6 and user_port are writable in these hooks, one u32 at a time.
+        unsafe { (*ctx.sock_addr).user_ip6[i] = w };
+        i += 1;
+    }
+    // SAFETY: as above.
+    unsafe { (*ctx.sock_addr).user_port = u32::from(port.to_be()) };
+}
+
+/// connect6 and sendmsg6: as [`forward`], for IPv6 frontends. (An IPv4-mapped address, an IPv6
+/// socket calling an IPv4 frontend, is left alone: no IPv6 frontend has one.)
+#[inline(always)]
+pub fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context the kernel passed; plain field reads that the verifier checks.
+    let (proto, port_be) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return ALLOW;
+    }
+    let addr = ip6_of(ctx);
+    let port = u16::from_be(port_be as u16);
+    let mut key = Svc6Key { addr, port, proto, scope: SCOPE_EXTERNAL, slot: 0, _pad: 0 };
+    let Some(svc) = SERVICES6.get_ptr(&key) else { return ALLOW };
+    // SAFETY: pointer from a lookup in this run.
+    let (n, svc_id, flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };
+    if flags & SVC_F_SOURCE_RANGES != 0 {
+        return ALLOW;
+    }
+    // SAFETY: the helper takes the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    if sendmsg {
+        let fwd = SockNat6Key { cookie, addr, port, proto, kind: SOCK_NAT_FWD, _pad: 0 };
+        if let Some(v) = SOCK_NAT6.get_ptr(&fwd) {
+            // SAFETY: as above.
+            let v = unsafe { &*v };
+            if let Some(be) = BACKENDS6.get(v.backend_id)
+                && be.state != BACKEND_STATE_FREE
+                && be.addr == v.addr
+                && be.port == v.port
+            {
+                rewrite6(ctx, &be.addr, be.port);
+                return ALLOW;
+            }
+        }
+    }
+    if n == 0 {
+        count_atomic(Stat::SockRefused);
+        set_retval(-ECONNREFUSED);
+        return REJECT;
+    }
+    // SAFETY: helper with no arguments.
+    let rnd = unsafe { bpf_get_prandom_u32() };
+    key.slot = (rnd % u32::from(n)) as u16 + 1;
+    let Some(slot) = SERVICES6.get_ptr(&key) else { return ALLOW };
+    // SAFETY: as above.
+    let backend_id = unsafe { (*slot).backend_id };
+    let Some(be) = BACKENDS6.get(backend_id) else { return ALLOW };
+    if be.state == BACKEND_STATE_FREE {
+        return ALLOW;
+    }
+    let rev = SockNat6Key { cookie, addr: be.addr, port: be.port, proto, kind: SOCK_NAT_REV, _pad: 0 };
+    let shown = SockNat6Value { addr, port, _pad: 0, backend_id, svc_id, _pad2: 0 };
+    if SOCK_NAT6.insert(&rev, &shown, 0).is_err() {
+        return ALLOW;
+    }
+    if sendmsg {
+        let fwd = SockNat6Key { cookie, addr, port, proto, kind: SOCK_NAT_FWD, _pad: 0 };
+        let chosen = SockNat6Value { addr: be.addr, port: be.port, _pad: 0, backend_id, svc_id, _pad2: 0 };
+        let _ = SOCK_NAT6.insert(&fwd, &chosen, 0);
+    }
+    rewrite6(ctx, &be.addr, be.port);
+    count_atomic(Stat::SockTranslated);
+    ALLOW
+}
+
+/// recvmsg6 and getpeername6: as [`reverse`], for IPv6 sockets.
+#[inline(always)]
+pub fn reverse6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in `forward6`.
+    let (proto, port_be) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return ALLOW;
+    }
+    // SAFETY: the helper takes the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let key = SockNat6Key {
+        cookie,
+        addr: ip6_of(ctx),
+        port: u16::from_be(port_be as u16),
+        proto,
+        kind: SOCK_NAT_REV,
+        _pad: 0,
+    };
+    if let Some(v) = SOCK_NAT6.get_ptr(&key) {
+        // SAFETY: as above.
+        let v = unsafe { &*v };
+        rewrite6(ctx, &v.addr, v.port);
+    }
+    ALLOW
 }

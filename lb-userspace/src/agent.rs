@@ -579,7 +579,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             info!(
                 cgroup = %dir.display(),
                 replaced,
-                "attached socket-level balancing (connect4, sendmsg4, recvmsg4, getpeername4)"
+                "attached socket-level balancing (connect, sendmsg, recvmsg, getpeername; IPv4 and IPv6)"
             );
         }
         None => {

@@ -18,11 +18,15 @@ use lb_common::{
 };
 
 /// The socket-level programs, each with the name of its link's pin.
-pub const SOCK_PROGRAMS: [(&str, &str); 4] = [
+pub const SOCK_PROGRAMS: [(&str, &str); 8] = [
     (PROG_SOCK_CONNECT4, "sock_connect4"),
     (PROG_SOCK_SENDMSG4, "sock_sendmsg4"),
     (PROG_SOCK_RECVMSG4, "sock_recvmsg4"),
     (PROG_SOCK_GETPEERNAME4, "sock_getpeername4"),
+    (lb_common::PROG_SOCK_CONNECT6, "sock_connect6"),
+    (lb_common::PROG_SOCK_SENDMSG6, "sock_sendmsg6"),
+    (lb_common::PROG_SOCK_RECVMSG6, "sock_recvmsg6"),
+    (lb_common::PROG_SOCK_GETPEERNAME6, "sock_getpeername6"),
 ];
 
 /// The object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
@@ -162,7 +166,8 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
         .map_max_entries(lb_common::MAP_AFFINITY, caps.affinity_entries)
         .map_max_entries(lb_common::MAP_SERVICES6, caps.ipv6_entries)
         .map_max_entries(lb_common::MAP_BACKENDS6, caps.ipv6_entries)
-        .map_max_entries(lb_common::MAP_CT6, caps.ipv6_entries);
+        .map_max_entries(lb_common::MAP_CT6, caps.ipv6_entries)
+        .map_max_entries(lb_common::MAP_SOCK_NAT6, caps.ipv6_entries);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)

@@ -633,7 +633,7 @@ pub fn requests_from(
     ns: &Netns,
     cgroup: Option<&Path>,
     udp: bool,
-    to: SocketAddrV4,
+    to: SocketAddr,
     count: usize,
 ) -> anyhow::Result<Vec<Result<Answer, String>>> {
     let mut cmd = Command::new("ip");

@@ -4,7 +4,9 @@
 //! serves both families: TCP connections and UDP datagrams to the IPv6 clusterIP reach both pods
 //! at their IPv6 addresses on targetPort, every answer comes back from the clusterIP, the pods
 //! see the client's own address; the IPv4 clusterIP still reaches the pods at their IPv4
-//! addresses; and an endpoint removed from the IPv6 slice takes no new flows.
+//! addresses; the node's own processes reach the IPv6 clusterIP at the socket (connect6,
+//! sendmsg6, recvmsg6, getpeername6); and an endpoint removed from the IPv6 slice takes no new
+//! flows.
 //!
 //! Needs root. Without it the test skips, unless XLB_REQUIRE_PRIVILEGED=1 (CI), where it fails.
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
@@ -117,6 +119,27 @@ fn a_dual_stack_service_is_served_over_ipv6_and_ipv4() {
     for _ in 0..10 {
         let a = bed.client.enter(|| tcp_request(v4, Duration::from_secs(3))).unwrap();
         assert!(a.server.ip().is_ipv4() && a.from == SocketAddr::from(v4), "{a:?}");
+    }
+
+    // The node's own processes (in its cgroup) reach the IPv6 clusterIP at the socket: the node
+    // has no route to it, and getpeername and recvmsg report the clusterIP.
+    let cg = bed
+        .cgroup
+        .as_ref()
+        .map(|c| c.path.clone())
+        .expect("a cgroup v2 hierarchy for socket-level balancing");
+    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
+    for (udp, to, target) in [(false, tcp, 8080), (true, udp, 5353)] {
+        let answers = xlb_tests::requests_from(&testbed, &bed.node, Some(&cg), udp, to, 20).unwrap();
+        let mut pods = BTreeSet::new();
+        for a in answers {
+            let a = a.unwrap_or_else(|e| panic!("a node process to {to}: {e}\n{}", bed.logs()));
+            assert_eq!(a.from, to, "the socket reports the clusterIP");
+            assert_eq!(a.server.port(), target);
+            assert!(a.server.ip().is_ipv6(), "{a:?}");
+            pods.insert(a.pod);
+        }
+        assert_eq!(pods.len(), 2, "{to}: both pods from the node's processes");
     }
 
     // pod-a leaves the IPv6 slice: new IPv6 flows reach pod-b only.

@@ -54,7 +54,7 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     let before = ids(&bed);
 
     let stop = AtomicBool::new(false);
-    let vip = "198.18.0.10:80".parse().unwrap();
+    let vip: std::net::SocketAddrV4 = "198.18.0.10:80".parse().unwrap();
     let mut agent = bed.agent.take().expect("agent running");
     let bed_ref = &bed;
     let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
@@ -65,7 +65,9 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
         let node_client = s.spawn(|| {
             let mut out = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                out.extend(requests_from(&testbed, &bed.node, Some(&cg), false, vip, 5).expect("request"));
+                out.extend(
+                    requests_from(&testbed, &bed.node, Some(&cg), false, vip.into(), 5).expect("request"),
+                );
             }
             out
         });
@@ -126,8 +128,8 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     assert!(bed.pin_dir.join("links/xdp_eth0").exists());
     // One program per socket hook: the old agent's links went when the new ones took their pins.
     let progs = cgroup_programs(&cg);
-    assert_eq!(progs.len(), 4, "{progs:?}");
-    assert!(log.contains("attached socket-level balancing") && log.contains("replaced=4"), "{log}");
+    assert_eq!(progs.len(), 8, "IPv4 and IPv6, four each: {progs:?}");
+    assert!(log.contains("attached socket-level balancing") && log.contains("replaced=8"), "{log}");
 
     // `xlb cleanup` after the agent stops: the pins go, and with them the program.
     bed.agent.take().unwrap().stop(Duration::from_secs(5));
@@ -140,7 +142,7 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     let r = bed.client.enter(|| tcp_request(vip, Duration::from_secs(1)));
     assert!(r.is_err(), "after cleanup no program translates the ClusterIP: {r:?}");
     assert_eq!(cgroup_programs(&cg), Vec::<String>::new(), "the socket programs are detached too");
-    let r = requests_from(&testbed, &bed.node, Some(&cg), false, vip, 1).unwrap();
+    let r = requests_from(&testbed, &bed.node, Some(&cg), false, vip.into(), 1).unwrap();
     assert!(r[0].is_err(), "after cleanup the node's processes reach no ClusterIP: {r:?}");
 }
 

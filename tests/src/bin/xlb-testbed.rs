@@ -11,7 +11,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use xlb_tests::{
-    Answer, TwoNodes, install_interrupt_flag, requests_from, serve, tcp_request, udp_request, workspace_bin,
+    Answer, TwoNodes, install_interrupt_flag, requests_from, serve, tcp_request, tcp_request_to,
+    udp_request_to, workspace_bin,
 };
 
 /// How long `request` waits for a connection or an answer.
@@ -46,7 +47,7 @@ fn main() -> anyhow::Result<()> {
         Some("request") => {
             let t = Target::parse(&args[1..], 1, 0)?;
             for _ in 0..t.count {
-                let r = if t.udp { udp_request(t.to, TIMEOUT) } else { tcp_request(t.to, TIMEOUT) };
+                let r = if t.udp { udp_request_to(t.to, TIMEOUT) } else { tcp_request_to(t.to, TIMEOUT) };
                 match r {
                     Ok(a) => println!("ok {} {} {} {}", a.pod, a.server, a.peer, a.from),
                     Err(e) => println!("err {e:#}"),
@@ -60,7 +61,8 @@ fn main() -> anyhow::Result<()> {
             // One connection (TCP, or a connected UDP socket) used every interval; on an error
             // it says so and connects again. Each line: epoch ms, then `ok POD` or `err ...`.
             let t = Target::parse(&args[1..], 10, 50)?;
-            session(t.to, t.udp, t.count, t.every)
+            let std::net::SocketAddr::V4(to) = t.to else { anyhow::bail!("session: IPv4 only") };
+            session(to, t.udp, t.count, t.every)
         }
         Some("kpb-plugin") => xlb_tests::kpb::main(&args[1..]),
         Some("demo") => {
@@ -80,7 +82,7 @@ fn main() -> anyhow::Result<()> {
 
 /// `(--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]`.
 struct Target {
-    to: SocketAddrV4,
+    to: std::net::SocketAddr,
     udp: bool,
     count: usize,
     every: Duration,
@@ -93,8 +95,8 @@ impl Target {
         while let Some(a) = it.next() {
             let v = it.next().unwrap_or_else(|| usage());
             match a.as_str() {
-                "--tcp" => to = Some(v.parse::<SocketAddrV4>()?),
-                "--udp" => (to, udp) = (Some(v.parse::<SocketAddrV4>()?), true),
+                "--tcp" => to = Some(v.parse::<std::net::SocketAddr>()?),
+                "--udp" => (to, udp) = (Some(v.parse::<std::net::SocketAddr>()?), true),
                 "--count" => count = v.parse()?,
                 "--interval-ms" => every_ms = v.parse()?,
                 _ => usage(),
@@ -224,7 +226,7 @@ fn demo(stop: &AtomicBool) -> anyhow::Result<()> {
         "     (pod-b landing on itself is hairpinned: SNATed to the Service address, so it sees 198.18.0.10)"
     );
     if let Some(cg) = &bed.cgroups[0] {
-        let answers = requests_from(&testbed, &bed.nodes[0], Some(&cg.path), false, vip, 10)?
+        let answers = requests_from(&testbed, &bed.nodes[0], Some(&cg.path), false, vip.into(), 10)?
             .into_iter()
             .map(|r| r.map_err(|e| anyhow::anyhow!(e)))
             .collect();
