@@ -199,8 +199,12 @@ pub const MAP_CT6: &str = "xlb_ct6_v1";
 /// as [`MAP_SOCK_NAT`].
 pub const MAP_SOCK_NAT6: &str = "xlb_socknat6_v1";
 
+/// `loadBalancerSourceRanges` of IPv6 service ports (LPM trie, [`SrcRange6`] with prefix length
+/// 32 + the range's -> 1): as [`MAP_SOURCE_RANGES`].
+pub const MAP_SOURCE_RANGES6: &str = "xlb_srcrange6_v1";
+
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT,
@@ -217,6 +221,7 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_BACKENDS6,
     MAP_CT6,
     MAP_SOCK_NAT6,
+    MAP_SOURCE_RANGES6,
 ];
 
 /// The cgroup programs of socket-level load balancing: connections and datagrams of the node's
@@ -458,6 +463,16 @@ pub struct SrcRange4 {
     pub svc_id: u32,
     /// Client address prefix, bytes as in the packet.
     pub addr: [u8; 4],
+}
+
+/// The data of a [`MAP_SOURCE_RANGES6`] key: as [`SrcRange4`], with an IPv6 prefix. 20 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange6 {
+    /// Service port id, host order (matched whole).
+    pub svc_id: u32,
+    /// Client address prefix, bytes as in the packet.
+    pub addr: [u8; 16],
 }
 
 /// Value of [`MAP_BACKENDS`]. 8 bytes.
@@ -839,6 +854,7 @@ const _: () = {
     assert!(core::mem::size_of::<TraceRecord>() == 32);
     assert!(Stat::CtExpired as u32 + 1 == STAT_COUNT);
     assert!(core::mem::size_of::<SrcRange4>() == 8);
+    assert!(core::mem::size_of::<SrcRange6>() == 20);
     assert!(core::mem::size_of::<RejectBucket>() == 16);
     assert!(core::mem::size_of::<SockNat4Key>() == 16);
     assert!(core::mem::size_of::<DatapathConfig>() == 24);
@@ -867,6 +883,7 @@ mod pod {
     unsafe impl aya::Pod for SvcInfo {}
     unsafe impl aya::Pod for TraceRecord {}
     unsafe impl aya::Pod for SrcRange4 {}
+    unsafe impl aya::Pod for SrcRange6 {}
     unsafe impl aya::Pod for SockNat4Key {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for Affinity4Key {}

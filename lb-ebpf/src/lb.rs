@@ -38,6 +38,33 @@ fn step(rec: Rec, f: impl FnOnce(&mut TraceRecord)) {
     }
 }
 
+/// The datapath's entry: IPv6 frames to [`crate::lb6`], the rest to [`process`] in a subprogram
+/// of its own. Its frame (the IPv4 path, all inline) and the IPv6 path's chain of subprograms
+/// would not fit in the 512 bytes of stack one call chain may use if one called the other.
+#[inline(always)]
+pub fn datapath(ctx: &XdpContext) -> Result<u32, ()> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    // SAFETY: the 14-byte Ethernet header is bounds-checked first.
+    if data + parse::ETH_HLEN <= end && u16::from_be(unsafe { parse::load16(data + 12) }) == parse::ETH_P_IPV6
+    {
+        let bytes = (end - data) as u64;
+        count(Stat::Rx, bytes);
+        return match crate::lb6::process(data, end, bytes)? {
+            crate::lb6::REJECT if reject::answer6(ctx.ctx) => {
+                verdict(None, Stat::RejectNoBackend, bytes, xdp_action::XDP_TX)
+            }
+            crate::lb6::REJECT => drop(None, Stat::DropNoBackend, bytes),
+            action => Ok(action),
+        };
+    }
+    process_v4(ctx.ctx)
+}
+
+#[inline(never)]
+fn process_v4(ctx: *mut aya_ebpf::bindings::xdp_md) -> Result<u32, ()> {
+    process::<false>(&XdpContext::new(ctx))
+}
+
 #[inline(always)]
 pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     let rec: Rec = if TRACE_MODE { TRACE.get_ptr_mut(0) } else { None };
@@ -51,17 +78,8 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     let pkt = match parse::parse(ctx.data(), ctx.data_end()) {
         Parsed::L4(pkt) => pkt,
         Parsed::NotIpv4 => return pass(rec, Stat::PassNotIpv4, bytes),
-        // IPv6 has a path of its own; the trace program does not follow it yet.
-        Parsed::Ipv6 if TRACE_MODE => return pass(rec, Stat::PassNotIpv4, bytes),
-        Parsed::Ipv6 => {
-            return match crate::lb6::process(ctx.data(), ctx.data_end(), bytes)? {
-                crate::lb6::REJECT if reject::answer6(ctx.ctx) => {
-                    verdict(rec, Stat::RejectNoBackend, bytes, xdp_action::XDP_TX)
-                }
-                crate::lb6::REJECT => drop(rec, Stat::DropNoBackend, bytes),
-                action => Ok(action),
-            };
-        }
+        // IPv6 has a path of its own (see `datapath`); the trace program does not follow it yet.
+        Parsed::Ipv6 => return pass(rec, Stat::PassNotIpv4, bytes),
         Parsed::Malformed => return pass(rec, Stat::PassMalformed, bytes),
         Parsed::OtherProto => {
             let stat = if icmp::translate(ctx.data(), ctx.data_end()) {

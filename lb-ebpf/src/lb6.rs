@@ -2,21 +2,29 @@
 //! of [`SERVICES6`], or pass. The same semantics as the IPv4 path in `lb`, over the IPv6 maps:
 //! DNAT to a backend chosen at random among the selectable slots, the reply's source written
 //! back to the frontend, both directions tracked, idle flows forgotten by the same lifetimes.
+//! Frontends on the node's own addresses (node ports, hostPorts) have their replies translated
+//! at TC egress ([`egress`]), and are SNATed to the node when the endpoint is on another node;
+//! a pod reaching itself through its Service is SNATed to the frontend (hairpin).
 //! The L4 checksum is updated incrementally (IPv6 has no header checksum).
 //!
 //! Keys and values are built in a per-CPU scratch area ([`SCRATCH6`]) and the larger steps are
 //! BPF subprograms (`#[inline(never)]`) with frames of their own: IPv6's 16-byte addresses,
 //! 40-byte keys and values would otherwise outgrow the 512 bytes of stack.
-use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_get_prandom_u32};
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, xdp_action},
+    helpers::generated::bpf_get_prandom_u32,
+    programs::TcContext,
+};
 use lb_common::{
-    BACKEND_STATE_FREE, Backend6, CT_DIR_FORWARD, CT_DIR_REPLY, Ct6Key, Ct6Value, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_EXTERNAL, SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, Stat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-    csum,
+    BACKEND_F_LOCAL, BACKEND_STATE_FREE, Backend6, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT,
+    CT_DIR_SNAT_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, CT_F_SNAT, Ct6Key, Ct6Value, IPPROTO_TCP,
+    IPPROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_NO_LOCAL_ENDPOINT,
+    SVC_F_SOURCE_RANGES, SrcRange6, Stat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, csum,
 };
 
 use crate::{
     ct,
-    maps::{BACKENDS6, CT6, SCRATCH6, SERVICES6, Scratch6},
+    maps::{BACKENDS6, CT6, SCRATCH_TC, SCRATCH_XDP, SCRATCH6, SERVICES6, SOURCE_RANGES6, Scratch6},
     nat::Side,
     parse::{self, Packet6, Parsed6, load_addr6, load16, store16},
     stats::count,
@@ -81,6 +89,27 @@ fn rewrite(pkt: &Packet6, side: Side, addr: &[u8; 16], port: u16) {
     }
 }
 
+/// Writes `port` (host order) into the chosen side of `pkt` and fixes the L4 checksum.
+#[inline(never)]
+fn rewrite_port(pkt: &Packet6, side: Side, port: u16) {
+    let off = match side {
+        Side::Source => 0,
+        Side::Destination => 2,
+    };
+    let port = port.to_be();
+    // SAFETY: parse6() bounds-checked the L4 header, which holds the ports and the checksum.
+    unsafe {
+        let old_port = load16(pkt.l4 + off);
+        let old_l4 = load16(pkt.l4_check);
+        let mut l4 = csum::replace2(old_l4, old_port, port);
+        if pkt.proto == IPPROTO_UDP {
+            l4 = csum::udp_fixup(old_l4, l4);
+        }
+        store16(pkt.l4_check, l4);
+        store16(pkt.l4 + off, port);
+    }
+}
+
 /// As `ct::flow_over`: the flow tracked by `fwd` (found at `s.key`) is idle past its lifetime
 /// in both directions, or a new connection comes on a tuple whose last connection closed.
 #[inline(never)]
@@ -94,12 +123,14 @@ fn flow_over(s: &mut Scratch6, fwd: &Ct6Value, pkt: &Packet6, now: u32) -> bool 
     if now == fwd.last_seen || now.wrapping_sub(fwd.last_seen) <= ct::lifetime(s.key.proto, fwd.tcp_flags) {
         return false;
     }
-    // The reply entry: backend -> client.
+    // The reply entry: backend -> client, or backend -> node:SNAT port for a SNATed flow (the
+    // node address being the frontend the client called).
+    let snat = fwd.flags & CT_F_SNAT != 0;
     s.key2 = Ct6Key {
         saddr: fwd.nat_addr,
-        daddr: s.key.saddr,
+        daddr: if snat { s.key.daddr } else { s.key.saddr },
         sport: fwd.nat_port,
-        dport: s.key.sport,
+        dport: if snat { fwd.snat_port } else { s.key.sport },
         proto: s.key.proto,
         dir: CT_DIR_REPLY,
         _pad: 0,
@@ -113,12 +144,14 @@ fn flow_over(s: &mut Scratch6, fwd: &Ct6Value, pkt: &Packet6, now: u32) -> bool 
     }
 }
 
-/// Tracks a new flow to `be`: the reply entry first (its packets must be recognised once the
-/// forward one translates), then the forward entry (`s.key` holds the packet's tuple, forward).
-/// `false` when an insert failed.
+/// Tracks a new flow to `be` (`s.backend_id`, of `s.svc_id`): the reply entry first (its packets
+/// must be recognised once the forward one translates), then the forward entry (`s.key` holds
+/// the packet's tuple, forward). The reply entry gets `reply_flags`. `false` when an insert
+/// failed.
 #[inline(never)]
-fn create(s: &mut Scratch6, pkt: &Packet6, be: &Backend6, backend_id: u32, svc_id: u32) -> bool {
+fn create(s: &mut Scratch6, pkt: &Packet6, be: &Backend6, reply_flags: u8) -> bool {
     let now = ct::now_secs();
+    let (backend_id, svc_id) = (s.backend_id, s.svc_id);
     // The reply entry: (backend -> client), written back as (frontend -> client).
     s.key2 = Ct6Key {
         saddr: be.addr,
@@ -133,7 +166,7 @@ fn create(s: &mut Scratch6, pkt: &Packet6, be: &Backend6, backend_id: u32, svc_i
         nat_addr: s.key.daddr,
         nat_port: s.key.dport,
         tcp_flags: 0,
-        flags: 0,
+        flags: reply_flags,
         backend_id,
         svc_id,
         created: now,
@@ -147,7 +180,136 @@ fn create(s: &mut Scratch6, pkt: &Packet6, be: &Backend6, backend_id: u32, svc_i
     s.val.nat_addr = be.addr;
     s.val.nat_port = be.port;
     s.val.tcp_flags = pkt.tcp_flags;
+    s.val.flags = 0;
     CT6.insert(&s.key, &s.val, 0).is_ok()
+}
+
+/// BPF_NOEXIST: insert only if the key is new.
+const NOEXIST: u64 = 1;
+
+/// Inserts `val` at `key` if the key is free (of two CPUs claiming it, one wins) or held by an
+/// entry idle past its lifetime.
+#[inline(always)]
+fn claim(key: &Ct6Key, val: &Ct6Value, now: u32) -> bool {
+    if CT6.insert(key, val, NOEXIST).is_ok() {
+        return true;
+    }
+    // SAFETY: pointer from a lookup in this run; plain integer reads.
+    let stale = CT6.get_ptr(key).is_some_and(|e| unsafe {
+        now.wrapping_sub((*e).last_seen) > ct::lifetime(key.proto, (*e).tcp_flags)
+    });
+    stale && CT6.insert(key, val, 0).is_ok()
+}
+
+/// As `ct::create_snat`, for IPv6: tracks a new flow from a node-address frontend to a backend on
+/// another node, or a hairpin flow, with four entries:
+///
+/// - (backend -> frontend:SNAT port, reply): write the client back as destination, at XDP;
+/// - (backend -> client, SNAT reply): write the frontend back as source, at TC egress;
+/// - (client:SNAT port -> backend, SNAT): write the frontend as source, at TC egress;
+/// - (client -> frontend, forward): the DNAT and the SNAT port; written last.
+///
+/// The SNAT port is drawn from a hash of the flow and probed until both keys it needs are free
+/// and the client has no flow of its own from that port to that backend. Returns the port, 0 when
+/// none was free among the probes or an insert failed.
+#[inline(never)]
+fn create_snat(s: &mut Scratch6, pkt: &Packet6) -> u16 {
+    // Every key and value is written in place in the scratch area: built on the stack, they would
+    // take this subprogram past what the call chain may use.
+    let now = ct::now_secs();
+    let proto = pkt.proto;
+    // The base value: the client, written back as destination of the backend's replies.
+    s.val.nat_addr = s.key.saddr;
+    s.val.nat_port = s.key.sport;
+    s.val.tcp_flags = 0;
+    s.val.flags = CT_F_DNAT_BACK;
+    s.val.backend_id = s.backend_id;
+    s.val.svc_id = s.svc_id;
+    s.val.created = now;
+    s.val.last_seen = now;
+    s.val.snat_port = 0;
+    s.val._pad = 0;
+    // The SNAT entry's value: the frontend, as source, with the port set below.
+    s.val2 = s.val;
+    s.val2.nat_addr = s.key.daddr;
+    s.val2.flags = 0;
+    let w = |a: &[u8; 16]| u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+    let h = w(&s.key.saddr).wrapping_mul(0x9e37_79b1)
+        ^ u32::from(s.key.sport).wrapping_mul(0x85eb_ca6b)
+        ^ w(&s.be.addr).wrapping_mul(0xc2b2_ae35)
+        ^ u32::from(s.be.port);
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let mut snat_port = 0u16;
+    let mut i = 0u32;
+    while i < 16 {
+        let port = SNAT_PORT_MIN + ((h.wrapping_add(i)) % range) as u16;
+        i += 1;
+        if claim_port(s, port, now) {
+            snat_port = port;
+            break;
+        }
+    }
+    if snat_port == 0 {
+        return 0;
+    }
+    // (backend -> client): the frontend back as source at egress.
+    let be = s.be;
+    set_key(&mut s.key2, &be.addr, &s.key.saddr, be.port, s.key.sport, proto, CT_DIR_SNAT_REPLY);
+    s.val2.nat_addr = s.key.daddr;
+    s.val2.nat_port = s.key.dport;
+    s.val2.flags = CT_F_EGRESS_REVNAT;
+    if CT6.insert(&s.key2, &s.val2, 0).is_err() {
+        return 0;
+    }
+    // The forward entry: the DNAT and the SNAT port.
+    s.val2.nat_addr = be.addr;
+    s.val2.nat_port = be.port;
+    s.val2.tcp_flags = pkt.tcp_flags;
+    s.val2.flags = CT_F_SNAT;
+    s.val2.snat_port = snat_port;
+    if CT6.insert(&s.key, &s.val2, 0).is_err() {
+        return 0;
+    }
+    snat_port
+}
+
+/// One probe of [`create_snat`]: claims `port` for the flow at `s.key` to `s.be`, or leaves
+/// everything as it was. A subprogram of its own, so that the probe loop keeps few values alive
+/// (spilled, they would outgrow the call chain's stack).
+#[inline(never)]
+fn claim_port(s: &mut Scratch6, port: u16, now: u32) -> bool {
+    let proto = s.key.proto;
+    let be = s.be;
+    // The client's own flow from that port to that backend (not SNATed) would look alike at
+    // egress.
+    set_key(&mut s.key3, &be.addr, &s.key.saddr, be.port, port, proto, CT_DIR_REPLY);
+    if CT6.get_ptr(&s.key3).is_some() {
+        return false;
+    }
+    // Claim (backend -> frontend:port), then (client:port -> backend).
+    set_key(&mut s.key2, &be.addr, &s.key.daddr, be.port, port, proto, CT_DIR_REPLY);
+    if !claim(&s.key2, &s.val, now) {
+        return false;
+    }
+    set_key(&mut s.key3, &s.key.saddr, &be.addr, port, be.port, proto, CT_DIR_SNAT);
+    s.val2.nat_port = port;
+    if !claim(&s.key3, &s.val2, now) {
+        let _ = CT6.remove(&s.key2);
+        return false;
+    }
+    true
+}
+
+/// Writes a conntrack key in place.
+#[inline(always)]
+fn set_key(k: &mut Ct6Key, saddr: &[u8; 16], daddr: &[u8; 16], sport: u16, dport: u16, proto: u8, dir: u8) {
+    k.saddr = *saddr;
+    k.daddr = *daddr;
+    k.sport = sport;
+    k.dport = dport;
+    k.proto = proto;
+    k.dir = dir;
+    k._pad = 0;
 }
 
 /// Returned by [`process`] for a new flow to a frontend without endpoints: the caller sends the
@@ -166,7 +328,7 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
         Parsed6::OtherProto => return verdict(Stat::PassOtherProto, bytes, pass),
         Parsed6::Fragment => return verdict(Stat::PassFragment, bytes, pass),
     };
-    let Some(s) = SCRATCH6.get_ptr_mut(0) else { return verdict(Stat::PassNoService, bytes, pass) };
+    let Some(s) = SCRATCH6.get_ptr_mut(SCRATCH_XDP) else { return verdict(Stat::PassNoService, bytes, pass) };
     // SAFETY: the per-CPU scratch entry; this program run is the only user on this CPU.
     let s = unsafe { &mut *s };
     fill_key(&mut s.key, &pkt, CT_DIR_FORWARD);
@@ -187,6 +349,11 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
                 {
                     ct::touch(entry, pkt.tcp_flags, now);
                     rewrite(&pkt, Side::Destination, &be.addr, be.port);
+                    // Non-zero only in the forward entry of a SNATed flow: the port now, the
+                    // address at TC egress.
+                    if fwd.snat_port != 0 {
+                        rewrite_port(&pkt, Side::Source, fwd.snat_port);
+                    }
                     return verdict(Stat::DnatEstablished, bytes, pass);
                 }
                 _ => {
@@ -202,7 +369,16 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
             ct::touch(entry, pkt.tcp_flags, ct::now_secs());
             // SAFETY: as above.
             let e = unsafe { &*entry };
-            rewrite(&pkt, Side::Source, &e.nat_addr, e.nat_port);
+            if e.flags & CT_F_DNAT_BACK != 0 {
+                // A reply to a SNATed flow: back to the client; TC egress then gives it the
+                // frontend as source.
+                rewrite(&pkt, Side::Destination, &e.nat_addr, e.nat_port);
+            } else if e.flags & CT_F_EGRESS_REVNAT != 0 {
+                // The source becomes a local address: routed first, translated at TC egress.
+                return verdict(Stat::PassEgressRevNat, bytes, pass);
+            } else {
+                rewrite(&pkt, Side::Source, &e.nat_addr, e.nat_port);
+            }
             return verdict(Stat::RevNat, bytes, pass);
         }
         s.key.dir = CT_DIR_FORWARD;
@@ -226,9 +402,12 @@ fn new_flow(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
     };
     // SAFETY: pointer from a lookup in this run; plain integer reads.
     let (n, svc_id, flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };
-    // Source ranges are not kept for IPv6 frontends yet: closed rather than open.
     if flags & SVC_F_SOURCE_RANGES != 0 {
-        return verdict(Stat::DropSourceRange, bytes, drop);
+        s.range.prefix_len = 32 + 128;
+        s.range.data = SrcRange6 { svc_id, addr: s.key.saddr };
+        if SOURCE_RANGES6.get(&s.range).is_none() {
+            return verdict(Stat::DropSourceRange, bytes, drop);
+        }
     }
     if n == 0 {
         // As for IPv4: the client is told at once, unless only a traffic policy Local leaves
@@ -252,10 +431,106 @@ fn new_flow(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
     if be.state == BACKEND_STATE_FREE {
         return verdict(Stat::DropStaleSlot, bytes, drop);
     }
-    if !create(s, pkt, be, backend_id, svc_id) {
+    s.backend_id = backend_id;
+    s.svc_id = svc_id;
+    let local_frontend = flags & SVC_F_LOCAL != 0;
+    // Hairpin: a pod landing on itself through its Service; SNAT to the frontend, as for IPv4.
+    let hairpin = be.addr == s.key.saddr;
+    let mut snat_port = 0;
+    if hairpin || (local_frontend && be.flags & BACKEND_F_LOCAL == 0) {
+        // The endpoint is on another node, or is the client itself: SNAT, so that its reply
+        // comes back here.
+        s.be = *be;
+        snat_port = create_snat(s, pkt);
+        if snat_port == 0 {
+            return verdict(Stat::DropCtFull, bytes, drop);
+        }
+    } else if !create(s, pkt, be, if local_frontend { CT_F_EGRESS_REVNAT } else { 0 }) {
         return verdict(Stat::DropCtFull, bytes, drop);
     }
     count(Stat::CtCreated, 0);
     rewrite(pkt, Side::Destination, &be.addr, be.port);
+    if snat_port != 0 {
+        rewrite_port(pkt, Side::Source, snat_port);
+    }
     verdict(Stat::DnatNew, bytes, pass)
+}
+
+/// TC egress for IPv6, as `tc::egress`: a SNATed flow leaving towards its backend gets the
+/// frontend (the node address) as source; a SNATed flow's reply, or the reply of a flow to a
+/// node address, gets the frontend the client called as source. A subprogram given the raw
+/// context (see [`process`]).
+#[inline(never)]
+pub fn egress(skb: *mut __sk_buff) {
+    let ctx = TcContext::new(skb);
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let Parsed6::L4(pkt) = parse::parse6(data, end) else { return };
+    let Some(s) = SCRATCH6.get_ptr_mut(SCRATCH_TC) else { return };
+    // SAFETY: the per-CPU scratch entry of TC egress; this program run is its only user.
+    let s = unsafe { &mut *s };
+    fill_key(&mut s.key, &pkt, CT_DIR_SNAT);
+    let stat = if let Some(e) = CT6.get_ptr(&s.key) {
+        // SAFETY: pointer from a lookup in this run; plain reads.
+        unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };
+        Stat::EgressSnat
+    } else {
+        s.key.dir = CT_DIR_SNAT_REPLY;
+        if let Some(e) = CT6.get_ptr(&s.key) {
+            // SAFETY: as above.
+            unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };
+        } else {
+            s.key.dir = CT_DIR_REPLY;
+            let Some(e) = CT6.get_ptr(&s.key) else { return };
+            // SAFETY: as above.
+            let flags = unsafe { (*e).flags };
+            if flags & CT_F_EGRESS_REVNAT == 0 {
+                return; // translated at XDP already
+            }
+            // SAFETY: as above.
+            unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };
+        }
+        Stat::EgressRevNat
+    };
+    let (l3, l4) = (pkt.l3 - data, pkt.l4 - data);
+    let l4_check = pkt.l4_check - data;
+    let mut old = [0u32; 4];
+    let mut new = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: parse6() bounds-checked the 40-byte IPv6 header.
+        old[i] =
+            unsafe { u32::from(load16(pkt.l3 + 8 + 4 * i)) | (u32::from(load16(pkt.l3 + 10 + 4 * i)) << 16) };
+        let a = &s.val.nat_addr;
+        new[i] = u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
+        i += 1;
+    }
+    // SAFETY: as above (the L4 header: ports and checksum).
+    let old_port = unsafe { load16(pkt.l4) };
+    let new_port = s.val.nat_port.to_be();
+    let mangled = if pkt.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    // The helpers keep the checksum right for every skb checksum state (partial included); the
+    // pseudo-header covers the address, 4 bytes at a time.
+    let mut ok = true;
+    let mut i = 0;
+    while i < 4 {
+        if old[i] != new[i] {
+            ok = ok
+                && ctx
+                    .l4_csum_replace(
+                        l4_check,
+                        u64::from(old[i]),
+                        u64::from(new[i]),
+                        u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
+                    )
+                    .is_ok();
+        }
+        i += 1;
+    }
+    let ok = ok
+        && ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(new_port), mangled | 2).is_ok()
+        && ctx.store(l3 + 8, &s.val.nat_addr, 0).is_ok()
+        && ctx.store(l4, &new_port, 0).is_ok();
+    if ok {
+        count(stat, u64::from(ctx.len()));
+    }
 }

@@ -50,7 +50,7 @@ mod entry {
     /// packets to a frontend towards a backend, and replies from a backend back to the frontend.
     #[xdp]
     pub fn xlb_xdp(ctx: XdpContext) -> u32 {
-        match crate::lb::process::<false>(&ctx) {
+        match crate::lb::datapath(&ctx) {
             Ok(verdict) => verdict,
             // Only reachable if the packet changed under us; never lose it silently.
             Err(()) => xdp_action::XDP_PASS,

@@ -1,13 +1,13 @@
 //! The maps, one line of purpose each. Names and layouts come from lb-common; capacities here are
 //! defaults that the agent overrides at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig,
     MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SockNat4Key, SockNat4Value, SockNat6Key,
-    SockNat6Value, SrcRange4, StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo, TraceRecord,
+    SockNat6Value, SrcRange4, SrcRange6, StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo, TraceRecord,
 };
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
@@ -97,7 +97,6 @@ pub static CT6: LruHashMap<Ct6Key, Ct6Value, 65_536> = LruHashMap::new();
 /// Scratch space of the IPv6 path, per CPU: its keys and values (40 bytes each) live here rather
 /// than on the 512-byte stack. Never pinned; nothing outside one program run reads it.
 #[repr(C)]
-#[derive(Clone, Copy)]
 pub struct Scratch6 {
     /// The packet's own tuple (forward, then reply direction).
     pub key: Ct6Key,
@@ -105,10 +104,28 @@ pub struct Scratch6 {
     pub key2: Ct6Key,
     pub val: Ct6Value,
     pub svc: Svc6Key,
+    /// A third key and a second value: a SNATed flow has four entries to build.
+    pub key3: Ct6Key,
+    pub val2: Ct6Value,
+    /// The new flow's backend (a copy), its id and service port.
+    pub be: Backend6,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    /// The loadBalancerSourceRanges lookup's key.
+    pub range: Key<SrcRange6>,
 }
 
+/// Entry of [`SCRATCH6`] that XDP uses.
+pub const SCRATCH_XDP: u32 = 0;
+/// Entry of [`SCRATCH6`] that TC egress uses (never the same as XDP's, whatever the nesting).
+pub const SCRATCH_TC: u32 = 1;
+
 #[btf_map(name = "xlb_scratch6_v1")]
-pub static SCRATCH6: PerCpuArray<Scratch6, 1> = PerCpuArray::new();
+pub static SCRATCH6: PerCpuArray<Scratch6, 2> = PerCpuArray::new();
+
+/// loadBalancerSourceRanges of IPv6 service ports: (service id, client prefix) -> 1.
+#[btf_map(name = "xlb_srcrange6_v1")]
+pub static SOURCE_RANGES6: LpmTrie<SrcRange6, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
 
 /// Socket-level translation of IPv6 sockets: as `SOCK_NAT`.
 #[btf_map(name = "xlb_socknat6_v1")]

@@ -21,7 +21,11 @@ use crate::{
 #[inline(always)]
 pub fn egress(ctx: &TcContext) {
     let (data, end) = (ctx.data(), ctx.data_end());
-    let Parsed::L4(pkt) = parse::parse(data, end) else { return };
+    let pkt = match parse::parse(data, end) {
+        Parsed::L4(pkt) => pkt,
+        Parsed::Ipv6 => return crate::lb6::egress(ctx.skb.skb),
+        _ => return,
+    };
     // Every entry below has a backend at one end (source or destination).
     if !filter::has(pkt.daddr, pkt.dport, pkt.proto) && !filter::has(pkt.saddr, pkt.sport, pkt.proto) {
         return;

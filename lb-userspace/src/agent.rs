@@ -180,7 +180,7 @@ pub struct Syncer<D> {
     pub metrics: Arc<Metrics>,
     pub cache: ModelCache,
     /// The node's addresses as last read by the watcher task; taken into `cfg` at each sync.
-    pub node_addrs: Option<Arc<std::sync::Mutex<Vec<std::net::Ipv4Addr>>>>,
+    pub node_addrs: Option<Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>>,
     /// (pin directory, cgroup) of socket-level balancing, whose sockets connected to removed
     /// backends are terminated after each sync; `None`: off.
     pub terminate: Option<(PathBuf, PathBuf)>,

@@ -11,8 +11,8 @@ use aya::maps::{
 };
 use lb_common::{
     Backend4, Backend6, Ct4Key, Ct4Value, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CT, MAP_MAGLEV,
-    MAP_SERVICES, MAP_SERVICES6, MAP_SOURCE_RANGES, MAP_STATS, MAP_SVC_INFO, STAT_COUNT, SrcRange4,
-    StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo,
+    MAP_SERVICES, MAP_SERVICES6, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAP_STATS, MAP_SVC_INFO, STAT_COUNT,
+    SrcRange4, SrcRange6, StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo,
 };
 
 use crate::node::Cidr;
@@ -143,6 +143,8 @@ pub struct BpfMaps {
     pub filter: Option<Array<MapData, u64>>,
     /// The IPv6 maps; `None` when opened from the pins of an agent that has none.
     pub ipv6: Option<Ipv6Maps>,
+    /// The IPv6 source ranges; `None` as for `ipv6`.
+    pub source_ranges6: Option<LpmTrie<MapData, SrcRange6, u8>>,
     capacity: Capacity,
 }
 
@@ -205,6 +207,10 @@ impl BpfMaps {
             let (p, m) = open(MAP_BACKENDS6)?;
             maps.set_ipv6(s6, typed(MAP_BACKENDS6, &p, m)?);
         }
+        if pin_dir.join(MAP_SOURCE_RANGES6).exists() {
+            let (p, m) = open(MAP_SOURCE_RANGES6)?;
+            maps.source_ranges6 = Some(typed(MAP_SOURCE_RANGES6, &p, m)?);
+        }
         Ok(maps)
     }
 
@@ -230,6 +236,7 @@ impl BpfMaps {
         maps.filter = Some(filter);
         let s6 = typed(MAP_SERVICES6, &path, take(MAP_SERVICES6)?)?;
         maps.set_ipv6(s6, typed(MAP_BACKENDS6, &path, take(MAP_BACKENDS6)?)?);
+        maps.source_ranges6 = Some(typed(MAP_SOURCE_RANGES6, &path, take(MAP_SOURCE_RANGES6)?)?);
         Ok(maps)
     }
 
@@ -279,6 +286,7 @@ impl BpfMaps {
             maglev: None,
             filter: None,
             ipv6: None,
+            source_ranges6: None,
             capacity,
         })
     }
@@ -333,8 +341,12 @@ impl BpfMaps {
     }
 }
 
-fn range_key(svc_id: u32, range: Cidr) -> LpmKey<SrcRange4> {
-    LpmKey::new(32 + u32::from(range.len), SrcRange4 { svc_id, addr: range.addr.octets() })
+fn range_key(svc_id: u32, addr: std::net::Ipv4Addr, len: u8) -> LpmKey<SrcRange4> {
+    LpmKey::new(32 + u32::from(len), SrcRange4 { svc_id, addr: addr.octets() })
+}
+
+fn range_key6(svc_id: u32, addr: std::net::Ipv6Addr, len: u8) -> LpmKey<SrcRange6> {
+    LpmKey::new(32 + u32::from(len), SrcRange6 { svc_id, addr: addr.octets() })
 }
 
 /// Opens one pinned map, telling apart a missing pin, a pin of another layout version and a
@@ -517,26 +529,50 @@ impl Datapath for BpfMaps {
     }
 
     fn read_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, DatapathError> {
-        self.source_ranges
+        let mut out: Vec<(u32, Cidr)> = self
+            .source_ranges
             .keys()
             .map(|k| {
                 let k = k.map_err(map_err("iterate", MAP_SOURCE_RANGES))?;
                 let d = k.data();
                 let len = k.prefix_len().saturating_sub(32).min(32) as u8;
-                Ok((d.svc_id, Cidr { addr: d.addr.into(), len }))
+                Ok((d.svc_id, Cidr { addr: std::net::Ipv4Addr::from(d.addr).into(), len }))
             })
-            .collect()
+            .collect::<Result<_, DatapathError>>()?;
+        for k in self.source_ranges6.iter().flat_map(|m| m.keys()) {
+            let k = k.map_err(map_err("iterate", MAP_SOURCE_RANGES6))?;
+            let d = k.data();
+            let len = k.prefix_len().saturating_sub(32).min(128) as u8;
+            out.push((d.svc_id, Cidr { addr: std::net::Ipv6Addr::from(d.addr).into(), len }));
+        }
+        Ok(out)
     }
 
     fn write_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
-        self.source_ranges
-            .insert(&range_key(svc_id, range), 1, 0)
-            .map_err(map_err("update", MAP_SOURCE_RANGES))
+        match range.addr {
+            std::net::IpAddr::V4(a) => self
+                .source_ranges
+                .insert(&range_key(svc_id, a, range.len), 1, 0)
+                .map_err(map_err("update", MAP_SOURCE_RANGES)),
+            std::net::IpAddr::V6(a) => self
+                .source_ranges6
+                .as_mut()
+                .ok_or(DatapathError::Unsupported("IPv6 source ranges"))?
+                .insert(&range_key6(svc_id, a, range.len), 1, 0)
+                .map_err(map_err("update", MAP_SOURCE_RANGES6)),
+        }
     }
 
     fn delete_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
-        absent_ok(self.source_ranges.remove(&range_key(svc_id, range)))
-            .map_err(map_err("delete", MAP_SOURCE_RANGES))
+        match range.addr {
+            std::net::IpAddr::V4(a) => absent_ok(self.source_ranges.remove(&range_key(svc_id, a, range.len)))
+                .map_err(map_err("delete", MAP_SOURCE_RANGES)),
+            std::net::IpAddr::V6(a) => {
+                let Some(m) = self.source_ranges6.as_mut() else { return Ok(()) };
+                absent_ok(m.remove(&range_key6(svc_id, a, range.len)))
+                    .map_err(map_err("delete", MAP_SOURCE_RANGES6))
+            }
+        }
     }
 
     fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {

@@ -19,7 +19,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -304,7 +304,7 @@ pub struct ModelConfig {
     /// Node ports outside this range are rejected (the cluster's `--service-node-port-range`).
     pub node_port_range: std::ops::RangeInclusive<u16>,
     /// The node's addresses: each NodePort is answered on all of them.
-    pub node_addrs: Vec<Ipv4Addr>,
+    pub node_addrs: Vec<IpAddr>,
     /// This node's name, as EndpointSlices give it in `nodeName`: endpoints there are local
     /// (for the traffic policies `Local`). `None`: no endpoint is local.
     pub node_name: Option<String>,
@@ -318,7 +318,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Whether `a` is one of the node's addresses.
     pub fn is_node_addr(&self, a: &IpAddr) -> bool {
-        matches!(a, IpAddr::V4(v4) if self.node_addrs.contains(v4))
+        self.node_addrs.contains(a)
     }
 }
 
@@ -548,19 +548,27 @@ fn allocate_node_ports(
     let (lo, hi) = (u32::from(*cfg.node_port_range.start()), u32::from(*cfg.node_port_range.end()));
     let size = hi - lo + 1;
     let mut taken: BTreeSet<(u16, Proto)> = claimed.keys().copied().collect();
+    // The two families of a dual-stack Service port share its node port.
+    let mut given: HashMap<String, Option<u16>> = HashMap::default();
     for p in model.ports.iter_mut().filter(|p| p.node_port == Some(TO_ALLOCATE)) {
         let name = format!("{}/{}/{}/{}", p.id.namespace, p.id.name, p.id.port_name, p.id.proto);
-        let start = (crate::maglev::fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325) % u64::from(size)) as u32;
-        let free = (0..size)
-            .map(|i| (lo + (start + i) % size) as u16)
-            .find(|np| !taken.contains(&(*np, p.id.proto)));
+        let free = *given.entry(name).or_insert_with_key(|name| {
+            let start =
+                (crate::maglev::fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325) % u64::from(size)) as u32;
+            let free = (0..size)
+                .map(|i| (lo + (start + i) % size) as u16)
+                .find(|np| !taken.contains(&(*np, p.id.proto)));
+            if let Some(np) = free {
+                taken.insert((np, p.id.proto));
+            }
+            free
+        });
         let port = Arc::make_mut(p);
         match free {
             Some(np) => {
-                taken.insert((np, port.id.proto));
                 port.node_port = Some(np);
-                for &addr in &cfg.node_addrs {
-                    port.frontends.push(Frontend { addr: IpAddr::V4(addr), port: np, proto: port.id.proto });
+                for &addr in cfg.node_addrs.iter().filter(|a| Family::of(a) == port.id.family) {
+                    port.frontends.push(Frontend { addr, port: np, proto: port.id.proto });
                     port.frontend_kinds.push(lb_common::SVC_F_NODE_PORT | lb_common::SVC_F_LOCAL);
                 }
             }
@@ -947,22 +955,13 @@ fn service_ports(
             addrs.iter().map(|(&addr, &k)| (Frontend { addr, port, proto }, k)).collect();
         if let Some(np) = node_port.filter(|&np| np != TO_ALLOCATE) {
             for &addr in &cfg.node_addrs {
-                *kinds.entry(Frontend { addr: IpAddr::V4(addr), port: np, proto }).or_default() |=
-                    lb_common::SVC_F_NODE_PORT;
+                *kinds.entry(Frontend { addr, port: np, proto }).or_default() |= lb_common::SVC_F_NODE_PORT;
             }
         }
         // Frontends on the node's own addresses: their replies are translated at egress.
         for (f, k) in kinds.iter_mut() {
             if cfg.is_node_addr(&f.addr) {
                 *k |= lb_common::SVC_F_LOCAL;
-            }
-        }
-        // loadBalancerSourceRanges guard the ingress IPs.
-        if !source_ranges.is_empty() {
-            for k in kinds.values_mut() {
-                if *k & lb_common::SVC_F_LB_INGRESS != 0 {
-                    *k |= lb_common::SVC_F_SOURCE_RANGES;
-                }
             }
         }
         // One port per family its frontends have (IPv4 when it has none), each with that
@@ -972,8 +971,23 @@ fn service_ports(
             families.insert(Family::V4);
         }
         for family in families {
-            let (frontends, frontend_kinds): (Vec<Frontend>, Vec<u16>) =
-                kinds.iter().filter(|(f, _)| Family::of(&f.addr) == family).map(|(f, k)| (*f, *k)).unzip();
+            // loadBalancerSourceRanges guard the ingress IPs, each family with its own ranges; a
+            // family without any is open, as kube-proxy has it (its proxier of each family
+            // keeps that family's ranges).
+            let ranges: Vec<crate::node::Cidr> =
+                source_ranges.iter().filter(|c| c.is_ipv4() == (family == Family::V4)).copied().collect();
+            let guarded = |k: u16| {
+                if !ranges.is_empty() && k & lb_common::SVC_F_LB_INGRESS != 0 {
+                    k | lb_common::SVC_F_SOURCE_RANGES
+                } else {
+                    k
+                }
+            };
+            let (frontends, frontend_kinds): (Vec<Frontend>, Vec<u16>) = kinds
+                .iter()
+                .filter(|(f, _)| Family::of(&f.addr) == family)
+                .map(|(f, k)| (*f, guarded(*k)))
+                .unzip();
             out.push(DesiredPort {
                 id: PortRef {
                     namespace: namespace.to_owned(),
@@ -984,11 +998,11 @@ fn service_ports(
                 },
                 svc_type,
                 port,
-                node_port: node_port.filter(|_| family == Family::V4),
+                node_port,
                 frontends,
                 frontend_kinds,
                 backends: backends.iter().filter(|b| Family::of(&b.addr) == family).cloned().collect(),
-                source_ranges: source_ranges.clone(),
+                source_ranges: ranges,
                 shown: Shown {
                     target_port: match &sp.target_port {
                         Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
@@ -1049,7 +1063,9 @@ pub fn add_host_ports(model: &mut Model, pods: &[Arc<Pod>], cfg: &ModelConfig) {
     model.ports.sort_by(|a, b| a.id.cmp(&b.id));
 }
 
-/// The hostPorts of one pod of this node.
+/// The hostPorts of one pod of this node: for each of its IPs (one per family on a dual-stack
+/// pod), a port served on the node's addresses of that family, or on `hostIP` when one is given
+/// (a `hostIP` of the other family leaves that family out).
 fn pod_host_ports(
     pod: &Pod,
     namespace: &str,
@@ -1059,69 +1075,87 @@ fn pod_host_ports(
     let Some(spec) = pod.spec.as_ref() else { return Ok(Vec::new()) };
     let status = pod.status.as_ref();
     let finished = matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
-    let pod_ip = status.and_then(|s| s.pod_ip.as_deref()).filter(|ip| !ip.is_empty());
     // Host-network pods listen on the node's addresses themselves.
     if spec.host_network == Some(true) || finished {
         return Ok(Vec::new());
     }
-    let mut by_port: BTreeMap<(u16, Proto), DesiredPort> = BTreeMap::new();
+    // podIPs holds one address per family (podIP is its first); unparsable ones are skipped.
+    let mut pod_ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .chain(status.and_then(|s| s.pod_ip.as_deref()))
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let mut families = BTreeSet::new();
+    pod_ips.retain(|a| families.insert(Family::of(a)));
+    let mut by_port: BTreeMap<(u16, Proto, Family), DesiredPort> = BTreeMap::new();
     let containers = spec.init_containers.iter().flatten().chain(spec.containers.iter());
     for cp in containers.flat_map(|c| c.ports.iter().flatten()) {
         let Some(hp) = cp.host_port.filter(|p| *p != 0) else { continue };
-        let Some(pod_ip) = pod_ip else { return Ok(Vec::new()) }; // not running yet
-        let pod_ip: Ipv4Addr = match pod_ip.parse() {
-            Ok(a) => a,
-            Err(_) => return Ok(Vec::new()), // IPv6 pod: not served by this datapath
-        };
+        if pod_ips.is_empty() {
+            return Ok(Vec::new()); // not running yet
+        }
         let host_port = u16::try_from(hp).map_err(|_| format!("hostPort {hp} is not a port"))?;
         let container_port = u16::try_from(cp.container_port)
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("containerPort {} is not a port", cp.container_port))?;
         let proto = Proto::parse(cp.protocol.as_deref()).map_err(|e| format!("hostPort {host_port}: {e}"))?;
-        let addrs: Vec<Ipv4Addr> = match cp.host_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "0.0.0.0")
-        {
-            Some(ip) => vec![
-                ip.parse()
-                    .map_err(|_| format!("hostPort {host_port}: hostIP {ip:?} is not an IPv4 address"))?,
-            ],
-            None => cfg.node_addrs.clone(),
+        let host_ip: Option<IpAddr> = match cp.host_ip.as_deref().map(str::trim).filter(|ip| !ip.is_empty()) {
+            Some(ip) => Some(ip.parse().map_err(|_| {
+                format!("hostPort {host_port}: hostIP {ip:?} is not an IPv4 or IPv6 address")
+            })?),
+            None => None,
         };
-        let entry = by_port.entry((host_port, proto)).or_insert_with(|| DesiredPort {
-            id: PortRef {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                // Upper case: no Service port name (a lower-case DNS label) can take it.
-                port_name: format!("hostPort-{host_port}"),
-                proto,
-                family: Family::V4,
-            },
-            svc_type: SvcType::HostPort,
-            port: host_port,
-            node_port: None,
-            frontends: Vec::new(),
-            frontend_kinds: Vec::new(),
-            backends: vec![DesiredBackend {
-                addr: IpAddr::V4(pod_ip),
-                port: container_port,
-                state: BackendState::Active,
-                local: true,
-            }],
-            shown: Shown { target_port: container_port.to_string(), ..Shown::default() },
-            source_ranges: Vec::new(),
-        });
-        if entry.backends[0].port != container_port {
-            return Err(format!(
-                "hostPort {host_port}/{proto} leads to two container ports ({} and {container_port})",
-                entry.backends[0].port
-            ));
-        }
-        for addr in addrs {
-            let f = Frontend { addr: IpAddr::V4(addr), port: host_port, proto };
-            if !entry.frontends.contains(&f) {
-                entry.frontends.push(f);
-                let local = if cfg.node_addrs.contains(&addr) { lb_common::SVC_F_LOCAL } else { 0 };
-                entry.frontend_kinds.push(lb_common::SVC_F_HOST_PORT | local);
+        for &pod_ip in &pod_ips {
+            let family = Family::of(&pod_ip);
+            let addrs: Vec<IpAddr> = match host_ip {
+                Some(ip) if !ip.is_unspecified() => {
+                    if Family::of(&ip) != family {
+                        continue;
+                    }
+                    vec![ip]
+                }
+                _ => cfg.node_addrs.iter().copied().filter(|a| Family::of(a) == family).collect(),
+            };
+            let entry = by_port.entry((host_port, proto, family)).or_insert_with(|| DesiredPort {
+                id: PortRef {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    // Upper case: no Service port name (a lower-case DNS label) can take it.
+                    port_name: format!("hostPort-{host_port}"),
+                    proto,
+                    family,
+                },
+                svc_type: SvcType::HostPort,
+                port: host_port,
+                node_port: None,
+                frontends: Vec::new(),
+                frontend_kinds: Vec::new(),
+                backends: vec![DesiredBackend {
+                    addr: pod_ip,
+                    port: container_port,
+                    state: BackendState::Active,
+                    local: true,
+                }],
+                shown: Shown { target_port: container_port.to_string(), ..Shown::default() },
+                source_ranges: Vec::new(),
+            });
+            if entry.backends[0].port != container_port {
+                return Err(format!(
+                    "hostPort {host_port}/{proto} leads to two container ports ({} and {container_port})",
+                    entry.backends[0].port
+                ));
+            }
+            for addr in addrs {
+                let f = Frontend { addr, port: host_port, proto };
+                if !entry.frontends.contains(&f) {
+                    entry.frontends.push(f);
+                    let local = if cfg.is_node_addr(&addr) { lb_common::SVC_F_LOCAL } else { 0 };
+                    entry.frontend_kinds.push(lb_common::SVC_F_HOST_PORT | local);
+                }
             }
         }
     }
@@ -1305,7 +1339,7 @@ mod tests {
         assert!(ports.iter().all(|p| (30000..=30050).contains(p)));
         let auto0 = m.ports.iter().find(|p| p.id.name == "auto0").unwrap();
         assert_eq!(
-            auto0.frontends.iter().filter(|f| f.addr == "198.18.100.1".parse::<Ipv4Addr>().unwrap()).count(),
+            auto0.frontends.iter().filter(|f| f.addr == "198.18.100.1".parse::<IpAddr>().unwrap()).count(),
             1,
             "answered on the node's address: {:?}",
             auto0.frontends
@@ -1701,6 +1735,88 @@ mod tests {
         // An IPv6 slice with an IPv4 address is refused, alone.
         assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
         assert!(m.rejected[0].name == "bad-1" && m.rejected[0].reason.contains("not an IPv6 address"));
+    }
+
+    #[test]
+    fn ipv6_node_addresses_serve_node_ports_host_ports_and_their_own_source_ranges() {
+        let cfg = ModelConfig {
+            node_name: Some("node-1".into()),
+            node_addrs: vec!["198.18.100.1".parse().unwrap(), "2001:db8:100::1".parse().unwrap()],
+            allocate_node_ports: true,
+            ..ModelConfig::default()
+        };
+        let dual = |name: &str, n: u8, extra: &str, ports: &str| {
+            typed_svc(name, "LoadBalancer", extra, ports).replace(
+                &format!("  clusterIP: 198.18.0.{n}\n"),
+                &format!("  clusterIP: 198.18.0.{n}\n  clusterIPs: [198.18.0.{n}, \"2001:db8:1::{n}\"]\n"),
+            )
+        };
+        // (typed_svc numbers its clusterIPs from the name's length.)
+        let n = |name: &str| 10 + name.len() as u8;
+        let ranges = "  loadBalancerSourceRanges: [198.18.100.0/24, \"2001:db8:100::/48\"]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.5.5}, {ip: \"2001:db8:5::5\"}]}}\n";
+        let v4_only = "  loadBalancerSourceRanges: [198.18.100.0/24]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.5.6}, {ip: \"2001:db8:5::6\"}]}}\n";
+        let yaml = dual("fixed", n("fixed"), ranges, "[{port: 80, nodePort: 30080}]")
+            + &dual("auto", n("auto"), "", "[{port: 81}]")
+            + &dual("open6", n("open6"), v4_only, "[{port: 82, nodePort: 30082}]")
+            + &pod("web", "node-1", "198.18.10.3", "[{containerPort: 8080, hostPort: 8081}]", "").replace(
+                "podIP: 198.18.10.3,",
+                "podIP: 198.18.10.3, podIPs: [{ip: 198.18.10.3}, {ip: \"2001:db8:10::3\"}],",
+            );
+        let m = with_host_ports(&yaml, &cfg);
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        let port = |name: &str, family: Family| {
+            m.ports
+                .iter()
+                .find(|p| p.id.name == name && p.id.family == family)
+                .unwrap_or_else(|| panic!("{name}"))
+        };
+        // The node port on the node's IPv6 address, a local frontend.
+        let fixed6 = port("fixed", Family::V6);
+        assert_eq!(fixed6.node_port, Some(30080));
+        assert!(fronts(fixed6).contains(&"[2001:db8:100::1]:30080/TCP".to_string()), "{:?}", fronts(fixed6));
+        assert!(
+            !fronts(fixed6).iter().any(|f| f.starts_with("198.18.100.1")),
+            "each family its own addresses"
+        );
+        let at =
+            fixed6.frontends.iter().position(|f| f.to_string() == "[2001:db8:100::1]:30080/TCP").unwrap();
+        assert_ne!(fixed6.frontend_kinds[at] & lb_common::SVC_F_LOCAL, 0);
+        // Each family keeps its own source ranges, and guards its own ingress IP.
+        assert_eq!(
+            fixed6.source_ranges.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            ["2001:db8:100::/48"]
+        );
+        let fixed4 = port("fixed", Family::V4);
+        assert_eq!(
+            fixed4.source_ranges.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            ["198.18.100.0/24"]
+        );
+        let guarded = |p: &DesiredPort, f: &str| {
+            let i = p.frontends.iter().position(|x| x.to_string() == f).unwrap_or_else(|| panic!("{f}"));
+            p.frontend_kinds[i] & lb_common::SVC_F_SOURCE_RANGES != 0
+        };
+        assert!(guarded(fixed6, "[2001:db8:5::5]:80/TCP") && guarded(fixed4, "198.18.5.5:80/TCP"));
+        // Ranges of one family only leave the other open, as kube-proxy does.
+        assert!(guarded(port("open6", Family::V4), "198.18.5.6:82/TCP"));
+        assert!(!guarded(port("open6", Family::V6), "[2001:db8:5::6]:82/TCP"));
+        // A node port given out in standalone mode is the same for both families.
+        let (a4, a6) = (port("auto", Family::V4), port("auto", Family::V6));
+        assert!(a4.node_port.is_some());
+        assert_eq!(a4.node_port, a6.node_port);
+        let np = a6.node_port.unwrap();
+        assert!(fronts(a6).contains(&format!("[2001:db8:100::1]:{np}/TCP")), "{:?}", fronts(a6));
+        assert!(fronts(a4).contains(&format!("198.18.100.1:{np}/TCP")), "{:?}", fronts(a4));
+        // A dual-stack pod's hostPort: one port per family, each at that family's node address.
+        let hp4 = port("web", Family::V4);
+        let hp6 = port("web", Family::V6);
+        assert_eq!(
+            (fronts(hp4), backends(hp4)),
+            (vec!["198.18.100.1:8081/TCP".to_string()], vec!["198.18.10.3:8080 Active".to_string()])
+        );
+        assert_eq!(
+            (fronts(hp6), backends(hp6)),
+            (vec!["[2001:db8:100::1]:8081/TCP".to_string()], vec!["2001:db8:10::3:8080 Active".to_string()])
+        );
     }
 
     #[test]

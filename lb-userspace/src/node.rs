@@ -1,25 +1,42 @@
 //! The node's own addresses: where node ports are answered.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// An IPv4 prefix, as kube-proxy's `--nodeport-addresses` takes them.
+/// An IPv4 or IPv6 prefix, as kube-proxy's `--nodeport-addresses` and a Service's
+/// `loadBalancerSourceRanges` take them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
 }
 
 impl Cidr {
-    fn mask(&self) -> u32 {
-        if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len)) }
+    /// The address with the host bits cleared, as a 128-bit number (IPv4 in the low 32 bits).
+    fn masked(addr: IpAddr, len: u8) -> u128 {
+        let (bits, width) = match addr {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        };
+        let host = u32::from(width - len.min(width));
+        if host >= 128 { 0 } else { bits >> host << host }
     }
 
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
-        u32::from(a) & self.mask() == u32::from(self.addr) & self.mask()
+    /// Whether `a` is within this prefix (never across families).
+    pub fn contains(&self, a: IpAddr) -> bool {
+        a.is_ipv4() == self.addr.is_ipv4() && Self::masked(a, self.len) == Self::masked(self.addr, self.len)
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
     }
 
     /// The same prefix with the host bits cleared (`10.1.2.3/8` is `10.0.0.0/8`).
     pub fn network(&self) -> Cidr {
-        Cidr { addr: Ipv4Addr::from(u32::from(self.addr) & self.mask()), len: self.len }
+        let m = Self::masked(self.addr, self.len);
+        let addr = match self.addr {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(m as u32)),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(m)),
+        };
+        Cidr { addr, len: self.len }
     }
 }
 
@@ -32,17 +49,37 @@ impl std::fmt::Display for Cidr {
 impl std::str::FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = s.split_once('/').unwrap_or((s, "32"));
-        let addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
-        let len =
-            l.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{s:?}: bad prefix length {l:?}"))?;
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 or IPv6 address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            None => max,
+            Some(l) => l
+                .parse()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{s:?}: bad prefix length {l:?}"))?,
+        };
         Ok(Cidr { addr, len })
     }
 }
 
-/// The IPv4 addresses of this network namespace's interfaces, loopback excluded, sorted; only
-/// those within one of `only` when it is not empty.
-pub fn addresses(only: &[Cidr]) -> std::io::Result<Vec<Ipv4Addr>> {
+/// Whether `a` can carry node ports: not loopback, not IPv6 link-local (which needs a scope the
+/// datapath's frontends do not have), not unspecified.
+fn usable(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+    }
+}
+
+/// The IPv4 and IPv6 addresses of this network namespace's interfaces, loopback and IPv6
+/// link-local excluded, sorted (IPv4 first); only those within one of `only` when it is not
+/// empty.
+pub fn addresses(only: &[Cidr]) -> std::io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     // SAFETY: getifaddrs allocates a list that is walked read-only and freed once.
     unsafe {
@@ -55,13 +92,16 @@ pub fn addresses(only: &[Cidr]) -> std::io::Result<Vec<Ipv4Addr>> {
             let a = (*p).ifa_addr;
             if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
                 let sin = &*(a as *const libc::sockaddr_in);
-                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+            } else if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET6 {
+                let sin6 = &*(a as *const libc::sockaddr_in6);
+                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
             }
             p = (*p).ifa_next;
         }
         libc::freeifaddrs(head);
     }
-    out.retain(|a| !a.is_loopback() && (only.is_empty() || only.iter().any(|c| c.contains(*a))));
+    out.retain(|a| usable(a) && (only.is_empty() || only.iter().any(|c| c.contains(*a))));
     out.sort();
     out.dedup();
     Ok(out)
@@ -198,13 +238,27 @@ mod tests {
         assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("1.2.3.4".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("nope/8".parse::<Cidr>().is_err());
+        // IPv6, and never across families.
+        let c6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(c6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!c6.contains("2001:db9::1".parse().unwrap()));
+        assert!(!"0.0.0.0/0".parse::<Cidr>().unwrap().contains("2001:db8::1".parse().unwrap()));
+        assert!("::/0".parse::<Cidr>().unwrap().contains("2001:db8::1".parse().unwrap()));
+        assert!(!"::/0".parse::<Cidr>().unwrap().contains("10.0.0.1".parse().unwrap()));
+        assert_eq!("2001:db8::1".parse::<Cidr>().unwrap().len, 128);
+        assert!("2001:db8::/129".parse::<Cidr>().is_err());
+        assert_eq!("2001:db8:1:2::5/48".parse::<Cidr>().unwrap().network().to_string(), "2001:db8:1::/48");
+        assert_eq!("10.1.2.3/8".parse::<Cidr>().unwrap().network().to_string(), "10.0.0.0/8");
     }
 
     #[test]
     fn addresses_never_include_loopback() {
         let all = addresses(&[]).unwrap();
-        assert!(all.iter().all(|a| !a.is_loopback()), "{all:?}");
+        assert!(all.iter().all(usable), "{all:?}");
         let none = addresses(&["203.0.113.0/24".parse().unwrap()]).unwrap();
-        assert!(none.iter().all(|a| a.octets()[..3] == [203, 0, 113]), "{none:?}");
+        let within: Cidr = "203.0.113.0/24".parse().unwrap();
+        assert!(none.iter().all(|a| within.contains(*a)), "{none:?}");
+        assert!(!usable(&"fe80::1".parse().unwrap()) && !usable(&"::1".parse().unwrap()));
+        assert!(usable(&"2001:db8::1".parse().unwrap()));
     }
 }

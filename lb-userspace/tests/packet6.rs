@@ -481,3 +481,171 @@ fn an_ipv6_frontend_without_endpoints_answers_with_a_reset_or_icmpv6_unreachable
     assert_eq!(dut.stat(Stat::DropNoBackend), 2);
     assert_eq!(dut.tracked(), 0);
 }
+
+/// A dual-stack NodePort Service (and a LoadBalancer ingress IP with source ranges of both
+/// families) on a node with addresses of both families; `remote`: its IPv6 endpoint is on
+/// another node.
+fn node_port_service(remote: bool) -> String {
+    let node = if remote { "node-2" } else { "node-1" };
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: shop, namespace: default}}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  clusterIP: 198.18.0.10
+  clusterIPs: [198.18.0.10, "2001:db8:1::10"]
+  loadBalancerSourceRanges: [198.18.100.0/24, "2001:db8:100::/48"]
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]
+status: {{loadBalancer: {{ingress: [{{ip: 198.18.5.5}}, {{ip: "2001:db8:5::5"}}]}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: shop-6, namespace: default, labels: {{kubernetes.io/service-name: shop}}}}
+addressType: IPv6
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: ["2001:db8:2::2"], nodeName: {node}}}]
+"#
+    )
+}
+
+const NODE6: &str = "2001:db8:100::1";
+
+impl Dut {
+    /// Applies `yaml` through the model (this node: node-1, with addresses 198.18.100.1 and
+    /// [`NODE6`]) and the reconciler.
+    fn apply_node(&mut self, yaml: &str) {
+        let mut objects = manifests::Objects::default();
+        manifests::read_str("node.yaml".as_ref(), yaml, &mut objects);
+        assert!(objects.errors.is_empty(), "{:?}", objects.errors);
+        let cfg = model::ModelConfig {
+            node_addrs: vec!["198.18.100.1".parse().unwrap(), NODE6.parse().unwrap()],
+            node_name: Some("node-1".into()),
+            ..model::ModelConfig::default()
+        };
+        let m = model::build(&objects.services, &objects.slices, &cfg);
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        self.rec.apply(&m.ports).expect("apply");
+    }
+
+    fn egress(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        ebpf::run_once(ebpf::tc_egress(&mut self.ebpf).unwrap(), frame).expect("BPF_PROG_TEST_RUN")
+    }
+}
+
+#[test]
+fn an_ipv6_node_port_to_a_local_endpoint_is_answered_from_the_node_port_at_egress() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.apply_node(&node_port_service(false));
+    let node_port = sa(&format!("[{NODE6}]:30080"));
+    let backend = sa("[2001:db8:2::2]:8080");
+    for cport in 40000..40010u16 {
+        let client = SocketAddrV6::new("2001:db8:100::2".parse().unwrap(), cport, 0, 0);
+        // In at XDP: DNAT only, the client's address kept.
+        let (v, out) = dut.run(&Frame6::tcp(client, node_port).build());
+        assert_eq!(v, XDP_PASS);
+        let d = decode6(&out).unwrap();
+        assert!(d.l4_checksum_ok, "{d:?}");
+        assert_eq!((d.src, d.dst), (client, backend));
+        // Out at TC egress towards the pod: nothing to do.
+        let (_, again) = dut.egress(&out);
+        assert_eq!(again, out, "a forward packet is left alone at egress");
+        // The pod's reply passes XDP untouched (its new source is a local address: routed first)...
+        let reply = Frame6::tcp(backend, client).build();
+        let (v, out) = dut.run(&reply);
+        assert_eq!(v, XDP_PASS);
+        assert_eq!(out, reply);
+        // ...and gets the node port as source at TC egress.
+        let (_, out) = dut.egress(&out);
+        let d = decode6(&out).unwrap();
+        assert_eq!((d.src, d.dst), (node_port, client));
+        assert!(d.l4_checksum_ok, "{d:?}");
+    }
+    assert_eq!((dut.stat(Stat::PassEgressRevNat), dut.stat(Stat::EgressRevNat)), (10, 10));
+    assert_eq!(dut.stat(Stat::EgressSnat), 0);
+}
+
+#[test]
+fn an_ipv6_node_port_to_another_nodes_endpoint_is_snated_to_the_node() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.apply_node(&node_port_service(true));
+    let node_port = sa(&format!("[{NODE6}]:30080"));
+    let backend = sa("[2001:db8:2::2]:8080");
+    let mut snat_ports = BTreeSet::new();
+    for cport in 40000..40050u16 {
+        let client = SocketAddrV6::new("2001:db8:100::2".parse().unwrap(), cport, 0, 0);
+        // In at XDP: DNAT and the SNAT port.
+        let (v, out) = dut.run(&Frame6::tcp(client, node_port).build());
+        assert_eq!(v, XDP_PASS);
+        let d = decode6(&out).unwrap();
+        assert!(d.l4_checksum_ok, "{d:?}");
+        assert_eq!((*d.src.ip(), d.dst), (*client.ip(), backend));
+        let at_xdp = d.src.port();
+        // Out at TC egress: the node's address as source, with that port.
+        let (_, out) = dut.egress(&out);
+        let d = decode6(&out).unwrap();
+        assert!(d.l4_checksum_ok, "{d:?}");
+        assert_eq!((d.src.ip().to_string(), d.dst), (NODE6.to_string(), backend));
+        let sp = d.src.port();
+        assert_eq!(sp, at_xdp);
+        assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&sp), "{sp}");
+        snat_ports.insert(sp);
+        // A second packet of the flow takes the same port.
+        let (_, out) = dut.run(&Frame6::tcp(client, node_port).build());
+        assert_eq!(decode6(&out).unwrap().src.port(), sp);
+        // The backend's reply to node:port goes to the client at XDP...
+        let (v, out) = dut.run(&Frame6::tcp(backend, d.src).build());
+        assert_eq!(v, XDP_PASS);
+        let d = decode6(&out).unwrap();
+        assert_eq!((d.src, d.dst), (backend, client), "to the client, still from the backend");
+        assert!(d.l4_checksum_ok);
+        // ...and comes from the node port at TC egress.
+        let (_, out) = dut.egress(&out);
+        let d = decode6(&out).unwrap();
+        assert_eq!((d.src, d.dst), (node_port, client));
+        assert!(d.l4_checksum_ok, "{d:?}");
+    }
+    assert_eq!(snat_ports.len(), 50, "every flow to the same backend has its own SNAT port");
+    assert_eq!((dut.stat(Stat::EgressSnat), dut.stat(Stat::EgressRevNat)), (50, 50));
+    // Through the clusterIP, the same endpoint is reached without SNAT (the client is kept).
+    let client = sa("[2001:db8:100::2]:41000");
+    let (_, out) = dut.run(&Frame6::tcp(client, sa(VIP)).build());
+    let (_, out) = dut.egress(&out);
+    let d = decode6(&out).unwrap();
+    assert_eq!((d.src, d.dst), (client, backend));
+}
+
+#[test]
+fn ipv6_source_ranges_guard_the_ipv6_ingress_ip() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.apply_node(&node_port_service(false));
+    let ingress = sa("[2001:db8:5::5]:80");
+    let inside = sa("[2001:db8:100::2]:40000");
+    let outside = sa("[2001:db8:200::2]:40000");
+    let (v, out) = dut.run(&Frame6::tcp(inside, ingress).build());
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(decode6(&out).unwrap().dst, sa("[2001:db8:2::2]:8080"));
+    let (v, _) = dut.run(&Frame6::tcp(outside, ingress).build());
+    assert_eq!(v, XDP_DROP, "a client outside the IPv6 ranges is dropped");
+    assert_eq!(dut.stat(Stat::DropSourceRange), 1);
+    // The ranges guard the ingress IP only: the node port serves the outside client.
+    let (v, out) = dut.run(&Frame6::tcp(outside, sa(&format!("[{NODE6}]:30080"))).build());
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(decode6(&out).unwrap().dst, sa("[2001:db8:2::2]:8080"));
+    // The IPv6 ranges are in their own map, read back with the IPv4 one.
+    let ranges = dut.rec.datapath().read_source_ranges().unwrap();
+    let shown: BTreeSet<String> = ranges.iter().map(|(_, c)| c.to_string()).collect();
+    assert_eq!(shown, BTreeSet::from(["198.18.100.0/24".to_string(), "2001:db8:100::/48".to_string()]));
+}

@@ -200,3 +200,74 @@ fn an_ipv6_service_without_endpoints_is_refused_at_once() {
         serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(stats["reject_no_backend"]["packets"], 2, "{stats}");
 }
+
+/// A dual-stack NodePort Service answers on the node's IPv6 address: its endpoint on this node
+/// sees the client's address (the reply gets the node port as source at TC egress), its endpoint
+/// declared on another node sees the node's address and a SNAT port, and the client hears only
+/// from the node port it called.
+#[test]
+fn an_ipv6_node_port_serves_local_endpoints_and_snats_to_others() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    add_ipv6(&bed);
+    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
+    bed.write_manifest(
+        "np.yaml",
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIP: "2001:db8:1::30"
+  clusterIPs: ["2001:db8:1::30", 198.18.0.30]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-v6, namespace: default, labels: {kubernetes.io/service-name: np}}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ["2001:db8:10::2"], nodeName: node-1}
+- {addresses: ["2001:db8:11::2"], nodeName: node-2}
+"#,
+    )
+    .unwrap();
+    bed.start_agent().expect("agent");
+    let node_port: SocketAddr = "[2001:db8:100::1]:30080".parse().unwrap();
+    bed.wait_for_service(&format!("{node_port}/TCP"), 2, Duration::from_secs(10))
+        .map_err(|e| panic!("{e:#}\n{}", bed.logs()))
+        .unwrap();
+    let answers = bed
+        .client
+        .enter(|| (0..40).map(|_| tcp_request_to(node_port, Duration::from_secs(3))).collect::<Vec<_>>());
+    let mut pods = BTreeSet::new();
+    for a in answers {
+        let a = a.unwrap_or_else(|e| panic!("{e:#}\n{}", bed.logs()));
+        assert_eq!(a.from, node_port, "the reply comes from the node port the client called");
+        match a.pod.as_str() {
+            "pod-a" => {
+                assert_eq!(a.peer.ip().to_string(), "2001:db8:100::2", "a local endpoint sees the client")
+            }
+            "pod-b" => {
+                assert_eq!(
+                    a.peer.ip().to_string(),
+                    "2001:db8:100::1",
+                    "another node's endpoint sees the node (SNAT)"
+                );
+                assert!(a.peer.port() >= lb_common::SNAT_PORT_MIN, "from a SNAT port: {}", a.peer);
+            }
+            other => panic!("answered by {other}"),
+        }
+        pods.insert(a.pod);
+    }
+    assert_eq!(pods.len(), 2, "both endpoints answer");
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
+    assert!(stats["egress_snat"]["packets"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(stats["egress_rev_nat"]["packets"].as_u64().unwrap() >= 1, "{stats}");
+}
