@@ -325,7 +325,11 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
     let pkt = match parse::parse6(data, end) {
         Parsed6::L4(pkt) => pkt,
         Parsed6::Malformed => return verdict(Stat::PassMalformed, bytes, pass),
-        Parsed6::OtherProto => return verdict(Stat::PassOtherProto, bytes, pass),
+        Parsed6::OtherProto => {
+            let stat =
+                if crate::icmp::translate6(data, end) { Stat::IcmpTranslated } else { Stat::PassOtherProto };
+            return verdict(stat, bytes, pass);
+        }
         Parsed6::Fragment => return verdict(Stat::PassFragment, bytes, pass),
     };
     let Some(s) = SCRATCH6.get_ptr_mut(SCRATCH_XDP) else { return verdict(Stat::PassNoService, bytes, pass) };

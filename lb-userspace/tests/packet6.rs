@@ -649,3 +649,118 @@ fn ipv6_source_ranges_guard_the_ipv6_ingress_ip() {
     let shown: BTreeSet<String> = ranges.iter().map(|(_, c)| c.to_string()).collect();
     assert_eq!(shown, BTreeSet::from(["198.18.100.0/24".to_string(), "2001:db8:100::/48".to_string()]));
 }
+
+#[test]
+fn an_ipv6_pod_reaching_its_own_service_is_snated_to_the_frontend() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.apply_node(&node_port_service(false));
+    let (vip, pod) = (sa(VIP), sa("[2001:db8:2::2]:8080"));
+    let client = sa("[2001:db8:2::2]:40000");
+    // In from the pod at XDP: DNAT to the pod itself, and a SNAT port.
+    let (v, out) = dut.run(&Frame6::tcp(client, vip).build());
+    assert_eq!(v, XDP_PASS);
+    let d = decode6(&out).unwrap();
+    assert_eq!((*d.src.ip(), d.dst), (*client.ip(), pod));
+    // Back out towards the pod at TC egress: the frontend as source, so that the pod does not see
+    // a packet from itself.
+    let (_, out) = dut.egress(&out);
+    let d = decode6(&out).unwrap();
+    assert!(d.l4_checksum_ok, "{d:?}");
+    assert_eq!((*d.src.ip(), d.dst), (*vip.ip(), pod));
+    let snat = d.src;
+    assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&snat.port()), "{snat}");
+    // The pod answers the frontend: at XDP the answer goes back to the pod's client socket...
+    let (v, out) = dut.run(&Frame6::tcp(pod, snat).build());
+    assert_eq!(v, XDP_PASS);
+    let d = decode6(&out).unwrap();
+    assert_eq!((d.src, d.dst), (pod, client));
+    assert!(d.l4_checksum_ok);
+    // ...and at egress it comes from the Service the pod called.
+    let (_, out) = dut.egress(&out);
+    let d = decode6(&out).unwrap();
+    assert_eq!((d.src, d.dst), (vip, client));
+    assert!(d.l4_checksum_ok);
+}
+
+/// An ICMPv6 error from `from` to `to`, of `ty`/`code` (with `mtu` in its second word), quoting
+/// the IPv6 packet of `quoted` (an Ethernet frame) cut to its first 48 bytes (IPv6 and 8 bytes
+/// of L4), with a valid checksum.
+fn icmp6_error(from: Ipv6Addr, to: Ipv6Addr, ty: u8, code: u8, mtu: u32, quoted: &[u8]) -> Vec<u8> {
+    use lb_common::csum;
+    let quote = &quoted[ETH_HLEN..ETH_HLEN + 48];
+    let mut icmp = vec![ty, code, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let c = csum::l4_checksum_v6(from.octets(), to.octets(), 58, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
+    let mut f = quoted[..ETH_HLEN].to_vec();
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(&from.octets());
+    f.extend_from_slice(&to.octets());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Whether the ICMPv6 checksum of `frame` is valid.
+fn icmp6_checksum_ok(frame: &[u8]) -> bool {
+    let ip = &frame[ETH_HLEN..];
+    let mut icmp = ip[40..].to_vec();
+    let got = u16::from_ne_bytes([icmp[2], icmp[3]]);
+    icmp[2..4].copy_from_slice(&[0, 0]);
+    lb_common::csum::l4_checksum_v6(ip[8..24].try_into().unwrap(), ip[24..40].try_into().unwrap(), 58, &icmp)
+        == got
+}
+
+#[test]
+fn icmpv6_errors_about_translated_flows_are_translated_too() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.serve(sa(VIP), 7, &BACKENDS, 8080, 1);
+    let (client, vip) = (sa(CLIENT), sa(VIP));
+    let backend = decode6(&dut.run(&Frame6::tcp(client, vip).build()).1).unwrap().dst;
+    let (q, o) = (ETH_HLEN + 48, ETH_HLEN); // quoted and outer IPv6 headers
+    let router: Ipv6Addr = "2001:db8:ff::1".parse().unwrap();
+
+    // A router between node and client: "packet too big" for the reply the node sent from the
+    // clusterIP. It is for the backend: outer destination and quoted source become it.
+    let err = icmp6_error(router, *vip.ip(), 2, 0, 1280, &Frame6::tcp(vip, client).build());
+    let (v, out) = dut.run(&err);
+    assert_eq!(v, XDP_PASS);
+    assert!(icmp6_checksum_ok(&out), "ICMPv6 checksum");
+    assert_eq!(&out[o + 24..o + 40], &backend.ip().octets(), "to the backend");
+    assert_eq!(&out[o + 8..o + 24], &router.octets(), "from the router still");
+    assert_eq!(&out[q + 8..q + 24], &backend.ip().octets(), "the quote's source is the backend");
+    assert_eq!(u16::from_be_bytes([out[q + 40], out[q + 41]]), backend.port(), "and its port");
+    assert_eq!(&out[q + 24..q + 40], &client.ip().octets(), "the quote's destination is the client");
+    let icmp = &out[o + 40..];
+    assert_eq!((icmp[0], icmp[1], u32::from_be_bytes(icmp[4..8].try_into().unwrap())), (2, 0, 1280));
+
+    // The backend itself answers a client's datagram with "port unreachable": the client gets it
+    // from the clusterIP, about the clusterIP and port it sent to.
+    let dns = SocketAddrV6::new(*vip.ip(), 53, 0, 0);
+    dut.serve(dns, 8, &BACKENDS, 5353, 3);
+    let dns_backend = decode6(&dut.run(&Frame6::udp(client, dns).build()).1).unwrap().dst;
+    let err =
+        icmp6_error(*dns_backend.ip(), *client.ip(), 1, 4, 0, &Frame6::udp(client, dns_backend).build());
+    let (v, out) = dut.run(&err);
+    assert_eq!(v, XDP_PASS);
+    assert!(icmp6_checksum_ok(&out), "ICMPv6 checksum");
+    assert_eq!(&out[o + 8..o + 24], &vip.ip().octets(), "from the clusterIP");
+    assert_eq!(&out[q + 24..q + 40], &vip.ip().octets(), "about the clusterIP");
+    assert_eq!(u16::from_be_bytes([out[q + 42], out[q + 43]]), 53, "and its port");
+    assert_eq!(dut.stat(Stat::IcmpTranslated), 2);
+
+    // Errors about flows nobody tracks, and other ICMPv6 (an echo request), pass untouched.
+    let stray = icmp6_error(router, *vip.ip(), 2, 0, 1280, &Frame6::tcp(vip, sa("[2001:db8::9]:1")).build());
+    assert_eq!(dut.run(&stray).1, stray);
+    let echo = icmp6_error(router, *vip.ip(), 128, 0, 0, &Frame6::tcp(vip, client).build());
+    assert_eq!(dut.run(&echo).1, echo);
+    assert_eq!(dut.stat(Stat::IcmpTranslated), 2);
+}
