@@ -81,6 +81,20 @@ pub struct Affinity4Key {
     pub client: [u8; 4],
 }
 
+/// sessionAffinity ClientIP of IPv6 service ports (LRU hash, [`Affinity6Key`] ->
+/// [`Affinity4Value`], the backend id naming [`MAP_BACKENDS6`]).
+pub const MAP_AFFINITY6: &str = "xlb_affinity6_v1";
+
+/// Key of [`MAP_AFFINITY6`]. 20 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Affinity6Key {
+    /// Service port, host order.
+    pub svc_id: u32,
+    /// Client IPv6 address, bytes as in the packet.
+    pub client: [u8; 16],
+}
+
 /// Value of [`MAP_AFFINITY`]. 16 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -134,6 +148,18 @@ pub const fn maglev_flow_hash(saddr: [u8; 4], sport: u16, proto: u8) -> u32 {
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
+}
+
+/// [`maglev_flow_hash`] of an IPv6 client: its address folded to 32 bits (the four words
+/// XORed).
+pub const fn maglev_flow_hash6(saddr: [u8; 16], sport: u16, proto: u8) -> u32 {
+    let mut folded = [0u8; 4];
+    let mut i = 0;
+    while i < 16 {
+        folded[i % 4] ^= saddr[i];
+        i += 1;
+    }
+    maglev_flow_hash(folded, sport, proto)
 }
 
 /// Settings of the datapath (array of one [`DatapathConfig`]), written by the agent at start.
@@ -204,7 +230,7 @@ pub const MAP_SOCK_NAT6: &str = "xlb_socknat6_v1";
 pub const MAP_SOURCE_RANGES6: &str = "xlb_srcrange6_v1";
 
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 18] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT,
@@ -222,6 +248,7 @@ pub const ALL_MAPS: [&str; 17] = [
     MAP_CT6,
     MAP_SOCK_NAT6,
     MAP_SOURCE_RANGES6,
+    MAP_AFFINITY6,
 ];
 
 /// The cgroup programs of socket-level load balancing: connections and datagrams of the node's
@@ -859,6 +886,7 @@ const _: () = {
     assert!(core::mem::size_of::<SockNat4Key>() == 16);
     assert!(core::mem::size_of::<DatapathConfig>() == 24);
     assert!(core::mem::size_of::<Affinity4Key>() == 8);
+    assert!(core::mem::size_of::<Affinity6Key>() == 20);
     assert!(core::mem::size_of::<Affinity4Value>() == 16);
     assert!(core::mem::size_of::<SockNat4Value>() == 16);
     assert!(core::mem::size_of::<Svc6Key>() == 24);
@@ -887,6 +915,7 @@ mod pod {
     unsafe impl aya::Pod for SockNat4Key {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for Affinity4Key {}
+    unsafe impl aya::Pod for Affinity6Key {}
     unsafe impl aya::Pod for Affinity4Value {}
     unsafe impl aya::Pod for SockNat4Value {}
     unsafe impl aya::Pod for Svc6Key {}

@@ -12,19 +12,23 @@
 //! 40-byte keys and values would otherwise outgrow the 512 bytes of stack.
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, xdp_action},
-    helpers::generated::bpf_get_prandom_u32,
+    helpers::generated::{bpf_get_prandom_u32, bpf_loop},
     programs::TcContext,
 };
 use lb_common::{
-    BACKEND_F_LOCAL, BACKEND_STATE_FREE, Backend6, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT,
+    Affinity4Value, BACKEND_F_LOCAL, BACKEND_STATE_FREE, Backend6, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT,
     CT_DIR_SNAT_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, CT_F_SNAT, Ct6Key, Ct6Value, IPPROTO_TCP,
-    IPPROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_NO_LOCAL_ENDPOINT,
-    SVC_F_SOURCE_RANGES, SrcRange6, Stat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, csum,
+    IPPROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_LOCAL_LIST,
+    SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange6, Stat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, csum,
+    maglev_flow_hash6, maglev_key,
 };
 
 use crate::{
     ct,
-    maps::{BACKENDS6, CT6, SCRATCH_TC, SCRATCH_XDP, SCRATCH6, SERVICES6, SOURCE_RANGES6, Scratch6},
+    maps::{
+        AFFINITY6, BACKENDS6, CONFIG, CT6, MAGLEV, SCRATCH_TC, SCRATCH_XDP, SCRATCH6, SERVICES6,
+        SOURCE_RANGES6, Scratch6,
+    },
     nat::Side,
     parse::{self, Packet6, Parsed6, load_addr6, load16, store16},
     stats::count,
@@ -238,17 +242,16 @@ fn create_snat(s: &mut Scratch6, pkt: &Packet6) -> u16 {
         ^ u32::from(s.key.sport).wrapping_mul(0x85eb_ca6b)
         ^ w(&s.be.addr).wrapping_mul(0xc2b2_ae35)
         ^ u32::from(s.be.port);
-    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
-    let mut snat_port = 0u16;
-    let mut i = 0u32;
-    while i < 16 {
-        let port = SNAT_PORT_MIN + ((h.wrapping_add(i)) % range) as u16;
-        i += 1;
-        if claim_port(s, port, now) {
-            snat_port = port;
-            break;
-        }
-    }
+    // The probes run under bpf_loop: the verifier walks the callback once, where 16 probes
+    // unrolled cost it about 400,000 instructions (checked by the verifier test in packet6.rs).
+    let mut probe = Probe { h, now, port: 0 };
+    let callback: extern "C" fn(u64, *mut Probe) -> i64 = probe_port;
+    // SAFETY: bpf_loop calls `probe_port` (a static subprogram, passed as a function reference)
+    // with a pointer to `probe`, on this stack, at most SNAT_PROBES times.
+    unsafe {
+        bpf_loop(SNAT_PROBES, callback as *mut core::ffi::c_void, (&mut probe as *mut Probe).cast(), 0)
+    };
+    let snat_port = probe.port;
     if snat_port == 0 {
         return 0;
     }
@@ -271,6 +274,36 @@ fn create_snat(s: &mut Scratch6, pkt: &Packet6) -> u16 {
         return 0;
     }
     snat_port
+}
+
+/// SNAT ports probed for a new flow before giving up.
+const SNAT_PROBES: u32 = 16;
+
+/// The state of [`create_snat`]'s probes, shared with [`probe_port`].
+#[repr(C)]
+struct Probe {
+    /// The flow's hash: probe `i` tries the port at `h + i` in the range.
+    h: u32,
+    now: u32,
+    /// The port claimed; 0 while none is.
+    port: u16,
+}
+
+/// bpf_loop's callback for [`create_snat`]: probe `i`. Returns 1 (stop) once a port is claimed.
+#[inline(never)]
+extern "C" fn probe_port(i: u64, probe: *mut Probe) -> i64 {
+    // SAFETY: bpf_loop passes the caller's `Probe` through.
+    let probe = unsafe { &mut *probe };
+    let Some(s) = SCRATCH6.get_ptr_mut(SCRATCH_XDP) else { return 1 };
+    // SAFETY: the per-CPU scratch entry of XDP, which created it; this run is its only user.
+    let s = unsafe { &mut *s };
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let port = SNAT_PORT_MIN + (probe.h.wrapping_add(i as u32) % range) as u16;
+    if claim_port(s, port, probe.now) {
+        probe.port = port;
+        return 1;
+    }
+    0
 }
 
 /// One probe of [`create_snat`]: claims `port` for the flow at `s.key` to `s.be`, or leaves
@@ -421,9 +454,17 @@ fn new_flow(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
         }
         return verdict(Stat::DropNoBackend, bytes, drop);
     }
-    // SAFETY: helper with no arguments.
-    let rnd = unsafe { bpf_get_prandom_u32() };
-    s.svc.slot = (rnd % u32::from(n)) as u16 + 1;
+    // sessionAffinity ClientIP, then Maglev, then a slot at random, as for IPv4.
+    // SAFETY: as above.
+    let affinity = unsafe { (*svc).affinity_timeout };
+    let now = if affinity != 0 { ct::now_secs() } else { 0 };
+    s.svc_id = svc_id;
+    let kept = affinity != 0 && keep_affinity(s, n, affinity, now);
+    if !kept && !maglev_slot(s, flags, n) {
+        // SAFETY: helper with no arguments.
+        let rnd = unsafe { bpf_get_prandom_u32() };
+        s.svc.slot = (rnd % u32::from(n)) as u16 + 1;
+    }
     let Some(slot) = SERVICES6.get_ptr(&s.svc) else {
         return verdict(Stat::DropStaleSlot, bytes, drop);
     };
@@ -435,8 +476,13 @@ fn new_flow(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
     if be.state == BACKEND_STATE_FREE {
         return verdict(Stat::DropStaleSlot, bytes, drop);
     }
+    // Recorded before the flow is tracked: nothing below then depends on how the slot was
+    // chosen, which keeps the verifier from walking the SNAT probes once per way.
+    if affinity != 0 && !kept {
+        let v = Affinity4Value { backend_id, slot: s.svc.slot, _pad: 0, last_used: now, _pad2: 0 };
+        let _ = AFFINITY6.insert(&s.aff, &v, 0);
+    }
     s.backend_id = backend_id;
-    s.svc_id = svc_id;
     let local_frontend = flags & SVC_F_LOCAL != 0;
     // Hairpin: a pod landing on itself through its Service; SNAT to the frontend, as for IPv4.
     let hairpin = be.addr == s.key.saddr;
@@ -458,6 +504,53 @@ fn new_flow(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
         rewrite_port(pkt, Side::Source, snat_port);
     }
     verdict(Stat::DnatNew, bytes, pass)
+}
+
+/// As `lb::keep_affinity`: sets `s.svc.slot` to the slot of the client's affinity entry (its key
+/// left in `s.aff` for the caller) if it is within `timeout` and the slot, among the `count`
+/// selectable ones, still holds its backend; refreshes the entry's time.
+#[inline(never)]
+fn keep_affinity(s: &mut Scratch6, count: u16, timeout: u32, now: u32) -> bool {
+    s.aff.svc_id = s.svc_id;
+    s.aff.client = s.key.saddr;
+    let Some(a) = AFFINITY6.get_ptr_mut(&s.aff) else { return false };
+    // SAFETY: pointer from a lookup in this run; plain integer reads.
+    let (backend_id, slot, used) = unsafe { ((*a).backend_id, (*a).slot, (*a).last_used) };
+    if now.wrapping_sub(used) > timeout || slot == 0 || slot > count {
+        return false;
+    }
+    s.svc.slot = slot;
+    // SAFETY: as above.
+    if SERVICES6.get_ptr(&s.svc).is_none_or(|v| unsafe { (*v).backend_id } != backend_id) {
+        return false;
+    }
+    if used != now {
+        // SAFETY: as above; a racing writer can only make the time one of two recent values.
+        unsafe { (*a).last_used = now };
+    }
+    true
+}
+
+/// As `lb::maglev_slot`: with Maglev on, sets `s.svc.slot` from the frontend's table (the same
+/// flow gets the same slot on every node). `false` when Maglev is off, the table is missing or
+/// names no selectable slot.
+#[inline(never)]
+fn maglev_slot(s: &mut Scratch6, flags: u16, count: u16) -> bool {
+    let size = CONFIG.get(0).map_or(0, |c| c.maglev_size);
+    if size == 0 {
+        return false;
+    }
+    let table = maglev_key(s.svc_id, flags & SVC_F_LOCAL_LIST != 0);
+    let idx = maglev_flow_hash6(s.key.saddr, s.key.sport, s.key.proto) % size;
+    // SAFETY: inner arrays are written only by the agent, which replaces a table whole.
+    let four = unsafe { MAGLEV.get_value(&table, &(idx / 4)) };
+    match four.map(|&v| (v >> ((idx % 4) * 16)) as u16) {
+        Some(slot) if slot >= 1 && slot <= count => {
+            s.svc.slot = slot;
+            true
+        }
+        _ => false,
+    }
 }
 
 /// TC egress for IPv6, as `tc::egress`: a SNATed flow leaving towards its backend gets the

@@ -5,9 +5,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Affinity4Key, Affinity4Value, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig,
-    MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SockNat4Key, SockNat4Value, SockNat6Key,
-    SockNat6Value, SrcRange4, SrcRange6, StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo, TraceRecord,
+    Affinity4Key, Affinity4Value, Affinity6Key, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
+    DatapathConfig, MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SockNat4Key,
+    SockNat4Value, SockNat6Key, SockNat6Value, SrcRange4, SrcRange6, StatValue, Svc4Key, Svc4Value, Svc6Key,
+    SvcInfo, TraceRecord,
 };
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
@@ -113,6 +114,8 @@ pub struct Scratch6 {
     pub svc_id: u32,
     /// The loadBalancerSourceRanges lookup's key.
     pub range: Key<SrcRange6>,
+    /// The sessionAffinity lookup's key.
+    pub aff: Affinity6Key,
 }
 
 /// Entry of [`SCRATCH6`] that XDP uses.
@@ -126,6 +129,10 @@ pub static SCRATCH6: PerCpuArray<Scratch6, 2> = PerCpuArray::new();
 /// loadBalancerSourceRanges of IPv6 service ports: (service id, client prefix) -> 1.
 #[btf_map(name = "xlb_srcrange6_v1")]
 pub static SOURCE_RANGES6: LpmTrie<SrcRange6, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
+
+/// sessionAffinity ClientIP of IPv6 service ports: (service port, client) -> backend.
+#[btf_map(name = "xlb_affinity6_v1")]
+pub static AFFINITY6: LruHashMap<Affinity6Key, Affinity4Value, 65_536> = LruHashMap::new();
 
 /// Socket-level translation of IPv6 sockets: as `SOCK_NAT`.
 #[btf_map(name = "xlb_socknat6_v1")]

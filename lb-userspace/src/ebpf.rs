@@ -164,6 +164,7 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
         .map_max_entries(MAP_CT, caps.ct_entries)
         .map_max_entries(MAP_SOCK_NAT, caps.sock_nat_entries)
         .map_max_entries(lb_common::MAP_AFFINITY, caps.affinity_entries)
+        .map_max_entries(lb_common::MAP_AFFINITY6, caps.affinity_entries)
         .map_max_entries(lb_common::MAP_SERVICES6, caps.ipv6_entries)
         .map_max_entries(lb_common::MAP_BACKENDS6, caps.ipv6_entries)
         .map_max_entries(lb_common::MAP_CT6, caps.ipv6_entries)
@@ -440,7 +441,13 @@ pub fn load_trace(pin_dir: &Path, expected: &[(&'static str, u32)]) -> Result<Eb
             // it) gets this tell-tale size, so that it can be recognised and its pin taken away
             // again.
             loader.map_pin_path(name, path.as_path()).map_max_entries(name, TRACE_SENTINEL_ENTRIES);
-        } else if [lb_common::MAP_CONFIG, lb_common::MAP_AFFINITY, lb_common::MAP_MAGLEV].contains(name)
+        } else if [
+            lb_common::MAP_CONFIG,
+            lb_common::MAP_AFFINITY,
+            lb_common::MAP_AFFINITY6,
+            lb_common::MAP_MAGLEV,
+        ]
+        .contains(name)
             && path.exists()
         {
             // The agent's settings, the clients' affinities and the Maglev tables, read only.

@@ -626,8 +626,7 @@ impl<D: Datapath> Reconciler<D> {
         // slots; until then the datapath ignores a slot past the count.
         let mut wanted_tables: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         if self.maglev_size != 0 {
-            // The IPv6 path picks at random (no Maglev yet): no tables for its ports.
-            for (p, &svc_id) in desired.iter().zip(&ids).filter(|(p, _)| p.id.family == Family::V4) {
+            for (p, &svc_id) in desired.iter().zip(&ids) {
                 let lists = [(false, true), (true, p.frontend_kinds.iter().any(|&k| p.local_only(k)))];
                 for (local, wanted) in lists {
                     let names: Vec<String> =

@@ -71,7 +71,8 @@ impl Dut {
         };
         let mut ebpf =
             ebpf::load(None, caps).unwrap_or_else(|e| panic!("the verifier must accept the program: {e:?}"));
-        let rec = Reconciler::new(BpfMaps::take(&mut ebpf).unwrap()).unwrap();
+        let maps = BpfMaps::take(&mut ebpf).and_then(|m| m.with_maglev_taken(&mut ebpf)).unwrap();
+        let rec = Reconciler::new(maps).unwrap();
         Dut { ebpf, rec }
     }
 
@@ -763,4 +764,134 @@ fn icmpv6_errors_about_translated_flows_are_translated_too() {
     let echo = icmp6_error(router, *vip.ip(), 128, 0, 0, &Frame6::tcp(vip, client).build());
     assert_eq!(dut.run(&echo).1, echo);
     assert_eq!(dut.stat(Stat::IcmpTranslated), 2);
+}
+
+/// The verifier's work on the datapath programs (instructions it walked, from the kernel's
+/// program info), printed, and kept under half of its limit of 1,000,000: the IPv6 path's
+/// subprograms are walked once per way into them, and a change that multiplied those ways has
+/// taken the XDP program past the limit before.
+#[test]
+fn the_verifier_walks_the_datapath_well_within_its_limit() {
+    if !need_root() {
+        return;
+    }
+    let dut = Dut::new();
+    for name in [lb_common::PROG_XDP, "xlb_tc_egress"] {
+        let prog = dut.ebpf.program(name).unwrap_or_else(|| panic!("{name}"));
+        let Some(n) = prog.info().unwrap().verified_instruction_count() else {
+            eprintln!("{name}: this kernel does not report verified instructions (before 5.16); skipped");
+            continue;
+        };
+        eprintln!("{name}: the verifier walked {n} instructions");
+        assert!(n < 500_000, "{name}: the verifier walked {n} instructions, more than half its limit");
+    }
+}
+
+/// An IPv6-only Service at [2001:db8:1::70]:80 with `n` endpoints 2001:db8:i::2 on 8080, and
+/// `extra` in its spec.
+fn v6_service(n: u8, extra: &str) -> String {
+    let eps: Vec<String> = (1..=n).map(|i| format!("{{addresses: [\"2001:db8:{i}::2\"]}}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: many, namespace: default}}\nspec:\n  ipFamilies: [IPv6]\n  clusterIP: \"2001:db8:1::70\"\n  clusterIPs: [\"2001:db8:1::70\"]\n{extra}  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: many-1, namespace: default, labels: {{kubernetes.io/service-name: many}}}}\naddressType: IPv6\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{}]\n",
+        eps.join(", ")
+    )
+}
+
+impl Dut {
+    fn apply_yaml(&mut self, yaml: &str) {
+        let mut objects = manifests::Objects::default();
+        manifests::read_str("t.yaml".as_ref(), yaml, &mut objects);
+        assert!(objects.errors.is_empty(), "{:?}", objects.errors);
+        let m = model::build(&objects.services, &objects.slices, &model::ModelConfig::default());
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        self.rec.apply(&m.ports).expect("apply");
+    }
+
+    /// The backend a new TCP flow from `client` to [2001:db8:1::70]:80 is sent to.
+    fn backend_for(&mut self, client: SocketAddrV6) -> Ipv6Addr {
+        let (v, out) = self.run(&Frame6::tcp(client, sa("[2001:db8:1::70]:80")).build());
+        assert_eq!(v, XDP_PASS);
+        let d = decode6(&out).unwrap();
+        assert!(d.l4_checksum_ok);
+        *d.dst.ip()
+    }
+}
+
+#[test]
+fn ipv6_session_affinity_keeps_a_client_on_one_endpoint() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    let sticky = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 100}}\n";
+    dut.apply_yaml(&v6_service(3, sticky));
+    let mut per_client = Vec::new();
+    for c in 1..=8u16 {
+        let addr: Ipv6Addr = format!("2001:db8:100::{c:x}").parse().unwrap();
+        let seen: BTreeSet<Ipv6Addr> =
+            (0..30).map(|p| dut.backend_for(SocketAddrV6::new(addr, 20000 + p, 0, 0))).collect();
+        assert_eq!(seen.len(), 1, "client {addr}: 30 flows, one endpoint: {seen:?}");
+        per_client.extend(seen);
+    }
+    let spread: BTreeSet<_> = per_client.iter().collect();
+    assert!(spread.len() >= 2, "clients are spread over the endpoints: {per_client:?}");
+    // Without affinity, one client's 30 flows meet several endpoints.
+    let mut plain = Dut::new();
+    plain.apply_yaml(&v6_service(3, ""));
+    let addr: Ipv6Addr = "2001:db8:100::1".parse().unwrap();
+    let seen: BTreeSet<Ipv6Addr> =
+        (0..30).map(|p| plain.backend_for(SocketAddrV6::new(addr, 20000 + p, 0, 0))).collect();
+    assert!(seen.len() >= 2, "{seen:?}");
+}
+
+#[test]
+fn ipv6_maglev_sends_a_flow_to_the_same_endpoint_on_every_node() {
+    if !need_root() {
+        return;
+    }
+    const M: u32 = 1021;
+    let node = |yaml: &str| {
+        let mut dut = Dut::new();
+        lb_userspace::datapath::write_config(
+            &mut dut.ebpf,
+            lb_common::DatapathConfig { maglev_size: M, ..Default::default() },
+        )
+        .unwrap();
+        dut.rec.set_maglev(M);
+        dut.apply_yaml(yaml);
+        dut
+    };
+    let flows = |dut: &mut Dut| -> Vec<Ipv6Addr> {
+        (0..600u16)
+            .map(|i| {
+                let addr: Ipv6Addr = format!("2001:db8:100::{:x}", 1 + i % 7).parse().unwrap();
+                dut.backend_for(SocketAddrV6::new(addr, 10000 + i, 0, 0))
+            })
+            .collect()
+    };
+    let five = v6_service(5, "");
+    let (a, b) = (flows(&mut node(&five)), flows(&mut node(&five)));
+    assert_eq!(a, b, "two nodes send every flow to the same endpoint");
+    assert_eq!(a.iter().collect::<BTreeSet<_>>().len(), 5, "over all five");
+    // One endpoint goes: the flows of the others stay where they were.
+    let four = five.replace("{addresses: [\"2001:db8:3::2\"]}, ", "");
+    assert_ne!(four, five);
+    let after = flows(&mut node(&four));
+    let gone: Ipv6Addr = "2001:db8:3::2".parse().unwrap();
+    let moved = a.iter().zip(&after).filter(|(x, y)| x != y).count();
+    let had = a.iter().filter(|x| **x == gone).count();
+    eprintln!("{moved} of 600 flows moved; the removed endpoint had {had}");
+    assert!(moved >= had && (moved as f64) <= had as f64 * 1.25 + 10.0, "moved {moved}, had {had}");
+    // Random selection agrees between two nodes far less often.
+    let (r1, r2) = (flows(&mut Dut::new_with(&five)), flows(&mut Dut::new_with(&five)));
+    let same = r1.iter().zip(&r2).filter(|(x, y)| x == y).count();
+    assert!(same < 300, "random selection agreed on {same} of 600");
+}
+
+impl Dut {
+    fn new_with(yaml: &str) -> Self {
+        let mut dut = Dut::new();
+        dut.apply_yaml(yaml);
+        dut
+    }
 }
