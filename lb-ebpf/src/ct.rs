@@ -1,5 +1,5 @@
 //! Connection tracking: one LRU entry per direction of each translated flow.
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::generated::{bpf_ktime_get_coarse_ns, bpf_loop};
 use lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT,
     CT_F_SNAT, CT_TCP_CLOSE_S, CT_TCP_ESTABLISHED_S, CT_TCP_SYN_S, CT_UDP_S, Ct4Key, Ct4Value, IPPROTO_TCP,
@@ -203,53 +203,31 @@ pub fn create_snat(
         snat_port: 0,
         _pad: 0,
     };
-    let out_of = |port: u16| Ct4Key {
-        saddr: client,
-        daddr: backend_addr,
-        sport: port,
-        dport: backend_port,
-        proto: pkt.proto,
-        dir: CT_DIR_SNAT,
-        _pad: 0,
-    };
-    let out = Ct4Value { nat_addr: frontend, flags: 0, ..base };
-    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
     let h = pkt.saddr.wrapping_mul(0x9e37_79b1)
         ^ u32::from(pkt.sport).wrapping_mul(0x85eb_ca6b)
         ^ u32::from_ne_bytes(backend_addr).wrapping_mul(0xc2b2_ae35)
         ^ u32::from(backend_port);
-    let mut snat_port = 0u16;
-    let mut i = 0u32;
-    while i < 16 {
-        let port = SNAT_PORT_MIN + ((h.wrapping_add(i)) % range) as u16;
-        i += 1;
-        let back = Ct4Key {
-            saddr: backend_addr,
-            daddr: frontend,
-            sport: backend_port,
-            dport: port,
-            proto: pkt.proto,
-            dir: CT_DIR_REPLY,
-            _pad: 0,
-        };
-        // The client's own flow from that port to that backend (not SNATed) would look alike
-        // at egress.
-        let own = Ct4Key { dir: CT_DIR_REPLY, saddr: backend_addr, daddr: client, ..back };
-        if CT.get_ptr(own).is_some() {
-            continue;
-        }
-        // Claim (backend, node, port), then (client, port, backend); a key held by a flow idle
-        // past its lifetime is free again (the LRU map would only evict it once full).
-        if !claim(back, base, pkt.proto, now) {
-            continue;
-        }
-        if !claim(out_of(port), Ct4Value { nat_port: port, ..out }, pkt.proto, now) {
-            let _ = CT.remove(back);
-            continue;
-        }
-        snat_port = port;
-        break;
-    }
+    // The probes run under bpf_loop: the verifier walks the callback once, where 16 probes
+    // unrolled here cost it about 200,000 instructions.
+    let mut probe = Probe4 {
+        base,
+        client,
+        backend: backend_addr,
+        frontend,
+        h,
+        now,
+        backend_port,
+        port: 0,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let callback: extern "C" fn(u64, *mut Probe4) -> i64 = probe_port;
+    // SAFETY: bpf_loop calls `probe_port` (a static subprogram, passed as a function reference)
+    // with a pointer to `probe`, on this stack, at most SNAT_PROBES times.
+    unsafe {
+        bpf_loop(SNAT_PROBES, callback as *mut core::ffi::c_void, (&mut probe as *mut Probe4).cast(), 0)
+    };
+    let snat_port = probe.port;
     if snat_port == 0 {
         return Err(-1);
     }
@@ -274,6 +252,71 @@ pub fn create_snat(
     };
     CT.insert(key_of(pkt, CT_DIR_FORWARD), fwd, 0)?;
     Ok(snat_port)
+}
+
+/// SNAT ports probed for a new flow before giving up.
+pub const SNAT_PROBES: u32 = 16;
+
+/// The state of [`create_snat`]'s probes, shared with [`probe_port`].
+#[repr(C)]
+struct Probe4 {
+    /// The SNAT reply entry's value: the client, written back as destination.
+    base: Ct4Value,
+    client: [u8; 4],
+    backend: [u8; 4],
+    frontend: [u8; 4],
+    /// The flow's hash: probe `i` tries the port at `h + i` in the range.
+    h: u32,
+    now: u32,
+    backend_port: u16,
+    /// The port claimed; 0 while none is.
+    port: u16,
+    proto: u8,
+    _pad: [u8; 3],
+}
+
+/// bpf_loop's callback for [`create_snat`], probe `i`: claims (backend -> frontend:port) and
+/// (client:port -> backend), unless the client has a flow of its own from that port to that
+/// backend (it would look alike at egress). A key held by a flow idle past its lifetime is free
+/// again (the LRU map would only evict it once full). Returns 1 (stop) once a port is claimed.
+#[inline(never)]
+extern "C" fn probe_port(i: u64, p: *mut Probe4) -> i64 {
+    // SAFETY: bpf_loop passes the caller's `Probe4` through.
+    let p = unsafe { &mut *p };
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let port = SNAT_PORT_MIN + (p.h.wrapping_add(i as u32) % range) as u16;
+    let back = Ct4Key {
+        saddr: p.backend,
+        daddr: p.frontend,
+        sport: p.backend_port,
+        dport: port,
+        proto: p.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let own = Ct4Key { daddr: p.client, ..back };
+    if CT.get_ptr(own).is_some() {
+        return 0;
+    }
+    if !claim(back, p.base, p.proto, p.now) {
+        return 0;
+    }
+    let out_key = Ct4Key {
+        saddr: p.client,
+        daddr: p.backend,
+        sport: port,
+        dport: p.backend_port,
+        proto: p.proto,
+        dir: CT_DIR_SNAT,
+        _pad: 0,
+    };
+    let out = Ct4Value { nat_addr: p.frontend, nat_port: port, flags: 0, ..p.base };
+    if !claim(out_key, out, p.proto, p.now) {
+        let _ = CT.remove(back);
+        return 0;
+    }
+    p.port = port;
+    1
 }
 
 /// The entry the backend's replies of the flow tracked by `fwd` (found at `key`) refresh: for a

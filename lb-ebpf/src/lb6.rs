@@ -249,7 +249,7 @@ fn create_snat(s: &mut Scratch6, pkt: &Packet6) -> u16 {
     // SAFETY: bpf_loop calls `probe_port` (a static subprogram, passed as a function reference)
     // with a pointer to `probe`, on this stack, at most SNAT_PROBES times.
     unsafe {
-        bpf_loop(SNAT_PROBES, callback as *mut core::ffi::c_void, (&mut probe as *mut Probe).cast(), 0)
+        bpf_loop(ct::SNAT_PROBES, callback as *mut core::ffi::c_void, (&mut probe as *mut Probe).cast(), 0)
     };
     let snat_port = probe.port;
     if snat_port == 0 {
@@ -275,9 +275,6 @@ fn create_snat(s: &mut Scratch6, pkt: &Packet6) -> u16 {
     }
     snat_port
 }
-
-/// SNAT ports probed for a new flow before giving up.
-const SNAT_PROBES: u32 = 16;
 
 /// The state of [`create_snat`]'s probes, shared with [`probe_port`].
 #[repr(C)]
