@@ -6,12 +6,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use lb_common::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY, Ct4Key, Ct4Value,
-    SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LB_INGRESS, SVC_F_NODE_PORT, SvcInfo,
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY, Ct4Key, Ct4Value, Ct6Key,
+    Ct6Value, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LB_INGRESS, SVC_F_NODE_PORT, SvcInfo,
 };
 use serde::Serialize;
 
@@ -63,6 +63,13 @@ pub struct BackendRow {
     pub selectable: bool,
     /// New flows sent to this backend since the agent gave it its id.
     pub new_flows: u64,
+}
+
+impl BackendRow {
+    /// Whether this is an IPv6 backend (whose id names an entry of the IPv6 backends).
+    pub fn is_ipv6(&self) -> bool {
+        self.address.parse::<IpAddr>().is_ok_and(|a| a.is_ipv6())
+    }
 }
 
 /// One frontend (or, for ExternalName, one service port): the schema of
@@ -411,17 +418,101 @@ pub fn parse_service(s: &str) -> (String, String) {
     }
 }
 
+/// A conntrack entry of either family (`xlb_ct4_v2` or `xlb_ct6_v1`), addresses as `IpAddr`,
+/// ports in host order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtEntry {
+    pub dir: u8,
+    pub proto: u8,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    pub nat_addr: IpAddr,
+    pub nat_port: u16,
+    pub tcp_flags: u8,
+    pub flags: u8,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub created: u32,
+    pub last_seen: u32,
+    pub snat_port: u16,
+}
+
+impl From<(Ct4Key, Ct4Value)> for CtEntry {
+    fn from((k, v): (Ct4Key, Ct4Value)) -> Self {
+        CtEntry {
+            dir: k.dir,
+            proto: k.proto,
+            saddr: Ipv4Addr::from(k.saddr).into(),
+            sport: k.sport,
+            daddr: Ipv4Addr::from(k.daddr).into(),
+            dport: k.dport,
+            nat_addr: Ipv4Addr::from(v.nat_addr).into(),
+            nat_port: v.nat_port,
+            tcp_flags: v.tcp_flags,
+            flags: v.flags,
+            backend_id: v.backend_id,
+            svc_id: v.svc_id,
+            created: v.created,
+            last_seen: v.last_seen,
+            snat_port: v.snat_port,
+        }
+    }
+}
+
+impl From<(Ct6Key, Ct6Value)> for CtEntry {
+    fn from((k, v): (Ct6Key, Ct6Value)) -> Self {
+        CtEntry {
+            dir: k.dir,
+            proto: k.proto,
+            saddr: Ipv6Addr::from(k.saddr).into(),
+            sport: k.sport,
+            daddr: Ipv6Addr::from(k.daddr).into(),
+            dport: k.dport,
+            nat_addr: Ipv6Addr::from(v.nat_addr).into(),
+            nat_port: v.nat_port,
+            tcp_flags: v.tcp_flags,
+            flags: v.flags,
+            backend_id: v.backend_id,
+            svc_id: v.svc_id,
+            created: v.created,
+            last_seen: v.last_seen,
+            snat_port: v.snat_port,
+        }
+    }
+}
+
+/// Every conntrack entry of both families.
+pub fn read_flows(dp: &impl Datapath) -> Result<Vec<CtEntry>, DatapathError> {
+    let v4 = dp.read_ct()?.into_iter().map(CtEntry::from);
+    Ok(v4.chain(dp.read_ct6()?.into_iter().map(CtEntry::from)).collect())
+}
+
+/// A backend's key across families: (IPv6, id); each family gives ids of its own.
+pub type BackendKey = (bool, u32);
+
 impl View {
-    /// Tracked flows per backend id: forward conntrack entries whose backend id still names the
+    /// The address, port and state of backend `id` of the family of `v6`.
+    fn backend_of(&self, v6: bool, id: u32) -> Option<(IpAddr, u16, u8)> {
+        if v6 {
+            self.backends6.get(&id).map(|b| (Ipv6Addr::from(b.addr).into(), b.port, b.state))
+        } else {
+            self.backends.get(&id).map(|b| (Ipv4Addr::from(b.addr).into(), b.port, b.state))
+        }
+    }
+
+    /// Tracked flows per backend: forward conntrack entries whose backend id still names the
     /// backend they were sent to (stale entries are not counted).
-    pub fn active_flows(&self, ct: &[(Ct4Key, Ct4Value)]) -> BTreeMap<u32, u64> {
+    pub fn active_flows(&self, ct: &[CtEntry]) -> BTreeMap<BackendKey, u64> {
         let mut m = BTreeMap::new();
-        for (k, v) in ct {
-            let live = self.backends.get(&v.backend_id).is_some_and(|b| {
-                b.state != lb_common::BACKEND_STATE_FREE && b.addr == v.nat_addr && b.port == v.nat_port
+        for e in ct.iter().filter(|e| e.dir == CT_DIR_FORWARD) {
+            let v6 = e.nat_addr.is_ipv6();
+            let live = self.backend_of(v6, e.backend_id).is_some_and(|(a, p, st)| {
+                st != lb_common::BACKEND_STATE_FREE && a == e.nat_addr && p == e.nat_port
             });
-            if k.dir == CT_DIR_FORWARD && live {
-                *m.entry(v.backend_id).or_default() += 1;
+            if live {
+                *m.entry((v6, e.backend_id)).or_default() += 1;
             }
         }
         m
@@ -432,7 +523,7 @@ impl View {
         &self,
         namespace: &str,
         name: &str,
-        active: &BTreeMap<u32, u64>,
+        active: &BTreeMap<BackendKey, u64>,
     ) -> Option<ServiceDescription> {
         let rows: Vec<ServiceRow> =
             self.service_rows().into_iter().filter(|r| r.namespace == namespace && r.name == name).collect();
@@ -484,7 +575,7 @@ impl View {
                         state: b.state,
                         selectable: b.selectable,
                         new_flows: b.new_flows,
-                        active_flows: active.get(&b.id).copied().unwrap_or(0),
+                        active_flows: active.get(&(b.is_ipv6(), b.id)).copied().unwrap_or(0),
                     });
                 }
             }
@@ -607,19 +698,19 @@ pub struct BackendListRow {
 
 impl View {
     /// Every backend a frontend names, by id.
-    pub fn backend_rows(&self, active: &BTreeMap<u32, u64>) -> Vec<BackendListRow> {
-        let mut users: BTreeMap<u32, (u8, BTreeSet<String>)> = BTreeMap::new();
-        // IPv4 backends (IPv6 backends are listed with their Services).
-        for f in self.frontends.iter().filter(|f| f.addr.is_ipv4()) {
+    pub fn backend_rows(&self, active: &BTreeMap<BackendKey, u64>) -> Vec<BackendListRow> {
+        // IPv4 backends first, then IPv6 ones (ids of their own).
+        let mut users: BTreeMap<BackendKey, (u8, BTreeSet<String>)> = BTreeMap::new();
+        for f in &self.frontends {
             for &id in f.slots.values() {
-                let e = users.entry(id).or_insert((f.proto, BTreeSet::new()));
+                let e = users.entry((f.addr.is_ipv6(), id)).or_insert((f.proto, BTreeSet::new()));
                 e.1.insert(self.port_label(f.svc_id));
             }
         }
         users
             .into_iter()
-            .map(|(id, (proto, services))| {
-                let b = self.backend_row(id, false, false);
+            .map(|((v6, id), (proto, services))| {
+                let b = self.backend_row(id, false, v6);
                 BackendListRow {
                     id,
                     address: b.address,
@@ -628,7 +719,7 @@ impl View {
                     state: b.state,
                     services: services.into_iter().collect(),
                     new_flows: b.new_flows,
-                    active_flows: active.get(&id).copied().unwrap_or(0),
+                    active_flows: active.get(&(v6, id)).copied().unwrap_or(0),
                 }
             })
             .collect()
@@ -690,28 +781,29 @@ pub struct FlowFilter {
     pub backend: Option<AddrFilter>,
 }
 
-/// An address, optionally with a port.
+/// An address, optionally with a port (`198.18.0.10`, `198.18.0.10:80`, `2001:db8::1`,
+/// `[2001:db8::1]:80`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AddrFilter {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: Option<u16>,
 }
 
 impl std::str::FromStr for AddrFilter {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Ok(sa) = s.parse::<SocketAddrV4>() {
-            return Ok(AddrFilter { addr: *sa.ip(), port: Some(sa.port()) });
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(AddrFilter { addr: sa.ip(), port: Some(sa.port()) });
         }
-        s.parse::<Ipv4Addr>()
+        s.parse::<IpAddr>()
             .map(|addr| AddrFilter { addr, port: None })
-            .map_err(|_| format!("{s:?} is neither IPv4 ADDRESS nor ADDRESS:PORT"))
+            .map_err(|_| format!("{s:?} is neither ADDRESS nor ADDRESS:PORT ([ADDRESS]:PORT for IPv6)"))
     }
 }
 
 impl AddrFilter {
-    fn matches(&self, addr: [u8; 4], port: u16) -> bool {
-        Ipv4Addr::from(addr) == self.addr && self.port.is_none_or(|p| p == port)
+    fn matches(&self, addr: IpAddr, port: u16) -> bool {
+        addr == self.addr && self.port.is_none_or(|p| p == port)
     }
 }
 
@@ -733,36 +825,36 @@ pub fn monotonic_secs() -> u64 {
 impl View {
     /// Tracked flows, one row per flow (forward and reply entries joined), filtered, sorted by
     /// protocol, client, frontend.
-    pub fn flow_rows(&self, ct: &[(Ct4Key, Ct4Value)], now: u64, filter: &FlowFilter) -> Vec<FlowRow> {
+    pub fn flow_rows(&self, ct: &[CtEntry], now: u64, filter: &FlowFilter) -> Vec<FlowRow> {
         // Keyed by (proto, client, frontend, backend), each as (addr, port).
-        type Tuple = (u8, ([u8; 4], u16), ([u8; 4], u16), ([u8; 4], u16));
-        let mut flows: BTreeMap<Tuple, (Option<Ct4Value>, Option<Ct4Value>)> = BTreeMap::new();
+        type Tuple = (u8, (IpAddr, u16), (IpAddr, u16), (IpAddr, u16));
+        let mut flows: BTreeMap<Tuple, (Option<CtEntry>, Option<CtEntry>)> = BTreeMap::new();
         // SNATed flows: (proto, client address and SNAT port, backend) -> the node address and
         // port they leave with.
-        type Ends = (u8, ([u8; 4], u16), ([u8; 4], u16));
+        type Ends = (u8, (IpAddr, u16), (IpAddr, u16));
         let mut snat: BTreeMap<Ends, String> = BTreeMap::new();
-        for (k, v) in ct {
-            if k.dir == lb_common::CT_DIR_SNAT {
-                let at = format!("{}:{}", Ipv4Addr::from(v.nat_addr), v.nat_port);
-                snat.insert((k.proto, (k.saddr, k.sport), (k.daddr, k.dport)), at);
+        for e in ct {
+            if e.dir == lb_common::CT_DIR_SNAT {
+                let at = SocketAddr::new(e.nat_addr, e.nat_port).to_string();
+                snat.insert((e.proto, (e.saddr, e.sport), (e.daddr, e.dport)), at);
                 continue;
             }
-            if k.dir == CT_DIR_REPLY && v.flags & lb_common::CT_F_DNAT_BACK != 0 {
+            if e.dir == CT_DIR_REPLY && e.flags & lb_common::CT_F_DNAT_BACK != 0 {
                 continue; // the SNATed side of a flow shown through its other entries
             }
-            match k.dir {
+            match e.dir {
                 CT_DIR_FORWARD => {
-                    let t = (k.proto, (k.saddr, k.sport), (k.daddr, k.dport), (v.nat_addr, v.nat_port));
-                    flows.entry(t).or_default().0 = Some(*v);
+                    let t = (e.proto, (e.saddr, e.sport), (e.daddr, e.dport), (e.nat_addr, e.nat_port));
+                    flows.entry(t).or_default().0 = Some(*e);
                 }
                 CT_DIR_REPLY | lb_common::CT_DIR_SNAT_REPLY => {
-                    let t = (k.proto, (k.daddr, k.dport), (v.nat_addr, v.nat_port), (k.saddr, k.sport));
-                    flows.entry(t).or_default().1 = Some(*v);
+                    let t = (e.proto, (e.daddr, e.dport), (e.nat_addr, e.nat_port), (e.saddr, e.sport));
+                    flows.entry(t).or_default().1 = Some(*e);
                 }
                 _ => {}
             }
         }
-        let sa = |(a, p): ([u8; 4], u16)| format!("{}:{p}", Ipv4Addr::from(a));
+        let sa = |(a, p): (IpAddr, u16)| SocketAddr::new(a, p).to_string();
         let mut rows = Vec::new();
         for ((proto, client, frontend, backend), (fwd, rep)) in flows {
             let Some(v) = fwd.or(rep) else { continue };
@@ -772,16 +864,15 @@ impl View {
                 continue;
             }
             let keep =
-                |f: &Option<AddrFilter>, (a, p): ([u8; 4], u16)| f.as_ref().is_none_or(|f| f.matches(a, p));
+                |f: &Option<AddrFilter>, (a, p): (IpAddr, u16)| f.as_ref().is_none_or(|f| f.matches(a, p));
             if !keep(&filter.client, client)
                 || !keep(&filter.frontend, frontend)
                 || !keep(&filter.backend, backend)
             {
                 continue;
             }
-            let be = self.backends.get(&v.backend_id);
-            let stale =
-                be.is_none_or(|b| b.state == lb_common::BACKEND_STATE_FREE || (b.addr, b.port) != backend);
+            let be = self.backend_of(backend.0.is_ipv6(), v.backend_id);
+            let stale = be.is_none_or(|(a, p, st)| st == lb_common::BACKEND_STATE_FREE || (a, p) != backend);
             let created = u64::from(fwd.map_or(v.created, |f| f.created));
             let last = u64::from(fwd.map_or(0, |f| f.last_seen).max(rep.map_or(0, |r| r.last_seen)));
             rows.push(FlowRow {
@@ -927,10 +1018,10 @@ pub fn stat_rows(stats: &[(&'static str, u64, u64)]) -> BTreeMap<&'static str, S
 /// expired: created - expired - stale - live).
 pub fn with_ct_rows(
     mut stats: Vec<(&'static str, u64, u64)>,
-    ct: &[(lb_common::Ct4Key, lb_common::Ct4Value)],
+    ct: &[CtEntry],
 ) -> Vec<(&'static str, u64, u64)> {
     let get = |n: &str| stats.iter().find(|s| s.0 == n).map_or(0, |s| s.1);
-    let live = ct.iter().filter(|(k, _)| k.dir == lb_common::CT_DIR_FORWARD).count() as u64;
+    let live = ct.iter().filter(|e| e.dir == lb_common::CT_DIR_FORWARD).count() as u64;
     let gone = get("ct_expired") + get("ct_stale_backend") + live;
     let evicted = get("ct_created").saturating_sub(gone);
     stats.push(("ct_live", live, 0));

@@ -10,9 +10,10 @@ use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use lb_common::{
-    Backend4, Backend6, Ct4Key, Ct4Value, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CT, MAP_MAGLEV,
-    MAP_SERVICES, MAP_SERVICES6, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAP_STATS, MAP_SVC_INFO, STAT_COUNT,
-    SrcRange4, SrcRange6, StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo,
+    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_BACKENDS6,
+    MAP_CT, MAP_CT6, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICES6, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6,
+    MAP_STATS, MAP_SVC_INFO, STAT_COUNT, SrcRange4, SrcRange6, StatValue, Svc4Key, Svc4Value, Svc6Key,
+    SvcInfo,
 };
 
 use crate::node::Cidr;
@@ -122,6 +123,10 @@ pub trait Datapath {
     fn write_backend6(&mut self, _id: u32, _value: Backend6) -> Result<(), DatapathError> {
         Err(DatapathError::Unsupported("IPv6 maps"))
     }
+    /// Every IPv6 connection-tracking entry ([`lb_common::MAP_CT6`]).
+    fn read_ct6(&self) -> Result<Vec<(Ct6Key, Ct6Value)>, DatapathError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The IPv6 frontend and backend maps.
@@ -145,6 +150,8 @@ pub struct BpfMaps {
     pub ipv6: Option<Ipv6Maps>,
     /// The IPv6 source ranges; `None` as for `ipv6`.
     pub source_ranges6: Option<LpmTrie<MapData, SrcRange6, u8>>,
+    /// IPv6 connection tracking (read by the CLI); `None` as for `ipv6`.
+    pub ct6: Option<HashMap<MapData, Ct6Key, Ct6Value>>,
     capacity: Capacity,
 }
 
@@ -207,6 +214,10 @@ impl BpfMaps {
             let (p, m) = open(MAP_BACKENDS6)?;
             maps.set_ipv6(s6, typed(MAP_BACKENDS6, &p, m)?);
         }
+        if pin_dir.join(MAP_CT6).exists() {
+            let (p, m) = open(MAP_CT6)?;
+            maps.ct6 = Some(typed(MAP_CT6, &p, m)?);
+        }
         if pin_dir.join(MAP_SOURCE_RANGES6).exists() {
             let (p, m) = open(MAP_SOURCE_RANGES6)?;
             maps.source_ranges6 = Some(typed(MAP_SOURCE_RANGES6, &p, m)?);
@@ -237,6 +248,7 @@ impl BpfMaps {
         let s6 = typed(MAP_SERVICES6, &path, take(MAP_SERVICES6)?)?;
         maps.set_ipv6(s6, typed(MAP_BACKENDS6, &path, take(MAP_BACKENDS6)?)?);
         maps.source_ranges6 = Some(typed(MAP_SOURCE_RANGES6, &path, take(MAP_SOURCE_RANGES6)?)?);
+        maps.ct6 = Some(typed(MAP_CT6, &path, take(MAP_CT6)?)?);
         Ok(maps)
     }
 
@@ -287,6 +299,7 @@ impl BpfMaps {
             filter: None,
             ipv6: None,
             source_ranges6: None,
+            ct6: None,
             capacity,
         })
     }
@@ -581,6 +594,11 @@ impl Datapath for BpfMaps {
 
     fn read_ct(&self) -> Result<Vec<(Ct4Key, Ct4Value)>, DatapathError> {
         self.ct.iter().map(|r| r.map_err(map_err("iterate", MAP_CT))).collect()
+    }
+
+    fn read_ct6(&self) -> Result<Vec<(Ct6Key, Ct6Value)>, DatapathError> {
+        let Some(m) = &self.ct6 else { return Ok(Vec::new()) };
+        m.iter().map(|r| r.map_err(map_err("iterate", MAP_CT6))).collect()
     }
 
     fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {

@@ -454,7 +454,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stats(o) => {
             let maps = BpfMaps::open(&cli.pin_dir)?;
-            let stats = cli::with_ct_rows(maps.read_stats()?, &maps.read_ct()?);
+            let stats = cli::with_ct_rows(maps.read_stats()?, &cli::read_flows(&maps)?);
             emit(o.output, &cli::stat_rows(&stats), || cli::stats_table(&stats))
         }
         Command::Services(o) | Command::Get { what: GetWhat::Services(o) } => {
@@ -464,7 +464,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backends(o) | Command::Get { what: GetWhat::Backends(o) } => {
             let maps = BpfMaps::open(&cli.pin_dir)?;
             let view = View::read(&maps)?;
-            let rows = view.backend_rows(&view.active_flows(&maps.read_ct()?));
+            let rows = view.backend_rows(&view.active_flows(&cli::read_flows(&maps)?));
             emit(o.output, &rows, || cli::backends_table(&rows))
         }
         Command::Conntrack(a) | Command::Get { what: GetWhat::Conntrack(a) } => {
@@ -475,14 +475,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 frontend: a.frontend,
                 backend: a.backend,
             };
-            let rows = View::read(&maps)?.flow_rows(&maps.read_ct()?, cli::monotonic_secs(), &filter);
+            let rows = View::read(&maps)?.flow_rows(&cli::read_flows(&maps)?, cli::monotonic_secs(), &filter);
             emit(a.output.output, &rows, || cli::flows_table(&rows))
         }
         Command::Describe { what: DescribeWhat::Service { name, output } } => {
             let maps = BpfMaps::open(&cli.pin_dir)?;
             let (ns, n) = cli::parse_service(&name);
             let view = View::read(&maps)?;
-            let d = view.describe(&ns, &n, &view.active_flows(&maps.read_ct()?)).ok_or_else(|| {
+            let d = view.describe(&ns, &n, &view.active_flows(&cli::read_flows(&maps)?)).ok_or_else(|| {
                 anyhow::anyhow!(
                     "service {ns}/{n} is not in the datapath (not known to the agent, rejected, or headless; `xlb get services` lists what is)"
                 )

@@ -855,7 +855,8 @@ fn node_port_flows_to_another_nodes_endpoint_are_snated_to_the_node() {
     assert_eq!((dut.stat(Stat::EgressSnat), dut.stat(Stat::EgressRevNat)), (50, 50));
     // The CLI shows each flow once, with its SNAT address.
     let view = lb_userspace::cli::View::read(dut.rec.datapath()).unwrap();
-    let rows = view.flow_rows(&dut.rec.datapath().read_ct().unwrap(), 0, &Default::default());
+    let rows =
+        view.flow_rows(&lb_userspace::cli::read_flows(dut.rec.datapath()).unwrap(), 0, &Default::default());
     assert_eq!(rows.len(), 50);
     assert!(
         rows.iter().all(|r| r.snat.as_deref().is_some_and(|s| s.starts_with("198.18.100.1:"))),
@@ -1193,7 +1194,8 @@ fn a_full_conntrack_map_evicts_old_flows_and_keeps_taking_new_ones() {
     assert!(tracked(20000 + flows - 1), "the newest flow is tracked");
     assert!(!tracked(20000), "the oldest flow was evicted");
     // The counters say so: created, live, and evicted = created - expired - stale - live.
-    let stats = lb_userspace::cli::with_ct_rows(dut.rec.datapath().read_stats().unwrap(), &ct);
+    let flows_now = lb_userspace::cli::read_flows(dut.rec.datapath()).unwrap();
+    let stats = lb_userspace::cli::with_ct_rows(dut.rec.datapath().read_stats().unwrap(), &flows_now);
     let get = |n: &str| stats.iter().find(|s| s.0 == n).unwrap().1;
     let live = ct.iter().filter(|(k, _)| k.dir == lb_common::CT_DIR_FORWARD).count() as u64;
     assert_eq!(get("ct_created"), u64::from(flows));

@@ -20,10 +20,9 @@ use std::{
     net::{Ipv6Addr, SocketAddrV6},
 };
 
-use aya::maps::{HashMap, MapData};
 use lb_common::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE, Backend6, MAP_CT6, SCOPE_EXTERNAL, STAT_NAMES,
-    SVC_F_CLUSTER_IP, Stat, Svc4Value, Svc6Key,
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE, Backend6, SCOPE_EXTERNAL, STAT_NAMES, SVC_F_CLUSTER_IP, Stat,
+    Svc4Value, Svc6Key,
 };
 use lb_userspace::{
     datapath::{BpfMaps, Datapath as _},
@@ -116,9 +115,7 @@ impl Dut {
     }
 
     fn tracked(&self) -> usize {
-        let ct: HashMap<&MapData, lb_common::Ct6Key, lb_common::Ct6Value> =
-            HashMap::try_from(self.ebpf.map(MAP_CT6).unwrap()).unwrap();
-        ct.keys().count()
+        self.rec.datapath().read_ct6().unwrap().len()
     }
 }
 
@@ -623,6 +620,26 @@ fn an_ipv6_node_port_to_another_nodes_endpoint_is_snated_to_the_node() {
     let (_, out) = dut.egress(&out);
     let d = decode6(&out).unwrap();
     assert_eq!((d.src, d.dst), (client, backend));
+
+    // `xlb conntrack` shows each IPv6 flow once, the SNATed ones with the node address they
+    // leave with; `xlb backends` counts the endpoint's flows; filters take IPv6 addresses.
+    use lb_userspace::cli::{FlowFilter, View, read_flows};
+    let view = View::read(dut.rec.datapath()).unwrap();
+    let flows = read_flows(dut.rec.datapath()).unwrap();
+    let rows = view.flow_rows(&flows, 0, &FlowFilter::default());
+    assert_eq!(rows.len(), 51, "{rows:?}");
+    let snated =
+        rows.iter().filter(|r| r.snat.as_deref().is_some_and(|s| s.starts_with(&format!("[{NODE6}]:"))));
+    assert_eq!(snated.count(), 50, "{rows:?}");
+    assert!(rows.iter().all(|r| r.backend == "[2001:db8:2::2]:8080" && !r.stale), "{rows:?}");
+    let one = FlowFilter { client: Some("[2001:db8:100::2]:41000".parse().unwrap()), ..Default::default() };
+    let only = view.flow_rows(&flows, 0, &one);
+    assert_eq!(only.len(), 1);
+    assert_eq!((only[0].frontend.as_str(), only[0].snat.as_deref()), (VIP, None));
+    let backends = view.backend_rows(&view.active_flows(&flows));
+    let row = backends.iter().find(|b| b.address == "2001:db8:2::2").expect("the IPv6 endpoint is listed");
+    assert_eq!(row.active_flows, 51);
+    assert!(row.services.iter().any(|s| s.contains("default/shop")), "{row:?}");
 }
 
 #[test]
