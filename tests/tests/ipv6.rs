@@ -270,4 +270,16 @@ endpoints:
         serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
     assert!(stats["egress_snat"]["packets"].as_u64().unwrap() >= 1, "{stats}");
     assert!(stats["egress_rev_nat"]["packets"].as_u64().unwrap() >= 1, "{stats}");
+    // The CLI lists the IPv6 flows, the SNATed ones with the node address they leave with.
+    let ct: serde_json::Value = serde_json::from_str(
+        &bed.xlb_cli(&["conntrack", "--frontend", "[2001:db8:100::1]:30080", "-o", "json"]).unwrap(),
+    )
+    .unwrap();
+    let rows = ct.as_array().unwrap();
+    assert!(!rows.is_empty(), "{ct}");
+    assert!(rows.iter().all(|r| r["client"].as_str().unwrap().starts_with("[2001:db8:100::2]:")), "{ct}");
+    assert!(
+        rows.iter().any(|r| r["snat"].as_str().is_some_and(|s| s.starts_with("[2001:db8:100::1]:"))),
+        "{ct}"
+    );
 }
