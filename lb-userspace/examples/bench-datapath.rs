@@ -12,11 +12,17 @@
 //!
 //! Paths: a packet to no service; a new TCP flow to a ClusterIP (a new client port each call);
 //! an established flow; a new flow to a node port whose endpoint is on another node (SNAT: four
-//! conntrack entries); a backend's reply translated back.
+//! conntrack entries); a backend's reply translated back. The same five over IPv6: every Service
+//! is dual-stack (an IPv6 clusterIP with 5 IPv6 endpoints), and the NodePort Service has an IPv6
+//! node address with 64 IPv6 endpoints on other nodes.
 //!
 //! Run with `cargo xtask bench-datapath [-- --services 1,1000,10000,100000 --calls C --rounds R
 //! --json FILE]` (root).
-use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV6},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
@@ -25,7 +31,7 @@ use lb_userspace::{
     datapath::BpfMaps,
     ebpf::{self, Capacities},
     model::{BackendState, DesiredBackend, DesiredPort, Frontend, PortRef, Proto, Shown, SvcType},
-    packet::Frame,
+    packet::{Frame, Frame6},
     reconcile::Reconciler,
 };
 
@@ -74,6 +80,18 @@ fn endpoint(b: u32) -> (Ipv4Addr, u16) {
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 19, 254, 1);
 
+/// Service i's IPv6 clusterIP: 2001:db8:1::/64 + i + 1.
+fn vip6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0)) + u128::from(i) + 1)
+}
+
+/// IPv6 endpoint b: as [`endpoint`], in 2001:db8:ff::/64.
+fn endpoint6(b: u32) -> (Ipv6Addr, u16) {
+    (Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1 + (b / 50_000) as u16), 10_000 + (b % 50_000) as u16)
+}
+
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xfe, 0, 0, 0, 0, 1);
+
 fn port(
     name: String,
     svc_type: SvcType,
@@ -81,15 +99,10 @@ fn port(
     frontends: Vec<(Frontend, u16)>,
     backends: Vec<DesiredBackend>,
 ) -> Arc<DesiredPort> {
+    let family = lb_userspace::model::Family::of(&frontends[0].0.addr);
     let (frontends, frontend_kinds) = frontends.into_iter().unzip();
     Arc::new(DesiredPort {
-        id: PortRef {
-            namespace: "bench".into(),
-            name,
-            port_name: String::new(),
-            proto: Proto::Tcp,
-            family: lb_userspace::model::Family::V4,
-        },
+        id: PortRef { namespace: "bench".into(), name, port_name: String::new(), proto: Proto::Tcp, family },
         svc_type,
         port,
         node_port: (svc_type == SvcType::NodePort).then_some(30_080),
@@ -101,21 +114,34 @@ fn port(
     })
 }
 
-/// N ClusterIP Services (port 80, 5 endpoints each) and one NodePort Service (198.19.254.1:30080)
-/// whose 64 endpoints are on other nodes.
+/// N dual-stack ClusterIP Services (port 80, 5 endpoints per family) and one NodePort Service
+/// (198.19.254.1:30080 and [2001:db8:fe::1]:30080) whose 64 endpoints per family are on other
+/// nodes.
 fn services(n: u32) -> Vec<Arc<DesiredPort>> {
+    let be = |addr: std::net::IpAddr, port| DesiredBackend {
+        addr,
+        port,
+        state: BackendState::Active,
+        local: false,
+    };
     let mut out: Vec<Arc<DesiredPort>> = (0..n)
-        .map(|i| {
-            let backends = (0..ENDPOINTS)
-                .map(|j| {
-                    let (addr, port) = endpoint(i * ENDPOINTS + j);
-                    DesiredBackend { addr: addr.into(), port, state: BackendState::Active, local: false }
-                })
-                .collect();
-            let f = Frontend { addr: vip(i).into(), port: 80, proto: Proto::Tcp };
-            port(format!("svc-{i}"), SvcType::ClusterIP, 80, vec![(f, SVC_F_CLUSTER_IP)], backends)
+        .flat_map(|i| {
+            let b4 =
+                (0..ENDPOINTS).map(|j| endpoint(i * ENDPOINTS + j)).map(|(a, p)| be(a.into(), p)).collect();
+            let b6 =
+                (0..ENDPOINTS).map(|j| endpoint6(i * ENDPOINTS + j)).map(|(a, p)| be(a.into(), p)).collect();
+            let f4 = Frontend { addr: vip(i).into(), port: 80, proto: Proto::Tcp };
+            let f6 = Frontend { addr: vip6(i).into(), port: 80, proto: Proto::Tcp };
+            [
+                port(format!("svc-{i}"), SvcType::ClusterIP, 80, vec![(f4, SVC_F_CLUSTER_IP)], b4),
+                port(format!("svc-{i}"), SvcType::ClusterIP, 80, vec![(f6, SVC_F_CLUSTER_IP)], b6),
+            ]
         })
         .collect();
+    let f6 = Frontend { addr: NODE6.into(), port: 30_080, proto: Proto::Tcp };
+    let bes6 =
+        (0..64u16).map(|i| be(Ipv6Addr::new(0x2001, 0xdb8, 0xfe, 0, 0, 0, 0, 2 + i).into(), 8080)).collect();
+    out.push(port("remote".into(), SvcType::NodePort, 80, vec![(f6, SVC_F_NODE_PORT | SVC_F_LOCAL)], bes6));
     let f = Frontend { addr: NODE.into(), port: 30_080, proto: Proto::Tcp };
     // 64 endpoints: each (endpoint, node address) pair has 4536 SNAT ports.
     let bes = (0..64u8)
@@ -159,6 +185,17 @@ fn client(k: u32) -> std::net::SocketAddrV4 {
     std::net::SocketAddrV4::new(addr, 1024 + (k & 0x3fff) as u16)
 }
 
+/// IPv6 client k of the new flows: as [`client`], in 2001:db8:100::/64.
+fn client6(k: u32) -> SocketAddrV6 {
+    let addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1 + ((k >> 14) & 0xfff) as u16);
+    SocketAddrV6::new(addr, 1024 + (k & 0x3fff) as u16, 0, 0)
+}
+
+/// The paths measured, in the order of the tables' columns.
+const PATHS4: [&str; 5] = ["no service", "new flow", "established", "new flow, SNAT", "reply"];
+const PATHS6: [&str; 5] =
+    ["IPv6 no service", "IPv6 new flow", "IPv6 established", "IPv6 new flow, SNAT", "IPv6 reply"];
+
 /// Under `perf record -D -1 --control fifo:CTL,ACK` (see `cargo xtask bench`), with the FIFOs'
 /// directory in XLB_PERF_CTL: turns sampling on or off around the measured calls, and waits for
 /// perf's acknowledgement.
@@ -188,17 +225,14 @@ fn main() -> anyhow::Result<()> {
         "net of the floor (xlb_xdp_pass in the same rounds): median of {} rounds of {} calls [min-max]",
         a.rounds, a.calls
     );
-    println!();
-    println!(
-        "| services | no service (ns) | new flow (ns) | established (ns) | new flow, SNAT (ns) | reply (ns) | floor (ns) |"
-    );
-    println!("|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
+    let mut tables: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     for &n in &a.services {
         let caps = Capacities {
             service_entries: (n * (ENDPOINTS + 1) + 64).next_power_of_two(),
             backends: (n * ENDPOINTS + 64).next_power_of_two(),
             ct_entries: 262_144,
+            ipv6_entries: (n * (ENDPOINTS + 1) + 64).next_power_of_two().max(262_144),
             ..Capacities::default()
         };
         let mut obj = ebpf::load(None, caps).context("loading the datapath")?;
@@ -221,6 +255,15 @@ fn main() -> anyhow::Result<()> {
         let ack = Frame { tcp_flags: 0x10, ..Frame::tcp(flow, to) }.build();
         let reply = Frame { tcp_flags: 0x12, ..Frame::tcp(backend, flow) }.build();
         let node_port = std::net::SocketAddrV4::new(NODE, 30_080);
+        // The same over IPv6.
+        let to6 = SocketAddrV6::new(vip6(n - 1), 80, 0, 0);
+        let flow6 = client6(u32::MAX >> 2);
+        let (_, _) = once(ebpf::xdp(&mut obj)?, &Frame6::tcp(flow6, to6).build(), &mut out)?;
+        let backend6 = lb_userspace::packet::decode6(&out).context("decoding the DNATed IPv6 SYN")?.dst;
+        let ack6 = Frame6 { tcp_flags: 0x10, ..Frame6::tcp(flow6, to6) }.build();
+        let reply6 = Frame6 { tcp_flags: 0x12, ..Frame6::tcp(backend6, flow6) }.build();
+        let node_port6 = SocketAddrV6::new(NODE6, 30_080, 0, 0);
+        let nowhere6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0xfd, 0, 0, 0, 0, 1), 9, 0, 0);
 
         let mut paths: Vec<(&str, FrameGen)> = vec![
             (
@@ -234,12 +277,18 @@ fn main() -> anyhow::Result<()> {
             ("established", Box::new(move |_| ack.clone())),
             ("new flow, SNAT", Box::new(move |k| Frame::tcp(client(k), node_port).build())),
             ("reply", Box::new(move |_| reply.clone())),
+            ("IPv6 no service", Box::new(move |_| Frame6::udp(client6(1), nowhere6).build())),
+            ("IPv6 new flow", Box::new(move |k| Frame6::tcp(client6(k), to6).build())),
+            ("IPv6 established", Box::new(move |_| ack6.clone())),
+            ("IPv6 new flow, SNAT", Box::new(move |k| Frame6::tcp(client6(k), node_port6).build())),
+            ("IPv6 reply", Box::new(move |_| reply6.clone())),
         ];
         if let Some(only) = &a.only {
             paths.retain(|(name, _)| name == only);
             if paths.is_empty() {
                 bail!(
-                    "--only {only:?}: no such path (no service, new flow, established, new flow, SNAT, reply)"
+                    "--only {only:?}: no such path ({})",
+                    PATHS4.iter().chain(&PATHS6).copied().collect::<Vec<_>>().join(", ")
                 );
             }
         }
@@ -291,9 +340,31 @@ fn main() -> anyhow::Result<()> {
         }));
         let mut floor_sorted = floors.clone();
         floor_sorted.sort_unstable();
-        let cells: Vec<String> = net.iter_mut().map(cell).collect();
-        println!("| {n} | {} | {} |", cells.join(" | "), floor_sorted[floor_sorted.len() / 2]);
-        eprintln!("   ({n} services x {ENDPOINTS} endpoints programmed in {programmed:.2?})");
+        let floor = floor_sorted[floor_sorted.len() / 2];
+        for (t, names) in [PATHS4, PATHS6].iter().enumerate() {
+            let cells: Vec<String> = names
+                .iter()
+                .map(|want| match paths.iter().position(|(name, _)| name == want) {
+                    Some(i) => cell(&mut net[i]),
+                    None => "-".into(),
+                })
+                .collect();
+            tables[t].push(format!("| {n} | {} | {floor} |", cells.join(" | ")));
+        }
+        eprintln!(
+            "   ({n} dual-stack services x {ENDPOINTS} endpoints per family programmed in {programmed:.2?})"
+        );
+    }
+    for (names, rows) in [PATHS4, PATHS6].iter().zip(&tables) {
+        println!();
+        println!(
+            "| services | {} | floor (ns) |",
+            names.iter().map(|p| format!("{p} (ns)")).collect::<Vec<_>>().join(" | ")
+        );
+        println!("|{}", "---|".repeat(names.len() + 2));
+        for r in rows {
+            println!("{r}");
+        }
     }
     if let Some(path) = &a.json {
         let doc = serde_json::json!({"calls": a.calls, "rounds": a.rounds, "rows": rows});

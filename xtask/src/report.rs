@@ -43,6 +43,9 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 const PATHS: [&str; 5] = ["no service", "new flow", "established", "new flow, SNAT", "reply"];
+/// The same paths over IPv6 (every Service dual-stack); absent from runs before IPv6.
+const PATHS6: [&str; 5] =
+    ["IPv6 no service", "IPv6 new flow", "IPv6 established", "IPv6 new flow, SNAT", "IPv6 reply"];
 
 struct Series {
     name: String,
@@ -228,6 +231,19 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
         &series,
     )?;
     writeln!(w, "\n![datapath cost against services](docs/bench/datapath.png)\n")?;
+    if dp_rows.iter().any(|r| !r["paths_ns"][PATHS6[0]].is_null()) {
+        writeln!(
+            w,
+            "The same paths over IPv6, from the same runs (every Service is dual-stack: an IPv6 clusterIP with 5 IPv6 endpoints; the NodePort Service has an IPv6 node address with remote IPv6 endpoints). IPv6 has no endpoint filter yet: a packet to no service pays the conntrack and frontend lookups.\n"
+        )?;
+        writeln!(w, "| services | {} | floor |", PATHS6.join(" | "))?;
+        writeln!(w, "|---:|{}---:|", "---:|".repeat(PATHS6.len()))?;
+        for r in &dp_rows {
+            let cells: Vec<String> = PATHS6.iter().map(|p| mmm(&r["paths_ns"][*p], 1.0, 0)).collect();
+            writeln!(w, "| {} | {} | {} |", r["services"], cells.join(" | "), mmm(&r["floor_ns"], 1.0, 0))?;
+        }
+        writeln!(w)?;
+    }
     let at = |i: usize, p: &str| dp_rows.get(i).and_then(|r| med(&r["paths_ns"][p]));
     let first_last = |p: &str| Some((at(0, p)?, at(dp_rows.len().checked_sub(1)?, p)?));
     writeln!(
