@@ -153,13 +153,25 @@ pub const fn maglev_flow_hash(saddr: [u8; 4], sport: u16, proto: u8) -> u32 {
 /// [`maglev_flow_hash`] of an IPv6 client: its address folded to 32 bits (the four words
 /// XORed).
 pub const fn maglev_flow_hash6(saddr: [u8; 16], sport: u16, proto: u8) -> u32 {
+    maglev_flow_hash(fold6(saddr), sport, proto)
+}
+
+/// An IPv6 address folded to 32 bits (its four words XORed), for the hashes made for IPv4.
+#[inline(always)]
+pub const fn fold6(a: [u8; 16]) -> [u8; 4] {
     let mut folded = [0u8; 4];
     let mut i = 0;
     while i < 16 {
-        folded[i % 4] ^= saddr[i];
+        folded[i % 4] ^= a[i];
         i += 1;
     }
-    maglev_flow_hash(folded, sport, proto)
+    folded
+}
+
+/// [`filter_bit`] of an IPv6 address: the IPv6 frontends and backends share the filter.
+#[inline(always)]
+pub const fn filter_bit6(addr: [u8; 16], port: u16, proto: u8) -> u32 {
+    filter_bit(fold6(addr), port, proto)
 }
 
 /// Settings of the datapath (array of one [`DatapathConfig`]), written by the agent at start.

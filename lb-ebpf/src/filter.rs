@@ -1,6 +1,6 @@
 //! The endpoint filter (lb_common::MAP_FILTER): is (address, port, protocol) possibly a frontend
 //! or a backend? Two array reads spare a packet that is neither its three hash lookups.
-use lb_common::filter_bit;
+use lb_common::{filter_bit, filter_bit6};
 
 use crate::maps::FILTER;
 
@@ -9,5 +9,12 @@ use crate::maps::FILTER;
 #[inline(always)]
 pub fn has(addr: u32, port: u16, proto: u8) -> bool {
     let bit = filter_bit(addr.to_ne_bytes(), u16::from_be(port), proto);
+    FILTER.get(bit >> 6).is_none_or(|w| (*w >> (bit & 63)) & 1 != 0)
+}
+
+/// As [`has`], for an IPv6 address (bytes as in the packet) and a port in host order.
+#[inline(always)]
+pub fn has6(addr: &[u8; 16], port: u16, proto: u8) -> bool {
+    let bit = filter_bit6(*addr, port, proto);
     FILTER.get(bit >> 6).is_none_or(|w| (*w >> (bit & 63)) & 1 != 0)
 }

@@ -24,7 +24,7 @@ use lb_common::{
 };
 
 use crate::{
-    ct,
+    ct, filter,
     maps::{
         AFFINITY6, BACKENDS6, CONFIG, CT6, MAGLEV, SCRATCH_TC, SCRATCH_XDP, SCRATCH6, SERVICES6,
         SOURCE_RANGES6, Scratch6,
@@ -367,7 +367,16 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
     let s = unsafe { &mut *s };
     fill_key(&mut s.key, &pkt, CT_DIR_FORWARD);
 
-    if let Some(entry) = CT6.get_ptr_mut(&s.key) {
+    // The endpoint filter, as for IPv4: a packet to no frontend can be neither a new flow nor a
+    // tracked flow's forward direction; one from no backend cannot be a reply. The source is
+    // looked up only when needed.
+    let to_known = filter::has6(&s.key.daddr, s.key.dport, s.key.proto);
+    let from_known = (!to_known).then(|| filter::has6(&s.key.saddr, s.key.sport, s.key.proto));
+    if from_known == Some(false) {
+        return verdict(Stat::PassNoService, bytes, pass);
+    }
+
+    if let Some(entry) = if to_known { CT6.get_ptr_mut(&s.key) } else { None } {
         let now = ct::now_secs();
         // SAFETY: pointer from a lookup in this run (a map value: stable for the run).
         let fwd = unsafe { &*entry };
@@ -397,7 +406,7 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
                 }
             }
         }
-    } else {
+    } else if from_known.unwrap_or_else(|| filter::has6(&s.key.saddr, s.key.sport, s.key.proto)) {
         s.key.dir = CT_DIR_REPLY;
         if let Some(entry) = CT6.get_ptr_mut(&s.key) {
             ct::touch(entry, pkt.tcp_flags, ct::now_secs());
@@ -416,6 +425,9 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
             return verdict(Stat::RevNat, bytes, pass);
         }
         s.key.dir = CT_DIR_FORWARD;
+    }
+    if !to_known {
+        return verdict(Stat::PassNoService, bytes, pass);
     }
     new_flow(s, &pkt, bytes)
 }
@@ -563,6 +575,12 @@ pub fn egress(skb: *mut __sk_buff) {
     // SAFETY: the per-CPU scratch entry of TC egress; this program run is its only user.
     let s = unsafe { &mut *s };
     fill_key(&mut s.key, &pkt, CT_DIR_SNAT);
+    // Every entry below has a backend at one end (source or destination).
+    if !filter::has6(&s.key.daddr, s.key.dport, s.key.proto)
+        && !filter::has6(&s.key.saddr, s.key.sport, s.key.proto)
+    {
+        return;
+    }
     let stat = if let Some(e) = CT6.get_ptr(&s.key) {
         // SAFETY: pointer from a lookup in this run; plain reads.
         unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };

@@ -144,11 +144,13 @@ pub struct Reconciler<D> {
 /// retransmission instead of getting a reset. The UDP and half-open TCP lifetime.
 pub const FILTER_GRACE: std::time::Duration = std::time::Duration::from_secs(lb_common::CT_UDP_S as u64);
 
-/// Sets the endpoint-filter bit of (address, port, protocol) in `words`. The filter covers
-/// IPv4 only: the IPv6 path makes its lookups for every packet.
+/// Sets the endpoint-filter bit of (address, port, protocol) in `words` (both families share
+/// the filter).
 fn set_filter_bit(words: &mut [u64], addr: IpAddr, port: u16, proto: Proto) {
-    let IpAddr::V4(addr) = addr else { return };
-    let bit = lb_common::filter_bit(addr.octets(), port, proto.number());
+    let bit = match addr {
+        IpAddr::V4(a) => lb_common::filter_bit(a.octets(), port, proto.number()),
+        IpAddr::V6(a) => lb_common::filter_bit6(a.octets(), port, proto.number()),
+    };
     if let Some(w) = words.get_mut((bit >> 6) as usize) {
         *w |= 1 << (bit & 63);
     }
@@ -775,7 +777,13 @@ mod tests {
             self.0.filter[(bit >> 6) as usize] >> (bit & 63) & 1 == 1
         }
 
+        fn filter_has6(&self, addr: [u8; 16], port: u16, proto: u8) -> bool {
+            let bit = lb_common::filter_bit6(addr, port, proto);
+            self.0.filter[(bit >> 6) as usize] >> (bit & 63) & 1 == 1
+        }
+
         fn check(&self) {
+            self.check6();
             for (k, v) in &self.0.services {
                 if k.slot == 0 {
                     assert!(self.filter_has(k.addr, k.port, k.proto), "frontend {k:?} not in the filter");
@@ -800,6 +808,33 @@ mod tests {
                         .get(&slot.backend_id)
                         .unwrap_or_else(|| panic!("slot {s} names freed backend {}", slot.backend_id));
                     assert_ne!(be.state, lb_common::BACKEND_STATE_FREE);
+                }
+            }
+        }
+    }
+
+    impl Checked {
+        /// [`Self::check`]'s rules for the IPv6 maps.
+        fn check6(&self) {
+            for (k, v) in &self.0.services6 {
+                if k.slot == 0 {
+                    assert!(self.filter_has6(k.addr, k.port, k.proto), "frontend {k:?} not in the filter");
+                    for s in 1..=v.count {
+                        let slot =
+                            self.0.services6.get(&lb_common::Svc6Key { slot: s, ..*k }).unwrap_or_else(
+                                || panic!("count {} but slot {s} missing: {:?}", v.count, self.0.log),
+                            );
+                        let be = self.0.backends6.get(&slot.backend_id);
+                        assert!(
+                            be.is_some_and(|b| b.state != lb_common::BACKEND_STATE_FREE),
+                            "slot {s} names freed backend {}",
+                            slot.backend_id
+                        );
+                    }
+                } else if let Some(be) = self.0.backends6.get(&v.backend_id)
+                    && be.state != lb_common::BACKEND_STATE_FREE
+                {
+                    assert!(self.filter_has6(be.addr, be.port, k.proto), "backend {be:?} not in the filter");
                 }
             }
         }
@@ -868,6 +903,27 @@ mod tests {
         fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
             self.0.read_stats()
         }
+        fn read_services6(&self) -> Result<Vec<(lb_common::Svc6Key, Svc4Value)>, DatapathError> {
+            self.0.read_services6()
+        }
+        fn read_backend6(&self, id: u32) -> Result<lb_common::Backend6, DatapathError> {
+            self.0.read_backend6(id)
+        }
+        fn write_service6(&mut self, k: lb_common::Svc6Key, v: Svc4Value) -> Result<(), DatapathError> {
+            self.0.write_service6(k, v)?;
+            self.check();
+            Ok(())
+        }
+        fn delete_service6(&mut self, k: lb_common::Svc6Key) -> Result<(), DatapathError> {
+            self.0.delete_service6(k)?;
+            self.check();
+            Ok(())
+        }
+        fn write_backend6(&mut self, id: u32, v: lb_common::Backend6) -> Result<(), DatapathError> {
+            self.0.write_backend6(id, v)?;
+            self.check();
+            Ok(())
+        }
     }
 
     struct Lcg(u64);
@@ -912,7 +968,7 @@ mod tests {
 
     /// What the datapath means, independent of ids: frontend -> (service name, backend addresses).
     /// Frontend (address, port) -> (service name, sorted (backend address, state)).
-    type Meaning = BTreeMap<([u8; 4], u16), (String, Vec<([u8; 4], u8)>)>;
+    type Meaning = BTreeMap<(IpAddr, u16), (String, Vec<(IpAddr, u8)>)>;
 
     fn meaning(dp: &MemDatapath) -> Meaning {
         let mut out = BTreeMap::new();
@@ -921,17 +977,42 @@ mod tests {
                 continue;
             }
             let name = unfixed(&dp.svc_info[&v.svc_id].name);
-            let mut bes: Vec<([u8; 4], u8)> = (1..)
+            let mut bes: Vec<(IpAddr, u8)> = (1..)
                 .map_while(|s| dp.services.get(&Svc4Key { slot: s, ..*k }).map(|_| s))
                 .map(|s| {
                     let b = dp.backends[&dp.services[&Svc4Key { slot: s, ..*k }].backend_id];
-                    (b.addr, b.state)
+                    (Ipv4Addr::from(b.addr).into(), b.state)
                 })
                 .collect();
             bes.sort();
-            out.insert((k.addr, k.port), (name, bes));
+            out.insert((Ipv4Addr::from(k.addr).into(), k.port), (name, bes));
+        }
+        for (k, v) in dp.services6.iter().filter(|(k, _)| k.slot == 0) {
+            let name = unfixed(&dp.svc_info[&v.svc_id].name);
+            let mut bes: Vec<(IpAddr, u8)> = (1..)
+                .map_while(|s| dp.services6.get(&lb_common::Svc6Key { slot: s, ..*k }))
+                .map(|slot| {
+                    let b = dp.backends6[&slot.backend_id];
+                    (std::net::Ipv6Addr::from(b.addr).into(), b.state)
+                })
+                .collect();
+            bes.sort();
+            out.insert((std::net::Ipv6Addr::from(k.addr).into(), k.port), (name, bes));
         }
         out
+    }
+
+    /// As [`port`], over IPv6, backends in any state: frontend [2001:db8::VIP]:80, backends
+    /// 2001:db8:1::B.
+    fn port6_states(name: &str, vip: u8, backends: &[(u8, BackendState)]) -> DesiredPort {
+        let mut p = port(name, vip, backends);
+        p.id.family = Family::V6;
+        p.frontends[0].addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(vip)).into();
+        for b in &mut p.backends {
+            let IpAddr::V4(a) = b.addr else { unreachable!() };
+            b.addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, u16::from(a.octets()[3])).into();
+        }
+        p
     }
 
     #[test]
@@ -1096,6 +1177,11 @@ mod tests {
                     }
                 }
                 desired.push(port(&format!("svc{s}"), 10 + s as u8, &bes));
+                // About half the Services are dual-stack: the IPv6 maps, ids of their own.
+                if rng.below(2) == 0 {
+                    let bes6: Vec<_> = bes.iter().copied().filter(|_| rng.below(4) != 0).collect();
+                    desired.push(port6_states(&format!("svc{s}"), 10 + s as u8, &bes6));
+                }
             }
             r.apply(&desired).unwrap();
             // Compare with what a fresh reconciler writes into empty maps.
@@ -1113,9 +1199,18 @@ mod tests {
                 let bit = lb_common::filter_bit(addr, port, k.proto);
                 exact[(bit >> 6) as usize] |= 1 << (bit & 63);
             }
+            for (k, v) in &dp.services6 {
+                let (addr, port) = match k.slot {
+                    0 => (k.addr, k.port),
+                    _ => (dp.backends6[&v.backend_id].addr, dp.backends6[&v.backend_id].port),
+                };
+                let bit = lb_common::filter_bit6(addr, port, k.proto);
+                exact[(bit >> 6) as usize] |= 1 << (bit & 63);
+            }
             assert!(dp.filter == exact, "round {round}: the filter differs from the maps' entries");
             // And ids stay bounded: freed ids are reused.
             assert!(r.datapath().0.backends.keys().all(|&id| id <= 8), "round {round}");
+            assert!(r.datapath().0.backends6.keys().all(|&id| id <= 8), "round {round}");
             // Occasionally restart the agent on the same maps.
             if rng.below(10) == 0 {
                 let dp = Checked(r.datapath().0.clone());

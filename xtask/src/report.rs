@@ -234,7 +234,7 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
     if dp_rows.iter().any(|r| !r["paths_ns"][PATHS6[0]].is_null()) {
         writeln!(
             w,
-            "The same paths over IPv6, from the same runs (every Service is dual-stack: an IPv6 clusterIP with 5 IPv6 endpoints; the NodePort Service has an IPv6 node address with remote IPv6 endpoints). IPv6 has no endpoint filter yet: a packet to no service pays the conntrack and frontend lookups.\n"
+            "The same paths over IPv6, from the same runs (every Service is dual-stack: an IPv6 clusterIP with 5 IPv6 endpoints; the NodePort Service has an IPv6 node address with remote IPv6 endpoints).\n"
         )?;
         writeln!(w, "| services | {} | floor |", PATHS6.join(" | "))?;
         writeln!(w, "|---:|{}---:|", "---:|".repeat(PATHS6.len()))?;
