@@ -126,7 +126,7 @@ pub struct Reconciler<D> {
     /// content unknown, as after a restart).
     maglev: BTreeMap<u32, Option<Vec<String>>>,
     /// Backends freed since [`Self::take_freed`] was last called: (address, port, protocol).
-    freed: Vec<(Ipv4Addr, u16, u8)>,
+    freed: Vec<(IpAddr, u16, u8)>,
     /// The endpoint filter's words as written; empty: the datapath has no filter.
     filter: Vec<u64>,
     /// Freed backends whose filter bit stays set until the time given, so that the replies of
@@ -272,7 +272,7 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     /// The backends freed by the applies since the last call: (address, port, protocol).
-    pub fn take_freed(&mut self) -> Vec<(Ipv4Addr, u16, u8)> {
+    pub fn take_freed(&mut self) -> Vec<(IpAddr, u16, u8)> {
         std::mem::take(&mut self.freed)
     }
 
@@ -709,10 +709,8 @@ impl<D: Datapath> Reconciler<D> {
             .collect();
         for (k, id) in dead {
             match k.addr {
-                IpAddr::V4(a) => {
+                IpAddr::V4(_) => {
                     self.dp.write_backend(id, Backend4::default())?;
-                    // Socket termination looks at IPv4 sockets only.
-                    self.freed.push((a, k.port, k.proto.number()));
                     self.backend_values.remove(&id);
                     self.be_ids.release(id);
                 }
@@ -722,6 +720,7 @@ impl<D: Datapath> Reconciler<D> {
                     self.be_ids6.release(id);
                 }
             }
+            self.freed.push((k.addr, k.port, k.proto.number()));
             st.writes += 1;
             if !self.filter.is_empty() && !self.filter_grace.is_zero() {
                 self.lingering.push((std::time::Instant::now() + self.filter_grace, k));
@@ -1114,7 +1113,9 @@ mod tests {
         let dp = r2.datapath();
         assert!(dp.services6.is_empty() && dp.backends6.is_empty(), "{:?}", dp.services6);
         assert_eq!((dp.services.len(), dp.backends.len()), (2, 1));
-        assert!(r2.take_freed().is_empty(), "socket termination is told of IPv4 backends only");
+        // Socket termination is told of the IPv6 backends freed, and only of those.
+        let freed: Vec<String> = r2.take_freed().iter().map(|(a, p, _)| format!("[{a}]:{p}")).collect();
+        assert_eq!(freed, ["[2001:db8:2::1]:8080", "[2001:db8:2::2]:8080"]);
     }
 
     #[test]

@@ -7,11 +7,11 @@
 //! Only the sockets whose cookie the socket programs recorded for that backend are touched, and
 //! only in the network namespaces of the processes below the agent's cgroup (the node's own and
 //! its pods'). Each namespace is entered on a thread of its own and asked through
-//! NETLINK_SOCK_DIAG: a dump of its IPv4 TCP and UDP sockets, then SOCK_DESTROY for each match
-//! (kernel built with CONFIG_INET_DIAG_DESTROY).
+//! NETLINK_SOCK_DIAG: a dump of its TCP and UDP sockets of the backend's family, then
+//! SOCK_DESTROY for each match (kernel built with CONFIG_INET_DIAG_DESTROY).
 use std::{
     collections::{BTreeMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
@@ -22,7 +22,7 @@ use std::{
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, SOCK_NAT_REV};
 
 /// A backend that is gone: (address, port, protocol number).
-pub type Gone = (Ipv4Addr, u16, u8);
+pub type Gone = (IpAddr, u16, u8);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TermError {
@@ -33,22 +33,45 @@ pub enum TermError {
 }
 
 /// The cookies of the sockets connected through a frontend to one of `gone`, by backend, from
-/// the socket translation map pinned under `pin_dir`; their entries are removed from the map.
+/// the socket translation maps (both families) pinned under `pin_dir`; their entries are
+/// removed from the maps. An agent without the IPv6 map (an older one's pins) has no IPv6
+/// sockets to report.
 pub fn cookies_for(pin_dir: &Path, gone: &HashSet<Gone>) -> Result<HashSet<u64>, TermError> {
     use aya::maps::{HashMap, Map, MapData};
-    let data = MapData::from_pin(pin_dir.join(lb_common::MAP_SOCK_NAT))
-        .map_err(|e| TermError::Map(e.to_string()))?;
+    let open = |name: &str| {
+        MapData::from_pin(pin_dir.join(name)).map_err(|e| TermError::Map(format!("{name}: {e}")))
+    };
     let mut map: HashMap<MapData, lb_common::SockNat4Key, lb_common::SockNat4Value> =
-        HashMap::try_from(Map::LruHashMap(data)).map_err(|e| TermError::Map(e.to_string()))?;
+        HashMap::try_from(Map::LruHashMap(open(lb_common::MAP_SOCK_NAT)?))
+            .map_err(|e| TermError::Map(e.to_string()))?;
     let hits: Vec<lb_common::SockNat4Key> = map
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| k.kind == SOCK_NAT_REV && gone.contains(&(Ipv4Addr::from(k.addr), k.port, k.proto)))
+        .filter(|k| {
+            k.kind == SOCK_NAT_REV && gone.contains(&(Ipv4Addr::from(k.addr).into(), k.port, k.proto))
+        })
         .collect();
     for k in &hits {
         let _ = map.remove(k);
     }
-    Ok(hits.iter().map(|k| k.cookie).collect())
+    let mut cookies: HashSet<u64> = hits.iter().map(|k| k.cookie).collect();
+    if gone.iter().any(|g| g.0.is_ipv6()) && pin_dir.join(lb_common::MAP_SOCK_NAT6).exists() {
+        let mut map6: HashMap<MapData, lb_common::SockNat6Key, lb_common::SockNat6Value> =
+            HashMap::try_from(Map::LruHashMap(open(lb_common::MAP_SOCK_NAT6)?))
+                .map_err(|e| TermError::Map(e.to_string()))?;
+        let hits6: Vec<lb_common::SockNat6Key> = map6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                k.kind == SOCK_NAT_REV && gone.contains(&(Ipv6Addr::from(k.addr).into(), k.port, k.proto))
+            })
+            .collect();
+        for k in &hits6 {
+            let _ = map6.remove(k);
+        }
+        cookies.extend(hits6.iter().map(|k| k.cookie));
+    }
+    Ok(cookies)
 }
 
 /// One process per network namespace among the processes of `cgroup` and its descendants.
@@ -87,8 +110,13 @@ pub fn terminate(
                     return Err(std::io::Error::last_os_error());
                 }
                 let mut n = 0;
-                for proto in [IPPROTO_TCP, IPPROTO_UDP] {
-                    n += destroy_matching(proto, gone, cookies)?;
+                let v6 = gone.iter().any(|g| g.0.is_ipv6());
+                let v4 = gone.iter().any(|g| g.0.is_ipv4());
+                let families = [(libc::AF_INET as u8, v4), (libc::AF_INET6 as u8, v6)];
+                for (family, _) in families.into_iter().filter(|f| f.1) {
+                    for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+                        n += destroy_matching(family, proto, gone, cookies)?;
+                    }
                 }
                 Ok(n)
             })
@@ -183,14 +211,19 @@ fn recv(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Dumps the IPv4 sockets of `proto` in this thread's namespace and destroys the matches.
-fn destroy_matching(proto: u8, gone: &HashSet<Gone>, cookies: &HashSet<u64>) -> std::io::Result<usize> {
+fn destroy_matching(
+    family: u8,
+    proto: u8,
+    gone: &HashSet<Gone>,
+    cookies: &HashSet<u64>,
+) -> std::io::Result<usize> {
     let fd = netlink()?;
     let dump = Request {
         len: std::mem::size_of::<Request>() as u32,
         ty: SOCK_DIAG_BY_FAMILY,
         flags: NLM_F_REQUEST | NLM_F_DUMP,
         seq: 1,
-        family: libc::AF_INET as u8,
+        family,
         protocol: proto,
         states: u32::MAX,
         ..Request::default()
@@ -209,7 +242,16 @@ fn destroy_matching(proto: u8, gone: &HashSet<Gone>, cookies: &HashSet<u64>) -> 
                     // SAFETY: the payload holds a whole SockId at offset 4 (checked above);
                     // read unaligned, as a copy.
                     let id: SockId = unsafe { std::ptr::read_unaligned(payload[4..].as_ptr().cast()) };
-                    let peer = (Ipv4Addr::from(u32::from_be(id.dst[0])), u16::from_be(id.dport), proto);
+                    let addr: IpAddr = if family == libc::AF_INET6 as u8 {
+                        let mut b = [0u8; 16];
+                        for (i, w) in id.dst.iter().enumerate() {
+                            b[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+                        }
+                        Ipv6Addr::from(b).into()
+                    } else {
+                        Ipv4Addr::from(u32::from_be(id.dst[0])).into()
+                    };
+                    let peer = (addr, u16::from_be(id.dport), proto);
                     let cookie = u64::from(id.cookie[0]) | u64::from(id.cookie[1]) << 32;
                     if gone.contains(&peer) && cookies.contains(&cookie) {
                         matches.push(id);

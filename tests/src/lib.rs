@@ -584,13 +584,13 @@ pub fn tcp_request_to(to: SocketAddr, timeout: Duration) -> anyhow::Result<Answe
 /// inside a namespace ([`Netns::enter`]); it can be used from any thread afterwards.
 pub struct HeldConn {
     stream: TcpStream,
-    to: SocketAddrV4,
+    to: SocketAddr,
 }
 
 impl HeldConn {
-    pub fn open(to: SocketAddrV4, timeout: Duration) -> anyhow::Result<Self> {
-        let stream =
-            TcpStream::connect_timeout(&to.into(), timeout).with_context(|| format!("connect {to}"))?;
+    pub fn open(to: impl Into<SocketAddr>, timeout: Duration) -> anyhow::Result<Self> {
+        let to = to.into();
+        let stream = TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connect {to}"))?;
         Ok(Self { stream, to })
     }
 

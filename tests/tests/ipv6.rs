@@ -283,3 +283,95 @@ endpoints:
         "{ct}"
     );
 }
+
+/// Socket termination over IPv6: a node process's connected UDP socket and TCP connection to the
+/// IPv6 clusterIP (balanced at the socket) are destroyed when their endpoint leaves the IPv6
+/// slice; the process sees one error, connects again, and from shortly after the removal every
+/// request reaches the endpoint that stays.
+#[test]
+fn ipv6_sockets_connected_to_a_removed_endpoint_are_terminated() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    add_ipv6(&bed);
+    let Some(cg) = bed.cgroup.as_ref().map(|c| c.path.clone()) else {
+        assert!(
+            std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
+            "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
+        );
+        eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
+        return;
+    };
+    bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
+    bed.write_manifest("web.yaml", &manifest(&[0, 1])).unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service(&format!("{VIP6}:80/TCP"), 2, Duration::from_secs(10)).unwrap();
+    bed.wait_for_service(&format!("{VIP6}:53/UDP"), 2, Duration::from_secs(10)).unwrap();
+
+    let epoch_ms =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    // Each session line: epoch ms, then `ok POD` or `err ...`.
+    let lines = |p: &xlb_tests::Proc| -> Vec<(u128, String)> {
+        p.log_text()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter_map(|(t, r)| Some((t.parse().ok()?, r.to_string())))
+            .collect()
+    };
+    let mut sessions = Vec::new();
+    for (proto, port) in [("--udp", 53), ("--tcp", 80)] {
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", bed.node.path().display())).arg(&testbed).args([
+            "session",
+            proto,
+            &format!("{VIP6}:{port}"),
+            "--count",
+            "80",
+            "--interval-ms",
+            "25",
+        ]);
+        xlb_tests::in_cgroup(&mut cmd, &cg).unwrap();
+        let log = bed.work.join(format!("session6{proto}.log"));
+        sessions.push(xlb_tests::Proc::spawn(&format!("session {proto}"), &mut cmd, Some(&log)).unwrap());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sessions.iter().any(|s| lines(s).len() < 10) {
+        assert!(std::time::Instant::now() < deadline, "sessions did not start:\n{}", bed.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Remove pod-a from the IPv6 slice when a session uses it, else pod-b.
+    let using: Vec<String> = sessions.iter().map(|s| lines(s).last().unwrap().1.clone()).collect();
+    let gone = if using.iter().any(|u| u == "ok pod-a") { 0 } else { 1 };
+    let stays = 1 - gone;
+    let stays_name = ["pod-a", "pod-b"][stays];
+    bed.write_manifest("web.yaml", &manifest(&[stays])).unwrap();
+    bed.wait_for_service(&format!("{VIP6}:80/TCP"), 1, Duration::from_secs(10)).unwrap();
+    bed.wait_for_service(&format!("{VIP6}:53/UDP"), 1, Duration::from_secs(10)).unwrap();
+    let applied = epoch_ms();
+    for s in &mut sessions {
+        let status = s.wait_exit(Duration::from_secs(10)).unwrap();
+        assert!(status.success(), "{}: {status}\n{}", s.name, s.log_text());
+    }
+    for (s, was) in sessions.iter().zip(&using) {
+        let l = lines(s);
+        let after: Vec<&(u128, String)> = l.iter().filter(|(t, _)| *t > applied + 100).collect();
+        assert!(after.len() >= 10, "{}: too few requests after the removal: {l:?}", s.name);
+        assert!(
+            after.iter().all(|(_, r)| *r == format!("ok {stays_name}")),
+            "{}: a request after the removal did not reach {stays_name}: {after:?}",
+            s.name
+        );
+        if *was != format!("ok {stays_name}") {
+            // This session's socket was on the removed pod: terminated, and connected again.
+            let err = l.iter().find(|(_, r)| r.starts_with("err"));
+            assert!(err.is_some_and(|(t, _)| *t >= applied.saturating_sub(1000)), "{}: {l:?}", s.name);
+        }
+    }
+    assert!(
+        bed.logs().contains("terminated sockets connected to removed backends"),
+        "the agent says what it did:\n{}",
+        bed.logs()
+    );
+}

@@ -61,8 +61,7 @@ fn main() -> anyhow::Result<()> {
             // One connection (TCP, or a connected UDP socket) used every interval; on an error
             // it says so and connects again. Each line: epoch ms, then `ok POD` or `err ...`.
             let t = Target::parse(&args[1..], 10, 50)?;
-            let std::net::SocketAddr::V4(to) = t.to else { anyhow::bail!("session: IPv4 only") };
-            session(to, t.udp, t.count, t.every)
+            session(t.to, t.udp, t.count, t.every)
         }
         Some("kpb-plugin") => xlb_tests::kpb::main(&args[1..]),
         Some("demo") => {
@@ -106,7 +105,7 @@ impl Target {
     }
 }
 
-fn session(to: SocketAddrV4, udp: bool, count: usize, every: Duration) -> anyhow::Result<()> {
+fn session(to: std::net::SocketAddr, udp: bool, count: usize, every: Duration) -> anyhow::Result<()> {
     use std::io::Write as _;
     enum Conn {
         Tcp(xlb_tests::HeldConn),
@@ -114,7 +113,7 @@ fn session(to: SocketAddrV4, udp: bool, count: usize, every: Duration) -> anyhow
     }
     let open = || -> anyhow::Result<Conn> {
         Ok(if udp {
-            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            let s = std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
             s.connect(to)?;
             s.set_read_timeout(Some(Duration::from_millis(500)))?;
             Conn::Udp(s)
