@@ -37,6 +37,16 @@ fn set_retval(err: i32) {
     unsafe { f(err) };
 }
 
+/// What socket-level balancing does with a call to an IPv4 destination.
+enum To4 {
+    /// Not a frontend (or a case left to the packet path): the call goes on untouched.
+    Leave,
+    /// A frontend without endpoints: the call fails with ECONNREFUSED.
+    Refuse,
+    /// The backend the call goes to instead.
+    Backend([u8; 4], u16),
+}
+
 /// connect4 (`sendmsg = false`) and sendmsg4 (`true`): a destination that is a frontend becomes
 /// one of its backends.
 #[inline(always)]
@@ -44,21 +54,41 @@ pub fn forward(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context the kernel passed; plain field reads that the verifier checks.
     let (proto, ip, port_be) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4, (*sa).user_port) };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return ALLOW;
+    match balance4(ctx, ip.to_ne_bytes(), u16::from_be(port_be as u16), proto, sendmsg) {
+        To4::Leave => ALLOW,
+        To4::Refuse => refuse(),
+        To4::Backend(addr, port) => {
+            rewrite(ctx, addr, port);
+            ALLOW
+        }
     }
-    let addr = ip.to_ne_bytes();
-    let port = u16::from_be(port_be as u16);
+}
+
+/// A frontend without endpoints: counted, and the call fails with ECONNREFUSED.
+#[inline(always)]
+fn refuse() -> i32 {
+    count_atomic(Stat::SockRefused);
+    set_retval(-ECONNREFUSED);
+    REJECT
+}
+
+/// The choice of [`forward`] for a call to `addr`:`port` (host order), shared with IPv6 sockets
+/// calling an IPv4 frontend by its IPv4-mapped address. Records the socket's translation.
+#[inline(always)]
+fn balance4(ctx: &SockAddrContext, addr: [u8; 4], port: u16, proto: u8, sendmsg: bool) -> To4 {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return To4::Leave;
+    }
     let mut key = Svc4Key { addr, port, proto, scope: SCOPE_EXTERNAL, slot: 0, _pad: 0 };
-    let Some(svc) = SERVICES.get_ptr(key) else { return ALLOW };
+    let Some(svc) = SERVICES.get_ptr(key) else { return To4::Leave };
     // SAFETY: pointer from a lookup in this run.
     let (n, svc_id, flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };
     if flags & SVC_F_SOURCE_RANGES != 0 {
         // The source address is not known yet; the packet path applies the ranges.
-        return ALLOW;
+        return To4::Leave;
     }
     // SAFETY: the helper takes the sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     if sendmsg {
         // Unconnected UDP: the socket's datagrams to this frontend keep their backend while it
         // lives, as a flow would.
@@ -71,32 +101,29 @@ pub fn forward(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
                 && be.addr == baddr
                 && be.port == bport
             {
-                rewrite(ctx, baddr, bport);
-                return ALLOW;
+                return To4::Backend(baddr, bport);
             }
         }
     }
     if n == 0 {
-        count_atomic(Stat::SockRefused);
-        set_retval(-ECONNREFUSED);
-        return REJECT;
+        return To4::Refuse;
     }
     // SAFETY: helper with no arguments.
     let rnd = unsafe { bpf_get_prandom_u32() };
     key.slot = (rnd % u32::from(n)) as u16 + 1;
-    let Some(slot) = SERVICES.get_ptr(key) else { return ALLOW };
+    let Some(slot) = SERVICES.get_ptr(key) else { return To4::Leave };
     // SAFETY: as above.
     let backend_id = unsafe { (*slot).backend_id };
-    let Some(be) = BACKENDS.get(backend_id) else { return ALLOW };
+    let Some(be) = BACKENDS.get(backend_id) else { return To4::Leave };
     if be.state == BACKEND_STATE_FREE {
         // A slot caught in an update: leave the call alone rather than guess.
-        return ALLOW;
+        return To4::Leave;
     }
     let (baddr, bport) = (be.addr, be.port);
     let rev = SockNat4Key { cookie, addr: baddr, port: bport, proto, kind: SOCK_NAT_REV };
     let shown = SockNat4Value { addr, port, _pad: 0, backend_id, svc_id };
     if SOCK_NAT.insert(rev, shown, 0).is_err() {
-        return ALLOW;
+        return To4::Leave;
     }
     if sendmsg {
         let fwd = SockNat4Key { cookie, addr, port, proto, kind: SOCK_NAT_FWD };
@@ -107,9 +134,8 @@ pub fn forward(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         // SAFETY: a u64 inside the array's value area, shared between CPUs.
         unsafe { atomic_add(flows, 1) };
     }
-    rewrite(ctx, baddr, bport);
     count_atomic(Stat::SockTranslated);
-    ALLOW
+    To4::Backend(baddr, bport)
 }
 
 /// recvmsg4 and getpeername4: a backend this socket was given is shown as the frontend it
@@ -119,24 +145,40 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: as in `forward`.
     let (proto, ip, port_be) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4, (*sa).user_port) };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return ALLOW;
-    }
-    // SAFETY: the helper takes the sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    let key = SockNat4Key {
-        cookie,
-        addr: ip.to_ne_bytes(),
-        port: u16::from_be(port_be as u16),
-        proto,
-        kind: SOCK_NAT_REV,
-    };
-    if let Some(v) = SOCK_NAT.get_ptr(key) {
-        // SAFETY: as above.
-        let (addr, port) = unsafe { ((*v).addr, (*v).port) };
+    if let Some((addr, port)) = shown4(ctx, ip.to_ne_bytes(), u16::from_be(port_be as u16), proto) {
         rewrite(ctx, addr, port);
     }
     ALLOW
+}
+
+/// The frontend to show in place of backend `addr`:`port`, if this socket was given it.
+#[inline(always)]
+fn shown4(ctx: &SockAddrContext, addr: [u8; 4], port: u16, proto: u8) -> Option<([u8; 4], u16)> {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    // SAFETY: the helper takes the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let key = SockNat4Key { cookie, addr, port, proto, kind: SOCK_NAT_REV };
+    // SAFETY: pointer from a lookup in this run; plain reads.
+    SOCK_NAT.get_ptr(key).map(|v| unsafe { ((*v).addr, (*v).port) })
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
+    let mapped = a[..10].iter().all(|&b| b == 0) && a[10] == 0xff && a[11] == 0xff;
+    mapped.then(|| [a[12], a[13], a[14], a[15]])
+}
+
+/// `addr` as an IPv4-mapped IPv6 address.
+#[inline(always)]
+fn mapped(addr: [u8; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[10] = 0xff;
+    out[11] = 0xff;
+    out[12..].copy_from_slice(&addr);
+    out
 }
 
 #[inline(always)]
@@ -176,8 +218,9 @@ fn rewrite6(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) {
     unsafe { (*ctx.sock_addr).user_port = u32::from(port.to_be()) };
 }
 
-/// connect6 and sendmsg6: as [`forward`], for IPv6 frontends. (An IPv4-mapped address, an IPv6
-/// socket calling an IPv4 frontend, is left alone: no IPv6 frontend has one.)
+/// connect6 and sendmsg6: as [`forward`], for IPv6 frontends. An IPv6 socket calling an IPv4
+/// frontend by its IPv4-mapped address (`::ffff:a.b.c.d`, as dual-stack runtimes do) is balanced
+/// over the IPv4 maps, and given the backend's IPv4-mapped address.
 #[inline(always)]
 pub fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
@@ -188,6 +231,16 @@ pub fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     }
     let addr = ip6_of(ctx);
     let port = u16::from_be(port_be as u16);
+    if let Some(v4) = v4_mapped(&addr) {
+        return match balance4(ctx, v4, port, proto, sendmsg) {
+            To4::Leave => ALLOW,
+            To4::Refuse => refuse(),
+            To4::Backend(baddr, bport) => {
+                rewrite6(ctx, &mapped(baddr), bport);
+                ALLOW
+            }
+        };
+    }
     let mut key = Svc6Key { addr, port, proto, scope: SCOPE_EXTERNAL, slot: 0, _pad: 0 };
     let Some(svc) = SERVICES6.get_ptr(&key) else { return ALLOW };
     // SAFETY: pointer from a lookup in this run.
@@ -213,9 +266,7 @@ pub fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         }
     }
     if n == 0 {
-        count_atomic(Stat::SockRefused);
-        set_retval(-ECONNREFUSED);
-        return REJECT;
+        return refuse();
     }
     // SAFETY: helper with no arguments.
     let rnd = unsafe { bpf_get_prandom_u32() };
@@ -251,16 +302,18 @@ pub fn reverse6(ctx: &SockAddrContext) -> i32 {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return ALLOW;
     }
+    let addr = ip6_of(ctx);
+    let port = u16::from_be(port_be as u16);
+    if let Some(v4) = v4_mapped(&addr) {
+        // An IPv4 backend given to an IPv6 socket by its IPv4-mapped address.
+        if let Some((faddr, fport)) = shown4(ctx, v4, port, proto) {
+            rewrite6(ctx, &mapped(faddr), fport);
+        }
+        return ALLOW;
+    }
     // SAFETY: the helper takes the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    let key = SockNat6Key {
-        cookie,
-        addr: ip6_of(ctx),
-        port: u16::from_be(port_be as u16),
-        proto,
-        kind: SOCK_NAT_REV,
-        _pad: 0,
-    };
+    let key = SockNat6Key { cookie, addr, port, proto, kind: SOCK_NAT_REV, _pad: 0 };
     if let Some(v) = SOCK_NAT6.get_ptr(&key) {
         // SAFETY: as above.
         let v = unsafe { &*v };

@@ -375,3 +375,46 @@ fn ipv6_sockets_connected_to_a_removed_endpoint_are_terminated() {
         bed.logs()
     );
 }
+
+/// IPv6 sockets calling an IPv4 clusterIP by its IPv4-mapped address (`::ffff:198.18.0.10`, as
+/// dual-stack runtimes such as the JVM do by default) are balanced at the socket like IPv4 ones:
+/// the node's processes reach both pods at their IPv4 addresses, by TCP and UDP, and the socket
+/// reports the mapped clusterIP as its peer. The node has no route to the clusterIP.
+#[test]
+fn ipv6_sockets_reach_an_ipv4_cluster_ip_by_its_ipv4_mapped_address() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    let Some(cg) = bed.cgroup.as_ref().map(|c| c.path.clone()) else {
+        assert!(
+            std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
+            "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
+        );
+        eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
+        return;
+    };
+    bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
+    bed.write_manifest("web.yaml", &manifest(&[])).unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    bed.wait_for_service("198.18.0.10:53/UDP", 2, Duration::from_secs(10)).unwrap();
+    for (udp, port, target) in [(false, 80, 8080), (true, 53, 5353)] {
+        let to: SocketAddr = format!("[::ffff:198.18.0.10]:{port}").parse().unwrap();
+        let answers = xlb_tests::requests_from(&testbed, &bed.node, Some(&cg), udp, to, 20).unwrap();
+        let mut pods = BTreeSet::new();
+        for a in answers {
+            let a = a.unwrap_or_else(|e| panic!("a node process to {to}: {e}\n{}", bed.logs()));
+            assert_eq!(a.from, to, "the socket reports the mapped clusterIP");
+            assert_eq!(a.server.port(), target);
+            assert!(a.server.ip().is_ipv4(), "{a:?}");
+            pods.insert(a.pod);
+        }
+        assert_eq!(pods.len(), 2, "{to}: both pods");
+    }
+    // Outside the node's cgroup, the same call finds no route.
+    let to: SocketAddr = "[::ffff:198.18.0.10]:80".parse().unwrap();
+    let outside = xlb_tests::requests_from(&testbed, &bed.node, None, false, to, 1).unwrap();
+    assert!(outside[0].is_err(), "{outside:?}");
+}
