@@ -1114,7 +1114,8 @@ mod tests {
         assert!(dp.services6.is_empty() && dp.backends6.is_empty(), "{:?}", dp.services6);
         assert_eq!((dp.services.len(), dp.backends.len()), (2, 1));
         // Socket termination is told of the IPv6 backends freed, and only of those.
-        let freed: Vec<String> = r2.take_freed().iter().map(|(a, p, _)| format!("[{a}]:{p}")).collect();
+        let mut freed: Vec<String> = r2.take_freed().iter().map(|(a, p, _)| format!("[{a}]:{p}")).collect();
+        freed.sort();
         assert_eq!(freed, ["[2001:db8:2::1]:8080", "[2001:db8:2::2]:8080"]);
     }
 
