@@ -49,7 +49,7 @@ pub fn datapath(ctx: &XdpContext) -> Result<u32, ()> {
     {
         let bytes = (end - data) as u64;
         count(Stat::Rx, bytes);
-        return match crate::lb6::process(data, end, bytes)? {
+        return match crate::lb6::process::<false>(data, end, bytes)? {
             crate::lb6::REJECT if reject::answer6(ctx.ctx) => {
                 verdict(None, Stat::RejectNoBackend, bytes, xdp_action::XDP_TX)
             }
@@ -78,7 +78,16 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     let pkt = match parse::parse(ctx.data(), ctx.data_end()) {
         Parsed::L4(pkt) => pkt,
         Parsed::NotIpv4 => return pass(rec, Stat::PassNotIpv4, bytes),
-        // IPv6 has a path of its own (see `datapath`); the trace program does not follow it yet.
+        // IPv6 has a path of its own (see `datapath`), which the trace program follows here.
+        Parsed::Ipv6 if TRACE_MODE => {
+            return match crate::lb6::process::<true>(ctx.data(), ctx.data_end(), bytes)? {
+                crate::lb6::REJECT if reject::answer6(ctx.ctx) => {
+                    verdict(rec, Stat::RejectNoBackend, bytes, xdp_action::XDP_TX)
+                }
+                crate::lb6::REJECT => drop(rec, Stat::DropNoBackend, bytes),
+                action => Ok(action),
+            };
+        }
         Parsed::Ipv6 => return pass(rec, Stat::PassNotIpv4, bytes),
         Parsed::Malformed => return pass(rec, Stat::PassMalformed, bytes),
         Parsed::OtherProto => {

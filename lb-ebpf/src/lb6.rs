@@ -19,15 +19,17 @@ use lb_common::{
     Affinity4Value, BACKEND_F_LOCAL, BACKEND_STATE_FREE, Backend6, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT,
     CT_DIR_SNAT_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, CT_F_SNAT, Ct6Key, Ct6Value, IPPROTO_TCP,
     IPPROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_LOCAL_LIST,
-    SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange6, Stat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, csum,
-    maglev_flow_hash6, maglev_key,
+    SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange6, Stat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    TRACE_AFFINITY, TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND,
+    TRACE_MAGLEV, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord, csum, maglev_flow_hash6,
+    maglev_key,
 };
 
 use crate::{
     ct, filter,
     maps::{
         AFFINITY6, BACKENDS6, CONFIG, CT6, MAGLEV, SCRATCH_TC, SCRATCH_XDP, SCRATCH6, SERVICES6,
-        SOURCE_RANGES6, Scratch6,
+        SOURCE_RANGES6, Scratch6, TRACE as TRACE_MAP,
     },
     nat::Side,
     parse::{self, Packet6, Parsed6, load_addr6, load16, store16},
@@ -38,6 +40,31 @@ use crate::{
 fn verdict(stat: Stat, bytes: u64, action: u32) -> Result<u32, ()> {
     count(stat, bytes);
     Ok(action)
+}
+
+/// The verdict of the datapath (`TRACE = false`: counted) or of the trace program (recorded in
+/// the trace map, nothing counted).
+#[inline(always)]
+fn verdict_t<const TRACE: bool>(stat: Stat, bytes: u64, action: u32) -> Result<u32, ()> {
+    if TRACE {
+        step::<TRACE>(|r| {
+            r.stat = stat as u32;
+            r.verdict = action;
+        });
+        Ok(action)
+    } else {
+        verdict(stat, bytes, action)
+    }
+}
+
+/// Records a step of the trace program's decision; nothing in the datapath.
+#[inline(always)]
+fn step<const TRACE: bool>(f: impl FnOnce(&mut TraceRecord)) {
+    if TRACE && let Some(r) = TRACE_MAP.get_ptr_mut(0) {
+        // SAFETY: the single-entry trace array, from a lookup in this run; only the trace
+        // program (run by one `xlb trace` at a time, on its own copy of the map) writes it.
+        f(unsafe { &mut *r });
+    }
 }
 
 /// Writes the packet's tuple into `key`, with direction `dir`.
@@ -350,19 +377,24 @@ pub const REJECT: u32 = u32::MAX;
 /// to a subprogram: its fields would be split and shifted, which the verifier refuses on
 /// pointers).
 #[inline(never)]
-pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
+pub fn process<const TRACE: bool>(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
     let pass = xdp_action::XDP_PASS;
     let pkt = match parse::parse6(data, end) {
         Parsed6::L4(pkt) => pkt,
-        Parsed6::Malformed => return verdict(Stat::PassMalformed, bytes, pass),
+        Parsed6::Malformed => return verdict_t::<TRACE>(Stat::PassMalformed, bytes, pass),
         Parsed6::OtherProto => {
-            let stat =
-                if crate::icmp::translate6(data, end) { Stat::IcmpTranslated } else { Stat::PassOtherProto };
-            return verdict(stat, bytes, pass);
+            let stat = if !TRACE && crate::icmp::translate6(data, end) {
+                Stat::IcmpTranslated
+            } else {
+                Stat::PassOtherProto
+            };
+            return verdict_t::<TRACE>(stat, bytes, pass);
         }
-        Parsed6::Fragment => return verdict(Stat::PassFragment, bytes, pass),
+        Parsed6::Fragment => return verdict_t::<TRACE>(Stat::PassFragment, bytes, pass),
     };
-    let Some(s) = SCRATCH6.get_ptr_mut(SCRATCH_XDP) else { return verdict(Stat::PassNoService, bytes, pass) };
+    let Some(s) = SCRATCH6.get_ptr_mut(SCRATCH_XDP) else {
+        return verdict_t::<TRACE>(Stat::PassNoService, bytes, pass);
+    };
     // SAFETY: the per-CPU scratch entry; this program run is the only user on this CPU.
     let s = unsafe { &mut *s };
     fill_key(&mut s.key, &pkt, CT_DIR_FORWARD);
@@ -370,7 +402,8 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
     // The endpoint filter, as for IPv4: a packet to no frontend can be neither a new flow nor a
     // tracked flow's forward direction; one from no backend cannot be a reply. The source is
     // looked up only when needed.
-    let to_known = filter::has6(&s.key.daddr, s.key.dport, s.key.proto);
+    // Not in a trace: it only skips lookups that would miss.
+    let to_known = TRACE || filter::has6(&s.key.daddr, s.key.dport, s.key.proto);
     let from_known = (!to_known).then(|| filter::has6(&s.key.saddr, s.key.sport, s.key.proto));
     if from_known == Some(false) {
         return verdict(Stat::PassNoService, bytes, pass);
@@ -380,9 +413,18 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
         let now = ct::now_secs();
         // SAFETY: pointer from a lookup in this run (a map value: stable for the run).
         let fwd = unsafe { &*entry };
+        step::<TRACE>(|r| {
+            r.steps |= TRACE_CT_FORWARD;
+            r.ct_backend_id = fwd.backend_id;
+            r.svc_id = fwd.svc_id;
+        });
         if flow_over(s, fwd, &pkt, now) {
-            let _ = CT6.remove(&s.key);
-            count(Stat::CtExpired, 0);
+            if TRACE {
+                step::<TRACE>(|r| r.steps |= TRACE_CT_EXPIRED);
+            } else {
+                let _ = CT6.remove(&s.key);
+                count(Stat::CtExpired, 0);
+            }
         } else {
             match BACKENDS6.get(fwd.backend_id) {
                 Some(be)
@@ -390,51 +432,70 @@ pub fn process(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
                         && be.addr == fwd.nat_addr
                         && be.port == fwd.nat_port =>
                 {
-                    ct::touch(entry, pkt.tcp_flags, now);
+                    if !TRACE {
+                        ct::touch(entry, pkt.tcp_flags, now);
+                    }
                     rewrite(&pkt, Side::Destination, &be.addr, be.port);
                     // Non-zero only in the forward entry of a SNATed flow: the port now, the
                     // address at TC egress.
                     if fwd.snat_port != 0 {
                         rewrite_port(&pkt, Side::Source, fwd.snat_port);
                     }
-                    return verdict(Stat::DnatEstablished, bytes, pass);
+                    step::<TRACE>(|r| {
+                        r.steps |= TRACE_REWRITE;
+                        r.backend_id = fwd.backend_id;
+                    });
+                    return verdict_t::<TRACE>(Stat::DnatEstablished, bytes, pass);
                 }
                 _ => {
                     // The backend is gone: balance the flow again below.
-                    let _ = CT6.remove(&s.key);
-                    count(Stat::CtStaleBackend, 0);
+                    if TRACE {
+                        step::<TRACE>(|r| r.steps |= TRACE_CT_STALE);
+                    } else {
+                        let _ = CT6.remove(&s.key);
+                        count(Stat::CtStaleBackend, 0);
+                    }
                 }
             }
         }
     } else if from_known.unwrap_or_else(|| filter::has6(&s.key.saddr, s.key.sport, s.key.proto)) {
         s.key.dir = CT_DIR_REPLY;
         if let Some(entry) = CT6.get_ptr_mut(&s.key) {
-            ct::touch(entry, pkt.tcp_flags, ct::now_secs());
+            if !TRACE {
+                ct::touch(entry, pkt.tcp_flags, ct::now_secs());
+            }
             // SAFETY: as above.
             let e = unsafe { &*entry };
+            step::<TRACE>(|r| {
+                r.steps |= TRACE_CT_REPLY;
+                r.ct_backend_id = e.backend_id;
+                r.backend_id = e.backend_id;
+                r.svc_id = e.svc_id;
+            });
             if e.flags & CT_F_DNAT_BACK != 0 {
                 // A reply to a SNATed flow: back to the client; TC egress then gives it the
                 // frontend as source.
                 rewrite(&pkt, Side::Destination, &e.nat_addr, e.nat_port);
             } else if e.flags & CT_F_EGRESS_REVNAT != 0 {
                 // The source becomes a local address: routed first, translated at TC egress.
-                return verdict(Stat::PassEgressRevNat, bytes, pass);
+                return verdict_t::<TRACE>(Stat::PassEgressRevNat, bytes, pass);
             } else {
                 rewrite(&pkt, Side::Source, &e.nat_addr, e.nat_port);
             }
-            return verdict(Stat::RevNat, bytes, pass);
+            step::<TRACE>(|r| r.steps |= TRACE_REWRITE);
+            return verdict_t::<TRACE>(Stat::RevNat, bytes, pass);
         }
         s.key.dir = CT_DIR_FORWARD;
     }
     if !to_known {
         return verdict(Stat::PassNoService, bytes, pass);
     }
-    new_flow(s, &pkt, bytes)
+    new_flow::<TRACE>(s, &pkt, bytes)
 }
 
 /// A packet of no tracked flow: to a frontend, a new flow to one of its backends.
 #[inline(never)]
-fn new_flow(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
+fn new_flow<const TRACE: bool>(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
     let pass = xdp_action::XDP_PASS;
     let drop = xdp_action::XDP_DROP;
     s.svc.addr = s.key.daddr;
@@ -444,46 +505,65 @@ fn new_flow(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
     s.svc.slot = 0;
     s.svc._pad = 0;
     let Some(svc) = SERVICES6.get_ptr(&s.svc) else {
-        return verdict(Stat::PassNoService, bytes, pass);
+        return verdict_t::<TRACE>(Stat::PassNoService, bytes, pass);
     };
     // SAFETY: pointer from a lookup in this run; plain integer reads.
     let (n, svc_id, flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };
+    step::<TRACE>(|r| {
+        r.steps |= TRACE_FRONTEND;
+        r.svc_id = svc_id;
+        r.count = n;
+    });
     if flags & SVC_F_SOURCE_RANGES != 0 {
         s.range.prefix_len = 32 + 128;
         s.range.data = SrcRange6 { svc_id, addr: s.key.saddr };
         if SOURCE_RANGES6.get(&s.range).is_none() {
-            return verdict(Stat::DropSourceRange, bytes, drop);
+            return verdict_t::<TRACE>(Stat::DropSourceRange, bytes, drop);
         }
     }
     if n == 0 {
         // As for IPv4: the client is told at once, unless only a traffic policy Local leaves
         // this node without an endpoint. The caller, which holds the context, answers.
         if flags & SVC_F_NO_LOCAL_ENDPOINT == 0 {
+            step::<TRACE>(|r| r.steps |= TRACE_REJECT);
             return Ok(REJECT);
         }
-        return verdict(Stat::DropNoBackend, bytes, drop);
+        return verdict_t::<TRACE>(Stat::DropNoBackend, bytes, drop);
     }
     // sessionAffinity ClientIP, then Maglev, then a slot at random, as for IPv4.
     // SAFETY: as above.
     let affinity = unsafe { (*svc).affinity_timeout };
     let now = if affinity != 0 { ct::now_secs() } else { 0 };
     s.svc_id = svc_id;
-    let kept = affinity != 0 && keep_affinity(s, n, affinity, now);
-    if !kept && !maglev_slot(s, flags, n) {
+    let kept = affinity != 0 && keep_affinity::<TRACE>(s, n, affinity, now);
+    if kept {
+        step::<TRACE>(|r| r.steps |= TRACE_AFFINITY);
+    } else if maglev_slot(s, flags, n) {
+        step::<TRACE>(|r| r.steps |= TRACE_MAGLEV);
+    } else {
         // SAFETY: helper with no arguments.
         let rnd = unsafe { bpf_get_prandom_u32() };
         s.svc.slot = (rnd % u32::from(n)) as u16 + 1;
     }
+    let chosen = s.svc.slot;
+    step::<TRACE>(|r| r.slot = chosen);
     let Some(slot) = SERVICES6.get_ptr(&s.svc) else {
-        return verdict(Stat::DropStaleSlot, bytes, drop);
+        return verdict_t::<TRACE>(Stat::DropStaleSlot, bytes, drop);
     };
     // SAFETY: as above.
     let backend_id = unsafe { (*slot).backend_id };
+    step::<TRACE>(|r| r.backend_id = backend_id);
     let Some(be) = BACKENDS6.get(backend_id) else {
-        return verdict(Stat::DropStaleSlot, bytes, drop);
+        return verdict_t::<TRACE>(Stat::DropStaleSlot, bytes, drop);
     };
     if be.state == BACKEND_STATE_FREE {
-        return verdict(Stat::DropStaleSlot, bytes, drop);
+        return verdict_t::<TRACE>(Stat::DropStaleSlot, bytes, drop);
+    }
+    if TRACE {
+        // The same rewrite, and nothing tracked or recorded.
+        step::<TRACE>(|r| r.steps |= TRACE_NEW_FLOW | TRACE_REWRITE);
+        rewrite(pkt, Side::Destination, &be.addr, be.port);
+        return verdict_t::<TRACE>(Stat::DnatNew, bytes, pass);
     }
     // Recorded before the flow is tracked: nothing below then depends on how the slot was
     // chosen, which keeps the verifier from walking the SNAT probes once per way.
@@ -502,24 +582,24 @@ fn new_flow(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
         s.be = *be;
         snat_port = create_snat(s, pkt);
         if snat_port == 0 {
-            return verdict(Stat::DropCtFull, bytes, drop);
+            return verdict_t::<TRACE>(Stat::DropCtFull, bytes, drop);
         }
     } else if !create(s, pkt, be, if local_frontend { CT_F_EGRESS_REVNAT } else { 0 }) {
-        return verdict(Stat::DropCtFull, bytes, drop);
+        return verdict_t::<TRACE>(Stat::DropCtFull, bytes, drop);
     }
     count(Stat::CtCreated, 0);
     rewrite(pkt, Side::Destination, &be.addr, be.port);
     if snat_port != 0 {
         rewrite_port(pkt, Side::Source, snat_port);
     }
-    verdict(Stat::DnatNew, bytes, pass)
+    verdict_t::<TRACE>(Stat::DnatNew, bytes, pass)
 }
 
 /// As `lb::keep_affinity`: sets `s.svc.slot` to the slot of the client's affinity entry (its key
 /// left in `s.aff` for the caller) if it is within `timeout` and the slot, among the `count`
 /// selectable ones, still holds its backend; refreshes the entry's time.
 #[inline(never)]
-fn keep_affinity(s: &mut Scratch6, count: u16, timeout: u32, now: u32) -> bool {
+fn keep_affinity<const TRACE: bool>(s: &mut Scratch6, count: u16, timeout: u32, now: u32) -> bool {
     s.aff.svc_id = s.svc_id;
     s.aff.client = s.key.saddr;
     let Some(a) = AFFINITY6.get_ptr_mut(&s.aff) else { return false };
@@ -533,7 +613,7 @@ fn keep_affinity(s: &mut Scratch6, count: u16, timeout: u32, now: u32) -> bool {
     if SERVICES6.get_ptr(&s.svc).is_none_or(|v| unsafe { (*v).backend_id } != backend_id) {
         return false;
     }
-    if used != now {
+    if !TRACE && used != now {
         // SAFETY: as above; a racing writer can only make the time one of two recent values.
         unsafe { (*a).last_used = now };
     }

@@ -342,7 +342,7 @@ impl BpfMaps {
     /// The kernel's map ids, by name (to tell whether two handles are the same map).
     pub fn ids(&self) -> Result<Vec<(&'static str, u32)>, DatapathError> {
         let id = |m: &MapData, name| m.info().map(|i| (name, i.id())).map_err(map_err("info", name));
-        Ok(vec![
+        let mut ids = vec![
             id(IterableMap::map(&self.services), MAP_SERVICES)?,
             id(IterableMap::map(&self.backends), MAP_BACKENDS)?,
             id(IterableMap::map(&self.ct), MAP_CT)?,
@@ -350,7 +350,19 @@ impl BpfMaps {
             id(IterableMap::map(&self.svc_info), MAP_SVC_INFO)?,
             id(IterableMap::map(&self.flows), MAP_BACKEND_FLOWS)?,
             id(IterableMap::map(&self.source_ranges), MAP_SOURCE_RANGES)?,
-        ])
+        ];
+        // The IPv6 maps, where the agent has them (the trace program reads them too).
+        if let Some((s6, b6)) = &self.ipv6 {
+            ids.push(id(IterableMap::map(s6), MAP_SERVICES6)?);
+            ids.push(id(b6.map(), MAP_BACKENDS6)?);
+        }
+        if let Some(ct6) = &self.ct6 {
+            ids.push(id(IterableMap::map(ct6), MAP_CT6)?);
+        }
+        if let Some(r6) = &self.source_ranges6 {
+            ids.push(id(IterableMap::map(r6), MAP_SOURCE_RANGES6)?);
+        }
+        Ok(ids)
     }
 }
 

@@ -121,12 +121,13 @@ enum TraceProto {
 struct TraceArgs {
     #[arg(long, value_enum, default_value_t = TraceProto::Tcp)]
     proto: TraceProto,
-    /// Source of the packet: ADDRESS:PORT.
+    /// Source of the packet: ADDRESS:PORT, or [ADDRESS]:PORT for IPv6.
     #[arg(long)]
-    from: std::net::SocketAddrV4,
-    /// Destination of the packet: ADDRESS:PORT.
+    from: std::net::SocketAddr,
+    /// Destination of the packet: ADDRESS:PORT, or [ADDRESS]:PORT for IPv6 (of the family of
+    /// --from).
     #[arg(long)]
-    to: std::net::SocketAddrV4,
+    to: std::net::SocketAddr,
     /// TCP flags of the packet, comma-separated (syn, ack, fin, rst, psh, urg).
     #[arg(long, default_value = "syn", value_parser = parse_tcp_flags)]
     tcp_flags: u8,

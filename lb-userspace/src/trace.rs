@@ -6,7 +6,7 @@
 //! rewrites the frame the same way, but it records its steps in a private map instead of
 //! creating, touching or deleting conntrack entries or counting anything. The rewritten frame
 //! comes back from the kernel and is decoded here.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::Context as _;
 use aya::{
@@ -25,15 +25,15 @@ use crate::{
     datapath::{BpfMaps, Datapath as _},
     ebpf,
     model::Proto,
-    packet::{ETH_HLEN, Frame, decode},
+    packet::{ETH_HLEN, Frame, Frame6, decode, decode6},
 };
 
-/// The packet to trace.
+/// The packet to trace: IPv4 or IPv6 (`from` and `to` of one family).
 #[derive(Clone, Debug)]
 pub struct TraceRequest {
     pub proto: Proto,
-    pub from: SocketAddrV4,
-    pub to: SocketAddrV4,
+    pub from: SocketAddr,
+    pub to: SocketAddr,
     /// TCP flags byte (SYN by default).
     pub tcp_flags: u8,
     /// The interface the packet arrives on (must exist in the caller's network namespace).
@@ -136,11 +136,17 @@ impl Tracer {
 
     /// Runs the trace program once on the packet `req` describes.
     pub fn run(&mut self, req: &TraceRequest) -> anyhow::Result<Trace> {
-        let mut frame = Frame::new(req.proto, req.from, req.to);
-        if req.proto == Proto::Tcp {
-            frame.tcp_flags = req.tcp_flags;
-        }
-        self.run_frame(&frame.build(), req)
+        let flags = if req.proto == Proto::Tcp { req.tcp_flags } else { 0 };
+        let frame = match (req.from, req.to) {
+            (SocketAddr::V4(from), SocketAddr::V4(to)) => {
+                Frame { tcp_flags: flags, ..Frame::new(req.proto, from, to) }.build()
+            }
+            (SocketAddr::V6(from), SocketAddr::V6(to)) => {
+                Frame6 { tcp_flags: flags, ..Frame6::new(req.proto, from, to) }.build()
+            }
+            _ => anyhow::bail!("--from {} and --to {} are of different families", req.from, req.to),
+        };
+        self.run_frame(&frame, req)
     }
 
     /// Runs the trace program once on `frame_in`.
@@ -197,9 +203,16 @@ impl Tracer {
     ) -> anyhow::Result<Trace> {
         let view = View::read(&self.maps)?;
         let label = |id: u32| view.port_label(id);
+        let v6 = req.to.is_ipv6();
         let backend = |id: u32, slot: Option<u16>| -> anyhow::Result<TraceBackend> {
-            let b = self.maps.read_backend(id)?;
-            Ok(TraceBackend { id, address: Ipv4Addr::from(b.addr).to_string(), port: b.port, slot })
+            let (address, port) = if v6 {
+                let b = self.maps.read_backend6(id)?;
+                (Ipv6Addr::from(b.addr).to_string(), b.port)
+            } else {
+                let b = self.maps.read_backend(id)?;
+                (Ipv4Addr::from(b.addr).to_string(), b.port)
+            };
+            Ok(TraceBackend { id, address, port, slot })
         };
         let counter = STAT_NAMES.get(rec.stat as usize).copied().unwrap_or("unknown");
         let protocol = req.proto.to_string();
@@ -311,7 +324,11 @@ impl Tracer {
                 format!(
                     "{} has no endpoint that takes new flows: the packet is answered with {} to its sender",
                     label(rec.svc_id),
-                    if req.proto == Proto::Tcp { "a TCP reset" } else { "an ICMP port unreachable" }
+                    match (req.proto, v6) {
+                        (Proto::Tcp, _) => "a TCP reset",
+                        (_, false) => "an ICMP port unreachable",
+                        (_, true) => "an ICMPv6 port unreachable",
+                    }
                 ),
                 None,
             ),
@@ -341,7 +358,28 @@ impl Tracer {
             ),
         };
         not_done.push(format!("count the packet under rx and {counter}"));
-        let rewrite = if steps & TRACE_REWRITE != 0 {
+        let rewrite = if steps & TRACE_REWRITE != 0 && v6 {
+            // IPv6 has no header checksum; the frames are built without extension headers.
+            match (decode6(frame_in), decode6(&frame_out)) {
+                (Some(b), Some(a)) => {
+                    let (header, from, to) =
+                        if b.dst != a.dst { ("destination", b.dst, a.dst) } else { ("source", b.src, a.src) };
+                    let l4_off = ETH_HLEN + 40 + if req.proto == Proto::Tcp { 16 } else { 6 };
+                    let word = |f: &[u8], o: usize| format!("0x{:04x}", u16::from_be_bytes([f[o], f[o + 1]]));
+                    Some(Rewrite {
+                        header,
+                        before: from.to_string(),
+                        after: to.to_string(),
+                        ip_checksum_before: String::new(),
+                        ip_checksum_after: String::new(),
+                        l4_checksum_before: word(frame_in, l4_off),
+                        l4_checksum_after: word(&frame_out, l4_off),
+                        checksums_valid: a.l4_checksum_ok,
+                    })
+                }
+                _ => None,
+            }
+        } else if steps & TRACE_REWRITE != 0 {
             let before = decode(frame_in);
             let after = decode(&frame_out);
             match (before, after) {
@@ -435,21 +473,20 @@ pub fn trace_text(t: &Trace) -> String {
         line("backend", format!("#{} {}:{}", b.id, b.address, b.port));
     }
     if let Some(r) = &t.rewrite {
-        line(
-            "rewrite",
+        let l4 =
+            format!("{} checksum {} -> {}", t.packet.protocol, r.l4_checksum_before, r.l4_checksum_after);
+        let sums = if r.ip_checksum_before.is_empty() {
+            // IPv6: no header checksum.
+            format!("{l4} ({})", if r.checksums_valid { "valid" } else { "INVALID" })
+        } else {
             format!(
-                "{} {} -> {}; IPv4 checksum {} -> {}, {} checksum {} -> {} ({})",
-                r.header,
-                r.before,
-                r.after,
+                "IPv4 checksum {} -> {}, {l4} ({})",
                 r.ip_checksum_before,
                 r.ip_checksum_after,
-                t.packet.protocol,
-                r.l4_checksum_before,
-                r.l4_checksum_after,
                 if r.checksums_valid { "both valid" } else { "INVALID" }
-            ),
-        );
+            )
+        };
+        line("rewrite", format!("{} {} -> {}; {sums}", r.header, r.before, r.after));
     }
     line("verdict", format!("{} (counter {})", t.verdict, t.counter));
     line(

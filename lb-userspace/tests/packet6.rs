@@ -805,8 +805,10 @@ fn the_verifier_walks_the_datapath_well_within_its_limit() {
     if !need_root() {
         return;
     }
-    let dut = Dut::new();
-    for name in [lb_common::PROG_XDP, "xlb_tc_egress"] {
+    let mut dut = Dut::new();
+    // The trace program is loaded only by `xlb trace`; here, against this object's maps.
+    ebpf::xdp_trace(&mut dut.ebpf).unwrap().load().expect("the verifier must accept the trace program");
+    for name in [lb_common::PROG_XDP, lb_common::PROG_XDP_TRACE, "xlb_tc_egress"] {
         let prog = dut.ebpf.program(name).unwrap_or_else(|| panic!("{name}"));
         let Some(n) = prog.info().unwrap().verified_instruction_count() else {
             eprintln!("{name}: this kernel does not report verified instructions (before 5.16); skipped");

@@ -5,14 +5,18 @@
 //! byte for byte as it was (conntrack entries and their timestamps, counters, flow counts).
 //!
 //! Needs root. Without it the tests skip, unless XLB_REQUIRE_PRIVILEGED=1 (CI).
-use std::{collections::BTreeSet, net::SocketAddrV4, path::PathBuf};
+use std::{
+    collections::BTreeSet,
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+};
 
 use lb_userspace::{
     datapath::{BpfMaps, Datapath as _},
     ebpf::{self, Capacities},
     manifests,
     model::{self, ModelConfig, Proto},
-    packet::{Frame, decode},
+    packet::{Frame, Frame6, decode, decode6},
     reconcile::Reconciler,
     trace::{TraceRequest, Tracer},
 };
@@ -115,7 +119,15 @@ impl Live {
         ct.sort_by_key(|(k, _)| *k);
         let mut infos = dp.read_svc_infos().unwrap();
         infos.sort_by_key(|(k, _)| *k);
-        format!("{services:?}\n{backends:?}\n{ct:?}\n{:?}\n{infos:?}", dp.read_stats().unwrap())
+        let mut services6 = dp.read_services6().unwrap();
+        services6.sort_by_key(|(k, _)| *k);
+        let backends6: Vec<_> = (0..16).map(|i| dp.read_backend6(i).unwrap()).collect();
+        let mut ct6 = dp.read_ct6().unwrap();
+        ct6.sort_by_key(|(k, _)| *k);
+        format!(
+            "{services:?}\n{backends:?}\n{ct:?}\n{:?}\n{infos:?}\n{services6:?}\n{backends6:?}\n{ct6:?}",
+            dp.read_stats().unwrap()
+        )
     }
 
     fn pins(&self) -> BTreeSet<String> {
@@ -126,7 +138,7 @@ impl Live {
     }
 }
 
-fn sa(s: &str) -> SocketAddrV4 {
+fn sa(s: &str) -> std::net::SocketAddr {
     s.parse().unwrap()
 }
 
@@ -135,11 +147,16 @@ fn req(proto: Proto, from: &str, to: &str, tcp_flags: u8) -> TraceRequest {
 }
 
 fn frame(r: &TraceRequest) -> Vec<u8> {
-    let mut f = Frame::new(r.proto, r.from, r.to);
-    if r.proto == Proto::Tcp {
-        f.tcp_flags = r.tcp_flags;
+    let flags = if r.proto == Proto::Tcp { r.tcp_flags } else { 0 };
+    match (r.from, r.to) {
+        (SocketAddr::V4(from), SocketAddr::V4(to)) => {
+            Frame { tcp_flags: flags, ..Frame::new(r.proto, from, to) }.build()
+        }
+        (SocketAddr::V6(from), SocketAddr::V6(to)) => {
+            Frame6 { tcp_flags: flags, ..Frame6::new(r.proto, from, to) }.build()
+        }
+        _ => panic!("mixed families"),
     }
-    f.build()
 }
 
 #[test]
@@ -179,7 +196,7 @@ fn trace_reports_what_the_datapath_does_and_changes_nothing() {
     // The reply of that flow: source translated back to the ClusterIP.
     let reply = TraceRequest {
         proto: Proto::Tcp,
-        from: chosen,
+        from: chosen.into(),
         to: sa("198.18.100.2:40000"),
         tcp_flags: 0x12,
         iface: None,
@@ -274,4 +291,100 @@ fn trace_refuses_maps_that_are_not_there() {
     let err = Tracer::open(&dir).err().expect("no maps, no trace");
     assert!(format!("{err:#}").contains("xlb agent has not run"), "{err:#}");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing was created or pinned");
+}
+
+/// IPv6 Services for the IPv6 trace: one endpoint (the choice is certain) and none (refused).
+const MANIFEST6: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: solo6, namespace: default}
+spec:
+  ipFamilies: [IPv6]
+  clusterIP: "2001:db8:1::11"
+  clusterIPs: ["2001:db8:1::11"]
+  ports: [{port: 443, targetPort: 8443}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: solo6-1, namespace: default, labels: {kubernetes.io/service-name: solo6}}
+addressType: IPv6
+ports: [{port: 8443}]
+endpoints: [{addresses: ["2001:db8:4::2"]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty6, namespace: default}
+spec:
+  ipFamilies: [IPv6]
+  clusterIP: "2001:db8:1::12"
+  clusterIPs: ["2001:db8:1::12"]
+  ports: [{port: 80}]
+"#;
+
+#[test]
+fn trace_follows_the_ipv6_path() {
+    if !privileged("trace tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut live = Live::new();
+    live.apply(&format!("{MANIFEST}{MANIFEST6}"));
+    let mut tracer = Tracer::open(&live.pin_dir).expect("tracer");
+    let (client, vip) = ("[2001:db8:100::2]:40000", "[2001:db8:1::11]:443");
+
+    // A new flow: the one endpoint, the datapath's own bytes, and nothing changed.
+    let syn = req(Proto::Tcp, client, vip, 0x02);
+    let before = live.snapshot();
+    let t = tracer.run(&syn).unwrap();
+    assert_eq!(live.snapshot(), before, "the trace changed a map");
+    assert_eq!(
+        (t.conntrack, t.decision, t.verdict, t.counter),
+        ("none", "new_flow", "XDP_PASS", "dnat_new"),
+        "{t:?}"
+    );
+    let f = t.frontend.as_ref().unwrap();
+    assert_eq!(
+        (f.frontend.as_str(), f.service.as_str(), f.selectable_backends),
+        ("[2001:db8:1::11]:443/TCP", "default/solo6", 1)
+    );
+    let b = t.backend.as_ref().unwrap();
+    assert_eq!((b.address.as_str(), b.port, b.slot), ("2001:db8:4::2", 8443, Some(1)));
+    let rw = t.rewrite.as_ref().unwrap();
+    assert_eq!(
+        (rw.header, rw.before.as_str(), rw.after.as_str()),
+        ("destination", vip, "[2001:db8:4::2]:8443")
+    );
+    assert!(rw.checksums_valid && rw.ip_checksum_before.is_empty());
+    let text = lb_userspace::trace::trace_text(&t);
+    assert!(text.contains("TCP checksum") && !text.contains("IPv4 checksum"), "{text}");
+    let (v, real) = live.run(&frame(&syn));
+    assert_eq!(v, 2);
+    assert_eq!(t.frame_out, real, "the trace's frame equals the datapath's, byte for byte");
+    assert_eq!(decode6(&real).unwrap().dst, "[2001:db8:4::2]:8443".parse().unwrap());
+
+    // That flow's next packet, and its reply.
+    let ack = req(Proto::Tcp, client, vip, 0x10);
+    let before = live.snapshot();
+    let t = tracer.run(&ack).unwrap();
+    assert_eq!(live.snapshot(), before, "the trace changed a map");
+    assert_eq!(
+        (t.conntrack, t.decision, t.counter),
+        ("forward", "existing_flow", "dnat_established"),
+        "{t:?}"
+    );
+    assert_eq!(t.frame_out, live.run(&frame(&ack)).1);
+    let reply = req(Proto::Tcp, "[2001:db8:4::2]:8443", client, 0x12);
+    let t = tracer.run(&reply).unwrap();
+    assert_eq!((t.conntrack, t.decision, t.counter), ("reply", "reply", "rev_nat"), "{t:?}");
+    assert_eq!(t.rewrite.as_ref().map(|r| (r.header, r.after.as_str())), Some(("source", vip)));
+    assert_eq!(t.frame_out, live.run(&frame(&reply)).1);
+
+    // No endpoint: refused with a reset, as the datapath does.
+    let t = tracer.run(&req(Proto::Tcp, client, "[2001:db8:1::12]:80", 0x02)).unwrap();
+    assert_eq!((t.decision, t.verdict, t.counter), ("reject", "XDP_TX", "reject_no_backend"), "{t:?}");
+    // No frontend at all.
+    let t = tracer.run(&req(Proto::Udp, client, "[2001:db8:1::99]:53", 0)).unwrap();
+    assert_eq!((t.decision, t.verdict), ("no_service", "XDP_PASS"), "{t:?}");
+    // Mixed families are refused before anything runs.
+    assert!(tracer.run(&req(Proto::Tcp, "198.18.100.2:1", vip, 0x02)).is_err());
 }
