@@ -241,8 +241,11 @@ pub const MAP_SOCK_NAT6: &str = "xlb_socknat6_v1";
 /// 32 + the range's -> 1): as [`MAP_SOURCE_RANGES`].
 pub const MAP_SOURCE_RANGES6: &str = "xlb_srcrange6_v1";
 
+/// IPv6 backend id -> new flows sent to it (array of u64): as [`MAP_BACKEND_FLOWS`].
+pub const MAP_BACKEND_FLOWS6: &str = "xlb_beflows6_v1";
+
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT,
@@ -261,6 +264,7 @@ pub const ALL_MAPS: [&str; 18] = [
     MAP_SOCK_NAT6,
     MAP_SOURCE_RANGES6,
     MAP_AFFINITY6,
+    MAP_BACKEND_FLOWS6,
 ];
 
 /// The cgroup programs of socket-level load balancing: connections and datagrams of the node's

@@ -28,12 +28,12 @@ use lb_common::{
 use crate::{
     ct, filter,
     maps::{
-        AFFINITY6, BACKENDS6, CONFIG, CT6, MAGLEV, SCRATCH_TC, SCRATCH_XDP, SCRATCH6, SERVICES6,
-        SOURCE_RANGES6, Scratch6, TRACE as TRACE_MAP,
+        AFFINITY6, BACKEND_FLOWS6, BACKENDS6, CONFIG, CT6, MAGLEV, SCRATCH_TC, SCRATCH_XDP, SCRATCH6,
+        SERVICES6, SOURCE_RANGES6, Scratch6, TRACE as TRACE_MAP,
     },
     nat::Side,
     parse::{self, Packet6, Parsed6, load_addr6, load16, store16},
-    stats::count,
+    stats::{atomic_add, count},
 };
 
 #[inline(always)]
@@ -588,6 +588,10 @@ fn new_flow<const TRACE: bool>(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> R
         return verdict_t::<TRACE>(Stat::DropCtFull, bytes, drop);
     }
     count(Stat::CtCreated, 0);
+    if let Some(n) = BACKEND_FLOWS6.get_ptr_mut(backend_id) {
+        // SAFETY: a u64 inside the array's value area, 8-aligned; shared between CPUs.
+        unsafe { atomic_add(n, 1) };
+    }
     rewrite(pkt, Side::Destination, &be.addr, be.port);
     if snat_port != 0 {
         rewrite_port(pkt, Side::Source, snat_port);

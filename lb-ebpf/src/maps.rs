@@ -130,6 +130,10 @@ pub static SCRATCH6: PerCpuArray<Scratch6, 2> = PerCpuArray::new();
 #[btf_map(name = "xlb_srcrange6_v1")]
 pub static SOURCE_RANGES6: LpmTrie<SrcRange6, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
 
+/// IPv6 backend id -> new flows sent to it.
+#[btf_map(name = "xlb_beflows6_v1")]
+pub static BACKEND_FLOWS6: Array<u64, 65_536> = Array::new();
+
 /// sessionAffinity ClientIP of IPv6 service ports: (service port, client) -> backend.
 #[btf_map(name = "xlb_affinity6_v1")]
 pub static AFFINITY6: LruHashMap<Affinity6Key, Affinity4Value, 65_536> = LruHashMap::new();

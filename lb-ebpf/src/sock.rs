@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKEND_FLOWS, BACKENDS, BACKENDS6, SERVICES, SERVICES6, SOCK_NAT, SOCK_NAT6},
+    maps::{BACKEND_FLOWS, BACKEND_FLOWS6, BACKENDS, BACKENDS6, SERVICES, SERVICES6, SOCK_NAT, SOCK_NAT6},
     stats::{atomic_add, count_atomic},
 };
 
@@ -287,6 +287,10 @@ pub fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         let fwd = SockNat6Key { cookie, addr, port, proto, kind: SOCK_NAT_FWD, _pad: 0 };
         let chosen = SockNat6Value { addr: be.addr, port: be.port, _pad: 0, backend_id, svc_id, _pad2: 0 };
         let _ = SOCK_NAT6.insert(&fwd, &chosen, 0);
+    }
+    if let Some(flows) = BACKEND_FLOWS6.get_ptr_mut(backend_id) {
+        // SAFETY: a u64 inside the array's value area, shared between CPUs.
+        unsafe { atomic_add(flows, 1) };
     }
     rewrite6(ctx, &be.addr, be.port);
     count_atomic(Stat::SockTranslated);

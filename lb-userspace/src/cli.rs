@@ -148,6 +148,8 @@ pub struct View {
     /// IPv6 backends: ids of their own.
     backends6: BTreeMap<u32, lb_common::Backend6>,
     flows: BTreeMap<u32, u64>,
+    /// New flows per IPv6 backend.
+    flows6: BTreeMap<u32, u64>,
 }
 
 impl View {
@@ -182,12 +184,14 @@ impl View {
         let mut backends = BTreeMap::new();
         let mut backends6 = BTreeMap::new();
         let mut flows = BTreeMap::new();
+        let mut flows6 = BTreeMap::new();
         for (fk, e) in entries.iter_mut() {
             e.slots = slots.remove(fk).unwrap_or_default();
             for &id in e.slots.values() {
                 if e.addr.is_ipv6() {
                     if let std::collections::btree_map::Entry::Vacant(v) = backends6.entry(id) {
                         v.insert(dp.read_backend6(id)?);
+                        flows6.insert(id, dp.read_backend_flows6(id)?);
                     }
                 } else if let std::collections::btree_map::Entry::Vacant(v) = backends.entry(id) {
                     v.insert(dp.read_backend(id)?);
@@ -202,7 +206,15 @@ impl View {
         for v in ranges.values_mut() {
             v.sort();
         }
-        Ok(View { infos, ranges, frontends: entries.into_values().collect(), backends, backends6, flows })
+        Ok(View {
+            infos,
+            ranges,
+            frontends: entries.into_values().collect(),
+            backends,
+            backends6,
+            flows,
+            flows6,
+        })
     }
 
     /// The row of backend `id`, of the IPv6 backends when `v6`.
@@ -220,7 +232,7 @@ impl View {
             state: state_name(state),
             id,
             selectable,
-            new_flows: self.flows.get(&id).copied().unwrap_or(0),
+            new_flows: if v6 { &self.flows6 } else { &self.flows }.get(&id).copied().unwrap_or(0),
         }
     }
 

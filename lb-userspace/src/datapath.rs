@@ -127,6 +127,14 @@ pub trait Datapath {
     fn read_ct6(&self) -> Result<Vec<(Ct6Key, Ct6Value)>, DatapathError> {
         Ok(Vec::new())
     }
+    /// New flows sent to IPv6 backend `id`.
+    fn read_backend_flows6(&self, _id: u32) -> Result<u64, DatapathError> {
+        Ok(0)
+    }
+    /// Starts IPv6 backend `id`'s count of new flows again.
+    fn reset_backend_flows6(&mut self, _id: u32) -> Result<(), DatapathError> {
+        Ok(())
+    }
 }
 
 /// The IPv6 frontend and backend maps.
@@ -152,6 +160,8 @@ pub struct BpfMaps {
     pub source_ranges6: Option<LpmTrie<MapData, SrcRange6, u8>>,
     /// IPv6 connection tracking (read by the CLI); `None` as for `ipv6`.
     pub ct6: Option<HashMap<MapData, Ct6Key, Ct6Value>>,
+    /// New flows per IPv6 backend; `None` as for `ipv6`.
+    pub flows6: Option<Array<MapData, u64>>,
     capacity: Capacity,
 }
 
@@ -214,6 +224,10 @@ impl BpfMaps {
             let (p, m) = open(MAP_BACKENDS6)?;
             maps.set_ipv6(s6, typed(MAP_BACKENDS6, &p, m)?);
         }
+        if pin_dir.join(lb_common::MAP_BACKEND_FLOWS6).exists() {
+            let (p, m) = open(lb_common::MAP_BACKEND_FLOWS6)?;
+            maps.flows6 = Some(typed(lb_common::MAP_BACKEND_FLOWS6, &p, m)?);
+        }
         if pin_dir.join(MAP_CT6).exists() {
             let (p, m) = open(MAP_CT6)?;
             maps.ct6 = Some(typed(MAP_CT6, &p, m)?);
@@ -249,6 +263,8 @@ impl BpfMaps {
         maps.set_ipv6(s6, typed(MAP_BACKENDS6, &path, take(MAP_BACKENDS6)?)?);
         maps.source_ranges6 = Some(typed(MAP_SOURCE_RANGES6, &path, take(MAP_SOURCE_RANGES6)?)?);
         maps.ct6 = Some(typed(MAP_CT6, &path, take(MAP_CT6)?)?);
+        maps.flows6 =
+            Some(typed(lb_common::MAP_BACKEND_FLOWS6, &path, take(lb_common::MAP_BACKEND_FLOWS6)?)?);
         Ok(maps)
     }
 
@@ -300,6 +316,7 @@ impl BpfMaps {
             ipv6: None,
             source_ranges6: None,
             ct6: None,
+            flows6: None,
             capacity,
         })
     }
@@ -611,6 +628,16 @@ impl Datapath for BpfMaps {
     fn read_ct6(&self) -> Result<Vec<(Ct6Key, Ct6Value)>, DatapathError> {
         let Some(m) = &self.ct6 else { return Ok(Vec::new()) };
         m.iter().map(|r| r.map_err(map_err("iterate", MAP_CT6))).collect()
+    }
+
+    fn read_backend_flows6(&self, id: u32) -> Result<u64, DatapathError> {
+        let Some(m) = &self.flows6 else { return Ok(0) };
+        m.get(&id, 0).map_err(map_err("lookup", lb_common::MAP_BACKEND_FLOWS6))
+    }
+
+    fn reset_backend_flows6(&mut self, id: u32) -> Result<(), DatapathError> {
+        let Some(m) = &mut self.flows6 else { return Ok(()) };
+        m.set(id, 0, 0).map_err(map_err("update", lb_common::MAP_BACKEND_FLOWS6))
     }
 
     fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {

@@ -168,6 +168,7 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
         .map_max_entries(lb_common::MAP_SERVICES6, caps.ipv6_entries)
         .map_max_entries(lb_common::MAP_BACKENDS6, caps.ipv6_entries)
         .map_max_entries(lb_common::MAP_CT6, caps.ipv6_entries)
+        .map_max_entries(lb_common::MAP_BACKEND_FLOWS6, caps.ipv6_entries)
         .map_max_entries(lb_common::MAP_SOCK_NAT6, caps.ipv6_entries);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {

@@ -507,6 +507,11 @@ impl<D: Datapath> Reconciler<D> {
                 Some(id) => *id,
                 None if k.addr.is_ipv6() => {
                     let id = self.be_ids6.alloc("IPv6 backend", cap.ipv6_entries)?;
+                    // As for IPv4 below.
+                    if let Err(e) = self.dp.reset_backend_flows6(id) {
+                        self.be_ids6.release(id);
+                        return Err(e.into());
+                    }
                     self.backend_ids.insert(*k, id);
                     id
                 }

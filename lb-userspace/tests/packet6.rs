@@ -651,7 +651,7 @@ fn an_ipv6_node_port_to_another_nodes_endpoint_is_snated_to_the_node() {
     assert_eq!((only[0].frontend.as_str(), only[0].snat.as_deref()), (VIP, None));
     let backends = view.backend_rows(&view.active_flows(&flows));
     let row = backends.iter().find(|b| b.address == "2001:db8:2::2").expect("the IPv6 endpoint is listed");
-    assert_eq!(row.active_flows, 51);
+    assert_eq!((row.active_flows, row.new_flows), (51, 51));
     assert!(row.services.iter().any(|s| s.contains("default/shop")), "{row:?}");
 }
 
