@@ -297,8 +297,9 @@ unsafe fn put_ipv6_reply(l3: usize, old: usize, payload_len: u16, next: u8) -> u
 }
 
 /// The IPv6 answer for a Service without a usable endpoint: a TCP reset, or an ICMPv6 port
-/// unreachable (RFC 4443 type 1 code 4) for UDP. `false` when none may be sent (a reset, UDP
-/// behind extension headers, the rate limit) or the frame could not be resized. A subprogram of
+/// unreachable (RFC 4443 type 1 code 4) for UDP, quoting the datagram. `false` when none may be
+/// sent (a reset, extension headers too long to quote, the rate limit) or the frame could not be
+/// resized. A subprogram of
 /// its own, given the raw context: the IPv6 path's frame stays small.
 #[inline(never)]
 pub fn answer6(ctx: *mut xdp_md) -> bool {
@@ -374,11 +375,26 @@ fn tcp_reset6(ctx: &XdpContext, pkt: &Packet6) -> bool {
     true
 }
 
+/// Most bytes of the refused packet an ICMPv6 port unreachable quotes: its IPv6 header, any
+/// extension headers and the UDP header must fit (else no answer), and as much of the payload as
+/// fits besides.
+const QUOTE_MAX: usize = 256;
+
 #[inline(always)]
 fn icmp6_unreachable(ctx: &XdpContext, pkt: &Packet6) -> bool {
-    // The quote is the IPv6 header and the UDP header: kept to packets without extension
-    // headers, so that every offset below is a constant.
-    if pkt.l4 != pkt.l3 + 40 || !icmp_allowed() {
+    // The quote starts at the IPv6 header and holds at least the UDP header (the sender's stack
+    // reads the ports there, past any extension headers).
+    let headers = pkt.l4 + 8 - pkt.l3;
+    if headers > QUOTE_MAX || !icmp_allowed() {
+        return false;
+    }
+    // SAFETY: parse6() checked the 40-byte IPv6 header.
+    let ip_len = 40 + usize::from(u16::from_be(unsafe { load16(pkt.l3 + 4) }));
+    let frame_ip = ctx.data_end() - pkt.l3;
+    // Whole 16-bit words (the checksum runs over words); never fewer than the headers, which
+    // are whole 8-byte units.
+    let quote_len = ip_len.min(frame_ip).min(QUOTE_MAX) & !1;
+    if quote_len < headers {
         return false;
     }
     // Room for a new IPv6 and ICMPv6 header in front: the old IPv6 header then sits exactly
@@ -388,34 +404,42 @@ fn icmp6_unreachable(ctx: &XdpContext, pkt: &Packet6) -> bool {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
         return false;
     }
-    const QUOTE: usize = 40 + 8;
-    const LEN: usize = ETH_HLEN + 40 + 8 + QUOTE;
-    if !resize_tail(ctx, LEN) {
+    let len = ETH_HLEN + 40 + 8 + quote_len;
+    if !resize_tail(ctx, len) {
         return false;
     }
     let data = ctx.data();
-    if data + LEN > ctx.data_end() {
+    let end = ctx.data_end();
+    // The fixed part: Ethernet, the new IPv6 and ICMPv6 headers, and the quoted IPv6 header.
+    if data + ETH_HLEN + 40 + 8 + 40 > end {
         return false;
     }
     let old_eth = data + GROW;
     let quote = old_eth + ETH_HLEN;
     let l3 = data + ETH_HLEN;
     let icmp = l3 + 40;
-    // SAFETY: data + LEN <= data_end checked above; every offset below is within LEN.
+    // SAFETY: data + ETH_HLEN + 96 <= end checked above: the headers written, and the quoted
+    // IPv6 header read; the rest of the quote is read word by word, each checked.
     unsafe {
         let (dst_mac, src_mac) = (mac(old_eth), mac(old_eth + 6));
         put_mac(data, src_mac);
         put_mac(data + 6, dst_mac);
         store16(data + 12, 0x86ddu16.to_be());
-        let addr_sum = put_ipv6_reply(l3, quote, (8 + QUOTE) as u16, IPPROTO_ICMPV6);
+        let addr_sum = put_ipv6_reply(l3, quote, (8 + quote_len) as u16, IPPROTO_ICMPV6);
         // Type 1 (destination unreachable), code 4 (port unreachable), 4 unused bytes; the
         // checksum covers the pseudo-header (addresses, length, next header).
         let w0 = 0x0104u16;
-        let mut sum = addr_sum + (8 + QUOTE) as u32 + u32::from(IPPROTO_ICMPV6) + u32::from(w0);
+        let mut sum = addr_sum + (8 + quote_len) as u32 + u32::from(IPPROTO_ICMPV6) + u32::from(w0);
         let mut i = 0;
-        while i < QUOTE {
+        while i < QUOTE_MAX {
+            if i >= quote_len || quote + i + 2 > end {
+                break;
+            }
             sum += u32::from(u16::from_be(load16(quote + i)));
             i += 2;
+        }
+        if i != quote_len {
+            return false;
         }
         store16(icmp, w0.to_be());
         store16(icmp + 2, fold(sum).to_be());

@@ -466,29 +466,44 @@ fn an_ipv6_frontend_without_endpoints_answers_with_a_reset_or_icmpv6_unreachable
     let (v, _) = dut.run(&Frame6 { tcp_flags: 0x04, ..syn.clone() }.build());
     assert_eq!(v, XDP_DROP);
 
-    // UDP: ICMPv6 destination unreachable, port unreachable, quoting IPv6 and UDP headers.
+    // UDP: ICMPv6 destination unreachable, port unreachable, quoting the datagram from its
+    // IPv6 header on (here all of it but the last odd byte: the quote is whole words).
     let udp = Frame6::udp(sa(CLIENT), SocketAddrV6::new(*empty.ip(), 80, 0, 0));
+    let check_unreachable = |sent: &[u8], out: &[u8], quoted: usize| {
+        assert_eq!(out.len(), ETH_HLEN + 40 + 8 + quoted);
+        assert_eq!(&out[12..14], &[0x86, 0xdd]);
+        let ip = &out[ETH_HLEN..];
+        assert_eq!(ip[0] >> 4, 6);
+        assert_eq!((ip[6], usize::from(u16::from_be_bytes([ip[4], ip[5]]))), (58, 8 + quoted), "ICMPv6");
+        assert_eq!(&ip[8..24], &empty.ip().octets(), "from the frontend");
+        assert_eq!(&ip[24..40], &sa(CLIENT).ip().octets(), "to the client");
+        let icmp = &ip[40..];
+        assert_eq!((icmp[0], icmp[1]), (1, 4), "destination unreachable, port unreachable");
+        assert_eq!(&icmp[8..], &sent[ETH_HLEN..ETH_HLEN + quoted], "the quote");
+        let mut zeroed = icmp.to_vec();
+        zeroed[2..4].copy_from_slice(&[0, 0]);
+        let c =
+            csum::l4_checksum_v6(ip[8..24].try_into().unwrap(), ip[24..40].try_into().unwrap(), 58, &zeroed);
+        assert_eq!(c, u16::from_ne_bytes([icmp[2], icmp[3]]), "ICMPv6 checksum");
+    };
     let sent = udp.build();
     let (v, out) = dut.run(&sent);
     assert_eq!(v, XDP_TX);
-    assert_eq!(out.len(), ETH_HLEN + 40 + 8 + 48);
-    assert_eq!(&out[12..14], &[0x86, 0xdd]);
-    let ip = &out[ETH_HLEN..];
-    assert_eq!(ip[0] >> 4, 6);
-    assert_eq!((ip[6], u16::from_be_bytes([ip[4], ip[5]])), (58, 56), "ICMPv6, 56 bytes");
-    assert_eq!(&ip[8..24], &empty.ip().octets(), "from the frontend");
-    assert_eq!(&ip[24..40], &sa(CLIENT).ip().octets(), "to the client");
-    let icmp = &ip[40..];
-    assert_eq!((icmp[0], icmp[1]), (1, 4), "destination unreachable, port unreachable");
-    assert_eq!(&icmp[8..], &sent[ETH_HLEN..ETH_HLEN + 48], "the quote: IPv6 and UDP headers");
-    let mut zeroed = icmp.to_vec();
-    zeroed[2..4].copy_from_slice(&[0, 0]);
-    let c = csum::l4_checksum_v6(ip[8..24].try_into().unwrap(), ip[24..40].try_into().unwrap(), 58, &zeroed);
-    assert_eq!(c, u16::from_ne_bytes([icmp[2], icmp[3]]), "ICMPv6 checksum");
-    // UDP behind an extension header: no answer (the quote would need it), dropped.
-    let (v, _) = dut.run(&Frame6 { ext: vec![(IPV6_DEST_OPTS, 8)], ..udp }.build());
+    check_unreachable(&sent, &out, 40 + 8 + 2);
+    // UDP behind an extension header: the quote holds it, and the UDP header after it.
+    let behind = Frame6 { ext: vec![(IPV6_DEST_OPTS, 8)], ..udp.clone() }.build();
+    let (v, out) = dut.run(&behind);
+    assert_eq!(v, XDP_TX);
+    check_unreachable(&behind, &out, 40 + 8 + 8 + 2);
+    // A long datagram: the quote stops at 256 bytes.
+    let long = Frame6 { payload: vec![7; 600], ..udp.clone() }.build();
+    let (v, out) = dut.run(&long);
+    assert_eq!(v, XDP_TX);
+    check_unreachable(&long, &out, 256);
+    // Extension headers too long to quote with the UDP header: no answer, dropped.
+    let (v, _) = dut.run(&Frame6 { ext: vec![(IPV6_DEST_OPTS, 216)], ..udp }.build());
     assert_eq!(v, XDP_DROP);
-    assert_eq!(dut.stat(Stat::RejectNoBackend), 3);
+    assert_eq!(dut.stat(Stat::RejectNoBackend), 5);
     assert_eq!(dut.stat(Stat::DropNoBackend), 2);
     assert_eq!(dut.tracked(), 0);
 }
