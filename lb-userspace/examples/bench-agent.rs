@@ -9,16 +9,21 @@
 //!   backend being readable in the kernel's maps (polled every ~50 µs), over several changes;
 //! - the agent's resident memory (VmRSS, and its peak VmHWM).
 //!
-//! Run with `cargo xtask bench-agent [-- --services N --endpoints E --changes C]` (root).
+//! With `--dual-stack`, every Service is dual-stack (an IPv4 and an IPv6 clusterIP, an IPv4 and
+//! an IPv6 EndpointSlice): twice the frontends and backends, and the changes are made to the
+//! IPv6 slices and timed to the IPv6 maps.
+//!
+//! Run with `cargo xtask bench-agent [-- --services N --endpoints E --changes C --dual-stack]`
+//! (root).
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use lb_common::{IPPROTO_TCP, SCOPE_EXTERNAL, Svc4Key};
+use lb_common::{IPPROTO_TCP, SCOPE_EXTERNAL, Svc4Key, Svc6Key};
 use lb_userspace::datapath::BpfMaps;
 use xlb_tests::{
     DirGuard, Netns, Proc,
@@ -32,19 +37,27 @@ struct Args {
     changes: u32,
     /// Also write the figures here, as JSON (for `cargo xtask bench-report`).
     json: Option<PathBuf>,
+    /// Dual-stack Services; the changes go to their IPv6 slices.
+    dual_stack: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { services: 10_000, endpoints: 5, changes: 30, json: None };
+    let mut a = Args { services: 10_000, endpoints: 5, changes: 30, json: None, dual_stack: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--dual-stack" {
+            a.dual_stack = true;
+            continue;
+        }
         let mut val = || -> anyhow::Result<u32> { Ok(it.next().context("missing value")?.parse()?) };
         match flag.as_str() {
             "--services" => a.services = val()?,
             "--endpoints" => a.endpoints = val()?,
             "--changes" => a.changes = val()?,
             "--json" => a.json = Some(it.next().context("missing value")?.into()),
-            other => bail!("unknown argument {other:?} (--services N --endpoints E --changes C --json FILE)"),
+            other => bail!(
+                "unknown argument {other:?} (--services N --endpoints E --changes C --json FILE --dual-stack)"
+            ),
         }
     }
     if a.services == 0 || a.services > 130_000 || a.endpoints == 0 || a.endpoints > 100 {
@@ -63,6 +76,16 @@ fn vip(i: u32) -> Ipv4Addr {
 /// every endpoint of every service is its own backend.
 fn pod(i: u32, e: u32) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, 254 - (i / 50_000) as u8, 1 + e as u8)
+}
+
+/// Service i's IPv6 clusterIP: 2001:db8:1::/64 + i.
+fn vip6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0)) + u128::from(i))
+}
+
+/// As [`pod`], over IPv6: 2001:db8:ff::<i / 50000>:<1 + e>, on the same port.
+fn pod6(i: u32, e: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, (i / 50_000) as u16, 1 + e as u16)
 }
 
 fn pod_port(i: u32) -> u16 {
@@ -97,6 +120,55 @@ fn serves(maps: &BpfMaps, i: u32, addr: Ipv4Addr, port: u16) -> bool {
     })
 }
 
+/// As [`serves`], for the IPv6 frontend of service i.
+fn serves6(maps: &BpfMaps, i: u32, addr: Ipv6Addr, port: u16) -> bool {
+    let Some((services, backends)) = &maps.ipv6 else { return false };
+    let key = |slot| Svc6Key {
+        addr: vip6(i).octets(),
+        port: 80,
+        proto: IPPROTO_TCP,
+        scope: SCOPE_EXTERNAL,
+        slot,
+        _pad: 0,
+    };
+    let Ok(entry) = services.get(&key(0), 0) else { return false };
+    (1..=entry.count).any(|s| {
+        services
+            .get(&key(s), 0)
+            .ok()
+            .and_then(|v| backends.get(&v.backend_id, 0).ok())
+            .is_some_and(|b| b.addr == addr.octets() && b.port == port)
+    })
+}
+
+/// The Service and its slices as the API server holds them: one IPv4 slice, and with
+/// `dual_stack` an IPv6 clusterIP and slice (`{name}-6`) too.
+fn objects(i: u32, endpoints: u32, dual_stack: bool) -> Vec<(Kind, serde_json::Value)> {
+    let name = format!("svc-{i}");
+    let mut svc = service(&name, &vip(i).to_string(), 80, 8080);
+    let addrs: Vec<String> = (0..endpoints).map(|e| pod(i, e).to_string()).collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let mut out = vec![(Kind::Slice, slice(&format!("{name}-1"), &name, pod_port(i), &refs))];
+    if dual_stack {
+        svc["spec"]["clusterIPs"] = serde_json::json!([vip(i).to_string(), vip6(i).to_string()]);
+        svc["spec"]["ipFamilies"] = serde_json::json!(["IPv4", "IPv6"]);
+        svc["spec"]["ipFamilyPolicy"] = serde_json::json!("RequireDualStack");
+        let eps: Vec<Ipv6Addr> = (0..endpoints).map(|e| pod6(i, e)).collect();
+        out.push((Kind::Slice, slice6(&name, i, &eps)));
+    }
+    out.insert(0, (Kind::Service, svc));
+    out
+}
+
+/// Service i's IPv6 EndpointSlice with `eps`.
+fn slice6(name: &str, i: u32, eps: &[Ipv6Addr]) -> serde_json::Value {
+    let addrs: Vec<String> = eps.iter().map(ToString::to_string).collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let mut s = slice(&format!("{name}-6"), name, pod_port(i), &refs);
+    s["addressType"] = serde_json::json!("IPv6");
+    s
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -122,11 +194,9 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let api = FakeApi::new();
     for i in 0..a.services {
-        let name = format!("svc-{i}");
-        api.put(Kind::Service, service(&name, &vip(i).to_string(), 80, 8080));
-        let addrs: Vec<String> = (0..a.endpoints).map(|e| pod(i, e).to_string()).collect();
-        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-        api.put(Kind::Slice, slice(&format!("{name}-1"), &name, pod_port(i), &refs));
+        for (kind, obj) in objects(i, a.endpoints, a.dual_stack) {
+            api.put(kind, obj);
+        }
     }
     api.compact(); // a watch starts from the list's version, not from the build-up history
     eprintln!(
@@ -176,6 +246,15 @@ fn main() -> anyhow::Result<()> {
         .arg((a.services * (a.endpoints + 1) + 1024).next_power_of_two().max(262_144).to_string())
         .arg("--max-backends")
         .arg((a.services * a.endpoints + a.changes + 1024).next_power_of_two().max(262_144).to_string())
+        .arg("--max-ipv6-entries")
+        .arg(
+            if a.dual_stack {
+                (a.services * (a.endpoints + 1) + a.changes + 1024).next_power_of_two().max(65_536)
+            } else {
+                lb_common::DEFAULT_MAX_IPV6_ENTRIES
+            }
+            .to_string(),
+        )
         .env("XLB_LOG", "info");
     let started = Instant::now();
     let mut agent = Proc::spawn("xlb agent", &mut cmd, Some(&log))?;
@@ -196,7 +275,9 @@ fn main() -> anyhow::Result<()> {
     // Endpoint changes: one slice at a time, a fresh address replacing the last endpoint.
     let maps = BpfMaps::open(&pin_dir)?;
     let last = a.services - 1;
-    if !serves(&maps, last, pod(last, a.endpoints - 1), pod_port(last)) {
+    if !serves(&maps, last, pod(last, a.endpoints - 1), pod_port(last))
+        || (a.dual_stack && !serves6(&maps, last, pod6(last, a.endpoints - 1), pod_port(last)))
+    {
         bail!("the maps do not hold the last service after ready:\n{}", agent.log_text());
     }
     // With XLB_PERF_AGENT=FILE: a CPU profile of the agent during the changes, flat by symbol.
@@ -223,14 +304,27 @@ fn main() -> anyhow::Result<()> {
     for c in 0..a.changes {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let i = ((seed >> 33) % u64::from(a.services)) as u32;
-        let fresh = pod(i, a.endpoints + c % 100);
         let name = format!("svc-{i}");
-        let mut addrs: Vec<String> = (0..a.endpoints - 1).map(|e| pod(i, e).to_string()).collect();
-        addrs.push(fresh.to_string());
-        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let (obj, done): (serde_json::Value, Box<dyn Fn() -> bool>) = if a.dual_stack {
+            let fresh = pod6(i, a.endpoints + c % 100);
+            let mut eps: Vec<Ipv6Addr> = (0..a.endpoints - 1).map(|e| pod6(i, e)).collect();
+            eps.push(fresh);
+            let maps = &maps;
+            (slice6(&name, i, &eps), Box::new(move || serves6(maps, i, fresh, pod_port(i))))
+        } else {
+            let fresh = pod(i, a.endpoints + c % 100);
+            let mut addrs: Vec<String> = (0..a.endpoints - 1).map(|e| pod(i, e).to_string()).collect();
+            addrs.push(fresh.to_string());
+            let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            let maps = &maps;
+            (
+                slice(&format!("{name}-1"), &name, pod_port(i), &refs),
+                Box::new(move || serves(maps, i, fresh, pod_port(i))),
+            )
+        };
         let t = Instant::now();
-        api.put(Kind::Slice, slice(&format!("{name}-1"), &name, pod_port(i), &refs));
-        while !serves(&maps, i, fresh, pod_port(i)) {
+        api.put(Kind::Slice, obj);
+        while !done() {
             if t.elapsed() > Duration::from_secs(30) {
                 bail!("change to {name} not in the maps after 30 s:\n{}", agent.log_text());
             }
@@ -292,12 +386,15 @@ fn main() -> anyhow::Result<()> {
     let _ = driver.join();
     let _ = std::fs::remove_dir_all(&pin_dir); // detaches (the namespace goes next)
 
+    let families = if a.dual_stack { 2 } else { 1 };
     println!(
-        "xlb agent control plane: {} Services x {} endpoints ({} frontends, {} backends)",
+        "xlb agent control plane: {} {}Services x {} endpoints ({} frontends, {} backends){}",
         a.services,
+        if a.dual_stack { "dual-stack " } else { "" },
         a.endpoints,
-        a.services,
-        a.services * a.endpoints
+        a.services * families,
+        a.services * a.endpoints * families,
+        if a.dual_stack { "; changes to the IPv6 slices" } else { "" }
     );
     println!(
         "  cold start to ready:        {:>10.1} ms  (load + list + model + {writes} map writes + attach)",
@@ -339,7 +436,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &a.json {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let doc = serde_json::json!({
-            "services": a.services, "endpoints": a.endpoints, "changes": lat.len(),
+            "services": a.services, "endpoints": a.endpoints, "changes": lat.len(), "dual_stack": a.dual_stack,
             "cold_start_ms": ms(cold), "first_sync_ms": sync_us as f64 / 1e3, "first_sync_writes": writes,
             "change_ms": {
                 "p50": ms(percentile(&lat, 0.5)), "p90": ms(percentile(&lat, 0.9)),
