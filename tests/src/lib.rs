@@ -959,6 +959,40 @@ impl TwoNodes {
         })
     }
 
+    /// Adds IPv6 beside every IPv4 address of the bed (before the agents start, which read the
+    /// node addresses): the client 2001:db8:100::2 behind node-1's 2001:db8:100::1, the nodes'
+    /// link 2001:db8:200::1 (node-1) and ::2 (node-2), each pod at 2001:db8:NET::2 behind its
+    /// node's ::1 (NET as in its IPv4 subnet), the other node routing there through the nodes'
+    /// link. Addresses are added with `nodad`: usable at once.
+    pub fn add_ipv6(&self) -> anyhow::Result<()> {
+        let addr = |ns: &Netns, a: &str, dev: &str| ns.ip(&["-6", "addr", "add", a, "dev", dev, "nodad"]);
+        let [n1, n2] = &self.nodes;
+        addr(&self.client, "2001:db8:100::2/64", "eth0")?;
+        addr(n1, "2001:db8:100::1/64", "eth0")?;
+        addr(n1, "2001:db8:200::1/64", "eth1")?;
+        addr(n2, "2001:db8:200::2/64", "eth0")?;
+        self.client.ip(&["-6", "route", "add", "2001:db8::/32", "via", "2001:db8:100::1"])?;
+        n2.ip(&["-6", "route", "add", "2001:db8:100::/64", "via", "2001:db8:200::1"])?;
+        // The pods' links, in the order the constructor made them.
+        let mut per_node = [0u8; 2];
+        let mut next_if = [2u8, 1u8];
+        for (pod, &n) in self.pods.iter().zip(&self.pod_nodes) {
+            let net = 10 * (n as u8 + 1) + per_node[n];
+            per_node[n] += 1;
+            let node_if = format!("eth{}", next_if[n]);
+            next_if[n] += 1;
+            addr(&self.nodes[n], &format!("2001:db8:{net}::1/64"), &node_if)?;
+            addr(&pod.ns, &format!("2001:db8:{net}::2/64"), "eth0")?;
+            pod.ns.ip(&["-6", "route", "add", "default", "via", &format!("2001:db8:{net}::1")])?;
+            let via = if n == 0 { "2001:db8:200::1" } else { "2001:db8:200::2" };
+            self.nodes[1 - n].ip(&["-6", "route", "add", &format!("2001:db8:{net}::/64"), "via", via])?;
+        }
+        for n in &self.nodes {
+            n.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
+        Ok(())
+    }
+
     /// The pod named `name`.
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))

@@ -207,3 +207,60 @@ fn refusals_and_source_ranges_across_two_nodes() {
     assert!(stats["drop_source_range"]["packets"].as_u64().unwrap() >= 1, "{stats}");
     assert!(stats["reject_no_backend"]["packets"].as_u64().unwrap() >= 2, "{stats}");
 }
+
+/// Node ports over IPv6 across two nodes: a dual-stack NodePort Service whose IPv6 endpoint on
+/// node-2 is reached through node-1's IPv6 address, SNATed to node-1 so that its reply comes
+/// back the same way; its endpoint on node-1 sees the client; the client hears only from the
+/// node port it called. On node-2's own address, node-2's endpoint is local and sees the client.
+#[test]
+fn ipv6_node_ports_across_two_nodes() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = TwoNodes::new().expect("test bed");
+    bed.add_ipv6().expect("IPv6 addresses");
+    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
+    let manifest = |name: &str, n: u8, node_port: u16, extra: &str, eps: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 198.18.0.{n}\n  clusterIPs: [198.18.0.{n}, \"2001:db8:1::{n}\"]\n{extra}  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {node_port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-6, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv6\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{eps}"
+        )
+    };
+    let (a6, b6) = (
+        "- {addresses: [\"2001:db8:10::2\"], nodeName: node-1}\n",
+        "- {addresses: [\"2001:db8:20::2\"], nodeName: node-2}\n",
+    );
+    bed.write_manifest("far6.yaml", &manifest("far6", 92, 30092, "", b6)).unwrap();
+    bed.write_manifest(
+        "both6.yaml",
+        &manifest("both6", 93, 30093, "  externalTrafficPolicy: Local\n", &format!("{a6}{b6}")),
+    )
+    .unwrap();
+    bed.start_agents().expect("agents");
+    let answers6 = |to: &str| -> BTreeMap<(String, String), usize> {
+        let to: std::net::SocketAddr = to.parse().unwrap();
+        let all = bed.client.enter(|| {
+            (0..20).map(|_| xlb_tests::tcp_request_to(to, Duration::from_secs(3))).collect::<Vec<_>>()
+        });
+        let mut seen = BTreeMap::new();
+        for a in all {
+            let a = a.unwrap_or_else(|e| panic!("{to}: {e:#}\n{}", bed.logs()));
+            assert_eq!(a.from, to, "the client only ever hears from the address it called");
+            *seen.entry((a.pod, a.peer.ip().to_string())).or_default() += 1;
+        }
+        seen
+    };
+    // On node-1 for the pod on node-2: SNATed to node-1's address, from a SNAT port.
+    let far = answers6("[2001:db8:100::1]:30092");
+    assert_eq!(far, BTreeMap::from([(("pod-b".into(), "2001:db8:100::1".into()), 20)]), "{far:?}");
+    // On node-2's own address, its endpoint is local: the pod sees the client.
+    let far2 = answers6("[2001:db8:200::2]:30092");
+    assert_eq!(far2, BTreeMap::from([(("pod-b".into(), "2001:db8:100::2".into()), 20)]), "{far2:?}");
+    // externalTrafficPolicy Local: each node sends to its own pod, which sees the client.
+    let l1 = answers6("[2001:db8:100::1]:30093");
+    assert_eq!(l1, BTreeMap::from([(("pod-a".into(), "2001:db8:100::2".into()), 20)]), "{l1:?}");
+    let l2 = answers6("[2001:db8:200::2]:30093");
+    assert_eq!(l2, BTreeMap::from([(("pod-b".into(), "2001:db8:100::2".into()), 20)]), "{l2:?}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(0, &["stats", "-o", "json"]).unwrap()).unwrap();
+    assert!(stats["egress_snat"]["packets"].as_u64().unwrap() >= 20, "{stats}");
+}
