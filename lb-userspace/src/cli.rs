@@ -451,49 +451,34 @@ pub struct CtEntry {
     pub snat_port: u16,
 }
 
-impl From<(Ct4Key, Ct4Value)> for CtEntry {
-    fn from((k, v): (Ct4Key, Ct4Value)) -> Self {
-        CtEntry {
-            dir: k.dir,
-            proto: k.proto,
-            saddr: Ipv4Addr::from(k.saddr).into(),
-            sport: k.sport,
-            daddr: Ipv4Addr::from(k.daddr).into(),
-            dport: k.dport,
-            nat_addr: Ipv4Addr::from(v.nat_addr).into(),
-            nat_port: v.nat_port,
-            tcp_flags: v.tcp_flags,
-            flags: v.flags,
-            backend_id: v.backend_id,
-            svc_id: v.svc_id,
-            created: v.created,
-            last_seen: v.last_seen,
-            snat_port: v.snat_port,
+/// `From` a conntrack key and value of one family (`$addr`: its address type).
+macro_rules! ct_entry_from {
+    ($key:ty, $value:ty, $addr:ty) => {
+        impl From<($key, $value)> for CtEntry {
+            fn from((k, v): ($key, $value)) -> Self {
+                CtEntry {
+                    dir: k.dir,
+                    proto: k.proto,
+                    saddr: <$addr>::from(k.saddr).into(),
+                    sport: k.sport,
+                    daddr: <$addr>::from(k.daddr).into(),
+                    dport: k.dport,
+                    nat_addr: <$addr>::from(v.nat_addr).into(),
+                    nat_port: v.nat_port,
+                    tcp_flags: v.tcp_flags,
+                    flags: v.flags,
+                    backend_id: v.backend_id,
+                    svc_id: v.svc_id,
+                    created: v.created,
+                    last_seen: v.last_seen,
+                    snat_port: v.snat_port,
+                }
+            }
         }
-    }
+    };
 }
-
-impl From<(Ct6Key, Ct6Value)> for CtEntry {
-    fn from((k, v): (Ct6Key, Ct6Value)) -> Self {
-        CtEntry {
-            dir: k.dir,
-            proto: k.proto,
-            saddr: Ipv6Addr::from(k.saddr).into(),
-            sport: k.sport,
-            daddr: Ipv6Addr::from(k.daddr).into(),
-            dport: k.dport,
-            nat_addr: Ipv6Addr::from(v.nat_addr).into(),
-            nat_port: v.nat_port,
-            tcp_flags: v.tcp_flags,
-            flags: v.flags,
-            backend_id: v.backend_id,
-            svc_id: v.svc_id,
-            created: v.created,
-            last_seen: v.last_seen,
-            snat_port: v.snat_port,
-        }
-    }
-}
+ct_entry_from!(Ct4Key, Ct4Value, Ipv4Addr);
+ct_entry_from!(Ct6Key, Ct6Value, Ipv6Addr);
 
 /// Every conntrack entry of both families.
 pub fn read_flows(dp: &impl Datapath) -> Result<Vec<CtEntry>, DatapathError> {

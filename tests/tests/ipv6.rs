@@ -53,6 +53,30 @@ endpoints:
     )
 }
 
+/// 20 requests from a node process in the node's cgroup to `to` (balanced at the socket): each
+/// answered on `target`, by a pod at an address of the family `ipv6` says, and reported by the
+/// socket as coming from `to`. The pods that answered.
+fn node_requests(
+    bed: &SingleNode,
+    testbed: &std::path::Path,
+    cg: &std::path::Path,
+    udp: bool,
+    to: SocketAddr,
+    target: u16,
+    ipv6: bool,
+) -> BTreeSet<String> {
+    let answers = xlb_tests::requests_from(testbed, &bed.node, Some(cg), udp, to, 20).unwrap();
+    let mut pods = BTreeSet::new();
+    for a in answers {
+        let a = a.unwrap_or_else(|e| panic!("a node process to {to}: {e}\n{}", bed.logs()));
+        assert_eq!(a.from, to, "the socket reports the frontend it called");
+        assert_eq!(a.server.port(), target);
+        assert_eq!(a.server.ip().is_ipv6(), ipv6, "{a:?}");
+        pods.insert(a.pod);
+    }
+    pods
+}
+
 /// Adds IPv6 to the bed's links: client 2001:db8:100::2 behind the node's 2001:db8:100::1,
 /// pod i at 2001:db8:(10+i)::2 behind the node's ::1 on its link. `nodad`: usable at once.
 fn add_ipv6(bed: &SingleNode) {
@@ -130,15 +154,7 @@ fn a_dual_stack_service_is_served_over_ipv6_and_ipv4() {
         .expect("a cgroup v2 hierarchy for socket-level balancing");
     let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
     for (udp, to, target) in [(false, tcp, 8080), (true, udp, 5353)] {
-        let answers = xlb_tests::requests_from(&testbed, &bed.node, Some(&cg), udp, to, 20).unwrap();
-        let mut pods = BTreeSet::new();
-        for a in answers {
-            let a = a.unwrap_or_else(|e| panic!("a node process to {to}: {e}\n{}", bed.logs()));
-            assert_eq!(a.from, to, "the socket reports the clusterIP");
-            assert_eq!(a.server.port(), target);
-            assert!(a.server.ip().is_ipv6(), "{a:?}");
-            pods.insert(a.pod);
-        }
+        let pods = node_requests(&bed, &testbed, &cg, udp, to, target, true);
         assert_eq!(pods.len(), 2, "{to}: both pods from the node's processes");
     }
 
@@ -402,15 +418,7 @@ fn ipv6_sockets_reach_an_ipv4_cluster_ip_by_its_ipv4_mapped_address() {
     bed.wait_for_service("198.18.0.10:53/UDP", 2, Duration::from_secs(10)).unwrap();
     for (udp, port, target) in [(false, 80, 8080), (true, 53, 5353)] {
         let to: SocketAddr = format!("[::ffff:198.18.0.10]:{port}").parse().unwrap();
-        let answers = xlb_tests::requests_from(&testbed, &bed.node, Some(&cg), udp, to, 20).unwrap();
-        let mut pods = BTreeSet::new();
-        for a in answers {
-            let a = a.unwrap_or_else(|e| panic!("a node process to {to}: {e}\n{}", bed.logs()));
-            assert_eq!(a.from, to, "the socket reports the mapped clusterIP");
-            assert_eq!(a.server.port(), target);
-            assert!(a.server.ip().is_ipv4(), "{a:?}");
-            pods.insert(a.pod);
-        }
+        let pods = node_requests(&bed, &testbed, &cg, udp, to, target, false);
         assert_eq!(pods.len(), 2, "{to}: both pods");
     }
     // Outside the node's cgroup, the same call finds no route.
