@@ -140,6 +140,21 @@ impl Drop for TestCgroup {
     }
 }
 
+/// The path of `cg`, a test's cgroup for socket-level balancing; `None` (the test skips, and
+/// says so) when the machine has no cgroup v2 hierarchy, which fails under
+/// XLB_REQUIRE_PRIVILEGED=1 (CI).
+pub fn socket_lb_cgroup(cg: Option<&TestCgroup>) -> Option<PathBuf> {
+    if let Some(c) = cg {
+        return Some(c.path.clone());
+    }
+    assert!(
+        std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
+        "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
+    );
+    eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
+    None
+}
+
 /// Makes the process `cmd` starts a member of `cgroup` (it writes itself into cgroup.procs
 /// between fork and exec).
 pub fn in_cgroup(cmd: &mut Command, cgroup: &Path) -> anyhow::Result<()> {

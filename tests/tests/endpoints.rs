@@ -290,14 +290,7 @@ fn sockets_of_a_removed_backend_are_terminated(agent_wrapper: Vec<String>) -> Op
     let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
     let mut bed = SingleNode::new(&["pod-0", "pod-1"]).expect("test bed");
     bed.agent_wrapper = agent_wrapper;
-    let Some(cg) = bed.cgroup.as_ref().map(|c| c.path.clone()) else {
-        assert!(
-            std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
-            "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
-        );
-        eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
-        return None;
-    };
+    let cg = xlb_tests::socket_lb_cgroup(bed.cgroup.as_ref())?;
     bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
     bed.write_manifest("churn.yaml", &manifest(&[0, 1], &[])).unwrap();
     bed.start_agent().expect("agent");

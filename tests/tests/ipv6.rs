@@ -312,14 +312,7 @@ fn ipv6_sockets_connected_to_a_removed_endpoint_are_terminated() {
     let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
     let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
     add_ipv6(&bed);
-    let Some(cg) = bed.cgroup.as_ref().map(|c| c.path.clone()) else {
-        assert!(
-            std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
-            "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
-        );
-        eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
-        return;
-    };
+    let Some(cg) = xlb_tests::socket_lb_cgroup(bed.cgroup.as_ref()) else { return };
     bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
     bed.write_manifest("web.yaml", &manifest(&[0, 1])).unwrap();
     bed.start_agent().expect("agent");
@@ -403,14 +396,7 @@ fn ipv6_sockets_reach_an_ipv4_cluster_ip_by_its_ipv4_mapped_address() {
     }
     let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
     let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
-    let Some(cg) = bed.cgroup.as_ref().map(|c| c.path.clone()) else {
-        assert!(
-            std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
-            "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
-        );
-        eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
-        return;
-    };
+    let Some(cg) = xlb_tests::socket_lb_cgroup(bed.cgroup.as_ref()) else { return };
     bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
     bed.write_manifest("web.yaml", &manifest(&[])).unwrap();
     bed.start_agent().expect("agent");

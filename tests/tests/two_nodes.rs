@@ -94,15 +94,12 @@ fn cluster_ips_from_nodes_and_pods_and_a_pod_reaching_itself() {
     }
     let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
     let mut bed = TwoNodes::new().expect("test bed");
-    let (Some(cg1), Some(cg2)) = (&bed.cgroups[0], &bed.cgroups[1]) else {
-        assert!(
-            std::env::var("XLB_REQUIRE_PRIVILEGED").map_or(true, |v| v != "1"),
-            "socket-level balancing needs a cgroup v2 hierarchy, and this machine has none"
-        );
-        eprintln!("SKIPPED: no cgroup v2 hierarchy for socket-level balancing");
+    let (Some(cg1), Some(cg2)) = (
+        xlb_tests::socket_lb_cgroup(bed.cgroups[0].as_ref()),
+        xlb_tests::socket_lb_cgroup(bed.cgroups[1].as_ref()),
+    ) else {
         return;
     };
-    let (cg1, cg2) = (cg1.path.clone(), cg2.path.clone());
     bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
     // web: a pod on each node. self: pod-a only. none: no endpoint at all.
     let web = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  clusterIP: 198.18.0.95\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]\nendpoints:\n".to_string() + POD_A + POD_B;
