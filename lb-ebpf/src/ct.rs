@@ -40,7 +40,30 @@ pub fn lifetime(proto: u8, tcp_flags: u8) -> u32 {
 /// True when the entry has been idle longer than its lifetime at `now`.
 #[inline(always)]
 pub fn expired(v: &Ct4Value, proto: u8, now: u32) -> bool {
-    now.wrapping_sub(v.last_seen) > lifetime(proto, v.tcp_flags)
+    idle_past(v.last_seen, v.tcp_flags, proto, now)
+}
+
+/// True when an entry last used at `last_seen`, whose flow has seen `tcp_flags`, has been idle
+/// longer than its lifetime at `now` (either family's entries).
+#[inline(always)]
+pub fn idle_past(last_seen: u32, tcp_flags: u8, proto: u8, now: u32) -> bool {
+    now.wrapping_sub(last_seen) > lifetime(proto, tcp_flags)
+}
+
+/// A new connection (a SYN without ACK, `pkt_flags`) on a tuple whose last connection closed
+/// (its forward entry has seen a FIN or RST, `seen`).
+#[inline(always)]
+pub fn reopened(proto: u8, pkt_flags: u8, seen: u8) -> bool {
+    proto == IPPROTO_TCP
+        && pkt_flags & (lb_common::TCP_SYN | TCP_ACK) == lb_common::TCP_SYN
+        && seen & (TCP_FIN | TCP_RST) != 0
+}
+
+/// The SNAT port that probe `i` of a flow hashed to `h` tries: the range, from `h` on.
+#[inline(always)]
+pub fn snat_port_at(h: u32, i: u32) -> u16 {
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    SNAT_PORT_MIN + (h.wrapping_add(i) % range) as u16
 }
 
 /// Seconds of CLOCK_MONOTONIC, coarse (a jiffy's precision is plenty for lifetimes).
@@ -283,8 +306,7 @@ struct Probe4 {
 extern "C" fn probe_port(i: u64, p: *mut Probe4) -> i64 {
     // SAFETY: bpf_loop passes the caller's `Probe4` through.
     let p = unsafe { &mut *p };
-    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
-    let port = SNAT_PORT_MIN + (p.h.wrapping_add(i as u32) % range) as u16;
+    let port = snat_port_at(p.h, i as u32);
     let back = Ct4Key {
         saddr: p.backend,
         daddr: p.frontend,
@@ -341,10 +363,7 @@ fn reply_key(key: &Ct4Key, fwd: &Ct4Value) -> Ct4Key {
 /// SYN without ACK) on a tuple whose last connection closed. Only reads.
 #[inline(always)]
 pub fn flow_over(key: &Ct4Key, fwd: &Ct4Value, pkt: &Packet, now: u32) -> bool {
-    let reopened = pkt.proto == IPPROTO_TCP
-        && pkt.tcp_flags & (lb_common::TCP_SYN | TCP_ACK) == lb_common::TCP_SYN
-        && fwd.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    if reopened {
+    if reopened(pkt.proto, pkt.tcp_flags, fwd.tcp_flags) {
         return true;
     }
     // Used this second: alive whatever the lifetime (at least a second), and no settings read.
@@ -356,7 +375,7 @@ pub fn flow_over(key: &Ct4Key, fwd: &Ct4Value, pkt: &Packet, now: u32) -> bool {
         Some(r) => {
             // SAFETY: as above.
             let (seen, flags) = unsafe { ((*r).last_seen, (*r).tcp_flags) };
-            now.wrapping_sub(seen) > lifetime(key.proto, flags | fwd.tcp_flags)
+            idle_past(seen, flags | fwd.tcp_flags, key.proto, now)
         }
         None => true,
     }

@@ -4,17 +4,21 @@ use lb_common::{filter_bit, filter_bit6};
 
 use crate::maps::FILTER;
 
-/// `addr` and `port` as they stand in the packet (network order). A word that cannot be read
-/// (never: the index is below the map's size) counts as a hit.
+/// `addr` and `port` as they stand in the packet (network order).
 #[inline(always)]
 pub fn has(addr: u32, port: u16, proto: u8) -> bool {
-    let bit = filter_bit(addr.to_ne_bytes(), u16::from_be(port), proto);
-    FILTER.get(bit >> 6).is_none_or(|w| (*w >> (bit & 63)) & 1 != 0)
+    is_set(filter_bit(addr.to_ne_bytes(), u16::from_be(port), proto))
 }
 
 /// As [`has`], for an IPv6 address (bytes as in the packet) and a port in host order.
 #[inline(always)]
 pub fn has6(addr: &[u8; 16], port: u16, proto: u8) -> bool {
-    let bit = filter_bit6(*addr, port, proto);
+    is_set(filter_bit6(*addr, port, proto))
+}
+
+/// Whether filter bit `bit` is set. A word that cannot be read (never: the index is below the
+/// map's size) counts as set.
+#[inline(always)]
+fn is_set(bit: u32) -> bool {
     FILTER.get(bit >> 6).is_none_or(|w| (*w >> (bit & 63)) & 1 != 0)
 }
