@@ -140,6 +140,47 @@ impl Drop for TestCgroup {
     }
 }
 
+/// Starts `xlb-testbed session` in the namespace `ns` and in `cgroup`: one TCP connection (or,
+/// with `udp`, one connected UDP socket) to `to`, used every 25 ms, 80 times, connecting again
+/// after an error. Its log (`log`) has a line per request: see [`session_lines`].
+pub fn spawn_session(
+    testbed: &Path,
+    ns: &Netns,
+    cgroup: &Path,
+    udp: bool,
+    to: &str,
+    log: &Path,
+) -> anyhow::Result<Proc> {
+    let proto = if udp { "--udp" } else { "--tcp" };
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name]).arg(testbed).args([
+        "session",
+        proto,
+        to,
+        "--count",
+        "80",
+        "--interval-ms",
+        "25",
+    ]);
+    in_cgroup(&mut cmd, cgroup)?;
+    Proc::spawn(&format!("session {proto}"), &mut cmd, Some(log))
+}
+
+/// The requests a session logged: (epoch ms, `ok POD` or `err ...`).
+pub fn session_lines(log: &str) -> Vec<(u128, String)> {
+    log.lines()
+        .filter_map(|l| {
+            let (t, rest) = l.split_once(' ')?;
+            Some((t.parse().ok()?, rest.to_string()))
+        })
+        .collect()
+}
+
+/// Milliseconds since the epoch, the clock of [`session_lines`].
+pub fn epoch_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+}
+
 /// The path of `cg`, a test's cgroup for socket-level balancing; `None` (the test skips, and
 /// says so) when the machine has no cgroup v2 hierarchy, which fails under
 /// XLB_REQUIRE_PRIVILEGED=1 (CI).

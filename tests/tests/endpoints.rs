@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb_tests::{HeldConn, SingleNode, privileged, tcp_request};
+use xlb_tests::{HeldConn, SingleNode, epoch_ms, privileged, session_lines, tcp_request};
 
 const PODS: [&str; 5] = ["pod-0", "pod-1", "pod-2", "pod-3", "pod-4"];
 
@@ -214,19 +214,6 @@ fn scaling_5_to_1_to_5_under_load_loses_nothing_that_should_live() {
 }
 
 /// (epoch ms, "ok POD" or "err ...") lines of an `xlb-testbed session` log.
-fn session_lines(log: &str) -> Vec<(u128, String)> {
-    log.lines()
-        .filter_map(|l| {
-            let (t, rest) = l.split_once(' ')?;
-            Some((t.parse().ok()?, rest.to_string()))
-        })
-        .collect()
-}
-
-fn epoch_ms() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
-}
-
 #[test]
 fn sockets_connected_to_a_removed_backend_are_terminated_and_reconnect_to_a_live_one() {
     if !privileged("end-to-end tests need root") {
@@ -299,20 +286,9 @@ fn sockets_of_a_removed_backend_are_terminated(agent_wrapper: Vec<String>) -> Op
     // A node process with a connected UDP socket and one with a TCP connection, both opened
     // through the ClusterIP (balanced at the socket: the node has no route to it).
     let mut sessions = Vec::new();
-    for (proto, to) in [("--udp", "198.18.0.60:53"), ("--tcp", "198.18.0.60:80")] {
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", &bed.node.name]).arg(&testbed).args([
-            "session",
-            proto,
-            to,
-            "--count",
-            "80",
-            "--interval-ms",
-            "25",
-        ]);
-        xlb_tests::in_cgroup(&mut cmd, &cg).unwrap();
-        let log = bed.work.join(format!("session{proto}.log"));
-        sessions.push(xlb_tests::Proc::spawn(&format!("session {proto}"), &mut cmd, Some(&log)).unwrap());
+    for (udp, to) in [(true, "198.18.0.60:53"), (false, "198.18.0.60:80")] {
+        let log = bed.work.join(format!("session-{udp}.log"));
+        sessions.push(xlb_tests::spawn_session(&testbed, &bed.node, &cg, udp, to, &log).unwrap());
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while sessions.iter().any(|s| session_lines(&s.log_text()).len() < 10) {

@@ -319,31 +319,12 @@ fn ipv6_sockets_connected_to_a_removed_endpoint_are_terminated() {
     bed.wait_for_service(&format!("{VIP6}:80/TCP"), 2, Duration::from_secs(10)).unwrap();
     bed.wait_for_service(&format!("{VIP6}:53/UDP"), 2, Duration::from_secs(10)).unwrap();
 
-    let epoch_ms =
-        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    // Each session line: epoch ms, then `ok POD` or `err ...`.
-    let lines = |p: &xlb_tests::Proc| -> Vec<(u128, String)> {
-        p.log_text()
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .filter_map(|(t, r)| Some((t.parse().ok()?, r.to_string())))
-            .collect()
-    };
+    let lines = |p: &xlb_tests::Proc| xlb_tests::session_lines(&p.log_text());
     let mut sessions = Vec::new();
-    for (proto, port) in [("--udp", 53), ("--tcp", 80)] {
-        let mut cmd = std::process::Command::new("nsenter");
-        cmd.arg(format!("--net={}", bed.node.path().display())).arg(&testbed).args([
-            "session",
-            proto,
-            &format!("{VIP6}:{port}"),
-            "--count",
-            "80",
-            "--interval-ms",
-            "25",
-        ]);
-        xlb_tests::in_cgroup(&mut cmd, &cg).unwrap();
-        let log = bed.work.join(format!("session6{proto}.log"));
-        sessions.push(xlb_tests::Proc::spawn(&format!("session {proto}"), &mut cmd, Some(&log)).unwrap());
+    for (udp, port) in [(true, 53), (false, 80)] {
+        let log = bed.work.join(format!("session6-{udp}.log"));
+        let to = format!("{VIP6}:{port}");
+        sessions.push(xlb_tests::spawn_session(&testbed, &bed.node, &cg, udp, &to, &log).unwrap());
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while sessions.iter().any(|s| lines(s).len() < 10) {
@@ -358,7 +339,7 @@ fn ipv6_sockets_connected_to_a_removed_endpoint_are_terminated() {
     bed.write_manifest("web.yaml", &manifest(&[stays])).unwrap();
     bed.wait_for_service(&format!("{VIP6}:80/TCP"), 1, Duration::from_secs(10)).unwrap();
     bed.wait_for_service(&format!("{VIP6}:53/UDP"), 1, Duration::from_secs(10)).unwrap();
-    let applied = epoch_ms();
+    let applied = xlb_tests::epoch_ms();
     for s in &mut sessions {
         let status = s.wait_exit(Duration::from_secs(10)).unwrap();
         assert!(status.success(), "{}: {status}\n{}", s.name, s.log_text());
