@@ -186,6 +186,8 @@ pub struct Syncer<D> {
     pub terminate: Option<(PathBuf, PathBuf)>,
     /// Writes events about rejected objects (API server source only).
     pub events: Option<crate::events::EventReporter>,
+    /// The rejections logged, so that each is logged once, not at every sync.
+    logged: std::collections::BTreeSet<crate::events::RejectionKey>,
 }
 
 impl<D: Datapath> Syncer<D> {
@@ -198,6 +200,7 @@ impl<D: Datapath> Syncer<D> {
             node_addrs: None,
             terminate: None,
             events: None,
+            logged: Default::default(),
         }
     }
 
@@ -242,8 +245,16 @@ impl<D: Datapath> Syncer<D> {
         let mut model = self.cache.build(&snap.services, &snap.slices, &self.cfg);
         crate::model::add_host_ports(&mut model, &snap.pods, &self.cfg);
         let model_done = started.elapsed();
-        for r in &model.rejected {
-            warn!(object = %format!("{} {}/{}", r.kind, r.namespace, r.name), reason = %r.reason, "rejected object");
+        // Each rejection is logged when it first holds (an object newly rejected, or for another
+        // reason, or another part of it), not again at every sync while it lasts.
+        for r in crate::events::changes(&mut self.logged, &model.rejected) {
+            let object = format!("{} {}/{}", r.kind, r.namespace, r.name);
+            match r.part {
+                None => warn!(%object, reason = %r.reason, "rejected object"),
+                Some(part) => {
+                    warn!(%object, part, reason = %r.reason, "rejected part of an object; the rest is served")
+                }
+            }
         }
         if let Some(events) = &mut self.events {
             events.report(&model.rejected, snap);
@@ -253,8 +264,14 @@ impl<D: Datapath> Syncer<D> {
                 self.terminate_sockets();
                 let elapsed = started.elapsed();
                 let mut rejected = std::collections::BTreeMap::new();
+                let mut rejected_parts = std::collections::BTreeMap::new();
                 for r in &model.rejected {
-                    *rejected.entry(r.kind.to_string()).or_default() += 1;
+                    match r.part {
+                        None => *rejected.entry(r.kind.to_string()).or_default() += 1,
+                        Some(p) => {
+                            *rejected_parts.entry((r.kind.to_string(), p.to_string())).or_default() += 1
+                        }
+                    }
                 }
                 if !snap.doc_errors.is_empty() {
                     rejected.insert("Document".to_string(), snap.doc_errors.len() as u64);
@@ -269,6 +286,7 @@ impl<D: Datapath> Syncer<D> {
                     frontends: model.ports.iter().map(|p| p.frontends.len() as u64).sum(),
                     backends,
                     rejected,
+                    rejected_parts,
                     maps,
                 };
                 self.metrics.sync_ok(elapsed, stats.writes, stats.deletes, figures);
@@ -642,5 +660,78 @@ pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::MemDatapath;
+
+    /// What a tracing subscriber writes, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let mut o = manifests::Objects::default();
+        manifests::read_str(Path::new("test.yaml"), yaml, &mut o);
+        Snapshot::from_manifests(o)
+    }
+
+    fn svc(name: &str, ip: &str, node_port: u32) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{type: NodePort, clusterIP: {ip}, ports: [{{port: 80, nodePort: {node_port}}}]}}\n---\n"
+        )
+    }
+
+    #[test]
+    fn a_rejection_is_logged_once_per_change_of_its_object_not_at_every_sync() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        let cfg = ModelConfig { node_port_range: 30000..=32767, ..ModelConfig::default() };
+        let mut syncer =
+            Syncer::new(Reconciler::new(MemDatapath::default()).unwrap(), cfg, Arc::new(Metrics::default()));
+        let lines = |what: &str| {
+            String::from_utf8(out.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(what))
+                .count()
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let bad = snapshot(&(svc("bad", "198.18.0.1", 40000) + &svc("good", "198.18.0.2", 30000)));
+            for _ in 0..50 {
+                syncer.sync(&bad).unwrap();
+            }
+            assert_eq!(lines("default/bad"), 1, "once, not at each of the 50 syncs");
+            assert_eq!(lines("nodePort 40000"), 1);
+            // The object changes, and so does what is wrong with it: said again, once.
+            let changed = snapshot(&(svc("bad", "198.18.0.1", 40001) + &svc("good", "198.18.0.2", 30000)));
+            for _ in 0..50 {
+                syncer.sync(&changed).unwrap();
+            }
+            assert_eq!(lines("default/bad"), 2);
+            assert_eq!(lines("nodePort 40001"), 1);
+            // Fixed, then broken again: said again.
+            syncer.sync(&snapshot(&svc("bad", "198.18.0.1", 30001))).unwrap();
+            syncer.sync(&changed).unwrap();
+            assert_eq!(lines("nodePort 40001"), 2);
+            assert_eq!(lines("default/good"), 0);
+        });
     }
 }

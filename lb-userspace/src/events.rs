@@ -12,7 +12,7 @@
 //! never holds up a sync. At most [`PER_SYNC`] events are queued per sync; the rest are in the
 //! log. Failures are logged (the ClusterRole of deploy/ grants `create` on events.k8s.io
 //! events).
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeSet, sync::Arc};
 
 use k8s_openapi::{
     api::{core::v1::ObjectReference, events::v1::Event},
@@ -30,14 +30,15 @@ pub const PER_SYNC: usize = 50;
 /// `reportingController` of the events.
 pub const CONTROLLER: &str = "xlb.io/agent";
 
-/// (kind, namespace, name) of a rejected object.
-type ObjectKey = (&'static str, String, String);
+/// (kind, namespace, name, reason) of a rejection: an object can have several, one per part
+/// left out.
+pub type RejectionKey = (&'static str, String, String, String);
 
 /// Reports rejections as events; see the module's documentation.
 pub struct EventReporter {
     tx: mpsc::Sender<Event>,
-    /// What was last reported of each object still rejected: its reason.
-    reported: BTreeMap<ObjectKey, String>,
+    /// The rejections last reported that still hold.
+    reported: BTreeSet<RejectionKey>,
     instance: String,
 }
 
@@ -67,7 +68,7 @@ impl EventReporter {
             }
         });
         let instance = format!("xlb-{}", node.unwrap_or("node"));
-        Self { tx, reported: BTreeMap::new(), instance }
+        Self { tx, reported: BTreeSet::new(), instance }
     }
 
     /// Queues events for the objects of `rejected` that are newly rejected, or rejected for a
@@ -87,28 +88,29 @@ impl EventReporter {
                 Err(_) => {
                     // The writer is behind: leave it out of `reported`, so the next sync tries
                     // again.
-                    let key = (r.kind, r.namespace.clone(), r.name.clone());
-                    self.reported.remove(&key);
+                    self.reported.remove(&key(r));
                 }
             }
         }
     }
 }
 
-/// Updates `reported` to `rejected`, and returns the rejections to report: objects not in
-/// `reported` before, or there with another reason.
-pub fn changes<'a>(
-    reported: &mut BTreeMap<ObjectKey, String>,
-    rejected: &'a [Rejection],
-) -> Vec<&'a Rejection> {
-    let mut now = BTreeMap::new();
+fn key(r: &Rejection) -> RejectionKey {
+    (r.kind, r.namespace.clone(), r.name.clone(), r.reason.clone())
+}
+
+/// Updates `reported` to `rejected`, and returns the rejections to report: those not in
+/// `reported` before (an object newly rejected, or rejected for another reason, or another
+/// part of it). The log (`agent::Syncer`) and the events both say each rejection once.
+pub fn changes<'a>(reported: &mut BTreeSet<RejectionKey>, rejected: &'a [Rejection]) -> Vec<&'a Rejection> {
+    let mut now = BTreeSet::new();
     let mut fresh = Vec::new();
     for r in rejected {
-        let key = (r.kind, r.namespace.clone(), r.name.clone());
-        if reported.get(&key) != Some(&r.reason) && !now.contains_key(&key) {
+        let k = key(r);
+        if !reported.contains(&k) && !now.contains(&k) {
             fresh.push(r);
         }
-        now.insert(key, r.reason.clone());
+        now.insert(k);
     }
     *reported = now;
     fresh
@@ -142,7 +144,10 @@ pub fn event(r: &Rejection, regarding: ObjectReference, instance: &str, now: Tim
     let name =
         format!("{}.xlb-{:016x}", r.name, fnv1a(&[uid.as_bytes(), r.kind.as_bytes(), r.reason.as_bytes()]));
     // The API server takes at most 1 kB of note.
-    let mut note = format!("xlb does not serve this {}: {}", r.kind, r.reason);
+    let mut note = match r.part {
+        None => format!("xlb does not serve this {}: {}", r.kind, r.reason),
+        Some(part) => format!("xlb serves this {} without its {part}: {}", r.kind, r.reason),
+    };
     if note.len() > 1000 {
         let mut cut = 1000;
         while !note.is_char_boundary(cut) {
@@ -154,7 +159,7 @@ pub fn event(r: &Rejection, regarding: ObjectReference, instance: &str, now: Tim
         metadata: ObjectMeta { name: Some(name), namespace: Some(r.namespace.clone()), ..Default::default() },
         event_time: Some(MicroTime(now)),
         type_: Some("Warning".into()),
-        reason: Some("Rejected".into()),
+        reason: Some(if r.part.is_some() { "PartlyRejected" } else { "Rejected" }.into()),
         action: Some("Program".into()),
         note: Some(note),
         regarding: Some(regarding),
@@ -181,12 +186,12 @@ mod tests {
     use super::*;
 
     fn rej(kind: &'static str, name: &str, reason: &str) -> Rejection {
-        Rejection { kind, namespace: "default".into(), name: name.into(), reason: reason.into() }
+        Rejection::whole(kind, "default".into(), name.into(), reason.into())
     }
 
     #[test]
     fn only_new_rejections_and_new_reasons_are_reported() {
-        let mut reported = BTreeMap::new();
+        let mut reported = BTreeSet::new();
         let a = rej("Service", "a", "no ports");
         let b = rej("Service", "b", "nodePort 99999 is out of range");
         assert_eq!(changes(&mut reported, &[a.clone(), b.clone()]).len(), 2);
@@ -202,6 +207,24 @@ mod tests {
         // The same kind and name in another kind is another object.
         let slice = [rej("EndpointSlice", "a", "no label")];
         assert_eq!(changes(&mut reported, &slice).len(), 1);
+        // Two parts of one object left out: each said once, and not again at the next sync.
+        let np = Rejection { part: Some("nodePort"), ..rej("Service", "c", "nodePort 1 is outside") };
+        let ext = Rejection { part: Some("externalIP"), ..rej("Service", "c", "externalIP 0.0.0.0") };
+        let parts = [np.clone(), ext];
+        assert_eq!(changes(&mut reported, &parts).len(), 2);
+        assert!(changes(&mut reported, &parts).is_empty());
+        assert!(changes(&mut reported, &[np]).is_empty(), "one part fixed: nothing new to say");
+    }
+
+    #[test]
+    fn a_partial_rejection_says_which_part_is_left_out() {
+        let r = Rejection { part: Some("nodePort"), ..rej("Service", "web", "nodePort 40000 is outside") };
+        let e = event(&r, ObjectReference::default(), "xlb-node-1", Timestamp::now());
+        assert_eq!(e.reason.as_deref(), Some("PartlyRejected"));
+        assert_eq!(
+            e.note.as_deref(),
+            Some("xlb serves this Service without its nodePort: nodePort 40000 is outside")
+        );
     }
 
     #[test]

@@ -3,11 +3,18 @@
 //!
 //! The watcher lists, then watches from the list's resourceVersion with bookmarks; on a
 //! dropped connection it resumes the watch, and when the API server answers 410 Gone (the
-//! resourceVersion was compacted) it lists again. Errors are retried with exponential backoff.
+//! resourceVersion was compacted) it lists again. Errors are retried by [`Retry`]: a 410 at once
+//! (the server is there, and the list is what it asks for), an unreachable server every second
+//! at most (a connection refused costs it nothing, and a restarted API server is heard from
+//! within a second of its return), and an error the server answered with (429, 5xx, 403) with a
+//! backoff growing to 10 s (it is shedding load, or refusing for a reason a retry won't fix).
 //! The stores keep the last known objects through all of this: a relist replaces a store's
 //! content only once the new list is complete, and an API server that is away leaves the
 //! datapath as it is (never flushed).
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::{
@@ -92,12 +99,9 @@ impl KubeSource {
         let (slices, w2) = reflector::store();
         let cfg = watcher::Config::default().any_semantic();
         let kept = client.clone();
-        let svc_stream = watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone())
-            .default_backoff()
-            .modify(strip_meta)
-            .reflect(w1);
+        let svc_stream =
+            watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone()).modify(strip_meta).reflect(w1);
         let slice_stream = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone())
-            .default_backoff()
             .modify(strip_meta)
             .reflect(w2);
         let mut tasks = vec![
@@ -108,10 +112,7 @@ impl KubeSource {
             let (pods, w3) = reflector::store();
             let cfg = cfg.fields(&format!("spec.nodeName={node}"));
             // Only what hostPorts need is kept of each pod.
-            let stream = watcher::watcher(Api::<Pod>::all(client), cfg)
-                .default_backoff()
-                .modify(strip_pod)
-                .reflect(w3);
+            let stream = watcher::watcher(Api::<Pod>::all(client), cfg).modify(strip_pod).reflect(w3);
             tasks.push(tokio::spawn(drive("pods", stream, changed, metrics)));
             pods
         });
@@ -163,6 +164,86 @@ fn strip_pod(pod: &mut Pod) {
     }
 }
 
+/// How long to wait before the next request after a watch error; see the module's
+/// documentation.
+#[derive(Debug, Default)]
+pub struct Retry {
+    /// Errors in a row since the last success.
+    failures: u32,
+    /// A seed for the jitter.
+    seed: u64,
+}
+
+/// The kinds of watch error, as [`Retry`] treats them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 410 Gone: the resourceVersion was compacted; the watcher lists again.
+    Gone,
+    /// No answer: connection refused or reset, DNS, TLS, timeout.
+    Unreachable,
+    /// The server answered with an error status (429, 5xx, 403...), or an answer it could not
+    /// have meant (no resourceVersion).
+    Answered,
+}
+
+impl ErrorKind {
+    pub fn of(e: &watcher::Error) -> Self {
+        match e {
+            watcher::Error::WatchError(s) if s.code == 410 => ErrorKind::Gone,
+            watcher::Error::WatchError(_) | watcher::Error::NoResourceVersion => ErrorKind::Answered,
+            watcher::Error::InitialListFailed(e)
+            | watcher::Error::WatchStartFailed(e)
+            | watcher::Error::WatchFailed(e) => match e {
+                kube::Error::Api(s) if s.code == 410 => ErrorKind::Gone,
+                kube::Error::Api(_) => ErrorKind::Answered,
+                _ => ErrorKind::Unreachable,
+            },
+        }
+    }
+}
+
+impl Retry {
+    /// The first retry of an unreachable server comes after about this long...
+    pub const UNREACHABLE_FIRST: Duration = Duration::from_millis(100);
+    /// ...doubling to at most this.
+    pub const UNREACHABLE_MAX: Duration = Duration::from_secs(1);
+    /// An error the server answered with: from this...
+    pub const ANSWERED_FIRST: Duration = Duration::from_millis(500);
+    /// ...doubling to at most this.
+    pub const ANSWERED_MAX: Duration = Duration::from_secs(10);
+
+    /// The wait before the next request after an error of `kind`: the backoff of its kind for
+    /// the errors in a row so far, less up to a quarter at random (so that the nodes of a
+    /// cluster do not come back in step).
+    pub fn next(&mut self, kind: ErrorKind) -> Duration {
+        let (first, max) = match kind {
+            ErrorKind::Gone => return Duration::ZERO,
+            ErrorKind::Unreachable => (Self::UNREACHABLE_FIRST, Self::UNREACHABLE_MAX),
+            ErrorKind::Answered => (Self::ANSWERED_FIRST, Self::ANSWERED_MAX),
+        };
+        let full = first.saturating_mul(1 << self.failures.min(16)).min(max);
+        self.failures = self.failures.saturating_add(1);
+        if self.seed == 0 {
+            use std::hash::BuildHasher as _;
+            self.seed = std::collections::hash_map::RandomState::new().hash_one(std::process::id()) | 1;
+        }
+        // xorshift64
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        full - full.mul_f64((self.seed % 1000) as f64 / 4000.0)
+    }
+
+    /// A request succeeded: the next error starts from the first wait again.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
 async fn drive<K, S>(resource: &'static str, stream: S, changed: Arc<Notify>, metrics: Arc<Metrics>)
 where
     K: Resource + Clone,
@@ -170,7 +251,21 @@ where
 {
     let mut stream = std::pin::pin!(stream);
     let mut listed = false;
+    let mut retry = Retry::default();
+    let mut failing_since: Option<Instant> = None;
+    let mut last_warned = Instant::now();
     while let Some(ev) = stream.next().await {
+        if ev.is_ok() {
+            if let Some(since) = failing_since.take() {
+                info!(
+                    resource,
+                    failures = retry.failures(),
+                    after_ms = since.elapsed().as_millis() as u64,
+                    "watch back"
+                );
+            }
+            retry.reset();
+        }
         match ev {
             Ok(Event::Apply(_) | Event::Delete(_)) => {
                 metrics.changed();
@@ -189,10 +284,68 @@ where
             // A list in progress: the store changes at InitDone, all at once.
             Ok(Event::Init | Event::InitApply(_)) => {}
             Err(e) => {
-                // The watcher retries by itself (with backoff); the store keeps its content.
+                // The watcher takes up where it was (or lists again, after 410) when polled
+                // again; the store keeps its content meanwhile.
                 metrics.watch_error(resource);
-                warn!(resource, error = %e, "watch failed; retrying, keeping the last known state");
+                let kind = ErrorKind::of(&e);
+                let wait = retry.next(kind);
+                // Said once when the failures start, then every 30 s while they last.
+                if kind == ErrorKind::Gone {
+                    info!(resource, "resource version expired (410 Gone): listing again");
+                } else if failing_since.is_none() || last_warned.elapsed() >= Duration::from_secs(30) {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    last_warned = Instant::now();
+                    warn!(
+                        resource,
+                        error = %e,
+                        failing_for_s = since.elapsed().as_secs(),
+                        retry_in_ms = wait.as_millis() as u64,
+                        "watch failed; retrying, keeping the last known state"
+                    );
+                } else {
+                    debug!(resource, error = %e, retry_in_ms = wait.as_millis() as u64, "watch failed again");
+                }
+                tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_come_at_once_after_410_within_a_second_when_unreachable_and_slower_when_refused() {
+        let mut r = Retry::default();
+        assert_eq!(r.next(ErrorKind::Gone), Duration::ZERO);
+        assert_eq!(r.failures(), 0, "a 410 is no failure");
+        let waits: Vec<Duration> = (0..20).map(|_| r.next(ErrorKind::Unreachable)).collect();
+        assert!(waits[0] <= Retry::UNREACHABLE_FIRST && waits[0] >= Retry::UNREACHABLE_FIRST * 3 / 4);
+        assert!(waits.iter().all(|w| *w <= Retry::UNREACHABLE_MAX), "{waits:?}");
+        assert!(waits[10..].iter().all(|w| *w >= Retry::UNREACHABLE_MAX * 3 / 4), "{waits:?}");
+        assert!(waits[10..].windows(2).any(|w| w[0] != w[1]), "jittered: {waits:?}");
+        r.reset();
+        assert!(r.next(ErrorKind::Unreachable) <= Retry::UNREACHABLE_FIRST);
+        r.reset();
+        let answered: Vec<Duration> = (0..20).map(|_| r.next(ErrorKind::Answered)).collect();
+        assert!(answered[0] >= Retry::ANSWERED_FIRST * 3 / 4);
+        assert!(answered.iter().all(|w| *w <= Retry::ANSWERED_MAX));
+        assert!(answered[19] >= Retry::ANSWERED_MAX * 3 / 4, "{answered:?}");
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let status = |code| kube::core::Status { code, ..Default::default() };
+        let gone = watcher::Error::WatchError(Box::new(status(410)));
+        assert_eq!(ErrorKind::of(&gone), ErrorKind::Gone);
+        let busy = watcher::Error::WatchError(Box::new(status(429)));
+        assert_eq!(ErrorKind::of(&busy), ErrorKind::Answered);
+        let listed = watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status(503))));
+        assert_eq!(ErrorKind::of(&listed), ErrorKind::Answered);
+        let gone_start = watcher::Error::WatchStartFailed(kube::Error::Api(Box::new(status(410))));
+        assert_eq!(ErrorKind::of(&gone_start), ErrorKind::Gone);
+        let refused = watcher::Error::WatchStartFailed(kube::Error::LinesCodecMaxLineLengthExceeded);
+        assert_eq!(ErrorKind::of(&refused), ErrorKind::Unreachable);
     }
 }

@@ -28,8 +28,10 @@ pub struct SyncFigures {
     pub service_ports: u64,
     pub frontends: u64,
     pub backends: u64,
-    /// Rejected objects by kind (Service, EndpointSlice, manifest document).
+    /// Rejected objects by kind (Service, EndpointSlice, Pod, manifest document).
     pub rejected: BTreeMap<String, u64>,
+    /// Parts left out of objects otherwise served, by (kind, part): see `model::PARTS`.
+    pub rejected_parts: BTreeMap<(String, String), u64>,
     /// Map entries in use and capacities: (map name, used, capacity).
     pub maps: Vec<(&'static str, u64, u64)>,
 }
@@ -195,9 +197,20 @@ impl Metrics {
             "gauge",
             "Objects rejected as invalid in the last sync, by kind.",
         );
-        for kind in ["Service", "EndpointSlice", "Document"] {
+        for kind in ["Service", "EndpointSlice", "Pod", "Document"] {
             let n = last.rejected.get(kind).copied().unwrap_or(0);
             let _ = writeln!(o, "xlb_rejected_objects{{kind=\"{kind}\"}} {n}");
+        }
+        head(
+            &mut o,
+            "xlb_rejected_parts",
+            "gauge",
+            "Parts left out of objects that are otherwise served, in the last sync, by kind and part.",
+        );
+        for part in crate::model::PARTS {
+            let kind = if *part == "endpoint" { "EndpointSlice" } else { "Service" };
+            let n = last.rejected_parts.get(&(kind.to_string(), part.to_string())).copied().unwrap_or(0);
+            let _ = writeln!(o, "xlb_rejected_parts{{kind=\"{kind}\",part=\"{part}\"}} {n}");
         }
         head(&mut o, "xlb_service_ports", "gauge", "Service ports programmed.");
         let _ = writeln!(o, "xlb_service_ports {}", last.service_ports);
@@ -249,6 +262,7 @@ mod tests {
             SyncFigures {
                 services: 4,
                 rejected: [("Service".to_string(), 1)].into(),
+                rejected_parts: [(("Service".to_string(), "nodePort".to_string()), 2)].into(),
                 maps: vec![("xlb_svc4_v1", 12, 100)],
                 ..SyncFigures::default()
             },
@@ -265,6 +279,8 @@ mod tests {
             "xlb_sync_duration_seconds_count 2",
             "xlb_rejected_objects{kind=\"Service\"} 1",
             "xlb_rejected_objects{kind=\"EndpointSlice\"} 0",
+            "xlb_rejected_parts{kind=\"Service\",part=\"nodePort\"} 2",
+            "xlb_rejected_parts{kind=\"EndpointSlice\",part=\"endpoint\"} 0",
             "xlb_map_entries{map=\"xlb_svc4_v1\"} 12",
             "xlb_map_capacity{map=\"xlb_svc4_v1\"} 100",
             "xlb_watch_errors_total{resource=\"services\"} 1",

@@ -279,18 +279,37 @@ impl DesiredPort {
     }
 }
 
-/// An object the model refused, and why.
+/// An object the model refused, or the part of it that it refused, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
     pub kind: &'static str,
     pub namespace: String,
     pub name: String,
     pub reason: String,
+    /// `None`: the whole object is left out. `Some(part)`: only that part of it is (one of
+    /// [`PARTS`]); the rest of the object is served, as kube-proxy serves what is valid.
+    pub part: Option<&'static str>,
+}
+
+/// The parts of an object that can be left out alone: a Service's node port, externalIP,
+/// LoadBalancer ingress IPs (also when its loadBalancerSourceRanges are invalid), and an
+/// EndpointSlice's endpoint.
+pub const PARTS: &[&str] = &["nodePort", "externalIP", "loadBalancerIngress", "endpoint"];
+
+impl Rejection {
+    /// The whole object is rejected.
+    pub fn whole(kind: &'static str, namespace: String, name: String, reason: String) -> Self {
+        Self { kind, namespace, name, reason, part: None }
+    }
 }
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}/{}: {}", self.kind, self.namespace, self.name, self.reason)
+        write!(f, "{} {}/{}: {}", self.kind, self.namespace, self.name, self.reason)?;
+        if let Some(part) = self.part {
+            write!(f, " (this {part} is left out; the rest is served)")?;
+        }
+        Ok(())
     }
 }
 
@@ -387,15 +406,21 @@ struct ParsedSlice {
     ports: Vec<(String, Proto, u16)>,
     /// (address, state, `nodeName`).
     endpoints: Vec<(IpAddr, BackendState, Option<Arc<str>>)>,
+    /// The endpoints left out, each a partial rejection of the slice.
+    partial: Vec<Rejection>,
 }
 
 /// A slice read: `None` for one xlb does not serve (FQDN).
 type SliceResult = Option<Result<ParsedSlice, Rejection>>;
 
+/// The parts of a Service left out: (part, one of [`PARTS`]; reason).
+type LeftOut = Vec<(&'static str, String)>;
+
 /// The model of one Service, before the cluster-wide conflict checks.
 #[derive(Clone, Debug)]
 enum ServiceModel {
-    Ports(Vec<Arc<DesiredPort>>),
+    /// The ports, and the parts of the Service left out.
+    Ports(Vec<Arc<DesiredPort>>, LeftOut),
     /// Nothing to serve, and that is fine (headless).
     Nothing,
     Rejected(String),
@@ -444,7 +469,10 @@ impl ModelCache {
                 None => parse_slice(slice),
             };
             match &parsed {
-                Some(Ok(p)) => by_service.entry(p.service.clone()).or_default().push(ptr),
+                Some(Ok(p)) => {
+                    model.rejected.extend(p.partial.iter().cloned());
+                    by_service.entry(p.service.clone()).or_default().push(ptr)
+                }
                 Some(Err(r)) => model.rejected.push(r.clone()),
                 None => {}
             }
@@ -484,46 +512,82 @@ impl ModelCache {
             };
             let (namespace, name) = key.clone();
             match &service_model {
-                ServiceModel::Ports(ports) => {
-                    // A frontend or node port already served by another Service is a conflict:
-                    // reject the whole later Service rather than serve half of it.
+                ServiceModel::Ports(ports, partial) => {
+                    let part = |part: &'static str, reason: String| Rejection {
+                        part: Some(part),
+                        ..Rejection::whole("Service", namespace.clone(), name.clone(), reason)
+                    };
+                    model.rejected.extend(partial.iter().map(|(p, why)| part(p, why.clone())));
                     let owner = |o: &DesiredPort| format!("Service {}/{}", o.id.namespace, o.id.name);
-                    let clash = ports
-                        .iter()
-                        .find_map(|p| {
-                            let np = p.node_port.filter(|&np| np != TO_ALLOCATE)?;
-                            claimed_node_ports.get(&(np, p.id.proto)).map(|o| {
-                                format!("nodePort {np}/{} is already used by {}", p.id.proto, owner(o))
-                            })
+                    let other = |o: &DesiredPort| o.id.namespace != namespace || o.id.name != name;
+                    // A clusterIP:port already served by another Service (possible only from
+                    // manifests: the API server allocates clusterIPs) is a conflict of the
+                    // Service's identity: the later Service is rejected whole.
+                    let clash = ports.iter().find_map(|p| {
+                        p.frontends.iter().zip(&p.frontend_kinds).find_map(|(f, k)| {
+                            let o = claimed.get(f).filter(|o| other(o))?;
+                            (k & lb_common::SVC_F_CLUSTER_IP != 0)
+                                .then(|| format!("frontend {f} is already used by {}", owner(o)))
                         })
-                        .or_else(|| {
-                            ports.iter().flat_map(|p| p.frontends.iter()).find_map(|f| {
-                                claimed
-                                    .get(f)
-                                    .map(|o| format!("frontend {f} is already used by {}", owner(o)))
-                            })
-                        });
+                    });
                     if let Some(reason) = clash {
-                        model.rejected.push(Rejection { kind: "Service", namespace, name, reason });
+                        model.rejected.push(Rejection::whole("Service", namespace, name, reason));
                     } else {
+                        // A node port, externalIP or ingress IP another Service holds is left
+                        // out of this one alone; the rest of it is served.
                         for p in ports {
+                            let mut p = p.clone();
+                            let np = p.node_port.filter(|&np| np != TO_ALLOCATE);
+                            if let Some(o) = np.and_then(|np| claimed_node_ports.get(&(np, p.id.proto)))
+                                && other(o)
+                            {
+                                let why = format!(
+                                    "nodePort {}/{} is already used by {}",
+                                    np.unwrap_or_default(),
+                                    p.id.proto,
+                                    owner(o)
+                                );
+                                model.rejected.push(part("nodePort", why));
+                                strip_node_port(Arc::make_mut(&mut p));
+                            }
+                            let taken: Vec<(Frontend, u16)> = p
+                                .frontends
+                                .iter()
+                                .zip(&p.frontend_kinds)
+                                .filter(|(f, _)| claimed.get(f).is_some_and(|o| other(o)))
+                                .map(|(f, k)| (*f, *k))
+                                .collect();
+                            for (f, k) in taken {
+                                let what = if k & lb_common::SVC_F_NODE_PORT != 0 {
+                                    "nodePort"
+                                } else if k & lb_common::SVC_F_LB_INGRESS != 0 {
+                                    "loadBalancerIngress"
+                                } else {
+                                    "externalIP"
+                                };
+                                let o = owner(&claimed[&f]);
+                                model
+                                    .rejected
+                                    .push(part(what, format!("frontend {f} is already used by {o}")));
+                                let port = Arc::make_mut(&mut p);
+                                let i = port.frontends.iter().position(|x| *x == f).unwrap_or_default();
+                                port.frontends.remove(i);
+                                port.frontend_kinds.remove(i);
+                            }
                             for f in &p.frontends {
                                 claimed.insert(*f, p.clone());
                             }
                             if let Some(np) = p.node_port.filter(|&np| np != TO_ALLOCATE) {
-                                claimed_node_ports.insert((np, p.id.proto), p.clone());
+                                claimed_node_ports.entry((np, p.id.proto)).or_insert_with(|| p.clone());
                             }
+                            model.ports.push(p);
                         }
-                        model.ports.extend(ports.iter().cloned());
                     }
                 }
                 ServiceModel::Nothing => {}
-                ServiceModel::Rejected(reason) => model.rejected.push(Rejection {
-                    kind: "Service",
-                    namespace,
-                    name,
-                    reason: reason.clone(),
-                }),
+                ServiceModel::Rejected(reason) => {
+                    model.rejected.push(Rejection::whole("Service", namespace, name, reason.clone()))
+                }
             }
             self.services
                 .insert(key, CachedService { svc: svc.clone(), slices: slice_ptrs, model: service_model });
@@ -536,6 +600,19 @@ impl ModelCache {
 
 /// `DesiredPort::node_port` of a port whose node port is still to be allocated.
 const TO_ALLOCATE: u16 = 0;
+
+/// Takes the node port out of a port: its frontends on the node's addresses go (an address that
+/// is also something else to the port, an externalIP on the node, keeps that).
+fn strip_node_port(p: &mut DesiredPort) {
+    p.node_port = None;
+    let mut kept = p.frontends.iter().copied().zip(p.frontend_kinds.iter().copied()).filter_map(|(f, k)| {
+        let k = k & !lb_common::SVC_F_NODE_PORT;
+        (k & !(lb_common::SVC_F_LOCAL | lb_common::SVC_F_SOURCE_RANGES) != 0).then_some((f, k))
+    });
+    let (frontends, kinds) = kept.by_ref().unzip();
+    p.frontends = frontends;
+    p.frontend_kinds = kinds;
+}
 
 /// Gives each port waiting for a node port ([`TO_ALLOCATE`], in the model's order) the first
 /// free one of the range from a hash of its name, and its frontends on the node's addresses.
@@ -589,14 +666,14 @@ fn model_service(
     if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
         return match spec.and_then(|s| s.external_name.as_deref()).filter(|n| !n.is_empty()) {
             Some(n) => match external_name_ports(spec, namespace, name, n) {
-                Ok(ports) => ServiceModel::Ports(ports.into_iter().map(Arc::new).collect()),
+                Ok(ports) => ServiceModel::Ports(ports.into_iter().map(Arc::new).collect(), Vec::new()),
                 Err(reason) => ServiceModel::Rejected(reason),
             },
             None => ServiceModel::Rejected("type ExternalName without spec.externalName".into()),
         };
     }
     match service_ports(svc, namespace, name, eps, cfg) {
-        Ok(ports) => ServiceModel::Ports(ports.into_iter().map(Arc::new).collect()),
+        Ok((ports, partial)) => ServiceModel::Ports(ports.into_iter().map(Arc::new).collect(), partial),
         Err(reason) if reason.is_empty() => ServiceModel::Nothing,
         Err(reason) => ServiceModel::Rejected(reason),
     }
@@ -739,81 +816,103 @@ fn frontend_addr(what: &str, ip: &str) -> Result<Option<IpAddr>, String> {
     Ok(Some(a))
 }
 
-/// Reads one slice. `None`: a slice xlb does not serve (FQDN), which is no error.
-fn parse_slice(slice: &EndpointSlice) -> SliceResult {
-    {
-        let (namespace, name) = ns_name(&slice.metadata);
-        let reject = |reason: String| Rejection {
-            kind: "EndpointSlice",
-            namespace: namespace.clone(),
-            name: name.clone(),
-            reason,
-        };
-        let family = match slice.address_type.as_str() {
-            "IPv4" => Family::V4,
-            "IPv6" => Family::V6,
-            // FQDN slices have no datapath; they are not errors.
-            _ => return None,
-        };
-        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            return Some(Err(reject(format!("no {SERVICE_NAME_LABEL} label: it belongs to no Service"))));
-        };
-        let mut ports = Vec::new();
-        let mut bad = None;
-        for p in slice.ports.iter().flatten() {
-            let proto = match Proto::parse(p.protocol.as_deref()) {
-                Ok(proto) => proto,
-                Err(e) => {
-                    bad = Some(format!("port {:?}: {e}", p.name.as_deref().unwrap_or("")));
-                    break;
-                }
-            };
-            let number = match p.port.map(u16::try_from) {
-                Some(Ok(n)) if n != 0 => n,
-                other => {
-                    bad = Some(format!(
-                        "port {:?} has invalid number {:?}",
-                        p.name.as_deref().unwrap_or(""),
-                        other.map(|_| p.port)
-                    ));
-                    break;
-                }
-            };
-            ports.push((p.name.clone().unwrap_or_default(), proto, number));
-        }
-        let mut addrs = Vec::new();
-        for ep in &slice.endpoints {
-            let cond = ep.conditions.as_ref();
-            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-            let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-            let state = if ready && !terminating {
-                BackendState::Active
-            } else if terminating && serving {
-                BackendState::Terminating
-            } else if terminating {
-                BackendState::Draining
+/// Why an address can never be an endpoint (a pod, or a host reached through a Service), or
+/// `None` when it can be. The API server accepts such addresses in EndpointSlices; traffic sent
+/// to them would only time out.
+pub fn endpoint_addr_problem(a: &IpAddr) -> Option<&'static str> {
+    match a {
+        IpAddr::V4(v4) => {
+            if v4.is_unspecified() || v4.octets()[0] == 0 {
+                Some("is in 0.0.0.0/8 (this network)")
+            } else if v4.is_loopback() {
+                Some("is a loopback address")
+            } else if v4.is_broadcast() {
+                Some("is the broadcast address")
+            } else if v4.is_multicast() {
+                Some("is a multicast address")
+            } else if v4.is_link_local() {
+                Some("is a link-local address")
             } else {
-                continue; // not ready yet: no flow can exist to it
-            };
-            // Only the first address is used, as kube-proxy does.
-            let Some(first) = ep.addresses.first() else { continue };
-            match first.parse::<IpAddr>() {
-                Ok(a) if Family::of(&a) == family => {
-                    addrs.push((a, state, ep.node_name.as_deref().map(Arc::from)))
-                }
-                _ => {
-                    bad =
-                        Some(format!("endpoint address {first:?} is not an {} address", slice.address_type));
-                    break;
-                }
+                None
             }
         }
-        if let Some(reason) = bad {
-            return Some(Err(reject(reason)));
+        IpAddr::V6(v6) => {
+            if v6.is_unspecified() {
+                Some("is the unspecified address")
+            } else if v6.is_loopback() {
+                Some("is a loopback address")
+            } else if v6.is_multicast() {
+                Some("is a multicast address")
+            } else if v6.is_unicast_link_local() {
+                Some("is a link-local address")
+            } else if v6.to_ipv4_mapped().is_some() {
+                Some("is an IPv4-mapped address (list it in an IPv4 slice)")
+            } else {
+                None
+            }
         }
-        Some(Ok(ParsedSlice { service: (namespace.clone(), service.clone()), ports, endpoints: addrs }))
     }
+}
+
+/// Reads one slice. `None`: a slice xlb does not serve (FQDN), which is no error. An endpoint
+/// that cannot be served (an address of the wrong family, or one that can never be a pod) is
+/// left out alone, with a partial rejection; the slice's other endpoints are served.
+fn parse_slice(slice: &EndpointSlice) -> SliceResult {
+    let (namespace, name) = ns_name(&slice.metadata);
+    let reject = |reason: String| Rejection::whole("EndpointSlice", namespace.clone(), name.clone(), reason);
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Family::V4,
+        "IPv6" => Family::V6,
+        // FQDN slices have no datapath; they are not errors.
+        _ => return None,
+    };
+    let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        return Some(Err(reject(format!("no {SERVICE_NAME_LABEL} label: it belongs to no Service"))));
+    };
+    let mut ports = Vec::new();
+    for p in slice.ports.iter().flatten() {
+        let pname = p.name.as_deref().unwrap_or("");
+        let proto = match Proto::parse(p.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(e) => return Some(Err(reject(format!("port {pname:?}: {e}")))),
+        };
+        let number = match p.port.map(u16::try_from) {
+            Some(Ok(n)) if n != 0 => n,
+            _ => return Some(Err(reject(format!("port {pname:?} has invalid number {:?}", p.port)))),
+        };
+        ports.push((p.name.clone().unwrap_or_default(), proto, number));
+    }
+    let mut addrs = Vec::new();
+    let mut partial = Vec::new();
+    for ep in &slice.endpoints {
+        let cond = ep.conditions.as_ref();
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let state = if ready && !terminating {
+            BackendState::Active
+        } else if terminating && serving {
+            BackendState::Terminating
+        } else if terminating {
+            BackendState::Draining
+        } else {
+            continue; // not ready yet: no flow can exist to it
+        };
+        // Only the first address is used, as kube-proxy does.
+        let Some(first) = ep.addresses.first() else { continue };
+        let problem = match first.parse::<IpAddr>() {
+            Ok(a) if Family::of(&a) == family => match endpoint_addr_problem(&a) {
+                None => {
+                    addrs.push((a, state, ep.node_name.as_deref().map(Arc::from)));
+                    continue;
+                }
+                Some(why) => format!("endpoint address {a} {why}: it can never be a backend"),
+            },
+            _ => format!("endpoint address {first:?} is not an {} address", slice.address_type),
+        };
+        partial.push(Rejection { part: Some("endpoint"), ..reject(problem) });
+    }
+    Some(Ok(ParsedSlice { service: (namespace.clone(), service.clone()), ports, endpoints: addrs, partial }))
 }
 
 /// Indexes the endpoints of one Service's slices by port, merging duplicates across slices.
@@ -835,15 +934,17 @@ fn index_endpoints<'a>(slices: impl Iterator<Item = &'a ParsedSlice>) -> Endpoin
     by_port
 }
 
-/// The service ports of one Service. `Err("")` means "nothing to serve, and that is fine"
-/// (headless, ExternalName).
+/// The service ports of one Service, and the parts of it left out: (part, reason). `Err("")`
+/// means "nothing to serve, and that is fine" (headless, ExternalName); another `Err` rejects
+/// the whole Service. What is wrong with one externalIP, ingress IP or node port leaves out
+/// that part alone, as kube-proxy serves what is valid.
 fn service_ports(
     svc: &Service,
     namespace: &str,
     name: &str,
     eps: &EndpointIndex,
     cfg: &ModelConfig,
-) -> Result<Vec<DesiredPort>, String> {
+) -> Result<(Vec<DesiredPort>, LeftOut), String> {
     let spec = svc.spec.as_ref().ok_or("no spec")?;
     let svc_type = match spec.type_.as_deref().unwrap_or("ClusterIP") {
         "ClusterIP" => SvcType::ClusterIP,
@@ -859,25 +960,58 @@ fn service_ports(
     if cluster_ip.is_empty() {
         return Err("no clusterIP assigned (spec.clusterIP is empty)".into());
     }
+    let mut partial = LeftOut::new();
     // Addresses reached on `port`.
     let mut addrs: BTreeMap<IpAddr, u16> = BTreeMap::new();
-    let mut add = |kind: u16, a: Option<IpAddr>| {
-        if let Some(a) = a {
-            *addrs.entry(a).or_default() |= kind;
-        }
-    };
     for ip in std::iter::once(cluster_ip).chain(spec.cluster_ips.iter().flatten().map(String::as_str)) {
-        add(lb_common::SVC_F_CLUSTER_IP, frontend_addr("clusterIP", ip)?);
+        if let Some(a) = frontend_addr("clusterIP", ip)? {
+            *addrs.entry(a).or_default() |= lb_common::SVC_F_CLUSTER_IP;
+        }
     }
+    // The families the Service has: as kube-proxy (one proxier per family, each skipping the
+    // Services without a clusterIP of its family), its externalIPs, ingress IPs and node ports
+    // of another family are not served.
+    let families: BTreeSet<Family> = addrs.keys().map(Family::of).collect();
+    let mut source_ranges = Vec::new();
+    let mut ranges_ok = true;
+    if svc_type == SvcType::LoadBalancer {
+        for r in spec.load_balancer_source_ranges.iter().flatten() {
+            match r.trim().parse::<crate::node::Cidr>() {
+                Ok(c) => source_ranges.push(c.network()),
+                Err(e) => {
+                    // Serving the ingress IPs open would let in what the ranges keep out.
+                    partial.push((
+                        "loadBalancerIngress",
+                        format!("loadBalancerSourceRanges: {e}: the ingress IPs are not served"),
+                    ));
+                    ranges_ok = false;
+                    break;
+                }
+            }
+        }
+        source_ranges.sort();
+        source_ranges.dedup();
+    }
+    let family_name = |f: Family| if f == Family::V4 { "IPv4" } else { "IPv6" };
+    let mut add_external = |what: &str, part: &'static str, kind: u16, ip: &str| match frontend_addr(what, ip)
+    {
+        Ok(Some(a)) if families.contains(&Family::of(&a)) => *addrs.entry(a).or_default() |= kind,
+        Ok(Some(a)) => {
+            let f = family_name(Family::of(&a));
+            partial.push((part, format!("{what} {a} is {f}, and the Service has no {f} clusterIP")))
+        }
+        Ok(None) => {}
+        Err(e) => partial.push((part, e)),
+    };
     for ip in spec.external_ips.iter().flatten() {
-        add(lb_common::SVC_F_EXTERNAL_IP, frontend_addr("externalIP", ip)?);
+        add_external("externalIP", "externalIP", lb_common::SVC_F_EXTERNAL_IP, ip);
     }
     if svc_type == SvcType::LoadBalancer {
         let ingress =
             svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
         // An ingress with only a hostname is reached through DNS at an address xlb does not own.
-        for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()) {
-            add(lb_common::SVC_F_LB_INGRESS, frontend_addr("LoadBalancer ingress IP", ip)?);
+        for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()).filter(|_| ranges_ok) {
+            add_external("LoadBalancer ingress IP", "loadBalancerIngress", lb_common::SVC_F_LB_INGRESS, ip);
         }
     }
     let wants_node_port = match svc_type {
@@ -890,16 +1024,6 @@ fn service_ports(
         return Err("no ports".into());
     }
     let settings = shown_settings(spec)?;
-    let mut source_ranges = Vec::new();
-    if svc_type == SvcType::LoadBalancer {
-        for r in spec.load_balancer_source_ranges.iter().flatten() {
-            let c: crate::node::Cidr =
-                r.trim().parse().map_err(|e| format!("loadBalancerSourceRanges: {e}"))?;
-            source_ranges.push(c.network());
-        }
-        source_ranges.sort();
-        source_ranges.dedup();
-    }
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     let mut seen_node_ports = BTreeSet::new();
@@ -917,21 +1041,32 @@ fn service_ports(
             _ if !wants_node_port => None,
             // Allocated once every Service's own node ports are known (see `allocate_node_ports`).
             None if cfg.allocate_node_ports => Some(TO_ALLOCATE),
-            None => return Err(format!("port {port_name:?}: type {svc_type:?} without a nodePort")),
-            Some(np) => {
-                let np =
-                    u16::try_from(np).ok().filter(|p| cfg.node_port_range.contains(p)).ok_or_else(|| {
+            None => {
+                partial
+                    .push(("nodePort", format!("port {port_name:?}: type {svc_type:?} without a nodePort")));
+                None
+            }
+            Some(np) => match u16::try_from(np).ok().filter(|p| cfg.node_port_range.contains(p)) {
+                None => {
+                    partial.push((
+                        "nodePort",
                         format!(
                             "port {port_name:?}: nodePort {np} is outside the node port range {}-{}",
                             cfg.node_port_range.start(),
                             cfg.node_port_range.end()
-                        )
-                    })?;
-                if !seen_node_ports.insert((np, proto)) {
-                    return Err(format!("nodePort {np}/{proto} is listed twice"));
+                        ),
+                    ));
+                    None
                 }
-                Some(np)
-            }
+                Some(np) if !seen_node_ports.insert((np, proto)) => {
+                    partial.push((
+                        "nodePort",
+                        format!("port {port_name:?}: nodePort {np}/{proto} is listed twice"),
+                    ));
+                    None
+                }
+                Some(np) => Some(np),
+            },
         };
         let backends: Vec<DesiredBackend> = eps
             .get(&(port_name.clone(), proto))
@@ -954,7 +1089,7 @@ fn service_ports(
         let mut kinds: BTreeMap<Frontend, u16> =
             addrs.iter().map(|(&addr, &k)| (Frontend { addr, port, proto }, k)).collect();
         if let Some(np) = node_port.filter(|&np| np != TO_ALLOCATE) {
-            for &addr in &cfg.node_addrs {
+            for &addr in cfg.node_addrs.iter().filter(|a| families.contains(&Family::of(a))) {
                 *kinds.entry(Frontend { addr, port: np, proto }).or_default() |= lb_common::SVC_F_NODE_PORT;
             }
         }
@@ -966,11 +1101,11 @@ fn service_ports(
         }
         // One port per family its frontends have (IPv4 when it has none), each with that
         // family's endpoints only.
-        let mut families: BTreeSet<Family> = kinds.keys().map(|f| Family::of(&f.addr)).collect();
-        if families.is_empty() {
-            families.insert(Family::V4);
+        let mut port_families: BTreeSet<Family> = kinds.keys().map(|f| Family::of(&f.addr)).collect();
+        if port_families.is_empty() {
+            port_families.insert(Family::V4);
         }
-        for family in families {
+        for family in port_families {
             // loadBalancerSourceRanges guard the ingress IPs, each family with its own ranges; a
             // family without any is open, as kube-proxy has it (its proxier of each family
             // keeps that family's ranges).
@@ -1018,7 +1153,7 @@ fn service_ports(
             });
         }
     }
-    Ok(out)
+    Ok((out, partial))
 }
 
 /// Adds the hostPorts of the pods on this node (`cfg.node_name`) to `model`: each (pod,
@@ -1047,7 +1182,7 @@ pub fn add_host_ports(model: &mut Model, pods: &[Arc<Pod>], cfg: &ModelConfig) {
                     claimed.get(f).map(|o| format!("hostPort frontend {f} is already used by {o}"))
                 });
                 if let Some(reason) = clash {
-                    model.rejected.push(Rejection { kind: "Pod", namespace, name, reason });
+                    model.rejected.push(Rejection::whole("Pod", namespace, name, reason));
                     continue;
                 }
                 for p in ports {
@@ -1057,7 +1192,7 @@ pub fn add_host_ports(model: &mut Model, pods: &[Arc<Pod>], cfg: &ModelConfig) {
                     model.ports.push(Arc::new(p));
                 }
             }
-            Err(reason) => model.rejected.push(Rejection { kind: "Pod", namespace, name, reason }),
+            Err(reason) => model.rejected.push(Rejection::whole("Pod", namespace, name, reason)),
         }
     }
     model.ports.sort_by(|a, b| a.id.cmp(&b.id));
@@ -1660,7 +1795,12 @@ mod tests {
             + &typed_svc("low", "NodePort", "", "[{port: 80, nodePort: 30001}]");
         let o = objects(&yaml);
         let m = build(&o.services, &o.slices, &node_cfg("30000-32767"));
-        assert_eq!(m.ports.iter().map(|p| p.id.name.as_str()).collect::<Vec<_>>(), ["low"]);
+        // The node port out of range is left out; the Service's clusterIP is still served.
+        assert_eq!(m.ports.iter().map(|p| p.id.name.as_str()).collect::<Vec<_>>(), ["high", "low"]);
+        assert_eq!(fronts(&m.ports[0]), ["198.18.0.14:80/TCP"]);
+        assert_eq!(m.ports[0].node_port, None);
+        assert_eq!(m.rejected.len(), 1);
+        assert_eq!(m.rejected[0].part, Some("nodePort"));
         assert!(m.rejected[0].reason.contains("nodePort 45000 is outside the node port range 30000-32767"));
         let m = build(&o.services, &o.slices, &node_cfg("30000-50000"));
         assert!(m.rejected.is_empty(), "a cluster with a wider range serves both: {:?}", m.rejected);
@@ -1687,8 +1827,18 @@ mod tests {
         // With no node address known, node ports still conflict: they are cluster-wide.
         for cfg in [node_cfg("30000-32767"), ModelConfig::default()] {
             let m = build(&o.services, &o.slices, &cfg);
-            let served: Vec<&str> = m.ports.iter().map(|p| p.id.name.as_str()).collect();
-            assert_eq!(served, ["a", "udp"], "the same number on another protocol is no conflict");
+            // Each Service is served; the node ports in conflict or missing are left out.
+            let served: Vec<String> = m
+                .ports
+                .iter()
+                .map(|p| format!("{}:{}{:?}", p.id.name, p.id.port_name, p.node_port))
+                .collect();
+            assert_eq!(
+                served,
+                ["a:Some(30080)", "b:None", "c:None", "dd:xSome(30090)", "dd:yNone", "udp:Some(30080)"],
+                "the same number on another protocol is no conflict"
+            );
+            assert!(m.rejected.iter().all(|r| r.part == Some("nodePort")), "{:?}", m.rejected);
             let why: Vec<String> = m.rejected.iter().map(ToString::to_string).collect();
             assert_eq!(why.len(), 3, "{why:?}");
             assert!(
@@ -1833,7 +1983,10 @@ mod tests {
             );
         let o = objects(&yaml);
         let m = build(&o.services, &o.slices, &node_cfg("30000-32767"));
-        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        // The IPv6 externalIP of an IPv4-only Service is not served, as kube-proxy has it.
+        assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
+        assert!(m.rejected[0].reason.contains("2001:db8::1 is IPv6"), "{:?}", m.rejected);
+        assert_eq!(m.ports.iter().filter(|p| p.id.name == "lb").count(), 1, "no IPv6 port");
         let lb = m.ports.iter().find(|p| p.id.name == "lb").unwrap();
         assert_eq!(
             fronts(lb),
@@ -1854,30 +2007,163 @@ mod tests {
     }
 
     #[test]
-    fn bad_external_addresses_are_rejected() {
-        let yaml = typed_svc("badext", "ClusterIP", "  externalIPs: [198.18.300.1]\n", "[{port: 80}]")
-            + &typed_svc("loopext", "ClusterIP", "  externalIPs: [127.0.0.1]\n", "[{port: 80}]")
-            + &typed_svc(
-                "badlb",
-                "LoadBalancer",
-                "status: {loadBalancer: {ingress: [{ip: nope}]}}\n",
-                "[{port: 80, nodePort: 30000}]",
-            )
-            + &typed_svc("taken", "ClusterIP", "  externalIPs: [198.18.0.15]\n", "[{port: 80}]")
-            + &typed_svc("owner", "ClusterIP", "", "[{port: 80}]");
+    fn bad_external_addresses_are_left_out_alone() {
+        // clusterIPs come from the name's length: badext .16, loopext .17, badingress .20,
+        // taken .15, samecip .17 (loopext's).
+        let yaml =
+            typed_svc("badext", "ClusterIP", "  externalIPs: [198.18.300.1, 198.18.50.1]\n", "[{port: 80}]")
+                + &typed_svc("loopext", "ClusterIP", "  externalIPs: [127.0.0.1]\n", "[{port: 80}]")
+                + &typed_svc(
+                    "badingress",
+                    "LoadBalancer",
+                    "status: {loadBalancer: {ingress: [{ip: nope}, {ip: 198.18.60.1}]}}\n",
+                    "[{port: 80, nodePort: 30000}]",
+                )
+                + &typed_svc("taken", "ClusterIP", "  externalIPs: [198.18.50.1]\n", "[{port: 80}]")
+                + &typed_svc("samecip", "ClusterIP", "", "[{port: 80}]");
         let m = build_yaml(&yaml);
         let why: Vec<String> = m.rejected.iter().map(ToString::to_string).collect();
-        assert_eq!(why.len(), 4, "{why:?}");
+        assert_eq!(why.len(), 5, "{why:?}");
+        let parts: Vec<Option<&str>> = m.rejected.iter().map(|r| r.part).collect();
+        assert_eq!(
+            parts,
+            [Some("externalIP"), Some("loadBalancerIngress"), Some("externalIP"), None, Some("externalIP")]
+        );
         assert!(why[0].contains("badext") && why[0].contains("externalIP \"198.18.300.1\""), "{why:?}");
-        assert!(why[1].contains("badlb") && why[1].contains("LoadBalancer ingress IP \"nope\""), "{why:?}");
-        assert!(why[2].contains("loopext") && why[2].contains("127.0.0.1 cannot be"), "{why:?}");
-        // "owner" (clusterIP 198.18.0.15) comes first in name order; "taken" claims its address.
         assert!(
-            why[3].contains("taken")
-                && why[3].contains("198.18.0.15:80/TCP is already used by Service default/owner"),
+            why[1].contains("badingress") && why[1].contains("LoadBalancer ingress IP \"nope\""),
             "{why:?}"
         );
-        assert_eq!(m.ports.iter().map(|p| p.id.name.as_str()).collect::<Vec<_>>(), ["owner"]);
+        assert!(why[2].contains("loopext") && why[2].contains("127.0.0.1 cannot be"), "{why:?}");
+        // A clusterIP is the Service's identity: taken, the later Service is rejected whole.
+        assert!(
+            why[3].contains("samecip")
+                && why[3].contains("198.18.0.17:80/TCP is already used by Service default/loopext"),
+            "{why:?}"
+        );
+        assert!(
+            why[4].contains("taken")
+                && why[4].contains("198.18.50.1:80/TCP is already used by Service default/badext")
+                && why[4].ends_with("(this externalIP is left out; the rest is served)"),
+            "{why:?}"
+        );
+        let served: Vec<String> =
+            m.ports.iter().map(|p| format!("{} {}", p.id.name, fronts(p).join(" "))).collect();
+        assert_eq!(
+            served,
+            [
+                "badext 198.18.0.16:80/TCP 198.18.50.1:80/TCP",
+                "badingress 198.18.0.20:80/TCP 198.18.60.1:80/TCP",
+                "loopext 198.18.0.17:80/TCP",
+                "taken 198.18.0.15:80/TCP",
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_source_ranges_leave_out_the_ingress_ips_only() {
+        let yaml = typed_svc(
+            "lb",
+            "LoadBalancer",
+            "  externalIPs: [198.18.50.1]\n  loadBalancerSourceRanges: [10.0.0.0/40]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.60.1}]}}\n",
+            "[{port: 80, nodePort: 30081}]",
+        );
+        let o = objects(&yaml);
+        let m = build(&o.services, &o.slices, &node_cfg("30000-32767"));
+        assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
+        assert_eq!(m.rejected[0].part, Some("loadBalancerIngress"));
+        assert!(m.rejected[0].reason.contains("loadBalancerSourceRanges"), "{:?}", m.rejected);
+        // Never served open: the ingress IP the ranges guard is left out, the rest is served.
+        assert_eq!(
+            fronts(&m.ports[0]),
+            ["198.18.0.12:80/TCP", "198.18.50.1:80/TCP", "198.18.100.1:30081/TCP", "198.18.101.1:30081/TCP"]
+        );
+    }
+
+    #[test]
+    fn impossible_endpoint_addresses_are_left_out_and_the_rest_of_the_slice_served() {
+        let bad4 = [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "127.1.2.3",
+            "169.254.1.1",
+            "224.0.0.1",
+            "239.1.1.1",
+            "255.255.255.255",
+            "2001:db8::1",
+            "not-an-ip",
+        ];
+        let bad6 = ["::", "::1", "fe80::1", "ff02::1", "ff0e::1", "::ffff:198.18.1.9", "198.18.1.9"];
+        let list = |good: &str, bad: &[&str]| {
+            let mut eps: Vec<String> = bad.iter().map(|a| format!("{{addresses: [\"{a}\"]}}")).collect();
+            eps.insert(bad.len() / 2, format!("{{addresses: [\"{good}\"]}}"));
+            format!("[{}]", eps.join(","))
+        };
+        let yaml = svc("web", "198.18.0.10", "[{port: 80}]")
+            + &slice("web-1", "web", "[{port: 8080}]", &list("198.18.1.1", &bad4))
+            + "apiVersion: v1\nkind: Service\nmetadata: {name: web6, namespace: default}\nspec: {clusterIP: \"2001:db8::10\", ports: [{port: 80}]}\n---\n"
+            + &format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web6-1, namespace: default, labels: {{kubernetes.io/service-name: web6}}}}\naddressType: IPv6\nports: [{{port: 8080}}]\nendpoints: {}\n---\n",
+                list("2001:db8:1::1", &bad6)
+            );
+        let m = build_yaml(&yaml);
+        let web = m.ports.iter().find(|p| p.id.name == "web").unwrap();
+        assert_eq!(backends(web), ["198.18.1.1:8080 Active"], "the slice's good endpoint is served");
+        let web6 = m.ports.iter().find(|p| p.id.name == "web6").unwrap();
+        assert_eq!(backends(web6), ["2001:db8:1::1:8080 Active"]);
+        assert_eq!(m.rejected.len(), bad4.len() + bad6.len(), "one rejection each: {:?}", m.rejected);
+        for r in &m.rejected {
+            assert_eq!((r.kind, r.part), ("EndpointSlice", Some("endpoint")), "{r}");
+        }
+        for (bad, slice_name) in bad4.iter().map(|b| (b, "web-1")).chain(bad6.iter().map(|b| (b, "web6-1"))) {
+            let shown = bad.parse::<IpAddr>().map_or(format!("{bad:?}"), |a| a.to_string());
+            assert!(
+                m.rejected.iter().any(|r| r.name == slice_name && r.reason.contains(&shown)),
+                "{bad} in {slice_name} is named: {:?}",
+                m.rejected
+            );
+        }
+        assert!(endpoint_addr_problem(&"198.18.1.1".parse().unwrap()).is_none());
+        assert!(endpoint_addr_problem(&"10.0.0.1".parse().unwrap()).is_none());
+        assert!(endpoint_addr_problem(&"2001:db8::1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn node_ports_are_served_on_the_node_addresses_of_the_service_families_only() {
+        let cfg = ModelConfig {
+            node_addrs: vec!["198.18.100.1".parse().unwrap(), "2001:db8:100::1".parse().unwrap()],
+            ..node_cfg("30000-32767")
+        };
+        let v4 = typed_svc("v4", "NodePort", "", "[{port: 80, nodePort: 30080}]");
+        let v6 = "apiVersion: v1\nkind: Service\nmetadata: {name: v6, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: \"2001:db8::10\"\n  ports: [{port: 80, nodePort: 30081}]\n---\n";
+        let dual = "apiVersion: v1\nkind: Service\nmetadata: {name: dual, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 198.18.0.30\n  clusterIPs: [198.18.0.30, \"2001:db8::30\"]\n  ports: [{port: 80, nodePort: 30082}]\n---\n";
+        for allocate in [false, true] {
+            let o = objects(&(v4.clone() + v6 + dual));
+            let m =
+                build(&o.services, &o.slices, &ModelConfig { allocate_node_ports: allocate, ..cfg.clone() });
+            assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+            let served: Vec<String> =
+                m.ports.iter().map(|p| format!("{} {}", p.id.name, fronts(p).join(" "))).collect();
+            assert_eq!(
+                served,
+                [
+                    "dual 198.18.0.30:80/TCP 198.18.100.1:30082/TCP",
+                    "dual [2001:db8::30]:80/TCP [2001:db8:100::1]:30082/TCP",
+                    "v4 198.18.0.12:80/TCP 198.18.100.1:30080/TCP",
+                    "v6 [2001:db8::10]:80/TCP [2001:db8:100::1]:30081/TCP",
+                ],
+                "an IPv4-only Service has no node port on the node's IPv6 addresses, nor the reverse"
+            );
+        }
+        // externalIPs of a family the Service has no clusterIP of are left out, as kube-proxy does.
+        let o =
+            objects(&typed_svc("v4ext", "ClusterIP", "  externalIPs: [\"2001:db8::99\"]\n", "[{port: 80}]"));
+        let m = build(&o.services, &o.slices, &cfg);
+        assert_eq!(m.ports.len(), 1);
+        assert_eq!(fronts(&m.ports[0]), ["198.18.0.15:80/TCP"]);
+        assert_eq!(m.rejected[0].part, Some("externalIP"));
+        assert!(m.rejected[0].reason.contains("has no IPv6 clusterIP"), "{:?}", m.rejected);
     }
 
     #[test]
