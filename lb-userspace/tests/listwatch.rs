@@ -327,3 +327,74 @@ async fn failed_map_writes_are_retried_until_the_maps_converge() {
     assert!(metrics.render(&[]).contains(&format!("xlb_syncs_total{{result=\"error\"}} {failed}")));
     server.abort();
 }
+
+/// An agent (source, syncer, control loop) against the API server at `addr`, writing to `dp`;
+/// it stops when the sender is dropped or sent to.
+fn start_agent(addr: SocketAddr, dp: &Shared) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let client =
+        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let changed = Arc::new(Notify::new());
+    let source = Source::Kube(KubeSource::start(client, None, changed.clone(), metrics.clone()));
+    let mut syncer = Syncer::new(Reconciler::new(dp.clone()).unwrap(), ModelConfig::default(), metrics);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(async move {
+        source.wait_ready().await;
+        changed.notify_one();
+        control_loop(&source, &mut syncer, &changed, Duration::from_millis(10), async {
+            let _ = stop_rx.await;
+        })
+        .await;
+    });
+    (stop_tx, agent)
+}
+
+/// The API server goes away for `outage` and comes back restarted: its history compacted (every
+/// watch resuming gets 410 Gone) and a Service added meanwhile. Returns how long after its return
+/// the new Service was in the maps.
+async fn recovery_after(outage: Duration) -> Duration {
+    let api = FakeApi::new();
+    api.put(Kind::Service, service("web", "198.18.0.10", 80, 8080));
+    api.put(Kind::Slice, slice("web-1", "web", 8080, &["198.18.1.1"]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve(api.clone(), listener));
+    let dp = Shared::default();
+    let (stop, agent) = start_agent(addr, &dp);
+    converge(&dp, &["198.18.0.10:80/TCP -> 198.18.1.1:8080"], "initial list").await;
+
+    // Down: the listener is closed and every open watch ends; connections are refused.
+    server.abort();
+    let _ = server.await;
+    api.drop_watches();
+    tokio::time::sleep(outage).await;
+    // Restarted: a newer resource version, the old history gone, a change made meanwhile.
+    api.put(Kind::Service, service("db", "198.18.0.20", 5432, 5432));
+    api.put(Kind::Slice, slice("db-1", "db", 5432, &["198.18.2.1"]));
+    api.compact();
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let back = Instant::now();
+    let server = tokio::spawn(serve(api.clone(), listener));
+    let want = ["198.18.0.10:80/TCP -> 198.18.1.1:8080", "198.18.0.20:5432/TCP -> 198.18.2.1:5432"];
+    converge(&dp, &want, &format!("after a {outage:?} outage")).await;
+    let took = back.elapsed();
+    let _ = stop.send(());
+    agent.await.unwrap();
+    server.abort();
+    took
+}
+
+/// However long the API server was away, a change made while it was away is in the maps
+/// within 2 s of its return (kube-rs' default backoff had grown to 30 s by then, and a 410 on
+/// resuming cost one more backoff before the relist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_api_server_is_heard_from_within_two_seconds_of_its_return() {
+    let outages = [Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)];
+    let took = futures::future::join_all(outages.map(recovery_after)).await;
+    for (outage, took) in outages.iter().zip(&took) {
+        eprintln!("outage {outage:?}: the change was in the maps {took:?} after the API server's return");
+    }
+    for (outage, took) in outages.iter().zip(&took) {
+        assert!(*took <= Duration::from_secs(2), "after a {outage:?} outage the change took {took:?}");
+    }
+}
