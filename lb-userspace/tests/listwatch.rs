@@ -330,7 +330,10 @@ async fn failed_map_writes_are_retried_until_the_maps_converge() {
 
 /// An agent (source, syncer, control loop) against the API server at `addr`, writing to `dp`;
 /// it stops when the sender is dropped or sent to.
-fn start_agent(addr: SocketAddr, dp: &Shared) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+fn start_agent(
+    addr: SocketAddr,
+    dp: &Shared,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let client =
         kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
     let metrics = Arc::new(Metrics::default());

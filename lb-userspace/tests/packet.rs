@@ -55,14 +55,20 @@ impl Dut {
     }
 
     fn apply(&mut self, yaml: &str) {
+        let rejected = self.apply_valid_parts(yaml);
+        assert!(rejected.is_empty(), "{rejected:?}");
+    }
+
+    /// Applies what the model accepts of `yaml`; returns what it rejected.
+    fn apply_valid_parts(&mut self, yaml: &str) -> Vec<model::Rejection> {
         let mut objects = manifests::Objects::default();
         manifests::read_str("test.yaml".as_ref(), yaml, &mut objects);
         assert!(objects.errors.is_empty(), "{:?}", objects.errors);
         let mut m = model::build(&objects.services, &objects.slices, &self.cfg);
         let pods: Vec<std::sync::Arc<_>> = objects.pods.into_iter().map(std::sync::Arc::new).collect();
         model::add_host_ports(&mut m, &pods, &self.cfg);
-        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
         self.rec.apply(&m.ports).expect("apply");
+        m.rejected
     }
 
     /// Runs the program once on `frame`: the verdict and the frame as it leaves.
@@ -525,6 +531,39 @@ addressType: IPv4
 ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
 endpoints: [{addresses: [198.18.1.2]}]
 "#;
+
+/// A node port outside the agent's range is left out alone: the Service's ClusterIP and its
+/// other node port are served (before, the whole Service was rejected on this node).
+#[test]
+fn a_service_whose_node_port_is_out_of_range_still_serves_its_cluster_ip() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let cfg = ModelConfig { node_addrs: vec!["198.18.100.1".parse().unwrap()], ..ModelConfig::default() };
+    let mut dut = Dut::with_config("", cfg);
+    let yaml = SHOP.replace("nodePort: 30080", "nodePort: 40080");
+    let rejected = dut.apply_valid_parts(&yaml);
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(
+        (rejected[0].kind, rejected[0].name.as_str(), rejected[0].part),
+        ("Service", "shop", Some("nodePort"))
+    );
+    assert!(
+        rejected[0].reason.contains("nodePort 40080 is outside the node port range 30000-32767"),
+        "{rejected:?}"
+    );
+    let client = sa("198.18.100.2:40000");
+    // The ClusterIP: DNAT to the pod.
+    let (v, out) = dut.run(&Frame::tcp(client, sa("198.18.0.40:80")).build());
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(decode(&out).unwrap().dst, sa("198.18.1.2:8080"));
+    // The other port's node port, which is in range: served.
+    let (_, out) = dut.run(&Frame::udp(client, sa("198.18.100.1:30053")).build());
+    assert_eq!(decode(&out).unwrap().dst, sa("198.18.1.2:5353"));
+    // The node port out of range: no frontend.
+    let stray = Frame::tcp(client, sa("198.18.100.1:40080")).build();
+    assert_eq!(dut.run(&stray), (XDP_PASS, stray));
+}
 
 /// node-1 (address 198.18.100.1) serving SHOP, whose endpoint 198.18.1.2 runs on node-2: its
 /// node-port flows are SNATed.
