@@ -188,6 +188,9 @@ pub struct Syncer<D> {
     pub events: Option<crate::events::EventReporter>,
     /// The rejections logged, so that each is logged once, not at every sync.
     logged: std::collections::BTreeSet<crate::events::RejectionKey>,
+    /// The node ports xlb gave out (standalone mode), by (namespace, name, port name,
+    /// protocol): each is logged when given, not at every sync.
+    assigned: crate::HashMap<(String, String, String, crate::model::Proto), u16>,
 }
 
 impl<D: Datapath> Syncer<D> {
@@ -201,6 +204,7 @@ impl<D: Datapath> Syncer<D> {
             terminate: None,
             events: None,
             logged: Default::default(),
+            assigned: Default::default(),
         }
     }
 
@@ -226,6 +230,26 @@ impl<D: Datapath> Syncer<D> {
             }
             Err(e) => warn!(error = %e, "cannot terminate the sockets connected to removed backends"),
         }
+    }
+
+    /// Logs the node ports given out since the last sync (standalone mode, where no API server
+    /// assigns them): which Service's port got which.
+    fn log_assigned_node_ports(&mut self, ports: &[Arc<crate::model::DesiredPort>]) {
+        let mut now = crate::HashMap::default();
+        for p in ports.iter().filter(|p| p.shown.node_port_assigned) {
+            let Some(np) = p.node_port else { continue };
+            let key = (p.id.namespace.clone(), p.id.name.clone(), p.id.port_name.clone(), p.id.proto);
+            if now.insert(key.clone(), np).is_none() && self.assigned.get(&key) != Some(&np) {
+                info!(
+                    service = %format!("{}/{}", p.id.namespace, p.id.name),
+                    port = %if p.id.port_name.is_empty() { p.port.to_string() } else { p.id.port_name.clone() },
+                    protocol = %p.id.proto,
+                    node_port = np,
+                    "assigned a node port (the manifest has none; `xlb describe` shows it)"
+                );
+            }
+        }
+        self.assigned = now;
     }
 
     /// Builds the model and writes the difference. Invalid objects are logged and counted, not
@@ -259,6 +283,7 @@ impl<D: Datapath> Syncer<D> {
         if let Some(events) = &mut self.events {
             events.report(&model.rejected, snap);
         }
+        self.log_assigned_node_ports(&model.ports);
         match self.rec.apply(&model.ports) {
             Ok(stats) => {
                 self.terminate_sockets();
@@ -733,5 +758,37 @@ mod tests {
             assert_eq!(lines("nodePort 40001"), 2);
             assert_eq!(lines("default/good"), 0);
         });
+    }
+
+    #[test]
+    fn a_node_port_xlb_assigns_is_logged_once_with_its_service() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        let cfg = ModelConfig { allocate_node_ports: true, ..ModelConfig::default() };
+        let mut syncer =
+            Syncer::new(Reconciler::new(MemDatapath::default()).unwrap(), cfg, Arc::new(Metrics::default()));
+        let auto = "apiVersion: v1\nkind: Service\nmetadata: {name: auto, namespace: default}\nspec: {type: NodePort, clusterIP: 198.18.0.3, ports: [{name: http, port: 80}]}\n---\n";
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..3 {
+                syncer.sync(&snapshot(auto)).unwrap();
+            }
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("assigned a node port")).collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let np = crate::cli::service_rows(syncer.rec.datapath())
+            .unwrap()
+            .into_iter()
+            .find_map(|r| r.node_port)
+            .unwrap();
+        assert!(
+            lines[0].contains("service=default/auto")
+                && lines[0].contains("port=http")
+                && lines[0].contains(&format!("node_port={np}")),
+            "{}",
+            lines[0]
+        );
     }
 }

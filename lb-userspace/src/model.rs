@@ -244,6 +244,8 @@ impl Policy {
 pub struct Shown {
     /// `targetPort` as written (a number or a port name); "" when unset (then it is `port`).
     pub target_port: String,
+    /// The node port was given out by xlb (standalone mode: the manifest has none).
+    pub node_port_assigned: bool,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 for `None`.
     pub affinity_timeout: u32,
     pub external_policy: Policy,
@@ -644,6 +646,7 @@ fn allocate_node_ports(
         match free {
             Some(np) => {
                 port.node_port = Some(np);
+                port.shown.node_port_assigned = true;
                 for &addr in cfg.node_addrs.iter().filter(|a| Family::of(a) == port.id.family) {
                     port.frontends.push(Frontend { addr, port: np, proto: port.id.proto });
                     port.frontend_kinds.push(lb_common::SVC_F_NODE_PORT | lb_common::SVC_F_LOCAL);
@@ -750,6 +753,7 @@ fn shown_settings(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Show
     };
     Ok(Shown {
         target_port: String::new(),
+        node_port_assigned: false,
         affinity_timeout,
         external_policy: Policy::parse("externalTrafficPolicy", spec.external_traffic_policy.as_deref())?,
         internal_policy: Policy::parse("internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?,

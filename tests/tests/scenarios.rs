@@ -143,6 +143,18 @@ fn s3_node_port_as_kubectl_expose_makes_it_and_one_left_to_allocation() {
     for node in ["198.18.100.1", "198.18.200.2"] {
         assert_eq!(pods(&from_ns(&bed.client, &format!("{node}:{np1}"), 5)), set(&["pod-b"]));
     }
+    // Each agent says which Service got which node port, and `xlb describe` shows it.
+    let said = format!("service=default/auto port=80 protocol=TCP node_port={np1}");
+    let logs = bed.logs();
+    assert_eq!(
+        logs.lines().filter(|l| l.contains("assigned a node port") && l.contains(&said)).count(),
+        2,
+        "{logs}"
+    );
+    for i in 0..2 {
+        let d = bed.xlb_cli(i, &["describe", "service", "auto"]).unwrap();
+        assert!(d.lines().any(|l| l.starts_with("NodePort:") && l.contains(&format!("{np1}/TCP"))), "{d}");
+    }
 }
 
 #[test]
