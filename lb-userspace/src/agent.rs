@@ -502,6 +502,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         Err(e) => warn!(error = %e, "cannot read this process's capabilities; trying anyway"),
     }
+    // One agent per pin directory, taken before anything is created, pinned or attached (see
+    // crate::pinlock), and held until the agent exits.
+    ebpf::prepare_pin_dir(&cfg.pin_dir)?;
+    let _pin_lock = crate::pinlock::lock(&cfg.pin_dir)?;
+    info!(pin_dir = %cfg.pin_dir.display(), "locked the pin directory: no other agent runs on it");
     let metrics = Arc::new(Metrics::default());
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
     crate::datapath::write_config(&mut ebpf, cfg.datapath).context("writing the datapath's settings")?;

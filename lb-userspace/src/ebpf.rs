@@ -150,6 +150,15 @@ pub fn is_bpffs(dir: &Path) -> bool {
     fs_magic(dir) == Some(BPF_FS_MAGIC)
 }
 
+/// Creates the pin directory if it is not there, and checks that it lies on a bpffs.
+pub fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
+    std::fs::create_dir_all(dir).map_err(|source| LoadError::PinDir { dir: dir.to_owned(), source })?;
+    if !is_bpffs(dir) {
+        return Err(LoadError::NoBpffs { dir: dir.to_owned() });
+    }
+    Ok(())
+}
+
 /// Loads the object and its XDP program. With `pin_dir`, every map is pinned there, and maps
 /// already pinned there (by an earlier agent) are reused with their content.
 pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError> {
@@ -172,11 +181,7 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
         .map_max_entries(lb_common::MAP_SOCK_NAT6, caps.ipv6_entries);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| LoadError::PinDir { dir: dir.to_owned(), source })?;
-            if !is_bpffs(dir) {
-                return Err(LoadError::NoBpffs { dir: dir.to_owned() });
-            }
+            prepare_pin_dir(dir)?;
             ALL_MAPS.into_iter().map(|m| (m, dir.join(m))).collect()
         }
         None => Vec::new(),

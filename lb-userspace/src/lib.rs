@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod packet;
+pub mod pinlock;
 pub mod reconcile;
 pub mod sockterm;
 pub mod trace;

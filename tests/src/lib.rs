@@ -529,8 +529,20 @@ impl SingleNode {
 
     /// Starts `xlb agent` like [`Self::start_agent`], and hands its process to the caller.
     pub fn spawn_agent(&self) -> anyhow::Result<Proc> {
+        spawn_agent(&self.xlb, &self.agent_node(), &self.manifests, "xlb agent", &self.work.join("agent.log"))
+    }
+
+    /// The command [`Self::spawn_agent`] runs, with `args` more, on the manifests in
+    /// `manifests`: for a test to run it as it likes (a second agent, say).
+    pub fn agent_command(&self, manifests: &Path, args: &[&str]) -> Command {
+        let mut cmd = agent_command(&self.xlb, &self.agent_node(), manifests);
+        cmd.args(args);
+        cmd
+    }
+
+    fn agent_node(&self) -> AgentNode<'_> {
         // The node of the test manifests' endpoints is `nodeName: node-1`.
-        let node = AgentNode {
+        AgentNode {
             ns: &self.node,
             pin_dir: &self.pin_dir,
             name: "node-1",
@@ -538,8 +550,7 @@ impl SingleNode {
             cgroup: self.cgroup.as_ref().map(|c| c.path.as_path()),
             args: &self.agent_args,
             wrapper: &self.agent_wrapper,
-        };
-        spawn_agent(&self.xlb, &node, &self.manifests, "xlb agent", &self.work.join("agent.log"))
+        }
     }
 
     /// Runs the xlb CLI against this node's pinned maps.
@@ -847,6 +858,13 @@ fn spawn_agent(
     what: &str,
     log: &Path,
 ) -> anyhow::Result<Proc> {
+    let mut agent = Proc::spawn(what, &mut agent_command(xlb, node, manifests), Some(log))?;
+    agent.wait_for_log(" ready pin_dir=", Duration::from_secs(30))?;
+    Ok(agent)
+}
+
+/// The command that runs `xlb agent` for `node` on the manifests in `manifests`.
+fn agent_command(xlb: &Path, node: &AgentNode, manifests: &Path) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", node.ns.path().display()))
         .args(node.wrapper)
@@ -863,9 +881,7 @@ fn spawn_agent(
         cmd.arg("--iface").arg(i);
     }
     cmd.args(node.args);
-    let mut agent = Proc::spawn(what, &mut cmd, Some(log))?;
-    agent.wait_for_log(" ready pin_dir=", Duration::from_secs(30))?;
-    Ok(agent)
+    cmd
 }
 
 /// Attaches `xlb xdp-pass` (a program that passes every packet) to the client's eth0, as a real

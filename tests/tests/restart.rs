@@ -217,3 +217,70 @@ fn maglev_selection_serves_traffic_and_survives_a_restart() {
     assert!(!backend(&t).is_null(), "{t}");
     assert_eq!(backend(&t), backend(&t2), "the same flow goes to the same backend after the restart");
 }
+
+/// Every pin under `dir` (maps, and links under links/) with its inode: a pin replaced or
+/// re-pinned gets a new one.
+fn pins(dir: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = std::collections::BTreeMap::new();
+    for sub in ["", "links"] {
+        for e in std::fs::read_dir(dir.join(sub)).into_iter().flatten().flatten() {
+            let md = e.metadata().unwrap();
+            if md.is_file() {
+                out.insert(format!("{sub}/{}", e.file_name().to_string_lossy()), md.ino());
+            }
+        }
+    }
+    out
+}
+
+/// A second agent on the same node and pin directory (a manual run beside the DaemonSet, or an
+/// update whose pods overlap) refuses to start, naming the running one, and changes nothing:
+/// the same pins, the same programs on the interfaces, the same maps. It is given a wider node
+/// port range and a Service with a node port the first one rejects, which it would otherwise
+/// serve.
+#[test]
+fn a_second_agent_on_the_same_pin_directory_refuses_to_start_and_changes_nothing() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let bed = demo_bed();
+    let first_pid = bed.agent.as_ref().unwrap().pid();
+    let other = bed.work.join("other-manifests");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(
+        other.join("np.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: wide, namespace: default}\nspec: {type: NodePort, clusterIP: 198.18.0.77, ports: [{port: 80, targetPort: 8080, nodePort: 40080}]}\n",
+    )
+    .unwrap();
+    let (services, pinned) = (ids(&bed), pins(&bed.pin_dir));
+    let links = || bed.node.ip(&["-d", "link", "show"]).unwrap();
+    let attached = links();
+    assert!(pinned.keys().any(|p| p.starts_with("links/")), "{pinned:?}");
+
+    let log = bed.work.join("second-agent.log");
+    let mut second = xlb_tests::Proc::spawn(
+        "second agent",
+        &mut bed.agent_command(&other, &["--node-port-range", "30000-50000", "--http-addr", "off"]),
+        Some(&log),
+    )
+    .unwrap();
+    // It refuses at once; one still running after 10 s is stopped (by its Drop) and fails.
+    let status = second.wait_exit(Duration::from_secs(10));
+    let stderr = second.log_text();
+    let status =
+        status.unwrap_or_else(|e| panic!("the second agent did not refuse to start ({e}): {stderr}"));
+    assert!(!status.success(), "the second agent must exit non-zero: {stderr}");
+    assert!(
+        stderr.contains("another xlb agent is running") && stderr.contains(&format!("pid {first_pid}")),
+        "it names the first agent (pid {first_pid}): {stderr}"
+    );
+    assert_eq!(pins(&bed.pin_dir), pinned, "no pin created, replaced or removed");
+    assert_eq!(links(), attached, "the same programs on the node's interfaces");
+    assert_eq!(ids(&bed), services, "the same services, ids and backends in the maps");
+    assert!(!bed.xlb_cli(&["services"]).unwrap().contains("40080"));
+    // And the first agent still serves.
+    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(5)).unwrap();
+    let a = bed.client.enter(|| tcp_request("198.18.0.10:80".parse().unwrap(), Duration::from_secs(2)));
+    assert!(a.is_ok(), "{a:?}");
+}
