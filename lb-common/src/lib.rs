@@ -27,7 +27,7 @@ pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
 pub const MAP_CT: &str = "xlb_ct4_v2";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
-pub const MAP_STATS: &str = "xlb_stats_v8";
+pub const MAP_STATS: &str = "xlb_stats_v9";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
 pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v2";
 /// New flows sent to each backend (array, backend id -> u64); the agent zeroes an id's count
@@ -244,8 +244,59 @@ pub const MAP_SOURCE_RANGES6: &str = "xlb_srcrange6_v1";
 /// IPv6 backend id -> new flows sent to it (array of u64): as [`MAP_BACKEND_FLOWS`].
 pub const MAP_BACKEND_FLOWS6: &str = "xlb_beflows6_v1";
 
+/// The cluster's Service IP ranges (array of one [`ServiceCidrs`]), written by the agent at
+/// start (`--service-cidr`): a new flow to an address of these ranges that no frontend holds is
+/// answered at once (TCP reset, ICMP port unreachable), instead of being routed out of the node.
+pub const MAP_SERVICE_CIDRS: &str = "xlb_svccidr_v1";
+
+/// Ranges of each family [`ServiceCidrs`] holds (kube-apiserver takes two per family at most).
+pub const MAX_SERVICE_CIDRS: usize = 4;
+
+/// Value of [`MAP_SERVICE_CIDRS`]. A range whose mask is zero is an empty slot (a /0 is never a
+/// Service range). 160 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceCidrs {
+    /// IPv4 (network, mask), each the address's four bytes read as a `u32` in memory order (as
+    /// the packet holds them).
+    pub v4: [[u32; 2]; MAX_SERVICE_CIDRS],
+    /// IPv6 (network high, network low, mask high, mask low), each eight bytes of the address
+    /// read as a `u64` in memory order.
+    pub v6: [[u64; 4]; MAX_SERVICE_CIDRS],
+}
+
+impl ServiceCidrs {
+    /// Whether the IPv4 address `addr` (bytes in memory order) is in one of the ranges.
+    #[inline(always)]
+    pub fn contains4(&self, addr: u32) -> bool {
+        let mut i = 0;
+        while i < MAX_SERVICE_CIDRS {
+            let [net, mask] = self.v4[i];
+            if mask != 0 && addr & mask == net {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether the IPv6 address (its two halves, bytes in memory order) is in one of the ranges.
+    #[inline(always)]
+    pub fn contains6(&self, hi: u64, lo: u64) -> bool {
+        let mut i = 0;
+        while i < MAX_SERVICE_CIDRS {
+            let [nh, nl, mh, ml] = self.v6[i];
+            if (mh | ml) != 0 && hi & mh == nh && lo & ml == nl {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 20] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT,
@@ -265,6 +316,7 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_SOURCE_RANGES6,
     MAP_AFFINITY6,
     MAP_BACKEND_FLOWS6,
+    MAP_SERVICE_CIDRS,
 ];
 
 /// The cgroup programs of socket-level load balancing: connections and datagrams of the node's
@@ -805,10 +857,17 @@ pub enum Stat {
     /// came (which then starts a new flow). Flows the LRU map evicted are counted by the agent
     /// and the CLI: created - expired - stale - live.
     CtExpired = 22,
+    /// Answered (XDP_TX): a new flow to an address of the Service ranges (`--service-cidr`)
+    /// that no frontend holds (a deleted Service, a port the Service does not have) got a TCP
+    /// reset or an ICMP port unreachable, instead of being routed out of the node.
+    RejectNoService = 23,
+    /// Dropped: as [`Stat::RejectNoService`], where no answer could be sent (the packet is a
+    /// TCP reset, carries IP options, or the ICMP rate limit was reached).
+    DropNoService = 24,
 }
 
 /// Number of [`Stat`] counters; size of [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 23;
+pub const STAT_COUNT: u32 = 25;
 
 /// Names of the [`Stat`] counters, by index, as the CLI and /metrics show them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -835,6 +894,8 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "sock_refused",
     "ct_created",
     "ct_expired",
+    "reject_no_service",
+    "drop_no_service",
 ];
 
 /// Value of [`MAP_TRACE`]: what the trace program decided for one packet. 32 bytes.
@@ -895,12 +956,13 @@ const _: () = {
     assert!(core::mem::size_of::<StatValue>() == 16);
     assert!(core::mem::size_of::<SvcInfo>() == 432);
     assert!(core::mem::size_of::<TraceRecord>() == 32);
-    assert!(Stat::CtExpired as u32 + 1 == STAT_COUNT);
+    assert!(Stat::DropNoService as u32 + 1 == STAT_COUNT);
     assert!(core::mem::size_of::<SrcRange4>() == 8);
     assert!(core::mem::size_of::<SrcRange6>() == 20);
     assert!(core::mem::size_of::<RejectBucket>() == 16);
     assert!(core::mem::size_of::<SockNat4Key>() == 16);
     assert!(core::mem::size_of::<DatapathConfig>() == 24);
+    assert!(core::mem::size_of::<ServiceCidrs>() == 160);
     assert!(core::mem::size_of::<Affinity4Key>() == 8);
     assert!(core::mem::size_of::<Affinity6Key>() == 20);
     assert!(core::mem::size_of::<Affinity4Value>() == 16);
@@ -930,6 +992,7 @@ mod pod {
     unsafe impl aya::Pod for SrcRange6 {}
     unsafe impl aya::Pod for SockNat4Key {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for ServiceCidrs {}
     unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for Affinity6Key {}
     unsafe impl aya::Pod for Affinity4Value {}

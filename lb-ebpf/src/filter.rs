@@ -2,7 +2,7 @@
 //! or a backend? Two array reads spare a packet that is neither its three hash lookups.
 use lb_common::{filter_bit, filter_bit6};
 
-use crate::maps::FILTER;
+use crate::maps::{FILTER, SERVICE_CIDRS};
 
 /// `addr` and `port` as they stand in the packet (network order).
 #[inline(always)]
@@ -21,4 +21,29 @@ pub fn has6(addr: &[u8; 16], port: u16, proto: u8) -> bool {
 #[inline(always)]
 fn is_set(bit: u32) -> bool {
     FILTER.get(bit >> 6).is_none_or(|w| (*w >> (bit & 63)) & 1 != 0)
+}
+
+/// Whether an IPv4 address (as it stands in the packet) lies in the cluster's Service ranges
+/// (lb_common::MAP_SERVICE_CIDRS).
+#[inline(always)]
+pub fn in_service_range(addr: u32) -> bool {
+    SERVICE_CIDRS.get(0).is_some_and(|c| c.contains4(addr))
+}
+
+/// As [`in_service_range`], for an IPv6 address (bytes as in the packet).
+#[inline(always)]
+pub fn in_service_range6(addr: &[u8; 16]) -> bool {
+    let half = |at: usize| {
+        u64::from_ne_bytes([
+            addr[at],
+            addr[at + 1],
+            addr[at + 2],
+            addr[at + 3],
+            addr[at + 4],
+            addr[at + 5],
+            addr[at + 6],
+            addr[at + 7],
+        ])
+    };
+    SERVICE_CIDRS.get(0).is_some_and(|c| c.contains6(half(0), half(8)))
 }

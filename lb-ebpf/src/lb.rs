@@ -49,15 +49,25 @@ pub fn datapath(ctx: &XdpContext) -> Result<u32, ()> {
     {
         let bytes = (end - data) as u64;
         count(Stat::Rx, bytes);
-        return match crate::lb6::process::<false>(data, end, bytes)? {
-            crate::lb6::REJECT if reject::answer6(ctx.ctx) => {
-                verdict(None, Stat::RejectNoBackend, bytes, xdp_action::XDP_TX)
-            }
-            crate::lb6::REJECT => drop(None, Stat::DropNoBackend, bytes),
-            action => Ok(action),
-        };
+        return answer6(ctx, None, crate::lb6::process::<false>(data, end, bytes)?, bytes);
     }
     process_v4(ctx.ctx)
+}
+
+/// What the IPv6 path decided: an XDP action, or an answer for the caller, which holds the
+/// context, to send ([`crate::lb6::REJECT`], [`crate::lb6::REJECT_NO_SERVICE`]).
+#[inline(always)]
+fn answer6(ctx: &XdpContext, rec: Rec, action: u32, bytes: u64) -> Result<u32, ()> {
+    let (sent, unsent) = match action {
+        crate::lb6::REJECT => (Stat::RejectNoBackend, Stat::DropNoBackend),
+        crate::lb6::REJECT_NO_SERVICE => (Stat::RejectNoService, Stat::DropNoService),
+        action => return Ok(action),
+    };
+    if reject::answer6(ctx.ctx) {
+        verdict(rec, sent, bytes, xdp_action::XDP_TX)
+    } else {
+        drop(rec, unsent, bytes)
+    }
 }
 
 #[inline(never)]
@@ -80,13 +90,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         Parsed::NotIpv4 => return pass(rec, Stat::PassNotIpv4, bytes),
         // IPv6 has a path of its own (see `datapath`), which the trace program follows here.
         Parsed::Ipv6 if TRACE_MODE => {
-            return match crate::lb6::process::<true>(ctx.data(), ctx.data_end(), bytes)? {
-                crate::lb6::REJECT if reject::answer6(ctx.ctx) => {
-                    verdict(rec, Stat::RejectNoBackend, bytes, xdp_action::XDP_TX)
-                }
-                crate::lb6::REJECT => drop(rec, Stat::DropNoBackend, bytes),
-                action => Ok(action),
-            };
+            return answer6(ctx, rec, crate::lb6::process::<true>(ctx.data(), ctx.data_end(), bytes)?, bytes);
         }
         Parsed::Ipv6 => return pass(rec, Stat::PassNotIpv4, bytes),
         Parsed::Malformed => return pass(rec, Stat::PassMalformed, bytes),
@@ -109,7 +113,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     let to_known = TRACE_MODE || filter::has(pkt.daddr, pkt.dport, pkt.proto);
     let from_known = (!to_known).then(|| filter::has(pkt.saddr, pkt.sport, pkt.proto));
     if from_known == Some(false) {
-        return pass(rec, Stat::PassNoService, bytes);
+        return no_service::<TRACE_MODE>(ctx, rec, &pkt, bytes);
     }
 
     // A tracked flow: one lookup covers both directions, since the key holds the tuple as it
@@ -204,9 +208,30 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     }
 
     if !to_known {
-        return pass(rec, Stat::PassNoService, bytes);
+        return no_service::<TRACE_MODE>(ctx, rec, &pkt, bytes);
     }
     new_flow::<TRACE_MODE>(ctx, rec, &pkt, bytes)
+}
+
+/// A packet of no tracked flow to no frontend. Passed, unless its destination lies in the
+/// cluster's Service ranges: no Service holds it (deleted, or a port the Service does not have),
+/// so the client is told at once, as for a Service without endpoints, instead of the packet
+/// being routed out of the node to time out.
+#[inline(always)]
+fn no_service<const TRACE_MODE: bool>(
+    ctx: &XdpContext,
+    rec: Rec,
+    pkt: &Packet,
+    bytes: u64,
+) -> Result<u32, ()> {
+    if !filter::in_service_range(pkt.daddr) {
+        return pass(rec, Stat::PassNoService, bytes);
+    }
+    if reject::answer::<TRACE_MODE>(ctx, pkt) {
+        step(rec, |r| r.steps |= TRACE_REJECT);
+        return verdict(rec, Stat::RejectNoService, bytes, xdp_action::XDP_TX);
+    }
+    drop(rec, Stat::DropNoService, bytes)
 }
 
 #[inline(always)]
@@ -220,7 +245,7 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         _pad: 0,
     };
     let Some(svc) = SERVICES.get_ptr(key) else {
-        return pass(rec, Stat::PassNoService, bytes);
+        return no_service::<TRACE_MODE>(ctx, rec, pkt, bytes);
     };
     // SAFETY: pointer from a lookup in this run.
     let (count_, svc_id, svc_flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };

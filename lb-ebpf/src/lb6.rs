@@ -364,6 +364,20 @@ fn set_key(k: &mut Ct6Key, saddr: &[u8; 16], daddr: &[u8; 16], sport: u16, dport
 /// Returned by [`process`] for a new flow to a frontend without endpoints: the caller sends the
 /// answer ([`crate::reject::answer6`]) and counts it. Not an XDP action.
 pub const REJECT: u32 = u32::MAX;
+/// Returned by [`process`] for a new flow to an address of the Service ranges that no frontend
+/// holds: the caller answers, as for [`REJECT`], and counts it apart.
+pub const REJECT_NO_SERVICE: u32 = u32::MAX - 1;
+
+/// A packet of no tracked flow to no frontend: passed, unless its destination lies in the
+/// Service ranges (see `lb::no_service`).
+#[inline(always)]
+fn no_service<const TRACE: bool>(daddr: &[u8; 16], bytes: u64) -> Result<u32, ()> {
+    if filter::in_service_range6(daddr) {
+        step::<TRACE>(|r| r.steps |= TRACE_REJECT);
+        return Ok(REJECT_NO_SERVICE);
+    }
+    verdict_t::<TRACE>(Stat::PassNoService, bytes, xdp_action::XDP_PASS)
+}
 
 /// The IPv6 path. `data` and `end` are the frame's bounds (the context itself cannot be handed
 /// to a subprogram: its fields would be split and shifted, which the verifier refuses on
@@ -398,7 +412,7 @@ pub fn process<const TRACE: bool>(data: usize, end: usize, bytes: u64) -> Result
     let to_known = TRACE || filter::has6(&s.key.daddr, s.key.dport, s.key.proto);
     let from_known = (!to_known).then(|| filter::has6(&s.key.saddr, s.key.sport, s.key.proto));
     if from_known == Some(false) {
-        return verdict(Stat::PassNoService, bytes, pass);
+        return no_service::<TRACE>(&s.key.daddr, bytes);
     }
 
     if let Some(entry) = if to_known { CT6.get_ptr_mut(&s.key) } else { None } {
@@ -480,7 +494,7 @@ pub fn process<const TRACE: bool>(data: usize, end: usize, bytes: u64) -> Result
         s.key.dir = CT_DIR_FORWARD;
     }
     if !to_known {
-        return verdict(Stat::PassNoService, bytes, pass);
+        return no_service::<TRACE>(&s.key.daddr, bytes);
     }
     new_flow::<TRACE>(s, &pkt, bytes)
 }
@@ -497,7 +511,7 @@ fn new_flow<const TRACE: bool>(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> R
     s.svc.slot = 0;
     s.svc._pad = 0;
     let Some(svc) = SERVICES6.get_ptr(&s.svc) else {
-        return verdict_t::<TRACE>(Stat::PassNoService, bytes, pass);
+        return no_service::<TRACE>(&s.svc.addr, bytes);
     };
     // SAFETY: pointer from a lookup in this run; plain integer reads.
     let (n, svc_id, flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };

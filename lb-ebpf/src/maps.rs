@@ -24,7 +24,7 @@ pub static BACKENDS: Array<Backend4, 262_144> = Array::new();
 pub static CT: LruHashMap<Ct4Key, Ct4Value, 262_144> = LruHashMap::new();
 
 /// Per-CPU packet and byte counters by verdict and reason (see lb_common::Stat).
-#[btf_map(name = "xlb_stats_v8")]
+#[btf_map(name = "xlb_stats_v9")]
 pub static STATS: PerCpuArray<StatValue, { STAT_COUNT as usize }> = PerCpuArray::new();
 
 /// Service id -> names for display; written by the agent, never read here. Declared in the
@@ -57,6 +57,10 @@ pub static SOCK_NAT: LruHashMap<SockNat4Key, SockNat4Value, 262_144> = LruHashMa
 /// The datapath's settings (conntrack lifetimes, selection), written by the agent.
 #[btf_map(name = "xlb_config_v1")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// The cluster's Service IP ranges, written by the agent (lb_common::MAP_SERVICE_CIDRS).
+#[btf_map(name = "xlb_svccidr_v1")]
+pub static SERVICE_CIDRS: Array<lb_common::ServiceCidrs, 1> = Array::new();
 
 /// sessionAffinity ClientIP: (service port, client) -> the backend its new flows keep.
 #[btf_map(name = "xlb_affinity4_v1")]

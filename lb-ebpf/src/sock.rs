@@ -80,7 +80,14 @@ fn balance4(ctx: &SockAddrContext, addr: [u8; 4], port: u16, proto: u8, sendmsg:
         return To4::Leave;
     }
     let mut key = Svc4Key { addr, port, proto, scope: SCOPE_EXTERNAL, slot: 0, _pad: 0 };
-    let Some(svc) = SERVICES.get_ptr(key) else { return To4::Leave };
+    let Some(svc) = SERVICES.get_ptr(key) else {
+        // An address of the Service ranges that no frontend holds: refused at once, as the
+        // packet path answers it.
+        if crate::filter::in_service_range(u32::from_ne_bytes(addr)) {
+            return To4::Refuse;
+        }
+        return To4::Leave;
+    };
     // SAFETY: pointer from a lookup in this run.
     let (n, svc_id, flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };
     if flags & SVC_F_SOURCE_RANGES != 0 {
@@ -242,7 +249,9 @@ pub fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         };
     }
     let mut key = Svc6Key { addr, port, proto, scope: SCOPE_EXTERNAL, slot: 0, _pad: 0 };
-    let Some(svc) = SERVICES6.get_ptr(&key) else { return ALLOW };
+    let Some(svc) = SERVICES6.get_ptr(&key) else {
+        return if crate::filter::in_service_range6(&addr) { refuse() } else { ALLOW };
+    };
     // SAFETY: pointer from a lookup in this run.
     let (n, svc_id, flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };
     if flags & SVC_F_SOURCE_RANGES != 0 {

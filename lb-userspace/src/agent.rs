@@ -59,6 +59,9 @@ pub struct AgentConfig {
     /// Node ports are answered on the node's addresses within these prefixes (all of them,
     /// loopback excepted, when empty), as kube-proxy's `--nodeport-addresses`.
     pub nodeport_addresses: Vec<crate::node::Cidr>,
+    /// The cluster's Service IP ranges: a new flow to an address of them that no frontend holds
+    /// is answered at once (see lb_common::MAP_SERVICE_CIDRS). Empty: not known.
+    pub service_cidrs: Vec<crate::node::Cidr>,
     /// This node's name as EndpointSlices give it (`nodeName`), for the traffic policies
     /// `Local`.
     pub node_name: Option<String>,
@@ -115,6 +118,14 @@ impl AgentConfig {
                     "every address but loopback".into()
                 } else {
                     self.nodeport_addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                },
+            ),
+            (
+                "service cidrs",
+                if self.service_cidrs.is_empty() {
+                    "none (traffic to a deleted Service's address is routed as any)".into()
+                } else {
+                    self.service_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
                 },
             ),
             (
@@ -502,6 +513,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         Err(e) => warn!(error = %e, "cannot read this process's capabilities; trying anyway"),
     }
+    let service_cidrs = crate::datapath::service_cidrs(&cfg.service_cidrs)
+        .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
     // One agent per pin directory, taken before anything is created, pinned or attached (see
     // crate::pinlock), and held until the agent exits.
     ebpf::prepare_pin_dir(&cfg.pin_dir)?;
@@ -510,6 +523,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
     crate::datapath::write_config(&mut ebpf, cfg.datapath).context("writing the datapath's settings")?;
+    crate::datapath::write_service_cidrs(&mut ebpf, service_cidrs).context("writing the Service ranges")?;
+    if cfg.service_cidrs.is_empty() {
+        info!("no --service-cidr: traffic to an address no Service holds is routed as any");
+    } else {
+        info!(service_cidrs = ?cfg.service_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "new connections to an address of these ranges that no Service holds are refused at once");
+    }
     info!(settings = ?cfg.datapath, "datapath settings (conntrack lifetimes in seconds; maglev_size 0: random selection)");
     let maps = BpfMaps::open(&cfg.pin_dir)?.with_maglev_pinned(&cfg.pin_dir)?;
     let mut rec = Reconciler::new(maps).context("reading back the pinned maps")?;

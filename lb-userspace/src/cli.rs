@@ -986,7 +986,13 @@ pub fn stat_meaning(name: &str) -> &'static str {
             "socket level: a connect or UDP datagram of a node process or pod to a frontend was given a backend"
         }
         "sock_refused" => {
-            "socket level: a connect or UDP datagram to a frontend without usable endpoints failed with ECONNREFUSED"
+            "socket level: a connect or UDP datagram to a frontend without usable endpoints, or to an address of the Service ranges no Service holds, failed with ECONNREFUSED"
+        }
+        "reject_no_service" => {
+            "new flow to an address of the Service ranges (--service-cidr) that no Service holds: answered with a TCP reset or ICMP port unreachable"
+        }
+        "drop_no_service" => {
+            "as reject_no_service, where no answer was possible (a reset, IP options, ICMP rate limit)"
         }
         _ => "",
     }

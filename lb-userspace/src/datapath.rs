@@ -428,6 +428,56 @@ pub fn write_config(ebpf: &mut aya::Ebpf, cfg: lb_common::DatapathConfig) -> Res
     arr.set(0, cfg, 0).map_err(|source| DatapathError::Map { op: "write", name, source })
 }
 
+/// The Service ranges as [`lb_common::MAP_SERVICE_CIDRS`] holds them; an error names a range
+/// it cannot hold (a /0, or more than [`lb_common::MAX_SERVICE_CIDRS`] of a family).
+pub fn service_cidrs(ranges: &[crate::node::Cidr]) -> Result<lb_common::ServiceCidrs, String> {
+    let mut out = lb_common::ServiceCidrs::default();
+    let (mut n4, mut n6) = (0, 0);
+    for r in ranges {
+        if r.len == 0 {
+            return Err(format!("service CIDR {r}: a /0 is no Service range"));
+        }
+        let net = r.network();
+        match net.addr {
+            std::net::IpAddr::V4(a) => {
+                let slot = out.v4.get_mut(n4).ok_or_else(|| {
+                    format!("more than {} IPv4 service CIDRs", lb_common::MAX_SERVICE_CIDRS)
+                })?;
+                let mask = u32::MAX.checked_shl(32 - u32::from(r.len)).unwrap_or(0);
+                *slot = [u32::from_ne_bytes(a.octets()), u32::from_ne_bytes(mask.to_be_bytes())];
+                n4 += 1;
+            }
+            std::net::IpAddr::V6(a) => {
+                let slot = out.v6.get_mut(n6).ok_or_else(|| {
+                    format!("more than {} IPv6 service CIDRs", lb_common::MAX_SERVICE_CIDRS)
+                })?;
+                let mask = u128::MAX.checked_shl(128 - u32::from(r.len)).unwrap_or(0).to_be_bytes();
+                let o = a.octets();
+                let half = |b: &[u8; 16], at: usize| {
+                    u64::from_ne_bytes(b[at..at + 8].try_into().expect("eight bytes"))
+                };
+                *slot = [half(&o, 0), half(&o, 8), half(&mask, 0), half(&mask, 8)];
+                n6 += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the Service ranges into the loaded object's [`lb_common::MAP_SERVICE_CIDRS`] (none:
+/// the slots are emptied, so that ranges an earlier agent wrote do not stay).
+pub fn write_service_cidrs(
+    ebpf: &mut aya::Ebpf,
+    cidrs: lb_common::ServiceCidrs,
+) -> Result<(), DatapathError> {
+    let name = lb_common::MAP_SERVICE_CIDRS;
+    let path = PathBuf::from("<loaded object>");
+    let map = ebpf.map_mut(name).ok_or(DatapathError::NotPinned { path: path.clone() })?;
+    let mut arr: aya::maps::Array<&mut MapData, lb_common::ServiceCidrs> =
+        aya::maps::Array::try_from(map).map_err(|source| DatapathError::Layout { name, path, source })?;
+    arr.set(0, cidrs, 0).map_err(|source| DatapathError::Map { op: "write", name, source })
+}
+
 /// Splits `xlb_svcinfo_v2` into (`xlb_svcinfo`, 2).
 pub fn layout_version(name: &str) -> Option<(&str, u32)> {
     let (base, v) = name.rsplit_once("_v")?;
@@ -1062,5 +1112,33 @@ impl<D: Datapath> Datapath for FaultyDatapath<D> {
     fn delete_maglev(&mut self, key: u32) -> Result<(), DatapathError> {
         self.roll(self.write_fail_per_mille, "deleting a Maglev table")?;
         self.inner.delete_maglev(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_cidrs_are_held_as_the_datapath_compares_them() {
+        let r = |s: &str| s.parse::<crate::node::Cidr>().unwrap();
+        let c = service_cidrs(&[r("198.18.0.7/24"), r("2001:db8:1::/112"), r("10.96.0.0/12")]).unwrap();
+        let a4 = |s: &str| u32::from_ne_bytes(s.parse::<std::net::Ipv4Addr>().unwrap().octets());
+        assert!(
+            c.contains4(a4("198.18.0.99")) && c.contains4(a4("198.18.0.0")) && c.contains4(a4("10.111.2.3"))
+        );
+        assert!(!c.contains4(a4("198.18.1.1")) && !c.contains4(a4("10.112.0.1")));
+        let a6 = |s: &str| {
+            let o = s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+            (u64::from_ne_bytes(o[..8].try_into().unwrap()), u64::from_ne_bytes(o[8..].try_into().unwrap()))
+        };
+        let (h, l) = a6("2001:db8:1::ffff");
+        assert!(c.contains6(h, l));
+        let (h, l) = a6("2001:db8:1::1:0");
+        assert!(!c.contains6(h, l));
+        assert!(!lb_common::ServiceCidrs::default().contains4(a4("198.18.0.1")), "none: nothing");
+        assert!(service_cidrs(&[r("0.0.0.0/0")]).is_err());
+        let five: Vec<_> = (0..5).map(|i| r(&format!("198.18.{i}.0/24"))).collect();
+        assert!(service_cidrs(&five).unwrap_err().contains("more than 4 IPv4"));
     }
 }

@@ -223,6 +223,13 @@ struct AgentArgs {
     /// CIDRs, as kube-proxy's --nodeport-addresses). Default: every address but loopback.
     #[arg(long, env = "XLB_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<lb_userspace::node::Cidr>,
+    /// The cluster's Service IP ranges (kube-apiserver's --service-cluster-ip-range;
+    /// comma-separated CIDRs, up to 4 per family). A new connection to an address of these
+    /// ranges that no Service holds (a deleted Service, a port the Service does not have) is
+    /// answered at once with a TCP reset or an ICMP port unreachable, rate-limited and counted,
+    /// instead of being routed out of the node. Default: none (such traffic is routed as any).
+    #[arg(long, env = "XLB_SERVICE_CIDR", value_delimiter = ',', value_parser = parse_service_cidr)]
+    service_cidr: Vec<lb_userspace::node::Cidr>,
     /// This node's name as EndpointSlices give it in nodeName (for externalTrafficPolicy and
     /// internalTrafficPolicy Local). Default: NODE_NAME (set it from the downward API), else
     /// the host name.
@@ -310,6 +317,14 @@ fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
 
 /// Warns of XLB_* variables in the environment that no agent flag reads: a misspelt setting
 /// in the ConfigMap would otherwise be ignored without a word.
+fn parse_service_cidr(s: &str) -> Result<lb_userspace::node::Cidr, String> {
+    let c: lb_userspace::node::Cidr = s.trim().parse()?;
+    if c.len == 0 {
+        return Err(format!("{s}: a /0 is no Service range"));
+    }
+    Ok(c)
+}
+
 fn warn_unknown_settings() {
     use clap::CommandFactory as _;
     let cli = Cli::command();
@@ -398,6 +413,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch_delay: Duration::from_millis(a.batch_delay_ms),
                 node_port_range: a.node_port_range,
                 nodeport_addresses: a.nodeport_addresses,
+                service_cidrs: a.service_cidr,
                 node_name,
                 address_poll: Duration::from_millis(a.address_poll_ms.max(100)),
                 http_addr: a.http_addr.0,

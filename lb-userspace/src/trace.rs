@@ -345,6 +345,23 @@ impl Tracer {
                 "the chosen slot or backend vanished while the agent was updating the service".to_string(),
                 None,
             ),
+            "reject_no_service" => (
+                "reject",
+                format!(
+                    "no Service holds this address, port and protocol, and the address is in the Service ranges (--service-cidr): the packet is answered with {} to its sender",
+                    match (req.proto, v6) {
+                        (Proto::Tcp, _) => "a TCP reset",
+                        (_, false) => "an ICMP port unreachable",
+                        (_, true) => "an ICMPv6 port unreachable",
+                    }
+                ),
+                None,
+            ),
+            "drop_no_service" => (
+                "no_service",
+                "no Service holds this address, port and protocol, in the Service ranges, and no answer is sent (the packet is a reset or carries IP options, or the ICMP rate limit is reached): it is dropped".to_string(),
+                None,
+            ),
             "pass_no_service" => (
                 "no_service",
                 "no frontend is at this address, port and protocol, and no tracked flow matches: the packet goes on untouched".to_string(),

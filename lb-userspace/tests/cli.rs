@@ -745,9 +745,11 @@ drop_source_range     drop                0         0       new flow to a LoadBa
 icmp_translated       pass (translated)   0         0       ICMP error about a tracked flow, translated for the backend or client it concerns
 egress_snat           pass (translated)   0         0       TC egress: a flow to an endpoint on another node leaves with the node's address
 sock_translated       sock (translated)   0         0       socket level: a connect or UDP datagram of a node process or pod to a frontend was given a backend
-sock_refused          sock (refused)      0         0       socket level: a connect or UDP datagram to a frontend without usable endpoints failed with ECONNREFUSED
+sock_refused          sock (refused)      0         0       socket level: a connect or UDP datagram to a frontend without usable endpoints, or to an address of the Service ranges no Service holds, failed with ECONNREFUSED
 ct_created            event               0         0       new flow tracked
 ct_expired            event               0         0       tracked flow over (idle past its lifetime, or a new connection on a closed one); balanced again
+reject_no_service     reject (answered)   0         0       new flow to an address of the Service ranges (--service-cidr) that no Service holds: answered with a TCP reset or ICMP port unreachable
+drop_no_service       drop                0         0       as reject_no_service, where no answer was possible (a reset, IP options, ICMP rate limit)
 ct_live               derived             3         0       flows tracked now (forward entries in the conntrack map)
 ct_evicted            derived             0         0       flows evicted from the full conntrack map before they expired (created - expired - stale - live)
 "#;

@@ -451,6 +451,68 @@ fn service_without_endpoints_answers_udp_with_icmp_port_unreachable() {
     assert_eq!((dut.stat(Stat::RejectNoBackend), dut.stat(Stat::DropNoBackend)), (1, 1));
 }
 
+/// Sets the cluster's Service ranges (`--service-cidr`) in `dut`'s datapath.
+fn set_service_cidrs(dut: &mut Dut, ranges: &[&str]) {
+    let ranges: Vec<lb_userspace::node::Cidr> = ranges.iter().map(|r| r.parse().unwrap()).collect();
+    let cidrs = lb_userspace::datapath::service_cidrs(&ranges).unwrap();
+    lb_userspace::datapath::write_service_cidrs(&mut dut.ebpf, cidrs).unwrap();
+}
+
+/// With the Service range known, a new flow to an address of it that no frontend holds (a
+/// deleted Service, a port the Service does not have) is answered at once from the address the
+/// client used, as for a Service without endpoints, instead of being routed out of the node.
+#[test]
+fn an_address_of_the_service_range_that_no_service_holds_is_answered_at_once() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    let client = sa("198.18.100.1:40000");
+    let gone = sa("198.18.0.99:80");
+    let syn = Frame::tcp(client, gone).build();
+    // The range not known: passed untouched, as kube-proxy leaves it.
+    assert_eq!(dut.run(&syn), (XDP_PASS, syn.clone()));
+    assert_eq!(dut.stat(Stat::PassNoService), 1);
+
+    set_service_cidrs(&mut dut, &["198.18.0.0/24", "2001:db8:5::/112"]);
+    // A deleted Service's address, and a port the live Service does not have: a reset.
+    for to in [gone, sa("198.18.0.10:81")] {
+        let input = Frame::tcp(client, to).build();
+        let (v, out) = dut.run(&input);
+        assert_eq!(v, XDP_TX, "{to}");
+        let d = decode(&out).unwrap();
+        assert_eq!((d.src, d.dst), (to, client), "the reset comes from the address the client used");
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+        assert_eq!(out[34 + 13], 0x14, "RST|ACK");
+    }
+    // UDP: an ICMP port unreachable quoting the datagram.
+    let udp = Frame::udp(client, sa("198.18.0.99:53")).build();
+    let (v, out) = dut.run(&udp);
+    assert_eq!(v, XDP_TX);
+    assert_eq!((out[14 + 9], out[34], out[35]), (1, 3, 3), "ICMP port unreachable");
+    assert_eq!(&out[14 + 12..14 + 16], &[198, 18, 0, 99]);
+    assert_eq!(sum(&out[34..]), 0xffff, "ICMP checksum");
+    // A reset is never answered.
+    let mut rst = Frame::tcp(client, gone);
+    rst.tcp_flags = 0x04;
+    assert_eq!(dut.run(&rst.build()).0, XDP_DROP);
+    assert_eq!((dut.stat(Stat::RejectNoService), dut.stat(Stat::DropNoService)), (3, 1));
+    assert_eq!(dut.stat(Stat::RejectNoBackend), 0, "counted apart from Services without endpoints");
+
+    // The live Service is served as before, and an address outside the range passes untouched.
+    let (v, out) = dut.run(&Frame::tcp(client, sa("198.18.0.10:80")).build());
+    assert_eq!(v, XDP_PASS);
+    assert!(BACKENDS.contains(&decode(&out).unwrap().dst.ip().to_string().as_str()));
+    let outside = Frame::tcp(client, sa("198.18.5.5:80")).build();
+    assert_eq!(dut.run(&outside), (XDP_PASS, outside));
+    // Replies of the live Service's flows are not to the range: translated as ever.
+    assert!(dut.rec.datapath().read_ct().unwrap().len() >= 2, "tracked");
+
+    // Emptied (an agent without --service-cidr): passed again.
+    set_service_cidrs(&mut dut, &[]);
+    assert_eq!(dut.run(&syn), (XDP_PASS, syn));
+}
+
 #[test]
 fn icmp_answers_are_rate_limited() {
     if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {

@@ -942,3 +942,46 @@ impl Dut {
         dut
     }
 }
+
+/// As for IPv4: with the Service ranges known, a new flow to an IPv6 address of them that no
+/// frontend holds is answered at once (a reset, an ICMPv6 port unreachable); the served frontend
+/// and addresses outside the ranges are left as they were.
+#[test]
+fn an_ipv6_address_of_the_service_range_that_no_service_holds_is_answered_at_once() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.serve(sa(VIP), 7, &BACKENDS, 8080, 1);
+    let gone = sa("[2001:db8:1::99]:80");
+    let syn = Frame6::tcp(sa(CLIENT), gone).build();
+    assert_eq!(dut.run(&syn), (XDP_PASS, syn.clone()), "the range not known: passed");
+
+    let ranges: Vec<lb_userspace::node::Cidr> =
+        ["198.18.0.0/24", "2001:db8:1::/112"].iter().map(|r| r.parse().unwrap()).collect();
+    let cidrs = lb_userspace::datapath::service_cidrs(&ranges).unwrap();
+    lb_userspace::datapath::write_service_cidrs(&mut dut.ebpf, cidrs).unwrap();
+    // A deleted Service's address, and a port the live frontend does not have: a reset.
+    for to in [gone, sa("[2001:db8:1::10]:81")] {
+        let (v, out) = dut.run(&Frame6::tcp(sa(CLIENT), to).build());
+        assert_eq!(v, XDP_TX, "{to}");
+        let d = decode6(&out).unwrap();
+        assert_eq!((d.src, d.dst), (to, sa(CLIENT)));
+        assert!(d.l4_checksum_ok, "{d:?}");
+        assert_eq!(out[ETH_HLEN + 40 + 13], 0x14, "RST|ACK");
+    }
+    let (v, out) = dut.run(&Frame6::udp(sa(CLIENT), gone).build());
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        (out[ETH_HLEN + 6], out[ETH_HLEN + 40], out[ETH_HLEN + 41]),
+        (58, 1, 4),
+        "ICMPv6 port unreachable"
+    );
+    assert_eq!(dut.run(&Frame6 { tcp_flags: 0x04, ..Frame6::tcp(sa(CLIENT), gone) }.build()).0, XDP_DROP);
+    assert_eq!((dut.stat(Stat::RejectNoService), dut.stat(Stat::DropNoService)), (3, 1));
+    // The live frontend is served; outside the range, untouched.
+    let to = dnat(&mut dut, &Frame6::tcp(sa(CLIENT), sa(VIP)));
+    assert!(BACKENDS.contains(&to.to_string().as_str()));
+    let outside = Frame6::tcp(sa(CLIENT), sa("[2001:db8:9::1]:80")).build();
+    assert_eq!(dut.run(&outside), (XDP_PASS, outside));
+}

@@ -410,3 +410,72 @@ fn node_port_to_another_nodes_endpoint_is_snated_to_the_node() {
         "{ct}"
     );
 }
+
+/// With `--service-cidr`, a client connecting to the ClusterIP of a Service that was deleted
+/// gets a reset at once (ECONNREFUSED), and a UDP datagram an ICMP port unreachable, instead of
+/// the packet being routed out of the node (here: "no route to host"; on a node with a default
+/// route, a hang until timeout). A node process is refused at the socket the same way.
+#[test]
+fn a_deleted_services_cluster_ip_is_refused_at_once_within_the_service_range() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a"]).expect("test bed");
+    bed.start_servers(&testbed(), &[8080], &[]).unwrap();
+    bed.agent_args = vec!["--service-cidr".into(), "198.18.0.0/24".into()];
+    bed.write_manifest(
+        "web.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  clusterIP: 198.18.0.41\n  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]\nendpoints: [{addresses: [198.18.10.2]}]\n",
+    )
+    .unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.41:80/TCP", 1, Duration::from_secs(10)).unwrap();
+    bed.client_takes_xdp_tx().expect("xdp-pass on the client");
+    let vip: std::net::SocketAddrV4 = "198.18.0.41:80".parse().unwrap();
+    bed.client.enter(|| tcp_request(vip, Duration::from_secs(2))).expect("served while the Service exists");
+
+    // The Service is deleted.
+    std::fs::remove_file(bed.manifests.join("web.yaml")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while bed.xlb_cli(&["services"]).unwrap().contains("198.18.0.41") {
+        assert!(std::time::Instant::now() < deadline, "the Service is still in the maps");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (tcp, udp) = bed.client.enter(|| {
+        let start = std::time::Instant::now();
+        let tcp = std::net::TcpStream::connect_timeout(&vip.into(), Duration::from_secs(5))
+            .map(|_| ())
+            .map_err(|e| (e.kind(), start.elapsed()));
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect("198.18.0.41:53").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = std::time::Instant::now();
+        s.send(b"anyone?").unwrap();
+        let udp = s.recv(&mut [0u8; 64]).map(|_| ()).map_err(|e| (e.kind(), start.elapsed()));
+        (tcp, udp)
+    });
+    for (what, r) in [("TCP connect", tcp), ("UDP receive", udp)] {
+        let (kind, took) = r.expect_err(what);
+        assert_eq!(
+            kind,
+            std::io::ErrorKind::ConnectionRefused,
+            "{what}: {kind:?} after {took:?}\n{}",
+            bed.logs()
+        );
+        assert!(took < Duration::from_secs(1), "{what} was refused only after {took:?}");
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(stats["reject_no_service"]["packets"], 2, "{stats}");
+    assert_eq!(stats["reject_no_backend"]["packets"], 0, "{stats}");
+
+    // A process of the node, balanced at the socket: refused at connect.
+    if let Some(cg) = xlb_tests::socket_lb_cgroup(bed.cgroup.as_ref()) {
+        let r = xlb_tests::requests_from(&testbed(), &bed.node, Some(&cg), false, vip.into(), 1).unwrap();
+        let err = r[0].as_ref().expect_err("refused");
+        assert!(err.contains("refused"), "{err}");
+        let stats: serde_json::Value =
+            serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
+        assert_eq!(stats["sock_refused"]["packets"], 1, "{stats}");
+    }
+}
