@@ -420,12 +420,20 @@ pub fn open_pin(pin_dir: &Path, name: &'static str) -> Result<MapData, DatapathE
 
 /// Writes the datapath's settings into the loaded object's [`lb_common::MAP_CONFIG`].
 pub fn write_config(ebpf: &mut aya::Ebpf, cfg: lb_common::DatapathConfig) -> Result<(), DatapathError> {
-    let name = lb_common::MAP_CONFIG;
+    write_single(ebpf, lb_common::MAP_CONFIG, cfg)
+}
+
+/// Writes the one entry of the loaded object's array map `name`.
+fn write_single<T: aya::Pod>(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+    value: T,
+) -> Result<(), DatapathError> {
     let path = PathBuf::from("<loaded object>");
     let map = ebpf.map_mut(name).ok_or(DatapathError::NotPinned { path: path.clone() })?;
-    let mut arr: aya::maps::Array<&mut MapData, lb_common::DatapathConfig> =
+    let mut arr: aya::maps::Array<&mut MapData, T> =
         aya::maps::Array::try_from(map).map_err(|source| DatapathError::Layout { name, path, source })?;
-    arr.set(0, cfg, 0).map_err(|source| DatapathError::Map { op: "write", name, source })
+    arr.set(0, value, 0).map_err(|source| DatapathError::Map { op: "write", name, source })
 }
 
 /// The Service ranges as [`lb_common::MAP_SERVICE_CIDRS`] holds them; an error names a range
@@ -470,12 +478,7 @@ pub fn write_service_cidrs(
     ebpf: &mut aya::Ebpf,
     cidrs: lb_common::ServiceCidrs,
 ) -> Result<(), DatapathError> {
-    let name = lb_common::MAP_SERVICE_CIDRS;
-    let path = PathBuf::from("<loaded object>");
-    let map = ebpf.map_mut(name).ok_or(DatapathError::NotPinned { path: path.clone() })?;
-    let mut arr: aya::maps::Array<&mut MapData, lb_common::ServiceCidrs> =
-        aya::maps::Array::try_from(map).map_err(|source| DatapathError::Layout { name, path, source })?;
-    arr.set(0, cidrs, 0).map_err(|source| DatapathError::Map { op: "write", name, source })
+    write_single(ebpf, lb_common::MAP_SERVICE_CIDRS, cidrs)
 }
 
 /// Splits `xlb_svcinfo_v2` into (`xlb_svcinfo`, 2).

@@ -235,6 +235,12 @@ impl Tracer {
             selectable_backends: rec.count,
         });
         let mut not_done = Vec::new();
+        // What a refusal sends back.
+        let answer = match (req.proto, v6) {
+            (Proto::Tcp, _) => "a TCP reset",
+            (_, false) => "an ICMP port unreachable",
+            (_, true) => "an ICMPv6 port unreachable",
+        };
         let (decision, reason, chosen) = match counter {
             "dnat_established" => {
                 not_done.push("refresh the conntrack entry's last-seen time and TCP flags".to_string());
@@ -322,13 +328,8 @@ impl Tracer {
             "reject_no_backend" => (
                 "reject",
                 format!(
-                    "{} has no endpoint that takes new flows: the packet is answered with {} to its sender",
-                    label(rec.svc_id),
-                    match (req.proto, v6) {
-                        (Proto::Tcp, _) => "a TCP reset",
-                        (_, false) => "an ICMP port unreachable",
-                        (_, true) => "an ICMPv6 port unreachable",
-                    }
+                    "{} has no endpoint that takes new flows: the packet is answered with {answer} to its sender",
+                    label(rec.svc_id)
                 ),
                 None,
             ),
@@ -348,12 +349,7 @@ impl Tracer {
             "reject_no_service" => (
                 "reject",
                 format!(
-                    "no Service holds this address, port and protocol, and the address is in the Service ranges (--service-cidr): the packet is answered with {} to its sender",
-                    match (req.proto, v6) {
-                        (Proto::Tcp, _) => "a TCP reset",
-                        (_, false) => "an ICMP port unreachable",
-                        (_, true) => "an ICMPv6 port unreachable",
-                    }
+                    "no Service holds this address, port and protocol, and the address is in the Service ranges (--service-cidr): the packet is answered with {answer} to its sender"
                 ),
                 None,
             ),

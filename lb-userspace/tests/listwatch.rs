@@ -120,11 +120,6 @@ async fn the_agent_converges_through_disconnects_relists_and_an_absent_api_serve
     let addr: SocketAddr = listener.local_addr().unwrap();
     let mut server = tokio::spawn(serve(api.clone(), listener));
 
-    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-    let client = kube::Client::try_from(config).unwrap();
-    let metrics = Arc::new(Metrics::default());
-    let changed = Arc::new(Notify::new());
-    let source = Source::Kube(KubeSource::start(client, Some("node-1"), changed.clone(), metrics.clone()));
     let dp = Shared::default();
     // This agent is node-1's, with one address (for hostPorts).
     let cfg = ModelConfig {
@@ -132,16 +127,8 @@ async fn the_agent_converges_through_disconnects_relists_and_an_absent_api_serve
         node_addrs: vec!["198.18.100.1".parse().unwrap()],
         ..ModelConfig::default()
     };
-    let mut syncer = Syncer::new(Reconciler::new(dp.clone()).unwrap(), cfg, metrics.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(async move {
-        source.wait_ready().await;
-        changed.notify_one();
-        control_loop(&source, &mut syncer, &changed, Duration::from_millis(5), async {
-            let _ = stop_rx.await;
-        })
-        .await;
-    });
+    let metrics = Arc::new(Metrics::default());
+    let (stop_tx, agent) = start_agent(addr, &dp, cfg, metrics.clone());
 
     // 1. The first list.
     converge(&dp, &["198.18.0.10:80/TCP -> 198.18.1.1:8080"], "initial list").await;
@@ -328,18 +315,20 @@ async fn failed_map_writes_are_retried_until_the_maps_converge() {
     server.abort();
 }
 
-/// An agent (source, syncer, control loop) against the API server at `addr`, writing to `dp`;
-/// it stops when the sender is dropped or sent to.
+/// An agent (source, syncer, control loop) with `cfg` against the API server at `addr`, writing
+/// to `dp`; it stops when the sender is dropped or sent to.
 fn start_agent(
     addr: SocketAddr,
     dp: &Shared,
+    cfg: ModelConfig,
+    metrics: Arc<Metrics>,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let client =
         kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
-    let metrics = Arc::new(Metrics::default());
     let changed = Arc::new(Notify::new());
-    let source = Source::Kube(KubeSource::start(client, None, changed.clone(), metrics.clone()));
-    let mut syncer = Syncer::new(Reconciler::new(dp.clone()).unwrap(), ModelConfig::default(), metrics);
+    let node = cfg.node_name.clone();
+    let source = Source::Kube(KubeSource::start(client, node.as_deref(), changed.clone(), metrics.clone()));
+    let mut syncer = Syncer::new(Reconciler::new(dp.clone()).unwrap(), cfg, metrics);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(async move {
         source.wait_ready().await;
@@ -363,7 +352,7 @@ async fn recovery_after(outage: Duration) -> Duration {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(serve(api.clone(), listener));
     let dp = Shared::default();
-    let (stop, agent) = start_agent(addr, &dp);
+    let (stop, agent) = start_agent(addr, &dp, ModelConfig::default(), Arc::new(Metrics::default()));
     converge(&dp, &["198.18.0.10:80/TCP -> 198.18.1.1:8080"], "initial list").await;
 
     // Down: the listener is closed and every open watch ends; connections are refused.

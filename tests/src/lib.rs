@@ -389,6 +389,37 @@ impl Drop for DirGuard {
     }
 }
 
+/// From inside `ns`: a TCP connection to `tcp` and a UDP datagram to `udp` (connected, so that
+/// an ICMP port unreachable fails its next receive). Asserts that both are refused
+/// (ECONNREFUSED: a reset, an ICMP port unreachable) within a second, as a client told at once
+/// rather than one waiting for a timeout; `logs` goes into the failure's message.
+pub fn assert_refused_at_once(ns: &Netns, tcp: SocketAddr, udp: SocketAddr, logs: impl Fn() -> String) {
+    let (tcp, udp) = ns.enter(|| {
+        let start = Instant::now();
+        let tcp = TcpStream::connect_timeout(&tcp, Duration::from_secs(5))
+            .map(|_| ())
+            .map_err(|e| (e.kind(), start.elapsed()));
+        let any: SocketAddr = if udp.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+        let s = std::net::UdpSocket::bind(any).unwrap();
+        s.connect(udp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = Instant::now();
+        s.send(b"anyone?").unwrap();
+        let udp = s.recv(&mut [0u8; 64]).map(|_| ()).map_err(|e| (e.kind(), start.elapsed()));
+        (tcp, udp)
+    });
+    for (what, r) in [("TCP connect", tcp), ("UDP receive", udp)] {
+        let (kind, took) = r.expect_err(what);
+        assert_eq!(
+            kind,
+            std::io::ErrorKind::ConnectionRefused,
+            "{what}: {kind:?} after {took:?}\n{}",
+            logs()
+        );
+        assert!(took < Duration::from_secs(1), "{what} was refused only after {took:?}");
+    }
+}
+
 /// Finds a binary of this workspace: `$XLB_BIN`-style override, else next to the running
 /// executable (`target/<profile>/` for binaries, `target/<profile>/deps/` for tests).
 pub fn workspace_bin(name: &str, env_override: &str) -> anyhow::Result<PathBuf> {

@@ -265,30 +265,12 @@ fn a_service_without_endpoints_is_refused_at_once() {
     assert!(log.contains("veth in native XDP mode") && log.contains("iface=eth0"), "{log}");
     bed.client_takes_xdp_tx().expect("xdp-pass on the client");
 
-    let (tcp, udp) = bed.client.enter(|| {
-        let start = std::time::Instant::now();
-        let tcp =
-            std::net::TcpStream::connect_timeout(&"198.18.0.40:80".parse().unwrap(), Duration::from_secs(5))
-                .map(|_| ())
-                .map_err(|e| (e.kind(), start.elapsed()));
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.connect("198.18.0.40:53").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let start = std::time::Instant::now();
-        s.send(b"anyone?").unwrap();
-        let udp = s.recv(&mut [0u8; 64]).map(|_| ()).map_err(|e| (e.kind(), start.elapsed()));
-        (tcp, udp)
-    });
-    for (what, r) in [("TCP connect", tcp), ("UDP receive", udp)] {
-        let (kind, took) = r.expect_err(what);
-        assert_eq!(
-            kind,
-            std::io::ErrorKind::ConnectionRefused,
-            "{what}: {kind:?} after {took:?}\n{}",
-            bed.logs()
-        );
-        assert!(took < Duration::from_secs(1), "{what} was refused only after {took:?}");
-    }
+    xlb_tests::assert_refused_at_once(
+        &bed.client,
+        "198.18.0.40:80".parse().unwrap(),
+        "198.18.0.40:53".parse().unwrap(),
+        || bed.logs(),
+    );
     let stats: serde_json::Value =
         serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(stats["reject_no_backend"]["packets"], 2, "{stats}");
@@ -441,29 +423,9 @@ fn a_deleted_services_cluster_ip_is_refused_at_once_within_the_service_range() {
         assert!(std::time::Instant::now() < deadline, "the Service is still in the maps");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (tcp, udp) = bed.client.enter(|| {
-        let start = std::time::Instant::now();
-        let tcp = std::net::TcpStream::connect_timeout(&vip.into(), Duration::from_secs(5))
-            .map(|_| ())
-            .map_err(|e| (e.kind(), start.elapsed()));
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.connect("198.18.0.41:53").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let start = std::time::Instant::now();
-        s.send(b"anyone?").unwrap();
-        let udp = s.recv(&mut [0u8; 64]).map(|_| ()).map_err(|e| (e.kind(), start.elapsed()));
-        (tcp, udp)
+    xlb_tests::assert_refused_at_once(&bed.client, vip.into(), "198.18.0.41:53".parse().unwrap(), || {
+        bed.logs()
     });
-    for (what, r) in [("TCP connect", tcp), ("UDP receive", udp)] {
-        let (kind, took) = r.expect_err(what);
-        assert_eq!(
-            kind,
-            std::io::ErrorKind::ConnectionRefused,
-            "{what}: {kind:?} after {took:?}\n{}",
-            bed.logs()
-        );
-        assert!(took < Duration::from_secs(1), "{what} was refused only after {took:?}");
-    }
     let stats: serde_json::Value =
         serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(stats["reject_no_service"]["packets"], 2, "{stats}");

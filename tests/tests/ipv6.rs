@@ -188,30 +188,12 @@ fn an_ipv6_service_without_endpoints_is_refused_at_once() {
     // The answers leave by XDP_TX: the client's veth needs an XDP program to take them at once
     // (see the IPv4 test of the same name).
     bed.client_takes_xdp_tx().expect("xdp-pass on the client");
-    let (tcp, udp) = bed.client.enter(|| {
-        let start = std::time::Instant::now();
-        let to: SocketAddr = "[2001:db8:1::40]:80".parse().unwrap();
-        let tcp = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
-            .map(|_| ())
-            .map_err(|e| (e.kind(), start.elapsed()));
-        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
-        s.connect("[2001:db8:1::40]:53").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let start = std::time::Instant::now();
-        s.send(b"anyone?").unwrap();
-        let udp = s.recv(&mut [0u8; 64]).map(|_| ()).map_err(|e| (e.kind(), start.elapsed()));
-        (tcp, udp)
-    });
-    for (what, r) in [("TCP connect", tcp), ("UDP receive", udp)] {
-        let (kind, took) = r.expect_err(what);
-        assert_eq!(
-            kind,
-            std::io::ErrorKind::ConnectionRefused,
-            "{what}: {kind:?} after {took:?}\n{}",
-            bed.logs()
-        );
-        assert!(took < Duration::from_secs(1), "{what} was refused only after {took:?}");
-    }
+    xlb_tests::assert_refused_at_once(
+        &bed.client,
+        "[2001:db8:1::40]:80".parse().unwrap(),
+        "[2001:db8:1::40]:53".parse().unwrap(),
+        || bed.logs(),
+    );
     let stats: serde_json::Value =
         serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(stats["reject_no_backend"]["packets"], 2, "{stats}");
