@@ -1,5 +1,5 @@
 //! Builds the eBPF object (lb-ebpf, for the bpf target, with the nightly toolchain and
-//! bpf-linker) into OUT_DIR, where src/ebpf.rs embeds it.
+//! bpf-linker) into OUT_DIR, where src/datapath/ebpf.rs embeds it.
 //!
 //! With AYA_BUILD_SKIP=1 (for clippy or docs on a machine without bpf-linker) an empty object is
 //! written instead; the agent then refuses to load with a clear error.

@@ -28,10 +28,10 @@ use anyhow::{Context as _, bail};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_common::{PROG_XDP_PASS, SVC_F_CLUSTER_IP, SVC_F_LOCAL, SVC_F_NODE_PORT};
 use lb_userspace::{
+    cli::packet::{Frame, Frame6},
     datapath::BpfMaps,
-    ebpf::{self, Capacities},
+    datapath::ebpf::{self, Capacities},
     model::{BackendState, DesiredBackend, DesiredPort, Frontend, PortRef, Proto, Shown, SvcType},
-    packet::{Frame, Frame6},
     reconcile::Reconciler,
 };
 
@@ -251,7 +251,7 @@ fn main() -> anyhow::Result<()> {
         let flow = client(u32::MAX >> 2);
         let syn = Frame::tcp(flow, to).build();
         let (_, _) = once(ebpf::xdp(&mut obj)?, &syn, &mut out)?;
-        let backend = lb_userspace::packet::decode(&out).context("decoding the DNATed SYN")?.dst;
+        let backend = lb_userspace::cli::packet::decode(&out).context("decoding the DNATed SYN")?.dst;
         let ack = Frame { tcp_flags: 0x10, ..Frame::tcp(flow, to) }.build();
         let reply = Frame { tcp_flags: 0x12, ..Frame::tcp(backend, flow) }.build();
         let node_port = std::net::SocketAddrV4::new(NODE, 30_080);
@@ -259,7 +259,7 @@ fn main() -> anyhow::Result<()> {
         let to6 = SocketAddrV6::new(vip6(n - 1), 80, 0, 0);
         let flow6 = client6(u32::MAX >> 2);
         let (_, _) = once(ebpf::xdp(&mut obj)?, &Frame6::tcp(flow6, to6).build(), &mut out)?;
-        let backend6 = lb_userspace::packet::decode6(&out).context("decoding the DNATed IPv6 SYN")?.dst;
+        let backend6 = lb_userspace::cli::packet::decode6(&out).context("decoding the DNATed IPv6 SYN")?.dst;
         let ack6 = Frame6 { tcp_flags: 0x10, ..Frame6::tcp(flow6, to6) }.build();
         let reply6 = Frame6 { tcp_flags: 0x12, ..Frame6::tcp(backend6, flow6) }.build();
         let node_port6 = SocketAddrV6::new(NODE6, 30_080, 0, 0);

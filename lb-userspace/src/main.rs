@@ -6,10 +6,10 @@ use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig},
+    cli::trace,
     cli::{self, Output, View},
+    datapath::ebpf::Capacities,
     datapath::{BpfMaps, Datapath as _},
-    ebpf::Capacities,
-    trace,
 };
 
 #[derive(Parser)]
@@ -222,14 +222,14 @@ struct AgentArgs {
     /// Answer node ports only on the node's addresses within these prefixes (comma-separated
     /// CIDRs, as kube-proxy's --nodeport-addresses). Default: every address but loopback.
     #[arg(long, env = "XLB_NODEPORT_ADDRESSES", value_delimiter = ',')]
-    nodeport_addresses: Vec<lb_userspace::node::Cidr>,
+    nodeport_addresses: Vec<lb_userspace::model::Cidr>,
     /// The cluster's Service IP ranges (kube-apiserver's --service-cluster-ip-range;
     /// comma-separated CIDRs, up to 4 per family). A new connection to an address of these
     /// ranges that no Service holds (a deleted Service, a port the Service does not have) is
     /// answered at once with a TCP reset or an ICMP port unreachable, rate-limited and counted,
     /// instead of being routed out of the node. Default: none (such traffic is routed as any).
     #[arg(long, env = "XLB_SERVICE_CIDR", value_delimiter = ',', value_parser = parse_service_cidr)]
-    service_cidr: Vec<lb_userspace::node::Cidr>,
+    service_cidr: Vec<lb_userspace::model::Cidr>,
     /// This node's name as EndpointSlices give it in nodeName (for externalTrafficPolicy and
     /// internalTrafficPolicy Local). Default: NODE_NAME (set it from the downward API), else
     /// the host name.
@@ -317,8 +317,8 @@ fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
 
 /// Warns of XLB_* variables in the environment that no agent flag reads: a misspelt setting
 /// in the ConfigMap would otherwise be ignored without a word.
-fn parse_service_cidr(s: &str) -> Result<lb_userspace::node::Cidr, String> {
-    let c: lb_userspace::node::Cidr = s.trim().parse()?;
+fn parse_service_cidr(s: &str) -> Result<lb_userspace::model::Cidr, String> {
+    let c: lb_userspace::model::Cidr = s.trim().parse()?;
     if c.len == 0 {
         return Err(format!("{s}: a /0 is no Service range"));
     }
@@ -399,7 +399,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let cfg = AgentConfig {
                 source,
-                interfaces: lb_userspace::node::resolve_interfaces(&a.interfaces)?,
+                interfaces: lb_userspace::agent::node::resolve_interfaces(&a.interfaces)?,
                 pin_dir: cli.pin_dir,
                 xdp_mode: a.xdp_mode.into(),
                 capacities: Capacities {
@@ -429,7 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     _pad: 0,
                 },
-                socket_lb_cgroup: lb_userspace::ebpf::socket_lb_cgroup(&a.cgroup)?,
+                socket_lb_cgroup: lb_userspace::datapath::ebpf::socket_lb_cgroup(&a.cgroup)?,
                 proc_sys: a.proc_sys,
             };
             warn_unknown_settings();
@@ -444,7 +444,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .block_on(agent::run(cfg))
         }
         Command::XdpPass { iface, xdp_mode } => {
-            let _attached = lb_userspace::ebpf::attach_xdp_pass(&iface, xdp_mode.into())
+            let _attached = lb_userspace::datapath::ebpf::attach_xdp_pass(&iface, xdp_mode.into())
                 .with_context(|| format!("attaching {} to {iface}", lb_common::PROG_XDP_PASS))?;
             println!("attached {} to {iface}; interrupt to detach", lb_common::PROG_XDP_PASS);
             use std::io::Write as _;
@@ -459,7 +459,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Cleanup => {
-            let removed = lb_userspace::ebpf::unpin_all(&cli.pin_dir)
+            let removed = lb_userspace::datapath::ebpf::unpin_all(&cli.pin_dir)
                 .with_context(|| format!("removing the pins under {}", cli.pin_dir.display()))?;
             if removed.is_empty() {
                 println!("nothing pinned under {}", cli.pin_dir.display());

@@ -13,8 +13,8 @@ use aya::maps::PerCpuValues;
 use lb_common::*;
 use lb_userspace::{
     cli::monotonic_secs,
+    datapath::ebpf::{self, Capacities},
     datapath::{BpfMaps, Datapath as _},
-    ebpf::{self, Capacities},
 };
 use xlb_tests::{DirGuard, ensure_bpffs, privileged, unique_prefix};
 

@@ -10,13 +10,13 @@ use std::{
 
 use lb_common::{Backend4, Svc4Key, Svc4Value, SvcInfo};
 use lb_userspace::{
+    agent::metrics::Metrics,
     agent::{Source, Syncer, control_loop},
     cli,
     datapath::{Capacity, Datapath, DatapathError, MemDatapath},
-    kube_source::KubeSource,
-    metrics::Metrics,
     model::ModelConfig,
     reconcile::Reconciler,
+    source::kube::KubeSource,
 };
 use tokio::{net::TcpListener, sync::Notify};
 use xlb_tests::fake_api::{FakeApi, Kind, pod, serve, service, slice};
@@ -58,13 +58,13 @@ impl Datapath for Shared {
     fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
         self.0.lock().unwrap().reset_backend_flows(id)
     }
-    fn read_source_ranges(&self) -> Result<Vec<(u32, lb_userspace::node::Cidr)>, DatapathError> {
+    fn read_source_ranges(&self) -> Result<Vec<(u32, lb_userspace::model::Cidr)>, DatapathError> {
         self.0.lock().unwrap().read_source_ranges()
     }
-    fn write_source_range(&mut self, id: u32, r: lb_userspace::node::Cidr) -> Result<(), DatapathError> {
+    fn write_source_range(&mut self, id: u32, r: lb_userspace::model::Cidr) -> Result<(), DatapathError> {
         self.0.lock().unwrap().write_source_range(id, r)
     }
-    fn delete_source_range(&mut self, id: u32, r: lb_userspace::node::Cidr) -> Result<(), DatapathError> {
+    fn delete_source_range(&mut self, id: u32, r: lb_userspace::model::Cidr) -> Result<(), DatapathError> {
         self.0.lock().unwrap().delete_source_range(id, r)
     }
     fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {

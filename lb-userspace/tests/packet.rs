@@ -10,12 +10,12 @@ use xlb_tests::privileged;
 
 use lb_common::{IPPROTO_TCP, STAT_NAMES, Stat};
 use lb_userspace::{
+    cli::packet::{Frame, decode},
+    datapath::ebpf::{self, Capacities},
     datapath::{BpfMaps, Datapath as _},
-    ebpf::{self, Capacities},
-    manifests,
     model::{self, ModelConfig},
-    packet::{Frame, decode},
     reconcile::Reconciler,
+    source::manifests,
 };
 
 const XDP_DROP: u32 = 1;
@@ -129,7 +129,7 @@ spec:
 
 const BACKENDS: [&str; 2] = ["198.18.1.2", "198.18.2.2"];
 
-fn backend_of(d: &lb_userspace::packet::Decoded) -> String {
+fn backend_of(d: &lb_userspace::cli::packet::Decoded) -> String {
     d.dst.ip().to_string()
 }
 
@@ -453,7 +453,7 @@ fn service_without_endpoints_answers_udp_with_icmp_port_unreachable() {
 
 /// Sets the cluster's Service ranges (`--service-cidr`) in `dut`'s datapath.
 fn set_service_cidrs(dut: &mut Dut, ranges: &[&str]) {
-    let ranges: Vec<lb_userspace::node::Cidr> = ranges.iter().map(|r| r.parse().unwrap()).collect();
+    let ranges: Vec<lb_userspace::model::Cidr> = ranges.iter().map(|r| r.parse().unwrap()).collect();
     let cidrs = lb_userspace::datapath::service_cidrs(&ranges).unwrap();
     lb_userspace::datapath::write_service_cidrs(&mut dut.ebpf, cidrs).unwrap();
 }

@@ -25,14 +25,15 @@ use lb_common::{
     Svc4Value, Svc6Key,
 };
 use lb_userspace::{
-    datapath::{BpfMaps, Datapath as _},
-    ebpf::{self, Capacities},
-    manifests, model,
-    model::Proto,
-    packet::{
+    cli::packet::{
         ETH_HLEN, Frame6, IPV6_AUTH, IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, decode6,
     },
+    datapath::ebpf::{self, Capacities},
+    datapath::{BpfMaps, Datapath as _},
+    model,
+    model::Proto,
     reconcile::Reconciler,
+    source::manifests,
 };
 use xlb_tests::privileged;
 
@@ -390,13 +391,13 @@ fn a_dual_stack_service_is_served_on_both_families_each_to_its_own_endpoints() {
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
     // IPv4 clients reach the IPv4 endpoint.
-    let v4 = lb_userspace::packet::Frame::tcp(
+    let v4 = lb_userspace::cli::packet::Frame::tcp(
         "198.18.100.1:40000".parse().unwrap(),
         "198.18.0.10:80".parse().unwrap(),
     );
     let (v, out) = dut.run(&v4.build());
     assert_eq!(v, XDP_PASS);
-    let d = lb_userspace::packet::decode(&out).unwrap();
+    let d = lb_userspace::cli::packet::decode(&out).unwrap();
     assert_eq!(d.dst.to_string(), "198.18.1.2:8080");
     assert!(d.l4_checksum_ok && d.ip_checksum_ok);
     assert_eq!(dut.stat(Stat::DnatNew), 33);
@@ -957,7 +958,7 @@ fn an_ipv6_address_of_the_service_range_that_no_service_holds_is_answered_at_onc
     let syn = Frame6::tcp(sa(CLIENT), gone).build();
     assert_eq!(dut.run(&syn), (XDP_PASS, syn.clone()), "the range not known: passed");
 
-    let ranges: Vec<lb_userspace::node::Cidr> =
+    let ranges: Vec<lb_userspace::model::Cidr> =
         ["198.18.0.0/24", "2001:db8:1::/112"].iter().map(|r| r.parse().unwrap()).collect();
     let cidrs = lb_userspace::datapath::service_cidrs(&ranges).unwrap();
     lb_userspace::datapath::write_service_cidrs(&mut dut.ebpf, cidrs).unwrap();

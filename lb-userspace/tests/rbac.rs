@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::kube_source::API_CALLS;
+use lb_userspace::source::kube::API_CALLS;
 use xlb_tests::{
     DirGuard, Netns, Proc,
     deploy::{self, Deploy},

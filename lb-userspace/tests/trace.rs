@@ -12,13 +12,13 @@ use std::{
 };
 
 use lb_userspace::{
+    cli::packet::{Frame, Frame6, decode, decode6},
+    cli::trace::{TraceRequest, Tracer},
+    datapath::ebpf::{self, Capacities},
     datapath::{BpfMaps, Datapath as _},
-    ebpf::{self, Capacities},
-    manifests,
     model::{self, ModelConfig, Proto},
-    packet::{Frame, Frame6, decode, decode6},
     reconcile::Reconciler,
-    trace::{TraceRequest, Tracer},
+    source::manifests,
 };
 use xlb_tests::{DirGuard, ensure_bpffs, privileged, unique_prefix};
 
@@ -355,7 +355,7 @@ fn trace_follows_the_ipv6_path() {
         ("destination", vip, "[2001:db8:4::2]:8443")
     );
     assert!(rw.checksums_valid && rw.ip_checksum_before.is_empty());
-    let text = lb_userspace::trace::trace_text(&t);
+    let text = lb_userspace::cli::trace::trace_text(&t);
     assert!(text.contains("TCP checksum") && !text.contains("IPv4 checksum"), "{text}");
     let (v, real) = live.run(&frame(&syn));
     assert_eq!(v, 2);

@@ -5,6 +5,11 @@
 //! wait for the source's first complete picture; sync the maps; only then put the new program
 //! on the interfaces (replacing, atomically, the one a previous agent left pinned). While the
 //! new agent starts, the old program keeps forwarding with the old maps: nothing is flushed.
+pub mod events;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod sockterm;
 use std::{
     net::SocketAddr,
     ops::RangeInclusive,
@@ -23,15 +28,19 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::{BpfMaps, Datapath},
-    ebpf::{self, Attached, Capacities},
-    http,
-    kube_source::{self, KubeSource},
-    manifests::{self, DocError},
-    metrics::{Metrics, SyncFigures},
+    datapath::{
+        BpfMaps, Datapath,
+        ebpf::{self, Attached, Capacities},
+    },
     model::{ModelCache, ModelConfig},
     reconcile::{ApplyStats, Reconciler},
+    source::{
+        self,
+        kube::KubeSource,
+        manifests::{self, DocError},
+    },
 };
+use metrics::{Metrics, SyncFigures};
 
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
@@ -58,10 +67,10 @@ pub struct AgentConfig {
     pub node_port_range: RangeInclusive<u16>,
     /// Node ports are answered on the node's addresses within these prefixes (all of them,
     /// loopback excepted, when empty), as kube-proxy's `--nodeport-addresses`.
-    pub nodeport_addresses: Vec<crate::node::Cidr>,
+    pub nodeport_addresses: Vec<crate::model::Cidr>,
     /// The cluster's Service IP ranges: a new flow to an address of them that no frontend holds
     /// is answered at once (see lb_common::MAP_SERVICE_CIDRS). Empty: not known.
-    pub service_cidrs: Vec<crate::node::Cidr>,
+    pub service_cidrs: Vec<crate::model::Cidr>,
     /// This node's name as EndpointSlices give it (`nodeName`), for the traffic policies
     /// `Local`.
     pub node_name: Option<String>,
@@ -196,9 +205,9 @@ pub struct Syncer<D> {
     /// backends are terminated after each sync; `None`: off.
     pub terminate: Option<(PathBuf, PathBuf)>,
     /// Writes events about rejected objects (API server source only).
-    pub events: Option<crate::events::EventReporter>,
+    pub events: Option<events::EventReporter>,
     /// The rejections logged, so that each is logged once, not at every sync.
-    logged: std::collections::BTreeSet<crate::events::RejectionKey>,
+    logged: std::collections::BTreeSet<events::RejectionKey>,
     /// The node ports xlb gave out (standalone mode), by (namespace, name, port name,
     /// protocol): each is logged when given, not at every sync.
     assigned: crate::HashMap<(String, String, String, crate::model::Proto), u16>,
@@ -227,12 +236,12 @@ impl<D: Datapath> Syncer<D> {
         if freed.is_empty() {
             return;
         }
-        let gone: std::collections::HashSet<crate::sockterm::Gone> = freed.into_iter().collect();
-        let result = crate::sockterm::cookies_for(pin_dir, &gone).and_then(|cookies| {
+        let gone: std::collections::HashSet<sockterm::Gone> = freed.into_iter().collect();
+        let result = sockterm::cookies_for(pin_dir, &gone).and_then(|cookies| {
             if cookies.is_empty() {
                 return Ok(0);
             }
-            crate::sockterm::terminate(&crate::sockterm::namespaces_below(cgroup), &gone, &cookies)
+            sockterm::terminate(&sockterm::namespaces_below(cgroup), &gone, &cookies)
         });
         match result {
             Ok(0) => {}
@@ -282,7 +291,7 @@ impl<D: Datapath> Syncer<D> {
         let model_done = started.elapsed();
         // Each rejection is logged when it first holds (an object newly rejected, or for another
         // reason, or another part of it), not again at every sync while it lasts.
-        for r in crate::events::changes(&mut self.logged, &model.rejected) {
+        for r in events::changes(&mut self.logged, &model.rejected) {
             let object = format!("{} {}/{}", r.kind, r.namespace, r.name);
             match r.part {
                 None => warn!(%object, reason = %r.reason, "rejected object"),
@@ -400,7 +409,7 @@ impl Source {
                 })
             }
             SourceConfig::Kube { kubeconfig, node_name } => {
-                let client = kube_source::client(kubeconfig.as_deref()).await?;
+                let client = source::kube::client(kubeconfig.as_deref()).await?;
                 Ok(Source::Kube(KubeSource::start(client, node_name.as_deref(), changed, metrics)))
             }
         }
@@ -516,9 +525,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let service_cidrs = crate::datapath::service_cidrs(&cfg.service_cidrs)
         .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
     // One agent per pin directory, taken before anything is created, pinned or attached (see
-    // crate::pinlock), and held until the agent exits.
+    // crate::datapath::pinlock), and held until the agent exits.
     ebpf::prepare_pin_dir(&cfg.pin_dir)?;
-    let _pin_lock = crate::pinlock::lock(&cfg.pin_dir)?;
+    let _pin_lock = crate::datapath::pinlock::lock(&cfg.pin_dir)?;
     info!(pin_dir = %cfg.pin_dir.display(), "locked the pin directory: no other agent runs on it");
     let metrics = Arc::new(Metrics::default());
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
@@ -536,10 +545,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Frontends on the node's own addresses need TC egress (tcx links, kernel 6.6) for their
     // replies; without it node ports are checked but not served.
     let node_addrs = if ebpf::tcx_supported() {
-        let a = crate::node::addresses(&cfg.nodeport_addresses).context("listing the node's addresses")?;
+        let a = node::addresses(&cfg.nodeport_addresses).context("listing the node's addresses")?;
         info!(addresses = ?a, "node ports are answered on these addresses");
         // SNATed flows take their source ports from a range the node's own sockets must not use.
-        match crate::node::reserve_snat_ports(&cfg.proc_sys) {
+        match node::reserve_snat_ports(&cfg.proc_sys) {
             Ok(r) => info!(ports = %r, "reserved the SNAT source ports (net.ipv4.ip_local_reserved_ports)"),
             Err(e) => {
                 warn!(error = %e, proc_sys = %cfg.proc_sys.display(), "cannot reserve the SNAT source ports (in a container, mount the host's /proc/sys/net writable and pass its parent with --proc-sys); a local socket bound there could clash with a SNATed flow")
@@ -589,7 +598,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(AbortOnDrop(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                match crate::node::addresses(&only) {
+                match node::addresses(&only) {
                     Ok(now) => {
                         let mut cur = shared.lock().unwrap_or_else(|e| e.into_inner());
                         if *cur != now {
@@ -606,7 +615,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let source = Source::start(&cfg.source, changed.clone(), metrics.clone()).await?;
     if let Source::Kube(k) = &source {
-        syncer.events = Some(crate::events::EventReporter::start(k.client.clone(), cfg.node_name.as_deref()));
+        syncer.events = Some(events::EventReporter::start(k.client.clone(), cfg.node_name.as_deref()));
     }
     source.wait_ready().await;
     // Maps first, then attach: the program never runs against maps the agent has not filled.

@@ -16,6 +16,9 @@
 //!   backend, so that the CLI can show them;
 //! - a container port with a `hostPort`, in a pod of this node, is reached at every address of
 //!   the node (or at its `hostIP` alone) on `hostPort`, as the CNI portmap plugin makes it.
+pub mod cidr;
+
+pub use cidr::Cidr;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -207,7 +210,7 @@ pub struct DesiredPort {
     pub shown: Shown,
     /// `loadBalancerSourceRanges` (type LoadBalancer): the clients allowed on the ingress IPs;
     /// empty: all. Normalised (host bits cleared), sorted, without duplicates.
-    pub source_ranges: Vec<crate::node::Cidr>,
+    pub source_ranges: Vec<crate::model::Cidr>,
 }
 
 /// Traffic policy (`externalTrafficPolicy`, `internalTrafficPolicy`).
@@ -632,8 +635,8 @@ fn allocate_node_ports(
     for p in model.ports.iter_mut().filter(|p| p.node_port == Some(TO_ALLOCATE)) {
         let name = format!("{}/{}/{}/{}", p.id.namespace, p.id.name, p.id.port_name, p.id.proto);
         let free = *given.entry(name).or_insert_with_key(|name| {
-            let start =
-                (crate::maglev::fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325) % u64::from(size)) as u32;
+            let start = (crate::reconcile::maglev::fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325)
+                % u64::from(size)) as u32;
             let free = (0..size)
                 .map(|i| (lo + (start + i) % size) as u16)
                 .find(|np| !taken.contains(&(*np, p.id.proto)));
@@ -980,7 +983,7 @@ fn service_ports(
     let mut ranges_ok = true;
     if svc_type == SvcType::LoadBalancer {
         for r in spec.load_balancer_source_ranges.iter().flatten() {
-            match r.trim().parse::<crate::node::Cidr>() {
+            match r.trim().parse::<crate::model::Cidr>() {
                 Ok(c) => source_ranges.push(c.network()),
                 Err(e) => {
                     // Serving the ingress IPs open would let in what the ranges keep out.
@@ -1113,7 +1116,7 @@ fn service_ports(
             // loadBalancerSourceRanges guard the ingress IPs, each family with its own ranges; a
             // family without any is open, as kube-proxy has it (its proxier of each family
             // keeps that family's ranges).
-            let ranges: Vec<crate::node::Cidr> =
+            let ranges: Vec<crate::model::Cidr> =
                 source_ranges.iter().filter(|c| c.is_ipv4() == (family == Family::V4)).copied().collect();
             let guarded = |k: u16| {
                 if !ranges.is_empty() && k & lb_common::SVC_F_LB_INGRESS != 0 {
@@ -1304,7 +1307,7 @@ fn pod_host_ports(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifests::{Objects, read_str};
+    use crate::source::manifests::{Objects, read_str};
 
     fn objects(yaml: &str) -> Objects {
         let mut o = Objects::default();

@@ -32,7 +32,7 @@ use kube::{
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::metrics::Metrics;
+use crate::agent::metrics::Metrics;
 
 /// Every request the agent makes to the API server, as RBAC names them: (verb, API group,
 /// resource). deploy/'s ClusterRole grants these and nothing more; lb-userspace/tests/rbac.rs
@@ -45,7 +45,7 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("watch", "discovery.k8s.io", "endpointslices"),
     ("list", "", "pods"),
     ("watch", "", "pods"),
-    // Events about rejected objects (crate::events), in the objects' namespaces.
+    // Events about rejected objects (crate::agent::events), in the objects' namespaces.
     ("create", "events.k8s.io", "events"),
 ];
 

@@ -21,11 +21,11 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
+    cli::packet::{ETH_HLEN, Frame, Frame6, decode, decode6},
     cli::{View, tcp_flag_names},
+    datapath::ebpf,
     datapath::{BpfMaps, Datapath as _},
-    ebpf,
     model::Proto,
-    packet::{ETH_HLEN, Frame, Frame6, decode, decode6},
 };
 
 /// The packet to trace: IPv4 or IPv6 (`from` and `to` of one family).

@@ -3,6 +3,8 @@
 //!
 //! Every listing has a JSON/YAML form whose schema is documented in docs/cli.md; fields are only
 //! ever added, never renamed or removed, within a major version.
+pub mod packet;
+pub mod trace;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
@@ -142,7 +144,7 @@ struct FrontendEntry {
 pub struct View {
     infos: BTreeMap<u32, SvcInfo>,
     /// loadBalancerSourceRanges by service port id.
-    ranges: BTreeMap<u32, Vec<crate::node::Cidr>>,
+    ranges: BTreeMap<u32, Vec<crate::model::Cidr>>,
     frontends: Vec<FrontendEntry>,
     backends: BTreeMap<u32, lb_common::Backend4>,
     /// IPv6 backends: ids of their own.
@@ -199,7 +201,7 @@ impl View {
                 }
             }
         }
-        let mut ranges: BTreeMap<u32, Vec<crate::node::Cidr>> = BTreeMap::new();
+        let mut ranges: BTreeMap<u32, Vec<crate::model::Cidr>> = BTreeMap::new();
         for (id, c) in dp.read_source_ranges()? {
             ranges.entry(id).or_default().push(c);
         }

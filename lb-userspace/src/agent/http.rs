@@ -8,7 +8,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::metrics::Metrics;
+use crate::agent::metrics::Metrics;
 
 /// Reads the datapath's counters at scrape time: (counter name, packets, bytes).
 pub type CounterSource = Arc<dyn Fn() -> Vec<(&'static str, u64, u64)> + Send + Sync>;

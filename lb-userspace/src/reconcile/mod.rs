@@ -10,6 +10,7 @@
 //!
 //! Its picture of the datapath is read back from the maps at start (so a restarted agent keeps
 //! every id and rewrites nothing that is already right), and again after any failed write.
+pub mod maglev;
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
@@ -117,7 +118,7 @@ pub struct Reconciler<D> {
     backend_values6: HashMap<u32, Backend6>,
     be_ids6: Ids,
     /// `loadBalancerSourceRanges` entries: (service port id, client prefix).
-    ranges: BTreeSet<(u32, crate::node::Cidr)>,
+    ranges: BTreeSet<(u32, crate::model::Cidr)>,
     /// Set when a write failed: the picture is re-read before the next apply.
     stale: bool,
     /// Maglev table size; 0: no tables (random selection).
@@ -549,7 +550,7 @@ impl<D: Datapath> Reconciler<D> {
         }
 
         // Source ranges before the frontends that check them.
-        let wanted_ranges: BTreeSet<(u32, crate::node::Cidr)> = desired
+        let wanted_ranges: BTreeSet<(u32, crate::model::Cidr)> = desired
             .iter()
             .zip(&ids)
             .flat_map(|(p, &id)| p.source_ranges.iter().map(move |c| (id, *c)))
@@ -646,7 +647,7 @@ impl<D: Datapath> Reconciler<D> {
         }
         for (k, names) in &wanted_tables {
             if self.maglev.get(k) != Some(&Some(names.clone())) {
-                self.dp.write_maglev(*k, &crate::maglev::table(names, self.maglev_size))?;
+                self.dp.write_maglev(*k, &crate::reconcile::maglev::table(names, self.maglev_size))?;
                 self.maglev.insert(*k, Some(names.clone()));
                 st.writes += 1;
             }
@@ -889,13 +890,13 @@ mod tests {
         fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
             self.0.reset_backend_flows(id)
         }
-        fn read_source_ranges(&self) -> Result<Vec<(u32, crate::node::Cidr)>, DatapathError> {
+        fn read_source_ranges(&self) -> Result<Vec<(u32, crate::model::Cidr)>, DatapathError> {
             self.0.read_source_ranges()
         }
-        fn write_source_range(&mut self, svc_id: u32, r: crate::node::Cidr) -> Result<(), DatapathError> {
+        fn write_source_range(&mut self, svc_id: u32, r: crate::model::Cidr) -> Result<(), DatapathError> {
             self.0.write_source_range(svc_id, r)
         }
-        fn delete_source_range(&mut self, svc_id: u32, r: crate::node::Cidr) -> Result<(), DatapathError> {
+        fn delete_source_range(&mut self, svc_id: u32, r: crate::model::Cidr) -> Result<(), DatapathError> {
             self.0.delete_source_range(svc_id, r)
         }
         fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
@@ -1021,7 +1022,7 @@ mod tests {
 
     #[test]
     fn source_ranges_are_written_before_the_frontend_and_removed_after() {
-        let c = |s: &str| s.parse::<crate::node::Cidr>().unwrap();
+        let c = |s: &str| s.parse::<crate::model::Cidr>().unwrap();
         let mut p = port("lb", 10, &[(1, BackendState::Active)]);
         p.frontend_kinds = vec![lb_common::SVC_F_LB_INGRESS | lb_common::SVC_F_SOURCE_RANGES];
         p.source_ranges = vec![c("198.18.100.0/24")];

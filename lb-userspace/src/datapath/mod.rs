@@ -1,5 +1,7 @@
 //! The datapath layer: the kernel maps behind a trait, so the reconciler and the CLI run the
 //! same code against the real pinned maps ([`BpfMaps`]) and against memory ([`MemDatapath`]).
+pub mod ebpf;
+pub mod pinlock;
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -16,7 +18,7 @@ use lb_common::{
     SvcInfo,
 };
 
-use crate::node::Cidr;
+use crate::model::Cidr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -438,7 +440,7 @@ fn write_single<T: aya::Pod>(
 
 /// The Service ranges as [`lb_common::MAP_SERVICE_CIDRS`] holds them; an error names a range
 /// it cannot hold (a /0, or more than [`lb_common::MAX_SERVICE_CIDRS`] of a family).
-pub fn service_cidrs(ranges: &[crate::node::Cidr]) -> Result<lb_common::ServiceCidrs, String> {
+pub fn service_cidrs(ranges: &[crate::model::Cidr]) -> Result<lb_common::ServiceCidrs, String> {
     let mut out = lb_common::ServiceCidrs::default();
     let (mut n4, mut n6) = (0, 0);
     for r in ranges {
@@ -1124,7 +1126,7 @@ mod tests {
 
     #[test]
     fn service_cidrs_are_held_as_the_datapath_compares_them() {
-        let r = |s: &str| s.parse::<crate::node::Cidr>().unwrap();
+        let r = |s: &str| s.parse::<crate::model::Cidr>().unwrap();
         let c = service_cidrs(&[r("198.18.0.7/24"), r("2001:db8:1::/112"), r("10.96.0.0/12")]).unwrap();
         let a4 = |s: &str| u32::from_ne_bytes(s.parse::<std::net::Ipv4Addr>().unwrap().octets());
         assert!(
