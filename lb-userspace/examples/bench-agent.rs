@@ -402,7 +402,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!("  first sync (model + maps):  {:>10.1} ms", sync_us as f64 / 1e3);
     println!(
-        "  endpoint change -> map:     p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} changes (includes the 10 ms batch delay)",
+        "  endpoint change -> map:     p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} changes (includes the agent's --batch-delay-ms, 0 by default)",
         percentile(&lat, 0.5).as_secs_f64() * 1e3,
         percentile(&lat, 0.9).as_secs_f64() * 1e3,
         percentile(&lat, 0.99).as_secs_f64() * 1e3,

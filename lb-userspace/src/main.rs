@@ -241,8 +241,9 @@ struct AgentArgs {
     /// /healthz fails once a change has waited this many seconds for a successful sync.
     #[arg(long, env = "XLB_HEALTHZ_MAX_PENDING_S", default_value_t = 60)]
     healthz_max_pending_s: u64,
-    /// After a change, wait this long (ms) for more before syncing, so a burst is one sync.
-    #[arg(long, env = "XLB_BATCH_DELAY_MS", default_value_t = 10)]
+    /// After a change, wait this long (ms) for more before syncing. 0: a change is synced at
+    /// once, and the changes that arrive while a sync runs are synced together by the next.
+    #[arg(long, env = "XLB_BATCH_DELAY_MS", default_value_t = 0)]
     batch_delay_ms: u64,
     /// Capacity of the service map (frontends plus backend slots).
     #[arg(long, env = "XLB_MAX_SERVICE_ENTRIES", default_value_t = lb_common::DEFAULT_MAX_SERVICE_ENTRIES)]

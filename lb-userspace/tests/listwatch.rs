@@ -333,7 +333,7 @@ fn start_agent(
     let agent = tokio::spawn(async move {
         source.wait_ready().await;
         changed.notify_one();
-        control_loop(&source, &mut syncer, &changed, Duration::from_millis(10), async {
+        control_loop(&source, &mut syncer, &changed, Duration::ZERO, async {
             let _ = stop_rx.await;
         })
         .await;

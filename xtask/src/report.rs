@@ -286,7 +286,7 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
     writeln!(w, "## 2. Control plane\n")?;
     writeln!(
         w,
-        "`bench-agent`: the real agent in a namespace of its own, listing and watching a fake API server (the same list/watch HTTP protocol as kube-apiserver) that holds N Services x 5 endpoints. Cold start is from exec to ready (program load, the lists, model, every map write, attach). A change is one EndpointSlice replaced on the API server until the new backend is readable in the kernel map (polled every 50 µs; includes the agent's default 10 ms batch delay). Memory is the agent's resident set; kernel map memory is the pinned maps' `bytes_memlock`.\n"
+        "`bench-agent`: the real agent in a namespace of its own, listing and watching a fake API server (the same list/watch HTTP protocol as kube-apiserver) that holds N Services x 5 endpoints. Cold start is from exec to ready (program load, the lists, model, every map write, attach). A change is one EndpointSlice replaced on the API server until the new backend is readable in the kernel map (polled every 50 µs; the agent syncs a change at once: `--batch-delay-ms` 0, the default since 2026-12-07, 10 before). Memory is the agent's resident set; kernel map memory is the pinned maps' `bytes_memlock`.\n"
     )?;
     writeln!(
         w,

@@ -61,7 +61,8 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     pub xdp_mode: XdpMode,
     pub capacities: Capacities,
-    /// After a change, wait this long for more before syncing, so a burst is one sync.
+    /// After a change, wait this long for more before syncing; zero: sync at once, and take the
+    /// changes that come during a sync together in the next.
     pub batch_delay: Duration,
     /// Node ports outside this range are rejected.
     pub node_port_range: RangeInclusive<u16>,
@@ -472,8 +473,10 @@ fn sync_once<D: Datapath>(source: &Source, syncer: &mut Syncer<D>) -> anyhow::Re
     tokio::task::block_in_place(|| syncer.sync(&snap))
 }
 
-/// Syncs after every change (bursts within `batch_delay` become one sync) until `shutdown`
-/// resolves. A failed sync is retried with backoff (100 ms doubling to 5 s).
+/// Syncs after every change until `shutdown` resolves: at once when `batch_delay` is zero (the
+/// default), the changes that arrive while a sync runs being taken together by the next one
+/// (`changed` keeps one wake-up for them); else after waiting `batch_delay` for more. A failed
+/// sync is retried with backoff (100 ms doubling to 5 s).
 pub async fn control_loop<D: Datapath>(
     source: &Source,
     syncer: &mut Syncer<D>,
