@@ -33,10 +33,21 @@ use crate::{
 pub enum ReconcileError {
     #[error(transparent)]
     Datapath(#[from] DatapathError),
-    #[error("no free {what} id: all {capacity} are in use")]
+    #[error("no free {what} id: all {capacity} are in use{}", flag_hint(what))]
     IdsExhausted { what: &'static str, capacity: u32 },
-    #[error("service map has room for {capacity} entries; the services need {needed}")]
-    ServicesFull { capacity: u32, needed: u64 },
+    #[error(
+        "the {family} service map has room for {capacity} entries; the services need {needed} (raise {flag}); nothing of this sync was written, and the maps keep what they held"
+    )]
+    ServicesFull { family: &'static str, flag: &'static str, capacity: u32, needed: u64 },
+}
+
+/// The agent flag that raises the capacity an id of `what` runs out of, as a hint for the error.
+fn flag_hint(what: &str) -> &'static str {
+    match what {
+        "backend" => " (raise --max-backends)",
+        "IPv6 backend" => " (raise --max-ipv6-entries)",
+        _ => "",
+    }
 }
 
 /// A backend's identity: the same endpoint used by several services shares one id.
@@ -436,14 +447,17 @@ impl<D: Datapath> Reconciler<D> {
         let mut st = ApplyStats::default();
         let cap = self.dp.capacity();
 
-        for (family, capacity) in [(Family::V4, cap.service_entries), (Family::V6, cap.ipv6_entries)] {
+        for (family, capacity, name, flag) in [
+            (Family::V4, cap.service_entries, "IPv4", "--max-service-entries"),
+            (Family::V6, cap.ipv6_entries, "IPv6", "--max-ipv6-entries"),
+        ] {
             let needed: u64 = desired
                 .iter()
                 .filter(|p| p.id.family == family)
                 .map(|p| p.frontends.len() as u64 * (1 + p.selectable().count() as u64))
                 .sum();
             if needed > u64::from(capacity) {
-                return Err(ReconcileError::ServicesFull { capacity, needed });
+                return Err(ReconcileError::ServicesFull { family: name, flag, capacity, needed });
             }
         }
 
@@ -1234,6 +1248,24 @@ mod tests {
     }
 
     #[test]
+    fn a_full_service_map_is_refused_before_any_write_and_the_error_names_the_flag() {
+        let cap = crate::datapath::Capacity { service_entries: 10, backends: 64, ipv6_entries: 64 };
+        let mut r = Reconciler::new(MemDatapath::with_capacity(cap)).unwrap();
+        let three: Vec<_> = (1..=3).map(|b| (b, BackendState::Active)).collect();
+        r.apply(&[port("a", 10, &three)]).unwrap();
+        let before = meaning(r.datapath());
+        // Two more ports of four entries each: 12 entries, the map holds 10.
+        let err =
+            r.apply(&[port("a", 10, &three), port("b", 11, &three), port("c", 12, &three)]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("room for 10 entries; the services need 12 (raise --max-service-entries)"),
+            "{text}"
+        );
+        assert_eq!(meaning(r.datapath()), before, "nothing written: never a partial datapath");
+    }
+
+    #[test]
     fn a_failed_write_is_reported_and_the_next_apply_finishes() {
         let cap = crate::datapath::Capacity { service_entries: 1024, backends: 4, ipv6_entries: 64 };
         let mut r = Reconciler::new(MemDatapath::with_capacity(cap)).unwrap();
@@ -1241,6 +1273,7 @@ mod tests {
         let too_many: Vec<_> = (1..=5).map(|b| (b, BackendState::Active)).collect();
         let err = r.apply(&[port("a", 10, &too_many)]).unwrap_err();
         assert!(matches!(err, ReconcileError::IdsExhausted { what: "backend", capacity: 4 }), "{err}");
+        assert!(err.to_string().ends_with("(raise --max-backends)"), "the error names the flag: {err}");
         // A desired state that fits then applies cleanly, from the re-read picture.
         let ok: Vec<_> = (1..=3).map(|b| (b, BackendState::Active)).collect();
         r.apply(&[port("a", 10, &ok)]).unwrap();
