@@ -390,3 +390,55 @@ async fn a_restarted_api_server_is_heard_from_within_two_seconds_of_its_return()
         assert!(*took <= Duration::from_secs(2), "after a {outage:?} outage the change took {took:?}");
     }
 }
+
+/// A relist (410 Gone on resume) with nothing changed on the API server writes no map entry:
+/// the new objects are modelled again, and the reconciler finds nothing to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relist_with_nothing_changed_writes_no_map_entry() {
+    let api = FakeApi::new();
+    let mut want = Vec::new();
+    for i in 0..50u16 {
+        let name = format!("s{i}");
+        api.put(Kind::Service, service(&name, &format!("198.18.0.{i}"), 80, 8080));
+        api.put(Kind::Slice, slice(&format!("{name}-1"), &name, 8080, &[&format!("198.18.1.{i}")]));
+        want.push(format!("198.18.0.{i}:80/TCP -> 198.18.1.{i}:8080"));
+    }
+    want.sort();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve(api.clone(), listener));
+    let dp = Shared::default();
+    let metrics = Arc::new(Metrics::default());
+    let (stop, agent) = start_agent(addr, &dp, ModelConfig::default(), metrics.clone());
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    converge(&dp, &want, "initial list").await;
+    let counter = |name: &str| {
+        let text = metrics.render(&[]);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map_or(0, |v| v.parse::<u64>().unwrap())
+    };
+    let lists = |kind: Kind| api.requests().iter().filter(|r| r.0 == kind && r.1 == "list").count();
+    let (writes, deletes) = (counter("xlb_map_writes_total"), counter("xlb_map_deletes_total"));
+    let (svc_lists, slice_lists) = (lists(Kind::Service), lists(Kind::Slice));
+    let (syncs, _) = metrics.syncs();
+
+    api.expire_watches();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lists(Kind::Service) == svc_lists
+        || lists(Kind::Slice) == slice_lists
+        || metrics.syncs().0 < syncs + 2
+    {
+        assert!(Instant::now() < deadline, "both resources relist and the agent syncs after them");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The relists' last sync comes after their lists are complete.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(served(&dp), want, "the same picture");
+    assert_eq!(counter("xlb_map_writes_total"), writes, "no entry written by the relist's syncs");
+    assert_eq!(counter("xlb_map_deletes_total"), deletes, "nothing deleted");
+    assert!(writes > 0, "the first sync wrote the maps");
+    let _ = stop.send(());
+    agent.await.unwrap();
+    server.abort();
+}
