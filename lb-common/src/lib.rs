@@ -20,8 +20,13 @@ pub const PROG_XDP: &str = "xlb_xdp";
 /// this node, after the kernel routed them.
 pub const PROG_TC_EGRESS: &str = "xlb_tc_egress";
 
-/// Service frontends and their backend slots (hash, [`Svc4Key`] -> [`Svc4Value`]).
-pub const MAP_SERVICES: &str = "xlb_svc4_v1";
+/// Service frontends and their backend slots (hash, [`Svc4Key`] -> [`Svc4Value`]), not
+/// preallocated ([`SERVICES_MAP_FLAGS`]): its capacity costs kernel memory only as it fills.
+pub const MAP_SERVICES: &str = "xlb_svc4_v2";
+/// [`MAP_SERVICES`] as agents before 2026-12-07 pinned it: the same entries in a preallocated
+/// map. An agent that finds it copies its entries over before the first sync, so that every
+/// service and backend keeps its id through the upgrade (see `agent::run`).
+pub const MAP_SERVICES_V1: &str = "xlb_svc4_v1";
 /// Backends by id (array, index -> [`Backend4`]); id 0 is never used.
 pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
@@ -340,9 +345,12 @@ pub const PROG_XDP_PASS: &str = "xlb_xdp_pass";
 /// with BPF_PROG_TEST_RUN. It reads the live maps and writes nothing but [`MAP_TRACE`].
 pub const PROG_XDP_TRACE: &str = "xlb_xdp_trace";
 
-/// Default capacities. The agent can override them at load time (`--max-*` flags).
-pub const DEFAULT_MAX_SERVICE_ENTRIES: u32 = 262_144;
-pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
+/// Default capacities. The agent can override them at load time (`--max-*` flags). The
+/// defaults serve 100,000 Services of 5 endpoints: [`MAP_SERVICES`] (one entry per frontend and
+/// one per backend slot, 600,000 then) is not preallocated, and an array of backends costs 8
+/// bytes an entry.
+pub const DEFAULT_MAX_SERVICE_ENTRIES: u32 = 1_048_576;
+pub const DEFAULT_MAX_BACKENDS: u32 = 524_288;
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
 /// Service ports (names for display); not preallocated, so a large capacity costs nothing
 /// until used.
@@ -356,6 +364,9 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// `map_flags` of [`MAP_SVC_INFO`]: BPF_F_NO_PREALLOC, so that display names only take kernel
 /// memory for the service ports that exist.
 pub const SVC_INFO_MAP_FLAGS: usize = 1;
+/// `map_flags` of [`MAP_SERVICES`]: BPF_F_NO_PREALLOC (only the agent writes it, never a
+/// program, so the per-update allocation is no concern).
+pub const SERVICES_MAP_FLAGS: usize = 1;
 
 /// Most backends a single service frontend may have (slots 1..=this).
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;

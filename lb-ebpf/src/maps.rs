@@ -12,12 +12,17 @@ use lb_common::{
 };
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
-#[btf_map(name = "xlb_svc4_v1")]
-pub static SERVICES: HashMap<Svc4Key, Svc4Value, 262_144> = HashMap::new();
+#[btf_map(name = "xlb_svc4_v2")]
+pub static SERVICES: HashMap<
+    Svc4Key,
+    Svc4Value,
+    { lb_common::DEFAULT_MAX_SERVICE_ENTRIES as usize },
+    { lb_common::SERVICES_MAP_FLAGS },
+> = HashMap::new();
 
 /// Backend id -> endpoint address and port.
 #[btf_map(name = "xlb_be4_v1")]
-pub static BACKENDS: Array<Backend4, 262_144> = Array::new();
+pub static BACKENDS: Array<Backend4, { lb_common::DEFAULT_MAX_BACKENDS as usize }> = Array::new();
 
 /// Tracked flows, both directions, evicted least recently used first.
 #[btf_map(name = "xlb_ct4_v2")]

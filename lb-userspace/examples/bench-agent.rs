@@ -241,11 +241,18 @@ fn main() -> anyhow::Result<()> {
         .args(["--iface", "lo", "--xdp-mode", "generic", "--http-addr", "off"])
         // Never the machine's own cgroup: socket-level balancing is not what this measures.
         .args(["--cgroup", "off"])
-        // Room for every frontend and slot, and every backend (and the changes' fresh ones).
-        .arg("--max-service-entries")
-        .arg((a.services * (a.endpoints + 1) + 1024).next_power_of_two().max(262_144).to_string())
-        .arg("--max-backends")
-        .arg((a.services * a.endpoints + a.changes + 1024).next_power_of_two().max(262_144).to_string())
+        // Room for every frontend and slot, and every backend (and the changes' fresh ones): the
+        // defaults where they suffice (100,000 Services x 5 endpoints), as a user runs it.
+        .args(capacity_flag(
+            "--max-service-entries",
+            a.services * (a.endpoints + 1) + 1024,
+            lb_common::DEFAULT_MAX_SERVICE_ENTRIES,
+        ))
+        .args(capacity_flag(
+            "--max-backends",
+            a.services * a.endpoints + a.changes + 1024,
+            lb_common::DEFAULT_MAX_BACKENDS,
+        ))
         .arg("--max-ipv6-entries")
         .arg(
             if a.dual_stack {
@@ -464,4 +471,13 @@ fn kernel_map_bytes(pin_dir: &std::path::Path) -> u64 {
             v["bytes_memlock"].as_u64()
         })
         .sum()
+}
+
+/// `flag` with a capacity for `needed` entries, or nothing when the default holds them.
+fn capacity_flag(flag: &str, needed: u32, default: u32) -> Vec<String> {
+    if needed <= default {
+        Vec::new()
+    } else {
+        vec![flag.to_string(), needed.next_power_of_two().to_string()]
+    }
 }

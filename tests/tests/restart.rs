@@ -135,7 +135,9 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     bed.agent.take().unwrap().stop(Duration::from_secs(5));
     let out = bed.xlb_cli(&["cleanup"]).unwrap();
     assert!(
-        out.contains("links/xdp_eth0") && out.contains("links/tc_egress_eth0") && out.contains("xlb_svc4_v1"),
+        out.contains("links/xdp_eth0")
+            && out.contains("links/tc_egress_eth0")
+            && out.contains(lb_common::MAP_SERVICES),
         "{out}"
     );
     assert!(!bed.pin_dir.exists(), "nothing left pinned, not even the directory");
@@ -283,4 +285,38 @@ fn a_second_agent_on_the_same_pin_directory_refuses_to_start_and_changes_nothing
     bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(5)).unwrap();
     let a = bed.client.enter(|| tcp_request("198.18.0.10:80".parse().unwrap(), Duration::from_secs(2)));
     assert!(a.is_ok(), "{a:?}");
+}
+
+/// An upgrade from the preallocated service map (`xlb_svc4_v1`, agents before 2026-12-07):
+/// the new agent copies its entries into the new map before its first sync, so every service
+/// and backend keeps its id (a tracked flow's backend id still names its backend), a connection
+/// open through the upgrade keeps working, and the old map is removed once the new program is
+/// attached.
+#[test]
+fn an_upgrade_from_the_preallocated_service_map_keeps_every_id_and_connection() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = demo_bed();
+    let vip: std::net::SocketAddrV4 = "198.18.0.10:80".parse().unwrap();
+    let before = ids(&bed);
+    // A connection open through the upgrade (its flow tracked by backend id).
+    let mut held = bed.client.enter(|| xlb_tests::HeldConn::open(vip, Duration::from_secs(2))).unwrap();
+    let first = held.request(Duration::from_secs(2)).unwrap();
+    bed.agent.take().unwrap().stop(Duration::from_secs(5));
+
+    // As an older agent left it: the entries in the map of the older name (the same layout).
+    let current = lb_common::MAP_SERVICES;
+    let older = lb_common::MAP_SERVICES_V1;
+    std::fs::rename(bed.pin_dir.join(current), bed.pin_dir.join(older)).unwrap();
+    bed.start_agent().expect("agent of the new layout");
+    let log = bed.agent.as_ref().unwrap().log_text();
+    assert!(log.contains("copied the service map of the earlier layout"), "{log}");
+    assert!(log.contains("removed a map of another layout version"), "{log}");
+    assert!(!bed.pin_dir.join(older).exists() && bed.pin_dir.join(current).exists());
+    assert_eq!(ids(&bed), before, "every service and backend kept its id");
+    let again =
+        held.request(Duration::from_secs(2)).expect("the connection open through the upgrade still works");
+    assert_eq!(again.pod, first.pod, "the same pod answers");
+    bed.client.enter(|| tcp_request(vip, Duration::from_secs(2))).unwrap();
 }

@@ -542,6 +542,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         info!(service_cidrs = ?cfg.service_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "new connections to an address of these ranges that no Service holds are refused at once");
     }
     info!(settings = ?cfg.datapath, "datapath settings (conntrack lifetimes in seconds; maglev_size 0: random selection)");
+    match crate::datapath::copy_services_v1(&cfg.pin_dir) {
+        Ok(0) => {}
+        Ok(n) => info!(
+            entries = n,
+            "copied the service map of the earlier layout ({}): every service and backend keeps its id",
+            lb_common::MAP_SERVICES_V1
+        ),
+        // The first sync writes every service anew: tracked flows whose backend gets another id
+        // are balanced again.
+        Err(e) => warn!(error = %e, "cannot copy the service map of the earlier layout; writing it anew"),
+    }
     let maps = BpfMaps::open(&cfg.pin_dir)?.with_maglev_pinned(&cfg.pin_dir)?;
     let mut rec = Reconciler::new(maps).context("reading back the pinned maps")?;
     rec.set_maglev(cfg.datapath.maglev_size);

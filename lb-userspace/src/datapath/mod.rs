@@ -395,6 +395,37 @@ fn range_key6(svc_id: u32, addr: std::net::Ipv6Addr, len: u8) -> LpmKey<SrcRange
 
 /// Opens one pinned map, telling apart a missing pin, a pin of another layout version and a
 /// permission problem.
+/// Upgrade from the preallocated service map ([`lb_common::MAP_SERVICES_V1`]): when `pin_dir`
+/// holds one and the current map is still empty, its entries are copied over, so that the
+/// reconciler reads every service and backend back with its id and tracked flows keep their
+/// backends. Returns the entries copied (0: nothing to do). The old map is removed with the
+/// other maps of another layout, once the new program is attached.
+pub fn copy_services_v1(pin_dir: &Path) -> Result<usize, DatapathError> {
+    const OLD: &str = lb_common::MAP_SERVICES_V1;
+    if !pin_dir.join(OLD).exists() {
+        return Ok(0);
+    }
+    let hash =
+        |name: &'static str| -> Result<HashMap<MapData, Svc4Key, Svc4Value>, DatapathError> {
+            let path = pin_dir.join(name);
+            let map = Map::from_map_data(open_pin(pin_dir, name)?)
+                .map_err(|source| DatapathError::Layout { name, path: path.clone(), source })?;
+            typed(name, &path, map)
+        };
+    let mut new = hash(MAP_SERVICES)?;
+    if new.keys().next().is_some() {
+        return Ok(0); // copied by an earlier start, and written since
+    }
+    let old = hash(OLD)?;
+    let mut n = 0;
+    for entry in old.iter() {
+        let (k, v) = entry.map_err(map_err("iterate", OLD))?;
+        new.insert(k, v, 0).map_err(map_err("update", MAP_SERVICES))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 pub fn open_pin(pin_dir: &Path, name: &'static str) -> Result<MapData, DatapathError> {
     let path = pin_dir.join(name);
     match std::fs::symlink_metadata(&path) {
