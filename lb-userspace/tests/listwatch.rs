@@ -442,3 +442,98 @@ async fn a_relist_with_nothing_changed_writes_no_map_entry() {
     agent.await.unwrap();
     server.abort();
 }
+
+/// A cluster that outgrows a map: the sync writes nothing (never a partial datapath), and says
+/// so in its error, in the metric `xlb_capacity_exceeded{flag}` and in one Warning event
+/// `CapacityExceeded` on the node, naming the flag to raise; once the Services fit again, the
+/// metric goes back to 0 and the maps follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_outgrows_a_map_is_told_by_error_metric_and_event() {
+    let api = FakeApi::new();
+    let each = |i: u16| (format!("s{i}"), format!("198.18.0.{i}"));
+    for i in 0..2u16 {
+        let (name, ip) = each(i);
+        api.put(Kind::Service, service(&name, &ip, 80, 8080));
+        api.put(Kind::Slice, slice(&format!("{name}-1"), &name, 8080, &["198.18.1.1", "198.18.1.2"]));
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve(api.clone(), listener));
+    // Room for 8 service entries: two Services of one frontend and two slots fit (6), three not.
+    let cap = Capacity { service_entries: 8, backends: 64, ipv6_entries: 64 };
+    let dp = Shared(Arc::new(Mutex::new(MemDatapath::with_capacity(cap))));
+    let client =
+        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let changed = Arc::new(Notify::new());
+    let source =
+        Source::Kube(KubeSource::start(client.clone(), Some("node-1"), changed.clone(), metrics.clone()));
+    let cfg = ModelConfig { node_name: Some("node-1".into()), ..ModelConfig::default() };
+    let mut syncer = Syncer::new(Reconciler::new(dp.clone()).unwrap(), cfg, metrics.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(async move {
+        syncer.events = Some(lb_userspace::agent::events::EventReporter::start(client, Some("node-1")));
+        source.wait_ready().await;
+        changed.notify_one();
+        control_loop(&source, &mut syncer, &changed, Duration::ZERO, async {
+            let _ = stop_rx.await;
+        })
+        .await;
+    });
+    let two = [
+        "198.18.0.0:80/TCP -> 198.18.1.1:8080,198.18.1.2:8080",
+        "198.18.0.1:80/TCP -> 198.18.1.1:8080,198.18.1.2:8080",
+    ];
+    converge(&dp, &two, "two Services fit").await;
+    let exceeded = || {
+        let text = metrics.render(&[]);
+        text.lines()
+            .find(|l| l.starts_with("xlb_capacity_exceeded{flag=\"--max-service-entries\"}"))
+            .unwrap()
+            .to_owned()
+    };
+    assert!(exceeded().ends_with(" 0"));
+
+    // A third Service: 9 entries, the map holds 8.
+    let (name, ip) = each(2);
+    api.put(Kind::Slice, slice("s2-1", &name, 8080, &["198.18.1.1", "198.18.1.2"]));
+    api.put(Kind::Service, service(&name, &ip, 80, 8080));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !exceeded().ends_with(" 1") {
+        assert!(Instant::now() < deadline, "the metric says the map is too small: {}", exceeded());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing of the sync that does not fit is written: the maps hold the last picture that fit
+    // (the Service may have come in a sync before its slice, then without endpoints).
+    let now = served(&dp);
+    assert!(now.starts_with(&two.map(String::from)), "{now:?}");
+    assert!(now.len() == 2 || now[2] == "198.18.0.2:80/TCP -> ", "{now:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let node_events = || {
+        api.events_created()
+            .into_values()
+            .filter(|e| e["regarding"]["kind"] == "Node" && e["reason"] == "CapacityExceeded")
+            .collect::<Vec<_>>()
+    };
+    while node_events().is_empty() {
+        assert!(Instant::now() < deadline, "an event on the node: {:?}", api.events_created());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events = node_events();
+    assert_eq!(events.len(), 1, "once, not at every retry: {events:?}");
+    assert_eq!(events[0]["regarding"]["name"], "node-1");
+    let note = events[0]["note"].as_str().unwrap();
+    assert!(note.contains("raise --max-service-entries") && note.contains("room for 8 entries"), "{note}");
+
+    // The Service goes: everything fits again.
+    api.delete(Kind::Service, "default/s2");
+    converge(&dp, &two, "after the third Service is gone").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !exceeded().ends_with(" 0") {
+        assert!(Instant::now() < deadline, "the metric goes back to 0: {}", exceeded());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(());
+    agent.await.unwrap();
+    server.abort();
+}

@@ -40,6 +40,10 @@ pub struct EventReporter {
     /// The rejections last reported that still hold.
     reported: BTreeSet<RejectionKey>,
     instance: String,
+    /// This node's name: capacity events are about it.
+    node: Option<String>,
+    /// The capacity flag last reported in an event while it holds.
+    capacity_reported: Option<&'static str>,
 }
 
 impl EventReporter {
@@ -68,7 +72,13 @@ impl EventReporter {
             }
         });
         let instance = format!("xlb-{}", node.unwrap_or("node"));
-        Self { tx, reported: BTreeSet::new(), instance }
+        Self {
+            tx,
+            reported: BTreeSet::new(),
+            instance,
+            node: node.map(str::to_owned),
+            capacity_reported: None,
+        }
     }
 
     /// Queues events for the objects of `rejected` that are newly rejected, or rejected for a
@@ -97,6 +107,62 @@ impl EventReporter {
 
 fn key(r: &Rejection) -> RejectionKey {
     (r.kind, r.namespace.clone(), r.name.clone(), r.reason.clone())
+}
+
+impl EventReporter {
+    /// A sync failed because a map is too small for the cluster (`flag` raises it; `why` is
+    /// the error): a Warning event `CapacityExceeded` on this node's Node object, once while
+    /// it holds. `None`: the maps hold the cluster (again).
+    pub fn report_capacity(&mut self, flag: Option<&'static str>, why: &str) {
+        if flag == self.capacity_reported {
+            return;
+        }
+        self.capacity_reported = flag;
+        let (Some(flag), Some(node)) = (flag, self.node.as_deref()) else { return };
+        let regarding = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(node.to_owned()),
+            ..Default::default()
+        };
+        let ev = capacity_event(node, flag, why, regarding, &self.instance, Timestamp::now());
+        if self.tx.try_send(ev).is_err() {
+            self.capacity_reported = None; // the next failed sync tries again
+        }
+    }
+}
+
+/// The event about a map too small for the cluster, on node `node` (in namespace default, as
+/// the kubelet writes its Node events).
+pub fn capacity_event(
+    node: &str,
+    flag: &str,
+    why: &str,
+    regarding: ObjectReference,
+    instance: &str,
+    now: Timestamp,
+) -> Event {
+    let name = format!("{node}.xlb-capacity-{:016x}", fnv1a(&[node.as_bytes(), flag.as_bytes()]));
+    let mut note = format!("xlb cannot write the cluster's Services into its maps: {why}");
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+    }
+    Event {
+        metadata: ObjectMeta { name: Some(name), namespace: Some("default".into()), ..Default::default() },
+        event_time: Some(MicroTime(now)),
+        type_: Some("Warning".into()),
+        reason: Some("CapacityExceeded".into()),
+        action: Some("Program".into()),
+        note: Some(note),
+        regarding: Some(regarding),
+        reporting_controller: Some(CONTROLLER.into()),
+        reporting_instance: Some(instance.chars().take(128).collect()),
+        ..Default::default()
+    }
 }
 
 /// Updates `reported` to `rejected`, and returns the rejections to report: those not in

@@ -51,6 +51,8 @@ pub struct Metrics {
     /// When a change was seen that no successful sync has applied yet.
     pending_since: Mutex<Option<Instant>>,
     last_ok: Mutex<Option<Instant>>,
+    /// See [`Metrics::set_capacity_exceeded`].
+    capacity_exceeded: Mutex<Option<&'static str>>,
 }
 
 impl Default for Metrics {
@@ -67,6 +69,7 @@ impl Default for Metrics {
             ready: AtomicBool::new(false),
             pending_since: Mutex::default(),
             last_ok: Mutex::default(),
+            capacity_exceeded: Mutex::new(None),
         }
     }
 }
@@ -106,6 +109,12 @@ impl Metrics {
         }
         h.count += 1;
         h.sum += s;
+    }
+
+    /// The capacity flag a map too small for the cluster asks to raise (the last sync failed
+    /// for it), or `None`.
+    pub fn set_capacity_exceeded(&self, flag: Option<&'static str>) {
+        *lock(&self.capacity_exceeded) = flag;
     }
 
     pub fn watch_error(&self, resource: &str) {
@@ -211,6 +220,17 @@ impl Metrics {
             let kind = if *part == "endpoint" { "EndpointSlice" } else { "Service" };
             let n = last.rejected_parts.get(&(kind.to_string(), part.to_string())).copied().unwrap_or(0);
             let _ = writeln!(o, "xlb_rejected_parts{{kind=\"{kind}\",part=\"{part}\"}} {n}");
+        }
+        head(
+            &mut o,
+            "xlb_capacity_exceeded",
+            "gauge",
+            "1 while the maps are too small for the cluster and syncs fail: raise the flag named.",
+        );
+        let exceeded = *lock(&self.capacity_exceeded);
+        for flag in ["--max-service-entries", "--max-backends", "--max-ipv6-entries"] {
+            let _ =
+                writeln!(o, "xlb_capacity_exceeded{{flag=\"{flag}\"}} {}", u8::from(exceeded == Some(flag)));
         }
         head(&mut o, "xlb_service_ports", "gauge", "Service ports programmed.");
         let _ = writeln!(o, "xlb_service_ports {}", last.service_ports);

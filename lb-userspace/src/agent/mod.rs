@@ -307,6 +307,10 @@ impl<D: Datapath> Syncer<D> {
         self.log_assigned_node_ports(&model.ports);
         match self.rec.apply(&model.ports) {
             Ok(stats) => {
+                self.metrics.set_capacity_exceeded(None);
+                if let Some(events) = &mut self.events {
+                    events.report_capacity(None, "");
+                }
                 self.terminate_sockets();
                 let elapsed = started.elapsed();
                 let mut rejected = std::collections::BTreeMap::new();
@@ -357,6 +361,13 @@ impl<D: Datapath> Syncer<D> {
             }
             Err(e) => {
                 self.metrics.sync_failed(started.elapsed());
+                // A map too small for the cluster: nothing was written; said in the error, the
+                // metric xlb_capacity_exceeded and an event on the node.
+                let flag = e.capacity_flag();
+                self.metrics.set_capacity_exceeded(flag);
+                if let Some(events) = &mut self.events {
+                    events.report_capacity(flag, &e.to_string());
+                }
                 Err(anyhow::Error::new(e).context("writing the datapath maps"))
             }
         }

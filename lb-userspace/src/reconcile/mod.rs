@@ -41,6 +41,18 @@ pub enum ReconcileError {
     ServicesFull { family: &'static str, flag: &'static str, capacity: u32, needed: u64 },
 }
 
+impl ReconcileError {
+    /// The agent flag to raise when the error is a map too small for the cluster.
+    pub fn capacity_flag(&self) -> Option<&'static str> {
+        match self {
+            ReconcileError::ServicesFull { flag, .. } => Some(flag),
+            ReconcileError::IdsExhausted { what: "backend", .. } => Some("--max-backends"),
+            ReconcileError::IdsExhausted { what: "IPv6 backend", .. } => Some("--max-ipv6-entries"),
+            _ => None,
+        }
+    }
+}
+
 /// The agent flag that raises the capacity an id of `what` runs out of, as a hint for the error.
 fn flag_hint(what: &str) -> &'static str {
     match what {
