@@ -2,7 +2,9 @@
 //!
 //! The real `xlb agent` binary runs in a network namespace of its own, attached to that
 //! namespace's loopback, against a fake API server (list/watch over HTTP, as kube-apiserver
-//! speaks it) holding N Services with E ready endpoints each. It prints:
+//! speaks it) holding N Services with E ready endpoints each, with what a real cluster's
+//! objects carry beside what xlb reads (labels, selector, owner, each endpoint's pod, node and
+//! zone). It prints:
 //! - cold start: from starting the agent to "ready" (program loaded, first list of everything
 //!   received, all maps written, XDP attached), and the first sync's own duration;
 //! - endpoint change: from the API server publishing one changed EndpointSlice to the new
@@ -141,6 +143,49 @@ fn serves6(maps: &BpfMaps, i: u32, addr: Ipv6Addr, port: u16) -> bool {
     })
 }
 
+/// What the API server and the EndpointSlice controller add to the bare objects, as a real
+/// cluster's Services and slices carry it (labels, selector, owner, the endpoints' pods,
+/// nodes and zones...): the agent must keep what it needs of them, not all of it.
+fn as_in_a_cluster(kind: Kind, mut o: serde_json::Value) -> serde_json::Value {
+    use serde_json::json;
+    let name = o["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    o["metadata"]["creationTimestamp"] = json!("2026-12-07T00:00:00Z");
+    match kind {
+        Kind::Service => {
+            o["metadata"]["labels"] = json!({"app": name, "app.kubernetes.io/part-of": "bench"});
+            o["spec"]["selector"] = json!({"app": name});
+            o["spec"]["sessionAffinity"] = json!("None");
+            o["spec"]["internalTrafficPolicy"] = json!("Cluster");
+            if o["spec"]["ipFamilies"].is_null() {
+                o["spec"]["ipFamilies"] = json!(["IPv4"]);
+                o["spec"]["ipFamilyPolicy"] = json!("SingleStack");
+            }
+            o["status"] = json!({"loadBalancer": {}});
+        }
+        Kind::Slice => {
+            let svc =
+                o["metadata"]["labels"]["kubernetes.io/service-name"].as_str().unwrap_or_default().to_owned();
+            o["metadata"]["generateName"] = json!(format!("{svc}-"));
+            o["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] =
+                json!("endpointslice-controller.k8s.io");
+            o["metadata"]["annotations"] =
+                json!({"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-07T00:00:00Z"});
+            o["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "Service", "name": svc,
+                "uid": format!("uid-{svc}"), "controller": true, "blockOwnerDeletion": true}]);
+            for (e, ep) in o["endpoints"].as_array_mut().into_iter().flatten().enumerate() {
+                ep["conditions"] = json!({"ready": true, "serving": true, "terminating": false});
+                ep["nodeName"] = json!(format!("node-{}", e % 50));
+                ep["zone"] = json!(format!("zone-{}", e % 3));
+                ep["targetRef"] = json!({"kind": "Pod", "namespace": "default",
+                    "name": format!("{svc}-7d9c5b6f4b-{e:05}"),
+                    "uid": format!("0d5e4c3b-2a19-4f08-97e6-{:012}", e)});
+            }
+        }
+        _ => {}
+    }
+    o
+}
+
 /// The Service and its slices as the API server holds them: one IPv4 slice, and with
 /// `dual_stack` an IPv6 clusterIP and slice (`{name}-6`) too.
 fn objects(i: u32, endpoints: u32, dual_stack: bool) -> Vec<(Kind, serde_json::Value)> {
@@ -157,7 +202,7 @@ fn objects(i: u32, endpoints: u32, dual_stack: bool) -> Vec<(Kind, serde_json::V
         out.push((Kind::Slice, slice6(&name, i, &eps)));
     }
     out.insert(0, (Kind::Service, svc));
-    out
+    out.into_iter().map(|(k, o)| (k, as_in_a_cluster(k, o))).collect()
 }
 
 /// Service i's IPv6 EndpointSlice with `eps`.
@@ -329,6 +374,7 @@ fn main() -> anyhow::Result<()> {
                 Box::new(move || serves(maps, i, fresh, pod_port(i))),
             )
         };
+        let obj = as_in_a_cluster(Kind::Slice, obj);
         let t = Instant::now();
         api.put(Kind::Slice, obj);
         while !done() {
