@@ -323,12 +323,27 @@ fn start_agent(
     cfg: ModelConfig,
     metrics: Arc<Metrics>,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    start_agent_with(addr, dp, cfg, metrics, false)
+}
+
+/// [`start_agent`], writing events to the API server when `events`.
+fn start_agent_with(
+    addr: SocketAddr,
+    dp: &Shared,
+    cfg: ModelConfig,
+    metrics: Arc<Metrics>,
+    events: bool,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let client =
         kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
     let changed = Arc::new(Notify::new());
     let node = cfg.node_name.clone();
-    let source = Source::Kube(KubeSource::start(client, node.as_deref(), changed.clone(), metrics.clone()));
+    let source =
+        Source::Kube(KubeSource::start(client.clone(), node.as_deref(), changed.clone(), metrics.clone()));
     let mut syncer = Syncer::new(Reconciler::new(dp.clone()).unwrap(), cfg, metrics);
+    if events {
+        syncer.events = Some(lb_userspace::agent::events::EventReporter::start(client, node.as_deref()));
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(async move {
         source.wait_ready().await;
@@ -462,24 +477,9 @@ async fn a_cluster_that_outgrows_a_map_is_told_by_error_metric_and_event() {
     // Room for 8 service entries: two Services of one frontend and two slots fit (6), three not.
     let cap = Capacity { service_entries: 8, backends: 64, ipv6_entries: 64 };
     let dp = Shared(Arc::new(Mutex::new(MemDatapath::with_capacity(cap))));
-    let client =
-        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
     let metrics = Arc::new(Metrics::default());
-    let changed = Arc::new(Notify::new());
-    let source =
-        Source::Kube(KubeSource::start(client.clone(), Some("node-1"), changed.clone(), metrics.clone()));
     let cfg = ModelConfig { node_name: Some("node-1".into()), ..ModelConfig::default() };
-    let mut syncer = Syncer::new(Reconciler::new(dp.clone()).unwrap(), cfg, metrics.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(async move {
-        syncer.events = Some(lb_userspace::agent::events::EventReporter::start(client, Some("node-1")));
-        source.wait_ready().await;
-        changed.notify_one();
-        control_loop(&source, &mut syncer, &changed, Duration::ZERO, async {
-            let _ = stop_rx.await;
-        })
-        .await;
-    });
+    let (stop_tx, agent) = start_agent_with(addr, &dp, cfg, metrics.clone(), true);
     let two = [
         "198.18.0.0:80/TCP -> 198.18.1.1:8080,198.18.1.2:8080",
         "198.18.0.1:80/TCP -> 198.18.1.1:8080,198.18.1.2:8080",

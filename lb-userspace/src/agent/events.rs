@@ -143,7 +143,20 @@ pub fn capacity_event(
     now: Timestamp,
 ) -> Event {
     let name = format!("{node}.xlb-capacity-{:016x}", fnv1a(&[node.as_bytes(), flag.as_bytes()]));
-    let mut note = format!("xlb cannot write the cluster's Services into its maps: {why}");
+    let note = format!("xlb cannot write the cluster's Services into its maps: {why}");
+    warning(name, "default", "CapacityExceeded", note, regarding, instance, now)
+}
+
+/// A Warning event of the agent's, its note cut to the 1 kB the API server takes.
+fn warning(
+    name: String,
+    namespace: &str,
+    reason: &str,
+    mut note: String,
+    regarding: ObjectReference,
+    instance: &str,
+    now: Timestamp,
+) -> Event {
     if note.len() > 1000 {
         let mut cut = 1000;
         while !note.is_char_boundary(cut) {
@@ -152,10 +165,14 @@ pub fn capacity_event(
         note.truncate(cut);
     }
     Event {
-        metadata: ObjectMeta { name: Some(name), namespace: Some("default".into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace.to_owned()),
+            ..Default::default()
+        },
         event_time: Some(MicroTime(now)),
         type_: Some("Warning".into()),
-        reason: Some("CapacityExceeded".into()),
+        reason: Some(reason.into()),
         action: Some("Program".into()),
         note: Some(note),
         regarding: Some(regarding),
@@ -209,30 +226,12 @@ pub fn event(r: &Rejection, regarding: ObjectReference, instance: &str, now: Tim
     let uid = regarding.uid.clone().unwrap_or_default();
     let name =
         format!("{}.xlb-{:016x}", r.name, fnv1a(&[uid.as_bytes(), r.kind.as_bytes(), r.reason.as_bytes()]));
-    // The API server takes at most 1 kB of note.
-    let mut note = match r.part {
+    let note = match r.part {
         None => format!("xlb does not serve this {}: {}", r.kind, r.reason),
         Some(part) => format!("xlb serves this {} without its {part}: {}", r.kind, r.reason),
     };
-    if note.len() > 1000 {
-        let mut cut = 1000;
-        while !note.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        note.truncate(cut);
-    }
-    Event {
-        metadata: ObjectMeta { name: Some(name), namespace: Some(r.namespace.clone()), ..Default::default() },
-        event_time: Some(MicroTime(now)),
-        type_: Some("Warning".into()),
-        reason: Some(if r.part.is_some() { "PartlyRejected" } else { "Rejected" }.into()),
-        action: Some("Program".into()),
-        note: Some(note),
-        regarding: Some(regarding),
-        reporting_controller: Some(CONTROLLER.into()),
-        reporting_instance: Some(instance.chars().take(128).collect()),
-        ..Default::default()
-    }
+    let reason = if r.part.is_some() { "PartlyRejected" } else { "Rejected" };
+    warning(name, &r.namespace, reason, note, regarding, instance, now)
 }
 
 /// FNV-1a over the parts (with a separator), for event names that every agent derives alike.
