@@ -15,7 +15,10 @@
 //! an IPv6 EndpointSlice): twice the frontends and backends, and the changes are made to the
 //! IPv6 slices and timed to the IPv6 maps.
 //!
-//! Run with `cargo xtask bench-agent [-- --services N --endpoints E --changes C --dual-stack]`
+//! With `--burst B`: after the timed changes, B slices (one per Service) change at once, timed
+//! until the last is in the maps.
+//!
+//! Run with `cargo xtask bench-agent [-- --services N --endpoints E --changes C --burst B --dual-stack]`
 //! (root).
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -41,10 +44,13 @@ struct Args {
     json: Option<PathBuf>,
     /// Dual-stack Services; the changes go to their IPv6 slices.
     dual_stack: bool,
+    /// After the timed changes: this many slices changed at once (one per Service, published as
+    /// fast as the fake API server takes them), timed until every one is in the maps.
+    burst: u32,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { services: 10_000, endpoints: 5, changes: 30, json: None, dual_stack: false };
+    let mut a = Args { services: 10_000, endpoints: 5, changes: 30, json: None, dual_stack: false, burst: 0 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--dual-stack" {
@@ -56,9 +62,10 @@ fn args() -> anyhow::Result<Args> {
             "--services" => a.services = val()?,
             "--endpoints" => a.endpoints = val()?,
             "--changes" => a.changes = val()?,
+            "--burst" => a.burst = val()?,
             "--json" => a.json = Some(it.next().context("missing value")?.into()),
             other => bail!(
-                "unknown argument {other:?} (--services N --endpoints E --changes C --json FILE --dual-stack)"
+                "unknown argument {other:?} (--services N --endpoints E --changes C --burst B --json FILE --dual-stack)"
             ),
         }
     }
@@ -433,6 +440,35 @@ fn main() -> anyhow::Result<()> {
     let rebuilt_max = log_ms("rebuilt=").last().map_or(0.0, |v| v * 1e3);
     let rss = status_kib(agent.pid(), "VmRSS:");
     let hwm = status_kib(agent.pid(), "VmHWM:");
+    // A burst: one new endpoint in each of the first `burst` Services' slices, all at once.
+    let burst = if a.burst > 0 && !a.dual_stack {
+        let n = a.burst.min(a.services);
+        let t = Instant::now();
+        let mut pending = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let name = format!("svc-{i}");
+            let fresh = pod(i, a.endpoints + 100);
+            let mut addrs: Vec<String> = (0..a.endpoints - 1).map(|e| pod(i, e).to_string()).collect();
+            addrs.push(fresh.to_string());
+            let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            api.put(
+                Kind::Slice,
+                as_in_a_cluster(Kind::Slice, slice(&format!("{name}-1"), &name, pod_port(i), &refs)),
+            );
+            pending.push((i, fresh));
+        }
+        let published = t.elapsed();
+        while !pending.is_empty() {
+            if t.elapsed() > Duration::from_secs(300) {
+                bail!("{} of the burst's {n} changes not in the maps after 300 s", pending.len());
+            }
+            pending.retain(|&(i, fresh)| !serves(&maps, i, fresh, pod_port(i)));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Some((n, published, t.elapsed()))
+    } else {
+        None
+    };
     let kernel = kernel_map_bytes(&pin_dir);
     agent.stop(Duration::from_secs(5));
     let _ = stop_tx.send(());
@@ -476,6 +512,13 @@ fn main() -> anyhow::Result<()> {
             model_ms[model_ms.len() / 2]
         );
     }
+    if let Some((n, published, all)) = burst {
+        println!(
+            "  burst of {n} changes:        all in the maps {:.1} ms after the first was published (publishing took {:.1} ms)",
+            all.as_secs_f64() * 1e3,
+            published.as_secs_f64() * 1e3
+        );
+    }
     println!(
         "  agent memory:               VmRSS {:.1} MiB at ready, {:.1} MiB after the changes, peak {:.1} MiB",
         rss_ready as f64 / 1024.0,
@@ -498,6 +541,8 @@ fn main() -> anyhow::Result<()> {
             "sync_ms_p50": sync_ms.get(sync_ms.len() / 2), "model_ms_p50": model_ms.get(model_ms.len() / 2),
             "rss_ready_mib": rss_ready as f64 / 1024.0, "rss_mib": rss as f64 / 1024.0,
             "rss_peak_mib": hwm as f64 / 1024.0, "kernel_map_mib": kernel as f64 / (1024.0 * 1024.0),
+            "burst": burst.map(|(n, published, all)| serde_json::json!({
+                "changes": n, "published_ms": ms(published), "all_in_maps_ms": ms(all)})),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
