@@ -210,7 +210,7 @@ pub struct DesiredPort {
     pub shown: Shown,
     /// `loadBalancerSourceRanges` (type LoadBalancer): the clients allowed on the ingress IPs;
     /// empty: all. Normalised (host bits cleared), sorted, without duplicates.
-    pub source_ranges: Vec<crate::model::Cidr>,
+    pub source_ranges: Vec<Cidr>,
 }
 
 /// Traffic policy (`externalTrafficPolicy`, `internalTrafficPolicy`).
@@ -562,7 +562,7 @@ impl ModelCache {
                                 .filter(|(f, _)| claimed.get(f).is_some_and(|o| other(o)))
                                 .map(|(f, k)| (*f, *k))
                                 .collect();
-                            for (f, k) in taken {
+                            for (f, k) in &taken {
                                 let what = if k & lb_common::SVC_F_NODE_PORT != 0 {
                                     "nodePort"
                                 } else if k & lb_common::SVC_F_LB_INGRESS != 0 {
@@ -570,14 +570,15 @@ impl ModelCache {
                                 } else {
                                     "externalIP"
                                 };
-                                let o = owner(&claimed[&f]);
+                                let o = owner(&claimed[f]);
                                 model
                                     .rejected
                                     .push(part(what, format!("frontend {f} is already used by {o}")));
-                                let port = Arc::make_mut(&mut p);
-                                let i = port.frontends.iter().position(|x| *x == f).unwrap_or_default();
-                                port.frontends.remove(i);
-                                port.frontend_kinds.remove(i);
+                            }
+                            if !taken.is_empty() {
+                                retain_frontends(Arc::make_mut(&mut p), |f, k| {
+                                    (!taken.iter().any(|(t, _)| t == f)).then_some(k)
+                                });
                             }
                             for f in &p.frontends {
                                 claimed.insert(*f, p.clone());
@@ -610,11 +611,17 @@ const TO_ALLOCATE: u16 = 0;
 /// is also something else to the port, an externalIP on the node, keeps that).
 fn strip_node_port(p: &mut DesiredPort) {
     p.node_port = None;
-    let mut kept = p.frontends.iter().copied().zip(p.frontend_kinds.iter().copied()).filter_map(|(f, k)| {
+    retain_frontends(p, |_, k| {
         let k = k & !lb_common::SVC_F_NODE_PORT;
-        (k & !(lb_common::SVC_F_LOCAL | lb_common::SVC_F_SOURCE_RANGES) != 0).then_some((f, k))
+        (k & !(lb_common::SVC_F_LOCAL | lb_common::SVC_F_SOURCE_RANGES) != 0).then_some(k)
     });
-    let (frontends, kinds) = kept.by_ref().unzip();
+}
+
+/// Keeps the frontends of `p` for which `keep` gives their kind (`SVC_F_*` bits), with that
+/// kind, in their order; drops the others.
+fn retain_frontends(p: &mut DesiredPort, mut keep: impl FnMut(&Frontend, u16) -> Option<u16>) {
+    let (frontends, kinds) =
+        p.frontends.iter().zip(&p.frontend_kinds).filter_map(|(f, &k)| keep(f, k).map(|k| (*f, k))).unzip();
     p.frontends = frontends;
     p.frontend_kinds = kinds;
 }
@@ -983,7 +990,7 @@ fn service_ports(
     let mut ranges_ok = true;
     if svc_type == SvcType::LoadBalancer {
         for r in spec.load_balancer_source_ranges.iter().flatten() {
-            match r.trim().parse::<crate::model::Cidr>() {
+            match r.trim().parse::<Cidr>() {
                 Ok(c) => source_ranges.push(c.network()),
                 Err(e) => {
                     // Serving the ingress IPs open would let in what the ranges keep out.
@@ -1116,7 +1123,7 @@ fn service_ports(
             // loadBalancerSourceRanges guard the ingress IPs, each family with its own ranges; a
             // family without any is open, as kube-proxy has it (its proxier of each family
             // keeps that family's ranges).
-            let ranges: Vec<crate::model::Cidr> =
+            let ranges: Vec<Cidr> =
                 source_ranges.iter().filter(|c| c.is_ipv4() == (family == Family::V4)).copied().collect();
             let guarded = |k: u16| {
                 if !ranges.is_empty() && k & lb_common::SVC_F_LB_INGRESS != 0 {
