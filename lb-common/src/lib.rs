@@ -285,9 +285,10 @@ impl ServiceCidrs {
         false
     }
 
-    /// Whether the IPv6 address (its two halves, bytes in memory order) is in one of the ranges.
+    /// Whether the IPv6 address (bytes as in the packet) is in one of the ranges.
     #[inline(always)]
-    pub fn contains6(&self, hi: u64, lo: u64) -> bool {
+    pub fn contains6(&self, addr: &[u8; 16]) -> bool {
+        let [hi, lo] = ipv6_halves(addr);
         let mut i = 0;
         while i < MAX_SERVICE_CIDRS {
             let [nh, nl, mh, ml] = self.v6[i];
@@ -298,6 +299,25 @@ impl ServiceCidrs {
         }
         false
     }
+}
+
+/// The two halves of an IPv6 address, each eight bytes read as a `u64` in memory order, as
+/// [`ServiceCidrs::v6`] holds networks and masks.
+#[inline(always)]
+pub fn ipv6_halves(a: &[u8; 16]) -> [u64; 2] {
+    let half = |at: usize| {
+        u64::from_ne_bytes([
+            a[at],
+            a[at + 1],
+            a[at + 2],
+            a[at + 3],
+            a[at + 4],
+            a[at + 5],
+            a[at + 6],
+            a[at + 7],
+        ])
+    };
+    [half(0), half(8)]
 }
 
 /// Every map the agent pins, in the order the CLI reports them.

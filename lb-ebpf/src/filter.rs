@@ -33,17 +33,5 @@ pub fn in_service_range(addr: u32) -> bool {
 /// As [`in_service_range`], for an IPv6 address (bytes as in the packet).
 #[inline(always)]
 pub fn in_service_range6(addr: &[u8; 16]) -> bool {
-    let half = |at: usize| {
-        u64::from_ne_bytes([
-            addr[at],
-            addr[at + 1],
-            addr[at + 2],
-            addr[at + 3],
-            addr[at + 4],
-            addr[at + 5],
-            addr[at + 6],
-            addr[at + 7],
-        ])
-    };
-    SERVICE_CIDRS.get(0).is_some_and(|c| c.contains6(half(0), half(8)))
+    SERVICE_CIDRS.get(0).is_some_and(|c| c.contains6(addr))
 }

@@ -493,11 +493,9 @@ pub fn service_cidrs(ranges: &[crate::model::Cidr]) -> Result<lb_common::Service
                     format!("more than {} IPv6 service CIDRs", lb_common::MAX_SERVICE_CIDRS)
                 })?;
                 let mask = u128::MAX.checked_shl(128 - u32::from(r.len)).unwrap_or(0).to_be_bytes();
-                let o = a.octets();
-                let half = |b: &[u8; 16], at: usize| {
-                    u64::from_ne_bytes(b[at..at + 8].try_into().expect("eight bytes"))
-                };
-                *slot = [half(&o, 0), half(&o, 8), half(&mask, 0), half(&mask, 8)];
+                let ([nh, nl], [mh, ml]) =
+                    (lb_common::ipv6_halves(&a.octets()), lb_common::ipv6_halves(&mask));
+                *slot = [nh, nl, mh, ml];
                 n6 += 1;
             }
         }
@@ -1164,14 +1162,9 @@ mod tests {
             c.contains4(a4("198.18.0.99")) && c.contains4(a4("198.18.0.0")) && c.contains4(a4("10.111.2.3"))
         );
         assert!(!c.contains4(a4("198.18.1.1")) && !c.contains4(a4("10.112.0.1")));
-        let a6 = |s: &str| {
-            let o = s.parse::<std::net::Ipv6Addr>().unwrap().octets();
-            (u64::from_ne_bytes(o[..8].try_into().unwrap()), u64::from_ne_bytes(o[8..].try_into().unwrap()))
-        };
-        let (h, l) = a6("2001:db8:1::ffff");
-        assert!(c.contains6(h, l));
-        let (h, l) = a6("2001:db8:1::1:0");
-        assert!(!c.contains6(h, l));
+        let a6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        assert!(c.contains6(&a6("2001:db8:1::ffff")));
+        assert!(!c.contains6(&a6("2001:db8:1::1:0")));
         assert!(!lb_common::ServiceCidrs::default().contains4(a4("198.18.0.1")), "none: nothing");
         assert!(service_cidrs(&[r("0.0.0.0/0")]).is_err());
         let five: Vec<_> = (0..5).map(|i| r(&format!("198.18.{i}.0/24"))).collect();
