@@ -187,56 +187,45 @@ fn typed<T: TryFrom<Map, Error = MapError>>(
     T::try_from(map).map_err(|source| DatapathError::Layout { name, path: path.to_owned(), source })
 }
 
+/// The map `name` pinned under `pin_dir`, as the aya type `T` its layout must have.
+fn pinned<T: TryFrom<Map, Error = MapError>>(pin_dir: &Path, name: &'static str) -> Result<T, DatapathError> {
+    let path = pin_dir.join(name);
+    let map = Map::from_map_data(open_pin(pin_dir, name)?).map_err(|source| DatapathError::Layout {
+        name,
+        path: path.clone(),
+        source,
+    })?;
+    typed(name, &path, map)
+}
+
 impl BpfMaps {
     /// Opens the maps pinned under `pin_dir`, read and write. Errors say what is wrong: no agent
     /// ever ran, maps of another layout version, or no permission.
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let open = |name: &'static str| -> Result<(PathBuf, Map), DatapathError> {
-            let path = pin_dir.join(name);
-            let data = open_pin(pin_dir, name)?;
-            let map = Map::from_map_data(data).map_err(|source| DatapathError::Layout {
-                name,
-                path: path.clone(),
-                source,
-            })?;
-            Ok((path, map))
-        };
-        let (p, m) = open(MAP_SERVICES)?;
-        let services = typed(MAP_SERVICES, &p, m)?;
-        let (p, m) = open(MAP_BACKENDS)?;
-        let backends = typed(MAP_BACKENDS, &p, m)?;
-        let (p, m) = open(MAP_CT)?;
-        let ct = typed(MAP_CT, &p, m)?;
-        let (p, m) = open(MAP_STATS)?;
-        let stats = typed(MAP_STATS, &p, m)?;
-        let (p, m) = open(MAP_SVC_INFO)?;
-        let svc_info = typed(MAP_SVC_INFO, &p, m)?;
-        let (p, m) = open(MAP_BACKEND_FLOWS)?;
-        let flows = typed(MAP_BACKEND_FLOWS, &p, m)?;
-        let (p, m) = open(MAP_SOURCE_RANGES)?;
-        let source_ranges = typed(MAP_SOURCE_RANGES, &p, m)?;
-        let mut maps = Self::new(services, backends, ct, stats, svc_info, flows, source_ranges)?;
-        if pin_dir.join(lb_common::MAP_FILTER).exists() {
-            let (p, m) = open(lb_common::MAP_FILTER)?;
-            maps.filter = Some(typed(lb_common::MAP_FILTER, &p, m)?);
+        let mut maps = Self::new(
+            pinned(pin_dir, MAP_SERVICES)?,
+            pinned(pin_dir, MAP_BACKENDS)?,
+            pinned(pin_dir, MAP_CT)?,
+            pinned(pin_dir, MAP_STATS)?,
+            pinned(pin_dir, MAP_SVC_INFO)?,
+            pinned(pin_dir, MAP_BACKEND_FLOWS)?,
+            pinned(pin_dir, MAP_SOURCE_RANGES)?,
+        )?;
+        let exists = |name: &str| pin_dir.join(name).exists();
+        if exists(lb_common::MAP_FILTER) {
+            maps.filter = Some(pinned(pin_dir, lb_common::MAP_FILTER)?);
         }
-        if pin_dir.join(MAP_SERVICES6).exists() && pin_dir.join(MAP_BACKENDS6).exists() {
-            let (p, m) = open(MAP_SERVICES6)?;
-            let s6 = typed(MAP_SERVICES6, &p, m)?;
-            let (p, m) = open(MAP_BACKENDS6)?;
-            maps.set_ipv6(s6, typed(MAP_BACKENDS6, &p, m)?);
+        if exists(MAP_SERVICES6) && exists(MAP_BACKENDS6) {
+            maps.set_ipv6(pinned(pin_dir, MAP_SERVICES6)?, pinned(pin_dir, MAP_BACKENDS6)?);
         }
-        if pin_dir.join(lb_common::MAP_BACKEND_FLOWS6).exists() {
-            let (p, m) = open(lb_common::MAP_BACKEND_FLOWS6)?;
-            maps.flows6 = Some(typed(lb_common::MAP_BACKEND_FLOWS6, &p, m)?);
+        if exists(lb_common::MAP_BACKEND_FLOWS6) {
+            maps.flows6 = Some(pinned(pin_dir, lb_common::MAP_BACKEND_FLOWS6)?);
         }
-        if pin_dir.join(MAP_CT6).exists() {
-            let (p, m) = open(MAP_CT6)?;
-            maps.ct6 = Some(typed(MAP_CT6, &p, m)?);
+        if exists(MAP_CT6) {
+            maps.ct6 = Some(pinned(pin_dir, MAP_CT6)?);
         }
-        if pin_dir.join(MAP_SOURCE_RANGES6).exists() {
-            let (p, m) = open(MAP_SOURCE_RANGES6)?;
-            maps.source_ranges6 = Some(typed(MAP_SOURCE_RANGES6, &p, m)?);
+        if exists(MAP_SOURCE_RANGES6) {
+            maps.source_ranges6 = Some(pinned(pin_dir, MAP_SOURCE_RANGES6)?);
         }
         Ok(maps)
     }
@@ -405,18 +394,11 @@ pub fn copy_services_v1(pin_dir: &Path) -> Result<usize, DatapathError> {
     if !pin_dir.join(OLD).exists() {
         return Ok(0);
     }
-    let hash =
-        |name: &'static str| -> Result<HashMap<MapData, Svc4Key, Svc4Value>, DatapathError> {
-            let path = pin_dir.join(name);
-            let map = Map::from_map_data(open_pin(pin_dir, name)?)
-                .map_err(|source| DatapathError::Layout { name, path: path.clone(), source })?;
-            typed(name, &path, map)
-        };
-    let mut new = hash(MAP_SERVICES)?;
+    let mut new: HashMap<MapData, Svc4Key, Svc4Value> = pinned(pin_dir, MAP_SERVICES)?;
     if new.keys().next().is_some() {
         return Ok(0); // copied by an earlier start, and written since
     }
-    let old = hash(OLD)?;
+    let old: HashMap<MapData, Svc4Key, Svc4Value> = pinned(pin_dir, OLD)?;
     let mut n = 0;
     for entry in old.iter() {
         let (k, v) = entry.map_err(map_err("iterate", OLD))?;
