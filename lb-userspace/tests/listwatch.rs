@@ -98,6 +98,11 @@ fn served(dp: &Shared) -> Vec<String> {
         .collect()
 }
 
+/// The value of the sample `series` (a metric's name with its labels) in /metrics' text.
+fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
+    metrics.render(&[]).lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 async fn converge(dp: &Shared, want: &[&str], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -427,12 +432,7 @@ async fn a_relist_with_nothing_changed_writes_no_map_entry() {
     let (stop, agent) = start_agent(addr, &dp, ModelConfig::default(), metrics.clone());
     let want: Vec<&str> = want.iter().map(String::as_str).collect();
     converge(&dp, &want, "initial list").await;
-    let counter = |name: &str| {
-        let text = metrics.render(&[]);
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .map_or(0, |v| v.parse::<u64>().unwrap())
-    };
+    let counter = |name: &str| sample(&metrics, name).expect("a counter") as u64;
     let lists = |kind: Kind| api.requests().iter().filter(|r| r.0 == kind && r.1 == "list").count();
     let (writes, deletes) = (counter("xlb_map_writes_total"), counter("xlb_map_deletes_total"));
     let (svc_lists, slice_lists) = (lists(Kind::Service), lists(Kind::Slice));
@@ -485,22 +485,16 @@ async fn a_cluster_that_outgrows_a_map_is_told_by_error_metric_and_event() {
         "198.18.0.1:80/TCP -> 198.18.1.1:8080,198.18.1.2:8080",
     ];
     converge(&dp, &two, "two Services fit").await;
-    let exceeded = || {
-        let text = metrics.render(&[]);
-        text.lines()
-            .find(|l| l.starts_with("xlb_capacity_exceeded{flag=\"--max-service-entries\"}"))
-            .unwrap()
-            .to_owned()
-    };
-    assert!(exceeded().ends_with(" 0"));
+    let exceeded = || sample(&metrics, "xlb_capacity_exceeded{flag=\"--max-service-entries\"}");
+    assert_eq!(exceeded(), Some(0.0));
 
     // A third Service: 9 entries, the map holds 8.
     let (name, ip) = each(2);
     api.put(Kind::Slice, slice("s2-1", &name, 8080, &["198.18.1.1", "198.18.1.2"]));
     api.put(Kind::Service, service(&name, &ip, 80, 8080));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !exceeded().ends_with(" 1") {
-        assert!(Instant::now() < deadline, "the metric says the map is too small: {}", exceeded());
+    while exceeded() != Some(1.0) {
+        assert!(Instant::now() < deadline, "the metric says the map is too small: {:?}", exceeded());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Nothing of the sync that does not fit is written: the maps hold the last picture that fit
@@ -529,8 +523,8 @@ async fn a_cluster_that_outgrows_a_map_is_told_by_error_metric_and_event() {
     api.delete(Kind::Service, "default/s2");
     converge(&dp, &two, "after the third Service is gone").await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !exceeded().ends_with(" 0") {
-        assert!(Instant::now() < deadline, "the metric goes back to 0: {}", exceeded());
+    while exceeded() != Some(0.0) {
+        assert!(Instant::now() < deadline, "the metric goes back to 0: {:?}", exceeded());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop_tx.send(());

@@ -119,13 +119,7 @@ impl EventReporter {
         }
         self.capacity_reported = flag;
         let (Some(flag), Some(node)) = (flag, self.node.as_deref()) else { return };
-        let regarding = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(node.to_owned()),
-            ..Default::default()
-        };
-        let ev = capacity_event(node, flag, why, regarding, &self.instance, Timestamp::now());
+        let ev = capacity_event(node, flag, why, &self.instance, Timestamp::now());
         if self.tx.try_send(ev).is_err() {
             self.capacity_reported = None; // the next failed sync tries again
         }
@@ -134,14 +128,13 @@ impl EventReporter {
 
 /// The event about a map too small for the cluster, on node `node` (in namespace default, as
 /// the kubelet writes its Node events).
-pub fn capacity_event(
-    node: &str,
-    flag: &str,
-    why: &str,
-    regarding: ObjectReference,
-    instance: &str,
-    now: Timestamp,
-) -> Event {
+pub fn capacity_event(node: &str, flag: &str, why: &str, instance: &str, now: Timestamp) -> Event {
+    let regarding = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.to_owned()),
+        ..Default::default()
+    };
     let name = format!("{node}.xlb-capacity-{:016x}", fnv1a(&[node.as_bytes(), flag.as_bytes()]));
     let note = format!("xlb cannot write the cluster's Services into its maps: {why}");
     warning(name, "default", "CapacityExceeded", note, regarding, instance, now)

@@ -755,6 +755,24 @@ mod tests {
     #[derive(Clone, Default)]
     struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
 
+    impl Captured {
+        /// A subscriber that writes into the returned buffer, up to `level`.
+        fn subscriber(level: tracing::Level) -> (Self, impl tracing::Subscriber + Send + Sync) {
+            let out = Self::default();
+            let writer = out.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_max_level(level)
+                .finish();
+            (out, subscriber)
+        }
+
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
     impl std::io::Write for Captured {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(b);
@@ -779,23 +797,11 @@ mod tests {
 
     #[test]
     fn a_rejection_is_logged_once_per_change_of_its_object_not_at_every_sync() {
-        let out = Captured::default();
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
-            .finish();
+        let (out, subscriber) = Captured::subscriber(tracing::Level::WARN);
         let cfg = ModelConfig { node_port_range: 30000..=32767, ..ModelConfig::default() };
         let mut syncer =
             Syncer::new(Reconciler::new(MemDatapath::default()).unwrap(), cfg, Arc::new(Metrics::default()));
-        let lines = |what: &str| {
-            String::from_utf8(out.0.lock().unwrap().clone())
-                .unwrap()
-                .lines()
-                .filter(|l| l.contains(what))
-                .count()
-        };
+        let lines = |what: &str| out.text().lines().filter(|l| l.contains(what)).count();
         tracing::subscriber::with_default(subscriber, || {
             let bad = snapshot(&(svc("bad", "198.18.0.1", 40000) + &svc("good", "198.18.0.2", 30000)));
             for _ in 0..50 {
@@ -820,10 +826,7 @@ mod tests {
 
     #[test]
     fn a_node_port_xlb_assigns_is_logged_once_with_its_service() {
-        let out = Captured::default();
-        let writer = out.clone();
-        let subscriber =
-            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        let (out, subscriber) = Captured::subscriber(tracing::Level::INFO);
         let cfg = ModelConfig { allocate_node_ports: true, ..ModelConfig::default() };
         let mut syncer =
             Syncer::new(Reconciler::new(MemDatapath::default()).unwrap(), cfg, Arc::new(Metrics::default()));
@@ -833,7 +836,7 @@ mod tests {
                 syncer.sync(&snapshot(auto)).unwrap();
             }
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         let lines: Vec<&str> = text.lines().filter(|l| l.contains("assigned a node port")).collect();
         assert_eq!(lines.len(), 1, "{text}");
         let np = crate::cli::service_rows(syncer.rec.datapath())
