@@ -256,6 +256,9 @@ impl<D: Datapath> Syncer<D> {
     /// Logs the node ports given out since the last sync (standalone mode, where no API server
     /// assigns them): which Service's port got which.
     fn log_assigned_node_ports(&mut self, ports: &[Arc<crate::model::DesiredPort>]) {
+        if !self.cfg.allocate_node_ports {
+            return; // the API server assigns them: no pass over every port for nothing
+        }
         let mut now = crate::HashMap::default();
         for p in ports.iter().filter(|p| p.shown.node_port_assigned) {
             let Some(np) = p.node_port else { continue };
