@@ -25,3 +25,6 @@ pub mod source;
 /// reconciler's maps: their keys come from the API server and the agent's own state, and they
 /// are hashed on every sync.
 pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A hash set with the hasher of [`HashMap`].
+pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

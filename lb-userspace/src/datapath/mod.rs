@@ -1129,6 +1129,30 @@ impl<D: Datapath> Datapath for FaultyDatapath<D> {
         self.roll(self.write_fail_per_mille, "deleting a Maglev table")?;
         self.inner.delete_maglev(key)
     }
+    fn read_services6(&self) -> Result<Vec<(Svc6Key, Svc4Value)>, DatapathError> {
+        self.read_roll("reading the IPv6 service map")?;
+        self.inner.read_services6()
+    }
+    fn read_backend6(&self, id: u32) -> Result<Backend6, DatapathError> {
+        self.read_roll("reading an IPv6 backend")?;
+        self.inner.read_backend6(id)
+    }
+    fn write_service6(&mut self, key: Svc6Key, value: Svc4Value) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "writing an IPv6 service entry")?;
+        self.inner.write_service6(key, value)
+    }
+    fn delete_service6(&mut self, key: Svc6Key) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "deleting an IPv6 service entry")?;
+        self.inner.delete_service6(key)
+    }
+    fn write_backend6(&mut self, id: u32, value: Backend6) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "writing an IPv6 backend")?;
+        self.inner.write_backend6(id, value)
+    }
+    fn reset_backend_flows6(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.roll(self.write_fail_per_mille, "resetting an IPv6 backend's flow count")?;
+        self.inner.reset_backend_flows6(id)
+    }
 }
 
 #[cfg(test)]

@@ -15,9 +15,10 @@ use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
-use crate::HashMap;
+use crate::{HashMap, HashSet};
 
 use lb_common::{
     BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, Backend4, Backend6, SCOPE_EXTERNAL,
@@ -142,8 +143,6 @@ pub struct Reconciler<D> {
     be_ids6: Ids,
     /// `loadBalancerSourceRanges` entries: (service port id, client prefix).
     ranges: BTreeSet<(u32, crate::model::Cidr)>,
-    /// Set when a write failed: the picture is re-read before the next apply.
-    stale: bool,
     /// Maglev table size; 0: no tables (random selection).
     maglev_size: u32,
     /// Maglev tables present, by key, with the backends they were built from (`None`: present,
@@ -155,11 +154,30 @@ pub struct Reconciler<D> {
     filter: Vec<u64>,
     /// Freed backends whose filter bit stays set until the time given, so that the replies of
     /// their flows still in flight are still translated (see [`FILTER_GRACE`]).
-    lingering: Vec<(std::time::Instant, BackendKey)>,
+    lingering: std::collections::VecDeque<(std::time::Instant, BackendKey)>,
     /// The filter as read back (at start, or after a failed write), kept set until the time
     /// given: it may hold the bits of backends an earlier agent (or apply) removed.
     read_bits: Option<(std::time::Instant, Vec<u64>)>,
     filter_grace: std::time::Duration,
+    /// The ports the maps are made to hold (what the last applies asked for).
+    target: HashMap<PortRef, Arc<DesiredPort>>,
+    /// Service map entries the target needs, by family (see [`entries_needed`]).
+    needed: [u64; 2],
+    /// The next apply passes over the whole target: at start (the maps were read back) and
+    /// after a failed write.
+    full: bool,
+    /// By backend: the ports of the target that name it.
+    backend_refs: HashMap<BackendKey, BackendRefs>,
+    /// By filter bit: how many entries (frontends, named and lingering backends) need it.
+    filter_refs: HashMap<u32, u32>,
+    /// The filter as it must be once the apply in progress is done.
+    filter_want: Vec<u64>,
+    /// Words of `filter_want` that may differ from `filter`.
+    filter_dirty: BTreeSet<u32>,
+    /// Any word may (a full pass).
+    filter_all_dirty: bool,
+    /// Service map entries in the picture, by family.
+    picture_entries: [u64; 2],
 }
 
 /// How long a removed backend keeps its endpoint-filter bit: its flows are balanced again at
@@ -168,15 +186,60 @@ pub struct Reconciler<D> {
 /// retransmission instead of getting a reset. The UDP and half-open TCP lifetime.
 pub const FILTER_GRACE: std::time::Duration = std::time::Duration::from_secs(lb_common::CT_UDP_S as u64);
 
-/// Sets the endpoint-filter bit of (address, port, protocol) in `words` (both families share
-/// the filter).
-fn set_filter_bit(words: &mut [u64], addr: IpAddr, port: u16, proto: Proto) {
-    let bit = match addr {
+/// The endpoint-filter bit of (address, port, protocol) (both families share the filter).
+fn filter_bit(addr: IpAddr, port: u16, proto: Proto) -> u32 {
+    match addr {
         IpAddr::V4(a) => lb_common::filter_bit(a.octets(), port, proto.number()),
         IpAddr::V6(a) => lb_common::filter_bit6(a.octets(), port, proto.number()),
-    };
-    if let Some(w) = words.get_mut((bit >> 6) as usize) {
-        *w |= 1 << (bit & 63);
+    }
+}
+
+/// The index of a family in per-family counts.
+fn family_index(f: Family) -> usize {
+    match f {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+/// The service map entries a port needs: each frontend's entry and a slot per selectable
+/// backend (the capacity check before any write).
+fn entries_needed(p: &DesiredPort) -> u64 {
+    p.frontends.len() as u64 * (1 + p.selectable().count() as u64)
+}
+
+/// How many ports of the target name a backend, by state, and how many of them say it is on
+/// this node: its value is the least state (the most serving) and local if any says so.
+#[derive(Clone, Copy, Debug, Default)]
+struct BackendRefs {
+    /// By [`BackendState`], in its order.
+    states: [u32; 3],
+    local: u32,
+}
+
+impl BackendRefs {
+    fn count(&mut self, b: &crate::model::DesiredBackend, add: bool) {
+        let (s, l) = (&mut self.states[b.state as usize], u32::from(b.local));
+        if add {
+            *s += 1;
+            self.local += l;
+        } else {
+            *s -= 1;
+            self.local -= l;
+        }
+    }
+
+    fn total(&self) -> u32 {
+        self.states.iter().sum()
+    }
+
+    fn merged(&self) -> (BackendState, bool) {
+        let state = match self.states {
+            [a, ..] if a > 0 => BackendState::Active,
+            [_, t, _] if t > 0 => BackendState::Terminating,
+            _ => BackendState::Draining,
+        };
+        (state, self.local > 0)
     }
 }
 
@@ -263,14 +326,22 @@ impl<D: Datapath> Reconciler<D> {
             backend_values6: HashMap::default(),
             be_ids6: Ids::default(),
             ranges: BTreeSet::new(),
-            stale: false,
             maglev_size: 0,
             maglev: BTreeMap::new(),
             freed: Vec::new(),
             filter: Vec::new(),
-            lingering: Vec::new(),
+            lingering: Default::default(),
             read_bits: None,
             filter_grace: FILTER_GRACE,
+            target: HashMap::default(),
+            needed: [0; 2],
+            full: true,
+            backend_refs: HashMap::default(),
+            filter_refs: HashMap::default(),
+            filter_want: Vec::new(),
+            filter_dirty: BTreeSet::new(),
+            filter_all_dirty: false,
+            picture_entries: [0; 2],
         };
         r.read_back()?;
         Ok(r)
@@ -281,6 +352,7 @@ impl<D: Datapath> Reconciler<D> {
         self.filter_grace = grace;
         if grace.is_zero() {
             self.read_bits = None;
+            self.full = true; // the filter is made again without the bits read back
         }
     }
 
@@ -311,15 +383,9 @@ impl<D: Datapath> Reconciler<D> {
     /// Map entries in use, as (map name, entries, capacity), from the reconciler's picture.
     pub fn usage(&self) -> Vec<(&'static str, u64, u64)> {
         let cap = self.dp.capacity();
-        let svc_entries: u64 = self.frontends.values().map(|f| 1 + f.slots.len() as u64).sum();
-        let svc_entries6: u64 = self
-            .frontends
-            .iter()
-            .filter(|(f, _)| f.addr.is_ipv6())
-            .map(|(_, s)| 1 + s.slots.len() as u64)
-            .sum();
+        let [svc_entries4, svc_entries6] = self.picture_entries;
         vec![
-            (lb_common::MAP_SERVICES, svc_entries - svc_entries6, u64::from(cap.service_entries)),
+            (lb_common::MAP_SERVICES, svc_entries4, u64::from(cap.service_entries)),
             (lb_common::MAP_BACKENDS, self.backend_values.len() as u64, u64::from(cap.backends)),
             (lb_common::MAP_SERVICES6, svc_entries6, u64::from(cap.ipv6_entries)),
             (lb_common::MAP_BACKENDS6, self.backend_values6.len() as u64, u64::from(cap.ipv6_entries)),
@@ -434,48 +500,205 @@ impl<D: Datapath> Reconciler<D> {
         self.be_ids6 = Ids::rebuild(be_used6);
         self.ranges = self.dp.read_source_ranges()?.into_iter().collect();
         self.maglev = self.dp.read_maglev_keys()?.into_iter().map(|k| (k, None)).collect();
-        self.stale = false;
+        self.picture_entries = [0; 2];
+        for (f, st) in &self.frontends {
+            self.picture_entries[usize::from(f.addr.is_ipv6())] += 1 + st.slots.len() as u64;
+        }
+        self.filter_want = vec![0; self.filter.len()];
+        self.full = true;
         Ok(())
     }
 
-    /// Makes the datapath hold exactly `desired`. On error the datapath may hold a mix of old and
-    /// new services, each of them whole; call again to finish. The picture of the maps is
-    /// updated after each write that succeeded (a map update either happens or not), so the
-    /// next call writes exactly what is still missing; only a failed read-back forces a full
-    /// read of the maps again.
-    pub fn apply<P: std::borrow::Borrow<DesiredPort>>(
-        &mut self,
-        desired: &[P],
-    ) -> Result<ApplyStats, ReconcileError> {
-        let desired: Vec<&DesiredPort> = desired.iter().map(Borrow::borrow).collect();
-        let desired = &desired[..];
-        if self.stale {
-            self.read_back()?;
+    /// Makes the datapath hold exactly `desired` (a full pass over every port: the first sync,
+    /// tests, the oracle). On error the datapath may hold a mix of old and new services, each of
+    /// them whole; call again to finish. The picture of the maps is updated after each write
+    /// that succeeded (a map update either happens or not), so the next call writes exactly
+    /// what is still missing.
+    pub fn apply<P: Borrow<DesiredPort>>(&mut self, desired: &[P]) -> Result<ApplyStats, ReconcileError> {
+        let mut target: HashMap<PortRef, Arc<DesiredPort>> = HashMap::default();
+        target.reserve(desired.len());
+        let mut needed = [0u64; 2];
+        for p in desired.iter().map(Borrow::borrow) {
+            let kept = self.target.get(&p.id).filter(|t| ***t == *p).cloned();
+            let p = kept.unwrap_or_else(|| Arc::new(p.clone()));
+            if let Some(old) = target.insert(p.id.clone(), p.clone()) {
+                // The same port twice: the last one counts, as it would be written last.
+                needed[family_index(old.id.family)] -= entries_needed(&old);
+            }
+            needed[family_index(p.id.family)] += entries_needed(&p);
         }
-        self.apply_inner(desired)
+        self.check_capacity(needed)?;
+        self.target = target;
+        self.needed = needed;
+        self.full = true;
+        self.converge_full()
     }
 
-    fn apply_inner(&mut self, desired: &[&DesiredPort]) -> Result<ApplyStats, ReconcileError> {
-        let mut st = ApplyStats::default();
-        let cap = self.dp.capacity();
-
-        for (family, capacity, name, flag) in [
-            (Family::V4, cap.service_entries, "IPv4", "--max-service-entries"),
-            (Family::V6, cap.ipv6_entries, "IPv6", "--max-ipv6-entries"),
-        ] {
-            let needed: u64 = desired
-                .iter()
-                .filter(|p| p.id.family == family)
-                .map(|p| p.frontends.len() as u64 * (1 + p.selectable().count() as u64))
-                .sum();
-            if needed > u64::from(capacity) {
-                return Err(ReconcileError::ServicesFull { family: name, flag, capacity, needed });
+    /// Applies changes of some ports: `(port, Some(new version))` adds or replaces it, `(port,
+    /// None)` removes it; the other ports stay as they are. Costs the changed ports' size, not
+    /// the target's: only their entries are compared and written, in the same order as
+    /// [`Self::apply`]. After a failed write (or at start, when the maps were read back) the
+    /// next call makes a full pass, so that whatever the failure left half done is finished.
+    pub fn apply_changes(
+        &mut self,
+        changes: impl IntoIterator<Item = (PortRef, Option<Arc<DesiredPort>>)>,
+    ) -> Result<ApplyStats, ReconcileError> {
+        // By port: the version before the changes, and after.
+        let mut by_port: HashMap<PortRef, [Option<Arc<DesiredPort>>; 2]> = HashMap::default();
+        for (id, new) in changes {
+            let old = self.target.get(&id).cloned();
+            by_port.entry(id).or_insert([old, None])[1] = new;
+        }
+        by_port.retain(|_, [old, new]| match (old, new) {
+            (Some(o), Some(n)) => !Arc::ptr_eq(o, n) && **o != **n,
+            (None, None) => false,
+            _ => true,
+        });
+        let mut needed = self.needed;
+        for [old, new] in by_port.values() {
+            if let Some(o) = old {
+                needed[family_index(o.id.family)] -= entries_needed(o);
+            }
+            if let Some(n) = new {
+                needed[family_index(n.id.family)] += entries_needed(n);
             }
         }
+        self.check_capacity(needed)?;
+        self.needed = needed;
+        let (mut olds, mut news) = (Vec::new(), Vec::new());
+        for (id, [old, new]) in by_port {
+            match &new {
+                Some(n) => self.target.insert(id, n.clone()),
+                None => self.target.remove(&id),
+            };
+            olds.extend(old);
+            news.extend(new);
+        }
+        if self.full {
+            return self.converge_full();
+        }
+        // In a fixed order, so that runs are repeatable.
+        olds.sort_by(|a, b| a.id.cmp(&b.id));
+        news.sort_by(|a, b| a.id.cmp(&b.id));
+        let result = self.converge(&olds, &news, false);
+        if result.is_err() {
+            self.full = true;
+        }
+        result
+    }
+
+    /// A pass over the whole target, also removing whatever the maps hold that it does not name
+    /// (entries of an earlier agent, of a failed apply).
+    fn converge_full(&mut self) -> Result<ApplyStats, ReconcileError> {
+        let mut news: Vec<Arc<DesiredPort>> = self.target.values().cloned().collect();
+        news.sort_by(|a, b| a.id.cmp(&b.id));
+        let result = self.converge(&[], &news, true);
+        self.full = result.is_err();
+        result
+    }
+
+    /// Refuses a target that does not fit the service maps, before anything is written.
+    fn check_capacity(&self, needed: [u64; 2]) -> Result<(), ReconcileError> {
+        let cap = self.dp.capacity();
+        for (needed, capacity, family, flag) in [
+            (needed[0], cap.service_entries, "IPv4", "--max-service-entries"),
+            (needed[1], cap.ipv6_entries, "IPv6", "--max-ipv6-entries"),
+        ] {
+            if needed > u64::from(capacity) {
+                return Err(ReconcileError::ServicesFull { family, flag, capacity, needed });
+            }
+        }
+        Ok(())
+    }
+
+    /// The filter bit of (address, port, protocol), when the datapath has a filter.
+    fn bit_of(&self, addr: IpAddr, port: u16, proto: Proto) -> Option<u32> {
+        (!self.filter.is_empty()).then(|| filter_bit(addr, port, proto))
+    }
+
+    /// One more map entry (frontend, backend, lingering backend) needs `bit`.
+    fn filter_hold(&mut self, bit: Option<u32>) {
+        let Some(bit) = bit else { return };
+        let n = self.filter_refs.entry(bit).or_default();
+        *n += 1;
+        if *n == 1 {
+            let w = (bit >> 6) as usize;
+            self.filter_want[w] |= 1 << (bit & 63);
+            self.filter_dirty.insert(w as u32);
+        }
+    }
+
+    /// One map entry fewer needs `bit`: the bit goes with the last one, unless the filter read
+    /// back at start still holds it (see [`Self::read_bits`]).
+    fn filter_release(&mut self, bit: Option<u32>) {
+        let Some(bit) = bit else { return };
+        let Some(n) = self.filter_refs.get_mut(&bit) else { return };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        self.filter_refs.remove(&bit);
+        let (w, mask) = ((bit >> 6) as usize, 1u64 << (bit & 63));
+        if self.read_bits.as_ref().is_some_and(|(_, bits)| bits[w] & mask != 0) {
+            return;
+        }
+        self.filter_want[w] &= !mask;
+        self.filter_dirty.insert(w as u32);
+    }
+
+    /// Writes the filter words that must gain bits (`gain`: only gains, before the maps name
+    /// the new entries) or change (at the end, when nothing names the removed ones any more).
+    fn flush_filter(&mut self, gain: bool, st: &mut ApplyStats) -> Result<(), ReconcileError> {
+        let dirty: Box<dyn Iterator<Item = u32>> = match self.filter_all_dirty {
+            true => Box::new(0..self.filter.len() as u32),
+            false => Box::new(self.filter_dirty.iter().copied()),
+        };
+        let words: Vec<(u32, u64)> = dirty
+            .map(|w| (w, self.filter[w as usize], self.filter_want[w as usize]))
+            .filter_map(|(w, have, want)| match gain {
+                true => (have | want != have).then_some((w, have | want)),
+                false => (have != want).then_some((w, want)),
+            })
+            .collect();
+        self.write_filter(&words, st)?;
+        if !gain {
+            self.filter_dirty.clear();
+            self.filter_all_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Counts of the picture's service entries by family, kept as the picture changes.
+    fn picture_insert(&mut self, f: Frontend, s: FrontendState) {
+        let fam = usize::from(f.addr.is_ipv6());
+        self.picture_entries[fam] += 1 + s.slots.len() as u64;
+        if let Some(old) = self.frontends.insert(f, s) {
+            self.picture_entries[fam] -= 1 + old.slots.len() as u64;
+        }
+    }
+
+    fn picture_remove(&mut self, f: &Frontend) {
+        if let Some(old) = self.frontends.remove(f) {
+            self.picture_entries[usize::from(f.addr.is_ipv6())] -= 1 + old.slots.len() as u64;
+        }
+    }
+
+    /// Makes the maps hold the new versions (`news`) of the ports whose old versions (as last
+    /// written) are `olds`; `full`: `news` is the whole target, and whatever else the maps hold
+    /// is removed.
+    fn converge(
+        &mut self,
+        olds: &[Arc<DesiredPort>],
+        news: &[Arc<DesiredPort>],
+        full: bool,
+    ) -> Result<ApplyStats, ReconcileError> {
+        let mut st = ApplyStats::default();
+        let cap = self.dp.capacity();
+        let now = std::time::Instant::now();
 
         // Service ids.
-        let mut ids = Vec::with_capacity(desired.len());
-        for p in desired {
+        let mut ids = Vec::with_capacity(news.len());
+        for p in news {
             let id = match self.port_ids.get(&p.id) {
                 Some(id) => *id,
                 None => {
@@ -486,50 +709,77 @@ impl<D: Datapath> Reconciler<D> {
             };
             ids.push(id);
         }
+        let old_ids: Vec<Option<u32>> = olds.iter().map(|p| self.port_ids.get(&p.id).copied()).collect();
 
-        // 1. Backends.
-        let mut wanted_backends: HashMap<BackendKey, (BackendState, bool)> = HashMap::default();
-        for p in desired {
+        // Backend references: how many ports name each backend, in which state.
+        let mut touched: BTreeSet<BackendKey> = BTreeSet::new();
+        let mut unnamed: Vec<BackendKey> = Vec::new(); // no longer named by any port
+        if full {
+            self.backend_refs.clear();
+            self.filter_refs.clear();
+            self.filter_want.iter_mut().for_each(|w| *w = 0);
+            self.filter_all_dirty = true;
+            if let Some((until, bits)) = &self.read_bits
+                && *until > now
+            {
+                self.filter_want.iter_mut().zip(bits).for_each(|(w, b)| *w |= b);
+            }
+            for k in self.lingering.iter().map(|(_, k)| *k).collect::<Vec<_>>() {
+                self.filter_hold(self.bit_of(k.addr, k.port, k.proto));
+            }
+        }
+        for p in olds {
             for b in &p.backends {
                 let k = BackendKey { addr: b.addr, port: b.port, proto: p.id.proto };
-                let e = wanted_backends.entry(k).or_insert((b.state, b.local));
-                e.0 = e.0.min(b.state);
-                e.1 |= b.local;
+                let refs = self.backend_refs.entry(k).or_default();
+                refs.count(b, false);
+                if refs.total() == 0 {
+                    self.backend_refs.remove(&k);
+                    unnamed.push(k);
+                }
+                touched.insert(k);
+            }
+        }
+        for p in news {
+            for b in &p.backends {
+                let k = BackendKey { addr: b.addr, port: b.port, proto: p.id.proto };
+                let refs = self.backend_refs.entry(k).or_default();
+                refs.count(b, true);
+                if refs.total() == 1 {
+                    self.filter_hold(self.bit_of(k.addr, k.port, k.proto));
+                }
+                touched.insert(k);
             }
         }
 
         // 0. The endpoint filter gains the new frontends' and backends' bits before any map names
         // them; it loses the bits of removed ones only at the end, once no map names them.
-        let mut wanted_filter = vec![0u64; self.filter.len()];
-        if !wanted_filter.is_empty() {
-            for k in wanted_backends.keys() {
-                set_filter_bit(&mut wanted_filter, k.addr, k.port, k.proto);
+        for p in news {
+            for f in &p.frontends {
+                self.filter_hold(self.bit_of(f.addr, f.port, f.proto));
             }
-            let now = std::time::Instant::now();
-            self.lingering.retain(|(until, _)| *until > now);
-            for (_, k) in &self.lingering {
-                set_filter_bit(&mut wanted_filter, k.addr, k.port, k.proto);
-            }
-            for p in desired {
-                for f in &p.frontends {
-                    set_filter_bit(&mut wanted_filter, f.addr, f.port, f.proto);
-                }
-            }
-            match &self.read_bits {
-                Some((until, bits)) if *until > now => {
-                    wanted_filter.iter_mut().zip(bits).for_each(|(w, b)| *w |= b);
-                }
-                _ => self.read_bits = None,
-            }
-            let words: Vec<(u32, u64)> = (self.filter.iter().zip(&wanted_filter).enumerate())
-                .filter(|(_, (have, want))| **have | **want != **have)
-                .map(|(i, (have, want))| (i as u32, have | want))
-                .collect();
-            self.write_filter(&words, &mut st)?;
         }
-        let mut sorted_backends: Vec<_> = wanted_backends.iter().collect();
-        sorted_backends.sort();
-        for (k, state) in sorted_backends {
+        if let Some((until, bits)) = &self.read_bits
+            && *until <= now
+        {
+            // The bits read back at start are no longer held for an earlier agent's flows: those
+            // no map entry needs go (once, at the first apply after the grace period).
+            let bits = bits.clone();
+            self.read_bits = None;
+            for (w, &b) in bits.iter().enumerate().filter(|(_, b)| **b != 0) {
+                for i in (0..64).filter(|i| b & (1 << i) != 0) {
+                    if !self.filter_refs.contains_key(&((w as u32) << 6 | i)) {
+                        self.filter_want[w] &= !(1 << i);
+                        self.filter_dirty.insert(w as u32);
+                    }
+                }
+            }
+        }
+        self.flush_filter(true, &mut st)?;
+
+        // 1. Backends: ids and values of those named.
+        for k in touched.iter().filter(|k| self.backend_refs.contains_key(k)) {
+            let (state, local) = self.backend_refs[k].merged();
             let id = match self.backend_ids.get(k) {
                 Some(id) => *id,
                 None if k.addr.is_ipv6() => {
@@ -554,7 +804,7 @@ impl<D: Datapath> Reconciler<D> {
                     id
                 }
             };
-            let (bstate, flags) = backend_state(state.0, state.1);
+            let (bstate, flags) = backend_state(state, local);
             match k.addr {
                 IpAddr::V4(a) => {
                     let v = Backend4 { addr: a.octets(), port: k.port, state: bstate, flags };
@@ -576,7 +826,7 @@ impl<D: Datapath> Reconciler<D> {
         }
 
         // Source ranges before the frontends that check them.
-        let wanted_ranges: BTreeSet<(u32, crate::model::Cidr)> = desired
+        let wanted_ranges: BTreeSet<(u32, crate::model::Cidr)> = news
             .iter()
             .zip(&ids)
             .flat_map(|(p, &id)| p.source_ranges.iter().map(move |c| (id, *c)))
@@ -588,8 +838,8 @@ impl<D: Datapath> Reconciler<D> {
         }
 
         // 2. Frontends: slots, then the entry, then stale slots.
-        let mut wanted_frontends = BTreeSet::new();
-        for (p, &svc_id) in desired.iter().zip(&ids) {
+        let mut wanted_frontends = HashSet::default();
+        for (p, &svc_id) in news.iter().zip(&ids) {
             let id_of = |b: &crate::model::DesiredBackend| {
                 self.backend_ids[&BackendKey { addr: b.addr, port: b.port, proto: p.id.proto }]
             };
@@ -620,8 +870,11 @@ impl<D: Datapath> Reconciler<D> {
                 wanted_frontends.insert(*f);
                 let old = self.frontends.get(f).cloned();
                 let old_slots = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or_default();
+                // Slots name their service too: a frontend that moved to another service has
+                // every slot written again.
+                let same_service = old.as_ref().is_some_and(|o| o.svc_id == svc_id);
                 for (i, &be) in slots.iter().enumerate() {
-                    if old_slots.get(i) != Some(&be) {
+                    if !same_service || old_slots.get(i) != Some(&be) {
                         let v = Svc4Value { backend_id: be, svc_id, ..Default::default() };
                         write_slot(&mut self.dp, f, i as u16 + 1, v)?;
                         st.writes += 1;
@@ -644,11 +897,13 @@ impl<D: Datapath> Reconciler<D> {
                 // the last one down; each stays in the picture until its delete succeeded.
                 let mut picture = slots.clone();
                 picture.extend_from_slice(old_slots.get(slots.len()..).unwrap_or_default());
-                self.frontends.insert(*f, FrontendState { svc_id, flags, count, affinity, slots: picture });
-                for i in (slots.len()..old_slots.len()).rev() {
+                let stale = old_slots.len().saturating_sub(slots.len());
+                self.picture_insert(*f, FrontendState { svc_id, flags, count, affinity, slots: picture });
+                for i in (slots.len()..slots.len() + stale).rev() {
                     delete_slot(&mut self.dp, f, i as u16 + 1)?;
                     if let Some(fs) = self.frontends.get_mut(f) {
                         fs.slots.pop();
+                        self.picture_entries[usize::from(f.addr.is_ipv6())] -= 1;
                     }
                     st.deletes += 1;
                 }
@@ -660,7 +915,7 @@ impl<D: Datapath> Reconciler<D> {
         // slots; until then the datapath ignores a slot past the count.
         let mut wanted_tables: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         if self.maglev_size != 0 {
-            for (p, &svc_id) in desired.iter().zip(&ids) {
+            for (p, &svc_id) in news.iter().zip(&ids) {
                 let lists = [(false, true), (true, p.frontend_kinds.iter().any(|&k| p.local_only(k)))];
                 for (local, wanted) in lists {
                     let names: Vec<String> =
@@ -678,30 +933,53 @@ impl<D: Datapath> Reconciler<D> {
                 st.writes += 1;
             }
         }
-        for k in self.maglev.keys().filter(|k| !wanted_tables.contains_key(k)).copied().collect::<Vec<_>>() {
-            self.dp.delete_maglev(k)?;
-            self.maglev.remove(&k);
-            st.deletes += 1;
+        // The tables that may be stale: any (full pass), else those of the changed ports.
+        let maybe_stale: Vec<u32> = if full {
+            self.maglev.keys().copied().collect()
+        } else {
+            let changed = ids.iter().copied().chain(old_ids.iter().flatten().copied());
+            changed
+                .flat_map(|id| [lb_common::maglev_key(id, false), lb_common::maglev_key(id, true)])
+                .filter(|k| self.maglev.contains_key(k))
+                .collect()
+        };
+        for k in maybe_stale.into_iter().filter(|k| !wanted_tables.contains_key(k)) {
+            if self.maglev.contains_key(&k) {
+                self.dp.delete_maglev(k)?;
+                self.maglev.remove(&k);
+                st.deletes += 1;
+            }
         }
 
-        // 3. Frontends no longer wanted.
-        let gone: Vec<Frontend> =
-            self.frontends.keys().filter(|f| !wanted_frontends.contains(f)).copied().collect();
+        // 3. Frontends no longer wanted: any the target does not name (full pass), else those of
+        // the changed ports' old versions.
+        let gone: Vec<Frontend> = if full {
+            self.frontends.keys().filter(|f| !wanted_frontends.contains(f)).copied().collect()
+        } else {
+            olds.iter()
+                .flat_map(|p| p.frontends.iter())
+                .filter(|f| !wanted_frontends.contains(f) && self.frontends.contains_key(f))
+                .copied()
+                .collect()
+        };
         for f in gone {
-            let old = self.frontends[&f].clone();
+            let Some(old) = self.frontends.get(&f).cloned() else { continue }; // twice in `olds`
             delete_slot(&mut self.dp, &f, 0)?;
             st.deletes += 1;
             for i in 0..old.slots.len() {
                 delete_slot(&mut self.dp, &f, i as u16 + 1)?;
                 st.deletes += 1;
             }
-            self.frontends.remove(&f);
+            self.picture_remove(&f);
+        }
+        for p in olds {
+            for f in &p.frontends {
+                self.filter_release(self.bit_of(f.addr, f.port, f.proto));
+            }
         }
 
         // 4. Names, then ids of ports that are gone.
-        let mut live_ids = BTreeSet::new();
-        for (p, &id) in desired.iter().zip(&ids) {
-            live_ids.insert(id);
+        for (p, &id) in news.iter().zip(&ids) {
             let info = svc_info(p);
             if self.infos.get(&id) != Some(&info) {
                 self.dp.write_svc_info(id, info)?;
@@ -709,12 +987,32 @@ impl<D: Datapath> Reconciler<D> {
                 st.writes += 1;
             }
         }
-        let dead: Vec<(PortRef, u32)> = self
-            .port_ids
-            .iter()
-            .filter(|(_, id)| !live_ids.contains(id))
-            .map(|(r, id)| (r.clone(), *id))
-            .collect();
+        let dead: Vec<(PortRef, u32)> = if full {
+            let live: HashSet<u32> = ids.iter().copied().collect();
+            self.port_ids
+                .iter()
+                .filter(|(_, id)| !live.contains(id))
+                .map(|(r, id)| (r.clone(), *id))
+                .collect()
+        } else {
+            olds.iter()
+                .zip(&old_ids)
+                .filter(|(p, _)| !self.target.contains_key(&p.id))
+                .filter_map(|(p, id)| Some((p.id.clone(), (*id)?)))
+                .collect()
+        };
+        // Source ranges of the changed ports that are no longer wanted (their frontends no
+        // longer check them), found before the ids of dead ports go.
+        let stale_ranges: Vec<(u32, crate::model::Cidr)> = if full {
+            self.ranges.difference(&wanted_ranges).copied().collect()
+        } else {
+            olds.iter()
+                .zip(&old_ids)
+                .filter_map(|(p, id)| Some((p, (*id)?)))
+                .flat_map(|(p, id)| p.source_ranges.iter().map(move |c| (id, *c)))
+                .filter(|r| !wanted_ranges.contains(r) && self.ranges.contains(r))
+                .collect()
+        };
         for (r, id) in dead {
             if self.infos.contains_key(&id) {
                 self.dp.delete_svc_info(id)?;
@@ -724,22 +1022,27 @@ impl<D: Datapath> Reconciler<D> {
             self.port_ids.remove(&r);
             self.svc_ids.release(id);
         }
-
-        // Source ranges no longer wanted (their frontends no longer check them).
-        for r in self.ranges.difference(&wanted_ranges).copied().collect::<Vec<_>>() {
-            self.dp.delete_source_range(r.0, r.1)?;
-            self.ranges.remove(&r);
-            st.deletes += 1;
+        for r in stale_ranges {
+            if self.ranges.contains(&r) {
+                self.dp.delete_source_range(r.0, r.1)?;
+                self.ranges.remove(&r);
+                st.deletes += 1;
+            }
         }
 
         // 5. Backends no longer referenced: freed last.
-        let dead: Vec<(BackendKey, u32)> = self
-            .backend_ids
-            .iter()
-            .filter(|(k, _)| !wanted_backends.contains_key(k))
-            .map(|(k, id)| (*k, *id))
-            .collect();
-        for (k, id) in dead {
+        let dead: Vec<BackendKey> = if full {
+            self.backend_ids.keys().filter(|k| !self.backend_refs.contains_key(k)).copied().collect()
+        } else {
+            // Each held its filter bit while named; one named again (by another port, or by the
+            // new version of its own) took a hold again above.
+            for k in &unnamed {
+                self.filter_release(self.bit_of(k.addr, k.port, k.proto));
+            }
+            unnamed.into_iter().filter(|k| !self.backend_refs.contains_key(k)).collect()
+        };
+        for k in dead {
+            let Some(id) = self.backend_ids.get(&k).copied() else { continue };
             match k.addr {
                 IpAddr::V4(_) => {
                     self.dp.write_backend(id, Backend4::default())?;
@@ -754,19 +1057,23 @@ impl<D: Datapath> Reconciler<D> {
             }
             self.freed.push((k.addr, k.port, k.proto.number()));
             st.writes += 1;
-            if !self.filter.is_empty() && !self.filter_grace.is_zero() {
-                self.lingering.push((std::time::Instant::now() + self.filter_grace, k));
-                set_filter_bit(&mut wanted_filter, k.addr, k.port, k.proto);
+            let bit = self.bit_of(k.addr, k.port, k.proto);
+            if bit.is_some() && !self.filter_grace.is_zero() {
+                self.lingering.push_back((now + self.filter_grace, k));
+                self.filter_hold(bit);
             }
             self.backend_ids.remove(&k);
         }
+        while let Some((until, k)) = self.lingering.front().copied() {
+            if until > now {
+                break;
+            }
+            self.lingering.pop_front();
+            self.filter_release(self.bit_of(k.addr, k.port, k.proto));
+        }
 
         // 6. Filter bits of what is gone.
-        let words: Vec<(u32, u64)> = (self.filter.iter().zip(&wanted_filter).enumerate())
-            .filter(|(_, (have, want))| have != want)
-            .map(|(i, (_, want))| (i as u32, *want))
-            .collect();
-        self.write_filter(&words, &mut st)?;
+        self.flush_filter(false, &mut st)?;
         Ok(st)
     }
 
@@ -874,6 +1181,18 @@ mod tests {
     impl Datapath for Checked {
         fn capacity(&self) -> crate::datapath::Capacity {
             self.0.capacity()
+        }
+        fn read_maglev_keys(&self) -> Result<Vec<u32>, DatapathError> {
+            self.0.read_maglev_keys()
+        }
+        fn write_maglev(&mut self, key: u32, table: &[u16]) -> Result<(), DatapathError> {
+            self.0.write_maglev(key, table)
+        }
+        fn delete_maglev(&mut self, key: u32) -> Result<(), DatapathError> {
+            self.0.delete_maglev(key)
+        }
+        fn reset_backend_flows6(&mut self, id: u32) -> Result<(), DatapathError> {
+            self.0.reset_backend_flows6(id)
         }
         fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError> {
             self.0.read_services()
@@ -1341,5 +1660,194 @@ mod tests {
         assert!(failures > 20, "the faults were exercised ({failures} failed applies)");
         assert!(r.datapath().injected > 20);
         eprintln!("{failures} failed applies, at most {retries_max} tries for one state");
+    }
+
+    /// Everything the maps say, by names instead of ids (ids depend on the order things came
+    /// in): entries, slots, backends, names, source ranges, Maglev tables and the filter.
+    fn contents(dp: &MemDatapath) -> Vec<String> {
+        let name = |id: u32| match dp.svc_info.get(&id) {
+            Some(i) => format!("{}/{}:{}", unfixed(&i.namespace), unfixed(&i.name), unfixed(&i.port_name)),
+            None => format!("unnamed {id}"),
+        };
+        let mut out = Vec::new();
+        let v4 = dp.services.iter().map(|(k, v)| (IpAddr::from(k.addr), k.port, k.proto, k.slot, v));
+        let v6 = dp.services6.iter().map(|(k, v)| (IpAddr::from(k.addr), k.port, k.proto, k.slot, v));
+        for (addr, port, proto, slot, v) in v4.chain(v6) {
+            let fe = format!("{addr} {port}/{proto}");
+            if slot == 0 {
+                out.push(format!(
+                    "{fe}: {} count {} flags {:#x} affinity {}",
+                    name(v.svc_id),
+                    v.count,
+                    v.flags,
+                    v.affinity_timeout
+                ));
+            } else {
+                let be = match addr {
+                    IpAddr::V4(_) => dp.backends.get(&v.backend_id).map(|b| format!("{b:?}")),
+                    IpAddr::V6(_) => dp.backends6.get(&v.backend_id).map(|b| format!("{b:?}")),
+                };
+                out.push(format!("{fe} slot {slot}: {} {be:?}", name(v.svc_id)));
+            }
+        }
+        out.extend(dp.backends.values().filter(|b| b.state != 0).map(|b| format!("backend {b:?}")));
+        out.extend(dp.backends6.values().filter(|b| b.state != 0).map(|b| format!("backend {b:?}")));
+        out.extend(
+            dp.svc_info
+                .iter()
+                .map(|(&id, i)| format!("{}: {:?}", name(id), (i.port, i.node_port, i.svc_type, i.backends))),
+        );
+        out.extend(dp.source_ranges.iter().map(|(id, c)| format!("range {} {c:?}", name(*id))));
+        out.extend(dp.maglev.iter().map(|(k, t)| format!("maglev {} {} {t:?}", name(k >> 1), k & 1)));
+        out.push(format!(
+            "filter {:?}",
+            dp.filter.iter().enumerate().filter(|(_, w)| **w != 0).collect::<Vec<_>>()
+        ));
+        out.sort();
+        out
+    }
+
+    /// A random version of service `s` (0..8): one to three frontends from a small shared set
+    /// (so that a frontend moves between services), backends from a shared pool (so that a
+    /// backend is named by several), traffic policy Local, source ranges, both families.
+    fn random_port(rng: &mut Lcg, s: u8, v6: bool) -> DesiredPort {
+        let bes: Vec<_> = (0..8u8)
+            .filter_map(|b| match rng.below(5) {
+                0 | 1 => Some((b + 1, BackendState::Active)),
+                2 => Some((b + 1, BackendState::Terminating)),
+                3 => Some((b + 1, BackendState::Draining)),
+                _ => None,
+            })
+            .collect();
+        let mut p = if v6 {
+            port6_states(&format!("svc{s}"), 10 + s, &bes)
+        } else {
+            port(&format!("svc{s}"), 10 + s, &bes)
+        };
+        for b in &mut p.backends {
+            b.local = rng.below(2) == 0;
+        }
+        // Extra frontends: node ports on one of two addresses, shared by every service (the
+        // model gives each to one service: here a frontend is given to the lowest service
+        // that asks for it, by the caller).
+        for extra in 0..2u8 {
+            if rng.below(3) == 0 {
+                let addr = match p.frontends[0].addr {
+                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1 + extra)),
+                    IpAddr::V6(_) => {
+                        std::net::Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1 + u16::from(extra)).into()
+                    }
+                };
+                p.frontends.push(Frontend {
+                    addr,
+                    port: 30000 + u16::from(rng.below(3) as u8),
+                    proto: Proto::Tcp,
+                });
+                p.frontend_kinds.push(lb_common::SVC_F_NODE_PORT | lb_common::SVC_F_LOCAL);
+            }
+        }
+        if rng.below(3) == 0 {
+            p.shown.external_policy = crate::model::Policy::Local;
+        }
+        if rng.below(4) == 0 {
+            p.shown.affinity_timeout = 10800;
+        }
+        if rng.below(4) == 0 && !v6 {
+            p.source_ranges = vec![format!("198.18.{}.0/24", rng.below(3)).parse().unwrap()];
+        }
+        p
+    }
+
+    /// Frontends are unique in a target (the model sees to it): each goes to the first port
+    /// that has it.
+    fn unique_frontends(ports: &mut [DesiredPort]) {
+        let mut seen = BTreeSet::new();
+        for p in ports {
+            retain_kinds(p, |f| seen.insert(*f));
+        }
+    }
+
+    fn retain_kinds(p: &mut DesiredPort, mut keep: impl FnMut(&Frontend) -> bool) {
+        let (f, k) =
+            p.frontends.iter().zip(&p.frontend_kinds).filter(|(f, _)| keep(f)).map(|(f, k)| (*f, *k)).unzip();
+        p.frontends = f;
+        p.frontend_kinds = k;
+    }
+
+    #[test]
+    fn changes_applied_one_port_at_a_time_leave_the_maps_as_a_full_apply_does() {
+        use crate::datapath::FaultyDatapath;
+        for (seed, faults) in [(1, false), (2, false), (3, true), (4, true)] {
+            let mut rng = Lcg(seed);
+            let mut dp = filtered();
+            dp.log.clear();
+            let dp = FaultyDatapath::new(Checked(dp), seed, if faults { 30 } else { 0 }, 0);
+            let mut r = Reconciler::new(dp).unwrap();
+            r.set_filter_grace(std::time::Duration::ZERO);
+            if seed % 2 == 0 {
+                r.set_maglev(lb_common::MAGLEV_SIZES[0]);
+            }
+            // The target, by (service, family).
+            let mut now: BTreeMap<(u8, bool), DesiredPort> = BTreeMap::new();
+            let mut prev: BTreeMap<PortRef, DesiredPort> = BTreeMap::new();
+            let mut failures = 0;
+            for round in 0..150 {
+                // Change one to three ports: a new version, or gone.
+                for _ in 0..1 + rng.below(3) {
+                    let key = (rng.below(8) as u8, rng.below(3) == 0);
+                    match rng.below(4) {
+                        0 => {
+                            now.remove(&key);
+                        }
+                        _ => {
+                            now.insert(key, random_port(&mut rng, key.0, key.1));
+                        }
+                    }
+                }
+                let mut desired: Vec<DesiredPort> = now.values().cloned().collect();
+                unique_frontends(&mut desired);
+                // The model hands the reconciler the ports that differ from what it had (a
+                // frontend given up by one port can go to another, unchanged, service's).
+                let next: BTreeMap<PortRef, DesiredPort> =
+                    desired.iter().map(|p| (p.id.clone(), p.clone())).collect();
+                let mut changes: Vec<(PortRef, Option<Arc<DesiredPort>>)> = next
+                    .iter()
+                    .filter(|(id, p)| prev.get(*id) != Some(*p))
+                    .map(|(id, p)| (id.clone(), Some(Arc::new(p.clone()))))
+                    .collect();
+                changes.extend(prev.keys().filter(|id| !next.contains_key(*id)).map(|id| (id.clone(), None)));
+                prev = next;
+                let mut tries = 0;
+                while let Err(e) = r.apply_changes(changes.clone()) {
+                    failures += 1;
+                    tries += 1;
+                    assert!(e.to_string().contains("injected fault"), "seed {seed} round {round}: {e}");
+                    assert!(tries < 50, "seed {seed} round {round}: no convergence");
+                }
+                let mut fresh = Reconciler::new(filtered()).unwrap();
+                fresh.set_filter_grace(std::time::Duration::ZERO);
+                if seed % 2 == 0 {
+                    fresh.set_maglev(lb_common::MAGLEV_SIZES[0]);
+                }
+                fresh.apply(&desired).unwrap();
+                let (got, want) = (contents(&r.datapath().inner.0), contents(fresh.datapath()));
+                let only = |a: &[String], b: &[String]| {
+                    a.iter().filter(|l| !b.contains(l)).cloned().collect::<Vec<_>>()
+                };
+                assert!(
+                    got == want,
+                    "seed {seed} round {round}: only incremental {:#?}\nonly full {:#?}",
+                    only(&got, &want),
+                    only(&want, &got)
+                );
+                // The same changes again write nothing.
+                assert_eq!(
+                    r.apply_changes(changes).unwrap(),
+                    ApplyStats::default(),
+                    "seed {seed} round {round}"
+                );
+            }
+            assert_eq!(faults, failures > 20, "seed {seed}: {failures} failed applies");
+        }
     }
 }
