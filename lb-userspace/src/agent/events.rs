@@ -12,7 +12,7 @@
 //! never holds up a sync. At most [`PER_SYNC`] events are queued per sync; the rest are in the
 //! log. Failures are logged (the ClusterRole of deploy/ grants `create` on events.k8s.io
 //! events).
-use std::{collections::BTreeSet, sync::Arc};
+use std::collections::BTreeSet;
 
 use k8s_openapi::{
     api::{core::v1::ObjectReference, events::v1::Event},
@@ -23,7 +23,7 @@ use kube::{Api, Client, api::PostParams};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::{agent::Snapshot, model::Rejection};
+use crate::model::{Rejection, incremental::IncrementalModel};
 
 /// The most events queued by one sync.
 pub const PER_SYNC: usize = 50;
@@ -83,7 +83,7 @@ impl EventReporter {
 
     /// Queues events for the objects of `rejected` that are newly rejected, or rejected for a
     /// new reason, and forgets the ones no longer rejected.
-    pub fn report(&mut self, rejected: &[Rejection], snap: &Snapshot) {
+    pub fn report(&mut self, rejected: &[Rejection], objects: &IncrementalModel) {
         let fresh = changes(&mut self.reported, rejected);
         let mut queued = 0;
         for r in fresh {
@@ -91,7 +91,7 @@ impl EventReporter {
                 debug!(object = %format!("{} {}/{}", r.kind, r.namespace, r.name), "event not written: too many this sync");
                 continue;
             }
-            let Some(reference) = reference(r, snap) else { continue };
+            let Some(reference) = objects.object_ref(r.kind, &r.namespace, &r.name) else { continue };
             let ev = event(r, reference, &self.instance, Timestamp::now());
             match self.tx.try_send(ev) {
                 Ok(()) => queued += 1,
@@ -190,27 +190,6 @@ pub fn changes<'a>(reported: &mut BTreeSet<RejectionKey>, rejected: &'a [Rejecti
     }
     *reported = now;
     fresh
-}
-
-/// The reference of the rejected object, from the snapshot (its uid makes `kubectl describe`
-/// find the event). `None` when the object is not there (a rejection of something else).
-fn reference(r: &Rejection, snap: &Snapshot) -> Option<ObjectReference> {
-    fn find<K: kube::Resource<DynamicType = ()>>(
-        objs: &[Arc<K>],
-        ns: &str,
-        name: &str,
-    ) -> Option<ObjectReference> {
-        let o = objs.iter().find(|o| {
-            o.meta().namespace.as_deref().unwrap_or("default") == ns && o.meta().name.as_deref() == Some(name)
-        })?;
-        Some(o.object_ref(&()))
-    }
-    match r.kind {
-        "Service" => find(&snap.services, &r.namespace, &r.name),
-        "EndpointSlice" => find(&snap.slices, &r.namespace, &r.name),
-        "Pod" => find(&snap.pods, &r.namespace, &r.name),
-        _ => None,
-    }
 }
 
 /// The event about `r`, named after the object's uid and the reason (see the module's

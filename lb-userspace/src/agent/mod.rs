@@ -32,10 +32,13 @@ use crate::{
         BpfMaps, Datapath,
         ebpf::{self, Attached, Capacities},
     },
-    model::{ModelCache, ModelConfig},
+    model::{
+        ModelConfig,
+        incremental::{IncrementalModel, Key, PortChanges},
+    },
     reconcile::{ApplyStats, Reconciler},
     source::{
-        self,
+        self, Delta,
         kube::KubeSource,
         manifests::{self, DocError},
     },
@@ -177,6 +180,7 @@ impl AgentConfig {
 }
 
 /// The objects one sync is built from.
+/// Every object at once (tests, and what a whole read of a directory gives).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
@@ -194,12 +198,34 @@ impl Snapshot {
     }
 }
 
-/// Model plus reconciler plus figures: one sync turns a snapshot into map writes.
+/// What changed at the source since the last sync.
+#[derive(Default)]
+pub struct Update {
+    pub services: Delta<Service>,
+    pub slices: Delta<EndpointSlice>,
+    pub pods: Delta<Pod>,
+    /// Manifest documents that could not be read (`None`: the directory was not read again).
+    pub doc_errors: Option<Vec<DocError>>,
+}
+
+impl From<&Snapshot> for Update {
+    fn from(s: &Snapshot) -> Self {
+        Update {
+            services: Delta::listed(s.services.clone()),
+            slices: Delta::listed(s.slices.clone()),
+            pods: Delta::listed(s.pods.clone()),
+            doc_errors: Some(s.doc_errors.clone()),
+        }
+    }
+}
+
+/// Model plus reconciler plus figures: one sync turns the changes at the source into map
+/// writes, at the cost of what changed.
 pub struct Syncer<D> {
     pub rec: Reconciler<D>,
     pub cfg: ModelConfig,
     pub metrics: Arc<Metrics>,
-    pub cache: ModelCache,
+    pub model: IncrementalModel,
     /// The node's addresses as last read by the watcher task; taken into `cfg` at each sync.
     pub node_addrs: Option<Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>>,
     /// (pin directory, cgroup) of socket-level balancing, whose sockets connected to removed
@@ -209,23 +235,28 @@ pub struct Syncer<D> {
     pub events: Option<events::EventReporter>,
     /// The rejections logged, so that each is logged once, not at every sync.
     logged: std::collections::BTreeSet<events::RejectionKey>,
-    /// The node ports xlb gave out (standalone mode), by (namespace, name, port name,
-    /// protocol): each is logged when given, not at every sync.
-    assigned: crate::HashMap<(String, String, String, crate::model::Proto), u16>,
+    /// The node ports xlb gave out (standalone mode), by service port: each is logged when
+    /// given, not at every sync.
+    assigned: crate::HashMap<crate::model::PortRef, u16>,
+    /// This node's pods (they are few: the model takes them all when one changes).
+    pods: std::collections::BTreeMap<Key, Arc<Pod>>,
+    doc_errors: Vec<DocError>,
 }
 
 impl<D: Datapath> Syncer<D> {
     pub fn new(rec: Reconciler<D>, cfg: ModelConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             rec,
+            model: IncrementalModel::new(cfg.clone()),
             cfg,
             metrics,
-            cache: ModelCache::default(),
             node_addrs: None,
             terminate: None,
             events: None,
             logged: Default::default(),
             assigned: Default::default(),
+            pods: Default::default(),
+            doc_errors: Vec::new(),
         }
     }
 
@@ -253,49 +284,90 @@ impl<D: Datapath> Syncer<D> {
         }
     }
 
-    /// Logs the node ports given out since the last sync (standalone mode, where no API server
+    /// Logs the node ports given out by the changes (standalone mode, where no API server
     /// assigns them): which Service's port got which.
-    fn log_assigned_node_ports(&mut self, ports: &[Arc<crate::model::DesiredPort>]) {
+    fn log_assigned_node_ports(&mut self, changes: &PortChanges) {
         if !self.cfg.allocate_node_ports {
-            return; // the API server assigns them: no pass over every port for nothing
+            return; // the API server assigns them
         }
-        let mut now = crate::HashMap::default();
-        for p in ports.iter().filter(|p| p.shown.node_port_assigned) {
-            let Some(np) = p.node_port else { continue };
-            let key = (p.id.namespace.clone(), p.id.name.clone(), p.id.port_name.clone(), p.id.proto);
-            if now.insert(key.clone(), np).is_none() && self.assigned.get(&key) != Some(&np) {
-                info!(
-                    service = %format!("{}/{}", p.id.namespace, p.id.name),
-                    port = %if p.id.port_name.is_empty() { p.port.to_string() } else { p.id.port_name.clone() },
-                    protocol = %p.id.proto,
-                    node_port = np,
-                    "assigned a node port (the manifest has none; `xlb describe` shows it)"
-                );
+        for (id, p) in changes {
+            let np = p.as_ref().filter(|p| p.shown.node_port_assigned).and_then(|p| p.node_port);
+            let Some(np) = np else {
+                self.assigned.remove(id);
+                continue;
+            };
+            if self.assigned.insert(id.clone(), np) == Some(np) {
+                continue;
             }
+            // Both families of a port share its node port: said once.
+            let other = crate::model::PortRef {
+                family: match id.family {
+                    crate::model::Family::V4 => crate::model::Family::V6,
+                    crate::model::Family::V6 => crate::model::Family::V4,
+                },
+                ..id.clone()
+            };
+            if self.assigned.get(&other) == Some(&np) {
+                continue;
+            }
+            let port = p.as_ref().map_or(0, |p| p.port);
+            info!(
+                service = %format!("{}/{}", id.namespace, id.name),
+                port = %if id.port_name.is_empty() { port.to_string() } else { id.port_name.clone() },
+                protocol = %id.proto,
+                node_port = np,
+                "assigned a node port (the manifest has none; `xlb describe` shows it)"
+            );
         }
-        self.assigned = now;
     }
 
-    /// Builds the model and writes the difference. Invalid objects are logged and counted, not
-    /// returned; an error means a map write failed (the next sync writes what is still missing).
+    /// Syncs a whole picture: the objects that differ from those held are the changes.
     pub fn sync(&mut self, snap: &Snapshot) -> anyhow::Result<ApplyStats> {
+        self.sync_update(Update::from(snap))
+    }
+
+    /// Models what changed and writes the difference. Invalid objects are logged and counted,
+    /// not returned; an error means a map write failed (the next sync finishes the work, even
+    /// with nothing new).
+    pub fn sync_update(&mut self, u: Update) -> anyhow::Result<ApplyStats> {
         let started = Instant::now();
-        for e in &snap.doc_errors {
-            warn!(error = %e, "skipped manifest document");
+        if let Some(errors) = u.doc_errors {
+            for e in &errors {
+                warn!(error = %e, "skipped manifest document");
+            }
+            self.doc_errors = errors;
         }
+        let mut changes = PortChanges::new();
         if let Some(src) = &self.node_addrs {
             let now = src.lock().map(|a| a.clone()).unwrap_or_default();
             if now != self.cfg.node_addrs {
                 info!(addresses = ?now, "the node's addresses changed: node ports follow");
                 self.cfg.node_addrs = now;
+                changes.extend(self.model.set_config(self.cfg.clone()));
             }
         }
-        let mut model = self.cache.build(&snap.services, &snap.slices, &self.cfg);
-        crate::model::add_host_ports(&mut model, &snap.pods, &self.cfg);
+        // Pods: this node's, all of them to the model when one changed.
+        let pods_changed = !u.pods.is_empty();
+        if let Some(list) = u.pods.list {
+            self.pods = list.into_iter().map(|p| (crate::model::ns_name(&p.metadata), p)).collect();
+        }
+        for (key, p) in u.pods.changes {
+            match p {
+                Some(p) => self.pods.insert(key, p),
+                None => self.pods.remove(&key),
+            };
+        }
+        let pods = pods_changed.then(|| self.pods.values().cloned().collect::<Vec<_>>());
+        let (svc_list, slice_list) = (u.services.list, u.slices.list);
+        if svc_list.is_some() || slice_list.is_some() {
+            changes.extend(self.model.replace(svc_list.as_deref(), slice_list.as_deref(), None));
+        }
+        changes.extend(self.model.update(u.services.changes, u.slices.changes, pods));
         let model_done = started.elapsed();
+        let rejected = self.model.rejected();
         // Each rejection is logged when it first holds (an object newly rejected, or for another
         // reason, or another part of it), not again at every sync while it lasts.
-        for r in events::changes(&mut self.logged, &model.rejected) {
+        for r in events::changes(&mut self.logged, &rejected) {
             let object = format!("{} {}/{}", r.kind, r.namespace, r.name);
             match r.part {
                 None => warn!(%object, reason = %r.reason, "rejected object"),
@@ -305,10 +377,11 @@ impl<D: Datapath> Syncer<D> {
             }
         }
         if let Some(events) = &mut self.events {
-            events.report(&model.rejected, snap);
+            events.report(&rejected, &self.model);
         }
-        self.log_assigned_node_ports(&model.ports);
-        match self.rec.apply(&model.ports) {
+        self.log_assigned_node_ports(&changes);
+        let changed_ports = changes.len();
+        match self.rec.apply_changes(changes) {
             Ok(stats) => {
                 self.metrics.set_capacity_exceeded(None);
                 if let Some(events) = &mut self.events {
@@ -316,48 +389,49 @@ impl<D: Datapath> Syncer<D> {
                 }
                 self.terminate_sockets();
                 let elapsed = started.elapsed();
-                let mut rejected = std::collections::BTreeMap::new();
+                let mut rejected_whole = std::collections::BTreeMap::new();
                 let mut rejected_parts = std::collections::BTreeMap::new();
-                for r in &model.rejected {
+                for r in &rejected {
                     match r.part {
-                        None => *rejected.entry(r.kind.to_string()).or_default() += 1,
+                        None => *rejected_whole.entry(r.kind.to_string()).or_default() += 1,
                         Some(p) => {
                             *rejected_parts.entry((r.kind.to_string(), p.to_string())).or_default() += 1
                         }
                     }
                 }
-                if !snap.doc_errors.is_empty() {
-                    rejected.insert("Document".to_string(), snap.doc_errors.len() as u64);
+                if !self.doc_errors.is_empty() {
+                    rejected_whole.insert("Document".to_string(), self.doc_errors.len() as u64);
                 }
                 let maps = self.rec.usage();
                 // The backend map holds one entry per distinct backend: no need to count again.
                 let backends = maps.iter().find(|m| m.0 == lb_common::MAP_BACKENDS).map_or(0, |m| m.1);
+                let (service_ports, frontends) = self.model.figures();
                 let figures = SyncFigures {
-                    services: snap.services.len() as u64,
-                    endpoint_slices: snap.slices.len() as u64,
-                    service_ports: model.ports.len() as u64,
-                    frontends: model.ports.iter().map(|p| p.frontends.len() as u64).sum(),
+                    services: self.model.service_count() as u64,
+                    endpoint_slices: self.model.slice_count() as u64,
+                    service_ports: service_ports as u64,
+                    frontends: frontends as u64,
                     backends,
-                    rejected,
+                    rejected: rejected_whole,
                     rejected_parts,
                     maps,
                 };
                 self.metrics.sync_ok(elapsed, stats.writes, stats.deletes, figures);
                 info!(
-                    services = snap.services.len(),
-                    slices = snap.slices.len(),
-                    service_ports = model.ports.len(),
-                    rejected = model.rejected.len() + snap.doc_errors.len(),
+                    services = self.model.service_count(),
+                    slices = self.model.slice_count(),
+                    service_ports,
+                    changed_ports,
+                    rejected = rejected.len() + self.doc_errors.len(),
                     writes = stats.writes,
                     deletes = stats.deletes,
-                    rebuilt = self.cache.last_rebuilt,
                     model_us = model_done.as_micros() as u64,
                     elapsed_us = elapsed.as_micros() as u64,
                     "synced"
                 );
                 // A large sync (the first, a relist) leaves much of the heap free, but held by
                 // the allocator's arenas: give it back.
-                if stats.writes + stats.deletes >= 1000 || self.cache.last_rebuilt >= 1000 {
+                if stats.writes + stats.deletes >= 1000 || changed_ports >= 1000 {
                     trim_heap();
                 }
                 Ok(stats)
@@ -387,14 +461,14 @@ fn trim_heap() {
     }
 }
 
-/// Where snapshots come from.
+/// Where the objects come from.
 pub enum Source {
     Manifests { dir: PathBuf, cache: std::sync::Mutex<manifests::DirCache>, _poller: AbortOnDrop },
     Kube(KubeSource),
 }
 
 impl Source {
-    /// Starts the source; `changed` is notified whenever a new snapshot is worth taking.
+    /// Starts the source; `changed` is notified whenever there is something new to take.
     pub async fn start(
         cfg: &SourceConfig,
         changed: Arc<Notify>,
@@ -449,17 +523,19 @@ impl Source {
         }
     }
 
-    pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+    /// What changed since the last call: the watches' findings, or the directory read again
+    /// (its unchanged files keep their objects, which the model then skips).
+    pub fn take_update(&self) -> anyhow::Result<Update> {
         match self {
             Source::Manifests { dir, cache, .. } => {
                 let mut cache = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                Ok(Snapshot::from_manifests(cache.read(dir)?))
+                Ok(Update::from(&Snapshot::from_manifests(cache.read(dir)?)))
             }
-            Source::Kube(k) => Ok(Snapshot {
-                services: k.services.state(),
-                slices: k.slices.state(),
-                pods: k.pods.as_ref().map(|p| p.state()).unwrap_or_default(),
-                doc_errors: Vec::new(),
+            Source::Kube(k) => Ok(Update {
+                services: k.services.take(),
+                slices: k.slices.take(),
+                pods: k.pods.as_ref().map(|p| p.take()).unwrap_or_default(),
+                doc_errors: None,
             }),
         }
     }
@@ -481,10 +557,10 @@ fn fingerprint(dir: &Path) -> Fingerprint {
         .collect()
 }
 
-/// One snapshot and sync; the sync's CPU work runs off the async workers.
+/// One update taken and synced; the sync's CPU work runs off the async workers.
 fn sync_once<D: Datapath>(source: &Source, syncer: &mut Syncer<D>) -> anyhow::Result<ApplyStats> {
-    let snap = source.snapshot()?;
-    tokio::task::block_in_place(|| syncer.sync(&snap))
+    let update = source.take_update()?;
+    tokio::task::block_in_place(|| syncer.sync_update(update))
 }
 
 /// Syncs after every change until `shutdown` resolves: at once when `batch_delay` is zero (the

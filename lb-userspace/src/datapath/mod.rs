@@ -816,6 +816,60 @@ impl MemDatapath {
     pub fn with_capacity(capacity: Capacity) -> Self {
         Self { capacity: Some(capacity), ..Self::default() }
     }
+
+    #[cfg(test)]
+    /// Everything the maps say, by names instead of ids (ids depend on the order things came
+    /// in): entries, slots, backends, names, source ranges, Maglev tables and the filter.
+    pub fn contents(&self) -> Vec<String> {
+        let dp = self;
+        let name = |id: u32| match dp.svc_info.get(&id) {
+            Some(i) => format!(
+                "{}/{}:{}",
+                crate::reconcile::unfixed(&i.namespace),
+                crate::reconcile::unfixed(&i.name),
+                crate::reconcile::unfixed(&i.port_name)
+            ),
+            None => format!("unnamed {id}"),
+        };
+        let mut out = Vec::new();
+        let v4 =
+            dp.services.iter().map(|(k, v)| (std::net::IpAddr::from(k.addr), k.port, k.proto, k.slot, v));
+        let v6 =
+            dp.services6.iter().map(|(k, v)| (std::net::IpAddr::from(k.addr), k.port, k.proto, k.slot, v));
+        for (addr, port, proto, slot, v) in v4.chain(v6) {
+            let fe = format!("{addr} {port}/{proto}");
+            if slot == 0 {
+                out.push(format!(
+                    "{fe}: {} count {} flags {:#x} affinity {}",
+                    name(v.svc_id),
+                    v.count,
+                    v.flags,
+                    v.affinity_timeout
+                ));
+            } else {
+                let be = match addr {
+                    std::net::IpAddr::V4(_) => dp.backends.get(&v.backend_id).map(|b| format!("{b:?}")),
+                    std::net::IpAddr::V6(_) => dp.backends6.get(&v.backend_id).map(|b| format!("{b:?}")),
+                };
+                out.push(format!("{fe} slot {slot}: {} {be:?}", name(v.svc_id)));
+            }
+        }
+        out.extend(dp.backends.values().filter(|b| b.state != 0).map(|b| format!("backend {b:?}")));
+        out.extend(dp.backends6.values().filter(|b| b.state != 0).map(|b| format!("backend {b:?}")));
+        out.extend(
+            dp.svc_info
+                .iter()
+                .map(|(&id, i)| format!("{}: {:?}", name(id), (i.port, i.node_port, i.svc_type, i.backends))),
+        );
+        out.extend(dp.source_ranges.iter().map(|(id, c)| format!("range {} {c:?}", name(*id))));
+        out.extend(dp.maglev.iter().map(|(k, t)| format!("maglev {} {} {t:?}", name(k >> 1), k & 1)));
+        out.push(format!(
+            "filter {:?}",
+            dp.filter.iter().enumerate().filter(|(_, w)| **w != 0).collect::<Vec<_>>()
+        ));
+        out.sort();
+        out
+    }
 }
 
 impl Datapath for MemDatapath {

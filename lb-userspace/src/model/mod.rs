@@ -17,6 +17,7 @@
 //! - a container port with a `hostPort`, in a pod of this node, is reached at every address of
 //!   the node (or at its `hostIP` alone) on `hostPort`, as the CNI portmap plugin makes it.
 pub mod cidr;
+pub mod incremental;
 
 pub use cidr::Cidr;
 use std::{
@@ -383,7 +384,8 @@ pub struct Model {
     pub rejected: Vec<Rejection>,
 }
 
-fn ns_name(meta: &ObjectMeta) -> (String, String) {
+/// (namespace, name) of an object; no namespace is "default".
+pub fn ns_name(meta: &ObjectMeta) -> (String, String) {
     (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
 }
 
@@ -1040,6 +1042,7 @@ fn service_ports(
     let settings = shown_settings(spec)?;
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
+    let mut seen_names = BTreeSet::new();
     let mut seen_node_ports = BTreeSet::new();
     for sp in ports {
         let port_name = sp.name.clone().unwrap_or_default();
@@ -1050,6 +1053,11 @@ fn service_ports(
             .ok_or_else(|| format!("port {port_name:?}: invalid port number {}", sp.port))?;
         if !seen.insert((port, proto)) {
             return Err(format!("port {port}/{proto} is listed twice"));
+        }
+        // A port is known by its name (the EndpointSlices' ports are matched by it): the API
+        // server refuses a name used twice.
+        if !seen_names.insert((port_name.clone(), proto)) {
+            return Err(format!("port name {port_name:?} is listed twice for {proto}"));
         }
         let node_port = match sp.node_port {
             _ if !wants_node_port => None,
@@ -1177,12 +1185,24 @@ fn service_ports(
 /// rejected with the pod. Pods on other nodes, of the host network, finished, or without an IP
 /// yet are skipped.
 pub fn add_host_ports(model: &mut Model, pods: &[Arc<Pod>], cfg: &ModelConfig) {
-    let Some(node) = cfg.node_name.as_deref() else { return };
-    let mut claimed: HashMap<Frontend, String> = model
+    let services: HashMap<Frontend, String> = model
         .ports
         .iter()
         .flat_map(|p| p.frontends.iter().map(|f| (*f, format!("Service {}/{}", p.id.namespace, p.id.name))))
         .collect();
+    add_host_ports_checked(model, pods, cfg, |f| services.get(f).cloned());
+}
+
+/// [`add_host_ports`], with the owner of a frontend that a Service uses given by `service`
+/// ("Service namespace/name").
+fn add_host_ports_checked(
+    model: &mut Model,
+    pods: &[Arc<Pod>],
+    cfg: &ModelConfig,
+    service: impl Fn(&Frontend) -> Option<String>,
+) {
+    let Some(node) = cfg.node_name.as_deref() else { return };
+    let mut claimed: HashMap<Frontend, String> = HashMap::default();
     let mut sorted: Vec<((String, String), &Pod)> = pods
         .iter()
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
@@ -1193,7 +1213,8 @@ pub fn add_host_ports(model: &mut Model, pods: &[Arc<Pod>], cfg: &ModelConfig) {
         match pod_host_ports(pod, &namespace, &name, cfg) {
             Ok(ports) => {
                 let clash = ports.iter().flat_map(|p| p.frontends.iter()).find_map(|f| {
-                    claimed.get(f).map(|o| format!("hostPort frontend {f} is already used by {o}"))
+                    let o = service(f).or_else(|| claimed.get(f).cloned())?;
+                    Some(format!("hostPort frontend {f} is already used by {o}"))
                 });
                 if let Some(reason) = clash {
                     model.rejected.push(Rejection::whole("Pod", namespace, name, reason));

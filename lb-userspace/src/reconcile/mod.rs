@@ -509,9 +509,10 @@ impl<D: Datapath> Reconciler<D> {
         Ok(())
     }
 
-    /// Makes the datapath hold exactly `desired` (a full pass over every port: the first sync,
-    /// tests, the oracle). On error the datapath may hold a mix of old and new services, each of
-    /// them whole; call again to finish. The picture of the maps is updated after each write
+    /// Makes the datapath hold exactly `desired` (a full pass over every port: tests, the
+    /// oracle). A target too large for the service maps is refused before anything is written.
+    /// On another error the datapath may hold a mix of old and new services, each of them whole;
+    /// call again (or [`Self::apply_changes`], even with no change) to finish. The picture of the maps is updated after each write
     /// that succeeded (a map update either happens or not), so the next call writes exactly
     /// what is still missing.
     pub fn apply<P: Borrow<DesiredPort>>(&mut self, desired: &[P]) -> Result<ApplyStats, ReconcileError> {
@@ -527,7 +528,6 @@ impl<D: Datapath> Reconciler<D> {
             }
             needed[family_index(p.id.family)] += entries_needed(&p);
         }
-        self.check_capacity(needed)?;
         self.target = target;
         self.needed = needed;
         self.full = true;
@@ -563,7 +563,6 @@ impl<D: Datapath> Reconciler<D> {
                 needed[family_index(n.id.family)] += entries_needed(n);
             }
         }
-        self.check_capacity(needed)?;
         self.needed = needed;
         let (mut olds, mut news) = (Vec::new(), Vec::new());
         for (id, [old, new]) in by_port {
@@ -576,6 +575,12 @@ impl<D: Datapath> Reconciler<D> {
         }
         if self.full {
             return self.converge_full();
+        }
+        // Too large for the maps: nothing is written; the target stays, so that the next apply
+        // (a later change, or a retry with none) writes it all once it fits.
+        if let Err(e) = self.check_capacity(self.needed) {
+            self.full = true;
+            return Err(e);
         }
         // In a fixed order, so that runs are repeatable.
         olds.sort_by(|a, b| a.id.cmp(&b.id));
@@ -590,6 +595,7 @@ impl<D: Datapath> Reconciler<D> {
     /// A pass over the whole target, also removing whatever the maps hold that it does not name
     /// (entries of an earlier agent, of a failed apply).
     fn converge_full(&mut self) -> Result<ApplyStats, ReconcileError> {
+        self.check_capacity(self.needed)?;
         let mut news: Vec<Arc<DesiredPort>> = self.target.values().cloned().collect();
         news.sort_by(|a, b| a.id.cmp(&b.id));
         let result = self.converge(&[], &news, true);
@@ -1662,51 +1668,6 @@ mod tests {
         eprintln!("{failures} failed applies, at most {retries_max} tries for one state");
     }
 
-    /// Everything the maps say, by names instead of ids (ids depend on the order things came
-    /// in): entries, slots, backends, names, source ranges, Maglev tables and the filter.
-    fn contents(dp: &MemDatapath) -> Vec<String> {
-        let name = |id: u32| match dp.svc_info.get(&id) {
-            Some(i) => format!("{}/{}:{}", unfixed(&i.namespace), unfixed(&i.name), unfixed(&i.port_name)),
-            None => format!("unnamed {id}"),
-        };
-        let mut out = Vec::new();
-        let v4 = dp.services.iter().map(|(k, v)| (IpAddr::from(k.addr), k.port, k.proto, k.slot, v));
-        let v6 = dp.services6.iter().map(|(k, v)| (IpAddr::from(k.addr), k.port, k.proto, k.slot, v));
-        for (addr, port, proto, slot, v) in v4.chain(v6) {
-            let fe = format!("{addr} {port}/{proto}");
-            if slot == 0 {
-                out.push(format!(
-                    "{fe}: {} count {} flags {:#x} affinity {}",
-                    name(v.svc_id),
-                    v.count,
-                    v.flags,
-                    v.affinity_timeout
-                ));
-            } else {
-                let be = match addr {
-                    IpAddr::V4(_) => dp.backends.get(&v.backend_id).map(|b| format!("{b:?}")),
-                    IpAddr::V6(_) => dp.backends6.get(&v.backend_id).map(|b| format!("{b:?}")),
-                };
-                out.push(format!("{fe} slot {slot}: {} {be:?}", name(v.svc_id)));
-            }
-        }
-        out.extend(dp.backends.values().filter(|b| b.state != 0).map(|b| format!("backend {b:?}")));
-        out.extend(dp.backends6.values().filter(|b| b.state != 0).map(|b| format!("backend {b:?}")));
-        out.extend(
-            dp.svc_info
-                .iter()
-                .map(|(&id, i)| format!("{}: {:?}", name(id), (i.port, i.node_port, i.svc_type, i.backends))),
-        );
-        out.extend(dp.source_ranges.iter().map(|(id, c)| format!("range {} {c:?}", name(*id))));
-        out.extend(dp.maglev.iter().map(|(k, t)| format!("maglev {} {} {t:?}", name(k >> 1), k & 1)));
-        out.push(format!(
-            "filter {:?}",
-            dp.filter.iter().enumerate().filter(|(_, w)| **w != 0).collect::<Vec<_>>()
-        ));
-        out.sort();
-        out
-    }
-
     /// A random version of service `s` (0..8): one to three frontends from a small shared set
     /// (so that a frontend moves between services), backends from a shared pool (so that a
     /// backend is named by several), traffic policy Local, source ranges, both families.
@@ -1830,7 +1791,7 @@ mod tests {
                     fresh.set_maglev(lb_common::MAGLEV_SIZES[0]);
                 }
                 fresh.apply(&desired).unwrap();
-                let (got, want) = (contents(&r.datapath().inner.0), contents(fresh.datapath()));
+                let (got, want) = (r.datapath().inner.0.contents(), fresh.datapath().contents());
                 let only = |a: &[String], b: &[String]| {
                     a.iter().filter(|l| !b.contains(l)).cloned().collect::<Vec<_>>()
                 };

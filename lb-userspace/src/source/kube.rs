@@ -1,5 +1,6 @@
 //! The Kubernetes source: list/watch of Services, EndpointSlices (discovery.k8s.io/v1) and this
-//! node's Pods (for hostPorts) into reflector stores, with kube-rs' watcher.
+//! node's Pods (for hostPorts), with kube-rs' watcher. What each watch sees is kept as a
+//! [`Delta`] until the agent takes it: no store of every object (the model keeps what it needs).
 //!
 //! The watcher lists, then watches from the list's resourceVersion with bookmarks; on a
 //! dropped connection it resumes the watch, and when the API server answers 410 Gone (the
@@ -8,11 +9,11 @@
 //! at most (a connection refused costs it nothing, and a restarted API server is heard from
 //! within a second of its return), and an error the server answered with (429, 5xx, 403) with a
 //! backoff growing to 10 s (it is shedding load, or refusing for a reason a retry won't fix).
-//! The stores keep the last known objects through all of this: a relist replaces a store's
-//! content only once the new list is complete, and an API server that is away leaves the
-//! datapath as it is (never flushed).
+//! The model keeps the last known objects through all of this: a relist is handed over only once
+//! it is complete (then it replaces what the model held, and only the differences are written),
+//! and an API server that is away leaves the datapath as it is (never flushed).
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -25,14 +26,14 @@ use kube::{
     Api, Client, Resource,
     runtime::{
         WatchStreamExt as _,
-        reflector::{self, Store},
         watcher::{self, Event},
     },
 };
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::agent::metrics::Metrics;
+use super::Delta;
+use crate::{agent::metrics::Metrics, model::ns_name};
 
 /// Every request the agent makes to the API server, as RBAC names them: (verb, API group,
 /// resource). deploy/'s ClusterRole grants these and nothing more; lb-userspace/tests/rbac.rs
@@ -70,13 +71,40 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
     Client::try_from(config).context("building the Kubernetes client")
 }
 
-/// Services and EndpointSlices as the API server last said they were, and the pods of this
-/// node (for their hostPorts).
+/// One watch's findings since the agent last took them, and whether its first list is complete.
+pub struct Watched<K> {
+    pending: Mutex<Delta<K>>,
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+impl<K> Default for Watched<K> {
+    fn default() -> Self {
+        Self { pending: Mutex::new(Delta::default()), ready: tokio::sync::watch::Sender::new(false) }
+    }
+}
+
+impl<K> Watched<K> {
+    /// What the watch has seen since the last call.
+    pub fn take(&self) -> Delta<K> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Waits until the first list is complete.
+    pub async fn wait_ready(&self) {
+        let _ = self.ready.subscribe().wait_for(|r| *r).await;
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Delta<K>) -> R) -> R {
+        f(&mut self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+/// The watches of Services, EndpointSlices and the pods of this node.
 pub struct KubeSource {
-    pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub services: Arc<Watched<Service>>,
+    pub slices: Arc<Watched<EndpointSlice>>,
     /// `None` when the node has no name to select its pods by.
-    pub pods: Option<Store<Pod>>,
+    pub pods: Option<Arc<Watched<Pod>>>,
     /// The client the watches use (events about rejected objects are written with it).
     pub client: Client,
     tasks: Vec<JoinHandle<()>>,
@@ -93,38 +121,42 @@ impl Drop for KubeSource {
 impl KubeSource {
     /// Starts the watches: Services, EndpointSlices, and the pods of `node` (selected by
     /// `spec.nodeName` on the server, so a node sees only its own). `changed` is notified after
-    /// every change to a store (and once a relist completes).
+    /// every change (and once a list completes).
     pub fn start(client: Client, node: Option<&str>, changed: Arc<Notify>, metrics: Arc<Metrics>) -> Self {
-        let (services, w1) = reflector::store();
-        let (slices, w2) = reflector::store();
         let cfg = watcher::Config::default().any_semantic();
         let kept = client.clone();
+        let (services, slices) = (Arc::new(Watched::default()), Arc::new(Watched::default()));
         let svc_stream =
-            watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone()).modify(strip_meta).reflect(w1);
-        let slice_stream = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone())
-            .modify(strip_meta)
-            .reflect(w2);
+            watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone()).modify(strip_meta);
+        let slice_stream =
+            watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone()).modify(strip_meta);
         let mut tasks = vec![
-            tokio::spawn(drive("services", svc_stream, changed.clone(), metrics.clone())),
-            tokio::spawn(drive("endpointslices", slice_stream, changed.clone(), metrics.clone())),
+            tokio::spawn(drive("services", svc_stream, services.clone(), changed.clone(), metrics.clone())),
+            tokio::spawn(drive(
+                "endpointslices",
+                slice_stream,
+                slices.clone(),
+                changed.clone(),
+                metrics.clone(),
+            )),
         ];
         let pods = node.map(|node| {
-            let (pods, w3) = reflector::store();
+            let pods = Arc::new(Watched::default());
             let cfg = cfg.fields(&format!("spec.nodeName={node}"));
             // Only what hostPorts need is kept of each pod.
-            let stream = watcher::watcher(Api::<Pod>::all(client), cfg).modify(strip_pod).reflect(w3);
-            tasks.push(tokio::spawn(drive("pods", stream, changed, metrics)));
+            let stream = watcher::watcher(Api::<Pod>::all(client), cfg).modify(strip_pod);
+            tasks.push(tokio::spawn(drive("pods", stream, pods.clone(), changed, metrics)));
             pods
         });
         Self { services, slices, pods, client: kept, tasks }
     }
 
-    /// Waits until every store holds a complete first list.
+    /// Waits until every watch has a complete first list.
     pub async fn wait_ready(&self) {
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.slices.wait_until_ready().await;
+        self.services.wait_ready().await;
+        self.slices.wait_ready().await;
         if let Some(p) = &self.pods {
-            let _ = p.wait_until_ready().await;
+            p.wait_ready().await;
         }
     }
 }
@@ -244,13 +276,20 @@ impl Retry {
     }
 }
 
-async fn drive<K, S>(resource: &'static str, stream: S, changed: Arc<Notify>, metrics: Arc<Metrics>)
-where
-    K: Resource + Clone,
+async fn drive<K, S>(
+    resource: &'static str,
+    stream: S,
+    watched: Arc<Watched<K>>,
+    changed: Arc<Notify>,
+    metrics: Arc<Metrics>,
+) where
+    K: Resource,
     S: Stream<Item = Result<Event<K>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
     let mut listed = false;
+    // A list in progress: handed over whole once complete.
+    let mut listing: Vec<Arc<K>> = Vec::new();
     let mut retry = Retry::default();
     let mut failing_since: Option<Instant> = None;
     let mut last_warned = Instant::now();
@@ -267,25 +306,37 @@ where
             retry.reset();
         }
         match ev {
-            Ok(Event::Apply(_) | Event::Delete(_)) => {
+            Ok(Event::Apply(obj)) => {
+                let key = ns_name(obj.meta());
+                watched.with(|d| d.changes.insert(key, Some(Arc::new(obj))));
                 metrics.changed();
                 changed.notify_one();
             }
+            Ok(Event::Delete(obj)) => {
+                let key = ns_name(obj.meta());
+                watched.with(|d| d.changes.insert(key, None));
+                metrics.changed();
+                changed.notify_one();
+            }
+            Ok(Event::Init) => listing.clear(),
+            Ok(Event::InitApply(obj)) => listing.push(Arc::new(obj)),
             Ok(Event::InitDone) => {
                 if listed {
-                    info!(resource, "relisted");
+                    info!(resource, objects = listing.len(), "relisted");
                 } else {
-                    debug!(resource, "listed");
+                    debug!(resource, objects = listing.len(), "listed");
                 }
                 listed = true;
+                // The list holds everything: the changes seen before it are in it.
+                let list = std::mem::take(&mut listing);
+                watched.with(|d| *d = Delta::listed(list));
+                watched.ready.send_replace(true);
                 metrics.changed();
                 changed.notify_one();
             }
-            // A list in progress: the store changes at InitDone, all at once.
-            Ok(Event::Init | Event::InitApply(_)) => {}
             Err(e) => {
                 // The watcher takes up where it was (or lists again, after 410) when polled
-                // again; the store keeps its content meanwhile.
+                // again; the model keeps what it holds meanwhile.
                 metrics.watch_error(resource);
                 let kind = ErrorKind::of(&e);
                 let wait = retry.next(kind);

@@ -1,0 +1,969 @@
+//! The model kept up to date by events: a changed Service or EndpointSlice costs the work of
+//! its own Service (and of the few Services that compete with it for a frontend or a node
+//! port), not a pass over the cluster.
+//!
+//! It gives what [`super::build`] and [`super::add_host_ports`] give from the same objects (the
+//! level-triggered builder is its test oracle): the same ports and the same rejections. Two
+//! Services that claim one frontend or node port are resolved as the builder resolves them, in
+//! (namespace, name) order, the first one keeping it: the claims on each frontend and node port
+//! are indexed, and a change of what one Service holds is carried to the later Services that
+//! claim the same, in that order, until nothing changes.
+//!
+//! Out comes the difference: the service ports added, changed or removed since the last
+//! update, for [`crate::reconcile::Reconciler::apply_changes`].
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+
+use super::{
+    DesiredPort, Family, Frontend, ModelConfig, PortRef, Proto, Rejection, ServiceModel, SliceResult,
+    TO_ALLOCATE, index_endpoints, model_service, ns_name, parse_slice, retain_frontends, strip_node_port,
+};
+use crate::{HashMap, HashSet};
+
+/// (namespace, name) of an object.
+pub type Key = (String, String);
+
+/// One object's change: its new version, or `None` when it is gone.
+pub type Change<K> = (Key, Option<Arc<K>>);
+
+/// The service ports that changed: `(port, Some(new version))` or `(port, None)` (gone).
+pub type PortChanges = Vec<(PortRef, Option<Arc<DesiredPort>>)>;
+
+struct SliceEntry {
+    obj: Arc<EndpointSlice>,
+    parsed: SliceResult,
+}
+
+impl SliceEntry {
+    fn service(&self) -> Option<&Key> {
+        match &self.parsed {
+            Some(Ok(p)) => Some(&p.service),
+            _ => None,
+        }
+    }
+}
+
+/// What a Service asks for before the conflicts with others are resolved.
+#[derive(Default, PartialEq)]
+struct Wants {
+    frontends: Vec<Frontend>,
+    node_ports: Vec<(u16, Proto)>,
+}
+
+/// What a Service is given: its ports as served (before node ports are allocated) and every
+/// rejection of it or of its parts.
+#[derive(Default, PartialEq)]
+struct Outcome {
+    ports: Vec<Arc<DesiredPort>>,
+    rejected: Vec<Rejection>,
+}
+
+impl Outcome {
+    fn serves(&self, f: &Frontend) -> bool {
+        self.ports.iter().any(|p| p.frontends.contains(f))
+    }
+
+    fn serves_node_port(&self, np: u16, proto: Proto) -> bool {
+        self.ports.iter().any(|p| p.node_port == Some(np) && p.id.proto == proto)
+    }
+
+    fn node_ports(&self) -> impl Iterator<Item = (u16, Proto)> + '_ {
+        self.ports.iter().filter_map(|p| Some((p.node_port.filter(|&np| np != TO_ALLOCATE)?, p.id.proto)))
+    }
+
+    fn waits_for_node_port(&self) -> bool {
+        self.ports.iter().any(|p| p.node_port == Some(TO_ALLOCATE))
+    }
+}
+
+struct ServiceEntry {
+    obj: Option<Arc<Service>>,
+    model: ServiceModel,
+    wants: Wants,
+    outcome: Outcome,
+    /// The ports given to the datapath (node ports allocated).
+    given: Vec<Arc<DesiredPort>>,
+}
+
+/// The incremental model. Feed it with [`Self::update`] (events) or [`Self::replace`] (a whole
+/// list: the first sync, a relist, a re-read directory), read the changes it returns.
+#[derive(Default)]
+pub struct IncrementalModel {
+    cfg: ModelConfig,
+    slices: HashMap<Key, SliceEntry>,
+    /// By Service: the names of the slices that belong to it (sorted: the order they merge in).
+    slices_of: HashMap<Key, BTreeSet<String>>,
+    services: BTreeMap<Key, ServiceEntry>,
+    /// Who claims each frontend and node port (the Services whose ports ask for it).
+    claims: HashMap<Frontend, BTreeSet<Key>>,
+    node_port_claims: HashMap<(u16, Proto), BTreeSet<Key>>,
+    /// Node ports served, by how many ports (for the allocation's "taken").
+    served_node_ports: HashMap<(u16, Proto), u32>,
+    /// Services with a port waiting for a node port (standalone mode).
+    to_allocate: BTreeSet<Key>,
+    /// Give out the node ports again at the next resolve (the configuration changed).
+    reallocate: bool,
+    /// Frontends given to the datapath, by owner ("Service ns/name"), for the hostPorts' check.
+    given_frontends: HashMap<Frontend, Arc<str>>,
+    /// This node's pods, and the hostPort ports and rejections made of them.
+    pods: Vec<Arc<Pod>>,
+    host_ports: Vec<Arc<DesiredPort>>,
+    host_rejected: Vec<Rejection>,
+    /// Rejected slices, by slice.
+    slice_rejected: BTreeMap<Key, Vec<Rejection>>,
+    /// Services with a rejection (whole or of a part).
+    rejected_services: BTreeSet<Key>,
+    /// Services held.
+    service_count: usize,
+    /// Figures: service ports and frontends given to the datapath.
+    port_count: usize,
+    frontend_count: usize,
+}
+
+impl IncrementalModel {
+    pub fn new(cfg: ModelConfig) -> Self {
+        Self { cfg, ..Default::default() }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Service ports and frontends given to the datapath (hostPorts included).
+    pub fn figures(&self) -> (usize, usize) {
+        let host_frontends: usize = self.host_ports.iter().map(|p| p.frontends.len()).sum();
+        (self.port_count + self.host_ports.len(), self.frontend_count + host_frontends)
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.service_count
+    }
+
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// Every rejection that holds now: Services, their parts, slices, pods.
+    pub fn rejected(&self) -> Vec<Rejection> {
+        let slices = self.slice_rejected.values().flatten();
+        let services = self.rejected_services.iter().flat_map(|k| self.services[k].outcome.rejected.iter());
+        slices.chain(services).chain(&self.host_rejected).cloned().collect()
+    }
+
+    /// The object a rejection is about, for events.
+    pub fn object_ref(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<k8s_openapi::api::core::v1::ObjectReference> {
+        use kube::Resource as _;
+        let key = (namespace.to_owned(), name.to_owned());
+        match kind {
+            "Service" => self.services.get(&key)?.obj.as_ref().map(|o| o.object_ref(&())),
+            "EndpointSlice" => self.slices.get(&key).map(|s| s.obj.object_ref(&())),
+            "Pod" => self.pods.iter().find(|p| ns_name(&p.metadata) == key).map(|p| p.object_ref(&())),
+            _ => None,
+        }
+    }
+
+    /// Every port given to the datapath (sorted), as the builder's `Model::ports`.
+    pub fn ports(&self) -> Vec<Arc<DesiredPort>> {
+        let mut all: Vec<Arc<DesiredPort>> = self
+            .services
+            .values()
+            .flat_map(|s| s.given.iter().cloned())
+            .chain(self.host_ports.iter().cloned())
+            .collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// A new configuration (the node's addresses changed): every Service is modelled again.
+    pub fn set_config(&mut self, cfg: ModelConfig) -> PortChanges {
+        if cfg == self.cfg {
+            return Vec::new();
+        }
+        self.cfg = cfg;
+        self.reallocate = true; // node ports given out are answered on the new addresses
+        let dirty: BTreeSet<Key> = self.services.keys().cloned().collect();
+        let mut changes = self.resolve(dirty);
+        changes.extend(self.refresh_host_ports(true));
+        changes
+    }
+
+    /// Takes changed objects: Services, EndpointSlices, and this node's pods when `pods` is
+    /// given (all of them: they are few).
+    pub fn update(
+        &mut self,
+        services: impl IntoIterator<Item = Change<Service>>,
+        slices: impl IntoIterator<Item = Change<EndpointSlice>>,
+        pods: Option<Vec<Arc<Pod>>>,
+    ) -> PortChanges {
+        let mut dirty: BTreeSet<Key> = BTreeSet::new();
+        for (key, obj) in slices {
+            if let Some(old) = self.slices.remove(&key)
+                && let Some(svc) = old.service()
+            {
+                if let Some(names) = self.slices_of.get_mut(svc) {
+                    names.remove(&key.1);
+                    if names.is_empty() {
+                        self.slices_of.remove(svc);
+                    }
+                }
+                dirty.insert(svc.clone());
+            }
+            self.slice_rejected.remove(&key);
+            let Some(obj) = obj else { continue };
+            let parsed = parse_slice(&obj);
+            let rejected: Vec<Rejection> = match &parsed {
+                Some(Ok(p)) => p.partial.clone(),
+                Some(Err(r)) => vec![r.clone()],
+                None => Vec::new(),
+            };
+            if !rejected.is_empty() {
+                self.slice_rejected.insert(key.clone(), rejected);
+            }
+            let entry = SliceEntry { obj, parsed };
+            if let Some(svc) = entry.service() {
+                self.slices_of.entry(svc.clone()).or_default().insert(key.1.clone());
+                dirty.insert(svc.clone());
+            }
+            self.slices.insert(key, entry);
+        }
+        for (key, obj) in services {
+            let had = self.services.get(&key).is_some_and(|e| e.obj.is_some());
+            self.service_count = self.service_count + usize::from(obj.is_some()) - usize::from(had);
+            match self.services.get_mut(&key) {
+                Some(e) => e.obj = obj,
+                None if obj.is_some() => {
+                    self.services.insert(
+                        key.clone(),
+                        ServiceEntry {
+                            obj,
+                            model: ServiceModel::Nothing,
+                            wants: Wants::default(),
+                            outcome: Outcome::default(),
+                            given: Vec::new(),
+                        },
+                    );
+                }
+                None => continue,
+            }
+            dirty.insert(key);
+        }
+        let mut changes = self.resolve(dirty);
+        let pods_changed = pods.is_some();
+        if let Some(pods) = pods {
+            self.pods = pods;
+        }
+        changes.extend(self.refresh_host_ports(pods_changed || !changes.is_empty()));
+        changes
+    }
+
+    /// Takes whole lists (the first sync, a relist, a re-read directory): the objects that
+    /// differ from those held (another version, by identity) are the changes; those no longer
+    /// listed are gone. Costs a pass over the lists, and writes only what changed.
+    pub fn replace(
+        &mut self,
+        services: Option<&[Arc<Service>]>,
+        slices: Option<&[Arc<EndpointSlice>]>,
+        pods: Option<Vec<Arc<Pod>>>,
+    ) -> PortChanges {
+        let mut svc_changes = Vec::new();
+        if let Some(services) = services {
+            let mut listed: HashSet<Key> = HashSet::default();
+            for s in services {
+                let key = ns_name(&s.metadata);
+                let same =
+                    self.services.get(&key).and_then(|e| e.obj.as_ref()).is_some_and(|o| Arc::ptr_eq(o, s));
+                if !same {
+                    svc_changes.push((key.clone(), Some(s.clone())));
+                }
+                listed.insert(key);
+            }
+            for (key, e) in &self.services {
+                if e.obj.is_some() && !listed.contains(key) {
+                    svc_changes.push((key.clone(), None));
+                }
+            }
+        }
+        let mut slice_changes = Vec::new();
+        if let Some(slices) = slices {
+            let mut listed: HashSet<Key> = HashSet::default();
+            for s in slices {
+                let key = ns_name(&s.metadata);
+                if !self.slices.get(&key).is_some_and(|e| Arc::ptr_eq(&e.obj, s)) {
+                    slice_changes.push((key.clone(), Some(s.clone())));
+                }
+                listed.insert(key);
+            }
+            slice_changes
+                .extend(self.slices.keys().filter(|k| !listed.contains(*k)).map(|k| (k.clone(), None)));
+        }
+        let pods = pods.filter(|p| {
+            p.len() != self.pods.len() || p.iter().zip(&self.pods).any(|(a, b)| !Arc::ptr_eq(a, b))
+        });
+        self.update(svc_changes, slice_changes, pods)
+    }
+
+    /// Models the dirty Services again and resolves the claims they touch.
+    fn resolve(&mut self, dirty: BTreeSet<Key>) -> PortChanges {
+        let mut queue: BTreeSet<Key> = BTreeSet::new();
+        let gone: Vec<Key> = dirty
+            .iter()
+            .filter(|k| self.services.get(*k).is_some_and(|e| e.obj.is_none()))
+            .cloned()
+            .collect();
+        for key in dirty {
+            let Some(entry) = self.services.get_mut(&key) else { continue };
+            let model = match &entry.obj {
+                Some(svc) => {
+                    let no_slices = BTreeSet::new();
+                    let names = self.slices_of.get(&key).unwrap_or(&no_slices);
+                    let parsed = names.iter().filter_map(|n| {
+                        match &self.slices.get(&(key.0.clone(), n.clone()))?.parsed {
+                            Some(Ok(p)) => Some(p),
+                            _ => None,
+                        }
+                    });
+                    model_service(svc, &key.0, &key.1, &index_endpoints(parsed), &self.cfg)
+                }
+                None => ServiceModel::Nothing,
+            };
+            // The claims index follows what the Service asks for. The others are not touched by
+            // that alone: what a Service holds depends on what the earlier ones hold, and a
+            // change of that is carried below.
+            let wants = wants_of(&model);
+            entry.model = model;
+            if entry.wants != wants {
+                let old = std::mem::replace(&mut entry.wants, wants);
+                for f in &old.frontends {
+                    if let Some(c) = self.claims.get_mut(f) {
+                        c.remove(&key);
+                        if c.is_empty() {
+                            self.claims.remove(f);
+                        }
+                    }
+                }
+                for np in &old.node_ports {
+                    if let Some(c) = self.node_port_claims.get_mut(np) {
+                        c.remove(&key);
+                        if c.is_empty() {
+                            self.node_port_claims.remove(np);
+                        }
+                    }
+                }
+                let entry = &self.services[&key];
+                for f in &entry.wants.frontends {
+                    self.claims.entry(*f).or_default().insert(key.clone());
+                }
+                for np in &entry.wants.node_ports {
+                    self.node_port_claims.entry(*np).or_default().insert(key.clone());
+                }
+            }
+            queue.insert(key);
+        }
+
+        // In (namespace, name) order: a Service's outcome depends on the earlier ones alone.
+        let mut changed: BTreeSet<Key> = BTreeSet::new();
+        // Whether the node ports given out may change: the node ports served, or the ports
+        // waiting for one, changed.
+        let mut allocation_moved = false;
+        while let Some(key) = queue.pop_first() {
+            let Some(entry) = self.services.get(&key) else { continue };
+            let outcome = self.outcome(&key, &entry.model);
+            let entry = &self.services[&key];
+            if entry.outcome == outcome {
+                continue;
+            }
+            // The later Services that claim what this one held or holds now.
+            let mut touched: Vec<&Key> = Vec::new();
+            for o in [&entry.outcome, &outcome] {
+                for p in &o.ports {
+                    for f in &p.frontends {
+                        touched.extend(self.claims.get(f).into_iter().flatten());
+                    }
+                }
+                for np in o.node_ports() {
+                    touched.extend(self.node_port_claims.get(&np).into_iter().flatten());
+                }
+            }
+            let later: Vec<Key> = touched.into_iter().filter(|k| **k > key).cloned().collect();
+            queue.extend(later);
+            let old_nps: Vec<(u16, Proto)> = entry.outcome.node_ports().collect();
+            let new_nps: Vec<(u16, Proto)> = outcome.node_ports().collect();
+            if old_nps != new_nps {
+                allocation_moved = true;
+                for np in old_nps {
+                    if let Some(n) = self.served_node_ports.get_mut(&np) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.served_node_ports.remove(&np);
+                        }
+                    }
+                }
+                for np in new_nps {
+                    *self.served_node_ports.entry(np).or_default() += 1;
+                }
+            }
+            if outcome.waits_for_node_port() || entry.outcome.waits_for_node_port() {
+                allocation_moved = true;
+            }
+            if outcome.waits_for_node_port() {
+                self.to_allocate.insert(key.clone());
+            } else {
+                self.to_allocate.remove(&key);
+            }
+            if outcome.rejected.is_empty() {
+                self.rejected_services.remove(&key);
+            } else {
+                self.rejected_services.insert(key.clone());
+            }
+            if let Some(e) = self.services.get_mut(&key) {
+                e.outcome = outcome;
+            }
+            changed.insert(key);
+        }
+
+        // Node ports to give out (standalone mode): all the waiting ports again when what is
+        // taken or who waits changed (they are few; the builder gives them out in order).
+        let mut given: BTreeMap<Key, Vec<Arc<DesiredPort>>> = BTreeMap::new();
+        if (std::mem::take(&mut self.reallocate) || allocation_moved) && !self.to_allocate.is_empty() {
+            given = self.allocate();
+        }
+        for key in changed.iter().filter(|k| !self.to_allocate.contains(*k)) {
+            given.insert(key.clone(), self.services[key].outcome.ports.clone());
+        }
+
+        // The difference given to the datapath.
+        let mut out = PortChanges::new();
+        for (key, ports) in given {
+            let Some(entry) = self.services.get_mut(&key) else { continue };
+            if entry.given == ports {
+                continue;
+            }
+            let old = std::mem::replace(&mut entry.given, ports);
+            let owner: Arc<str> = Arc::from(format!("Service {}/{}", key.0, key.1));
+            for p in &old {
+                self.port_count -= 1;
+                self.frontend_count -= p.frontends.len();
+                for f in &p.frontends {
+                    // Unless it went to a Service handled before this one.
+                    if self.given_frontends.get(f) == Some(&owner) {
+                        self.given_frontends.remove(f);
+                    }
+                }
+                if !entry.given.iter().any(|n| n.id == p.id) {
+                    out.push((p.id.clone(), None));
+                }
+            }
+            for p in &entry.given {
+                self.port_count += 1;
+                self.frontend_count += p.frontends.len();
+                for f in &p.frontends {
+                    self.given_frontends.insert(*f, owner.clone());
+                }
+                if !old.iter().any(|o| o == p) {
+                    out.push((p.id.clone(), Some(p.clone())));
+                }
+            }
+        }
+        // Services deleted: nothing of them is left (no claim, no port, no rejection).
+        for key in gone {
+            if self.services.get(&key).is_some_and(|e| e.obj.is_none()) {
+                self.services.remove(&key);
+            }
+        }
+        out
+    }
+
+    /// What `key` is given, from its model and the earlier Services' outcomes (the builder's
+    /// rules, in its order).
+    fn outcome(&self, key: &Key, model: &ServiceModel) -> Outcome {
+        let (namespace, name) = key;
+        let mut out = Outcome::default();
+        let ports = match model {
+            ServiceModel::Nothing => return out,
+            ServiceModel::Rejected(reason) => {
+                out.rejected.push(Rejection::whole(
+                    "Service",
+                    namespace.clone(),
+                    name.clone(),
+                    reason.clone(),
+                ));
+                return out;
+            }
+            ServiceModel::Ports(ports, partial) => {
+                out.rejected.extend(partial.iter().map(|(p, why)| part(key, p, why.clone())));
+                ports
+            }
+        };
+        // The earlier Service that serves `f`, if any.
+        let holder = |f: &Frontend| -> Option<&Key> {
+            self.claims
+                .get(f)?
+                .range(..key.clone())
+                .find(|k| self.services.get(*k).is_some_and(|e| e.outcome.serves(f)))
+        };
+        let np_holder = |np: u16, proto: Proto| -> Option<&Key> {
+            self.node_port_claims
+                .get(&(np, proto))?
+                .range(..key.clone())
+                .find(|k| self.services.get(*k).is_some_and(|e| e.outcome.serves_node_port(np, proto)))
+        };
+        let owner = |k: &Key| format!("Service {}/{}", k.0, k.1);
+        // A clusterIP:port another Service serves rejects this one whole.
+        let clash = ports.iter().find_map(|p| {
+            p.frontends.iter().zip(&p.frontend_kinds).find_map(|(f, k)| {
+                let o = holder(f)?;
+                (k & lb_common::SVC_F_CLUSTER_IP != 0)
+                    .then(|| format!("frontend {f} is already used by {}", owner(o)))
+            })
+        });
+        if let Some(reason) = clash {
+            out.rejected.push(Rejection::whole("Service", namespace.clone(), name.clone(), reason));
+            return out;
+        }
+        for p in ports {
+            let mut p = p.clone();
+            if let Some(np) = p.node_port.filter(|&np| np != TO_ALLOCATE)
+                && let Some(o) = np_holder(np, p.id.proto)
+            {
+                let why = format!("nodePort {np}/{} is already used by {}", p.id.proto, owner(o));
+                out.rejected.push(part(key, "nodePort", why));
+                strip_node_port(Arc::make_mut(&mut p));
+            }
+            let taken: Vec<(Frontend, u16, &Key)> = p
+                .frontends
+                .iter()
+                .zip(&p.frontend_kinds)
+                .filter_map(|(f, k)| Some((*f, *k, holder(f)?)))
+                .collect();
+            for (f, k, o) in &taken {
+                let what = if k & lb_common::SVC_F_NODE_PORT != 0 {
+                    "nodePort"
+                } else if k & lb_common::SVC_F_LB_INGRESS != 0 {
+                    "loadBalancerIngress"
+                } else {
+                    "externalIP"
+                };
+                out.rejected.push(part(key, what, format!("frontend {f} is already used by {}", owner(o))));
+            }
+            if !taken.is_empty() {
+                retain_frontends(Arc::make_mut(&mut p), |f, k| {
+                    (!taken.iter().any(|(t, _, _)| t == f)).then_some(k)
+                });
+            }
+            out.ports.push(p);
+        }
+        out
+    }
+
+    /// Gives out node ports to the ports waiting for one, as the builder does: in (namespace,
+    /// name) order, from a hash of the port's name, the first one not taken.
+    fn allocate(&self) -> BTreeMap<Key, Vec<Arc<DesiredPort>>> {
+        let cfg = &self.cfg;
+        let (lo, hi) = (u32::from(*cfg.node_port_range.start()), u32::from(*cfg.node_port_range.end()));
+        let size = hi - lo + 1;
+        let mut taken: HashSet<(u16, Proto)> = self.served_node_ports.keys().copied().collect();
+        let mut given_names: HashMap<String, Option<u16>> = HashMap::default();
+        let mut out = BTreeMap::new();
+        for key in &self.to_allocate {
+            let mut ports = self.services[key].outcome.ports.clone();
+            for p in ports.iter_mut().filter(|p| p.node_port == Some(TO_ALLOCATE)) {
+                let name = format!("{}/{}/{}/{}", p.id.namespace, p.id.name, p.id.port_name, p.id.proto);
+                let free = *given_names.entry(name).or_insert_with_key(|name| {
+                    let start = (crate::reconcile::maglev::fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325)
+                        % u64::from(size)) as u32;
+                    let free = (0..size)
+                        .map(|i| (lo + (start + i) % size) as u16)
+                        .find(|np| !taken.contains(&(*np, p.id.proto)));
+                    if let Some(np) = free {
+                        taken.insert((np, p.id.proto));
+                    }
+                    free
+                });
+                let port = Arc::make_mut(p);
+                match free {
+                    Some(np) => {
+                        port.node_port = Some(np);
+                        port.shown.node_port_assigned = true;
+                        for &addr in cfg.node_addrs.iter().filter(|a| Family::of(a) == port.id.family) {
+                            port.frontends.push(Frontend { addr, port: np, proto: port.id.proto });
+                            port.frontend_kinds.push(lb_common::SVC_F_NODE_PORT | lb_common::SVC_F_LOCAL);
+                        }
+                    }
+                    None => port.node_port = None,
+                }
+            }
+            out.insert(key.clone(), ports);
+        }
+        out
+    }
+
+    /// Makes the hostPort ports again (this node's pods are few) when the pods or the Services'
+    /// frontends changed; returns their difference.
+    fn refresh_host_ports(&mut self, changed: bool) -> PortChanges {
+        if !changed || (self.pods.is_empty() && self.host_ports.is_empty() && self.host_rejected.is_empty()) {
+            return Vec::new();
+        }
+        let mut model = super::Model::default();
+        let given = &self.given_frontends;
+        super::add_host_ports_checked(&mut model, &self.pods, &self.cfg, |f| {
+            given.get(f).map(|o| o.to_string())
+        });
+        let mut out = PortChanges::new();
+        for p in &self.host_ports {
+            if !model.ports.iter().any(|n| n.id == p.id) {
+                out.push((p.id.clone(), None));
+            }
+        }
+        for p in &model.ports {
+            if !self.host_ports.iter().any(|o| o == p) {
+                out.push((p.id.clone(), Some(p.clone())));
+            }
+        }
+        self.host_ports = model.ports;
+        self.host_rejected = model.rejected;
+        out
+    }
+}
+
+/// A partial rejection of Service `key`.
+fn part(key: &Key, part: &'static str, reason: String) -> Rejection {
+    Rejection { part: Some(part), ..Rejection::whole("Service", key.0.clone(), key.1.clone(), reason) }
+}
+
+fn wants_of(model: &ServiceModel) -> Wants {
+    let mut w = Wants::default();
+    if let ServiceModel::Ports(ports, _) = model {
+        for p in ports {
+            w.frontends.extend(p.frontends.iter().copied());
+            if let Some(np) = p.node_port.filter(|&np| np != TO_ALLOCATE) {
+                w.node_ports.push((np, p.id.proto));
+            }
+        }
+    }
+    w.frontends.sort();
+    w.frontends.dedup();
+    w.node_ports.sort();
+    w.node_ports.dedup();
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        datapath::MemDatapath,
+        model::{add_host_ports, build},
+        reconcile::Reconciler,
+    };
+    use serde_json::json;
+
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+        fn pick<'a, T>(&mut self, of: &'a [T]) -> &'a T {
+            &of[self.below(of.len() as u64) as usize]
+        }
+        fn chance(&mut self, one_in: u64) -> bool {
+            self.below(one_in) == 0
+        }
+    }
+
+    const NAMES: [(&str, &str); 6] =
+        [("a", "web"), ("a", "db"), ("a", "dns"), ("b", "web"), ("b", "api"), ("c", "x")];
+
+    /// A random Service: few clusterIPs, externalIPs, ingress IPs and node ports to share, so
+    /// that Services compete for them; every type, both families, named and numbered target
+    /// ports, the traffic policies, affinity, source ranges, and now and then something invalid.
+    fn service(rng: &mut Rng, ns: &str, name: &str) -> Arc<Service> {
+        let ty = *rng.pick(&["ClusterIP", "ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]);
+        let dual = rng.chance(3);
+        let v4 = format!("198.18.0.{}", 1 + rng.below(6));
+        let v6 = format!("2001:db8::{}", 1 + rng.below(4));
+        let (ips, families) = match (dual, rng.chance(6)) {
+            (_, true) => (vec!["None".to_string()], vec!["IPv4"]), // headless
+            (true, _) => (vec![v4, v6], vec!["IPv4", "IPv6"]),
+            (false, _) if rng.chance(5) => (vec![v6], vec!["IPv6"]),
+            _ => (vec![v4], vec!["IPv4"]),
+        };
+        let mut ports = Vec::new();
+        for i in 0..1 + rng.below(2) {
+            let mut p = json!({
+                "name": if i == 0 && rng.chance(2) { "" } else { *rng.pick(&["http", "dns", "metrics"]) },
+                "port": *rng.pick(&[80, 53, 8080]),
+                "protocol": *rng.pick(&["TCP", "TCP", "UDP"]),
+                "targetPort": if rng.chance(2) { json!(*rng.pick(&[8080, 9090])) } else { json!(*rng.pick(&["web", "metrics"])) },
+            });
+            if ty == "NodePort" || ty == "LoadBalancer" {
+                match rng.below(5) {
+                    0 => {}                            // none: assigned, or rejected
+                    1 => p["nodePort"] = json!(29999), // out of range
+                    _ => p["nodePort"] = json!(30001 + rng.below(3)),
+                }
+            }
+            ports.push(p);
+        }
+        let mut spec = json!({
+            "type": ty,
+            "clusterIP": ips[0],
+            "clusterIPs": ips,
+            "ipFamilies": families,
+            "ports": ports,
+            "selector": {"app": name},
+        });
+        if ty == "ExternalName" {
+            spec["externalName"] = json!("db.example.com");
+        }
+        if rng.chance(3) {
+            let all = ["198.18.5.1", "198.18.5.2", "198.18.9.1", "2001:db8:5::1", "not-an-ip"];
+            spec["externalIPs"] = json!([rng.pick(&all), rng.pick(&all)]);
+        }
+        if rng.chance(3) {
+            spec["externalTrafficPolicy"] = json!("Local");
+        }
+        if rng.chance(4) {
+            spec["internalTrafficPolicy"] = json!("Local");
+        }
+        if rng.chance(4) {
+            spec["sessionAffinity"] = json!("ClientIP");
+        }
+        if ty == "LoadBalancer" && rng.chance(2) {
+            spec["loadBalancerSourceRanges"] = json!([*rng.pick(&["198.18.7.0/24", "10.0.0.0/8", "bad"])]);
+        }
+        let mut svc = json!({"metadata": {"name": name, "namespace": ns}, "spec": spec});
+        if ty == "LoadBalancer" && rng.chance(2) {
+            svc["status"] =
+                json!({"loadBalancer": {"ingress": [{"ip": *rng.pick(&["198.18.6.1", "198.18.6.2"])}]}});
+        }
+        Arc::new(serde_json::from_value(svc).unwrap())
+    }
+
+    /// A random EndpointSlice of Service `svc` (or of none): a few endpoints from a small pool
+    /// (their node is a function of the address, as a pod's is), every readiness state.
+    fn slice(rng: &mut Rng, ns: &str, name: &str, svc: Option<&str>) -> Arc<EndpointSlice> {
+        let v6 = rng.chance(4);
+        let mut endpoints = Vec::new();
+        for _ in 0..rng.below(4) {
+            let n = 1 + rng.below(6);
+            let addr = match (v6, rng.chance(12)) {
+                (_, true) => "127.0.0.1".to_string(),
+                (true, _) => format!("2001:db8:1::{n}"),
+                (false, _) => format!("198.18.1.{n}"),
+            };
+            let (ready, serving, terminating) = *rng.pick(&[
+                (true, true, false),
+                (true, true, false),
+                (false, true, true),
+                (false, false, true),
+                (false, false, false),
+            ]);
+            endpoints.push(json!({
+                "addresses": [addr],
+                "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                "nodeName": if n % 2 == 1 { "node-a" } else { "node-b" },
+            }));
+        }
+        let ports: Vec<_> = (0..1 + rng.below(2))
+            .map(|_| {
+                json!({
+                    "name": *rng.pick(&["", "http", "dns", "metrics"]),
+                    "port": *rng.pick(&[8080, 9090, 5353]),
+                    "protocol": *rng.pick(&["TCP", "TCP", "UDP"]),
+                })
+            })
+            .collect();
+        let mut meta = json!({"name": name, "namespace": ns});
+        if let Some(svc) = svc {
+            meta["labels"] = json!({"kubernetes.io/service-name": svc});
+        }
+        let s = json!({
+            "metadata": meta,
+            "addressType": if v6 { "IPv6" } else { "IPv4" },
+            "endpoints": endpoints,
+            "ports": ports,
+        });
+        Arc::new(serde_json::from_value(s).unwrap())
+    }
+
+    /// A pod of node-a (or not) with hostPorts that may clash with node ports or each other.
+    fn pod(rng: &mut Rng, name: &str) -> Arc<Pod> {
+        let p = json!({
+            "metadata": {"name": name, "namespace": "a"},
+            "spec": {
+                "nodeName": if rng.chance(4) { "node-b" } else { "node-a" },
+                "containers": [{"name": "c", "ports": [
+                    {"containerPort": 80, "hostPort": *rng.pick(&[30001, 8080, 9000]), "protocol": "TCP"},
+                ]}],
+            },
+            "status": {"podIP": format!("198.18.1.{}", 1 + rng.below(6))},
+        });
+        Arc::new(serde_json::from_value(p).unwrap())
+    }
+
+    fn config(rng: &mut Rng, allocate: bool) -> ModelConfig {
+        let mut node_addrs: Vec<std::net::IpAddr> = vec!["198.18.9.1".parse().unwrap()];
+        if rng.chance(2) {
+            node_addrs.push("2001:db8:9::1".parse().unwrap());
+        }
+        if rng.chance(3) {
+            node_addrs.push("198.18.9.2".parse().unwrap());
+        }
+        ModelConfig {
+            node_addrs,
+            node_name: Some("node-a".into()),
+            allocate_node_ports: allocate,
+            node_port_range: 30000..=30005,
+            ..ModelConfig::default()
+        }
+    }
+
+    fn sorted_rejections(mut r: Vec<Rejection>) -> Vec<String> {
+        let mut out: Vec<String> = r.drain(..).map(|r| format!("{r:?}")).collect();
+        out.sort();
+        out
+    }
+
+    /// The differential test of issue 20: random events (adds, updates, deletes, readiness
+    /// flips, slices moving between Services, relists, restarts, node address changes,
+    /// dual-stack, named ports, policies, affinity, source ranges, hostPorts, and conflicts over
+    /// clusterIPs, externalIPs, ingress IPs and node ports) go to the incremental model and,
+    /// after every step, the level-triggered builder makes the same ports and rejections from
+    /// all the objects; the changes it hands out, applied one by one to a reconciler, leave the
+    /// maps as a full apply of the builder's ports leaves fresh ones.
+    #[test]
+    fn random_events_give_what_the_level_triggered_builder_gives() {
+        let mut steps = 0;
+        for seed in 1..=12u64 {
+            let allocate = seed % 2 == 0;
+            let mut rng = Rng(seed);
+            let mut cfg = config(&mut rng, allocate);
+            let mut services: BTreeMap<Key, Arc<Service>> = BTreeMap::new();
+            let mut slices: BTreeMap<Key, Arc<EndpointSlice>> = BTreeMap::new();
+            let mut pods: Vec<Arc<Pod>> = Vec::new();
+            let mut model = IncrementalModel::new(cfg.clone());
+            let mut rec = Reconciler::new(MemDatapath::default()).unwrap();
+            rec.set_filter_grace(std::time::Duration::ZERO);
+            let mut applied: BTreeMap<PortRef, Arc<DesiredPort>> = BTreeMap::new();
+            for step in 0..300 {
+                let what = rng.below(20);
+                let changes = match what {
+                    0..=6 => {
+                        let (ns, name) = *rng.pick(&NAMES);
+                        let key = (ns.to_string(), name.to_string());
+                        let obj = if rng.chance(5) { None } else { Some(service(&mut rng, ns, name)) };
+                        match &obj {
+                            Some(o) => services.insert(key.clone(), o.clone()),
+                            None => services.remove(&key),
+                        };
+                        model.update([(key, obj)], [], None)
+                    }
+                    7..=14 => {
+                        let (ns, svc) = *rng.pick(&NAMES);
+                        let name = format!("{svc}-{}", rng.pick(&["x", "y"]));
+                        // Now and then a slice moves to another Service, or belongs to none.
+                        let owner = match rng.below(8) {
+                            0 => None,
+                            1 => Some(rng.pick(&NAMES).1),
+                            _ => Some(svc),
+                        };
+                        let key = (ns.to_string(), name.clone());
+                        let obj = if rng.chance(5) { None } else { Some(slice(&mut rng, ns, &name, owner)) };
+                        match &obj {
+                            Some(o) => slices.insert(key.clone(), o.clone()),
+                            None => slices.remove(&key),
+                        };
+                        model.update([], [(key, obj)], None)
+                    }
+                    15 | 16 => {
+                        pods = (0..rng.below(3)).map(|i| pod(&mut rng, &format!("p{i}"))).collect();
+                        model.update([], [], Some(pods.clone()))
+                    }
+                    17 => {
+                        // A relist: the same objects, some as new copies (a new version with
+                        // the same content), none changed.
+                        let svcs: Vec<Arc<Service>> = services
+                            .values()
+                            .map(|s| if rng.chance(2) { Arc::new((**s).clone()) } else { s.clone() })
+                            .collect();
+                        let sls: Vec<Arc<EndpointSlice>> = slices.values().cloned().collect();
+                        let c = model.replace(Some(&svcs), Some(&sls), Some(pods.clone()));
+                        assert!(
+                            c.is_empty(),
+                            "seed {seed} step {step}: a relist with nothing changed changed {c:?}"
+                        );
+                        c
+                    }
+                    18 => {
+                        cfg = config(&mut rng, allocate);
+                        model.set_config(cfg.clone())
+                    }
+                    _ => {
+                        // A restart: a new model from the lists, a reconciler on the same maps.
+                        model = IncrementalModel::new(cfg.clone());
+                        let svcs: Vec<_> = services.values().cloned().collect();
+                        let sls: Vec<_> = slices.values().cloned().collect();
+                        let c = model.replace(Some(&svcs), Some(&sls), Some(pods.clone()));
+                        rec = Reconciler::new(rec.datapath().clone()).unwrap();
+                        rec.set_filter_grace(std::time::Duration::ZERO);
+                        let all = model.ports();
+                        assert_eq!(
+                            c.iter().map(|(id, _)| id.clone()).collect::<BTreeSet<_>>(),
+                            all.iter().map(|p| p.id.clone()).collect::<BTreeSet<_>>(),
+                            "seed {seed} step {step}: a new model hands out every port"
+                        );
+                        applied.clear();
+                        c
+                    }
+                };
+                steps += 1;
+                // The oracle.
+                let mut want = build(services.values().map(|s| &**s), slices.values().map(|s| &**s), &cfg);
+                add_host_ports(&mut want, &pods, &cfg);
+                let got = model.ports();
+                let ctx = format!("seed {seed} step {step} (event {what})");
+                let (g, w): (Vec<&DesiredPort>, Vec<&DesiredPort>) =
+                    (got.iter().map(|p| &**p).collect(), want.ports.iter().map(|p| &**p).collect());
+                assert!(
+                    g == w,
+                    "{ctx}: ports: only incremental {:#?}\nonly builder {:#?}",
+                    g.iter().filter(|p| !w.contains(p)).collect::<Vec<_>>(),
+                    w.iter().filter(|p| !g.contains(p)).collect::<Vec<_>>()
+                );
+                assert_eq!(
+                    sorted_rejections(model.rejected()),
+                    sorted_rejections(want.rejected.clone()),
+                    "{ctx}: rejections"
+                );
+                // The changes handed out are the difference.
+                for (id, p) in &changes {
+                    match p {
+                        Some(p) => applied.insert(id.clone(), p.clone()),
+                        None => applied.remove(id),
+                    };
+                }
+                assert_eq!(applied.values().cloned().collect::<Vec<_>>(), got, "{ctx}: the changes");
+                // And through the reconciler, to the maps.
+                rec.apply_changes(changes).unwrap();
+                let mut fresh = Reconciler::new(MemDatapath::default()).unwrap();
+                fresh.set_filter_grace(std::time::Duration::ZERO);
+                fresh.apply(&want.ports).unwrap();
+                assert!(rec.datapath().contents() == fresh.datapath().contents(), "{ctx}: maps");
+            }
+        }
+        assert_eq!(steps, 3600);
+    }
+}
