@@ -314,12 +314,18 @@ fn main() -> anyhow::Result<()> {
             }
             .to_string(),
         )
-        .env("XLB_LOG", "info");
+        .env("XLB_LOG", "info")
+        .env_remove("XLB_BENCH_AGENT_LOG")
+        .env_remove("XLB_PERF_AGENT");
     let started = Instant::now();
     let mut agent = Proc::spawn("xlb agent", &mut cmd, Some(&log))?;
     agent.wait_for_log(" ready pin_dir=", Duration::from_secs(300)).with_context(|| agent.log_text())?;
     let cold = started.elapsed();
     let text = agent.log_text();
+    // With XLB_BENCH_AGENT_LOG=FILE: the agent's log up to ready, to see where the time went.
+    if let Some(f) = std::env::var_os("XLB_BENCH_AGENT_LOG") {
+        std::fs::write(&f, &text).with_context(|| format!("writing {}", PathBuf::from(&f).display()))?;
+    }
     let first_sync = text.lines().find(|l| l.contains("synced")).unwrap_or("");
     let field = |name: &str| -> u64 {
         first_sync
@@ -436,8 +442,8 @@ fn main() -> anyhow::Result<()> {
         v
     };
     let (sync_ms, model_ms) = (log_ms("elapsed_us="), log_ms("model_us="));
-    // Services modelled again per sync (the rest came from the model cache), as logged.
-    let rebuilt_max = log_ms("rebuilt=").last().map_or(0.0, |v| v * 1e3);
+    // Service ports that changed per sync, as logged.
+    let changed_max = log_ms("changed_ports=").last().map_or(0.0, |v| v * 1e3);
     let rss = status_kib(agent.pid(), "VmRSS:");
     let hwm = status_kib(agent.pid(), "VmHWM:");
     // A burst: one new endpoint in each of the first `burst` Services' slices, all at once.
@@ -508,7 +514,7 @@ fn main() -> anyhow::Result<()> {
     }
     if !model_ms.is_empty() {
         println!(
-            "    of which the model:        p50 {:.2} ms, at most {rebuilt_max} Service(s) modelled again per sync (the rest is the reconciler's diff and writes)",
+            "    of which the model:        p50 {:.2} ms, at most {changed_max} service port(s) changed per sync (the rest is the reconciler's writes)",
             model_ms[model_ms.len() / 2]
         );
     }

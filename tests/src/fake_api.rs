@@ -262,10 +262,12 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
     loop {
         let (events, now_rv, ended) = {
             let st = api.state.lock().unwrap();
-            let evs: Vec<Value> = st
-                .events
+            // The history is in version order: start after the last version sent, as
+            // kube-apiserver's watch cache does, not at the beginning.
+            let start = st.events.partition_point(|(rv, ..)| *rv <= sent_up_to);
+            let evs: Vec<Value> = st.events[start..]
                 .iter()
-                .filter(|(rv, k, _, obj)| *k == kind && *rv > sent_up_to && selected(obj))
+                .filter(|(_, k, _, obj)| *k == kind && selected(obj))
                 .map(|(_, _, ty, obj)| json!({"type": ty, "object": obj}))
                 .collect();
             (evs, st.rv, st.generation != generation)

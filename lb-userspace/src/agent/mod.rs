@@ -208,6 +208,14 @@ pub struct Update {
     pub doc_errors: Option<Vec<DocError>>,
 }
 
+impl Update {
+    /// No list, and a few changed objects.
+    fn is_small(&self) -> bool {
+        let lists = self.services.list.is_some() || self.slices.list.is_some() || self.pods.list.is_some();
+        !lists && self.services.changes.len() + self.slices.changes.len() + self.pods.changes.len() <= 16
+    }
+}
+
 impl From<&Snapshot> for Update {
     fn from(s: &Snapshot) -> Self {
         Update {
@@ -557,9 +565,14 @@ fn fingerprint(dir: &Path) -> Fingerprint {
         .collect()
 }
 
-/// One update taken and synced; the sync's CPU work runs off the async workers.
+/// One update taken and synced. A large one (a list, many changes) runs off the async workers;
+/// a small one (a few objects: well under a millisecond) runs in place, as handing the worker's
+/// other tasks to another thread would cost more than it.
 fn sync_once<D: Datapath>(source: &Source, syncer: &mut Syncer<D>) -> anyhow::Result<ApplyStats> {
     let update = source.take_update()?;
+    if update.is_small() {
+        return syncer.sync_update(update);
+    }
     tokio::task::block_in_place(|| syncer.sync_update(update))
 }
 

@@ -165,6 +165,64 @@ pub struct BpfMaps {
     /// New flows per IPv6 backend; `None` as for `ipv6`.
     pub flows6: Option<Array<MapData, u64>>,
     capacity: Capacity,
+    /// The filter's words, mapped at its first write and kept mapped: mapping the array again
+    /// at each write costs more than the write (the kernel inserts every page of it).
+    filter_area: Option<MappedWords>,
+}
+
+/// A shared mapping of a BPF array of u64 words (`BPF_F_MMAPABLE`), unmapped on drop.
+struct MappedWords {
+    ptr: *mut u64,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone and written through `&mut self` only.
+unsafe impl Send for MappedWords {}
+// SAFETY: as above; `&self` gives no access to the words.
+unsafe impl Sync for MappedWords {}
+
+impl MappedWords {
+    fn new(map: &MapData, elements: usize) -> Result<Self, DatapathError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of the map's value area, page-aligned (so u64-aligned).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                elements * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(DatapathError::Map {
+                op: "mmap",
+                name: lb_common::MAP_FILTER,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "mmap",
+                    io_error: std::io::Error::last_os_error(),
+                }),
+            });
+        }
+        Ok(Self { ptr: p.cast(), len: elements })
+    }
+
+    /// Stores word `i` (an aligned u64 store, which the datapath's reads see whole).
+    fn store(&mut self, i: usize, w: u64) {
+        if i < self.len {
+            // SAFETY: a valid, aligned element of the mapping, which lives as long as `self`.
+            unsafe { std::ptr::write_volatile(self.ptr.add(i), w) };
+        }
+    }
+}
+
+impl Drop for MappedWords {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of that length, not used after this.
+        unsafe { libc::munmap(self.ptr.cast(), self.len * 8) };
+    }
 }
 
 fn map_err(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -309,6 +367,7 @@ impl BpfMaps {
             ct6: None,
             flows6: None,
             capacity,
+            filter_area: None,
         })
     }
 
@@ -588,16 +647,15 @@ impl Datapath for BpfMaps {
             }
             return Ok(());
         }
-        let n = f.len() as usize;
-        // Aligned u64 stores, which the datapath's reads see whole.
-        with_mmapped(IterableMap::map(f), n, "mmap", lb_common::MAP_FILTER, |area| {
+        if self.filter_area.is_none() {
+            self.filter_area = Some(MappedWords::new(IterableMap::map(f), f.len() as usize)?);
+        }
+        if let Some(area) = &mut self.filter_area {
             for &(i, w) in words {
-                if let Some(x) = area.get_mut(i as usize) {
-                    // SAFETY: a valid, aligned element of the shared mapping.
-                    unsafe { std::ptr::write_volatile(x, w) };
-                }
+                area.store(i as usize, w);
             }
-        })
+        }
+        Ok(())
     }
 
     fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError> {

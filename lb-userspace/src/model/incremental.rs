@@ -37,8 +37,33 @@ pub type Change<K> = (Key, Option<Arc<K>>);
 pub type PortChanges = Vec<(PortRef, Option<Arc<DesiredPort>>)>;
 
 struct SliceEntry {
-    obj: Arc<EndpointSlice>,
+    /// The object, kept only when it has no version to be told by (manifests: an unchanged
+    /// file's objects are the same `Arc`s); otherwise what the model needs of it was read out.
+    obj: Option<Arc<EndpointSlice>>,
+    meta: Identity,
     parsed: SliceResult,
+}
+
+/// What tells two versions of an object apart, and names it in events: uid and
+/// resourceVersion (objects from the API server; `None` for manifests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Identity(Option<(Box<str>, Box<str>)>);
+
+impl Identity {
+    fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        Identity(
+            meta.resource_version.as_deref().map(|rv| (meta.uid.as_deref().unwrap_or("").into(), rv.into())),
+        )
+    }
+}
+
+/// Whether `new` is the version of an object held as (`held`, `identity`): the same
+/// resourceVersion, or (no version) the same `Arc`.
+fn same_version<K: kube::Resource>(held: Option<&Arc<K>>, identity: &Identity, new: &Arc<K>) -> bool {
+    match (&identity.0, Identity::of(new.meta()).0) {
+        (Some(a), Some(b)) => *a == b,
+        _ => held.is_some_and(|h| Arc::ptr_eq(h, new)),
+    }
 }
 
 impl SliceEntry {
@@ -85,6 +110,7 @@ impl Outcome {
 
 struct ServiceEntry {
     obj: Option<Arc<Service>>,
+    meta: Identity,
     model: ServiceModel,
     wants: Wants,
     outcome: Outcome,
@@ -99,11 +125,11 @@ pub struct IncrementalModel {
     cfg: ModelConfig,
     slices: HashMap<Key, SliceEntry>,
     /// By Service: the names of the slices that belong to it (sorted: the order they merge in).
-    slices_of: HashMap<Key, BTreeSet<String>>,
+    slices_of: HashMap<Key, Few<String>>,
     services: BTreeMap<Key, ServiceEntry>,
     /// Who claims each frontend and node port (the Services whose ports ask for it).
-    claims: HashMap<Frontend, BTreeSet<Key>>,
-    node_port_claims: HashMap<(u16, Proto), BTreeSet<Key>>,
+    claims: HashMap<Frontend, Few<Key>>,
+    node_port_claims: HashMap<(u16, Proto), Few<Key>>,
     /// Node ports served, by how many ports (for the allocation's "taken").
     served_node_ports: HashMap<(u16, Proto), u32>,
     /// Services with a port waiting for a node port (standalone mode).
@@ -122,6 +148,8 @@ pub struct IncrementalModel {
     rejected_services: BTreeSet<Key>,
     /// Services held.
     service_count: usize,
+    /// Node names of endpoints, shared by every endpoint on the node.
+    node_names: HashSet<Arc<str>>,
     /// Figures: service ports and frontends given to the datapath.
     port_count: usize,
     frontend_count: usize,
@@ -168,7 +196,19 @@ impl IncrementalModel {
         let key = (namespace.to_owned(), name.to_owned());
         match kind {
             "Service" => self.services.get(&key)?.obj.as_ref().map(|o| o.object_ref(&())),
-            "EndpointSlice" => self.slices.get(&key).map(|s| s.obj.object_ref(&())),
+            "EndpointSlice" => {
+                let s = self.slices.get(&key)?;
+                let (uid, rv) = s.meta.0.clone().unzip();
+                Some(k8s_openapi::api::core::v1::ObjectReference {
+                    api_version: Some("discovery.k8s.io/v1".into()),
+                    kind: Some("EndpointSlice".into()),
+                    name: Some(key.1),
+                    namespace: Some(key.0),
+                    uid: uid.map(String::from),
+                    resource_version: rv.map(String::from),
+                    ..Default::default()
+                })
+            }
             "Pod" => self.pods.iter().find(|p| ns_name(&p.metadata) == key).map(|p| p.object_ref(&())),
             _ => None,
         }
@@ -222,7 +262,14 @@ impl IncrementalModel {
             }
             self.slice_rejected.remove(&key);
             let Some(obj) = obj else { continue };
-            let parsed = parse_slice(&obj);
+            let mut parsed = parse_slice(&obj);
+            if let Some(Ok(p)) = &mut parsed {
+                for (_, _, node) in &mut p.endpoints {
+                    if let Some(n) = node.as_mut() {
+                        *n = intern(&mut self.node_names, n);
+                    }
+                }
+            }
             let rejected: Vec<Rejection> = match &parsed {
                 Some(Ok(p)) => p.partial.clone(),
                 Some(Err(r)) => vec![r.clone()],
@@ -231,7 +278,8 @@ impl IncrementalModel {
             if !rejected.is_empty() {
                 self.slice_rejected.insert(key.clone(), rejected);
             }
-            let entry = SliceEntry { obj, parsed };
+            let meta = Identity::of(&obj.metadata);
+            let entry = SliceEntry { obj: meta.0.is_none().then_some(obj), meta, parsed };
             if let Some(svc) = entry.service() {
                 self.slices_of.entry(svc.clone()).or_default().insert(key.1.clone());
                 dirty.insert(svc.clone());
@@ -241,13 +289,18 @@ impl IncrementalModel {
         for (key, obj) in services {
             let had = self.services.get(&key).is_some_and(|e| e.obj.is_some());
             self.service_count = self.service_count + usize::from(obj.is_some()) - usize::from(had);
+            let meta = Identity(obj.as_ref().and_then(|o| Identity::of(&o.metadata).0));
             match self.services.get_mut(&key) {
-                Some(e) => e.obj = obj,
+                Some(e) => {
+                    e.obj = obj;
+                    e.meta = meta;
+                }
                 None if obj.is_some() => {
                     self.services.insert(
                         key.clone(),
                         ServiceEntry {
                             obj,
+                            meta,
                             model: ServiceModel::Nothing,
                             wants: Wants::default(),
                             outcome: Outcome::default(),
@@ -282,8 +335,10 @@ impl IncrementalModel {
             let mut listed: HashSet<Key> = HashSet::default();
             for s in services {
                 let key = ns_name(&s.metadata);
-                let same =
-                    self.services.get(&key).and_then(|e| e.obj.as_ref()).is_some_and(|o| Arc::ptr_eq(o, s));
+                let same = self
+                    .services
+                    .get(&key)
+                    .is_some_and(|e| e.obj.is_some() && same_version(e.obj.as_ref(), &e.meta, s));
                 if !same {
                     svc_changes.push((key.clone(), Some(s.clone())));
                 }
@@ -300,7 +355,7 @@ impl IncrementalModel {
             let mut listed: HashSet<Key> = HashSet::default();
             for s in slices {
                 let key = ns_name(&s.metadata);
-                if !self.slices.get(&key).is_some_and(|e| Arc::ptr_eq(&e.obj, s)) {
+                if !self.slices.get(&key).is_some_and(|e| same_version(e.obj.as_ref(), &e.meta, s)) {
                     slice_changes.push((key.clone(), Some(s.clone())));
                 }
                 listed.insert(key);
@@ -326,7 +381,7 @@ impl IncrementalModel {
             let Some(entry) = self.services.get_mut(&key) else { continue };
             let model = match &entry.obj {
                 Some(svc) => {
-                    let no_slices = BTreeSet::new();
+                    let no_slices = Few::default();
                     let names = self.slices_of.get(&key).unwrap_or(&no_slices);
                     let parsed = names.iter().filter_map(|n| {
                         match &self.slices.get(&(key.0.clone(), n.clone()))?.parsed {
@@ -510,13 +565,13 @@ impl IncrementalModel {
         let holder = |f: &Frontend| -> Option<&Key> {
             self.claims
                 .get(f)?
-                .range(..key.clone())
+                .below(key)
                 .find(|k| self.services.get(*k).is_some_and(|e| e.outcome.serves(f)))
         };
         let np_holder = |np: u16, proto: Proto| -> Option<&Key> {
             self.node_port_claims
                 .get(&(np, proto))?
-                .range(..key.clone())
+                .below(key)
                 .find(|k| self.services.get(*k).is_some_and(|e| e.outcome.serves_node_port(np, proto)))
         };
         let owner = |k: &Key| format!("Service {}/{}", k.0, k.1);
@@ -634,6 +689,62 @@ impl IncrementalModel {
         self.host_ports = model.ports;
         self.host_rejected = model.rejected;
         out
+    }
+}
+
+/// A sorted set of few elements (most often one): a `Vec`, not a B-tree node of eleven.
+#[derive(Debug)]
+struct Few<T>(Vec<T>);
+
+impl<T> Default for Few<T> {
+    fn default() -> Self {
+        Few(Vec::new())
+    }
+}
+
+impl<T: Ord> Few<T> {
+    fn insert(&mut self, t: T) {
+        if let Err(i) = self.0.binary_search(&t) {
+            self.0.insert(i, t);
+        }
+    }
+
+    fn remove(&mut self, t: &T) {
+        if let Ok(i) = self.0.binary_search(t) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+
+    /// The elements less than `t`, in order.
+    fn below<'a>(&'a self, t: &'a T) -> impl Iterator<Item = &'a T> + 'a {
+        self.0.iter().take_while(move |e| *e < t)
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Few<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// The one copy of `name` in `names`.
+fn intern(names: &mut HashSet<Arc<str>>, name: &Arc<str>) -> Arc<str> {
+    match names.get(name) {
+        Some(n) => n.clone(),
+        None => {
+            names.insert(name.clone());
+            name.clone()
+        }
     }
 }
 

@@ -132,7 +132,9 @@ impl Ids {
 pub struct Reconciler<D> {
     dp: D,
     port_ids: HashMap<PortRef, u32>,
-    infos: HashMap<u32, SvcInfo>,
+    /// The names in the service-info map, by service id: a hash of each value (the value is
+    /// hundreds of bytes; a write is skipped when the hash is the same).
+    infos: HashMap<u32, u64>,
     svc_ids: Ids,
     frontends: BTreeMap<Frontend, FrontendState>,
     backend_ids: HashMap<BackendKey, u32>,
@@ -293,6 +295,18 @@ pub fn unfixed(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
+/// A hash of a service-info value, to tell whether it must be written again.
+fn info_hash(i: &SvcInfo) -> u64 {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    // Fixed seeds: the same value hashes the same in every apply.
+    let mut h = foldhash::quality::FixedState::with_seed(0x786c_6200).build_hasher();
+    (i.namespace, i.name, i.port_name, i.target_port).hash(&mut h);
+    i.external_name.hash(&mut h);
+    (i.port, i.node_port, i.proto, i.svc_type, i.external_policy, i.internal_policy).hash(&mut h);
+    (i.affinity_timeout, i.backends).hash(&mut h);
+    h.finish()
+}
+
 pub fn svc_info(p: &DesiredPort) -> SvcInfo {
     SvcInfo {
         namespace: fixed::<SVC_INFO_NAME_LEN>(&p.id.namespace),
@@ -444,7 +458,7 @@ impl<D: Datapath> Reconciler<D> {
                 family: if v6_ids.contains(&id) { Family::V6 } else { Family::V4 },
             };
             self.port_ids.insert(r, id);
-            self.infos.insert(id, info);
+            self.infos.insert(id, info_hash(&info));
             svc_ids_used.insert(id);
         }
         // Every slot ever written, including orphans past a count, so they get cleaned up.
@@ -987,9 +1001,9 @@ impl<D: Datapath> Reconciler<D> {
         // 4. Names, then ids of ports that are gone.
         for (p, &id) in news.iter().zip(&ids) {
             let info = svc_info(p);
-            if self.infos.get(&id) != Some(&info) {
+            if self.infos.get(&id) != Some(&info_hash(&info)) {
                 self.dp.write_svc_info(id, info)?;
-                self.infos.insert(id, info);
+                self.infos.insert(id, info_hash(&info));
                 st.writes += 1;
             }
         }

@@ -162,12 +162,39 @@ impl KubeSource {
 }
 
 /// Drops what the model never reads of a Service or EndpointSlice and what is often the largest
-/// part of one in a real cluster: its managed fields and `kubectl apply`'s copy of it.
-fn strip_meta<K: Resource>(obj: &mut K) {
+/// part of one in a real cluster: its managed fields and `kubectl apply`'s copy of it, its labels
+/// (but a slice's Service), annotations and owners; a Service's selector and status conditions;
+/// an endpoint's pod, zone and hostname. What stays: identity (name, namespace, uid, version,
+/// for events and to tell versions apart) and what the model reads.
+pub fn strip_meta<K: Resource + std::any::Any>(obj: &mut K) {
     let meta = obj.meta_mut();
     meta.managed_fields = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    meta.creation_timestamp = None;
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.retain(|k, _| k == crate::model::SERVICE_NAME_LABEL);
+        if labels.is_empty() {
+            meta.labels = None;
+        }
+    }
+    let any = obj as &mut dyn std::any::Any;
+    if let Some(svc) = any.downcast_mut::<Service>() {
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.selector = None;
+        }
+        if let Some(status) = svc.status.as_mut() {
+            status.conditions = None;
+        }
+    } else if let Some(slice) = any.downcast_mut::<EndpointSlice>() {
+        for ep in &mut slice.endpoints {
+            ep.target_ref = None;
+            ep.zone = None;
+            ep.hostname = None;
+            ep.deprecated_topology = None;
+        }
     }
 }
 
