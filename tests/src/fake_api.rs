@@ -149,6 +149,17 @@ impl FakeApi {
     }
 }
 
+/// A continue token's key, in hex (nothing in it for a URL to escape).
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> String {
+    let bytes: Vec<u8> =
+        (0..s.len() / 2).filter_map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// Serves list and watch requests on `listener` until the task is dropped.
 pub async fn serve(api: Arc<FakeApi>, listener: TcpListener) {
     loop {
@@ -209,19 +220,58 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
     let selected =
         move |obj: &Value| node.as_ref().is_none_or(|n| obj["spec"]["nodeName"].as_str() == Some(n.as_str()));
     if q.get("watch").map(String::as_str) != Some("true") {
-        // A list: everything, at the current version (no paging: the limit is never reached).
+        // A list, in pages of `limit` as kube-apiserver serves them: each page after the key
+        // its `continue` token names, every page at the version of the first (so that the
+        // watch from it misses nothing). Objects are written straight from the state (no copy
+        // of a whole list: at 100,000 objects the copy cost more than the agent's work).
+        let limit: usize =
+            q.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let (after, list_rv) = match q.get("continue").and_then(|c| c.split_once('.')) {
+            Some((rv, key)) => (Some(unhex(key)), rv.parse::<u64>().ok()),
+            None => (None, None),
+        };
         let body = {
             let mut st = api.state.lock().unwrap();
             st.requests.push((kind, "list", rv_asked));
-            let items: Vec<Value> = st
-                .objects
-                .iter()
-                .filter(|((k, _), v)| *k == kind && selected(v))
-                .map(|(_, v)| v.clone())
-                .collect();
+            let list_rv = list_rv.unwrap_or(st.rv);
+            let start = match &after {
+                Some(k) => std::ops::Bound::Excluded((kind, k.clone())),
+                None => std::ops::Bound::Included((kind, String::new())),
+            };
+            let mut body = Vec::with_capacity(1 << 20);
             let (api_version, list_kind) = kind.list_kind();
-            json!({"apiVersion": api_version, "kind": list_kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})
-                .to_string()
+            body.extend_from_slice(
+                format!(r#"{{"apiVersion":"{api_version}","kind":"{list_kind}","items":["#).as_bytes(),
+            );
+            let mut n = 0;
+            let mut last = None;
+            let mut more = false;
+            for ((k, key), v) in st.objects.range((start, std::ops::Bound::Unbounded)) {
+                if *k != kind {
+                    break;
+                }
+                if !selected(v) {
+                    continue;
+                }
+                if n == limit {
+                    more = true;
+                    break;
+                }
+                if n > 0 {
+                    body.push(b',');
+                }
+                serde_json::to_writer(&mut body, v).expect("a JSON value serializes");
+                n += 1;
+                last = Some(key.clone());
+            }
+            let cont = match (more, last) {
+                (true, Some(key)) => format!(r#","continue":"{list_rv}.{}""#, hex(&key)),
+                _ => String::new(),
+            };
+            body.extend_from_slice(
+                format!(r#"],"metadata":{{"resourceVersion":"{list_rv}"{cont}}}}}"#).as_bytes(),
+            );
+            String::from_utf8(body).expect("JSON is UTF-8")
         };
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -370,6 +370,9 @@ impl<D: Datapath> Syncer<D> {
         if svc_list.is_some() || slice_list.is_some() {
             changes.extend(self.model.replace(svc_list.as_deref(), slice_list.as_deref(), None));
         }
+        // The lists go now: the model kept what it needs (of a slice from the API server, its
+        // parsed form only), and the reconciler's work comes on top of what is left.
+        drop((svc_list, slice_list));
         changes.extend(self.model.update(u.services.changes, u.slices.changes, pods));
         let model_done = started.elapsed();
         let rejected = self.model.rejected();

@@ -108,8 +108,44 @@ impl Outcome {
     }
 }
 
+/// A Service as the model holds it: shared (manifests: the same `Arc` tells an unchanged file's
+/// object), or packed as JSON (objects from the API server, told apart by their version: a
+/// k8s-openapi Service takes over a kilobyte even with little in it; its JSON a few hundred
+/// bytes, read back when its endpoints change).
+enum Held {
+    Shared(Arc<Service>),
+    Packed(Box<[u8]>),
+}
+
+impl Held {
+    fn new(svc: Arc<Service>, identity: &Identity) -> Self {
+        match identity.0 {
+            Some(_) => match serde_json::to_vec(&*svc) {
+                Ok(json) => Held::Packed(json.into_boxed_slice()),
+                Err(_) => Held::Shared(svc),
+            },
+            None => Held::Shared(svc),
+        }
+    }
+
+    fn shared(&self) -> Option<&Arc<Service>> {
+        match self {
+            Held::Shared(s) => Some(s),
+            Held::Packed(_) => None,
+        }
+    }
+
+    fn service(&self) -> std::borrow::Cow<'_, Service> {
+        match self {
+            Held::Shared(s) => std::borrow::Cow::Borrowed(&**s),
+            // It was written from a Service just before: it reads back.
+            Held::Packed(json) => std::borrow::Cow::Owned(serde_json::from_slice(json).unwrap_or_default()),
+        }
+    }
+}
+
 struct ServiceEntry {
-    obj: Option<Arc<Service>>,
+    obj: Option<Held>,
     meta: Identity,
     model: ServiceModel,
     wants: Wants,
@@ -148,6 +184,8 @@ pub struct IncrementalModel {
     rejected_services: BTreeSet<Key>,
     /// Services held.
     service_count: usize,
+    /// Services changed in this update, as they came (modelled from these, not read back).
+    fresh: HashMap<Key, Arc<Service>>,
     /// Node names of endpoints, shared by every endpoint on the node.
     node_names: HashSet<Arc<str>>,
     /// Figures: service ports and frontends given to the datapath.
@@ -195,7 +233,24 @@ impl IncrementalModel {
         use kube::Resource as _;
         let key = (namespace.to_owned(), name.to_owned());
         match kind {
-            "Service" => self.services.get(&key)?.obj.as_ref().map(|o| o.object_ref(&())),
+            "Service" => {
+                let e = self.services.get(&key)?;
+                match e.obj.as_ref()? {
+                    Held::Shared(o) => Some(o.object_ref(&())),
+                    Held::Packed(_) => {
+                        let (uid, rv) = e.meta.0.clone().unzip();
+                        Some(k8s_openapi::api::core::v1::ObjectReference {
+                            api_version: Some("v1".into()),
+                            kind: Some("Service".into()),
+                            name: Some(key.1),
+                            namespace: Some(key.0),
+                            uid: uid.map(String::from),
+                            resource_version: rv.map(String::from),
+                            ..Default::default()
+                        })
+                    }
+                }
+            }
             "EndpointSlice" => {
                 let s = self.slices.get(&key)?;
                 let (uid, rv) = s.meta.0.clone().unzip();
@@ -290,6 +345,15 @@ impl IncrementalModel {
             let had = self.services.get(&key).is_some_and(|e| e.obj.is_some());
             self.service_count = self.service_count + usize::from(obj.is_some()) - usize::from(had);
             let meta = Identity(obj.as_ref().and_then(|o| Identity::of(&o.metadata).0));
+            let held = obj.map(|o| (o, &meta));
+            let (obj, model_now) = match held {
+                // Modelled now, from the object at hand (not read back from its packed form).
+                Some((o, m)) => (Some(Held::new(o.clone(), m)), Some(o)),
+                None => (None, None),
+            };
+            if let Some(o) = model_now {
+                self.fresh.insert(key.clone(), o);
+            }
             match self.services.get_mut(&key) {
                 Some(e) => {
                     e.obj = obj;
@@ -335,10 +399,9 @@ impl IncrementalModel {
             let mut listed: HashSet<Key> = HashSet::default();
             for s in services {
                 let key = ns_name(&s.metadata);
-                let same = self
-                    .services
-                    .get(&key)
-                    .is_some_and(|e| e.obj.is_some() && same_version(e.obj.as_ref(), &e.meta, s));
+                let same = self.services.get(&key).is_some_and(|e| {
+                    e.obj.is_some() && same_version(e.obj.as_ref().and_then(Held::shared), &e.meta, s)
+                });
                 if !same {
                     svc_changes.push((key.clone(), Some(s.clone())));
                 }
@@ -379,8 +442,13 @@ impl IncrementalModel {
             .collect();
         for key in dirty {
             let Some(entry) = self.services.get_mut(&key) else { continue };
+            let fresh = self.fresh.remove(&key);
             let model = match &entry.obj {
-                Some(svc) => {
+                Some(held) => {
+                    let svc: std::borrow::Cow<'_, Service> = match &fresh {
+                        Some(o) => std::borrow::Cow::Borrowed(&**o),
+                        None => held.service(),
+                    };
                     let no_slices = Few::default();
                     let names = self.slices_of.get(&key).unwrap_or(&no_slices);
                     let parsed = names.iter().filter_map(|n| {
@@ -389,7 +457,7 @@ impl IncrementalModel {
                             _ => None,
                         }
                     });
-                    model_service(svc, &key.0, &key.1, &index_endpoints(parsed), &self.cfg)
+                    model_service(&svc, &key.0, &key.1, &index_endpoints(parsed), &self.cfg)
                 }
                 None => ServiceModel::Nothing,
             };
@@ -531,6 +599,7 @@ impl IncrementalModel {
                 }
             }
         }
+        self.fresh.clear();
         // Services deleted: nothing of them is left (no claim, no port, no rejection).
         for key in gone {
             if self.services.get(&key).is_some_and(|e| e.obj.is_none()) {
@@ -925,6 +994,16 @@ mod tests {
         Arc::new(serde_json::from_value(p).unwrap())
     }
 
+    /// `obj` with the next resourceVersion, when objects have versions.
+    fn versioned<K: kube::Resource + Clone>(obj: Arc<K>, version: &mut Option<u64>) -> Arc<K> {
+        let Some(v) = version.as_mut() else { return obj };
+        *v += 1;
+        let mut o = (*obj).clone();
+        o.meta_mut().resource_version = Some(v.to_string());
+        o.meta_mut().uid = Some(format!("uid-{}", o.meta().name.as_deref().unwrap_or_default()));
+        Arc::new(o)
+    }
+
     fn config(rng: &mut Rng, allocate: bool) -> ModelConfig {
         let mut node_addrs: Vec<std::net::IpAddr> = vec!["198.18.9.1".parse().unwrap()];
         if rng.chance(2) {
@@ -969,13 +1048,16 @@ mod tests {
             let mut rec = Reconciler::new(MemDatapath::default()).unwrap();
             rec.set_filter_grace(std::time::Duration::ZERO);
             let mut applied: BTreeMap<PortRef, Arc<DesiredPort>> = BTreeMap::new();
+            // Every third seed, objects carry a resourceVersion, as from the API server (the
+            // model then keeps a slice's parsed form only, and a Service packed).
+            let mut version = (seed % 3 == 0).then_some(1000u64);
             for step in 0..300 {
                 let what = rng.below(20);
                 let changes = match what {
                     0..=6 => {
                         let (ns, name) = *rng.pick(&NAMES);
                         let key = (ns.to_string(), name.to_string());
-                        let obj = if rng.chance(5) { None } else { Some(service(&mut rng, ns, name)) };
+                        let obj = if rng.chance(5) { None } else { Some(versioned(service(&mut rng, ns, name), &mut version)) };
                         match &obj {
                             Some(o) => services.insert(key.clone(), o.clone()),
                             None => services.remove(&key),
@@ -992,7 +1074,11 @@ mod tests {
                             _ => Some(svc),
                         };
                         let key = (ns.to_string(), name.clone());
-                        let obj = if rng.chance(5) { None } else { Some(slice(&mut rng, ns, &name, owner)) };
+                        let obj = if rng.chance(5) {
+                            None
+                        } else {
+                            Some(versioned(slice(&mut rng, ns, &name, owner), &mut version))
+                        };
                         match &obj {
                             Some(o) => slices.insert(key.clone(), o.clone()),
                             None => slices.remove(&key),
