@@ -47,10 +47,24 @@ struct Args {
     /// After the timed changes: this many slices changed at once (one per Service, published as
     /// fast as the fake API server takes them), timed until every one is in the maps.
     burst: u32,
+    /// Services added (each until its clusterIP serves) and then deleted (each until its entry
+    /// is gone), one at a time; default: as many as `changes`.
+    service_changes: Option<u32>,
+    /// Seconds of endpoint changes at 100 per second, each timed.
+    sustained: u32,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { services: 10_000, endpoints: 5, changes: 30, json: None, dual_stack: false, burst: 0 };
+    let mut a = Args {
+        services: 10_000,
+        endpoints: 5,
+        changes: 30,
+        json: None,
+        dual_stack: false,
+        burst: 0,
+        service_changes: None,
+        sustained: 0,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--dual-stack" {
@@ -63,14 +77,19 @@ fn args() -> anyhow::Result<Args> {
             "--endpoints" => a.endpoints = val()?,
             "--changes" => a.changes = val()?,
             "--burst" => a.burst = val()?,
+            "--service-changes" => a.service_changes = Some(val()?),
+            "--sustained" => a.sustained = val()?,
             "--json" => a.json = Some(it.next().context("missing value")?.into()),
             other => bail!(
-                "unknown argument {other:?} (--services N --endpoints E --changes C --burst B --json FILE --dual-stack)"
+                "unknown argument {other:?} (--services N --endpoints E --changes C --burst B --service-changes S --sustained SECS --json FILE --dual-stack)"
             ),
         }
     }
     if a.services == 0 || a.services > 130_000 || a.endpoints == 0 || a.endpoints > 100 {
         bail!("--services must be 1..=130000 and --endpoints 1..=100");
+    }
+    if a.service_changes.unwrap_or(a.changes) > 1000 {
+        bail!("--service-changes must be at most 1000");
     }
     Ok(a)
 }
@@ -219,6 +238,17 @@ fn slice6(name: &str, i: u32, eps: &[Ipv6Addr]) -> serde_json::Value {
     let mut s = slice(&format!("{name}-6"), name, pod_port(i), &refs);
     s["addressType"] = serde_json::json!("IPv6");
     s
+}
+
+/// p50, p90, p99 and max of sorted durations, in ms (null when there are none).
+fn quantiles(v: &[Duration]) -> serde_json::Value {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    match v.last() {
+        None => serde_json::Value::Null,
+        Some(max) => serde_json::json!({
+            "p50": ms(percentile(v, 0.5)), "p90": ms(percentile(v, 0.9)), "p99": ms(percentile(v, 0.99)),
+            "max": ms(*max), "count": v.len()}),
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -400,6 +430,80 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100)); // one change at a time
     }
     lat.sort();
+    let wait = |what: &str, t: Instant, done: &dyn Fn() -> bool| -> anyhow::Result<Duration> {
+        while !done() {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("{what} not in the maps after 30 s:\n{}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        Ok(t.elapsed())
+    };
+    // Services added, then deleted, one at a time (IPv4; their slices are there first, as the
+    // EndpointSlice controller may write them before the agent sees the Service).
+    let (mut added, mut deleted) = (Vec::new(), Vec::new());
+    let extra = if a.dual_stack { 0 } else { a.service_changes.unwrap_or(a.changes) };
+    for k in 0..extra {
+        let j = a.services + k;
+        let name = format!("svc-{j}");
+        let objs = objects(j, a.endpoints, false);
+        for (kind, o) in objs.iter().filter(|(k, _)| *k == Kind::Slice) {
+            api.put(*kind, o.clone());
+        }
+        let svc = objs.into_iter().find(|(k, _)| *k == Kind::Service).map(|(_, o)| o).context("a Service")?;
+        let t = Instant::now();
+        api.put(Kind::Service, svc);
+        added.push(wait(&format!("Service {name}"), t, &|| serves(&maps, j, pod(j, 0), pod_port(j)))?);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for k in 0..extra {
+        let j = a.services + k;
+        let gone = || {
+            let key = Svc4Key {
+                addr: vip(j).octets(),
+                port: 80,
+                proto: IPPROTO_TCP,
+                scope: SCOPE_EXTERNAL,
+                slot: 0,
+                _pad: 0,
+            };
+            maps.services.get(&key, 0).is_err()
+        };
+        let t = Instant::now();
+        api.delete(Kind::Service, &format!("default/svc-{j}"));
+        deleted.push(wait(&format!("deletion of Service svc-{j}"), t, &gone)?);
+        api.delete(Kind::Slice, &format!("default/svc-{j}-1"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    added.sort();
+    deleted.sort();
+    // Sustained: an endpoint change every 10 ms (100 per second) for `sustained` seconds, each
+    // timed to the map; the next one is published on its tick whatever the last one took.
+    let mut steady = Vec::new();
+    if a.sustained > 0 && !a.dual_stack {
+        let start = Instant::now();
+        let mut c = 0u32;
+        while start.elapsed() < Duration::from_secs(u64::from(a.sustained)) {
+            let i = c % a.services;
+            let fresh = pod(i, a.endpoints + 100 + c % 100);
+            let mut addrs: Vec<String> = (0..a.endpoints - 1).map(|e| pod(i, e).to_string()).collect();
+            addrs.push(fresh.to_string());
+            let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            let obj = as_in_a_cluster(
+                Kind::Slice,
+                slice(&format!("svc-{i}-1"), &format!("svc-{i}"), pod_port(i), &refs),
+            );
+            let tick = start + Duration::from_millis(10 * u64::from(c));
+            if let Some(d) = tick.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+            let t = Instant::now();
+            api.put(Kind::Slice, obj);
+            steady.push(wait(&format!("sustained change {c}"), t, &|| serves(&maps, i, fresh, pod_port(i)))?);
+            c += 1;
+        }
+        steady.sort();
+    }
     if let (Some(mut p), Some(f)) = (perf, &perf_file) {
         // SAFETY: a signal to the perf process this benchmark started.
         unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
@@ -518,6 +622,23 @@ fn main() -> anyhow::Result<()> {
             model_ms[model_ms.len() / 2]
         );
     }
+    let line = |v: &[Duration]| {
+        format!(
+            "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {}",
+            percentile(v, 0.5).as_secs_f64() * 1e3,
+            percentile(v, 0.9).as_secs_f64() * 1e3,
+            percentile(v, 0.99).as_secs_f64() * 1e3,
+            v.last().unwrap().as_secs_f64() * 1e3,
+            v.len()
+        )
+    };
+    if !added.is_empty() {
+        println!("  Service added -> map:       {}", line(&added));
+        println!("  Service deleted -> map:     {}", line(&deleted));
+    }
+    if !steady.is_empty() {
+        println!("  sustained 100 changes/s:    {} changes in {} s", line(&steady), a.sustained);
+    }
     if let Some((n, published, all)) = burst {
         println!(
             "  burst of {n} changes:        all in the maps {:.1} ms after the first was published (publishing took {:.1} ms)",
@@ -547,6 +668,9 @@ fn main() -> anyhow::Result<()> {
             "sync_ms_p50": sync_ms.get(sync_ms.len() / 2), "model_ms_p50": model_ms.get(model_ms.len() / 2),
             "rss_ready_mib": rss_ready as f64 / 1024.0, "rss_mib": rss as f64 / 1024.0,
             "rss_peak_mib": hwm as f64 / 1024.0, "kernel_map_mib": kernel as f64 / (1024.0 * 1024.0),
+            "service_add_ms": quantiles(&added), "service_delete_ms": quantiles(&deleted),
+            "sustained": (!steady.is_empty()).then(|| serde_json::json!({
+                "seconds": a.sustained, "rate_per_s": 100, "change_ms": quantiles(&steady)})),
             "burst": burst.map(|(n, published, all)| serde_json::json!({
                 "changes": n, "published_ms": ms(published), "all_in_maps_ms": ms(all)})),
         });

@@ -164,6 +164,8 @@ fn unhex(s: &str) -> String {
 pub async fn serve(api: Arc<FakeApi>, listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { return };
+        // As Go's net/http (kube-apiserver): no Nagle delay on a watch stream's small writes.
+        let _ = stream.set_nodelay(true);
         tokio::spawn(handle(api.clone(), stream));
     }
 }

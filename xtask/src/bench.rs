@@ -99,11 +99,15 @@ pub fn run_all(a: &BenchArgs) -> anyhow::Result<()> {
     // 2. Control plane.
     let sizes: &[u32] = if a.quick { &[1_000] } else { &[1_000, 10_000, 30_000, 100_000] };
     for n in sizes {
-        let changes = if a.quick { "10" } else { "30" };
-        run(Command::new(rel.join("examples/bench-agent"))
-            .args(["--services", &n.to_string(), "--endpoints", "5", "--changes", changes, "--json"])
-            .arg(out.join(format!("agent-{n}.json")))
-            .env("XLB_BIN", rel.join("xlb")))?;
+        // 300 changes a size (one at a time), as many Services added and deleted; at 10,000
+        // Services also a minute of 100 changes a second and a burst of 10,000 at once.
+        let changes = if a.quick { "10" } else { "300" };
+        let mut cmd = Command::new(rel.join("examples/bench-agent"));
+        cmd.args(["--services", &n.to_string(), "--endpoints", "5", "--changes", changes]);
+        if *n == 10_000 {
+            cmd.args(["--sustained", "60", "--burst", "10000"]);
+        }
+        run(cmd.arg("--json").arg(out.join(format!("agent-{n}.json"))).env("XLB_BIN", rel.join("xlb")))?;
     }
     // The agent's profile during the changes, at 10,000 Services: a run of its own, since
     // sampling slows the agent down.

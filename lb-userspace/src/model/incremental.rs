@@ -1057,7 +1057,11 @@ mod tests {
                     0..=6 => {
                         let (ns, name) = *rng.pick(&NAMES);
                         let key = (ns.to_string(), name.to_string());
-                        let obj = if rng.chance(5) { None } else { Some(versioned(service(&mut rng, ns, name), &mut version)) };
+                        let obj = if rng.chance(5) {
+                            None
+                        } else {
+                            Some(versioned(service(&mut rng, ns, name), &mut version))
+                        };
                         match &obj {
                             Some(o) => services.insert(key.clone(), o.clone()),
                             None => services.remove(&key),
