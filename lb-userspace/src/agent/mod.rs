@@ -25,7 +25,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use tokio::sync::Notify;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::{
@@ -206,6 +206,8 @@ pub struct Update {
     pub pods: Delta<Pod>,
     /// Manifest documents that could not be read (`None`: the directory was not read again).
     pub doc_errors: Option<Vec<DocError>>,
+    /// Those of them in the files read now (logged).
+    pub new_doc_errors: Vec<DocError>,
 }
 
 impl Update {
@@ -223,6 +225,7 @@ impl From<&Snapshot> for Update {
             slices: Delta::listed(s.slices.clone()),
             pods: Delta::listed(s.pods.clone()),
             doc_errors: Some(s.doc_errors.clone()),
+            new_doc_errors: s.doc_errors.clone(),
         }
     }
 }
@@ -339,10 +342,10 @@ impl<D: Datapath> Syncer<D> {
     /// with nothing new).
     pub fn sync_update(&mut self, u: Update) -> anyhow::Result<ApplyStats> {
         let started = Instant::now();
+        for e in &u.new_doc_errors {
+            warn!(error = %e, "skipped manifest document");
+        }
         if let Some(errors) = u.doc_errors {
-            for e in &errors {
-                warn!(error = %e, "skipped manifest document");
-            }
             self.doc_errors = errors;
         }
         let mut changes = PortChanges::new();
@@ -534,19 +537,30 @@ impl Source {
         }
     }
 
-    /// What changed since the last call: the watches' findings, or the directory read again
-    /// (its unchanged files keep their objects, which the model then skips).
+    /// What changed since the last call: the watches' findings, or the objects of the
+    /// directory's files that are new, changed or gone.
     pub fn take_update(&self) -> anyhow::Result<Update> {
         match self {
             Source::Manifests { dir, cache, .. } => {
                 let mut cache = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                Ok(Update::from(&Snapshot::from_manifests(cache.read(dir)?)))
+                let c = cache.read_changes(dir)?;
+                if c.files_read + c.files_gone > 0 {
+                    debug!(files_read = c.files_read, files_gone = c.files_gone, "manifest directory read");
+                }
+                Ok(Update {
+                    services: Delta { list: None, changes: c.services.into_iter().collect() },
+                    slices: Delta { list: None, changes: c.slices.into_iter().collect() },
+                    pods: c.pods.map(Delta::listed).unwrap_or_default(),
+                    doc_errors: Some(c.errors),
+                    new_doc_errors: c.new_errors,
+                })
             }
             Source::Kube(k) => Ok(Update {
                 services: k.services.take(),
                 slices: k.slices.take(),
                 pods: k.pods.as_ref().map(|p| p.take()).unwrap_or_default(),
                 doc_errors: None,
+                new_doc_errors: Vec::new(),
             }),
         }
     }

@@ -14,6 +14,8 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize as _;
 
+use crate::model::incremental::{Change, Key};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("cannot read manifest directory {path}: {source}")]
@@ -122,94 +124,261 @@ impl From<Objects> for SharedObjects {
 #[derive(Default)]
 pub struct DirCache {
     files: std::collections::HashMap<PathBuf, (FileStamp, SharedObjects)>,
+    /// How many files hold each Service and EndpointSlice (by namespace/name): one is gone when
+    /// the last file holding it no longer does.
+    held: crate::HashMap<(bool, Key), u32>,
 }
 
 /// (modification time, length); a file without a modification time is never taken from the cache.
 type FileStamp = (Option<std::time::SystemTime>, u64);
 
+/// What changed in a directory since it was last read: the objects of the files that are new,
+/// changed or gone, as changes (the newest version, or `None`: no file holds it any more).
+#[derive(Default)]
+pub struct DirChanges {
+    pub services: Vec<Change<Service>>,
+    pub slices: Vec<Change<EndpointSlice>>,
+    /// Every pod of the directory, when a file with pods changed (they are few).
+    pub pods: Option<Vec<Arc<Pod>>>,
+    /// The documents that cannot be read, in every file.
+    pub errors: Vec<DocError>,
+    /// Those of them in the files read now.
+    pub new_errors: Vec<DocError>,
+    /// Files parsed again (new or changed) and gone.
+    pub files_read: usize,
+    pub files_gone: usize,
+}
+
 impl DirCache {
     /// Reads `dir` as [`read_dir`] does, parsing only files that are new or changed since the last
     /// call.
     pub fn read(&mut self, dir: &Path) -> Result<SharedObjects, ManifestError> {
+        self.read_changes(dir)?;
         let mut objects = SharedObjects::default();
-        let mut next = std::collections::HashMap::new();
-        for file in manifest_files(dir)? {
-            // The stamp is taken before the text is read: a write in between leaves a stamp that
-            // differs from the file's next one, so the file is read again then.
-            let md = std::fs::metadata(&file).ok();
-            let stamp: FileStamp = (md.as_ref().and_then(|m| m.modified().ok()), md.map_or(0, |m| m.len()));
-            let parsed = match self.files.remove(&file) {
-                Some((old, parsed)) if old == stamp && stamp.0.is_some() => parsed,
-                _ => {
-                    let mut parsed = Objects::default();
-                    read_file(&file, &mut parsed);
-                    SharedObjects::from(parsed)
-                }
-            };
+        let mut files: Vec<&PathBuf> = self.files.keys().collect();
+        files.sort();
+        for f in files {
+            let parsed = &self.files[f].1;
             objects.services.extend(parsed.services.iter().cloned());
             objects.slices.extend(parsed.slices.iter().cloned());
             objects.pods.extend(parsed.pods.iter().cloned());
             objects.errors.extend(parsed.errors.iter().cloned());
             objects.ignored += parsed.ignored;
-            next.insert(file, (stamp, parsed));
         }
-        self.files = next;
         Ok(objects)
+    }
+
+    /// Reads the files of `dir` that are new or changed since the last call, and says what
+    /// changed: the cost of those files, not of the directory (but for a stat of each file).
+    pub fn read_changes(&mut self, dir: &Path) -> Result<DirChanges, ManifestError> {
+        let mut out = DirChanges::default();
+        let mut pods_changed = false;
+        let mut old_files = std::mem::take(&mut self.files);
+        let mut gone: Vec<SharedObjects> = Vec::new();
+        let mut new: Vec<SharedObjects> = Vec::new();
+        for file in manifest_files(dir)? {
+            // The stamp is taken before the text is read: a write in between leaves a stamp that
+            // differs from the file's next one, so the file is read again then.
+            let md = std::fs::metadata(&file).ok();
+            let stamp: FileStamp = (md.as_ref().and_then(|m| m.modified().ok()), md.map_or(0, |m| m.len()));
+            let parsed = match old_files.remove(&file) {
+                Some((old, parsed)) if old == stamp && stamp.0.is_some() => parsed,
+                old => {
+                    let mut parsed = Objects::default();
+                    read_file(&file, &mut parsed);
+                    let parsed = SharedObjects::from(parsed);
+                    out.files_read += 1;
+                    if let Some((_, old)) = old {
+                        pods_changed |= !old.pods.is_empty();
+                        gone.push(old);
+                    }
+                    pods_changed |= !parsed.pods.is_empty();
+                    out.new_errors.extend(parsed.errors.iter().cloned());
+                    new.push(parsed.clone());
+                    parsed
+                }
+            };
+            self.files.insert(file, (stamp, parsed));
+        }
+        for (_, (_, old)) in old_files {
+            out.files_gone += 1;
+            pods_changed |= !old.pods.is_empty();
+            gone.push(old);
+        }
+        // What the changed files hold now comes; what they held before goes, unless a file
+        // (the same one, changed, or another) still holds it.
+        for now in &new {
+            for s in &now.services {
+                *self.held.entry((true, crate::model::ns_name(&s.metadata))).or_default() += 1;
+                out.services.push((crate::model::ns_name(&s.metadata), Some(s.clone())));
+            }
+            for s in &now.slices {
+                *self.held.entry((false, crate::model::ns_name(&s.metadata))).or_default() += 1;
+                out.slices.push((crate::model::ns_name(&s.metadata), Some(s.clone())));
+            }
+        }
+        for old in &gone {
+            for s in &old.services {
+                if self.release(true, s.as_ref()) {
+                    out.services.push((crate::model::ns_name(&s.metadata), None));
+                }
+            }
+            for s in &old.slices {
+                if self.release(false, s.as_ref()) {
+                    out.slices.push((crate::model::ns_name(&s.metadata), None));
+                }
+            }
+        }
+        let mut files: Vec<&PathBuf> = self.files.keys().collect();
+        files.sort();
+        for f in &files {
+            out.errors.extend(self.files[*f].1.errors.iter().cloned());
+        }
+        if pods_changed {
+            out.pods = Some(files.iter().flat_map(|f| self.files[*f].1.pods.iter().cloned()).collect());
+        }
+        Ok(out)
+    }
+
+    /// One file fewer holds the object; true when none does any more.
+    fn release<K: kube::Resource>(&mut self, service: bool, obj: &K) -> bool {
+        let key = (service, crate::model::ns_name(obj.meta()));
+        match self.held.get_mut(&key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.held.remove(&key);
+                true
+            }
+        }
     }
 }
 
-/// Reads the documents of one file's text into `objects`.
+/// Reads the documents of one file's text into `objects`. JSON (a text that starts with `{`:
+/// one or more JSON documents) is read by a JSON parser, many times faster than the YAML one on
+/// the large Lists a generated directory holds; anything else as YAML (of which JSON is a part).
 pub fn read_str(file: &Path, text: &str, objects: &mut Objects) {
+    let err = |doc: usize| {
+        move |object: Option<String>, reason: String| DocError { file: file.to_owned(), doc, object, reason }
+    };
+    if text.trim_start().starts_with('{') {
+        let docs = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+        for (i, value) in docs.enumerate() {
+            match value {
+                Ok(v) => add_value(v, &err(i + 1), objects),
+                Err(e) => {
+                    objects.errors.push(err(i + 1)(None, format!("not valid JSON: {e}")));
+                    break; // the stream cannot be resumed after a syntax error
+                }
+            }
+        }
+        return;
+    }
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let doc = i + 1;
-        let err =
-            |object: Option<String>, reason: String| DocError { file: file.to_owned(), doc, object, reason };
         let value = match serde_yaml::Value::deserialize(de) {
             Ok(serde_yaml::Value::Null) => continue, // empty document (e.g. a trailing `---`)
             Ok(v) => v,
             Err(e) => {
-                objects.errors.push(err(None, format!("not valid YAML: {e}")));
+                objects.errors.push(err(i + 1)(None, format!("not valid YAML: {e}")));
                 // The YAML stream cannot be resumed after a syntax error.
                 break;
             }
         };
-        add_value(value, &err, objects);
+        add_value(value, &err(i + 1), objects);
     }
 }
 
-fn add_value(
-    value: serde_yaml::Value,
+/// A document as parsed, YAML or JSON.
+trait Document: Sized {
+    fn field(&self, key: &str) -> Option<&Self>;
+    /// Takes `key` out of a mapping (a List's items, without copying them).
+    fn take_field(&mut self, key: &str) -> Option<Self>;
+    fn text(&self) -> Option<&str>;
+    /// The elements of a sequence.
+    fn elements(self) -> Option<Vec<Self>>;
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, String>;
+}
+
+impl Document for serde_yaml::Value {
+    fn field(&self, key: &str) -> Option<&Self> {
+        self.get(key)
+    }
+    fn take_field(&mut self, key: &str) -> Option<Self> {
+        self.as_mapping_mut()?.remove(key)
+    }
+    fn text(&self) -> Option<&str> {
+        self.as_str()
+    }
+    fn elements(self) -> Option<Vec<Self>> {
+        match self {
+            serde_yaml::Value::Sequence(items) => Some(items),
+            _ => None,
+        }
+    }
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        serde_yaml::from_value(self).map_err(|e| e.to_string())
+    }
+}
+
+impl Document for serde_json::Value {
+    fn field(&self, key: &str) -> Option<&Self> {
+        self.get(key)
+    }
+    fn take_field(&mut self, key: &str) -> Option<Self> {
+        self.as_object_mut()?.remove(key)
+    }
+    fn text(&self) -> Option<&str> {
+        self.as_str()
+    }
+    fn elements(self) -> Option<Vec<Self>> {
+        match self {
+            serde_json::Value::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        serde_json::from_value(self).map_err(|e| e.to_string())
+    }
+}
+
+fn add_value<D: Document>(
+    mut value: D,
     err: &dyn Fn(Option<String>, String) -> DocError,
     objects: &mut Objects,
 ) {
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_owned();
-    let api = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("").to_owned();
-    let meta = value.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
-    let namespace = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or("default");
+    let kind = value.field("kind").and_then(D::text).unwrap_or("").to_owned();
+    let api = value.field("apiVersion").and_then(D::text).unwrap_or("").to_owned();
+    let meta = value.field("metadata");
+    let name = meta.and_then(|m| m.field("name")).and_then(D::text).unwrap_or("<unnamed>");
+    let namespace = meta.and_then(|m| m.field("namespace")).and_then(D::text).unwrap_or("default");
     let label = Some(format!("{kind} {namespace}/{name}"));
     match (api.as_str(), kind.as_str()) {
-        ("v1", "List") => match value.get("items").and_then(|i| i.as_sequence()) {
-            Some(items) => {
-                for item in items.clone() {
-                    add_value(item, err, objects);
+        ("v1", "List") => {
+            let items = value.take_field("items").and_then(D::elements);
+            match items {
+                Some(items) => {
+                    for item in items {
+                        add_value(item, err, objects);
+                    }
                 }
+                None => objects.errors.push(err(label, "List without items".into())),
             }
-            None => objects.errors.push(err(label, "List without items".into())),
-        },
-        ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
+        }
+        ("v1", "Service") => match value.decode::<Service>() {
             Ok(s) => objects.services.push(s),
             Err(e) => objects.errors.push(err(label, format!("invalid Service: {e}"))),
         },
-        ("discovery.k8s.io/v1", "EndpointSlice") => match serde_yaml::from_value::<EndpointSlice>(value) {
+        ("discovery.k8s.io/v1", "EndpointSlice") => match value.decode::<EndpointSlice>() {
             Ok(s) => objects.slices.push(s),
             Err(e) => objects.errors.push(err(label, format!("invalid EndpointSlice: {e}"))),
         },
-        ("v1", "Pod") => match serde_yaml::from_value::<Pod>(value) {
+        ("v1", "Pod") => match value.decode::<Pod>() {
             Ok(p) => objects.pods.push(p),
             Err(e) => objects.errors.push(err(label, format!("invalid Pod: {e}"))),
         },
-        ("v1", "Endpoints") => match serde_yaml::from_value::<Endpoints>(value) {
+        ("v1", "Endpoints") => match value.decode::<Endpoints>() {
             Ok(e) => objects.slices.extend(crate::model::slices_from_endpoints(&e)),
             Err(e) => objects.errors.push(err(label, format!("invalid Endpoints: {e}"))),
         },
@@ -272,6 +441,52 @@ mod tests {
         // ... as the same objects, which the model's cache recognises.
         assert!(third.services.iter().zip(&second.services).all(|(a, b)| Arc::ptr_eq(a, b)));
         assert!(!Arc::ptr_eq(&second.services[0], &first.services[0]), "a.yaml changed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The changes of a read name the objects of the files that changed, and only those: the
+    /// cost of a change is its file's, not the directory's.
+    #[test]
+    fn a_changed_file_yields_the_changes_of_its_objects_only() {
+        let dir = std::env::temp_dir().join(format!("xlb-dirchanges-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..50 {
+            std::fs::write(dir.join(format!("f{i:02}.yaml")), svc(&format!("s{i}"), 80)).unwrap();
+        }
+        let names = |c: &DirChanges| -> Vec<(String, bool)> {
+            let mut v: Vec<_> = c.services.iter().map(|(k, o)| (k.1.clone(), o.is_some())).collect();
+            v.sort();
+            v
+        };
+        let mut cache = DirCache::default();
+        let first = cache.read_changes(&dir).unwrap();
+        assert_eq!(first.services.len(), 50);
+        assert_eq!(first.files_read, 50);
+        // Nothing changed: nothing read, no change.
+        let none = cache.read_changes(&dir).unwrap();
+        assert_eq!((none.files_read, none.services.len()), (0, 0));
+        // One file changed: its object alone, in its new version.
+        std::fs::write(dir.join("f07.yaml"), svc("s7", 8080)).unwrap();
+        let one = cache.read_changes(&dir).unwrap();
+        assert_eq!(one.files_read, 1);
+        assert_eq!(names(&one), vec![("s7".into(), true)]);
+        // An object moved to another file: still there; a file removed: its object gone; a bad
+        // document: its error is new, and stays among all the errors after.
+        std::fs::remove_file(dir.join("f08.yaml")).unwrap();
+        std::fs::write(dir.join("f09.yaml"), svc("s9", 80) + "---\n" + &svc("s8", 80)).unwrap();
+        std::fs::remove_file(dir.join("f10.yaml")).unwrap();
+        std::fs::write(dir.join("zz.yaml"), "kind: [").unwrap();
+        let moved = cache.read_changes(&dir).unwrap();
+        assert_eq!(
+            names(&moved).iter().filter(|(n, _)| n == "s10").collect::<Vec<_>>(),
+            [&("s10".to_string(), false)]
+        );
+        let last = |n: &str| moved.services.iter().rev().find(|(k, _)| k.1 == n).map(|(_, o)| o.is_some());
+        assert_eq!(last("s8"), Some(true), "moved, not gone: {:?}", names(&moved));
+        assert_eq!((moved.new_errors.len(), moved.errors.len()), (1, 1));
+        let after = cache.read_changes(&dir).unwrap();
+        assert_eq!((after.new_errors.len(), after.errors.len(), after.services.len()), (0, 1, 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
