@@ -504,6 +504,36 @@ fn main() -> anyhow::Result<()> {
         }
         steady.sort();
     }
+    // A relist: every watch ends and its resume gets 410 Gone (history compacted), so the agent
+    // lists everything again; nothing changed, so nothing may be written.
+    let relist = {
+        let before = agent.log_text().lines().count();
+        let t = Instant::now();
+        api.expire_watches();
+        let synced_after = |text: &str| -> Option<(u64, u64)> {
+            let lines: Vec<&str> = text.lines().skip(before).collect();
+            let relisted = lines.iter().filter(|l| l.contains(" relisted ")).count();
+            let last_relist = lines.iter().rposition(|l| l.contains(" relisted "))?;
+            // Both kinds relisted, and a sync after the last of them.
+            (relisted >= 2 && lines[last_relist..].iter().any(|l| l.contains(" synced "))).then(|| {
+                let field = |l: &str, f: &str| -> u64 {
+                    l.split_whitespace().find_map(|w| w.strip_prefix(f)?.parse().ok()).unwrap_or(0)
+                };
+                let syncs = lines.iter().filter(|l| l.contains(" synced "));
+                syncs.fold((0, 0), |(w, d), l| (w + field(l, "writes="), d + field(l, "deletes=")))
+            })
+        };
+        loop {
+            if let Some((writes, deletes)) = synced_after(&agent.log_text()) {
+                break Some((t.elapsed(), writes, deletes));
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                eprintln!("no relist seen within 120 s");
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
     if let (Some(mut p), Some(f)) = (perf, &perf_file) {
         // SAFETY: a signal to the perf process this benchmark started.
         unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
@@ -639,6 +669,12 @@ fn main() -> anyhow::Result<()> {
     if !steady.is_empty() {
         println!("  sustained 100 changes/s:    {} changes in {} s", line(&steady), a.sustained);
     }
+    if let Some((took, writes, deletes)) = relist {
+        println!(
+            "  relist (410 Gone), nothing changed: {writes} map writes, {deletes} deletes; listed and synced {:.0} ms after the watches ended",
+            took.as_secs_f64() * 1e3
+        );
+    }
     if let Some((n, published, all)) = burst {
         println!(
             "  burst of {n} changes:        all in the maps {:.1} ms after the first was published (publishing took {:.1} ms)",
@@ -669,6 +705,8 @@ fn main() -> anyhow::Result<()> {
             "rss_ready_mib": rss_ready as f64 / 1024.0, "rss_mib": rss as f64 / 1024.0,
             "rss_peak_mib": hwm as f64 / 1024.0, "kernel_map_mib": kernel as f64 / (1024.0 * 1024.0),
             "service_add_ms": quantiles(&added), "service_delete_ms": quantiles(&deleted),
+            "relist": relist.map(|(took, writes, deletes)| serde_json::json!({
+                "ms": took.as_secs_f64() * 1e3, "writes": writes, "deletes": deletes})),
             "sustained": (!steady.is_empty()).then(|| serde_json::json!({
                 "seconds": a.sustained, "rate_per_s": 100, "change_ms": quantiles(&steady)})),
             "burst": burst.map(|(n, published, all)| serde_json::json!({

@@ -370,7 +370,8 @@ impl<D: Datapath> Syncer<D> {
         }
         let pods = pods_changed.then(|| self.pods.values().cloned().collect::<Vec<_>>());
         let (svc_list, slice_list) = (u.services.list, u.slices.list);
-        if svc_list.is_some() || slice_list.is_some() {
+        let listed = svc_list.is_some() || slice_list.is_some();
+        if listed {
             changes.extend(self.model.replace(svc_list.as_deref(), slice_list.as_deref(), None));
         }
         // The lists go now: the model kept what it needs (of a slice from the API server, its
@@ -445,7 +446,7 @@ impl<D: Datapath> Syncer<D> {
                 );
                 // A large sync (the first, a relist) leaves much of the heap free, but held by
                 // the allocator's arenas: give it back.
-                if stats.writes + stats.deletes >= 1000 || changed_ports >= 1000 {
+                if listed || stats.writes + stats.deletes >= 1000 || changed_ports >= 1000 {
                     trim_heap();
                 }
                 Ok(stats)
