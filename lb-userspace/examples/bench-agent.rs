@@ -504,6 +504,7 @@ fn main() -> anyhow::Result<()> {
         }
         steady.sort();
     }
+    let rss = status_kib(agent.pid(), "VmRSS:");
     // A relist: every watch ends and its resume gets 410 Gone (history compacted), so the agent
     // lists everything again; nothing changed, so nothing may be written.
     let relist = {
@@ -525,7 +526,10 @@ fn main() -> anyhow::Result<()> {
         };
         loop {
             if let Some((writes, deletes)) = synced_after(&agent.log_text()) {
-                break Some((t.elapsed(), writes, deletes));
+                let took = t.elapsed();
+                // The agent gives the list's heap back after the sync it logged.
+                std::thread::sleep(Duration::from_secs(1));
+                break Some((took, writes, deletes, status_kib(agent.pid(), "VmRSS:")));
             }
             if t.elapsed() > Duration::from_secs(120) {
                 eprintln!("no relist seen within 120 s");
@@ -578,7 +582,6 @@ fn main() -> anyhow::Result<()> {
     let (sync_ms, model_ms) = (log_ms("elapsed_us="), log_ms("model_us="));
     // Service ports that changed per sync, as logged.
     let changed_max = log_ms("changed_ports=").last().map_or(0.0, |v| v * 1e3);
-    let rss = status_kib(agent.pid(), "VmRSS:");
     let hwm = status_kib(agent.pid(), "VmHWM:");
     // A burst: one new endpoint in each of the first `burst` Services' slices, all at once.
     let burst = if a.burst > 0 && !a.dual_stack {
@@ -669,10 +672,11 @@ fn main() -> anyhow::Result<()> {
     if !steady.is_empty() {
         println!("  sustained 100 changes/s:    {} changes in {} s", line(&steady), a.sustained);
     }
-    if let Some((took, writes, deletes)) = relist {
+    if let Some((took, writes, deletes, rss_after)) = relist {
         println!(
-            "  relist (410 Gone), nothing changed: {writes} map writes, {deletes} deletes; listed and synced {:.0} ms after the watches ended",
-            took.as_secs_f64() * 1e3
+            "  relist (410 Gone), nothing changed: {writes} map writes, {deletes} deletes; listed and synced {:.0} ms after the watches ended; VmRSS {:.1} MiB after it",
+            took.as_secs_f64() * 1e3,
+            rss_after as f64 / 1024.0
         );
     }
     if let Some((n, published, all)) = burst {
@@ -705,8 +709,9 @@ fn main() -> anyhow::Result<()> {
             "rss_ready_mib": rss_ready as f64 / 1024.0, "rss_mib": rss as f64 / 1024.0,
             "rss_peak_mib": hwm as f64 / 1024.0, "kernel_map_mib": kernel as f64 / (1024.0 * 1024.0),
             "service_add_ms": quantiles(&added), "service_delete_ms": quantiles(&deleted),
-            "relist": relist.map(|(took, writes, deletes)| serde_json::json!({
-                "ms": took.as_secs_f64() * 1e3, "writes": writes, "deletes": deletes})),
+            "relist": relist.map(|(took, writes, deletes, rss_after)| serde_json::json!({
+                "ms": took.as_secs_f64() * 1e3, "writes": writes, "deletes": deletes,
+                "rss_after_mib": rss_after as f64 / 1024.0})),
             "sustained": (!steady.is_empty()).then(|| serde_json::json!({
                 "seconds": a.sustained, "rate_per_s": 100, "change_ms": quantiles(&steady)})),
             "burst": burst.map(|(n, published, all)| serde_json::json!({

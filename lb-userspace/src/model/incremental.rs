@@ -22,8 +22,8 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    DesiredPort, Family, Frontend, ModelConfig, PortRef, Proto, Rejection, ServiceModel, SliceResult,
-    TO_ALLOCATE, index_endpoints, model_service, ns_name, parse_slice, retain_frontends, strip_node_port,
+    DesiredPort, Frontend, ModelConfig, PortRef, Proto, Rejection, ServiceModel, SliceResult, TO_ALLOCATE,
+    give_node_port, index_endpoints, model_service, ns_name, parse_slice, retain_frontends, strip_node_port,
 };
 use crate::{HashMap, HashSet};
 
@@ -54,6 +54,25 @@ impl Identity {
         Identity(
             meta.resource_version.as_deref().map(|rv| (meta.uid.as_deref().unwrap_or("").into(), rv.into())),
         )
+    }
+
+    /// The reference of the object `key` of this identity (for an event about it).
+    fn reference(
+        &self,
+        api_version: &str,
+        kind: &str,
+        key: Key,
+    ) -> k8s_openapi::api::core::v1::ObjectReference {
+        let (uid, rv) = self.0.clone().unzip();
+        k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(api_version.into()),
+            kind: Some(kind.into()),
+            name: Some(key.1),
+            namespace: Some(key.0),
+            uid: uid.map(String::from),
+            resource_version: rv.map(String::from),
+            ..Default::default()
+        }
     }
 }
 
@@ -237,32 +256,11 @@ impl IncrementalModel {
                 let e = self.services.get(&key)?;
                 match e.obj.as_ref()? {
                     Held::Shared(o) => Some(o.object_ref(&())),
-                    Held::Packed(_) => {
-                        let (uid, rv) = e.meta.0.clone().unzip();
-                        Some(k8s_openapi::api::core::v1::ObjectReference {
-                            api_version: Some("v1".into()),
-                            kind: Some("Service".into()),
-                            name: Some(key.1),
-                            namespace: Some(key.0),
-                            uid: uid.map(String::from),
-                            resource_version: rv.map(String::from),
-                            ..Default::default()
-                        })
-                    }
+                    Held::Packed(_) => Some(e.meta.reference("v1", "Service", key)),
                 }
             }
             "EndpointSlice" => {
-                let s = self.slices.get(&key)?;
-                let (uid, rv) = s.meta.0.clone().unzip();
-                Some(k8s_openapi::api::core::v1::ObjectReference {
-                    api_version: Some("discovery.k8s.io/v1".into()),
-                    kind: Some("EndpointSlice".into()),
-                    name: Some(key.1),
-                    namespace: Some(key.0),
-                    uid: uid.map(String::from),
-                    resource_version: rv.map(String::from),
-                    ..Default::default()
-                })
+                Some(self.slices.get(&key)?.meta.reference("discovery.k8s.io/v1", "EndpointSlice", key))
             }
             "Pod" => self.pods.iter().find(|p| ns_name(&p.metadata) == key).map(|p| p.object_ref(&())),
             _ => None,
@@ -694,39 +692,13 @@ impl IncrementalModel {
     /// Gives out node ports to the ports waiting for one, as the builder does: in (namespace,
     /// name) order, from a hash of the port's name, the first one not taken.
     fn allocate(&self) -> BTreeMap<Key, Vec<Arc<DesiredPort>>> {
-        let cfg = &self.cfg;
-        let (lo, hi) = (u32::from(*cfg.node_port_range.start()), u32::from(*cfg.node_port_range.end()));
-        let size = hi - lo + 1;
-        let mut taken: HashSet<(u16, Proto)> = self.served_node_ports.keys().copied().collect();
-        let mut given_names: HashMap<String, Option<u16>> = HashMap::default();
+        let mut taken: BTreeSet<(u16, Proto)> = self.served_node_ports.keys().copied().collect();
+        let mut given: HashMap<String, Option<u16>> = HashMap::default();
         let mut out = BTreeMap::new();
         for key in &self.to_allocate {
             let mut ports = self.services[key].outcome.ports.clone();
             for p in ports.iter_mut().filter(|p| p.node_port == Some(TO_ALLOCATE)) {
-                let name = format!("{}/{}/{}/{}", p.id.namespace, p.id.name, p.id.port_name, p.id.proto);
-                let free = *given_names.entry(name).or_insert_with_key(|name| {
-                    let start = (crate::reconcile::maglev::fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325)
-                        % u64::from(size)) as u32;
-                    let free = (0..size)
-                        .map(|i| (lo + (start + i) % size) as u16)
-                        .find(|np| !taken.contains(&(*np, p.id.proto)));
-                    if let Some(np) = free {
-                        taken.insert((np, p.id.proto));
-                    }
-                    free
-                });
-                let port = Arc::make_mut(p);
-                match free {
-                    Some(np) => {
-                        port.node_port = Some(np);
-                        port.shown.node_port_assigned = true;
-                        for &addr in cfg.node_addrs.iter().filter(|a| Family::of(a) == port.id.family) {
-                            port.frontends.push(Frontend { addr, port: np, proto: port.id.proto });
-                            port.frontend_kinds.push(lb_common::SVC_F_NODE_PORT | lb_common::SVC_F_LOCAL);
-                        }
-                    }
-                    None => port.node_port = None,
-                }
+                give_node_port(p, &self.cfg, &mut taken, &mut given);
             }
             out.insert(key.clone(), ports);
         }

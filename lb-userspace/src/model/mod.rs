@@ -636,37 +636,49 @@ fn allocate_node_ports(
     claimed: &HashMap<(u16, Proto), Arc<DesiredPort>>,
     cfg: &ModelConfig,
 ) {
-    let (lo, hi) = (u32::from(*cfg.node_port_range.start()), u32::from(*cfg.node_port_range.end()));
-    let size = hi - lo + 1;
     let mut taken: BTreeSet<(u16, Proto)> = claimed.keys().copied().collect();
     // The two families of a dual-stack Service port share its node port.
     let mut given: HashMap<String, Option<u16>> = HashMap::default();
     for p in model.ports.iter_mut().filter(|p| p.node_port == Some(TO_ALLOCATE)) {
-        let name = format!("{}/{}/{}/{}", p.id.namespace, p.id.name, p.id.port_name, p.id.proto);
-        let free = *given.entry(name).or_insert_with_key(|name| {
-            let start = (crate::reconcile::maglev::fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325)
-                % u64::from(size)) as u32;
-            let free = (0..size)
-                .map(|i| (lo + (start + i) % size) as u16)
-                .find(|np| !taken.contains(&(*np, p.id.proto)));
-            if let Some(np) = free {
-                taken.insert((np, p.id.proto));
-            }
-            free
-        });
-        let port = Arc::make_mut(p);
-        match free {
-            Some(np) => {
-                port.node_port = Some(np);
-                port.shown.node_port_assigned = true;
-                for &addr in cfg.node_addrs.iter().filter(|a| Family::of(a) == port.id.family) {
-                    port.frontends.push(Frontend { addr, port: np, proto: port.id.proto });
-                    port.frontend_kinds.push(lb_common::SVC_F_NODE_PORT | lb_common::SVC_F_LOCAL);
-                }
-            }
-            // The range is full: serve the rest of the port, without a node port.
-            None => port.node_port = None,
+        give_node_port(p, cfg, &mut taken, &mut given);
+    }
+}
+
+/// Gives port `p` (waiting for a node port) the first node port of the range not `taken`, from
+/// a hash of its name on (or the one its other family got, in `given`), and its frontends on
+/// the node's addresses; the range full, it has none.
+fn give_node_port(
+    p: &mut Arc<DesiredPort>,
+    cfg: &ModelConfig,
+    taken: &mut BTreeSet<(u16, Proto)>,
+    given: &mut HashMap<String, Option<u16>>,
+) {
+    let (lo, hi) = (u32::from(*cfg.node_port_range.start()), u32::from(*cfg.node_port_range.end()));
+    let size = hi - lo + 1;
+    let name = format!("{}/{}/{}/{}", p.id.namespace, p.id.name, p.id.port_name, p.id.proto);
+    let free = *given.entry(name).or_insert_with_key(|name| {
+        let start = (crate::reconcile::maglev::fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325)
+            % u64::from(size)) as u32;
+        let free = (0..size)
+            .map(|i| (lo + (start + i) % size) as u16)
+            .find(|np| !taken.contains(&(*np, p.id.proto)));
+        if let Some(np) = free {
+            taken.insert((np, p.id.proto));
         }
+        free
+    });
+    let port = Arc::make_mut(p);
+    match free {
+        Some(np) => {
+            port.node_port = Some(np);
+            port.shown.node_port_assigned = true;
+            for &addr in cfg.node_addrs.iter().filter(|a| Family::of(a) == port.id.family) {
+                port.frontends.push(Frontend { addr, port: np, proto: port.id.proto });
+                port.frontend_kinds.push(lb_common::SVC_F_NODE_PORT | lb_common::SVC_F_LOCAL);
+            }
+        }
+        // The range is full: serve the rest of the port, without a node port.
+        None => port.node_port = None,
     }
 }
 
