@@ -23,7 +23,8 @@ use k8s_openapi::api::{
 
 use super::{
     DesiredPort, Frontend, ModelConfig, PortRef, Proto, Rejection, ServiceModel, SliceResult, TO_ALLOCATE,
-    give_node_port, index_endpoints, model_service, ns_name, parse_slice, retain_frontends, strip_node_port,
+    give_node_port, index_endpoints, model_service, ns_name, parse_slice, part_of_frontend, retain_frontends,
+    strip_node_port,
 };
 use crate::{HashMap, HashSet};
 
@@ -670,13 +671,7 @@ impl IncrementalModel {
                 .filter_map(|(f, k)| Some((*f, *k, holder(f)?)))
                 .collect();
             for (f, k, o) in &taken {
-                let what = if k & lb_common::SVC_F_NODE_PORT != 0 {
-                    "nodePort"
-                } else if k & lb_common::SVC_F_LB_INGRESS != 0 {
-                    "loadBalancerIngress"
-                } else {
-                    "externalIP"
-                };
+                let what = part_of_frontend(*k);
                 out.rejected.push(part(key, what, format!("frontend {f} is already used by {}", owner(o))));
             }
             if !taken.is_empty() {

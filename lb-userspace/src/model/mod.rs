@@ -565,13 +565,7 @@ impl ModelCache {
                                 .map(|(f, k)| (*f, *k))
                                 .collect();
                             for (f, k) in &taken {
-                                let what = if k & lb_common::SVC_F_NODE_PORT != 0 {
-                                    "nodePort"
-                                } else if k & lb_common::SVC_F_LB_INGRESS != 0 {
-                                    "loadBalancerIngress"
-                                } else {
-                                    "externalIP"
-                                };
+                                let what = part_of_frontend(*k);
                                 let o = owner(&claimed[f]);
                                 model
                                     .rejected
@@ -603,6 +597,18 @@ impl ModelCache {
         allocate_node_ports(&mut model, &claimed_node_ports, cfg);
         model.ports.sort_by(|a, b| a.id.cmp(&b.id));
         model
+    }
+}
+
+/// The part of a Service ([`PARTS`]) a frontend of kind `k` (`SVC_F_*` bits, not a clusterIP)
+/// belongs to.
+fn part_of_frontend(k: u16) -> &'static str {
+    if k & lb_common::SVC_F_NODE_PORT != 0 {
+        "nodePort"
+    } else if k & lb_common::SVC_F_LB_INGRESS != 0 {
+        "loadBalancerIngress"
+    } else {
+        "externalIP"
     }
 }
 
