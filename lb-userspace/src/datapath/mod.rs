@@ -182,7 +182,13 @@ unsafe impl Send for MappedWords {}
 unsafe impl Sync for MappedWords {}
 
 impl MappedWords {
-    fn new(map: &MapData, elements: usize) -> Result<Self, DatapathError> {
+    /// Maps `elements` words of `map` (its `name`, for errors, as `op` failing on it).
+    fn new(
+        map: &MapData,
+        elements: usize,
+        op: &'static str,
+        name: &'static str,
+    ) -> Result<Self, DatapathError> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: a fresh shared mapping of the map's value area, page-aligned (so u64-aligned).
@@ -198,8 +204,8 @@ impl MappedWords {
         };
         if p == libc::MAP_FAILED {
             return Err(DatapathError::Map {
-                op: "mmap",
-                name: lb_common::MAP_FILTER,
+                op,
+                name,
                 source: MapError::SyscallError(aya::sys::SyscallError {
                     call: "mmap",
                     io_error: std::io::Error::last_os_error(),
@@ -648,7 +654,8 @@ impl Datapath for BpfMaps {
             return Ok(());
         }
         if self.filter_area.is_none() {
-            self.filter_area = Some(MappedWords::new(IterableMap::map(f), f.len() as usize)?);
+            self.filter_area =
+                Some(MappedWords::new(IterableMap::map(f), f.len() as usize, "mmap", lb_common::MAP_FILTER)?);
         }
         if let Some(area) = &mut self.filter_area {
             for &(i, w) in words {
@@ -814,36 +821,12 @@ fn with_mmapped(
     name: &'static str,
     f: impl FnOnce(&mut [u64]),
 ) -> Result<(), DatapathError> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let len = elements * 8;
-    if len == 0 {
+    if elements == 0 {
         return Ok(());
     }
-    let fd = map.fd().as_fd().as_raw_fd();
-    // SAFETY: a fresh shared mapping of `len` bytes of the map's value area, page-aligned (so
-    // u64-aligned), handed to `f` as a slice of exactly that size and unmapped before return.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return Err(DatapathError::Map {
-                op,
-                name,
-                source: MapError::SyscallError(aya::sys::SyscallError {
-                    call: "mmap",
-                    io_error: std::io::Error::last_os_error(),
-                }),
-            });
-        }
-        f(std::slice::from_raw_parts_mut(p.cast::<u64>(), elements));
-        libc::munmap(p, len);
-    }
+    let area = MappedWords::new(map, elements, op, name)?;
+    // SAFETY: the mapping's words, aligned, which live until `area` is dropped after `f`.
+    f(unsafe { std::slice::from_raw_parts_mut(area.ptr, area.len) });
     Ok(())
 }
 

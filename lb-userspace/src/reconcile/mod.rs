@@ -71,6 +71,13 @@ struct BackendKey {
     proto: Proto,
 }
 
+impl BackendKey {
+    /// The backend of endpoint `b` of port `p`.
+    fn of(p: &DesiredPort, b: &crate::model::DesiredBackend) -> Self {
+        BackendKey { addr: b.addr, port: b.port, proto: p.id.proto }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct FrontendState {
     svc_id: u32,
@@ -750,7 +757,7 @@ impl<D: Datapath> Reconciler<D> {
         }
         for p in olds {
             for b in &p.backends {
-                let k = BackendKey { addr: b.addr, port: b.port, proto: p.id.proto };
+                let k = BackendKey::of(p, b);
                 let refs = self.backend_refs.entry(k).or_default();
                 refs.count(b, false);
                 if refs.total() == 0 {
@@ -762,7 +769,7 @@ impl<D: Datapath> Reconciler<D> {
         }
         for p in news {
             for b in &p.backends {
-                let k = BackendKey { addr: b.addr, port: b.port, proto: p.id.proto };
+                let k = BackendKey::of(p, b);
                 let refs = self.backend_refs.entry(k).or_default();
                 refs.count(b, true);
                 if refs.total() == 1 {
@@ -860,9 +867,7 @@ impl<D: Datapath> Reconciler<D> {
         // 2. Frontends: slots, then the entry, then stale slots.
         let mut wanted_frontends = HashSet::default();
         for (p, &svc_id) in news.iter().zip(&ids) {
-            let id_of = |b: &crate::model::DesiredBackend| {
-                self.backend_ids[&BackendKey { addr: b.addr, port: b.port, proto: p.id.proto }]
-            };
+            let id_of = |b: &crate::model::DesiredBackend| self.backend_ids[&BackendKey::of(p, b)];
             // The selectable backends first (count of them), then every other one. A frontend
             // with a traffic policy Local selects among this node's endpoints only.
             let slots_for = |local_only: bool| -> (Vec<u32>, u16) {
