@@ -46,15 +46,41 @@ struct SliceEntry {
 }
 
 /// What tells two versions of an object apart, and names it in events: uid and
-/// resourceVersion (objects from the API server; `None` for manifests).
+/// resourceVersion (objects from the API server; none for manifests). The API server writes a
+/// UUID and a decimal number: those are held as numbers (a large cluster holds two per
+/// Service), anything else as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Identity(Option<(Box<str>, Box<str>)>);
+enum Identity {
+    None,
+    Numeric { uid: [u64; 2], rv: u64 },
+    Text(Box<(Box<str>, Box<str>)>),
+}
 
 impl Identity {
     fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
-        Identity(
-            meta.resource_version.as_deref().map(|rv| (meta.uid.as_deref().unwrap_or("").into(), rv.into())),
-        )
+        let Some(rv) = meta.resource_version.as_deref() else { return Identity::None };
+        let uid = meta.uid.as_deref().unwrap_or("");
+        match (parse_uuid(uid), rv.parse::<u64>()) {
+            (Some(uid), Ok(n)) if n.to_string() == rv => Identity::Numeric { uid, rv: n },
+            _ => Identity::Text(Box::new((uid.into(), rv.into()))),
+        }
+    }
+
+    fn is_versioned(&self) -> bool {
+        !matches!(self, Identity::None)
+    }
+
+    /// (uid, resourceVersion) as written.
+    fn texts(&self) -> Option<(String, String)> {
+        match self {
+            Identity::None => None,
+            Identity::Numeric { uid, rv } => {
+                let h = format!("{:016x}{:016x}", uid[0], uid[1]);
+                let uid = format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]);
+                Some((uid, rv.to_string()))
+            }
+            Identity::Text(t) => Some((t.0.to_string(), t.1.to_string())),
+        }
     }
 
     /// The reference of the object `key` of this identity (for an event about it).
@@ -64,25 +90,47 @@ impl Identity {
         kind: &str,
         key: Key,
     ) -> k8s_openapi::api::core::v1::ObjectReference {
-        let (uid, rv) = self.0.clone().unzip();
+        let (uid, rv) = self.texts().unzip();
         k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some(api_version.into()),
             kind: Some(kind.into()),
             name: Some(key.1),
             namespace: Some(key.0),
-            uid: uid.map(String::from),
-            resource_version: rv.map(String::from),
+            uid,
+            resource_version: rv,
             ..Default::default()
         }
     }
 }
 
+/// A UUID as the API server writes it (lower-case hex, 8-4-4-4-12), as two numbers; `None` for
+/// any other text (which would not be written back the same).
+fn parse_uuid(s: &str) -> Option<[u64; 2]> {
+    let b = s.as_bytes();
+    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+        return None;
+    }
+    let mut v: u128 = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if [8, 13, 18, 23].contains(&i) {
+            continue;
+        }
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => return None,
+        };
+        v = v << 4 | u128::from(d);
+    }
+    Some([(v >> 64) as u64, v as u64])
+}
+
 /// Whether `new` is the version of an object held as (`held`, `identity`): the same
 /// resourceVersion, or (no version) the same `Arc`.
 fn same_version<K: kube::Resource>(held: Option<&Arc<K>>, identity: &Identity, new: &Arc<K>) -> bool {
-    match (&identity.0, Identity::of(new.meta()).0) {
-        (Some(a), Some(b)) => *a == b,
-        _ => held.is_some_and(|h| Arc::ptr_eq(h, new)),
+    match (identity, Identity::of(new.meta())) {
+        (Identity::None, _) | (_, Identity::None) => held.is_some_and(|h| Arc::ptr_eq(h, new)),
+        (a, b) => *a == b,
     }
 }
 
@@ -139,12 +187,15 @@ enum Held {
 
 impl Held {
     fn new(svc: Arc<Service>, identity: &Identity) -> Self {
-        match identity.0 {
-            Some(_) => match serde_json::to_vec(&*svc) {
-                Ok(json) => Held::Packed(json.into_boxed_slice()),
-                Err(_) => Held::Shared(svc),
-            },
-            None => Held::Shared(svc),
+        if !identity.is_versioned() {
+            return Held::Shared(svc);
+        }
+        // The model reads the spec and status alone (the key and identity are held apart).
+        let bare =
+            Service { metadata: Default::default(), spec: svc.spec.clone(), status: svc.status.clone() };
+        match serde_json::to_vec(&bare) {
+            Ok(json) => Held::Packed(json.into_boxed_slice()),
+            Err(_) => Held::Shared(svc),
         }
     }
 
@@ -333,7 +384,7 @@ impl IncrementalModel {
                 self.slice_rejected.insert(key.clone(), rejected);
             }
             let meta = Identity::of(&obj.metadata);
-            let entry = SliceEntry { obj: meta.0.is_none().then_some(obj), meta, parsed };
+            let entry = SliceEntry { obj: (!meta.is_versioned()).then_some(obj), meta, parsed };
             if let Some(svc) = entry.service() {
                 self.slices_of.entry(svc.clone()).or_default().insert(key.1.clone());
                 dirty.insert(svc.clone());
@@ -343,7 +394,7 @@ impl IncrementalModel {
         for (key, obj) in services {
             let had = self.services.get(&key).is_some_and(|e| e.obj.is_some());
             self.service_count = self.service_count + usize::from(obj.is_some()) - usize::from(had);
-            let meta = Identity(obj.as_ref().and_then(|o| Identity::of(&o.metadata).0));
+            let meta = obj.as_ref().map_or(Identity::None, |o| Identity::of(&o.metadata));
             let held = obj.map(|o| (o, &meta));
             let (obj, model_now) = match held {
                 // Modelled now, from the object at hand (not read back from its packed form).
@@ -598,6 +649,10 @@ impl IncrementalModel {
                 }
             }
         }
+        // A first sync or a relist filled it: its table goes too.
+        if self.fresh.capacity() > 1024 {
+            self.fresh = HashMap::default();
+        }
         self.fresh.clear();
         // Services deleted: nothing of them is left (no claim, no port, no rejection).
         for key in gone {
@@ -741,6 +796,8 @@ impl<T> Default for Few<T> {
 impl<T: Ord> Few<T> {
     fn insert(&mut self, t: T) {
         if let Err(i) = self.0.binary_search(&t) {
+            // Grown one at a time: most hold one element for good.
+            self.0.reserve_exact(1);
             self.0.insert(i, t);
         }
     }
@@ -828,6 +885,29 @@ mod tests {
         fn chance(&mut self, one_in: u64) -> bool {
             self.below(one_in) == 0
         }
+    }
+
+    #[test]
+    fn an_identity_held_as_numbers_names_the_object_as_written() {
+        let meta = |uid: &str, rv: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            uid: Some(uid.into()),
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        };
+        let uuid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let id = Identity::of(&meta(uuid, "123456"));
+        assert!(matches!(id, Identity::Numeric { .. }), "{id:?}");
+        assert_eq!(id.texts(), Some((uuid.to_string(), "123456".to_string())));
+        // Anything that would not be written back the same is kept as written.
+        for (uid, rv) in
+            [("uid-a", "1"), (uuid, "0123"), ("0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0", "7"), (uuid, "")]
+        {
+            let id = Identity::of(&meta(uid, rv));
+            assert!(matches!(id, Identity::Text(_)), "{uid} {rv}: {id:?}");
+            assert_eq!(id.texts(), Some((uid.to_string(), rv.to_string())));
+        }
+        assert_ne!(Identity::of(&meta(uuid, "1")), Identity::of(&meta(uuid, "2")));
+        assert_eq!(Identity::of(&Default::default()), Identity::None);
     }
 
     const NAMES: [(&str, &str); 6] =

@@ -699,17 +699,31 @@ fn model_service(
     if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
         return match spec.and_then(|s| s.external_name.as_deref()).filter(|n| !n.is_empty()) {
             Some(n) => match external_name_ports(spec, namespace, name, n) {
-                Ok(ports) => ServiceModel::Ports(ports.into_iter().map(Arc::new).collect(), Vec::new()),
+                Ok(ports) => ServiceModel::Ports(shared(ports), Vec::new()),
                 Err(reason) => ServiceModel::Rejected(reason),
             },
             None => ServiceModel::Rejected("type ExternalName without spec.externalName".into()),
         };
     }
     match service_ports(svc, namespace, name, eps, cfg) {
-        Ok((ports, partial)) => ServiceModel::Ports(ports.into_iter().map(Arc::new).collect(), partial),
+        Ok((ports, partial)) => ServiceModel::Ports(shared(ports), partial),
         Err(reason) if reason.is_empty() => ServiceModel::Nothing,
         Err(reason) => ServiceModel::Rejected(reason),
     }
+}
+
+/// The ports of a Service as held until it changes: each shared, and no spare capacity (the
+/// vectors were grown by pushes, and a large cluster holds one set per Service).
+fn shared(ports: Vec<DesiredPort>) -> Vec<Arc<DesiredPort>> {
+    let mut out = Vec::with_capacity(ports.len());
+    for mut p in ports {
+        p.frontends.shrink_to_fit();
+        p.frontend_kinds.shrink_to_fit();
+        p.backends.shrink_to_fit();
+        p.source_ranges.shrink_to_fit();
+        out.push(Arc::new(p));
+    }
+    out
 }
 
 /// An ExternalName Service: a DNS alias with no datapath. Its ports (or one port-less entry)
@@ -946,6 +960,9 @@ fn parse_slice(slice: &EndpointSlice) -> SliceResult {
         };
         partial.push(Rejection { part: Some("endpoint"), ..reject(problem) });
     }
+    // Held until the slice changes: no spare capacity.
+    ports.shrink_to_fit();
+    addrs.shrink_to_fit();
     Some(Ok(ParsedSlice { service: (namespace.clone(), service.clone()), ports, endpoints: addrs, partial }))
 }
 
