@@ -513,10 +513,15 @@ fn main() -> anyhow::Result<()> {
         api.expire_watches();
         let synced_after = |text: &str| -> Option<(u64, u64)> {
             let lines: Vec<&str> = text.lines().skip(before).collect();
-            let relisted = lines.iter().filter(|l| l.contains(" relisted ")).count();
-            let last_relist = lines.iter().rposition(|l| l.contains(" relisted "))?;
-            // Both kinds relisted, and a sync after the last of them.
-            (relisted >= 2 && lines[last_relist..].iter().any(|l| l.contains(" synced "))).then(|| {
+            // Services and EndpointSlices relisted (this node's pods, none here, come first),
+            // and a sync after the last of them.
+            let relisted = |kind: &str| {
+                lines
+                    .iter()
+                    .rposition(|l| l.contains(" relisted ") && l.contains(&format!("resource=\"{kind}\"")))
+            };
+            let last_relist = relisted("services")?.max(relisted("endpointslices")?);
+            lines[last_relist..].iter().any(|l| l.contains(" synced ")).then(|| {
                 let field = |l: &str, f: &str| -> u64 {
                     l.split_whitespace().find_map(|w| w.strip_prefix(f)?.parse().ok()).unwrap_or(0)
                 };

@@ -102,7 +102,13 @@ fn port(
     let family = lb_userspace::model::Family::of(&frontends[0].0.addr);
     let (frontends, frontend_kinds) = frontends.into_iter().unzip();
     Arc::new(DesiredPort {
-        id: PortRef { namespace: "bench".into(), name, port_name: String::new(), proto: Proto::Tcp, family },
+        id: PortRef {
+            namespace: "bench".into(),
+            name: name.into(),
+            port_name: String::new(),
+            proto: Proto::Tcp,
+            family,
+        },
         svc_type,
         port,
         node_port: (svc_type == SvcType::NodePort).then_some(30_080),

@@ -223,7 +223,7 @@ mod tests {
     use super::*;
 
     fn rej(kind: &'static str, name: &str, reason: &str) -> Rejection {
-        Rejection::whole(kind, "default".into(), name.into(), reason.into())
+        Rejection::whole(kind, "default", name, reason.into())
     }
 
     #[test]

@@ -28,8 +28,7 @@ use super::{
 };
 use crate::{HashMap, HashSet};
 
-/// (namespace, name) of an object.
-pub type Key = (String, String);
+pub use super::Key;
 
 /// One object's change: its new version, or `None` when it is gone.
 pub type Change<K> = (Key, Option<Arc<K>>);
@@ -94,8 +93,8 @@ impl Identity {
         k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some(api_version.into()),
             kind: Some(kind.into()),
-            name: Some(key.1),
-            namespace: Some(key.0),
+            name: Some(key.1.to_string()),
+            namespace: Some(key.0.to_string()),
             uid,
             resource_version: rv,
             ..Default::default()
@@ -232,8 +231,9 @@ pub struct IncrementalModel {
     cfg: ModelConfig,
     slices: HashMap<Key, SliceEntry>,
     /// By Service: the names of the slices that belong to it (sorted: the order they merge in).
-    slices_of: HashMap<Key, Few<String>>,
-    services: BTreeMap<Key, ServiceEntry>,
+    slices_of: HashMap<Key, Few<Arc<str>>>,
+    /// Boxed: a B-tree node holds eleven entries and is often half full; an entry is large.
+    services: BTreeMap<Key, Box<ServiceEntry>>,
     /// Who claims each frontend and node port (the Services whose ports ask for it).
     claims: HashMap<Frontend, Few<Key>>,
     node_port_claims: HashMap<(u16, Proto), Few<Key>>,
@@ -243,8 +243,8 @@ pub struct IncrementalModel {
     to_allocate: BTreeSet<Key>,
     /// Give out the node ports again at the next resolve (the configuration changed).
     reallocate: bool,
-    /// Frontends given to the datapath, by owner ("Service ns/name"), for the hostPorts' check.
-    given_frontends: HashMap<Frontend, Arc<str>>,
+    /// Frontends given to the datapath, with the Service they went to, for the hostPorts' check.
+    given_frontends: HashMap<Frontend, Key>,
     /// This node's pods, and the hostPort ports and rejections made of them.
     pods: Vec<Arc<Pod>>,
     host_ports: Vec<Arc<DesiredPort>>,
@@ -259,6 +259,8 @@ pub struct IncrementalModel {
     fresh: HashMap<Key, Arc<Service>>,
     /// Node names of endpoints, shared by every endpoint on the node.
     node_names: HashSet<Arc<str>>,
+    /// Namespaces, shared by every key in them.
+    namespaces: HashSet<Arc<str>>,
     /// Figures: service ports and frontends given to the datapath.
     port_count: usize,
     frontend_count: usize,
@@ -302,7 +304,7 @@ impl IncrementalModel {
         name: &str,
     ) -> Option<k8s_openapi::api::core::v1::ObjectReference> {
         use kube::Resource as _;
-        let key = (namespace.to_owned(), name.to_owned());
+        let key: Key = (namespace.into(), name.into());
         match kind {
             "Service" => {
                 let e = self.services.get(&key)?;
@@ -354,7 +356,12 @@ impl IncrementalModel {
     ) -> PortChanges {
         let mut dirty: BTreeSet<Key> = BTreeSet::new();
         for (key, obj) in slices {
-            if let Some(old) = self.slices.remove(&key)
+            let old = self.slices.remove_entry(&key);
+            let key = match &old {
+                Some((k, _)) => k.clone(),
+                None => (intern(&mut self.namespaces, &key.0), key.1),
+            };
+            if let Some((_, old)) = old
                 && let Some(svc) = old.service()
             {
                 if let Some(names) = self.slices_of.get_mut(svc) {
@@ -369,6 +376,7 @@ impl IncrementalModel {
             let Some(obj) = obj else { continue };
             let mut parsed = parse_slice(&obj);
             if let Some(Ok(p)) = &mut parsed {
+                p.service = self.shared_key(&p.service);
                 for (_, _, node) in &mut p.endpoints {
                     if let Some(n) = node.as_mut() {
                         *n = intern(&mut self.node_names, n);
@@ -392,6 +400,7 @@ impl IncrementalModel {
             self.slices.insert(key, entry);
         }
         for (key, obj) in services {
+            let key = self.shared_key(&key);
             let had = self.services.get(&key).is_some_and(|e| e.obj.is_some());
             self.service_count = self.service_count + usize::from(obj.is_some()) - usize::from(had);
             let meta = obj.as_ref().map_or(Identity::None, |o| Identity::of(&o.metadata));
@@ -412,14 +421,14 @@ impl IncrementalModel {
                 None if obj.is_some() => {
                     self.services.insert(
                         key.clone(),
-                        ServiceEntry {
+                        Box::new(ServiceEntry {
                             obj,
                             meta,
                             model: ServiceModel::Nothing,
                             wants: Wants::default(),
                             outcome: Outcome::default(),
                             given: Vec::new(),
-                        },
+                        }),
                     );
                 }
                 None => continue,
@@ -507,7 +516,7 @@ impl IncrementalModel {
                             _ => None,
                         }
                     });
-                    model_service(&svc, &key.0, &key.1, &index_endpoints(parsed), &self.cfg)
+                    model_service(&svc, &key, &index_endpoints(parsed), &self.cfg)
                 }
                 None => ServiceModel::Nothing,
             };
@@ -624,13 +633,12 @@ impl IncrementalModel {
                 continue;
             }
             let old = std::mem::replace(&mut entry.given, ports);
-            let owner: Arc<str> = Arc::from(format!("Service {}/{}", key.0, key.1));
             for p in &old {
                 self.port_count -= 1;
                 self.frontend_count -= p.frontends.len();
                 for f in &p.frontends {
                     // Unless it went to a Service handled before this one.
-                    if self.given_frontends.get(f) == Some(&owner) {
+                    if self.given_frontends.get(f) == Some(&key) {
                         self.given_frontends.remove(f);
                     }
                 }
@@ -642,7 +650,7 @@ impl IncrementalModel {
                 self.port_count += 1;
                 self.frontend_count += p.frontends.len();
                 for f in &p.frontends {
-                    self.given_frontends.insert(*f, owner.clone());
+                    self.given_frontends.insert(*f, key.clone());
                 }
                 if !old.iter().any(|o| o == p) {
                     out.push((p.id.clone(), Some(p.clone())));
@@ -671,12 +679,7 @@ impl IncrementalModel {
         let ports = match model {
             ServiceModel::Nothing => return out,
             ServiceModel::Rejected(reason) => {
-                out.rejected.push(Rejection::whole(
-                    "Service",
-                    namespace.clone(),
-                    name.clone(),
-                    reason.clone(),
-                ));
+                out.rejected.push(Rejection::whole("Service", namespace, name, reason.clone()));
                 return out;
             }
             ServiceModel::Ports(ports, partial) => {
@@ -707,7 +710,7 @@ impl IncrementalModel {
             })
         });
         if let Some(reason) = clash {
-            out.rejected.push(Rejection::whole("Service", namespace.clone(), name.clone(), reason));
+            out.rejected.push(Rejection::whole("Service", namespace, name, reason));
             return out;
         }
         for p in ports {
@@ -764,7 +767,7 @@ impl IncrementalModel {
         let mut model = super::Model::default();
         let given = &self.given_frontends;
         super::add_host_ports_checked(&mut model, &self.pods, &self.cfg, |f| {
-            given.get(f).map(|o| o.to_string())
+            given.get(f).map(|o| format!("Service {}/{}", o.0, o.1))
         });
         let mut out = PortChanges::new();
         for p in &self.host_ports {
@@ -831,6 +834,20 @@ impl<'a, T> IntoIterator for &'a Few<T> {
 }
 
 /// The one copy of `name` in `names`.
+impl IncrementalModel {
+    /// The key of Service `key` as the model holds it already (one copy of its names, whatever
+    /// holds it: its entry, its slices, the claims, its ports), or `key` in a namespace held.
+    fn shared_key(&mut self, key: &Key) -> Key {
+        if let Some((k, _)) = self.services.get_key_value(key) {
+            return k.clone();
+        }
+        if let Some((k, _)) = self.slices_of.get_key_value(key) {
+            return k.clone();
+        }
+        (intern(&mut self.namespaces, &key.0), key.1.clone())
+    }
+}
+
 fn intern(names: &mut HashSet<Arc<str>>, name: &Arc<str>) -> Arc<str> {
     match names.get(name) {
         Some(n) => n.clone(),
@@ -843,7 +860,7 @@ fn intern(names: &mut HashSet<Arc<str>>, name: &Arc<str>) -> Arc<str> {
 
 /// A partial rejection of Service `key`.
 fn part(key: &Key, part: &'static str, reason: String) -> Rejection {
-    Rejection { part: Some(part), ..Rejection::whole("Service", key.0.clone(), key.1.clone(), reason) }
+    Rejection { part: Some(part), ..Rejection::whole("Service", &key.0, &key.1, reason) }
 }
 
 fn wants_of(model: &ServiceModel) -> Wants {
@@ -1103,7 +1120,7 @@ mod tests {
                 let changes = match what {
                     0..=6 => {
                         let (ns, name) = *rng.pick(&NAMES);
-                        let key = (ns.to_string(), name.to_string());
+                        let key: Key = (ns.into(), name.into());
                         let obj = if rng.chance(5) {
                             None
                         } else {
@@ -1124,7 +1141,7 @@ mod tests {
                             1 => Some(rng.pick(&NAMES).1),
                             _ => Some(svc),
                         };
-                        let key = (ns.to_string(), name.clone());
+                        let key: Key = (ns.into(), name.as_str().into());
                         let obj = if rng.chance(5) {
                             None
                         } else {

@@ -120,8 +120,9 @@ impl SvcType {
 /// Identity of a service port: stable across updates, so its datapath id is too.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRef {
-    pub namespace: String,
-    pub name: String,
+    /// Shared with the model's key of the Service (a large cluster holds several per port).
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// The Service port's name ("" for a single unnamed port).
     pub port_name: String,
     pub proto: Proto,
@@ -304,8 +305,8 @@ pub const PARTS: &[&str] = &["nodePort", "externalIP", "loadBalancerIngress", "e
 
 impl Rejection {
     /// The whole object is rejected.
-    pub fn whole(kind: &'static str, namespace: String, name: String, reason: String) -> Self {
-        Self { kind, namespace, name, reason, part: None }
+    pub fn whole(kind: &'static str, namespace: &str, name: &str, reason: String) -> Self {
+        Self { kind, namespace: namespace.to_owned(), name: name.to_owned(), reason, part: None }
     }
 }
 
@@ -385,9 +386,13 @@ pub struct Model {
 }
 
 /// (namespace, name) of an object; no namespace is "default".
-pub fn ns_name(meta: &ObjectMeta) -> (String, String) {
-    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+pub fn ns_name(meta: &ObjectMeta) -> Key {
+    (meta.namespace.as_deref().unwrap_or("default").into(), meta.name.as_deref().unwrap_or_default().into())
 }
+
+/// (namespace, name) of an object. Shared, not copied, wherever a Service's name is kept (its
+/// ports, its slices, the claims, the reconciler's ids): a large cluster keeps it many times.
+pub type Key = (Arc<str>, Arc<str>);
 
 /// Endpoints of one service, by (slice port name, protocol).
 /// (port name, protocol) -> (address, port) -> (state, the endpoint's node).
@@ -408,7 +413,7 @@ pub fn build<'a>(
 /// What one EndpointSlice contributes: its Service, its ports and its usable endpoints.
 #[derive(Clone, Debug)]
 struct ParsedSlice {
-    service: (String, String),
+    service: Key,
     /// (slice port name, protocol, number).
     ports: Vec<(String, Proto, u16)>,
     /// (address, state, `nodeName`).
@@ -449,7 +454,7 @@ pub struct ModelCache {
     cfg: Option<ModelConfig>,
     /// By `Arc::as_ptr`; the `Arc` is held so that the address cannot be reused meanwhile.
     slices: HashMap<usize, (Arc<EndpointSlice>, SliceResult)>,
-    services: HashMap<(String, String), CachedService>,
+    services: HashMap<Key, CachedService>,
     /// Services modelled again by the last build (the others came from the cache).
     pub last_rebuilt: usize,
 }
@@ -468,7 +473,7 @@ impl ModelCache {
 
         // Slices: parsed once per object version, grouped by Service.
         let mut old_slices = std::mem::take(&mut self.slices);
-        let mut by_service: HashMap<(String, String), Vec<usize>> = HashMap::default();
+        let mut by_service: HashMap<Key, Vec<usize>> = HashMap::default();
         for slice in slices {
             let ptr = Arc::as_ptr(slice) as usize;
             let parsed = match old_slices.remove(&ptr) {
@@ -488,7 +493,7 @@ impl ModelCache {
         drop(old_slices);
 
         // Services, in (namespace, name) order.
-        let mut sorted: Vec<((String, String), &Arc<Service>)> =
+        let mut sorted: Vec<(Key, &Arc<Service>)> =
             services.iter().map(|s| (ns_name(&s.metadata), s)).collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         let mut old_services = std::mem::take(&mut self.services);
@@ -514,7 +519,7 @@ impl ModelCache {
                             Some(Ok(parsed)) => Some(parsed),
                             _ => None,
                         }));
-                    model_service(svc, &key.0, &key.1, &eps, cfg)
+                    model_service(svc, &key, &eps, cfg)
                 }
             };
             let (namespace, name) = key.clone();
@@ -522,7 +527,7 @@ impl ModelCache {
                 ServiceModel::Ports(ports, partial) => {
                     let part = |part: &'static str, reason: String| Rejection {
                         part: Some(part),
-                        ..Rejection::whole("Service", namespace.clone(), name.clone(), reason)
+                        ..Rejection::whole("Service", &namespace, &name, reason)
                     };
                     model.rejected.extend(partial.iter().map(|(p, why)| part(p, why.clone())));
                     let owner = |o: &DesiredPort| format!("Service {}/{}", o.id.namespace, o.id.name);
@@ -538,7 +543,7 @@ impl ModelCache {
                         })
                     });
                     if let Some(reason) = clash {
-                        model.rejected.push(Rejection::whole("Service", namespace, name, reason));
+                        model.rejected.push(Rejection::whole("Service", &namespace, &name, reason));
                     } else {
                         // A node port, externalIP or ingress IP another Service holds is left
                         // out of this one alone; the rest of it is served.
@@ -588,7 +593,7 @@ impl ModelCache {
                 }
                 ServiceModel::Nothing => {}
                 ServiceModel::Rejected(reason) => {
-                    model.rejected.push(Rejection::whole("Service", namespace, name, reason.clone()))
+                    model.rejected.push(Rejection::whole("Service", &namespace, &name, reason.clone()))
                 }
             }
             self.services
@@ -688,24 +693,18 @@ fn give_node_port(
     }
 }
 
-fn model_service(
-    svc: &Service,
-    namespace: &str,
-    name: &str,
-    eps: &EndpointIndex,
-    cfg: &ModelConfig,
-) -> ServiceModel {
+fn model_service(svc: &Service, key: &Key, eps: &EndpointIndex, cfg: &ModelConfig) -> ServiceModel {
     let spec = svc.spec.as_ref();
     if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
         return match spec.and_then(|s| s.external_name.as_deref()).filter(|n| !n.is_empty()) {
-            Some(n) => match external_name_ports(spec, namespace, name, n) {
+            Some(n) => match external_name_ports(spec, key, n) {
                 Ok(ports) => ServiceModel::Ports(shared(ports), Vec::new()),
                 Err(reason) => ServiceModel::Rejected(reason),
             },
             None => ServiceModel::Rejected("type ExternalName without spec.externalName".into()),
         };
     }
-    match service_ports(svc, namespace, name, eps, cfg) {
+    match service_ports(svc, key, eps, cfg) {
         Ok((ports, partial)) => ServiceModel::Ports(shared(ports), partial),
         Err(reason) if reason.is_empty() => ServiceModel::Nothing,
         Err(reason) => ServiceModel::Rejected(reason),
@@ -730,8 +729,7 @@ fn shared(ports: Vec<DesiredPort>) -> Vec<Arc<DesiredPort>> {
 /// are kept, without frontends or backends, so that the CLI can show it.
 fn external_name_ports(
     spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>,
-    namespace: &str,
-    name: &str,
+    (namespace, name): &Key,
     external_name: &str,
 ) -> Result<Vec<DesiredPort>, String> {
     if external_name.len() > 253 {
@@ -742,8 +740,8 @@ fn external_name_ports(
     }
     let shown = Shown { external_name: external_name.to_owned(), ..Shown::default() };
     let port_ref = |port_name: String, proto| PortRef {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
+        namespace: namespace.clone(),
+        name: name.clone(),
         port_name,
         proto,
         family: Family::V4,
@@ -842,8 +840,8 @@ pub fn slices_from_endpoints(ep: &Endpoints) -> Vec<EndpointSlice> {
         out.push(EndpointSlice {
             metadata: ObjectMeta {
                 name: Some(format!("{name}-endpoints-{i}")),
-                namespace: Some(namespace.clone()),
-                labels: Some([(SERVICE_NAME_LABEL.to_owned(), name.clone())].into()),
+                namespace: Some(namespace.to_string()),
+                labels: Some([(SERVICE_NAME_LABEL.to_owned(), name.to_string())].into()),
                 ..Default::default()
             },
             address_type: "IPv4".into(),
@@ -907,7 +905,7 @@ pub fn endpoint_addr_problem(a: &IpAddr) -> Option<&'static str> {
 /// left out alone, with a partial rejection; the slice's other endpoints are served.
 fn parse_slice(slice: &EndpointSlice) -> SliceResult {
     let (namespace, name) = ns_name(&slice.metadata);
-    let reject = |reason: String| Rejection::whole("EndpointSlice", namespace.clone(), name.clone(), reason);
+    let reject = |reason: String| Rejection::whole("EndpointSlice", &namespace, &name, reason);
     let family = match slice.address_type.as_str() {
         "IPv4" => Family::V4,
         "IPv6" => Family::V6,
@@ -963,7 +961,7 @@ fn parse_slice(slice: &EndpointSlice) -> SliceResult {
     // Held until the slice changes: no spare capacity.
     ports.shrink_to_fit();
     addrs.shrink_to_fit();
-    Some(Ok(ParsedSlice { service: (namespace.clone(), service.clone()), ports, endpoints: addrs, partial }))
+    Some(Ok(ParsedSlice { service: (namespace, service.as_str().into()), ports, endpoints: addrs, partial }))
 }
 
 /// Indexes the endpoints of one Service's slices by port, merging duplicates across slices.
@@ -991,8 +989,7 @@ fn index_endpoints<'a>(slices: impl Iterator<Item = &'a ParsedSlice>) -> Endpoin
 /// that part alone, as kube-proxy serves what is valid.
 fn service_ports(
     svc: &Service,
-    namespace: &str,
-    name: &str,
+    (namespace, name): &Key,
     eps: &EndpointIndex,
     cfg: &ModelConfig,
 ) -> Result<(Vec<DesiredPort>, LeftOut), String> {
@@ -1182,8 +1179,8 @@ fn service_ports(
                 .unzip();
             out.push(DesiredPort {
                 id: PortRef {
-                    namespace: namespace.to_owned(),
-                    name: name.to_owned(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
                     port_name: port_name.clone(),
                     proto,
                     family,
@@ -1238,21 +1235,21 @@ fn add_host_ports_checked(
 ) {
     let Some(node) = cfg.node_name.as_deref() else { return };
     let mut claimed: HashMap<Frontend, String> = HashMap::default();
-    let mut sorted: Vec<((String, String), &Pod)> = pods
+    let mut sorted: Vec<(Key, &Pod)> = pods
         .iter()
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
         .map(|p| (ns_name(&p.metadata), p.as_ref()))
         .collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     for ((namespace, name), pod) in sorted {
-        match pod_host_ports(pod, &namespace, &name, cfg) {
+        match pod_host_ports(pod, &(namespace.clone(), name.clone()), cfg) {
             Ok(ports) => {
                 let clash = ports.iter().flat_map(|p| p.frontends.iter()).find_map(|f| {
                     let o = service(f).or_else(|| claimed.get(f).cloned())?;
                     Some(format!("hostPort frontend {f} is already used by {o}"))
                 });
                 if let Some(reason) = clash {
-                    model.rejected.push(Rejection::whole("Pod", namespace, name, reason));
+                    model.rejected.push(Rejection::whole("Pod", &namespace, &name, reason));
                     continue;
                 }
                 for p in ports {
@@ -1262,7 +1259,7 @@ fn add_host_ports_checked(
                     model.ports.push(Arc::new(p));
                 }
             }
-            Err(reason) => model.rejected.push(Rejection::whole("Pod", namespace, name, reason)),
+            Err(reason) => model.rejected.push(Rejection::whole("Pod", &namespace, &name, reason)),
         }
     }
     model.ports.sort_by(|a, b| a.id.cmp(&b.id));
@@ -1271,12 +1268,7 @@ fn add_host_ports_checked(
 /// The hostPorts of one pod of this node: for each of its IPs (one per family on a dual-stack
 /// pod), a port served on the node's addresses of that family, or on `hostIP` when one is given
 /// (a `hostIP` of the other family leaves that family out).
-fn pod_host_ports(
-    pod: &Pod,
-    namespace: &str,
-    name: &str,
-    cfg: &ModelConfig,
-) -> Result<Vec<DesiredPort>, String> {
+fn pod_host_ports(pod: &Pod, (namespace, name): &Key, cfg: &ModelConfig) -> Result<Vec<DesiredPort>, String> {
     let Some(spec) = pod.spec.as_ref() else { return Ok(Vec::new()) };
     let status = pod.status.as_ref();
     let finished = matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
@@ -1327,8 +1319,8 @@ fn pod_host_ports(
             };
             let entry = by_port.entry((host_port, proto, family)).or_insert_with(|| DesiredPort {
                 id: PortRef {
-                    namespace: namespace.to_owned(),
-                    name: name.to_owned(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
                     // Upper case: no Service port name (a lower-case DNS label) can take it.
                     port_name: format!("hostPort-{host_port}"),
                     proto,
@@ -1515,7 +1507,7 @@ mod tests {
                 "Pod default/d: hostPort 8090/TCP leads to two container ports (80 and 81)",
             ]
         );
-        let names: Vec<&str> = m.ports.iter().map(|p| p.id.name.as_str()).collect();
+        let names: Vec<&str> = m.ports.iter().map(|p| &*p.id.name).collect();
         assert_eq!(names, ["b", "np"], "the Service and the first pod keep working");
     }
 
@@ -1542,7 +1534,7 @@ mod tests {
         let ports: Vec<u16> = m.ports.iter().map(|p| p.node_port.unwrap()).collect();
         assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), 41, "all distinct: {ports:?}");
         assert!(ports.iter().all(|p| (30000..=30050).contains(p)));
-        let auto0 = m.ports.iter().find(|p| p.id.name == "auto0").unwrap();
+        let auto0 = m.ports.iter().find(|p| &*p.id.name == "auto0").unwrap();
         assert_eq!(
             auto0.frontends.iter().filter(|f| f.addr == "198.18.100.1".parse::<IpAddr>().unwrap()).count(),
             1,
@@ -1673,7 +1665,7 @@ mod tests {
         assert!(m.rejected.iter().all(|r| !r.reason.is_empty()));
         assert!(m.rejected.iter().find(|r| r.name == "bad-ip").unwrap().reason.contains("198.18.0.999"));
         let served: Vec<&str> =
-            m.ports.iter().filter(|p| !p.frontends.is_empty()).map(|p| p.id.name.as_str()).collect();
+            m.ports.iter().filter(|p| !p.frontends.is_empty()).map(|p| &*p.id.name).collect();
         assert_eq!(served, ["good"], "headless and ExternalName have no datapath, and are not errors");
     }
 
@@ -1683,7 +1675,7 @@ mod tests {
             &(svc("first", "198.18.0.10", "[{port: 80}]") + &svc("second", "198.18.0.10", "[{port: 80}]")),
         );
         assert_eq!(m.ports.len(), 1);
-        assert_eq!(m.ports[0].id.name, "first");
+        assert_eq!(&*m.ports[0].id.name, "first");
         assert_eq!(m.rejected.len(), 1);
         assert!(m.rejected[0].reason.contains("already used by Service default/first"), "{:?}", m.rejected);
     }
@@ -1775,14 +1767,14 @@ mod tests {
             "{:?}",
             m.rejected
         );
-        let lb = m.ports.iter().find(|p| p.id.name == "lb").unwrap();
+        let lb = m.ports.iter().find(|p| &*p.id.name == "lb").unwrap();
         let ranges: Vec<String> = lb.source_ranges.iter().map(ToString::to_string).collect();
         assert_eq!(ranges, ["10.0.0.0/8", "198.18.100.0/24"], "normalised, sorted, deduplicated");
         for (f, k) in lb.frontends.iter().zip(&lb.frontend_kinds) {
             let guarded = k & lb_common::SVC_F_SOURCE_RANGES != 0;
             assert_eq!(guarded, f.addr.to_string() == "198.18.0.99", "{f}: only the ingress IP is guarded");
         }
-        let ci = m.ports.iter().find(|p| p.id.name == "clusterip").unwrap();
+        let ci = m.ports.iter().find(|p| &*p.id.name == "clusterip").unwrap();
         assert!(ci.source_ranges.is_empty(), "only type LoadBalancer has source ranges");
     }
 
@@ -1866,7 +1858,7 @@ mod tests {
         let o = objects(&yaml);
         let m = build(&o.services, &o.slices, &node_cfg("30000-32767"));
         // The node port out of range is left out; the Service's clusterIP is still served.
-        assert_eq!(m.ports.iter().map(|p| p.id.name.as_str()).collect::<Vec<_>>(), ["high", "low"]);
+        assert_eq!(m.ports.iter().map(|p| &*p.id.name).collect::<Vec<_>>(), ["high", "low"]);
         assert_eq!(fronts(&m.ports[0]), ["198.18.0.14:80/TCP"]);
         assert_eq!(m.ports[0].node_port, None);
         assert_eq!(m.rejected.len(), 1);
@@ -1940,7 +1932,7 @@ mod tests {
             + &svc("bad", "198.18.0.11", "[{port: 80}]")
             + &v6_slice("bad-1", "bad", "[{addresses: [198.18.1.9]}]");
         let m = build_yaml(&yaml);
-        let dual: Vec<&Arc<DesiredPort>> = m.ports.iter().filter(|p| p.id.name == "dual").collect();
+        let dual: Vec<&Arc<DesiredPort>> = m.ports.iter().filter(|p| &*p.id.name == "dual").collect();
         assert_eq!(dual.len(), 2, "{:?}", m.ports);
         assert_eq!((dual[0].id.family, dual[1].id.family), (Family::V4, Family::V6));
         assert_eq!(fronts(dual[0]), ["198.18.0.10:80/TCP"]);
@@ -1948,7 +1940,7 @@ mod tests {
         assert_eq!(fronts(dual[1]), ["[2001:db8:1::10]:80/TCP"]);
         assert_eq!(backends(dual[1]), ["2001:db8:2::2:8080 Active", "2001:db8:3::2:8080 Active"]);
         assert_eq!(dual[1].id.to_string(), "default/dual/TCP (IPv6)");
-        let only6: Vec<&Arc<DesiredPort>> = m.ports.iter().filter(|p| p.id.name == "only6").collect();
+        let only6: Vec<&Arc<DesiredPort>> = m.ports.iter().filter(|p| &*p.id.name == "only6").collect();
         assert_eq!(only6.len(), 1);
         assert_eq!(only6[0].id.family, Family::V6);
         assert_eq!(fronts(only6[0]), ["[2001:db8:1::20]:53/UDP"]);
@@ -1987,7 +1979,7 @@ mod tests {
         let port = |name: &str, family: Family| {
             m.ports
                 .iter()
-                .find(|p| p.id.name == name && p.id.family == family)
+                .find(|p| &*p.id.name == name && p.id.family == family)
                 .unwrap_or_else(|| panic!("{name}"))
         };
         // The node port on the node's IPv6 address, a local frontend.
@@ -2056,8 +2048,8 @@ mod tests {
         // The IPv6 externalIP of an IPv4-only Service is not served, as kube-proxy has it.
         assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
         assert!(m.rejected[0].reason.contains("2001:db8::1 is IPv6"), "{:?}", m.rejected);
-        assert_eq!(m.ports.iter().filter(|p| p.id.name == "lb").count(), 1, "no IPv6 port");
-        let lb = m.ports.iter().find(|p| p.id.name == "lb").unwrap();
+        assert_eq!(m.ports.iter().filter(|p| &*p.id.name == "lb").count(), 1, "no IPv6 port");
+        let lb = m.ports.iter().find(|p| &*p.id.name == "lb").unwrap();
         assert_eq!(
             fronts(lb),
             [
@@ -2070,9 +2062,9 @@ mod tests {
             ]
         );
         assert_eq!(backends(lb), ["198.18.1.2:8443 Active"]);
-        let ext = m.ports.iter().find(|p| p.id.name == "ext").unwrap();
+        let ext = m.ports.iter().find(|p| &*p.id.name == "ext").unwrap();
         assert_eq!(fronts(ext), ["198.18.0.13:80/TCP", "198.18.50.2:80/TCP"]);
-        let nolbnp = m.ports.iter().find(|p| p.id.name == "nolbnp").unwrap();
+        let nolbnp = m.ports.iter().find(|p| &*p.id.name == "nolbnp").unwrap();
         assert_eq!(nolbnp.node_port, None, "allocateLoadBalancerNodePorts: false means no node port");
     }
 
@@ -2178,9 +2170,9 @@ mod tests {
                 list("2001:db8:1::1", &bad6)
             );
         let m = build_yaml(&yaml);
-        let web = m.ports.iter().find(|p| p.id.name == "web").unwrap();
+        let web = m.ports.iter().find(|p| &*p.id.name == "web").unwrap();
         assert_eq!(backends(web), ["198.18.1.1:8080 Active"], "the slice's good endpoint is served");
-        let web6 = m.ports.iter().find(|p| p.id.name == "web6").unwrap();
+        let web6 = m.ports.iter().find(|p| &*p.id.name == "web6").unwrap();
         assert_eq!(backends(web6), ["2001:db8:1::1:8080 Active"]);
         assert_eq!(m.rejected.len(), bad4.len() + bad6.len(), "one rejection each: {:?}", m.rejected);
         for r in &m.rejected {
@@ -2243,7 +2235,7 @@ mod tests {
         );
         assert_eq!(m.ports.len(), 1);
         let p = &m.ports[0];
-        assert_eq!((p.id.namespace.as_str(), p.id.name.as_str(), p.port), ("prod", "db", 5432));
+        assert_eq!((&*p.id.namespace, &*p.id.name, p.port), ("prod", "db", 5432));
         assert_eq!(p.svc_type, SvcType::ExternalName);
         assert_eq!(p.shown.external_name, "db.example.com");
         assert!(p.frontends.is_empty() && p.backends.is_empty(), "no datapath");
@@ -2303,7 +2295,7 @@ mod tests {
         same(&m, &fresh(&services, &slices));
         assert_eq!(cache.last_rebuilt, 1);
         assert_eq!(
-            backends(&m.ports[m.ports.iter().position(|p| p.id.name == "s7").unwrap()]),
+            backends(&m.ports[m.ports.iter().position(|p| &*p.id.name == "s7").unwrap()]),
             ["198.18.2.7:8080 Active"]
         );
 

@@ -103,17 +103,37 @@ pub struct ApplyStats {
 /// Hands out the lowest free id in `1..capacity`.
 #[derive(Debug, Default)]
 struct Ids {
-    used: BTreeSet<u32>,
+    /// One bit per id below `next` (a large cluster has hundreds of thousands of backends).
+    used: Vec<u64>,
     next: u32,
     free: BTreeSet<u32>,
 }
 
 impl Ids {
     fn rebuild(used: impl IntoIterator<Item = u32>) -> Self {
-        let used: BTreeSet<u32> = used.into_iter().collect();
-        let next = used.last().map_or(1, |m| m + 1);
-        let free = (1..next).filter(|i| !used.contains(i)).collect();
-        Ids { used, next, free }
+        let mut ids = Ids { next: 1, ..Default::default() };
+        for id in used {
+            ids.set(id, true);
+            ids.next = ids.next.max(id + 1);
+        }
+        ids.free = (1..ids.next).filter(|&i| !ids.is_used(i)).collect();
+        ids
+    }
+
+    fn is_used(&self, id: u32) -> bool {
+        self.used.get(id as usize / 64).is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+
+    fn set(&mut self, id: u32, on: bool) {
+        let w = id as usize / 64;
+        if w >= self.used.len() {
+            self.used.resize(w + 1, 0);
+        }
+        if on {
+            self.used[w] |= 1 << (id % 64);
+        } else {
+            self.used[w] &= !(1 << (id % 64));
+        }
     }
 
     fn alloc(&mut self, what: &'static str, capacity: u32) -> Result<u32, ReconcileError> {
@@ -125,14 +145,61 @@ impl Ids {
         } else {
             return Err(ReconcileError::IdsExhausted { what, capacity });
         };
-        self.used.insert(id);
+        self.set(id, true);
         Ok(id)
     }
 
     fn release(&mut self, id: u32) {
-        if self.used.remove(&id) {
+        if self.is_used(id) {
+            self.set(id, false);
             self.free.insert(id);
         }
+    }
+}
+
+/// Values by id (ids are dense: see [`Ids`]): a vector, not a hash table.
+#[derive(Debug)]
+struct ById<T> {
+    values: Vec<Option<T>>,
+    len: usize,
+}
+
+impl<T> Default for ById<T> {
+    fn default() -> Self {
+        ById { values: Vec::new(), len: 0 }
+    }
+}
+
+impl<T> ById<T> {
+    fn get(&self, id: u32) -> Option<&T> {
+        self.values.get(id as usize)?.as_ref()
+    }
+
+    fn insert(&mut self, id: u32, v: T) {
+        let i = id as usize;
+        if i >= self.values.len() {
+            self.values.resize_with(i + 1, || None);
+        }
+        if self.values[i].replace(v).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, id: u32) {
+        if let Some(slot) = self.values.get_mut(id as usize)
+            && slot.take().is_some()
+        {
+            self.len -= 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) {
+        self.values = Vec::new();
+        self.len = 0;
     }
 }
 
@@ -144,11 +211,10 @@ pub struct Reconciler<D> {
     infos: HashMap<u32, u64>,
     svc_ids: Ids,
     frontends: BTreeMap<Frontend, FrontendState>,
-    backend_ids: HashMap<BackendKey, u32>,
-    backend_values: HashMap<u32, Backend4>,
+    backend_values: ById<Backend4>,
     be_ids: Ids,
     /// IPv6 backends have ids of their own ([`lb_common::MAP_BACKENDS6`]).
-    backend_values6: HashMap<u32, Backend6>,
+    backend_values6: ById<Backend6>,
     be_ids6: Ids,
     /// `loadBalancerSourceRanges` entries: (service port id, client prefix).
     ranges: BTreeSet<(u32, crate::model::Cidr)>,
@@ -175,7 +241,7 @@ pub struct Reconciler<D> {
     /// The next apply passes over the whole target: at start (the maps were read back) and
     /// after a failed write.
     full: bool,
-    /// By backend: the ports of the target that name it.
+    /// By backend: its id, and the ports of the target that name it.
     backend_refs: HashMap<BackendKey, BackendRefs>,
     /// By filter bit: how many entries (frontends, named and lingering backends) need it.
     filter_refs: HashMap<u32, u32>,
@@ -217,10 +283,12 @@ fn entries_needed(p: &DesiredPort) -> u64 {
     p.frontends.len() as u64 * (1 + p.selectable().count() as u64)
 }
 
-/// How many ports of the target name a backend, by state, and how many of them say it is on
-/// this node: its value is the least state (the most serving) and local if any says so.
+/// A backend: its id in the backend map (0: none), how many ports of the target name it, by
+/// state, and how many of them say it is on this node: its value is the least state (the most
+/// serving) and local if any says so. Kept while it has an id or a port names it.
 #[derive(Clone, Copy, Debug, Default)]
 struct BackendRefs {
+    id: u32,
     /// By [`BackendState`], in its order.
     states: [u32; 3],
     local: u32,
@@ -341,10 +409,9 @@ impl<D: Datapath> Reconciler<D> {
             infos: HashMap::default(),
             svc_ids: Ids::default(),
             frontends: BTreeMap::new(),
-            backend_ids: HashMap::default(),
-            backend_values: HashMap::default(),
+            backend_values: ById::default(),
             be_ids: Ids::default(),
-            backend_values6: HashMap::default(),
+            backend_values6: ById::default(),
             be_ids6: Ids::default(),
             ranges: BTreeSet::new(),
             maglev_size: 0,
@@ -427,7 +494,7 @@ impl<D: Datapath> Reconciler<D> {
         self.port_ids.clear();
         self.infos.clear();
         self.frontends.clear();
-        self.backend_ids.clear();
+        self.backend_refs.clear();
         self.backend_values.clear();
         self.backend_values6.clear();
 
@@ -458,8 +525,8 @@ impl<D: Datapath> Reconciler<D> {
         for (id, info) in self.dp.read_svc_infos()? {
             let Some(proto) = Proto::from_number(info.proto) else { continue };
             let r = PortRef {
-                namespace: unfixed(&info.namespace),
-                name: unfixed(&info.name),
+                namespace: unfixed(&info.namespace).into(),
+                name: unfixed(&info.name).into(),
                 port_name: unfixed(&info.port_name),
                 proto,
                 family: if v6_ids.contains(&id) { Family::V6 } else { Family::V4 },
@@ -506,14 +573,14 @@ impl<D: Datapath> Reconciler<D> {
                 };
                 if state == lb_common::BACKEND_STATE_FREE {
                     if v6 {
-                        self.backend_values6.remove(&id);
+                        self.backend_values6.remove(id);
                     } else {
-                        self.backend_values.remove(&id);
+                        self.backend_values.remove(id);
                     }
                     continue;
                 }
                 used.insert(id);
-                self.backend_ids.insert(BackendKey { addr, port, proto: f.proto }, id);
+                self.backend_refs.entry(BackendKey { addr, port, proto: f.proto }).or_default().id = id;
             }
         }
         self.svc_ids = Ids::rebuild(svc_ids_used);
@@ -639,6 +706,11 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     /// The filter bit of (address, port, protocol), when the datapath has a filter.
+    /// Whether a port of the target names backend `k`.
+    fn named(&self, k: &BackendKey) -> bool {
+        self.backend_refs.get(k).is_some_and(|r| r.total() > 0)
+    }
+
     fn bit_of(&self, addr: IpAddr, port: u16, proto: Proto) -> Option<u32> {
         (!self.filter.is_empty()).then(|| filter_bit(addr, port, proto))
     }
@@ -742,7 +814,10 @@ impl<D: Datapath> Reconciler<D> {
         let mut touched: BTreeSet<BackendKey> = BTreeSet::new();
         let mut unnamed: Vec<BackendKey> = Vec::new(); // no longer named by any port
         if full {
-            self.backend_refs.clear();
+            self.backend_refs.retain(|_, r| {
+                *r = BackendRefs { id: r.id, ..Default::default() };
+                r.id != 0
+            });
             self.filter_refs.clear();
             self.filter_want.iter_mut().for_each(|w| *w = 0);
             self.filter_all_dirty = true;
@@ -761,7 +836,9 @@ impl<D: Datapath> Reconciler<D> {
                 let refs = self.backend_refs.entry(k).or_default();
                 refs.count(b, false);
                 if refs.total() == 0 {
-                    self.backend_refs.remove(&k);
+                    if refs.id == 0 {
+                        self.backend_refs.remove(&k);
+                    }
                     unnamed.push(k);
                 }
                 touched.insert(k);
@@ -805,10 +882,17 @@ impl<D: Datapath> Reconciler<D> {
         self.flush_filter(true, &mut st)?;
 
         // 1. Backends: ids and values of those named.
-        for k in touched.iter().filter(|k| self.backend_refs.contains_key(k)) {
+        for k in &touched {
+            if !self.named(k) {
+                continue;
+            }
             let (state, local) = self.backend_refs[k].merged();
-            let id = match self.backend_ids.get(k) {
-                Some(id) => *id,
+            let id = match self.backend_refs[k].id {
+                0 => None,
+                id => Some(id),
+            };
+            let id = match id {
+                Some(id) => id,
                 None if k.addr.is_ipv6() => {
                     let id = self.be_ids6.alloc("IPv6 backend", cap.ipv6_entries)?;
                     // As for IPv4 below.
@@ -816,7 +900,7 @@ impl<D: Datapath> Reconciler<D> {
                         self.be_ids6.release(id);
                         return Err(e.into());
                     }
-                    self.backend_ids.insert(*k, id);
+                    self.backend_refs.entry(*k).or_default().id = id;
                     id
                 }
                 None => {
@@ -827,7 +911,7 @@ impl<D: Datapath> Reconciler<D> {
                         self.be_ids.release(id);
                         return Err(e.into());
                     }
-                    self.backend_ids.insert(*k, id);
+                    self.backend_refs.entry(*k).or_default().id = id;
                     id
                 }
             };
@@ -835,7 +919,7 @@ impl<D: Datapath> Reconciler<D> {
             match k.addr {
                 IpAddr::V4(a) => {
                     let v = Backend4 { addr: a.octets(), port: k.port, state: bstate, flags };
-                    if self.backend_values.get(&id) != Some(&v) {
+                    if self.backend_values.get(id) != Some(&v) {
                         self.dp.write_backend(id, v)?;
                         self.backend_values.insert(id, v);
                         st.writes += 1;
@@ -843,7 +927,7 @@ impl<D: Datapath> Reconciler<D> {
                 }
                 IpAddr::V6(a) => {
                     let v = Backend6 { addr: a.octets(), port: k.port, state: bstate, flags };
-                    if self.backend_values6.get(&id) != Some(&v) {
+                    if self.backend_values6.get(id) != Some(&v) {
                         self.dp.write_backend6(id, v)?;
                         self.backend_values6.insert(id, v);
                         st.writes += 1;
@@ -867,7 +951,7 @@ impl<D: Datapath> Reconciler<D> {
         // 2. Frontends: slots, then the entry, then stale slots.
         let mut wanted_frontends = HashSet::default();
         for (p, &svc_id) in news.iter().zip(&ids) {
-            let id_of = |b: &crate::model::DesiredBackend| self.backend_ids[&BackendKey::of(p, b)];
+            let id_of = |b: &crate::model::DesiredBackend| self.backend_refs[&BackendKey::of(p, b)].id;
             // The selectable backends first (count of them), then every other one. A frontend
             // with a traffic policy Local selects among this node's endpoints only.
             let slots_for = |local_only: bool| -> (Vec<u32>, u16) {
@@ -1057,26 +1141,26 @@ impl<D: Datapath> Reconciler<D> {
 
         // 5. Backends no longer referenced: freed last.
         let dead: Vec<BackendKey> = if full {
-            self.backend_ids.keys().filter(|k| !self.backend_refs.contains_key(k)).copied().collect()
+            self.backend_refs.iter().filter(|(_, r)| r.id != 0 && r.total() == 0).map(|(k, _)| *k).collect()
         } else {
             // Each held its filter bit while named; one named again (by another port, or by the
             // new version of its own) took a hold again above.
             for k in &unnamed {
                 self.filter_release(self.bit_of(k.addr, k.port, k.proto));
             }
-            unnamed.into_iter().filter(|k| !self.backend_refs.contains_key(k)).collect()
+            unnamed.into_iter().filter(|k| !self.named(k)).collect()
         };
         for k in dead {
-            let Some(id) = self.backend_ids.get(&k).copied() else { continue };
+            let Some(id) = self.backend_refs.get(&k).map(|r| r.id).filter(|&id| id != 0) else { continue };
             match k.addr {
                 IpAddr::V4(_) => {
                     self.dp.write_backend(id, Backend4::default())?;
-                    self.backend_values.remove(&id);
+                    self.backend_values.remove(id);
                     self.be_ids.release(id);
                 }
                 IpAddr::V6(_) => {
                     self.dp.write_backend6(id, Backend6::default())?;
-                    self.backend_values6.remove(&id);
+                    self.backend_values6.remove(id);
                     self.be_ids6.release(id);
                 }
             }
@@ -1087,7 +1171,7 @@ impl<D: Datapath> Reconciler<D> {
                 self.lingering.push_back((now + self.filter_grace, k));
                 self.filter_hold(bit);
             }
-            self.backend_ids.remove(&k);
+            self.backend_refs.remove(&k); // no port names it
         }
         while let Some((until, k)) = self.lingering.front().copied() {
             if until > now {

@@ -455,7 +455,7 @@ mod tests {
             std::fs::write(dir.join(format!("f{i:02}.yaml")), svc(&format!("s{i}"), 80)).unwrap();
         }
         let names = |c: &DirChanges| -> Vec<(String, bool)> {
-            let mut v: Vec<_> = c.services.iter().map(|(k, o)| (k.1.clone(), o.is_some())).collect();
+            let mut v: Vec<_> = c.services.iter().map(|(k, o)| (k.1.to_string(), o.is_some())).collect();
             v.sort();
             v
         };
@@ -482,7 +482,7 @@ mod tests {
             names(&moved).iter().filter(|(n, _)| n == "s10").collect::<Vec<_>>(),
             [&("s10".to_string(), false)]
         );
-        let last = |n: &str| moved.services.iter().rev().find(|(k, _)| k.1 == n).map(|(_, o)| o.is_some());
+        let last = |n: &str| moved.services.iter().rev().find(|(k, _)| &*k.1 == n).map(|(_, o)| o.is_some());
         assert_eq!(last("s8"), Some(true), "moved, not gone: {:?}", names(&moved));
         assert_eq!((moved.new_errors.len(), moved.errors.len()), (1, 1));
         let after = cache.read_changes(&dir).unwrap();
