@@ -128,6 +128,7 @@ fn known_maps() -> (PathBuf, DirGuard) {
         Svc4Value { svc_id: 3, count: 1, flags: SVC_F_CLUSTER_IP, ..Default::default() },
     )
     .unwrap();
+    m.flush().unwrap(); // the writes held back to be sent together
 
     let now = monotonic_secs() as u32;
     let ct = |s: [u8; 4], sp, d: [u8; 4], dp, proto, dir| Ct4Key {

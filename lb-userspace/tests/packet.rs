@@ -1496,3 +1496,72 @@ fn one_client_port_through_a_node_port_and_a_cluster_ip_stays_two_flows() {
         assert!(d.ip_checksum_ok && d.l4_checksum_ok);
     }
 }
+
+/// What the service, backend and name maps hold, comparable between two datapaths that were
+/// given the same applies (ids are given out in the same order).
+fn map_contents(dp: &impl lb_userspace::datapath::Datapath) -> Vec<String> {
+    let mut out: Vec<String> =
+        dp.read_services().unwrap().iter().map(|(k, v)| format!("{k:?} {v:?}")).collect();
+    let ids: std::collections::BTreeSet<u32> =
+        dp.read_services().unwrap().iter().filter(|(k, _)| k.slot != 0).map(|(_, v)| v.backend_id).collect();
+    out.extend(ids.iter().map(|&id| format!("backend {id} {:?}", dp.read_backend(id).unwrap())));
+    let infos = dp.read_svc_infos().unwrap();
+    out.extend(infos.iter().map(|(id, i)| format!("info {id} {:?} {}", i.name, i.port)));
+    out.sort();
+    out
+}
+
+#[test]
+fn a_large_apply_leaves_the_kernel_maps_as_it_leaves_memory() {
+    if !privileged("a_large_apply_leaves_the_kernel_maps_as_it_leaves_memory") {
+        return;
+    }
+    // 1,500 Services x 3 endpoints: 6,000 service entries, 4,500 backends and 1,500 names, several
+    // batches of each map; then a third of them changed and a third deleted.
+    let manifest = |n: u32, changed: bool| -> String {
+        let mut y = String::new();
+        for i in 0..n {
+            let (a, b) = (i / 250, i % 250);
+            // Each Service its own endpoints (a changed one moves one of them).
+            let shift = u32::from(changed && i % 3 == 0);
+            let eps: Vec<String> = (0..3)
+                .map(|e| format!("{{addresses: [\"198.19.{}.{}\"]}}", i / 60, (i % 60) * 4 + e + 1 + shift))
+                .collect();
+            y += &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: 198.18.{a}.{b}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]\n---\n",
+                eps.join(", ")
+            );
+        }
+        y
+    };
+    let caps = Capacities {
+        service_entries: 8192,
+        backends: 8192,
+        ct_entries: 1024,
+        sock_nat_entries: 1024,
+        affinity_entries: 1024,
+        ipv6_entries: 1024,
+    };
+    let mut ebpf = ebpf::load(None, caps).expect("load");
+    let maps = BpfMaps::take(&mut ebpf).expect("maps");
+    let mut kernel = Reconciler::new(maps).expect("reconciler");
+    let mut memory = Reconciler::new(lb_userspace::datapath::MemDatapath::with_capacity(
+        lb_userspace::datapath::Capacity { service_entries: 8192, backends: 8192, ipv6_entries: 1024 },
+    ))
+    .unwrap();
+    let cfg = ModelConfig::default();
+    for (n, changed) in [(1500, false), (1000, true)] {
+        let mut objects = manifests::Objects::default();
+        manifests::read_str("test.yaml".as_ref(), &manifest(n, changed), &mut objects);
+        assert!(objects.errors.is_empty(), "{:?}", objects.errors);
+        let m = model::build(&objects.services, &objects.slices, &cfg);
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        kernel.apply(&m.ports).expect("kernel apply");
+        memory.apply(&m.ports).unwrap();
+        let (k, mem) = (map_contents(kernel.datapath()), map_contents(memory.datapath()));
+        assert_eq!(k.len(), mem.len());
+        assert!(k == mem, "the kernel maps differ from memory after {n} services");
+        assert!(k.iter().filter(|l| l.starts_with("backend")).count() >= n as usize * 3);
+    }
+}

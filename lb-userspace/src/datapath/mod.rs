@@ -1,5 +1,6 @@
 //! The datapath layer: the kernel maps behind a trait, so the reconciler and the CLI run the
 //! same code against the real pinned maps ([`BpfMaps`]) and against memory ([`MemDatapath`]).
+mod batch;
 pub mod ebpf;
 pub mod pinlock;
 use std::{
@@ -72,6 +73,16 @@ pub trait Datapath {
     fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError>;
     fn write_svc_info(&mut self, id: u32, info: SvcInfo) -> Result<(), DatapathError>;
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError>;
+    /// Sends the writes a datapath may have held back to send them together; reads see them
+    /// only after it. The reconciler calls it at the end of each apply.
+    fn flush(&mut self) -> Result<(), DatapathError> {
+        Ok(())
+    }
+    /// Whether a write's error may be reported by a later call ([`Self::flush`]): the picture
+    /// of the maps kept by the caller can then be ahead of them.
+    fn defers_writes(&self) -> bool {
+        false
+    }
     /// Zeroes the new-flow count of a backend id (before the id names a new backend).
     fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError>;
     /// Every `loadBalancerSourceRanges` entry: (service port id, client prefix).
@@ -168,6 +179,17 @@ pub struct BpfMaps {
     /// The filter's words, mapped at its first write and kept mapped: mapping the array again
     /// at each write costs more than the write (the kernel inserts every page of it).
     filter_area: Option<MappedWords>,
+    /// Updates not sent yet (see [`batch`]): sent before any other operation and at
+    /// [`Datapath::flush`].
+    pending: batch::Pending,
+}
+
+impl Drop for BpfMaps {
+    /// Writes still held back go now (an error has no one left to hear it: the reconciler
+    /// flushes at the end of every apply and reports it there).
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
 }
 
 /// A shared mapping of a BPF array of u64 words (`BPF_F_MMAPABLE`), unmapped on drop.
@@ -213,6 +235,12 @@ impl MappedWords {
             });
         }
         Ok(Self { ptr: p.cast(), len: elements })
+    }
+
+    /// Word `i` (an aligned load: whole, as the datapath stores it).
+    fn load(&self, i: usize) -> u64 {
+        // SAFETY: a valid, aligned element of the mapping, which lives as long as `self`.
+        unsafe { std::ptr::read_volatile(self.ptr.add(i.min(self.len - 1))) }
     }
 
     /// Stores word `i` (an aligned u64 store, which the datapath's reads see whole).
@@ -374,6 +402,7 @@ impl BpfMaps {
             flows6: None,
             capacity,
             filter_area: None,
+            pending: batch::Pending::None,
         })
     }
 
@@ -617,16 +646,19 @@ impl Datapath for BpfMaps {
     }
 
     fn write_service6(&mut self, key: Svc6Key, value: Svc4Value) -> Result<(), DatapathError> {
+        self.flush()?;
         let (m, _) = self.ipv6.as_mut().ok_or(DatapathError::Unsupported("IPv6 maps"))?;
         m.insert(key, value, 0).map_err(map_err("write", MAP_SERVICES6))
     }
 
     fn delete_service6(&mut self, key: Svc6Key) -> Result<(), DatapathError> {
+        self.flush()?;
         let (m, _) = self.ipv6.as_mut().ok_or(DatapathError::Unsupported("IPv6 maps"))?;
         absent_ok(m.remove(&key)).map_err(map_err("delete", MAP_SERVICES6))
     }
 
     fn write_backend6(&mut self, id: u32, value: Backend6) -> Result<(), DatapathError> {
+        self.flush()?;
         let (_, b) = self.ipv6.as_mut().ok_or(DatapathError::Unsupported("IPv6 maps"))?;
         b.set(id, value, 0).map_err(map_err("write", MAP_BACKENDS6))
     }
@@ -637,10 +669,19 @@ impl Datapath for BpfMaps {
 
     fn read_filter(&self) -> Result<Vec<u64>, DatapathError> {
         let Some(f) = &self.filter else { return Ok(Vec::new()) };
+        let mmapable =
+            IterableMap::map(f).info().is_ok_and(|i| i.map_flags() & lb_common::FILTER_MAP_FLAGS != 0);
+        if mmapable {
+            // Read through a mapping: one call, not one per word (131,072 of them).
+            let area =
+                MappedWords::new(IterableMap::map(f), f.len() as usize, "mmap", lb_common::MAP_FILTER)?;
+            return Ok((0..area.len).map(|i| area.load(i)).collect());
+        }
         (0..f.len()).map(|i| f.get(&i, 0).map_err(map_err("read", lb_common::MAP_FILTER))).collect()
     }
 
     fn write_filter(&mut self, words: &[(u32, u64)]) -> Result<(), DatapathError> {
+        self.flush()?;
         let Some(f) = &mut self.filter else { return Ok(()) };
         if words.is_empty() {
             return Ok(());
@@ -678,27 +719,76 @@ impl Datapath for BpfMaps {
     }
 
     fn write_backend(&mut self, id: u32, value: Backend4) -> Result<(), DatapathError> {
-        self.backends.set(id, value, 0).map_err(map_err("update", MAP_BACKENDS))
+        if let batch::Pending::Backends(k, v) = &mut self.pending {
+            k.push(id);
+            v.push(value);
+            return Ok(());
+        }
+        self.flush()?;
+        self.pending = batch::Pending::Backends(vec![id], vec![value]);
+        Ok(())
     }
 
     fn write_service(&mut self, key: Svc4Key, value: Svc4Value) -> Result<(), DatapathError> {
-        self.services.insert(key, value, 0).map_err(map_err("update", MAP_SERVICES))
+        if let batch::Pending::Services(k, v) = &mut self.pending {
+            k.push(key);
+            v.push(value);
+            return Ok(());
+        }
+        self.flush()?;
+        self.pending = batch::Pending::Services(vec![key], vec![value]);
+        Ok(())
     }
 
     fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError> {
+        self.flush()?;
         absent_ok(self.services.remove(&key)).map_err(map_err("delete", MAP_SERVICES))
     }
 
     fn write_svc_info(&mut self, id: u32, info: SvcInfo) -> Result<(), DatapathError> {
-        self.svc_info.insert(id, info, 0).map_err(map_err("update", MAP_SVC_INFO))
+        if let batch::Pending::Infos(k, v) = &mut self.pending {
+            k.push(id);
+            v.push(info);
+            return Ok(());
+        }
+        self.flush()?;
+        self.pending = batch::Pending::Infos(vec![id], vec![info]);
+        Ok(())
     }
 
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.flush()?;
         absent_ok(self.svc_info.remove(&id)).map_err(map_err("delete", MAP_SVC_INFO))
     }
 
     fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
-        self.flows.set(id, 0, 0).map_err(map_err("update", MAP_BACKEND_FLOWS))
+        if let batch::Pending::Flows(k, v) = &mut self.pending {
+            k.push(id);
+            v.push(0);
+            return Ok(());
+        }
+        self.flush()?;
+        self.pending = batch::Pending::Flows(vec![id], vec![0]);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), DatapathError> {
+        use batch::{Pending, update_all, write_error};
+        match std::mem::take(&mut self.pending) {
+            Pending::None => Ok(()),
+            Pending::Services(k, v) => update_all(IterableMap::map(&self.services), &k, &v)
+                .map_err(|(_, e)| write_error(MAP_SERVICES, e)),
+            Pending::Backends(k, v) => update_all(IterableMap::map(&self.backends), &k, &v)
+                .map_err(|(_, e)| write_error(MAP_BACKENDS, e)),
+            Pending::Flows(k, v) => update_all(IterableMap::map(&self.flows), &k, &v)
+                .map_err(|(_, e)| write_error(MAP_BACKEND_FLOWS, e)),
+            Pending::Infos(k, v) => update_all(IterableMap::map(&self.svc_info), &k, &v)
+                .map_err(|(_, e)| write_error(MAP_SVC_INFO, e)),
+        }
+    }
+
+    fn defers_writes(&self) -> bool {
+        true
     }
 
     fn read_source_ranges(&self) -> Result<Vec<(u32, Cidr)>, DatapathError> {
@@ -722,6 +812,7 @@ impl Datapath for BpfMaps {
     }
 
     fn write_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
+        self.flush()?;
         match range.addr {
             std::net::IpAddr::V4(a) => self
                 .source_ranges
@@ -737,6 +828,7 @@ impl Datapath for BpfMaps {
     }
 
     fn delete_source_range(&mut self, svc_id: u32, range: Cidr) -> Result<(), DatapathError> {
+        self.flush()?;
         match range.addr {
             std::net::IpAddr::V4(a) => absent_ok(self.source_ranges.remove(&range_key(svc_id, a, range.len)))
                 .map_err(map_err("delete", MAP_SOURCE_RANGES)),
@@ -767,6 +859,7 @@ impl Datapath for BpfMaps {
     }
 
     fn reset_backend_flows6(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.flush()?;
         let Some(m) = &mut self.flows6 else { return Ok(()) };
         m.set(id, 0, 0).map_err(map_err("update", lb_common::MAP_BACKEND_FLOWS6))
     }
@@ -787,6 +880,7 @@ impl Datapath for BpfMaps {
     }
 
     fn write_maglev(&mut self, key: u32, table: &[u16]) -> Result<(), DatapathError> {
+        self.flush()?;
         let Some(m) = &mut self.maglev else { return Err(DatapathError::Unsupported("Maglev map")) };
         let elements = lb_common::maglev_elements(table.len() as u32);
         let inner = Array::<MapData, u64>::create(elements, lb_common::MAGLEV_TABLE_FLAGS)
@@ -801,6 +895,7 @@ impl Datapath for BpfMaps {
     }
 
     fn delete_maglev(&mut self, key: u32) -> Result<(), DatapathError> {
+        self.flush()?;
         let Some(m) = &mut self.maglev else { return Err(DatapathError::Unsupported("Maglev map")) };
         absent_ok(m.remove(&key)).map_err(map_err("delete", MAP_MAGLEV))
     }
@@ -1144,6 +1239,12 @@ impl<D: Datapath> FaultyDatapath<D> {
 }
 
 impl<D: Datapath> Datapath for FaultyDatapath<D> {
+    fn flush(&mut self) -> Result<(), DatapathError> {
+        self.inner.flush()
+    }
+    fn defers_writes(&self) -> bool {
+        self.inner.defers_writes()
+    }
     fn capacity(&self) -> Capacity {
         self.inner.capacity()
     }

@@ -253,6 +253,9 @@ pub struct Reconciler<D> {
     filter_all_dirty: bool,
     /// Service map entries in the picture, by family.
     picture_entries: [u64; 2],
+    /// A write the datapath had held back failed: the picture may be ahead of the maps, which
+    /// are read back before the next apply.
+    reread: bool,
 }
 
 /// How long a removed backend keeps its endpoint-filter bit: its flows are balanced again at
@@ -430,6 +433,7 @@ impl<D: Datapath> Reconciler<D> {
             filter_dirty: BTreeSet::new(),
             filter_all_dirty: false,
             picture_entries: [0; 2],
+            reread: false,
         };
         r.read_back()?;
         Ok(r)
@@ -604,6 +608,7 @@ impl<D: Datapath> Reconciler<D> {
     /// that succeeded (a map update either happens or not), so the next call writes exactly
     /// what is still missing.
     pub fn apply<P: Borrow<DesiredPort>>(&mut self, desired: &[P]) -> Result<ApplyStats, ReconcileError> {
+        self.reread_if_needed()?;
         let mut target: HashMap<PortRef, Arc<DesiredPort>> = HashMap::default();
         target.reserve(desired.len());
         let mut needed = [0u64; 2];
@@ -631,6 +636,7 @@ impl<D: Datapath> Reconciler<D> {
         &mut self,
         changes: impl IntoIterator<Item = (PortRef, Option<Arc<DesiredPort>>)>,
     ) -> Result<ApplyStats, ReconcileError> {
+        self.reread_if_needed()?;
         // By port: the version before the changes, and after.
         let mut by_port: HashMap<PortRef, [Option<Arc<DesiredPort>>; 2]> = HashMap::default();
         for (id, new) in changes {
@@ -678,6 +684,16 @@ impl<D: Datapath> Reconciler<D> {
             self.full = true;
         }
         result
+    }
+
+    /// After a failed write that the datapath had held back, the picture is read from the maps
+    /// again (as at start), and the next pass is a full one.
+    fn reread_if_needed(&mut self) -> Result<(), ReconcileError> {
+        if self.reread {
+            self.read_back()?;
+            self.reread = false;
+        }
+        Ok(())
     }
 
     /// A pass over the whole target, also removing whatever the maps hold that it does not name
@@ -791,6 +807,24 @@ impl<D: Datapath> Reconciler<D> {
         news: &[Arc<DesiredPort>],
         full: bool,
     ) -> Result<ApplyStats, ReconcileError> {
+        let result = self.converge_writes(olds, news, full);
+        // The writes held back go now (any operation after them sent them already).
+        let flushed = self.dp.flush().map_err(ReconcileError::from);
+        let result = result.and_then(|st| flushed.map(|()| st));
+        if result.is_err() && self.dp.defers_writes() {
+            self.reread = true;
+        }
+        result
+    }
+
+    /// The writes of [`Self::converge`], in the order that never exposes a half-written
+    /// service.
+    fn converge_writes(
+        &mut self,
+        olds: &[Arc<DesiredPort>],
+        news: &[Arc<DesiredPort>],
+        full: bool,
+    ) -> Result<ApplyStats, ReconcileError> {
         let mut st = ApplyStats::default();
         let cap = self.dp.capacity();
         let now = std::time::Instant::now();
@@ -881,40 +915,38 @@ impl<D: Datapath> Reconciler<D> {
         }
         self.flush_filter(true, &mut st)?;
 
-        // 1. Backends: ids and values of those named.
+        // 1. Backends: ids of those named (a new id's flow count starts again), then their
+        // values: each a run of writes of one map, which the datapath may send together.
+        for k in &touched {
+            if !self.named(k) || self.backend_refs[k].id != 0 {
+                continue;
+            }
+            let id = if k.addr.is_ipv6() {
+                let id = self.be_ids6.alloc("IPv6 backend", cap.ipv6_entries)?;
+                // As for IPv4 below.
+                if let Err(e) = self.dp.reset_backend_flows6(id) {
+                    self.be_ids6.release(id);
+                    return Err(e.into());
+                }
+                id
+            } else {
+                let id = self.be_ids.alloc("backend", cap.backends)?;
+                // The id's flow count starts again for its new backend (an earlier one may have
+                // counted there). Until the backend is written below, no slot names it.
+                if let Err(e) = self.dp.reset_backend_flows(id) {
+                    self.be_ids.release(id);
+                    return Err(e.into());
+                }
+                id
+            };
+            self.backend_refs.entry(*k).or_default().id = id;
+        }
         for k in &touched {
             if !self.named(k) {
                 continue;
             }
             let (state, local) = self.backend_refs[k].merged();
-            let id = match self.backend_refs[k].id {
-                0 => None,
-                id => Some(id),
-            };
-            let id = match id {
-                Some(id) => id,
-                None if k.addr.is_ipv6() => {
-                    let id = self.be_ids6.alloc("IPv6 backend", cap.ipv6_entries)?;
-                    // As for IPv4 below.
-                    if let Err(e) = self.dp.reset_backend_flows6(id) {
-                        self.be_ids6.release(id);
-                        return Err(e.into());
-                    }
-                    self.backend_refs.entry(*k).or_default().id = id;
-                    id
-                }
-                None => {
-                    let id = self.be_ids.alloc("backend", cap.backends)?;
-                    // The id's flow count starts again for its new backend (an earlier one may
-                    // have counted there). Until the backend is written below, no slot names it.
-                    if let Err(e) = self.dp.reset_backend_flows(id) {
-                        self.be_ids.release(id);
-                        return Err(e.into());
-                    }
-                    self.backend_refs.entry(*k).or_default().id = id;
-                    id
-                }
-            };
+            let id = self.backend_refs[k].id;
             let (bstate, flags) = backend_state(state, local);
             match k.addr {
                 IpAddr::V4(a) => {
