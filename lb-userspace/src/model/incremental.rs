@@ -37,8 +37,9 @@ pub type Change<K> = (Key, Option<Arc<K>>);
 pub type PortChanges = Vec<(PortRef, Option<Arc<DesiredPort>>)>;
 
 struct SliceEntry {
-    /// The object, kept only when it has no version to be told by (manifests: an unchanged
-    /// file's objects are the same `Arc`s); otherwise what the model needs of it was read out.
+    /// The object, kept only when it has no version to be told by (objects given without uid
+    /// and resourceVersion: tests); otherwise what the model needs of it was read out (objects
+    /// from the API server, and from manifests, which get the identity of their content).
     obj: Option<Arc<EndpointSlice>>,
     meta: Identity,
     parsed: SliceResult,
@@ -175,8 +176,8 @@ impl Outcome {
     }
 }
 
-/// A Service as the model holds it: shared (manifests: the same `Arc` tells an unchanged file's
-/// object), or packed as JSON (objects from the API server, told apart by their version: a
+/// A Service as the model holds it: shared (an object without a version: the same `Arc` tells
+/// it), or packed as JSON (objects with a version, from the API server or from manifests: a
 /// k8s-openapi Service takes over a kilobyte even with little in it; its JSON a few hundred
 /// bytes, read back when its endpoints change).
 enum Held {

@@ -95,8 +95,7 @@ fn read_file(file: &Path, objects: &mut Objects) {
     }
 }
 
-/// Objects read from a directory, shared: the same `Arc` for an object of an unchanged file from
-/// one read to the next, so that the model's cache (by object identity) skips it.
+/// Objects read from a directory, shared (the level-triggered model takes them so).
 #[derive(Clone, Debug, Default)]
 pub struct SharedObjects {
     pub services: Vec<Arc<Service>>,
@@ -118,15 +117,24 @@ impl From<Objects> for SharedObjects {
     }
 }
 
-/// The documents of each file, kept while the file's (modification time, length) stays the same:
-/// after a change to one file of a large directory only that file is parsed again, and the
-/// objects of the others are the same `Arc`s as before.
+/// What the agent keeps of each file while its (modification time, length) stays the same: the
+/// names of its Services and EndpointSlices (the model holds what it needs of them), its pods
+/// (few: this node's hostPorts) and its errors. After a change to one file of a large directory
+/// only that file is parsed again.
 #[derive(Default)]
 pub struct DirCache {
-    files: std::collections::HashMap<PathBuf, (FileStamp, SharedObjects)>,
+    files: std::collections::HashMap<PathBuf, (FileStamp, FileObjects)>,
     /// How many files hold each Service and EndpointSlice (by namespace/name): one is gone when
     /// the last file holding it no longer does.
     held: crate::HashMap<(bool, Key), u32>,
+}
+
+#[derive(Default)]
+struct FileObjects {
+    services: Vec<Key>,
+    slices: Vec<Key>,
+    pods: Vec<Arc<Pod>>,
+    errors: Vec<DocError>,
 }
 
 /// (modification time, length); a file without a modification time is never taken from the cache.
@@ -149,44 +157,43 @@ pub struct DirChanges {
     pub files_gone: usize,
 }
 
-impl DirCache {
-    /// Reads `dir` as [`read_dir`] does, parsing only files that are new or changed since the last
-    /// call.
-    pub fn read(&mut self, dir: &Path) -> Result<SharedObjects, ManifestError> {
-        self.read_changes(dir)?;
-        let mut objects = SharedObjects::default();
-        let mut files: Vec<&PathBuf> = self.files.keys().collect();
-        files.sort();
-        for f in files {
-            let parsed = &self.files[f].1;
-            objects.services.extend(parsed.services.iter().cloned());
-            objects.slices.extend(parsed.slices.iter().cloned());
-            objects.pods.extend(parsed.pods.iter().cloned());
-            objects.errors.extend(parsed.errors.iter().cloned());
-            objects.ignored += parsed.ignored;
-        }
-        Ok(objects)
-    }
+/// Gives a manifest's object the identity of its content, as the API server gives one a uid and
+/// a resourceVersion: the model then keeps what it needs of it (a Service packed, a slice's
+/// endpoints) and not the object, as for objects from the API server.
+fn identify<K: kube::Resource + serde::Serialize>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.uid = None;
+    meta.resource_version = None;
+    let text = serde_json::to_vec(&*obj).unwrap_or_default();
+    let h = crate::reconcile::maglev::fnv1a(&text, 0xcbf2_9ce4_8422_2325);
+    let h2 = crate::reconcile::maglev::fnv1a(&text, h ^ 0x9e37_79b9_7f4a_7c15);
+    let hex = format!("{h:016x}{h2:016x}");
+    let meta = obj.meta_mut();
+    // A UUID's form, so that it is held as numbers.
+    meta.uid =
+        Some(format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]));
+    // Decimal, without leading zeros, as the API server writes it (held as a number).
+    meta.resource_version = Some((h >> 1).to_string());
+}
 
+impl DirCache {
     /// Reads the files of `dir` that are new or changed since the last call, and says what
     /// changed: the cost of those files, not of the directory (but for a stat of each file).
     pub fn read_changes(&mut self, dir: &Path) -> Result<DirChanges, ManifestError> {
         let mut out = DirChanges::default();
         let mut pods_changed = false;
         let mut old_files = std::mem::take(&mut self.files);
-        let mut gone: Vec<SharedObjects> = Vec::new();
-        let mut new: Vec<SharedObjects> = Vec::new();
+        let mut gone: Vec<FileObjects> = Vec::new();
         for file in manifest_files(dir)? {
             // The stamp is taken before the text is read: a write in between leaves a stamp that
             // differs from the file's next one, so the file is read again then.
             let md = std::fs::metadata(&file).ok();
             let stamp: FileStamp = (md.as_ref().and_then(|m| m.modified().ok()), md.map_or(0, |m| m.len()));
-            let parsed = match old_files.remove(&file) {
-                Some((old, parsed)) if old == stamp && stamp.0.is_some() => parsed,
+            let kept = match old_files.remove(&file) {
+                Some((old, kept)) if old == stamp && stamp.0.is_some() => kept,
                 old => {
                     let mut parsed = Objects::default();
                     read_file(&file, &mut parsed);
-                    let parsed = SharedObjects::from(parsed);
                     out.files_read += 1;
                     if let Some((_, old)) = old {
                         pods_changed |= !old.pods.is_empty();
@@ -194,38 +201,46 @@ impl DirCache {
                     }
                     pods_changed |= !parsed.pods.is_empty();
                     out.new_errors.extend(parsed.errors.iter().cloned());
-                    new.push(parsed.clone());
-                    parsed
+                    // What the file holds now comes; what it held before goes below, unless a
+                    // file (this one, changed, or another) still holds it.
+                    let mut kept = FileObjects {
+                        pods: parsed.pods.into_iter().map(Arc::new).collect(),
+                        errors: parsed.errors,
+                        ..Default::default()
+                    };
+                    for mut s in parsed.services {
+                        let key = crate::model::ns_name(&s.metadata);
+                        *self.held.entry((true, key.clone())).or_default() += 1;
+                        identify(&mut s);
+                        out.services.push((key.clone(), Some(Arc::new(s))));
+                        kept.services.push(key);
+                    }
+                    for mut s in parsed.slices {
+                        let key = crate::model::ns_name(&s.metadata);
+                        *self.held.entry((false, key.clone())).or_default() += 1;
+                        identify(&mut s);
+                        out.slices.push((key.clone(), Some(Arc::new(s))));
+                        kept.slices.push(key);
+                    }
+                    kept
                 }
             };
-            self.files.insert(file, (stamp, parsed));
+            self.files.insert(file, (stamp, kept));
         }
         for (_, (_, old)) in old_files {
             out.files_gone += 1;
             pods_changed |= !old.pods.is_empty();
             gone.push(old);
         }
-        // What the changed files hold now comes; what they held before goes, unless a file
-        // (the same one, changed, or another) still holds it.
-        for now in &new {
-            for s in &now.services {
-                *self.held.entry((true, crate::model::ns_name(&s.metadata))).or_default() += 1;
-                out.services.push((crate::model::ns_name(&s.metadata), Some(s.clone())));
-            }
-            for s in &now.slices {
-                *self.held.entry((false, crate::model::ns_name(&s.metadata))).or_default() += 1;
-                out.slices.push((crate::model::ns_name(&s.metadata), Some(s.clone())));
-            }
-        }
-        for old in &gone {
-            for s in &old.services {
-                if self.release(true, s.as_ref()) {
-                    out.services.push((crate::model::ns_name(&s.metadata), None));
+        for old in gone {
+            for key in old.services {
+                if self.release(true, &key) {
+                    out.services.push((key, None));
                 }
             }
-            for s in &old.slices {
-                if self.release(false, s.as_ref()) {
-                    out.slices.push((crate::model::ns_name(&s.metadata), None));
+            for key in old.slices {
+                if self.release(false, &key) {
+                    out.slices.push((key, None));
                 }
             }
         }
@@ -241,8 +256,8 @@ impl DirCache {
     }
 
     /// One file fewer holds the object; true when none does any more.
-    fn release<K: kube::Resource>(&mut self, service: bool, obj: &K) -> bool {
-        let key = (service, crate::model::ns_name(obj.meta()));
+    fn release(&mut self, service: bool, key: &Key) -> bool {
+        let key = (service, key.clone());
         match self.held.get_mut(&key) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -400,50 +415,6 @@ mod tests {
         )
     }
 
-    fn ports(o: &SharedObjects) -> Vec<(String, i32)> {
-        let mut v: Vec<_> = o
-            .services
-            .iter()
-            .map(|s| {
-                let name = s.metadata.name.clone().unwrap_or_default();
-                let port = s.spec.as_ref().and_then(|p| p.ports.as_ref()).map_or(0, |p| p[0].port);
-                (name, port)
-            })
-            .collect();
-        v.sort();
-        v
-    }
-
-    #[test]
-    fn cache_reads_changed_new_and_removed_files() {
-        let dir = std::env::temp_dir().join(format!("xlb-dircache-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("a.yaml"), svc("a", 80)).unwrap();
-        std::fs::write(dir.join("b.yaml"), svc("b", 81)).unwrap();
-        let mut cache = DirCache::default();
-        let first = cache.read(&dir).unwrap();
-        assert_eq!(ports(&first), vec![("a".into(), 80), ("b".into(), 81)]);
-        assert_eq!(ports(&first), ports(&read_dir(&dir).unwrap().into()));
-
-        // A changed file (another length), a new one, a removed one, and one that is not valid.
-        std::fs::write(dir.join("a.yaml"), svc("a", 8080)).unwrap();
-        std::fs::remove_file(dir.join("b.yaml")).unwrap();
-        std::fs::write(dir.join("c.json"), r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"c","namespace":"t"},"spec":{"ports":[{"port":82}]}}"#).unwrap();
-        std::fs::write(dir.join("d.yaml"), "kind: [").unwrap();
-        let second = cache.read(&dir).unwrap();
-        assert_eq!(ports(&second), vec![("a".into(), 8080), ("c".into(), 82)]);
-        assert_eq!(second.errors.len(), 1, "{:?}", second.errors);
-        // Unchanged files come from the cache, and give what a fresh read gives.
-        let third = cache.read(&dir).unwrap();
-        assert_eq!(ports(&third), ports(&second));
-        assert_eq!(third.errors, second.errors);
-        // ... as the same objects, which the model's cache recognises.
-        assert!(third.services.iter().zip(&second.services).all(|(a, b)| Arc::ptr_eq(a, b)));
-        assert!(!Arc::ptr_eq(&second.services[0], &first.services[0]), "a.yaml changed");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
     /// The changes of a read name the objects of the files that changed, and only those: the
     /// cost of a change is its file's, not the directory's.
     #[test]
@@ -471,6 +442,19 @@ mod tests {
         let one = cache.read_changes(&dir).unwrap();
         assert_eq!(one.files_read, 1);
         assert_eq!(names(&one), vec![("s7".into(), true)]);
+        // Each object comes with the identity of its content (uid and resourceVersion as the API
+        // server writes them), so that the model keeps what it needs of it, not the object.
+        let identity = |c: &DirChanges, n: &str| {
+            let o = c.services.iter().find(|(k, _)| &*k.1 == n).and_then(|(_, o)| o.clone()).unwrap();
+            (o.metadata.uid.clone().unwrap(), o.metadata.resource_version.clone().unwrap())
+        };
+        let (uid, rv) = identity(&one, "s7");
+        assert_eq!((uid.len(), uid.matches('-').count()), (36, 4), "{uid}");
+        assert!(rv.parse::<u64>().is_ok_and(|n| n.to_string() == rv), "{rv}");
+        assert_ne!((uid.clone(), rv.clone()), identity(&first, "s7"), "another content, another identity");
+        std::fs::write(dir.join("f07.yaml"), svc("s7", 80)).unwrap();
+        let back = cache.read_changes(&dir).unwrap();
+        assert_eq!(identity(&back, "s7"), identity(&first, "s7"), "the same content, the same identity");
         // An object moved to another file: still there; a file removed: its object gone; a bad
         // document: its error is new, and stays among all the errors after.
         std::fs::remove_file(dir.join("f08.yaml")).unwrap();
