@@ -190,10 +190,14 @@ impl Held {
         if !identity.is_versioned() {
             return Held::Shared(svc);
         }
-        // The model reads the spec and status alone (the key and identity are held apart).
-        let bare =
-            Service { metadata: Default::default(), spec: svc.spec.clone(), status: svc.status.clone() };
-        match serde_json::to_vec(&bare) {
+        // The model reads the spec and status alone (the key and identity are held apart):
+        // written from the object as it is, read back as a Service without metadata.
+        #[derive(serde::Serialize)]
+        struct Bare<'a> {
+            spec: &'a Option<k8s_openapi::api::core::v1::ServiceSpec>,
+            status: &'a Option<k8s_openapi::api::core::v1::ServiceStatus>,
+        }
+        match serde_json::to_vec(&Bare { spec: &svc.spec, status: &svc.status }) {
             Ok(json) => Held::Packed(json.into_boxed_slice()),
             Err(_) => Held::Shared(svc),
         }
@@ -926,6 +930,19 @@ mod tests {
         }
         assert_ne!(Identity::of(&meta(uuid, "1")), Identity::of(&meta(uuid, "2")));
         assert_eq!(Identity::of(&Default::default()), Identity::None);
+    }
+
+    #[test]
+    fn a_packed_service_reads_back_with_its_spec_and_status() {
+        let mut rng = Rng(7);
+        for i in 0..50 {
+            let svc = service(&mut rng, "a", &format!("s{i}"));
+            let id = Identity::Numeric { uid: [1, 2], rv: 3 };
+            let held = Held::new(svc.clone(), &id);
+            assert!(matches!(held, Held::Packed(_)));
+            let back = held.service();
+            assert_eq!((&back.spec, &back.status), (&svc.spec, &svc.status));
+        }
     }
 
     const NAMES: [(&str, &str); 6] =
