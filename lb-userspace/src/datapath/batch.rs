@@ -33,16 +33,11 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Whether the kernel took batch updates (`None`: not tried yet).
+/// Whether the kernel takes batch updates: 0 not tried yet, 1 yes, 2 no.
 static BATCH_WORKS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Updates `keys[i]` to `values[i]` in `map`, in order. `Err((written, error))`: the first
-/// `written` were written, the next failed.
-pub fn update_all<K: Copy, V: Copy>(
-    map: &MapData,
-    keys: &[K],
-    values: &[V],
-) -> Result<(), (usize, std::io::Error)> {
+/// Updates `keys[i]` to `values[i]` in `map`, in order, up to the first that fails.
+pub fn update_all<K: Copy, V: Copy>(map: &MapData, keys: &[K], values: &[V]) -> Result<(), std::io::Error> {
     use std::sync::atomic::Ordering::Relaxed;
     debug_assert_eq!(keys.len(), values.len());
     let fd = map.fd().as_fd().as_raw_fd();
@@ -76,7 +71,7 @@ pub fn update_all<K: Copy, V: Copy>(
             // EINVAL, EOPNOTSUPP, or the kernel's ENOTSUPP (524): no batch updates for this map.
             let unsupported = matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | 524));
             if !(unsupported && BATCH_WORKS.load(Relaxed) == 0 && attr.count == 0) {
-                return Err((done + attr.count as usize, e));
+                return Err(e);
             }
             // No batch operations here: single updates from now on.
             BATCH_WORKS.store(2, Relaxed);
@@ -94,7 +89,7 @@ pub fn update_all<K: Copy, V: Copy>(
                 )
             };
             if r != 0 {
-                return Err((i, std::io::Error::last_os_error()));
+                return Err(std::io::Error::last_os_error());
             }
         }
         done += n;

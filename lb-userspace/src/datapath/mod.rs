@@ -192,6 +192,12 @@ impl Drop for BpfMaps {
     }
 }
 
+/// Whether the filter array was made mappable (`BPF_F_MMAPABLE`; pins of an older agent's may
+/// not be).
+fn mmapable(f: &Array<MapData, u64>) -> bool {
+    IterableMap::map(f).info().is_ok_and(|i| i.map_flags() & lb_common::FILTER_MAP_FLAGS != 0)
+}
+
 /// A shared mapping of a BPF array of u64 words (`BPF_F_MMAPABLE`), unmapped on drop.
 struct MappedWords {
     ptr: *mut u64,
@@ -237,10 +243,10 @@ impl MappedWords {
         Ok(Self { ptr: p.cast(), len: elements })
     }
 
-    /// Word `i` (an aligned load: whole, as the datapath stores it).
-    fn load(&self, i: usize) -> u64 {
-        // SAFETY: a valid, aligned element of the mapping, which lives as long as `self`.
-        unsafe { std::ptr::read_volatile(self.ptr.add(i.min(self.len - 1))) }
+    /// The words, for as long as `self` is borrowed.
+    fn words(&mut self) -> &mut [u64] {
+        // SAFETY: the mapping's `len` aligned words, which live as long as `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
     /// Stores word `i` (an aligned u64 store, which the datapath's reads see whole).
@@ -669,13 +675,11 @@ impl Datapath for BpfMaps {
 
     fn read_filter(&self) -> Result<Vec<u64>, DatapathError> {
         let Some(f) = &self.filter else { return Ok(Vec::new()) };
-        let mmapable =
-            IterableMap::map(f).info().is_ok_and(|i| i.map_flags() & lb_common::FILTER_MAP_FLAGS != 0);
-        if mmapable {
+        if mmapable(f) {
             // Read through a mapping: one call, not one per word (131,072 of them).
-            let area =
+            let mut area =
                 MappedWords::new(IterableMap::map(f), f.len() as usize, "mmap", lb_common::MAP_FILTER)?;
-            return Ok((0..area.len).map(|i| area.load(i)).collect());
+            return Ok(area.words().to_vec());
         }
         (0..f.len()).map(|i| f.get(&i, 0).map_err(map_err("read", lb_common::MAP_FILTER))).collect()
     }
@@ -686,9 +690,8 @@ impl Datapath for BpfMaps {
         if words.is_empty() {
             return Ok(());
         }
-        let mmapable =
-            IterableMap::map(f).info().is_ok_and(|i| i.map_flags() & lb_common::FILTER_MAP_FLAGS != 0);
-        if !mmapable {
+        // Once mapped, it is known to be mappable: no call to ask again at each write.
+        if self.filter_area.is_none() && !mmapable(f) {
             for &(i, w) in words {
                 f.set(i, w, 0).map_err(map_err("update", lb_common::MAP_FILTER))?;
             }
@@ -776,14 +779,17 @@ impl Datapath for BpfMaps {
         use batch::{Pending, update_all, write_error};
         match std::mem::take(&mut self.pending) {
             Pending::None => Ok(()),
-            Pending::Services(k, v) => update_all(IterableMap::map(&self.services), &k, &v)
-                .map_err(|(_, e)| write_error(MAP_SERVICES, e)),
-            Pending::Backends(k, v) => update_all(IterableMap::map(&self.backends), &k, &v)
-                .map_err(|(_, e)| write_error(MAP_BACKENDS, e)),
+            Pending::Services(k, v) => {
+                update_all(IterableMap::map(&self.services), &k, &v).map_err(|e| write_error(MAP_SERVICES, e))
+            }
+            Pending::Backends(k, v) => {
+                update_all(IterableMap::map(&self.backends), &k, &v).map_err(|e| write_error(MAP_BACKENDS, e))
+            }
             Pending::Flows(k, v) => update_all(IterableMap::map(&self.flows), &k, &v)
-                .map_err(|(_, e)| write_error(MAP_BACKEND_FLOWS, e)),
-            Pending::Infos(k, v) => update_all(IterableMap::map(&self.svc_info), &k, &v)
-                .map_err(|(_, e)| write_error(MAP_SVC_INFO, e)),
+                .map_err(|e| write_error(MAP_BACKEND_FLOWS, e)),
+            Pending::Infos(k, v) => {
+                update_all(IterableMap::map(&self.svc_info), &k, &v).map_err(|e| write_error(MAP_SVC_INFO, e))
+            }
         }
     }
 
@@ -919,9 +925,7 @@ fn with_mmapped(
     if elements == 0 {
         return Ok(());
     }
-    let area = MappedWords::new(map, elements, op, name)?;
-    // SAFETY: the mapping's words, aligned, which live until `area` is dropped after `f`.
-    f(unsafe { std::slice::from_raw_parts_mut(area.ptr, area.len) });
+    f(MappedWords::new(map, elements, op, name)?.words());
     Ok(())
 }
 

@@ -74,11 +74,7 @@ impl Identity {
     fn texts(&self) -> Option<(String, String)> {
         match self {
             Identity::None => None,
-            Identity::Numeric { uid, rv } => {
-                let h = format!("{:016x}{:016x}", uid[0], uid[1]);
-                let uid = format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]);
-                Some((uid, rv.to_string()))
-            }
+            Identity::Numeric { uid, rv } => Some((uuid_text(*uid), rv.to_string())),
             Identity::Text(t) => Some((t.0.to_string(), t.1.to_string())),
         }
     }
@@ -101,6 +97,12 @@ impl Identity {
             ..Default::default()
         }
     }
+}
+
+/// A UUID of two numbers as the API server writes it (lower-case hex, 8-4-4-4-12).
+pub fn uuid_text(uid: [u64; 2]) -> String {
+    let h = format!("{:016x}{:016x}", uid[0], uid[1]);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
 }
 
 /// A UUID as the API server writes it (lower-case hex, 8-4-4-4-12), as two numbers; `None` for

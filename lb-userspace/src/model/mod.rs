@@ -1241,15 +1241,16 @@ fn add_host_ports_checked(
         .map(|p| (ns_name(&p.metadata), p.as_ref()))
         .collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    for ((namespace, name), pod) in sorted {
-        match pod_host_ports(pod, &(namespace.clone(), name.clone()), cfg) {
+    for (key, pod) in sorted {
+        let (namespace, name) = &key;
+        match pod_host_ports(pod, &key, cfg) {
             Ok(ports) => {
                 let clash = ports.iter().flat_map(|p| p.frontends.iter()).find_map(|f| {
                     let o = service(f).or_else(|| claimed.get(f).cloned())?;
                     Some(format!("hostPort frontend {f} is already used by {o}"))
                 });
                 if let Some(reason) = clash {
-                    model.rejected.push(Rejection::whole("Pod", &namespace, &name, reason));
+                    model.rejected.push(Rejection::whole("Pod", namespace, name, reason));
                     continue;
                 }
                 for p in ports {
@@ -1259,7 +1260,7 @@ fn add_host_ports_checked(
                     model.ports.push(Arc::new(p));
                 }
             }
-            Err(reason) => model.rejected.push(Rejection::whole("Pod", &namespace, &name, reason)),
+            Err(reason) => model.rejected.push(Rejection::whole("Pod", namespace, name, reason)),
         }
     }
     model.ports.sort_by(|a, b| a.id.cmp(&b.id));

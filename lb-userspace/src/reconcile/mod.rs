@@ -721,12 +721,12 @@ impl<D: Datapath> Reconciler<D> {
         Ok(())
     }
 
-    /// The filter bit of (address, port, protocol), when the datapath has a filter.
     /// Whether a port of the target names backend `k`.
     fn named(&self, k: &BackendKey) -> bool {
         self.backend_refs.get(k).is_some_and(|r| r.total() > 0)
     }
 
+    /// The filter bit of (address, port, protocol), when the datapath has a filter.
     fn bit_of(&self, addr: IpAddr, port: u16, proto: Proto) -> Option<u32> {
         (!self.filter.is_empty()).then(|| filter_bit(addr, port, proto))
     }
@@ -918,7 +918,7 @@ impl<D: Datapath> Reconciler<D> {
         // 1. Backends: ids of those named (a new id's flow count starts again), then their
         // values: each a run of writes of one map, which the datapath may send together.
         for k in &touched {
-            if !self.named(k) || self.backend_refs[k].id != 0 {
+            if self.backend_refs.get(k).is_none_or(|r| r.total() == 0 || r.id != 0) {
                 continue;
             }
             let id = if k.addr.is_ipv6() {
@@ -942,11 +942,8 @@ impl<D: Datapath> Reconciler<D> {
             self.backend_refs.entry(*k).or_default().id = id;
         }
         for k in &touched {
-            if !self.named(k) {
-                continue;
-            }
-            let (state, local) = self.backend_refs[k].merged();
-            let id = self.backend_refs[k].id;
+            let Some(refs) = self.backend_refs.get(k).filter(|r| r.total() > 0) else { continue };
+            let ((state, local), id) = (refs.merged(), refs.id);
             let (bstate, flags) = backend_state(state, local);
             match k.addr {
                 IpAddr::V4(a) => {

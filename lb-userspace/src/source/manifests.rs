@@ -167,11 +167,9 @@ fn identify<K: kube::Resource + serde::Serialize>(obj: &mut K) {
     let text = serde_json::to_vec(&*obj).unwrap_or_default();
     let h = crate::reconcile::maglev::fnv1a(&text, 0xcbf2_9ce4_8422_2325);
     let h2 = crate::reconcile::maglev::fnv1a(&text, h ^ 0x9e37_79b9_7f4a_7c15);
-    let hex = format!("{h:016x}{h2:016x}");
     let meta = obj.meta_mut();
     // A UUID's form, so that it is held as numbers.
-    meta.uid =
-        Some(format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]));
+    meta.uid = Some(crate::model::incremental::uuid_text([h, h2]));
     // Decimal, without leading zeros, as the API server writes it (held as a number).
     meta.resource_version = Some((h >> 1).to_string());
 }
