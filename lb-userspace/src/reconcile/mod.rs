@@ -1551,6 +1551,95 @@ mod tests {
         assert_eq!(r2.port_id(&desired[0].id), r.port_id(&desired[0].id));
     }
 
+    /// A datapath that holds writes back (as `BpfMaps` batches them) and, when told to, loses
+    /// the service-map writes it held and reports it only at the flush, as a failed batch does.
+    struct Lossy {
+        dp: MemDatapath,
+        lose: bool,
+        lost: bool,
+    }
+
+    impl Datapath for Lossy {
+        fn flush(&mut self) -> Result<(), DatapathError> {
+            if std::mem::take(&mut self.lost) {
+                return Err(DatapathError::Unsupported("a batch that failed"));
+            }
+            Ok(())
+        }
+        fn defers_writes(&self) -> bool {
+            true
+        }
+        fn write_service(&mut self, k: Svc4Key, v: Svc4Value) -> Result<(), DatapathError> {
+            if self.lose {
+                self.lost = true;
+                return Ok(());
+            }
+            self.dp.write_service(k, v)
+        }
+        fn capacity(&self) -> crate::datapath::Capacity {
+            self.dp.capacity()
+        }
+        fn read_services(&self) -> Result<Vec<(Svc4Key, Svc4Value)>, DatapathError> {
+            self.dp.read_services()
+        }
+        fn read_backend(&self, id: u32) -> Result<Backend4, DatapathError> {
+            self.dp.read_backend(id)
+        }
+        fn read_svc_infos(&self) -> Result<Vec<(u32, SvcInfo)>, DatapathError> {
+            self.dp.read_svc_infos()
+        }
+        fn write_backend(&mut self, id: u32, v: Backend4) -> Result<(), DatapathError> {
+            self.dp.write_backend(id, v)
+        }
+        fn delete_service(&mut self, k: Svc4Key) -> Result<(), DatapathError> {
+            self.dp.delete_service(k)
+        }
+        fn write_svc_info(&mut self, id: u32, i: SvcInfo) -> Result<(), DatapathError> {
+            self.dp.write_svc_info(id, i)
+        }
+        fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
+            self.dp.delete_svc_info(id)
+        }
+        fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
+            self.dp.reset_backend_flows(id)
+        }
+        fn read_source_ranges(&self) -> Result<Vec<(u32, crate::model::Cidr)>, DatapathError> {
+            self.dp.read_source_ranges()
+        }
+        fn write_source_range(&mut self, svc_id: u32, r: crate::model::Cidr) -> Result<(), DatapathError> {
+            self.dp.write_source_range(svc_id, r)
+        }
+        fn delete_source_range(&mut self, svc_id: u32, r: crate::model::Cidr) -> Result<(), DatapathError> {
+            self.dp.delete_source_range(svc_id, r)
+        }
+        fn read_backend_flows(&self, id: u32) -> Result<u64, DatapathError> {
+            self.dp.read_backend_flows(id)
+        }
+        fn read_ct(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>, DatapathError> {
+            self.dp.read_ct()
+        }
+        fn read_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, DatapathError> {
+            self.dp.read_stats()
+        }
+    }
+
+    /// Writes a datapath held back and lost, reported by the flush: the picture of the maps is
+    /// ahead of them, so they are read back and the next apply writes what is missing.
+    #[test]
+    fn writes_lost_by_a_failed_batch_are_written_again_by_the_next_apply() {
+        let desired = vec![
+            port("a", 10, &[(1, BackendState::Active), (2, BackendState::Active)]),
+            port("b", 11, &[(3, BackendState::Active)]),
+        ];
+        let mut r = Reconciler::new(Lossy { dp: MemDatapath::default(), lose: true, lost: false }).unwrap();
+        assert!(r.apply(&desired).is_err(), "the flush reports the lost writes");
+        r.datapath_mut().lose = false;
+        r.apply(&desired).unwrap();
+        let mut fresh = Reconciler::new(MemDatapath::default()).unwrap();
+        fresh.apply(&desired).unwrap();
+        assert_eq!(r.datapath().dp.contents(), fresh.datapath().contents());
+    }
+
     /// `port` in IPv6: frontend 2001:db8:1::`vip`, backends 2001:db8:2::`b`.
     fn port6(name: &str, vip: u8, backends: &[u8]) -> DesiredPort {
         let mut p = port(name, vip, &[]);
