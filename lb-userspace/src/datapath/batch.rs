@@ -5,8 +5,8 @@
 //!
 //! Order is kept whole: only a run of updates of the same map is gathered, any other operation
 //! (another map, a delete, a read) sends the run first, and a batch is applied by the kernel in
-//! its order, as the single updates would have been. A run is sent at the latest when the
-//! reconciler flushes at the end of an apply. A kernel without batch operations (before 5.6)
+//! its order, as the single updates would have been. A run is sent once it fills a batch
+//! ([`CHUNK`]), and at the latest when the reconciler flushes at the end of an apply. A kernel without batch operations (before 5.6)
 //! gets the single updates.
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
@@ -14,7 +14,7 @@ use aya::maps::{MapData, MapError};
 
 /// Entries per batch call: large enough that the call's cost vanishes, small enough that the
 /// kernel's copy of keys and values stays small.
-const CHUNK: usize = 4096;
+pub const CHUNK: usize = 4096;
 
 /// `BPF_MAP_UPDATE_BATCH`.
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -129,4 +129,17 @@ pub enum Pending {
     Backends(Vec<u32>, Vec<lb_common::Backend4>),
     Flows(Vec<u32>, Vec<u64>),
     Infos(Vec<u32>, Vec<lb_common::SvcInfo>),
+}
+
+impl Pending {
+    /// Updates waiting.
+    pub fn len(&self) -> usize {
+        match self {
+            Pending::None => 0,
+            Pending::Services(k, _) => k.len(),
+            Pending::Backends(k, _) => k.len(),
+            Pending::Flows(k, _) => k.len(),
+            Pending::Infos(k, _) => k.len(),
+        }
+    }
 }

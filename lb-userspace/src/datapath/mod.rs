@@ -297,6 +297,13 @@ fn pinned<T: TryFrom<Map, Error = MapError>>(pin_dir: &Path, name: &'static str)
 }
 
 impl BpfMaps {
+    /// Sends the run waiting once it fills a batch: a long run (a first sync writes hundreds of
+    /// thousands of one map) goes out as it is made, from a buffer that stays small, in the same
+    /// order.
+    fn send_full(&mut self) -> Result<(), DatapathError> {
+        if self.pending.len() >= batch::CHUNK { self.flush() } else { Ok(()) }
+    }
+
     /// Opens the maps pinned under `pin_dir`, read and write. Errors say what is wrong: no agent
     /// ever ran, maps of another layout version, or no permission.
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
@@ -725,7 +732,7 @@ impl Datapath for BpfMaps {
         if let batch::Pending::Backends(k, v) = &mut self.pending {
             k.push(id);
             v.push(value);
-            return Ok(());
+            return self.send_full();
         }
         self.flush()?;
         self.pending = batch::Pending::Backends(vec![id], vec![value]);
@@ -736,7 +743,7 @@ impl Datapath for BpfMaps {
         if let batch::Pending::Services(k, v) = &mut self.pending {
             k.push(key);
             v.push(value);
-            return Ok(());
+            return self.send_full();
         }
         self.flush()?;
         self.pending = batch::Pending::Services(vec![key], vec![value]);
@@ -752,7 +759,7 @@ impl Datapath for BpfMaps {
         if let batch::Pending::Infos(k, v) = &mut self.pending {
             k.push(id);
             v.push(info);
-            return Ok(());
+            return self.send_full();
         }
         self.flush()?;
         self.pending = batch::Pending::Infos(vec![id], vec![info]);
@@ -768,7 +775,7 @@ impl Datapath for BpfMaps {
         if let batch::Pending::Flows(k, v) = &mut self.pending {
             k.push(id);
             v.push(0);
-            return Ok(());
+            return self.send_full();
         }
         self.flush()?;
         self.pending = batch::Pending::Flows(vec![id], vec![0]);
