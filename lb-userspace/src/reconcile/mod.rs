@@ -248,7 +248,7 @@ pub struct Reconciler<D> {
     /// The filter as it must be once the apply in progress is done.
     filter_want: Vec<u64>,
     /// Words of `filter_want` that may differ from `filter`.
-    filter_dirty: BTreeSet<u32>,
+    filter_dirty: WordSet,
     /// Any word may (a full pass).
     filter_all_dirty: bool,
     /// Service map entries in the picture, by family.
@@ -320,6 +320,36 @@ impl BackendRefs {
             _ => BackendState::Draining,
         };
         (state, self.local > 0)
+    }
+}
+
+/// A set of filter word numbers, as bits (a first sync marks most words of the filter).
+#[derive(Debug, Default)]
+struct WordSet(Vec<u64>);
+
+impl WordSet {
+    fn insert(&mut self, w: u32) {
+        let (i, b) = ((w >> 6) as usize, w & 63);
+        if i >= self.0.len() {
+            self.0.resize(i + 1, 0);
+        }
+        self.0[i] |= 1 << b;
+    }
+
+    fn clear(&mut self) {
+        self.0.fill(0);
+    }
+
+    /// In increasing order.
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().enumerate().filter(|(_, x)| **x != 0).flat_map(|(i, &x)| {
+            let mut rest = x;
+            std::iter::from_fn(move || {
+                let b = (rest != 0).then(|| rest.trailing_zeros())?;
+                rest &= rest - 1;
+                Some((i as u32) << 6 | b)
+            })
+        })
     }
 }
 
@@ -430,7 +460,7 @@ impl<D: Datapath> Reconciler<D> {
             backend_refs: HashMap::default(),
             filter_refs: HashMap::default(),
             filter_want: Vec::new(),
-            filter_dirty: BTreeSet::new(),
+            filter_dirty: WordSet::default(),
             filter_all_dirty: false,
             picture_entries: [0; 2],
             reread: false,
@@ -766,7 +796,7 @@ impl<D: Datapath> Reconciler<D> {
     fn flush_filter(&mut self, gain: bool, st: &mut ApplyStats) -> Result<(), ReconcileError> {
         let dirty: Box<dyn Iterator<Item = u32>> = match self.filter_all_dirty {
             true => Box::new(0..self.filter.len() as u32),
-            false => Box::new(self.filter_dirty.iter().copied()),
+            false => Box::new(self.filter_dirty.iter()),
         };
         let words: Vec<(u32, u64)> = dirty
             .map(|w| (w, self.filter[w as usize], self.filter_want[w as usize]))
@@ -845,7 +875,7 @@ impl<D: Datapath> Reconciler<D> {
         let old_ids: Vec<Option<u32>> = olds.iter().map(|p| self.port_ids.get(&p.id).copied()).collect();
 
         // Backend references: how many ports name each backend, in which state.
-        let mut touched: BTreeSet<BackendKey> = BTreeSet::new();
+        let mut touched: Vec<BackendKey> = Vec::new();
         let mut unnamed: Vec<BackendKey> = Vec::new(); // no longer named by any port
         if full {
             self.backend_refs.retain(|_, r| {
@@ -875,7 +905,7 @@ impl<D: Datapath> Reconciler<D> {
                     }
                     unnamed.push(k);
                 }
-                touched.insert(k);
+                touched.push(k);
             }
         }
         for p in news {
@@ -886,10 +916,13 @@ impl<D: Datapath> Reconciler<D> {
                 if refs.total() == 1 {
                     self.filter_hold(self.bit_of(k.addr, k.port, k.proto));
                 }
-                touched.insert(k);
+                touched.push(k);
             }
         }
 
+        // In order, once each (a sort, not a tree: a first sync touches every backend).
+        touched.sort_unstable();
+        touched.dedup();
         // 0. The endpoint filter gains the new frontends' and backends' bits before any map names
         // them; it loses the bits of removed ones only at the end, once no map names them.
         for p in news {
@@ -1006,8 +1039,8 @@ impl<D: Datapath> Reconciler<D> {
                     _ => (&cluster.0, cluster.1),
                 };
                 wanted_frontends.insert(*f);
-                let old = self.frontends.get(f).cloned();
-                let old_slots = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or_default();
+                let old = self.frontends.get(f);
+                let old_slots = old.map(|o| o.slots.as_slice()).unwrap_or_default();
                 // Slots name their service too: a frontend that moved to another service has
                 // every slot written again.
                 let same_service = old.as_ref().is_some_and(|o| o.svc_id == svc_id);
@@ -1231,6 +1264,19 @@ impl<D: Datapath> Reconciler<D> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_word_set_gives_its_words_once_each_in_order() {
+        let mut w = super::WordSet::default();
+        for n in [700, 3, 64, 3, 63, 130_000, 0] {
+            w.insert(n);
+        }
+        assert_eq!(w.iter().collect::<Vec<_>>(), [0, 3, 63, 64, 700, 130_000]);
+        w.clear();
+        assert_eq!(w.iter().count(), 0);
+        w.insert(5);
+        assert_eq!(w.iter().collect::<Vec<_>>(), [5]);
+    }
+
     use super::*;
     use crate::{
         datapath::MemDatapath,
