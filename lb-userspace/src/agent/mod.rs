@@ -376,7 +376,16 @@ impl<D: Datapath> Syncer<D> {
         }
         // The lists go now: the model kept what it needs (of a slice from the API server, its
         // parsed form only), and the reconciler's work comes on top of what is left.
-        drop((svc_list, slice_list));
+        let objects = svc_list.as_ref().map_or(0, Vec::len) + slice_list.as_ref().map_or(0, Vec::len);
+        if objects > 10_000 {
+            // Freeing a large list (hundreds of thousands of objects, millions of allocations)
+            // takes a good part of a first sync: it is done beside the writes, not before them.
+            let _ = std::thread::Builder::new()
+                .name("xlb-free".into())
+                .spawn(move || drop((svc_list, slice_list)));
+        } else {
+            drop((svc_list, slice_list));
+        }
         changes.extend(self.model.update(u.services.changes, u.slices.changes, pods));
         let model_done = started.elapsed();
         let rejected = self.model.rejected();

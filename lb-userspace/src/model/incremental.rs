@@ -136,6 +136,45 @@ fn same_version<K: kube::Resource>(held: Option<&Arc<K>>, identity: &Identity, n
     }
 }
 
+/// What the model keeps of each changed object (`None`: deleted): of a slice its parsed form
+/// and identity, of a Service its identity and packed form. Read on two threads when there are
+/// many (a first sync, a relist): the slices beside the Services.
+#[allow(clippy::type_complexity)]
+fn read_objects(
+    slices: &[Change<EndpointSlice>],
+    services: &[Change<Service>],
+) -> (std::vec::IntoIter<Option<(SliceResult, Identity)>>, std::vec::IntoIter<Option<(Identity, Option<Held>)>>)
+{
+    let read_slices = || -> Vec<_> {
+        slices.iter().map(|(_, o)| o.as_ref().map(|o| (parse_slice(o), Identity::of(&o.metadata)))).collect()
+    };
+    let read_services = || -> Vec<_> {
+        services
+            .iter()
+            .map(|(_, o)| {
+                o.as_ref().map(|o| {
+                    let meta = Identity::of(&o.metadata);
+                    let held = Held::new(o.clone(), &meta);
+                    (meta, Some(held))
+                })
+            })
+            .collect()
+    };
+    let (a, b) = if slices.len().min(services.len()) > 1000 {
+        std::thread::scope(|scope| {
+            let a = std::thread::Builder::new().name("xlb-read".into()).spawn_scoped(scope, read_slices);
+            let b = read_services();
+            match a {
+                Ok(a) => (a.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), b),
+                Err(_) => (read_slices(), b),
+            }
+        })
+    } else {
+        (read_slices(), read_services())
+    };
+    (a.into_iter(), b.into_iter())
+}
+
 impl SliceEntry {
     fn service(&self) -> Option<&Key> {
         match &self.parsed {
@@ -362,6 +401,9 @@ impl IncrementalModel {
         pods: Option<Vec<Arc<Pod>>>,
     ) -> PortChanges {
         let mut dirty: BTreeSet<Key> = BTreeSet::new();
+        let (slices, services): (Vec<_>, Vec<_>) =
+            (slices.into_iter().collect(), services.into_iter().collect());
+        let (mut slices_read, mut services_read) = read_objects(&slices, &services);
         for (key, obj) in slices {
             let old = self.slices.remove_entry(&key);
             let key = match &old {
@@ -380,8 +422,8 @@ impl IncrementalModel {
                 dirty.insert(svc.clone());
             }
             self.slice_rejected.remove(&key);
-            let Some(obj) = obj else { continue };
-            let mut parsed = parse_slice(&obj);
+            let read = slices_read.next().flatten();
+            let (Some(obj), Some((mut parsed, meta))) = (obj, read) else { continue };
             if let Some(Ok(p)) = &mut parsed {
                 p.service = self.shared_key(&p.service);
                 for (_, _, node) in &mut p.endpoints {
@@ -398,7 +440,6 @@ impl IncrementalModel {
             if !rejected.is_empty() {
                 self.slice_rejected.insert(key.clone(), rejected);
             }
-            let meta = Identity::of(&obj.metadata);
             let entry = SliceEntry { obj: (!meta.is_versioned()).then_some(obj), meta, parsed };
             if let Some(svc) = entry.service() {
                 self.slices_of.entry(svc.clone()).or_default().insert(key.1.clone());
@@ -410,13 +451,9 @@ impl IncrementalModel {
             let key = self.shared_key(&key);
             let had = self.services.get(&key).is_some_and(|e| e.obj.is_some());
             self.service_count = self.service_count + usize::from(obj.is_some()) - usize::from(had);
-            let meta = obj.as_ref().map_or(Identity::None, |o| Identity::of(&o.metadata));
-            let held = obj.map(|o| (o, &meta));
-            let (obj, model_now) = match held {
-                // Modelled now, from the object at hand (not read back from its packed form).
-                Some((o, m)) => (Some(Held::new(o.clone(), m)), Some(o)),
-                None => (None, None),
-            };
+            let (meta, held) = services_read.next().flatten().unwrap_or((Identity::None, None));
+            // Modelled now, from the object at hand (not read back from its packed form).
+            let (obj, model_now) = (held, obj);
             if let Some(o) = model_now {
                 self.fresh.insert(key.clone(), o);
             }
