@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{Stream, StreamExt as _};
+use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
@@ -32,7 +32,10 @@ use kube::{
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use super::Delta;
+use super::{
+    Delta,
+    slim::{SlimService, SlimSlice},
+};
 use crate::{agent::metrics::Metrics, model::ns_name};
 
 /// Every request the agent makes to the API server, as RBAC names them: (verb, API group,
@@ -126,10 +129,11 @@ impl KubeSource {
         let cfg = watcher::Config::default().any_semantic();
         let kept = client.clone();
         let (services, slices) = (Arc::new(Watched::default()), Arc::new(Watched::default()));
-        let svc_stream =
-            watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone()).modify(strip_meta);
-        let slice_stream =
-            watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone()).modify(strip_meta);
+        // Read slim: what the model never reads of them is skipped as the JSON is read.
+        let svc_stream = watcher::watcher(Api::<SlimService>::all(client.clone()), cfg.clone())
+            .map_ok(|e| unwrap_event(e, |s| s.0));
+        let slice_stream = watcher::watcher(Api::<SlimSlice>::all(client.clone()), cfg.clone())
+            .map_ok(|e| unwrap_event(e, |s| s.0));
         let mut tasks = vec![
             tokio::spawn(drive("services", svc_stream, services.clone(), changed.clone(), metrics.clone())),
             tokio::spawn(drive(
@@ -161,40 +165,14 @@ impl KubeSource {
     }
 }
 
-/// Drops what the model never reads of a Service or EndpointSlice and what is often the largest
-/// part of one in a real cluster: its managed fields and `kubectl apply`'s copy of it, its labels
-/// (but a slice's Service), annotations and owners; a Service's selector and status conditions;
-/// an endpoint's pod, zone and hostname. What stays: identity (name, namespace, uid, version,
-/// for events and to tell versions apart) and what the model reads.
-pub fn strip_meta<K: Resource + std::any::Any>(obj: &mut K) {
-    let meta = obj.meta_mut();
-    meta.managed_fields = None;
-    meta.annotations = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.generate_name = None;
-    meta.creation_timestamp = None;
-    if let Some(labels) = meta.labels.as_mut() {
-        labels.retain(|k, _| k == crate::model::SERVICE_NAME_LABEL);
-        if labels.is_empty() {
-            meta.labels = None;
-        }
-    }
-    let any = obj as &mut dyn std::any::Any;
-    if let Some(svc) = any.downcast_mut::<Service>() {
-        if let Some(spec) = svc.spec.as_mut() {
-            spec.selector = None;
-        }
-        if let Some(status) = svc.status.as_mut() {
-            status.conditions = None;
-        }
-    } else if let Some(slice) = any.downcast_mut::<EndpointSlice>() {
-        for ep in &mut slice.endpoints {
-            ep.target_ref = None;
-            ep.zone = None;
-            ep.hostname = None;
-            ep.deprecated_topology = None;
-        }
+/// A watch event of a slim object as one of the object it holds.
+fn unwrap_event<S, K>(e: Event<S>, f: impl Fn(S) -> K) -> Event<K> {
+    match e {
+        Event::Apply(o) => Event::Apply(f(o)),
+        Event::Delete(o) => Event::Delete(f(o)),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(f(o)),
+        Event::InitDone => Event::InitDone,
     }
 }
 

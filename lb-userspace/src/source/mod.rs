@@ -3,6 +3,7 @@
 //! since it last looked ([`Delta`]), not the whole cluster each time.
 pub mod kube;
 pub mod manifests;
+pub mod slim;
 
 use std::sync::Arc;
 
