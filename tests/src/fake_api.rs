@@ -60,6 +60,8 @@ pub struct State {
     pub audit: Vec<(Attributes, Decision, String)>,
     /// Events created (events.k8s.io/v1), by namespace/name.
     pub events_created: BTreeMap<String, Value>,
+    /// When each event (by resourceVersion) was first written to a watch stream.
+    pub sent: BTreeMap<u64, std::time::Instant>,
 }
 
 pub struct FakeApi {
@@ -77,7 +79,14 @@ impl FakeApi {
         self.tick.send_modify(|t| *t += 1);
     }
 
-    pub fn put(&self, kind: Kind, mut obj: Value) {
+    /// When the event of version `rv` was first written to a watch stream (the API server
+    /// published it), if it was.
+    pub fn sent_at(&self, rv: u64) -> Option<std::time::Instant> {
+        self.state.lock().unwrap().sent.get(&rv).copied()
+    }
+
+    /// Stores `obj` (added or modified), and returns its new resourceVersion.
+    pub fn put(&self, kind: Kind, mut obj: Value) -> u64 {
         let mut st = self.state.lock().unwrap();
         st.rv += 1;
         let rv = st.rv;
@@ -91,6 +100,7 @@ impl FakeApi {
         st.events.push((rv, kind, ty, obj));
         drop(st);
         self.wake();
+        rv
     }
 
     pub fn delete(&self, kind: Kind, key: &str) {
@@ -331,6 +341,9 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
         for ev in &events {
             if !send(&mut stream, ev).await {
                 return;
+            }
+            if let Some(rv) = ev["object"]["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok()) {
+                api.state.lock().unwrap().sent.entry(rv).or_insert_with(std::time::Instant::now);
             }
         }
         sent_up_to = sent_up_to.max(
