@@ -342,7 +342,9 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
             if !send(&mut stream, ev).await {
                 return;
             }
-            if let Some(rv) = ev["object"]["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok()) {
+            if let Some(rv) =
+                ev["object"]["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok())
+            {
                 api.state.lock().unwrap().sent.entry(rv).or_insert_with(std::time::Instant::now);
             }
         }
