@@ -380,9 +380,11 @@ impl<D: Datapath> Syncer<D> {
         if objects > 10_000 {
             // Freeing a large list (hundreds of thousands of objects, millions of allocations)
             // takes a good part of a first sync: it is done beside the writes, not before them.
-            let _ = std::thread::Builder::new()
-                .name("xlb-free".into())
-                .spawn(move || drop((svc_list, slice_list)));
+            // What it frees goes back to the system there: the sync's own trim may come first.
+            let _ = std::thread::Builder::new().name("xlb-free".into()).spawn(move || {
+                drop((svc_list, slice_list));
+                trim_heap();
+            });
         } else {
             drop((svc_list, slice_list));
         }
