@@ -665,6 +665,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _pin_lock = crate::datapath::pinlock::lock(&cfg.pin_dir)?;
     info!(pin_dir = %cfg.pin_dir.display(), "locked the pin directory: no other agent runs on it");
     let metrics = Arc::new(Metrics::default());
+    // The lists start before the programs are loaded: the watches run on the async workers while
+    // the kernel verifies the programs here (about half a second), and nothing is synced before
+    // both are done.
+    let changed = Arc::new(Notify::new());
+    let source = Source::start(&cfg.source, changed.clone(), metrics.clone()).await?;
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
     crate::datapath::write_config(&mut ebpf, cfg.datapath).context("writing the datapath's settings")?;
     crate::datapath::write_service_cidrs(&mut ebpf, service_cidrs).context("writing the Service ranges")?;
@@ -735,7 +740,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let changed = Arc::new(Notify::new());
     // Addresses come and go (DHCP, new interfaces): node ports follow within a poll.
     let _addr_watch = if ebpf::tcx_supported() {
         let shared = Arc::new(std::sync::Mutex::new(syncer.cfg.node_addrs.clone()));
@@ -759,7 +763,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     } else {
         None
     };
-    let source = Source::start(&cfg.source, changed.clone(), metrics.clone()).await?;
     if let Source::Kube(k) = &source {
         syncer.events = Some(events::EventReporter::start(k.client.clone(), cfg.node_name.as_deref()));
     }
