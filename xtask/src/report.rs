@@ -690,9 +690,9 @@ for one with a port and 5 endpoints: no API objects are kept (a Service is held 
 spec and status, a slice as its parsed endpoints), names are held once and shared by every index \
 that names them, held vectors have no spare capacity, and the reconciler's picture of the maps \
 keeps one table per kind of entry; the first list's peak is returned to the system after the \
-first sync. Cold start at large N is the BPF load (about 0.5 s), the list (the API server's side \
-and the objects' decoding, slim since 2026-12-07: what xlb never reads is skipped, not allocated) \
-and the first sync: the model of every Service (slices parsed beside Services packed, on two \
+first sync. Cold start at large N is the list (the API server's side and the objects' decoding, slim since \
+2026-12-07: what xlb never reads is skipped, not allocated) with the BPF load (about 0.5 s) beside \
+it, then the first sync: the model of every Service (slices parsed beside Services packed, on two \
 threads) and the map writes, sent to the kernel in batches (BPF_MAP_UPDATE_BATCH) as each batch \
 fills. The first sync at 100,000 Services was 5.8 s with one syscall a write, 4.3 s with batches \
 sent at the end, about 3 s since.
