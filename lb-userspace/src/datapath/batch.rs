@@ -6,8 +6,8 @@
 //! Order is kept whole: only a run of updates of the same map is gathered, any other operation
 //! (another map, a delete, a read) sends the run first, and a batch is applied by the kernel in
 //! its order, as the single updates would have been. A run is sent once it fills a batch
-//! ([`CHUNK`]), and at the latest when the reconciler flushes at the end of an apply. A kernel without batch operations (before 5.6)
-//! gets the single updates.
+//! ([`CHUNK`]), and at the latest when the reconciler flushes at the end of an apply. A kernel
+//! without batch operations (before 5.6) gets the single updates.
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::{MapData, MapError};
@@ -131,15 +131,5 @@ pub enum Pending {
     Infos(Vec<u32>, Vec<lb_common::SvcInfo>),
 }
 
-impl Pending {
-    /// Updates waiting.
-    pub fn len(&self) -> usize {
-        match self {
-            Pending::None => 0,
-            Pending::Services(k, _) => k.len(),
-            Pending::Backends(k, _) => k.len(),
-            Pending::Flows(k, _) => k.len(),
-            Pending::Infos(k, _) => k.len(),
-        }
-    }
-}
+/// Gives the keys and values of the run waiting when it is of one map (a variant of [`Pending`]).
+pub type RunOf<K, V> = fn(&mut Pending) -> Option<(&mut Vec<K>, &mut Vec<V>)>;

@@ -297,11 +297,25 @@ fn pinned<T: TryFrom<Map, Error = MapError>>(pin_dir: &Path, name: &'static str)
 }
 
 impl BpfMaps {
-    /// Sends the run waiting once it fills a batch: a long run (a first sync writes hundreds of
-    /// thousands of one map) goes out as it is made, from a buffer that stays small, in the same
-    /// order.
-    fn send_full(&mut self) -> Result<(), DatapathError> {
-        if self.pending.len() >= batch::CHUNK { self.flush() } else { Ok(()) }
+    /// Holds back the update of `key` to `value`: added to the run waiting when it is of the same
+    /// map (`run` gives it then), else after that run is sent, as a new one (`start`). A run is
+    /// sent once it fills a batch: a long one (a first sync writes hundreds of thousands of one
+    /// map) goes out as it is made, from a buffer that stays small, in the same order.
+    fn hold<K, V>(
+        &mut self,
+        key: K,
+        value: V,
+        run: batch::RunOf<K, V>,
+        start: fn(Vec<K>, Vec<V>) -> batch::Pending,
+    ) -> Result<(), DatapathError> {
+        if let Some((keys, values)) = run(&mut self.pending) {
+            keys.push(key);
+            values.push(value);
+            return if keys.len() >= batch::CHUNK { self.flush() } else { Ok(()) };
+        }
+        self.flush()?;
+        self.pending = start(vec![key], vec![value]);
+        Ok(())
     }
 
     /// Opens the maps pinned under `pin_dir`, read and write. Errors say what is wrong: no agent
@@ -729,25 +743,27 @@ impl Datapath for BpfMaps {
     }
 
     fn write_backend(&mut self, id: u32, value: Backend4) -> Result<(), DatapathError> {
-        if let batch::Pending::Backends(k, v) = &mut self.pending {
-            k.push(id);
-            v.push(value);
-            return self.send_full();
-        }
-        self.flush()?;
-        self.pending = batch::Pending::Backends(vec![id], vec![value]);
-        Ok(())
+        self.hold(
+            id,
+            value,
+            |p| match p {
+                batch::Pending::Backends(k, v) => Some((k, v)),
+                _ => None,
+            },
+            batch::Pending::Backends,
+        )
     }
 
     fn write_service(&mut self, key: Svc4Key, value: Svc4Value) -> Result<(), DatapathError> {
-        if let batch::Pending::Services(k, v) = &mut self.pending {
-            k.push(key);
-            v.push(value);
-            return self.send_full();
-        }
-        self.flush()?;
-        self.pending = batch::Pending::Services(vec![key], vec![value]);
-        Ok(())
+        self.hold(
+            key,
+            value,
+            |p| match p {
+                batch::Pending::Services(k, v) => Some((k, v)),
+                _ => None,
+            },
+            batch::Pending::Services,
+        )
     }
 
     fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError> {
@@ -756,14 +772,15 @@ impl Datapath for BpfMaps {
     }
 
     fn write_svc_info(&mut self, id: u32, info: SvcInfo) -> Result<(), DatapathError> {
-        if let batch::Pending::Infos(k, v) = &mut self.pending {
-            k.push(id);
-            v.push(info);
-            return self.send_full();
-        }
-        self.flush()?;
-        self.pending = batch::Pending::Infos(vec![id], vec![info]);
-        Ok(())
+        self.hold(
+            id,
+            info,
+            |p| match p {
+                batch::Pending::Infos(k, v) => Some((k, v)),
+                _ => None,
+            },
+            batch::Pending::Infos,
+        )
     }
 
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
@@ -772,14 +789,15 @@ impl Datapath for BpfMaps {
     }
 
     fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
-        if let batch::Pending::Flows(k, v) = &mut self.pending {
-            k.push(id);
-            v.push(0);
-            return self.send_full();
-        }
-        self.flush()?;
-        self.pending = batch::Pending::Flows(vec![id], vec![0]);
-        Ok(())
+        self.hold(
+            id,
+            0,
+            |p| match p {
+                batch::Pending::Flows(k, v) => Some((k, v)),
+                _ => None,
+            },
+            batch::Pending::Flows,
+        )
     }
 
     fn flush(&mut self) -> Result<(), DatapathError> {
