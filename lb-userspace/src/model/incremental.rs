@@ -136,15 +136,14 @@ fn same_version<K: kube::Resource>(held: Option<&Arc<K>>, identity: &Identity, n
     }
 }
 
-/// What the model keeps of each changed object (`None`: deleted): of a slice its parsed form
-/// and identity, of a Service its identity and packed form. Read on two threads when there are
-/// many (a first sync, a relist): the slices beside the Services.
+/// What the model keeps of each changed object (`None`: deleted), in their order: of a slice its
+/// parsed form and identity, of a Service its identity and packed form. Read on two threads when
+/// there are many (a first sync, a relist): the slices beside the Services.
 #[allow(clippy::type_complexity)]
 fn read_objects(
     slices: &[Change<EndpointSlice>],
     services: &[Change<Service>],
-) -> (std::vec::IntoIter<Option<(SliceResult, Identity)>>, std::vec::IntoIter<Option<(Identity, Option<Held>)>>)
-{
+) -> (Vec<Option<(SliceResult, Identity)>>, Vec<Option<(Identity, Held)>>) {
     let read_slices = || -> Vec<_> {
         slices.iter().map(|(_, o)| o.as_ref().map(|o| (parse_slice(o), Identity::of(&o.metadata)))).collect()
     };
@@ -155,24 +154,23 @@ fn read_objects(
                 o.as_ref().map(|o| {
                     let meta = Identity::of(&o.metadata);
                     let held = Held::new(o.clone(), &meta);
-                    (meta, Some(held))
+                    (meta, held)
                 })
             })
             .collect()
     };
-    let (a, b) = if slices.len().min(services.len()) > 1000 {
-        std::thread::scope(|scope| {
-            let a = std::thread::Builder::new().name("xlb-read".into()).spawn_scoped(scope, read_slices);
-            let b = read_services();
-            match a {
-                Ok(a) => (a.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), b),
-                Err(_) => (read_slices(), b),
-            }
-        })
-    } else {
-        (read_slices(), read_services())
-    };
-    (a.into_iter(), b.into_iter())
+    if slices.len().min(services.len()) <= 1000 {
+        return (read_slices(), read_services());
+    }
+    std::thread::scope(|scope| {
+        let slices = std::thread::Builder::new().name("xlb-read".into()).spawn_scoped(scope, read_slices);
+        let services = read_services();
+        match slices {
+            Ok(h) => (h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), services),
+            // No thread to be had: read here.
+            Err(_) => (read_slices(), services),
+        }
+    })
 }
 
 impl SliceEntry {
@@ -403,8 +401,8 @@ impl IncrementalModel {
         let mut dirty: BTreeSet<Key> = BTreeSet::new();
         let (slices, services): (Vec<_>, Vec<_>) =
             (slices.into_iter().collect(), services.into_iter().collect());
-        let (mut slices_read, mut services_read) = read_objects(&slices, &services);
-        for (key, obj) in slices {
+        let (slices_read, services_read) = read_objects(&slices, &services);
+        for ((key, obj), read) in slices.into_iter().zip(slices_read) {
             let old = self.slices.remove_entry(&key);
             let key = match &old {
                 Some((k, _)) => k.clone(),
@@ -422,7 +420,6 @@ impl IncrementalModel {
                 dirty.insert(svc.clone());
             }
             self.slice_rejected.remove(&key);
-            let read = slices_read.next().flatten();
             let (Some(obj), Some((mut parsed, meta))) = (obj, read) else { continue };
             if let Some(Ok(p)) = &mut parsed {
                 p.service = self.shared_key(&p.service);
@@ -447,14 +444,16 @@ impl IncrementalModel {
             }
             self.slices.insert(key, entry);
         }
-        for (key, obj) in services {
+        for ((key, svc), read) in services.into_iter().zip(services_read) {
             let key = self.shared_key(&key);
             let had = self.services.get(&key).is_some_and(|e| e.obj.is_some());
-            self.service_count = self.service_count + usize::from(obj.is_some()) - usize::from(had);
-            let (meta, held) = services_read.next().flatten().unwrap_or((Identity::None, None));
+            self.service_count = self.service_count + usize::from(svc.is_some()) - usize::from(had);
+            let (meta, obj) = match read {
+                Some((meta, held)) => (meta, Some(held)),
+                None => (Identity::None, None),
+            };
             // Modelled now, from the object at hand (not read back from its packed form).
-            let (obj, model_now) = (held, obj);
-            if let Some(o) = model_now {
+            if let Some(o) = svc {
                 self.fresh.insert(key.clone(), o);
             }
             match self.services.get_mut(&key) {

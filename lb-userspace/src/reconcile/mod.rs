@@ -1043,7 +1043,7 @@ impl<D: Datapath> Reconciler<D> {
                 let old_slots = old.map(|o| o.slots.as_slice()).unwrap_or_default();
                 // Slots name their service too: a frontend that moved to another service has
                 // every slot written again.
-                let same_service = old.as_ref().is_some_and(|o| o.svc_id == svc_id);
+                let same_service = old.is_some_and(|o| o.svc_id == svc_id);
                 for (i, &be) in slots.iter().enumerate() {
                     if !same_service || old_slots.get(i) != Some(&be) {
                         let v = Svc4Value { backend_id: be, svc_id, ..Default::default() };
@@ -1052,7 +1052,7 @@ impl<D: Datapath> Reconciler<D> {
                     }
                 }
                 let affinity = p.shown.affinity_timeout;
-                let entry_changed = match &old {
+                let entry_changed = match old {
                     Some(o) => {
                         o.svc_id != svc_id || o.count != count || o.flags != flags || o.affinity != affinity
                     }
@@ -1264,9 +1264,15 @@ impl<D: Datapath> Reconciler<D> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::{
+        datapath::MemDatapath,
+        model::{DesiredBackend, SvcType},
+    };
+
     #[test]
     fn a_word_set_gives_its_words_once_each_in_order() {
-        let mut w = super::WordSet::default();
+        let mut w = WordSet::default();
         for n in [700, 3, 64, 3, 63, 130_000, 0] {
             w.insert(n);
         }
@@ -1276,12 +1282,6 @@ mod tests {
         w.insert(5);
         assert_eq!(w.iter().collect::<Vec<_>>(), [5]);
     }
-
-    use super::*;
-    use crate::{
-        datapath::MemDatapath,
-        model::{DesiredBackend, SvcType},
-    };
 
     /// Checks, after every single write, what a packet could observe: every service entry's
     /// count is covered by written slots, every slot names a live backend, and the endpoint

@@ -357,17 +357,8 @@ impl<'a> Document for &'a serde_json::value::RawValue {
     fn head(&self) -> Head {
         serde_json::from_str(self.get()).unwrap_or_else(|_| {
             // A field of another type than the API's somewhere (metadata a string, a number for
-            // a kind): what is text of these fields still names the document.
-            let v: serde_json::Value = serde_json::from_str(self.get()).unwrap_or_default();
-            let text = |p: &str| v.pointer(p).and_then(serde_json::Value::as_str).map(str::to_owned);
-            Head {
-                api_version: text("/apiVersion"),
-                kind: text("/kind"),
-                metadata: Some(HeadMeta {
-                    name: text("/metadata/name"),
-                    namespace: text("/metadata/namespace"),
-                }),
-            }
+            // a kind): read as a value, what is text of these fields still names the document.
+            serde_json::from_str::<serde_yaml::Value>(self.get()).map(|v| v.head()).unwrap_or_default()
         })
     }
     fn items(self) -> Option<Vec<Self>> {
