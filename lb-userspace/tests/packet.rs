@@ -1512,6 +1512,62 @@ fn map_contents(dp: &impl lb_userspace::datapath::Datapath) -> Vec<String> {
 }
 
 #[test]
+fn a_failed_batch_stops_the_writes_after_it_and_is_reported() {
+    if !privileged("a_failed_batch_stops_the_writes_after_it_and_is_reported") {
+        return;
+    }
+    // Long runs go to the map-writing thread. The service map takes 8,192 entries: the third run
+    // of 4,096 fails, and the run of backends queued after it must not be written.
+    let caps = Capacities {
+        service_entries: 8192,
+        backends: 8192,
+        ct_entries: 1024,
+        sock_nat_entries: 1024,
+        affinity_entries: 1024,
+        ipv6_entries: 1024,
+    };
+    let mut ebpf = ebpf::load(None, caps).expect("load");
+    let mut maps = BpfMaps::take(&mut ebpf).expect("maps");
+    let key = |i: u32| lb_common::Svc4Key {
+        addr: [198, 18, (i >> 8) as u8, i as u8],
+        port: (i >> 16) as u16 + 1,
+        proto: IPPROTO_TCP,
+        ..Default::default()
+    };
+    let backend =
+        |i: u32| lb_common::Backend4 { addr: [198, 19, 0, 1], port: i as u16, ..Default::default() };
+    let mut first_error = None;
+    for i in 0..3 * 4096 {
+        let value = lb_common::Svc4Value { backend_id: i + 1, ..Default::default() };
+        if let Err(e) = maps.write_service(key(i), value) {
+            first_error.get_or_insert(e);
+        }
+    }
+    for id in 1..=4096 {
+        if let Err(e) = maps.write_backend(id, backend(id)) {
+            first_error.get_or_insert(e);
+        }
+    }
+    let flushed = maps.flush();
+    let e = first_error.map_or(flushed, Err).expect_err("a write past the map's capacity must fail");
+    assert!(e.to_string().contains(lb_common::MAP_SERVICES), "{e}");
+    assert_eq!(maps.read_services().unwrap().len(), 8192, "the two runs before the failed one are written");
+    for id in [1, 2048, 4096] {
+        assert_eq!(
+            maps.read_backend(id).unwrap(),
+            lb_common::Backend4::default(),
+            "backend {id} written after a failure"
+        );
+    }
+    // The failure is reported once; later writes go through again.
+    for id in 1..=4096 {
+        maps.write_backend(id, backend(id)).unwrap();
+    }
+    maps.flush().unwrap();
+    assert_eq!(maps.read_backend(4096).unwrap(), backend(4096));
+}
+
+#[test]
 fn a_large_apply_leaves_the_kernel_maps_as_it_leaves_memory() {
     if !privileged("a_large_apply_leaves_the_kernel_maps_as_it_leaves_memory") {
         return;

@@ -182,6 +182,8 @@ pub struct BpfMaps {
     /// Updates not sent yet (see [`batch`]): sent before any other operation and at
     /// [`Datapath::flush`].
     pending: batch::Pending,
+    /// The thread that sends full runs, started at the first (see [`batch::Writer`]).
+    writer: Option<batch::Writer>,
 }
 
 impl Drop for BpfMaps {
@@ -311,11 +313,52 @@ impl BpfMaps {
         if let Some((keys, values)) = run(&mut self.pending) {
             keys.push(key);
             values.push(value);
-            return if keys.len() >= batch::CHUNK { self.flush() } else { Ok(()) };
+            return if self.pending.is_full() { self.send_full() } else { Ok(()) };
         }
-        self.flush()?;
+        // Another map's run was waiting: it goes first, to the writing thread when that has
+        // runs before it (they are in order there), else at once.
+        match &mut self.writer {
+            Some(w) if w.busy() => w.send(std::mem::take(&mut self.pending)),
+            _ => self.flush()?,
+        }
         self.pending = start(vec![key], vec![value]);
         Ok(())
+    }
+
+    /// Hands the run waiting, which fills a batch, to the writing thread (started now if it is
+    /// not yet); written here if that thread cannot be had.
+    fn send_full(&mut self) -> Result<(), DatapathError> {
+        use std::os::fd::AsFd as _;
+        if self.writer.is_none() {
+            let fds = [
+                IterableMap::map(&self.services).fd().as_fd().try_clone_to_owned(),
+                IterableMap::map(&self.backends).fd().as_fd().try_clone_to_owned(),
+                IterableMap::map(&self.flows).fd().as_fd().try_clone_to_owned(),
+                IterableMap::map(&self.svc_info).fd().as_fd().try_clone_to_owned(),
+            ];
+            if let [Ok(s), Ok(b), Ok(f), Ok(i)] = fds {
+                self.writer = batch::Writer::spawn([s, b, f, i]).ok();
+            }
+        }
+        let run = std::mem::take(&mut self.pending);
+        match &mut self.writer {
+            Some(w) => {
+                w.send(run);
+                Ok(())
+            }
+            None => run.write(&self.targets()),
+        }
+    }
+
+    /// The maps a held run may be of.
+    fn targets(&self) -> batch::Targets<'_> {
+        use std::os::fd::AsFd as _;
+        batch::Targets {
+            services: IterableMap::map(&self.services).fd().as_fd(),
+            backends: IterableMap::map(&self.backends).fd().as_fd(),
+            flows: IterableMap::map(&self.flows).fd().as_fd(),
+            infos: IterableMap::map(&self.svc_info).fd().as_fd(),
+        }
     }
 
     /// Opens the maps pinned under `pin_dir`, read and write. Errors say what is wrong: no agent
@@ -430,6 +473,7 @@ impl BpfMaps {
             capacity,
             filter_area: None,
             pending: batch::Pending::None,
+            writer: None,
         })
     }
 
@@ -801,21 +845,12 @@ impl Datapath for BpfMaps {
     }
 
     fn flush(&mut self) -> Result<(), DatapathError> {
-        use batch::{Pending, update_all, write_error};
-        match std::mem::take(&mut self.pending) {
-            Pending::None => Ok(()),
-            Pending::Services(k, v) => {
-                update_all(IterableMap::map(&self.services), &k, &v).map_err(|e| write_error(MAP_SERVICES, e))
-            }
-            Pending::Backends(k, v) => {
-                update_all(IterableMap::map(&self.backends), &k, &v).map_err(|e| write_error(MAP_BACKENDS, e))
-            }
-            Pending::Flows(k, v) => update_all(IterableMap::map(&self.flows), &k, &v)
-                .map_err(|e| write_error(MAP_BACKEND_FLOWS, e)),
-            Pending::Infos(k, v) => {
-                update_all(IterableMap::map(&self.svc_info), &k, &v).map_err(|e| write_error(MAP_SVC_INFO, e))
-            }
+        let run = std::mem::take(&mut self.pending);
+        // The runs sent before this one first; none after one that failed.
+        if let Some(w) = &mut self.writer {
+            w.wait()?;
         }
+        run.write(&self.targets())
     }
 
     fn defers_writes(&self) -> bool {
