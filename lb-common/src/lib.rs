@@ -32,7 +32,7 @@ pub const MAP_BACKENDS: &str = "xlb_be4_v1";
 /// Connection tracking (LRU hash, [`Ct4Key`] -> [`Ct4Value`]).
 pub const MAP_CT: &str = "xlb_ct4_v2";
 /// Per-CPU counters by verdict and reason (per-CPU array, [`Stat`] index -> [`StatValue`]).
-pub const MAP_STATS: &str = "xlb_stats_v9";
+pub const MAP_STATS: &str = "xlb_stats_v10";
 /// Names of services for display (hash, service id -> [`SvcInfo`]); not read by the datapath.
 pub const MAP_SVC_INFO: &str = "xlb_svcinfo_v2";
 /// New flows sent to each backend (array, backend id -> u64); the agent zeroes an id's count
@@ -45,6 +45,53 @@ pub const MAP_TRACE: &str = "xlb_trace_v1";
 /// The token bucket limiting ICMP errors sent for Services without endpoints (per-CPU array of
 /// one [`RejectBucket`]). Not pinned: a new program starts with a full bucket.
 pub const MAP_REJECT_BUCKET: &str = "xlb_rejectbkt_v1";
+/// The ports of IPv4 datagrams sent in fragments (LRU hash, [`Frag4Key`] -> [`FragPorts`]),
+/// remembered from the first fragment of a datagram of a frontend's or backend's flow, so that
+/// its later fragments (which carry no ports) are translated as it was. Not pinned: an entry
+/// lives for the fragments of one datagram.
+pub const MAP_FRAG4: &str = "xlb_frag4_v1";
+/// As [`MAP_FRAG4`] for IPv6 ([`Frag6Key`] -> [`FragPorts`]).
+pub const MAP_FRAG6: &str = "xlb_frag6_v1";
+/// Entries of [`MAP_FRAG4`] and [`MAP_FRAG6`]: datagrams in fragments at once through the node.
+pub const FRAG_ENTRIES: u32 = 8192;
+
+/// Key of [`MAP_FRAG4`]: what every fragment of one datagram carries, as it reaches the
+/// program. 12 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Frag4Key {
+    /// Source and destination addresses, bytes as in the packet.
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// The IP identification, as in the packet.
+    pub id: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: u8,
+}
+
+/// Key of [`MAP_FRAG6`]. 40 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Frag6Key {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// The fragment header's identification, as in the packet.
+    pub id: u32,
+    /// The protocol after the fragment header.
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`MAP_FRAG4`] and [`MAP_FRAG6`]: the first fragment's ports, as in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
 
 /// ICMP port-unreachable answers each CPU may send per second (like the kernel's own ICMP rate
 /// limit, `net.ipv4.icmp_msgs_per_sec`); TCP resets are not limited, as the kernel's are not.
@@ -838,8 +885,10 @@ pub enum Stat {
     /// Passed: IPv4 or IPv6 but neither TCP nor UDP (nor an ICMP error about a tracked IPv4
     /// flow); for IPv6 also ESP, and a chain of extension headers too long to follow.
     PassOtherProto = 3,
-    /// Passed: an IPv4 fragment, or an IPv6 packet with a fragment header (never rewritten:
-    /// later fragments carry no ports).
+    /// Passed: a later fragment (no ports in it) whose datagram's first fragment was not seen
+    /// translated (not a Service's flow, or it came before its first), or an IPv6 fragment
+    /// header further down a chain of extension headers. First fragments, which hold the ports,
+    /// take the path of any packet.
     PassFragment = 4,
     /// Passed: no frontend and no tracked flow matched.
     PassNoService = 5,
@@ -895,10 +944,14 @@ pub enum Stat {
     /// Dropped: as [`Stat::RejectNoService`], where no answer could be sent (the packet is a
     /// TCP reset, carries IP options, or the ICMP rate limit was reached).
     DropNoService = 24,
+    /// A later fragment (no ports in it) of a datagram whose first fragment was translated,
+    /// translated as that one ([`MAP_FRAG4`], [`MAP_FRAG6`]). A later fragment whose first was
+    /// not seen (not of a Service's flow, or come before it) is [`Stat::PassFragment`].
+    FragTranslated = 25,
 }
 
 /// Number of [`Stat`] counters; size of [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 25;
+pub const STAT_COUNT: u32 = 26;
 
 /// Names of the [`Stat`] counters, by index, as the CLI and /metrics show them.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -927,6 +980,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "ct_expired",
     "reject_no_service",
     "drop_no_service",
+    "frag_translated",
 ];
 
 /// Value of [`MAP_TRACE`]: what the trace program decided for one packet. 32 bytes.
@@ -987,7 +1041,10 @@ const _: () = {
     assert!(core::mem::size_of::<StatValue>() == 16);
     assert!(core::mem::size_of::<SvcInfo>() == 432);
     assert!(core::mem::size_of::<TraceRecord>() == 32);
-    assert!(Stat::DropNoService as u32 + 1 == STAT_COUNT);
+    assert!(Stat::FragTranslated as u32 + 1 == STAT_COUNT);
+    assert!(core::mem::size_of::<Frag4Key>() == 12);
+    assert!(core::mem::size_of::<Frag6Key>() == 40);
+    assert!(core::mem::size_of::<FragPorts>() == 4);
     assert!(core::mem::size_of::<SrcRange4>() == 8);
     assert!(core::mem::size_of::<SrcRange6>() == 20);
     assert!(core::mem::size_of::<RejectBucket>() == 16);

@@ -11,15 +11,15 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, BACKEND_F_LOCAL, BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST,
-    SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key, TRACE_AFFINITY, TRACE_CT_EXPIRED,
-    TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_MAGLEV, TRACE_NEW_FLOW,
-    TRACE_REJECT, TRACE_REWRITE, TraceRecord, maglev_flow_hash, maglev_key,
+    CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, Ct4Key, Frag4Key, FragPorts, SCOPE_EXTERNAL, SVC_F_LOCAL,
+    SVC_F_LOCAL_LIST, SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange4, Stat, Svc4Key, TRACE_AFFINITY,
+    TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND, TRACE_MAGLEV,
+    TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord, maglev_flow_hash, maglev_key,
 };
 
 use crate::{
     ct, filter, icmp,
-    maps::{AFFINITY, BACKEND_FLOWS, BACKENDS, CONFIG, CT, MAGLEV, SERVICES, SOURCE_RANGES, TRACE},
+    maps::{AFFINITY, BACKEND_FLOWS, BACKENDS, CONFIG, CT, FRAG4, MAGLEV, SERVICES, SOURCE_RANGES, TRACE},
     nat::{self, Side},
     parse::{self, Packet, Parsed},
     reject,
@@ -102,7 +102,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
             };
             return pass(rec, stat, bytes);
         }
-        Parsed::Fragment => return pass(rec, Stat::PassFragment, bytes),
+        Parsed::Fragment(f) => return later_fragment(rec, &f, bytes),
     };
 
     // The filter: a packet to no frontend can be neither a new flow nor a tracked one's forward
@@ -114,6 +114,15 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     let from_known = (!to_known).then(|| filter::has(pkt.saddr, pkt.sport, pkt.proto));
     if from_known == Some(false) {
         return no_service::<TRACE_MODE>(ctx, rec, &pkt, bytes);
+    }
+    // The first fragment of a datagram to a frontend or from a backend: its later fragments,
+    // which carry no ports, are translated as it is (see `later_fragment`).
+    if !TRACE_MODE && pkt.first_fragment {
+        let _ = FRAG4.insert(
+            frag_key(pkt.saddr, pkt.daddr, pkt.id, pkt.proto),
+            FragPorts { sport: pkt.sport, dport: pkt.dport },
+            0,
+        );
     }
 
     // A tracked flow: one lookup covers both directions, since the key holds the tuple as it
@@ -211,6 +220,50 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
         return no_service::<TRACE_MODE>(ctx, rec, &pkt, bytes);
     }
     new_flow::<TRACE_MODE>(ctx, rec, &pkt, bytes)
+}
+
+/// The key of [`FRAG4`]: what each fragment of a datagram carries (packet order).
+#[inline(always)]
+pub fn frag_key(saddr: u32, daddr: u32, id: u16, proto: u8) -> Frag4Key {
+    Frag4Key { saddr: saddr.to_ne_bytes(), daddr: daddr.to_ne_bytes(), id, proto, _pad: 0 }
+}
+
+/// A later fragment of a TCP or UDP datagram: translated as its first fragment was, found by
+/// the ports that fragment left in [`FRAG4`] (the tracked flow's addresses; its ports are in
+/// the first fragment only). Without them (no Service's flow, or it came before its first) it
+/// passes untouched. Reads only: the first fragment made and refreshed the flow's entries.
+#[inline(always)]
+fn later_fragment(rec: Rec, f: &parse::Fragment, bytes: u64) -> Result<u32, ()> {
+    let Some(ports) = FRAG4.get_ptr(frag_key(f.saddr, f.daddr, f.id, f.proto)) else {
+        return pass(rec, Stat::PassFragment, bytes);
+    };
+    // SAFETY: pointer from a lookup in this run; plain integer reads.
+    let (sport, dport) = unsafe { (u16::from_be((*ports).sport), u16::from_be((*ports).dport)) };
+    let key = |dir| Ct4Key {
+        saddr: f.saddr.to_ne_bytes(),
+        daddr: f.daddr.to_ne_bytes(),
+        sport,
+        dport,
+        proto: f.proto,
+        dir,
+        _pad: 0,
+    };
+    let (side, addr) = if let Some(e) = CT.get_ptr(key(CT_DIR_FORWARD)) {
+        // SAFETY: as above.
+        (Side::Destination, unsafe { (*e).nat_addr })
+    } else if let Some(e) = CT.get_ptr(key(CT_DIR_REPLY)) {
+        // SAFETY: as above.
+        let (flags, addr) = unsafe { ((*e).flags, (*e).nat_addr) };
+        if flags & CT_F_EGRESS_REVNAT != 0 {
+            return pass(rec, Stat::PassEgressRevNat, bytes);
+        }
+        (if flags & CT_F_DNAT_BACK != 0 { Side::Destination } else { Side::Source }, addr)
+    } else {
+        return pass(rec, Stat::PassFragment, bytes);
+    };
+    nat::rewrite_addr(f.l3, side, addr);
+    step(rec, |r| r.steps |= TRACE_REWRITE);
+    pass(rec, Stat::FragTranslated, bytes)
 }
 
 /// A packet of no tracked flow to no frontend. Passed, unless its destination lies in the

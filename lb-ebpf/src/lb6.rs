@@ -17,21 +17,21 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Value, BACKEND_F_LOCAL, BACKEND_STATE_FREE, Backend6, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT,
-    CT_DIR_SNAT_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, CT_F_SNAT, Ct6Key, Ct6Value, IPPROTO_UDP,
-    SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST, SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES, SrcRange6,
-    Stat, TRACE_AFFINITY, TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE, TRACE_FRONTEND,
-    TRACE_MAGLEV, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord, csum, maglev_flow_hash6,
-    maglev_key,
+    CT_DIR_SNAT_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, CT_F_SNAT, Ct6Key, Ct6Value, FragPorts,
+    IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST, SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES,
+    SrcRange6, Stat, TRACE_AFFINITY, TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE,
+    TRACE_FRONTEND, TRACE_MAGLEV, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord, csum,
+    maglev_flow_hash6, maglev_key,
 };
 
 use crate::{
     ct, filter,
     maps::{
-        AFFINITY6, BACKEND_FLOWS6, BACKENDS6, CONFIG, CT6, MAGLEV, SCRATCH_TC, SCRATCH_XDP, SCRATCH6,
+        AFFINITY6, BACKEND_FLOWS6, BACKENDS6, CONFIG, CT6, FRAG6, MAGLEV, SCRATCH_TC, SCRATCH_XDP, SCRATCH6,
         SERVICES6, SOURCE_RANGES6, Scratch6, TRACE as TRACE_MAP,
     },
     nat::Side,
-    parse::{self, Packet6, Parsed6, load_addr6, load16, store16},
+    parse::{self, Fragment6, Packet6, Parsed6, load_addr6, load16, store16},
     stats::{atomic_add, count},
 };
 
@@ -396,7 +396,8 @@ pub fn process<const TRACE: bool>(data: usize, end: usize, bytes: u64) -> Result
             };
             return verdict_t::<TRACE>(stat, bytes, pass);
         }
-        Parsed6::Fragment => return verdict_t::<TRACE>(Stat::PassFragment, bytes, pass),
+        Parsed6::Fragment(f) => return later_fragment::<TRACE>(&f, bytes),
+        Parsed6::OtherFragment => return verdict_t::<TRACE>(Stat::PassFragment, bytes, pass),
     };
     let Some(s) = SCRATCH6.get_ptr_mut(SCRATCH_XDP) else {
         return verdict_t::<TRACE>(Stat::PassNoService, bytes, pass);
@@ -413,6 +414,11 @@ pub fn process<const TRACE: bool>(data: usize, end: usize, bytes: u64) -> Result
     let from_known = (!to_known).then(|| filter::has6(&s.key.saddr, s.key.sport, s.key.proto));
     if from_known == Some(false) {
         return no_service::<TRACE>(&s.key.daddr, bytes);
+    }
+    // The first fragment of a datagram to a frontend or from a backend: its later fragments,
+    // which carry no ports, are translated as it is (see `later_fragment`).
+    if !TRACE && pkt.first_fragment {
+        remember_fragment(s, &pkt);
     }
 
     if let Some(entry) = if to_known { CT6.get_ptr_mut(&s.key) } else { None } {
@@ -497,6 +503,90 @@ pub fn process<const TRACE: bool>(data: usize, end: usize, bytes: u64) -> Result
         return no_service::<TRACE>(&s.key.daddr, bytes);
     }
     new_flow::<TRACE>(s, &pkt, bytes)
+}
+
+/// Puts the ports of `pkt`, a first fragment whose tuple is in `s.key`, in [`FRAG6`].
+#[inline(always)]
+fn remember_fragment(s: &mut Scratch6, pkt: &Packet6) {
+    s.frag.saddr = s.key.saddr;
+    s.frag.daddr = s.key.daddr;
+    s.frag.id = pkt.frag_id;
+    s.frag.proto = pkt.proto;
+    s.frag._pad = [0; 3];
+    let _ = FRAG6.insert(&s.frag, FragPorts { sport: pkt.sport, dport: pkt.dport }, 0);
+}
+
+/// Finds the ports that the first fragment of `f`'s datagram left in [`FRAG6`] and puts the
+/// datagram's tuple in `s.key` (direction `dir`); `false` when there are none (no Service's
+/// flow, or the first fragment has not come).
+#[inline(always)]
+fn fragment_key(s: &mut Scratch6, f: &Fragment6, dir: u8) -> bool {
+    // SAFETY: parse6() bounds-checked the 40-byte IPv6 header.
+    unsafe {
+        load_addr6(f.l3 + 8, &mut s.frag.saddr);
+        load_addr6(f.l3 + 24, &mut s.frag.daddr);
+    }
+    s.frag.id = f.id;
+    s.frag.proto = f.proto;
+    s.frag._pad = [0; 3];
+    let Some(p) = FRAG6.get_ptr(&s.frag) else { return false };
+    // SAFETY: pointer from a lookup in this run; plain integer reads.
+    let (sport, dport) = unsafe { ((*p).sport, (*p).dport) };
+    s.key.saddr = s.frag.saddr;
+    s.key.daddr = s.frag.daddr;
+    s.key.sport = u16::from_be(sport);
+    s.key.dport = u16::from_be(dport);
+    s.key.proto = f.proto;
+    s.key.dir = dir;
+    s.key._pad = 0;
+    true
+}
+
+/// Writes `addr` into the chosen side of the IPv6 header at `l3` (which has no checksum; the
+/// L4 checksum is in the datagram's first fragment).
+#[inline(always)]
+fn rewrite_addr(l3: usize, side: Side, addr: &[u8; 16]) {
+    let at = if side == Side::Source { l3 + 8 } else { l3 + 24 };
+    let mut i = 0;
+    while i < 8 {
+        // SAFETY: parse6() bounds-checked the 40-byte IPv6 header.
+        unsafe { store16(at + 2 * i, u16::from_ne_bytes([addr[2 * i], addr[2 * i + 1]])) };
+        i += 1;
+    }
+}
+
+/// A later fragment of a TCP or UDP datagram: translated as its first fragment was (the tracked
+/// flow's addresses; its ports are in the first fragment only). Without a first fragment seen
+/// it passes untouched. Reads only: the first fragment made and refreshed the flow's entries.
+#[inline(always)]
+fn later_fragment<const TRACE: bool>(f: &Fragment6, bytes: u64) -> Result<u32, ()> {
+    let pass = xdp_action::XDP_PASS;
+    let Some(s) = SCRATCH6.get_ptr_mut(SCRATCH_XDP) else {
+        return verdict_t::<TRACE>(Stat::PassFragment, bytes, pass);
+    };
+    // SAFETY: the per-CPU scratch entry; this program run is the only user on this CPU.
+    let s = unsafe { &mut *s };
+    if !fragment_key(s, f, CT_DIR_FORWARD) {
+        return verdict_t::<TRACE>(Stat::PassFragment, bytes, pass);
+    }
+    if let Some(e) = CT6.get_ptr(&s.key) {
+        // SAFETY: pointer from a lookup in this run (a map value: stable for the run).
+        rewrite_addr(f.l3, Side::Destination, unsafe { &(*e).nat_addr });
+    } else {
+        s.key.dir = CT_DIR_REPLY;
+        let Some(e) = CT6.get_ptr(&s.key) else {
+            return verdict_t::<TRACE>(Stat::PassFragment, bytes, pass);
+        };
+        // SAFETY: as above.
+        let e = unsafe { &*e };
+        if e.flags & CT_F_EGRESS_REVNAT != 0 {
+            return verdict_t::<TRACE>(Stat::PassEgressRevNat, bytes, pass);
+        }
+        let side = if e.flags & CT_F_DNAT_BACK != 0 { Side::Destination } else { Side::Source };
+        rewrite_addr(f.l3, side, &e.nat_addr);
+    }
+    step::<TRACE>(|r| r.steps |= TRACE_REWRITE);
+    verdict_t::<TRACE>(Stat::FragTranslated, bytes, pass)
 }
 
 /// A packet of no tracked flow: to a frontend, a new flow to one of its backends.
@@ -652,18 +742,62 @@ fn maglev_slot(s: &mut Scratch6, flags: u16, count: u16) -> bool {
     }
 }
 
+/// The source a packet leaving gets, by its tuple in `s.key` (direction [`CT_DIR_SNAT`]): put
+/// in `s.val` (address and port) with its counter; `None`: it leaves as it is.
+#[inline(always)]
+fn source_nat(s: &mut Scratch6) -> Option<Stat> {
+    if let Some(e) = CT6.get_ptr(&s.key) {
+        // A SNATed flow leaving towards its backend: the node address and SNAT port.
+        // SAFETY: pointer from a lookup in this run; plain reads.
+        unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };
+        return Some(Stat::EgressSnat);
+    }
+    s.key.dir = CT_DIR_SNAT_REPLY;
+    if let Some(e) = CT6.get_ptr(&s.key) {
+        // A SNATed flow's reply on its way to the client: the frontend.
+        // SAFETY: as above.
+        unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };
+        return Some(Stat::EgressRevNat);
+    }
+    s.key.dir = CT_DIR_REPLY;
+    let e = CT6.get_ptr(&s.key)?;
+    // SAFETY: as above.
+    let flags = unsafe { (*e).flags };
+    if flags & CT_F_EGRESS_REVNAT == 0 {
+        return None; // translated at XDP already
+    }
+    // SAFETY: as above.
+    unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };
+    Some(Stat::EgressRevNat)
+}
+
 /// TC egress for IPv6, as `tc::egress`: a SNATed flow leaving towards its backend gets the
 /// frontend (the node address) as source; a SNATed flow's reply, or the reply of a flow to a
 /// node address, gets the frontend the client called as source. A subprogram given the raw
-/// context (see [`process`]).
+/// context (see [`process`]). The later fragments of a datagram whose first got a new source
+/// get the same source address.
 #[inline(never)]
 pub fn egress(skb: *mut __sk_buff) {
     let ctx = TcContext::new(skb);
     let (data, end) = (ctx.data(), ctx.data_end());
-    let Parsed6::L4(pkt) = parse::parse6(data, end) else { return };
     let Some(s) = SCRATCH6.get_ptr_mut(SCRATCH_TC) else { return };
     // SAFETY: the per-CPU scratch entry of TC egress; this program run is its only user.
     let s = unsafe { &mut *s };
+    let pkt = match parse::parse6(data, end) {
+        Parsed6::L4(pkt) => pkt,
+        Parsed6::Fragment(f) => {
+            // A later fragment of a datagram whose first fragment got a new source here: the
+            // same source address.
+            if fragment_key(s, &f, CT_DIR_SNAT) && source_nat(s).is_some() {
+                let l3 = f.l3 - data;
+                if ctx.store(l3 + 8, &s.val.nat_addr, 0).is_ok() {
+                    count(Stat::FragTranslated, u64::from(ctx.len()));
+                }
+            }
+            return;
+        }
+        _ => return,
+    };
     fill_key(&mut s.key, &pkt, CT_DIR_SNAT);
     // Every entry below has a backend at one end (source or destination).
     if !filter::has6(&s.key.daddr, s.key.dport, s.key.proto)
@@ -671,28 +805,10 @@ pub fn egress(skb: *mut __sk_buff) {
     {
         return;
     }
-    let stat = if let Some(e) = CT6.get_ptr(&s.key) {
-        // SAFETY: pointer from a lookup in this run; plain reads.
-        unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };
-        Stat::EgressSnat
-    } else {
-        s.key.dir = CT_DIR_SNAT_REPLY;
-        if let Some(e) = CT6.get_ptr(&s.key) {
-            // SAFETY: as above.
-            unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };
-        } else {
-            s.key.dir = CT_DIR_REPLY;
-            let Some(e) = CT6.get_ptr(&s.key) else { return };
-            // SAFETY: as above.
-            let flags = unsafe { (*e).flags };
-            if flags & CT_F_EGRESS_REVNAT == 0 {
-                return; // translated at XDP already
-            }
-            // SAFETY: as above.
-            unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };
-        }
-        Stat::EgressRevNat
-    };
+    let Some(stat) = source_nat(s) else { return };
+    if pkt.first_fragment {
+        remember_fragment(s, &pkt);
+    }
     let (l3, l4) = (pkt.l3 - data, pkt.l4 - data);
     let l4_check = pkt.l4_check - data;
     let mut old = [0u32; 4];

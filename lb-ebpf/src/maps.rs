@@ -6,9 +6,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, Affinity6Key, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
-    DatapathConfig, MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT, SVC_INFO_MAP_FLAGS, SockNat4Key,
-    SockNat4Value, SockNat6Key, SockNat6Value, SrcRange4, SrcRange6, StatValue, Svc4Key, Svc4Value, Svc6Key,
-    SvcInfo, TraceRecord,
+    DatapathConfig, FRAG_ENTRIES, Frag4Key, Frag6Key, FragPorts, MAX_SOURCE_RANGES, RejectBucket, STAT_COUNT,
+    SVC_INFO_MAP_FLAGS, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SrcRange4, SrcRange6,
+    StatValue, Svc4Key, Svc4Value, Svc6Key, SvcInfo, TraceRecord,
 };
 
 /// Frontend (address, port, protocol, slot) -> service entry (slot 0) or backend id (slot > 0).
@@ -29,7 +29,7 @@ pub static BACKENDS: Array<Backend4, { lb_common::DEFAULT_MAX_BACKENDS as usize 
 pub static CT: LruHashMap<Ct4Key, Ct4Value, 262_144> = LruHashMap::new();
 
 /// Per-CPU packet and byte counters by verdict and reason (see lb_common::Stat).
-#[btf_map(name = "xlb_stats_v9")]
+#[btf_map(name = "xlb_stats_v10")]
 pub static STATS: PerCpuArray<StatValue, { STAT_COUNT as usize }> = PerCpuArray::new();
 
 /// Service id -> names for display; written by the agent, never read here. Declared in the
@@ -45,6 +45,15 @@ pub static BACKEND_FLOWS: Array<u64, 262_144> = Array::new();
 /// The trace program's record of its decision; the datapath program never touches it.
 #[btf_map(name = "xlb_trace_v1")]
 pub static TRACE: Array<TraceRecord, 1> = Array::new();
+
+/// The first fragment's ports of datagrams in fragments of Service flows, for their later
+/// fragments (lb_common::MAP_FRAG4).
+#[btf_map(name = "xlb_frag4_v1")]
+pub static FRAG4: LruHashMap<Frag4Key, FragPorts, { FRAG_ENTRIES as usize }> = LruHashMap::new();
+
+/// As FRAG4, for IPv6 (lb_common::MAP_FRAG6).
+#[btf_map(name = "xlb_frag6_v1")]
+pub static FRAG6: LruHashMap<Frag6Key, FragPorts, { FRAG_ENTRIES as usize }> = LruHashMap::new();
 
 /// Token bucket of the ICMP answers for Services without endpoints, per CPU.
 #[btf_map(name = "xlb_rejectbkt_v1")]
@@ -125,6 +134,8 @@ pub struct Scratch6 {
     pub range: Key<SrcRange6>,
     /// The sessionAffinity lookup's key.
     pub aff: Affinity6Key,
+    /// A datagram's key in [`FRAG6`].
+    pub frag: Frag6Key,
 }
 
 /// Entry of [`SCRATCH6`] that XDP uses.

@@ -61,3 +61,19 @@ pub fn rewrite(pkt: &Packet, side: Side, addr: [u8; 4], port: u16) {
         store16(pkt.l4 + port_off, port);
     }
 }
+
+/// Writes `addr` (packet order) into the chosen side of the IPv4 header at `l3` and fixes its
+/// checksum: a later fragment, which has no L4 header (its first fragment carried the L4
+/// checksum, already fixed for the whole datagram).
+#[inline(always)]
+pub fn rewrite_addr(l3: usize, side: Side, addr: [u8; 4]) {
+    let addr = u32::from_ne_bytes(addr);
+    let addr_off = if side == Side::Source { 12 } else { 16 };
+    // SAFETY: parse() bounds-checked the 20-byte IPv4 header, which holds every offset used.
+    unsafe {
+        let old_addr = load32(l3 + addr_off);
+        let ip_check = load16(l3 + 10);
+        store16(l3 + 10, csum::replace4(ip_check, old_addr, addr));
+        store32(l3 + addr_off, addr);
+    }
+}

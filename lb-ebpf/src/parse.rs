@@ -53,8 +53,20 @@ pub enum Parsed {
     Ipv6,
     Malformed,
     OtherProto,
-    Fragment,
+    /// A TCP or UDP fragment after the first: no ports in it.
+    Fragment(Fragment),
     L4(Packet),
+}
+
+/// A later fragment of an IPv4 TCP or UDP datagram: its header (bounds-checked), no L4 header.
+pub struct Fragment {
+    /// Address of the IPv4 header.
+    pub l3: usize,
+    pub proto: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The IP identification, in packet order.
+    pub id: u16,
 }
 
 /// An IPv4 TCP or UDP packet whose headers are all within the buffer.
@@ -70,6 +82,11 @@ pub struct Packet {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
+    /// The IP identification, in packet order.
+    pub id: u16,
+    /// The first fragment of a datagram sent in fragments: its later fragments are translated
+    /// as it is ([`crate::maps::FRAG4`]).
+    pub first_fragment: bool,
 }
 
 impl Packet {
@@ -96,7 +113,7 @@ pub fn parse(data: usize, end: usize) -> Parsed {
         };
     }
     // SAFETY: data + 34 <= end was checked above for every access in this block.
-    let (ethertype, vihl, tot_len, frag, proto, saddr, daddr) = unsafe {
+    let (ethertype, vihl, tot_len, id, frag, proto, saddr, daddr) = unsafe {
         let l3 = data + ETH_HLEN;
         let w0 = load16(l3);
         (
@@ -104,6 +121,7 @@ pub fn parse(data: usize, end: usize) -> Parsed {
             // first byte of the IP header (version and IHL), whatever the host byte order
             w0.to_ne_bytes()[0],
             u16::from_be(load16(l3 + 2)),
+            load16(l3 + 4),
             u16::from_be(load16(l3 + 6)),
             load16(l3 + 8).to_ne_bytes()[1],
             load32(l3 + 12),
@@ -123,10 +141,13 @@ pub fn parse(data: usize, end: usize) -> Parsed {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Parsed::OtherProto;
     }
-    if frag & (IP_MF | IP_OFFSET) != 0 {
-        return Parsed::Fragment;
-    }
     let l3 = data + ETH_HLEN;
+    if frag & IP_OFFSET != 0 {
+        return Parsed::Fragment(Fragment { l3, proto, saddr, daddr, id });
+    }
+    // The first of several fragments holds the L4 header, and the checksum of the whole
+    // datagram: it is translated as a datagram in one piece would be.
+    let first_fragment = frag & IP_MF != 0;
     let l4 = l3 + ihl;
     let l4_len = if proto == IPPROTO_TCP { 20 } else { 8 };
     if l4 + l4_len > end || usize::from(tot_len) < ihl + l4_len {
@@ -137,7 +158,7 @@ pub fn parse(data: usize, end: usize) -> Parsed {
         let flags = if proto == IPPROTO_TCP { load16(l4 + 12).to_ne_bytes()[1] } else { 0 };
         (load16(l4), load16(l4 + 2), flags)
     };
-    Parsed::L4(Packet { l3, l4, proto, tcp_flags, saddr, daddr, sport, dport })
+    Parsed::L4(Packet { l3, l4, proto, tcp_flags, saddr, daddr, sport, dport, id, first_fragment })
 }
 
 /// What the IPv6 parser found.
@@ -146,9 +167,21 @@ pub enum Parsed6 {
     /// Neither TCP nor UDP (ICMPv6, ESP, no next header, an unknown header, or a chain of
     /// extension headers longer than [`MAX_EXT_HEADERS`]).
     OtherProto,
-    /// A fragment header: never rewritten (later fragments carry no ports).
-    Fragment,
+    /// A TCP or UDP fragment after the first (no ports in it).
+    Fragment(Fragment6),
+    /// A fragment header further down a chain of extension headers: never rewritten.
+    OtherFragment,
     L4(Packet6),
+}
+
+/// A later fragment of an IPv6 TCP or UDP datagram: its header (bounds-checked), no L4 header.
+pub struct Fragment6 {
+    /// Address of the IPv6 header.
+    pub l3: usize,
+    /// The protocol after the fragment header.
+    pub proto: u8,
+    /// The fragment header's identification, in packet order.
+    pub id: u32,
 }
 
 /// An IPv6 TCP or UDP packet whose headers, extension headers included, are all within the
@@ -168,6 +201,11 @@ pub struct Packet6 {
     /// Packet byte order.
     pub sport: u16,
     pub dport: u16,
+    /// The first fragment of a datagram sent in fragments: its later fragments are translated
+    /// as it is ([`crate::maps::FRAG6`]) by the fragment header's identification (`frag_id`,
+    /// packet order).
+    pub first_fragment: bool,
+    pub frag_id: u32,
 }
 
 /// Extension headers skipped before giving up on finding TCP or UDP (RFC 8200 orders at most
@@ -213,12 +251,38 @@ pub fn parse6(data: usize, end: usize) -> Parsed6 {
     }
     let mut next = first;
     let mut off = l3 + 40;
+    // A fragment header right after the IPv6 header (where senders put it when no other
+    // extension header comes first): a later fragment is known by its protocol alone; the
+    // first fragment (more to come) holds the L4 header and the whole datagram's checksum, and
+    // is translated as a datagram in one piece would be. Further down a chain of extension
+    // headers it is passed untouched (`OtherFragment`): the verifier's cost of following both
+    // through the chain would not fit its budget.
+    let (mut first_fragment, mut frag_id) = (false, 0u32);
+    if next == NEXTHDR_FRAGMENT {
+        if off + 8 > end {
+            return Parsed6::Malformed;
+        }
+        // SAFETY: off + 8 <= end checked just above.
+        let (nh, offset_m, id) =
+            unsafe { (load16(off).to_ne_bytes()[0], u16::from_be(load16(off + 2)), load32(off + 4)) };
+        if offset_m & 0xfff8 != 0 {
+            if nh != IPPROTO_TCP && nh != IPPROTO_UDP {
+                return Parsed6::OtherFragment;
+            }
+            return Parsed6::Fragment(Fragment6 { l3, proto: nh, id });
+        }
+        // With no more to come, the datagram is whole.
+        first_fragment = offset_m & 1 != 0;
+        frag_id = id;
+        next = nh;
+        off += 8;
+    }
     let mut i = 0;
     while i < MAX_EXT_HEADERS {
         i += 1;
         let len = match next {
             IPPROTO_TCP | IPPROTO_UDP => break,
-            NEXTHDR_FRAGMENT => return Parsed6::Fragment,
+            NEXTHDR_FRAGMENT => return Parsed6::OtherFragment,
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH => {
                 // Every extension header is at least 8 bytes.
                 if off + 8 > end {
@@ -259,5 +323,5 @@ pub fn parse6(data: usize, end: usize) -> Parsed6 {
     };
     // SAFETY: l4 + 8 <= end in both branches above.
     let (sport, dport) = unsafe { (load16(l4), load16(l4 + 2)) };
-    Parsed6::L4(Packet6 { l3, l4, l4_check, proto: next, tcp_flags, sport, dport })
+    Parsed6::L4(Packet6 { l3, l4, l4_check, proto: next, tcp_flags, sport, dport, first_fragment, frag_id })
 }

@@ -5,15 +5,20 @@
 //!   address and port the client used;
 //! - packets of flows SNATed towards an endpoint on another node get the node address and the
 //!   flow's SNAT port.
+//!
+//! The later fragments of a datagram whose first fragment got a new source here get the same
+//! source address.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_EGRESS_REVNAT, IPPROTO_UDP, Stat};
+use lb_common::{
+    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_EGRESS_REVNAT, Ct4Key, FragPorts, IPPROTO_UDP, Stat,
+};
 
 use crate::{
-    ct, filter,
-    maps::CT,
+    ct, filter, lb,
+    maps::{CT, FRAG4},
     parse::{self, Parsed},
     stats::count,
 };
@@ -24,30 +29,19 @@ pub fn egress(ctx: &TcContext) {
     let pkt = match parse::parse(data, end) {
         Parsed::L4(pkt) => pkt,
         Parsed::Ipv6 => return crate::lb6::egress(ctx.skb.skb),
+        Parsed::Fragment(f) => return later_fragment(ctx, &f, data),
         _ => return,
     };
     // Every entry below has a backend at one end (source or destination).
     if !filter::has(pkt.daddr, pkt.dport, pkt.proto) && !filter::has(pkt.saddr, pkt.sport, pkt.proto) {
         return;
     }
-    // A SNATed flow leaving towards its backend: the node address and SNAT port as source.
-    let (nat, stat) = if let Some(e) = CT.get_ptr(ct::key_of(&pkt, CT_DIR_SNAT)) {
-        // SAFETY: pointer from a lookup in this run; plain integer reads.
-        (unsafe { ((*e).nat_addr, (*e).nat_port) }, Stat::EgressSnat)
-    } else if let Some(e) = CT.get_ptr(ct::key_of(&pkt, CT_DIR_SNAT_REPLY)) {
-        // A SNATed flow's reply on its way to the client: the frontend as source.
-        // SAFETY: as above.
-        (unsafe { ((*e).nat_addr, (*e).nat_port) }, Stat::EgressRevNat)
-    } else if let Some(e) = CT.get_ptr(ct::key_of(&pkt, CT_DIR_REPLY)) {
-        // SAFETY: as above.
-        let (flags, addr, port) = unsafe { ((*e).flags, (*e).nat_addr, (*e).nat_port) };
-        if flags & CT_F_EGRESS_REVNAT == 0 {
-            return; // translated at XDP already
-        }
-        ((addr, port), Stat::EgressRevNat)
-    } else {
-        return;
-    };
+    let Some((nat, stat)) = source_nat(|dir| ct::key_of(&pkt, dir)) else { return };
+    if pkt.first_fragment {
+        // Its later fragments get the same source (see `later_fragment`).
+        let ports = FragPorts { sport: pkt.sport, dport: pkt.dport };
+        let _ = FRAG4.insert(lb::frag_key(pkt.saddr, pkt.daddr, pkt.id, pkt.proto), ports, 0);
+    }
     let (l3, l4) = (pkt.l3 - data, pkt.l4 - data);
     let l4_check = pkt.l4_check() - data;
     let (old_addr, new_addr) = (pkt.saddr, u32::from_ne_bytes(nat.0));
@@ -68,5 +62,53 @@ pub fn egress(ctx: &TcContext) {
         .and_then(|()| ctx.store(l4, &new_port, 0));
     if ok.is_ok() {
         count(stat, u64::from(ctx.len()));
+    }
+}
+
+/// The source a packet leaving gets (address and port), found by the conntrack key of each
+/// direction (`key`); `None`: it leaves as it is.
+#[inline(always)]
+fn source_nat(key: impl Fn(u8) -> Ct4Key) -> Option<(([u8; 4], u16), Stat)> {
+    if let Some(e) = CT.get_ptr(key(CT_DIR_SNAT)) {
+        // A SNATed flow leaving towards its backend: the node address and SNAT port as source.
+        // SAFETY: pointer from a lookup in this run; plain integer reads.
+        return Some((unsafe { ((*e).nat_addr, (*e).nat_port) }, Stat::EgressSnat));
+    }
+    if let Some(e) = CT.get_ptr(key(CT_DIR_SNAT_REPLY)) {
+        // A SNATed flow's reply on its way to the client: the frontend as source.
+        // SAFETY: as above.
+        return Some((unsafe { ((*e).nat_addr, (*e).nat_port) }, Stat::EgressRevNat));
+    }
+    let e = CT.get_ptr(key(CT_DIR_REPLY))?;
+    // SAFETY: as above.
+    let (flags, addr, port) = unsafe { ((*e).flags, (*e).nat_addr, (*e).nat_port) };
+    // Else translated at XDP already.
+    (flags & CT_F_EGRESS_REVNAT != 0).then_some(((addr, port), Stat::EgressRevNat))
+}
+
+/// A later fragment (no ports in it) of a datagram whose first fragment got a source here: the
+/// same source address, found by the ports that fragment left in [`FRAG4`].
+#[inline(always)]
+fn later_fragment(ctx: &TcContext, f: &parse::Fragment, data: usize) {
+    let Some(ports) = FRAG4.get_ptr(lb::frag_key(f.saddr, f.daddr, f.id, f.proto)) else { return };
+    // SAFETY: pointer from a lookup in this run; plain integer reads.
+    let (sport, dport) = unsafe { (u16::from_be((*ports).sport), u16::from_be((*ports).dport)) };
+    let key = |dir| Ct4Key {
+        saddr: f.saddr.to_ne_bytes(),
+        daddr: f.daddr.to_ne_bytes(),
+        sport,
+        dport,
+        proto: f.proto,
+        dir,
+        _pad: 0,
+    };
+    let Some(((addr, _), _)) = source_nat(key) else { return };
+    let (old_addr, new_addr) = (f.saddr, u32::from_ne_bytes(addr));
+    let l3 = f.l3 - data;
+    let ok = ctx
+        .l3_csum_replace(l3 + 10, u64::from(old_addr), u64::from(new_addr), 4)
+        .and_then(|()| ctx.store(l3 + 12, &new_addr, 0));
+    if ok.is_ok() {
+        count(Stat::FragTranslated, u64::from(ctx.len()));
     }
 }

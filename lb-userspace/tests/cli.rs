@@ -730,7 +730,7 @@ rx                    seen                20        2000    every packet the pro
 pass_not_ipv4         pass                0         0       neither IPv4 nor IPv6 (ARP, VLAN...)
 pass_malformed        pass                0         0       truncated or inconsistent header; left to the kernel
 pass_other_proto      pass                0         0       IPv4 but neither TCP nor UDP (nor an ICMP error about a tracked flow)
-pass_fragment         pass                0         0       IPv4 fragment (never rewritten)
+pass_fragment         pass                0         0       later fragment whose first fragment was not seen translated (not a Service's flow)
 pass_no_service       pass                0         0       no frontend and no tracked flow matched
 dnat_new              pass (translated)   3         180     first packet of a new flow, sent to a backend
 dnat_established      pass (translated)   9         900     packet of a tracked flow, sent to its backend
@@ -751,6 +751,7 @@ ct_created            event               0         0       new flow tracked
 ct_expired            event               0         0       tracked flow over (idle past its lifetime, or a new connection on a closed one); balanced again
 reject_no_service     reject (answered)   0         0       new flow to an address of the Service ranges (--service-cidr) that no Service holds: answered with a TCP reset or ICMP port unreachable
 drop_no_service       drop                0         0       as reject_no_service, where no answer was possible (a reset, IP options, ICMP rate limit)
+frag_translated       pass (translated)   0         0       later fragment of a translated datagram, given the addresses its first fragment got
 ct_live               derived             3         0       flows tracked now (forward entries in the conntrack map)
 ct_evicted            derived             0         0       flows evicted from the full conntrack map before they expired (created - expired - stale - live)
 "#;

@@ -282,12 +282,7 @@ fn frames_passed_untouched() {
         ("IP version 6 in an IPv4 frame", bad_version, Stat::PassMalformed),
         ("total length too short", short_total, Stat::PassMalformed),
         (
-            "first fragment to a frontend",
-            Frame { more_fragments: true, ..Frame::tcp(client, vip) }.build(),
-            Stat::PassFragment,
-        ),
-        (
-            "later fragment to a frontend",
+            "later fragment to a frontend, its first not seen",
             Frame { frag_offset: 185, ..Frame::udp(client, sa("198.18.0.10:53")) }.build(),
             Stat::PassFragment,
         ),
@@ -310,6 +305,65 @@ fn frames_passed_untouched() {
     }
     assert_eq!(dut.stat(Stat::DnatNew), 0);
     assert!(dut.rec.datapath().read_ct().unwrap().is_empty(), "nothing is tracked");
+}
+
+/// `frame` with another IP identification (its header checksum made again).
+fn with_ip_id(frame: &[u8], id: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[18..20].copy_from_slice(&id.to_be_bytes());
+    f[24..26].fill(0);
+    let c = lb_common::csum::checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_ne_bytes());
+    f
+}
+
+#[test]
+fn a_datagram_in_fragments_is_translated_whole_both_ways() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    let client = sa("198.18.100.1:40000");
+    let dns = sa("198.18.0.10:53");
+    // The first fragment holds the UDP header: translated as a whole datagram is.
+    let first = Frame { more_fragments: true, ..Frame::udp(client, dns) }.build();
+    let (v, out) = dut.run(&first);
+    assert_eq!(v, XDP_PASS);
+    let d = decode(&out).expect("a UDP frame");
+    assert_eq!(d.dst.port(), 5353, "the first fragment goes to targetPort");
+    assert!(d.ip_checksum_ok);
+    let backend = *d.dst.ip();
+    assert_eq!(dut.stat(Stat::DnatNew), 1);
+    // A later fragment (no ports in it) goes to the same backend; nothing after its IP header
+    // changes.
+    let later = Frame { frag_offset: 185, ..Frame::udp(client, dns) }.build();
+    let (v, out) = dut.run(&later);
+    assert_eq!(v, XDP_PASS);
+    let d = decode(&out).unwrap();
+    assert_eq!((*d.dst.ip(), *d.src.ip()), (backend, *client.ip()), "the later fragment follows the first");
+    assert!(d.ip_checksum_ok, "the header checksum is fixed");
+    assert_eq!(out[34..], later[34..], "past the IP header nothing changes");
+    assert_eq!(dut.stat(Stat::FragTranslated), 1);
+    // A later fragment of another datagram (another IP id) whose first was not seen passes as
+    // it came.
+    let stray = with_ip_id(&later, 0x4321);
+    let passed = dut.stat(Stat::PassFragment);
+    let (v, out) = dut.run(&stray);
+    assert_eq!((v, &out), (XDP_PASS, &stray));
+    assert_eq!(dut.stat(Stat::PassFragment), passed + 1);
+    // The reply in fragments: each comes back from the ClusterIP.
+    let pod = SocketAddrV4::new(backend, 5353);
+    let first_reply = Frame { more_fragments: true, ..Frame::udp(pod, client) }.build();
+    let (_, out) = dut.run(&first_reply);
+    let d = decode(&out).unwrap();
+    assert_eq!((d.src, d.dst), (dns, client), "the reply's first fragment comes from the ClusterIP");
+    let later_reply = Frame { frag_offset: 185, ..Frame::udp(pod, client) }.build();
+    let (_, out) = dut.run(&later_reply);
+    let d = decode(&out).unwrap();
+    assert_eq!((*d.src.ip(), *d.dst.ip()), (*dns.ip(), *client.ip()), "and so do its later fragments");
+    assert!(d.ip_checksum_ok);
+    assert_eq!(out[34..], later_reply[34..]);
+    assert_eq!(dut.stat(Stat::FragTranslated), 2);
 }
 
 #[test]
@@ -963,6 +1017,44 @@ fn node_port_flows_to_another_nodes_endpoint_are_snated_to_the_node() {
         rows.iter().all(|r| r.snat.as_deref().is_some_and(|s| s.starts_with("198.18.100.1:"))),
         "{rows:?}"
     );
+}
+
+#[test]
+fn fragments_of_a_snated_flow_leave_with_the_node_address() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = snat_node();
+    let node = "198.18.100.1".parse::<std::net::Ipv4Addr>().unwrap();
+    let node_port = sa("198.18.100.1:30080");
+    let backend = sa("198.18.1.2:8080");
+    let client = sa("198.18.100.2:40000");
+    let ip = |f: &[u8]| decode(f).map(|d| (*d.src.ip(), *d.dst.ip(), d.ip_checksum_ok)).unwrap();
+    // In: the first fragment gets the backend and a SNAT port at XDP, the node's address at
+    // egress; a later fragment gets the same addresses.
+    let (_, out) = dut.run(&Frame { more_fragments: true, ..Frame::tcp(client, node_port) }.build());
+    let (_, out) = dut.egress(&out);
+    let d = decode(&out).unwrap();
+    assert_eq!((*d.src.ip(), d.dst), (node, backend));
+    let snat = d.src;
+    let later = Frame { frag_offset: 185, ..Frame::tcp(client, node_port) }.build();
+    let (_, at_xdp) = dut.run(&later);
+    assert_eq!(ip(&at_xdp), (*client.ip(), *backend.ip(), true));
+    let (_, out) = dut.egress(&at_xdp);
+    assert_eq!(ip(&out), (node, *backend.ip(), true), "the later fragment leaves from the node too");
+    assert_eq!(out[34..], later[34..]);
+    // Back: to the client at XDP, from the node port at egress, each fragment.
+    let (_, out) = dut.run(&Frame { more_fragments: true, ..Frame::tcp(backend, snat) }.build());
+    let (_, out) = dut.egress(&out);
+    let d = decode(&out).unwrap();
+    assert_eq!((d.src, d.dst), (node_port, client));
+    let later = Frame { frag_offset: 185, ..Frame::tcp(backend, snat) }.build();
+    let (_, out) = dut.run(&later);
+    assert_eq!(ip(&out), (*backend.ip(), *client.ip(), true));
+    let (_, out) = dut.egress(&out);
+    assert_eq!(ip(&out), (node, *client.ip(), true), "the reply's later fragment comes from the node");
+    assert_eq!(out[34..], later[34..]);
+    assert_eq!(dut.stat(Stat::FragTranslated), 4, "two at XDP, two at egress");
 }
 
 #[test]

@@ -163,6 +163,64 @@ fn need_root() -> bool {
     privileged("packet tests need root (BPF_PROG_TEST_RUN)")
 }
 
+/// A later fragment of the datagram `f` (whose first extension header is a fragment header):
+/// its fragment offset made 1,480 bytes, what follows the fragment header now payload.
+fn later_fragment6(f: &Frame6) -> Vec<u8> {
+    let mut frame = f.build();
+    let at = ETH_HLEN + 40;
+    assert_eq!(frame[ETH_HLEN + 6], IPV6_FRAGMENT);
+    frame[at + 2..at + 4].copy_from_slice(&(185u16 << 3).to_be_bytes());
+    frame
+}
+
+/// The source and destination addresses of an IPv6 frame.
+fn addrs6(frame: &[u8]) -> (Ipv6Addr, Ipv6Addr) {
+    let a = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[at..at + 16]).unwrap());
+    (a(ETH_HLEN + 8), a(ETH_HLEN + 24))
+}
+
+#[test]
+fn an_ipv6_datagram_in_fragments_is_translated_whole_both_ways() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.serve(sa(VIP), 7, &BACKENDS, 8080, 1);
+    let frag = vec![(IPV6_FRAGMENT, 8)];
+    // The first fragment holds the UDP header: translated as a whole datagram is.
+    let first = Frame6 { ext: frag.clone(), ..Frame6::udp(sa(CLIENT), sa(VIP)) };
+    let (v, out) = dut.run(&first.build());
+    assert_eq!(v, XDP_PASS);
+    let (src, backend) = addrs6(&out);
+    assert_eq!(src, *sa(CLIENT).ip());
+    assert!(BACKENDS.iter().any(|b| b.parse::<Ipv6Addr>().unwrap() == backend), "{backend}");
+    assert_eq!(u16::from_be_bytes([out[ETH_HLEN + 48 + 2], out[ETH_HLEN + 48 + 3]]), 8080, "targetPort");
+    assert_eq!(dut.stat(Stat::DnatNew), 1);
+    // A later fragment goes to the same backend; nothing after its addresses changes.
+    let later = later_fragment6(&first);
+    let (v, out) = dut.run(&later);
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(addrs6(&out), (*sa(CLIENT).ip(), backend), "the later fragment follows the first");
+    assert_eq!(out[ETH_HLEN + 40..], later[ETH_HLEN + 40..]);
+    assert_eq!(dut.stat(Stat::FragTranslated), 1);
+    // Another datagram's later fragment (another identification) passes as it came.
+    let mut stray = later.clone();
+    stray[ETH_HLEN + 44] ^= 0xff;
+    let (v, out) = dut.run(&stray);
+    assert_eq!((v, &out), (XDP_PASS, &stray));
+    // The reply in fragments: each comes back from the frontend.
+    let pod = SocketAddrV6::new(backend, 8080, 0, 0);
+    let first_reply = Frame6 { ext: frag, ..Frame6::udp(pod, sa(CLIENT)) };
+    let (_, out) = dut.run(&first_reply.build());
+    assert_eq!(addrs6(&out), (*sa(VIP).ip(), *sa(CLIENT).ip()));
+    assert_eq!(u16::from_be_bytes([out[ETH_HLEN + 48], out[ETH_HLEN + 49]]), 80, "the frontend's port");
+    let later_reply = later_fragment6(&first_reply);
+    let (_, out) = dut.run(&later_reply);
+    assert_eq!(addrs6(&out), (*sa(VIP).ip(), *sa(CLIENT).ip()), "and so do its later fragments");
+    assert_eq!(out[ETH_HLEN + 40..], later_reply[ETH_HLEN + 40..]);
+    assert_eq!(dut.stat(Stat::FragTranslated), 2);
+}
+
 #[test]
 fn tcp_and_udp_over_ipv6_are_translated_both_ways() {
     if !need_root() {
@@ -272,8 +330,8 @@ fn ipv6_frames_passed_untouched() {
             Stat::PassNoService,
         ),
         (
-            "fragment header",
-            Frame6 { ext: vec![(IPV6_FRAGMENT, 8)], ..tcp.clone() }.build(),
+            "later fragment, its first not seen",
+            later_fragment6(&Frame6 { ext: vec![(IPV6_FRAGMENT, 8)], ..tcp.clone() }),
             Stat::PassFragment,
         ),
         (
@@ -596,6 +654,45 @@ fn an_ipv6_node_port_to_a_local_endpoint_is_answered_from_the_node_port_at_egres
     }
     assert_eq!((dut.stat(Stat::PassEgressRevNat), dut.stat(Stat::EgressRevNat)), (10, 10));
     assert_eq!(dut.stat(Stat::EgressSnat), 0);
+}
+
+#[test]
+fn fragments_of_a_snated_ipv6_flow_leave_with_the_node_address() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    dut.apply_node(&node_port_service(true));
+    let node: Ipv6Addr = NODE6.parse().unwrap();
+    let node_port = sa(&format!("[{NODE6}]:30080"));
+    let backend = sa("[2001:db8:2::2]:8080");
+    let client = sa("[2001:db8:100::2]:40000");
+    let frag = vec![(IPV6_FRAGMENT, 8)];
+    // In: the node's address at egress for the first fragment and for a later one.
+    let first = Frame6 { ext: frag.clone(), ..Frame6::tcp(client, node_port) };
+    let (_, out) = dut.run(&first.build());
+    let (_, out) = dut.egress(&out);
+    assert_eq!(addrs6(&out), (node, *backend.ip()));
+    let snat = u16::from_be_bytes([out[ETH_HLEN + 48], out[ETH_HLEN + 49]]);
+    let later = later_fragment6(&first);
+    let (_, out) = dut.run(&later);
+    assert_eq!(addrs6(&out), (*client.ip(), *backend.ip()));
+    let (_, out) = dut.egress(&out);
+    assert_eq!(addrs6(&out), (node, *backend.ip()), "the later fragment leaves from the node too");
+    assert_eq!(out[ETH_HLEN + 40..], later[ETH_HLEN + 40..]);
+    // Back: to the client at XDP, from the node port at egress, each fragment.
+    let first_reply = Frame6 { ext: frag, ..Frame6::tcp(backend, SocketAddrV6::new(node, snat, 0, 0)) };
+    let (_, out) = dut.run(&first_reply.build());
+    let (_, out) = dut.egress(&out);
+    assert_eq!(addrs6(&out), (node, *client.ip()));
+    assert_eq!(u16::from_be_bytes([out[ETH_HLEN + 48], out[ETH_HLEN + 49]]), 30080);
+    let later_reply = later_fragment6(&first_reply);
+    let (_, out) = dut.run(&later_reply);
+    assert_eq!(addrs6(&out), (*backend.ip(), *client.ip()));
+    let (_, out) = dut.egress(&out);
+    assert_eq!(addrs6(&out), (node, *client.ip()), "the reply's later fragment comes from the node");
+    assert_eq!(out[ETH_HLEN + 40..], later_reply[ETH_HLEN + 40..]);
+    assert_eq!(dut.stat(Stat::FragTranslated), 4, "two at XDP, two at egress");
 }
 
 #[test]

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, anyhow, bail, ensure};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -722,6 +722,28 @@ pub fn udp_request_to(to: SocketAddr, timeout: Duration) -> anyhow::Result<Answe
     parse_answer(std::str::from_utf8(&buf[..n])?, from)
 }
 
+/// A UDP request of `size` bytes (the request line, then padding): a datagram larger than the
+/// path's MTU leaves in fragments. The server answers with as many bytes. The answer, with the
+/// size the server says it received; an error unless the answer is `size` bytes with its
+/// padding intact.
+pub fn udp_request_sized(to: SocketAddr, size: usize, timeout: Duration) -> anyhow::Result<(Answer, usize)> {
+    let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut request = b"hello\n".to_vec();
+    request.resize(size, b'x');
+    s.send_to(&request, to)?;
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = s.recv_from(&mut buf).with_context(|| format!("no UDP answer from {to}"))?;
+    let answer = &buf[..n];
+    let end = answer.iter().position(|&b| b == b'\n').ok_or_else(|| anyhow!("no answer line"))?;
+    let line = std::str::from_utf8(&answer[..end])?;
+    let received = line.split_whitespace().nth(3).and_then(|v| v.parse().ok());
+    let received = received.ok_or_else(|| anyhow!("the answer {line:?} does not say the size received"))?;
+    ensure!(n == size, "an answer of {n} bytes, not {size}");
+    ensure!(answer[end + 1..].iter().all(|&b| b == b'x'), "the answer's padding changed");
+    Ok((parse_answer(line, from)?, received))
+}
+
 /// `count` requests to `to` (TCP, or UDP with `udp`) made by a process of their own
 /// (`xlb-testbed request`) in `ns`, inside `cgroup` when given: as one of that node's processes
 /// or pods, which socket-level balancing sees, unlike a thread of the test. Each answer, or the
@@ -800,11 +822,19 @@ pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
         let s = UdpSocket::bind(("::", port)).or_else(|_| UdpSocket::bind(("0.0.0.0", port)))?;
         let name = name.to_owned();
         handles.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
+            let mut buf = vec![0u8; 65_536];
             loop {
-                let Ok((_, peer)) = s.recv_from(&mut buf) else { continue };
+                let Ok((n, peer)) = s.recv_from(&mut buf) else { continue };
                 let local = SocketAddr::new(local_ip_for(canonical(peer)), port);
-                let _ = s.send_to(format!("{name} {local} {}\n", canonical(peer)).as_bytes(), peer);
+                let mut answer = format!("{name} {local} {}", canonical(peer)).into_bytes();
+                // A large request (sent in fragments): its size said, and an answer as large.
+                if n > 512 {
+                    answer.extend_from_slice(format!(" {n}\n").as_bytes());
+                    answer.resize(n, b'x');
+                } else {
+                    answer.push(b'\n');
+                }
+                let _ = s.send_to(&answer, peer);
             }
         }));
     }

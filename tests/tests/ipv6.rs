@@ -11,7 +11,7 @@
 //! Needs root. Without it the test skips, unless XLB_REQUIRE_PRIVILEGED=1 (CI), where it fails.
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
 
-use xlb_tests::{SingleNode, privileged, tcp_request, tcp_request_to, udp_request_to};
+use xlb_tests::{SingleNode, privileged, tcp_request, tcp_request_to, udp_request_sized, udp_request_to};
 
 const VIP6: &str = "[2001:db8:1::10]";
 
@@ -171,6 +171,38 @@ fn a_dual_stack_service_is_served_over_ipv6_and_ipv4() {
 
 /// An IPv6-only Service without endpoints is refused at once, over IPv6: a TCP reset for the
 /// connect, an ICMPv6 port unreachable for the UDP datagram (ECONNREFUSED on the socket).
+#[test]
+fn udp_datagrams_in_fragments_reach_the_pods_whole_and_their_answers_come_back_whole() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    // 4,000 bytes over links of MTU 1,500: three fragments each way, of which only the first
+    // carries the ports; the node does not reassemble them (no conntrack in its namespace).
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    add_ipv6(&bed);
+    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[5353]).expect("servers");
+    bed.write_manifest("web.yaml", &manifest(&[0, 1])).unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service(&format!("{VIP6}:53/UDP"), 2, Duration::from_secs(10)).unwrap();
+    bed.wait_for_service("198.18.0.10:53/UDP", 2, Duration::from_secs(10)).unwrap();
+    for vip in ["198.18.0.10:53".to_string(), format!("{VIP6}:53")] {
+        let vip: SocketAddr = vip.parse().unwrap();
+        let answers = bed.client.enter(|| {
+            (0..10).map(|_| udp_request_sized(vip, 4000, Duration::from_secs(3))).collect::<Vec<_>>()
+        });
+        for (i, a) in answers.into_iter().enumerate() {
+            let (a, received) = a.unwrap_or_else(|e| panic!("datagram {i} to {vip}: {e:#}\n{}", bed.logs()));
+            assert_eq!(received, 4000, "the pod received the whole datagram");
+            assert_eq!(a.from, vip, "the answer, whole, comes from the clusterIP");
+            assert_eq!(a.server.port(), 5353);
+        }
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
+    // Each of the 20 datagrams and of their answers has two later fragments.
+    assert!(stats["frag_translated"]["packets"].as_u64().unwrap() >= 80, "{stats}");
+}
+
 #[test]
 fn an_ipv6_service_without_endpoints_is_refused_at_once() {
     if !privileged("end-to-end tests need root") {

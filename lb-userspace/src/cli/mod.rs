@@ -955,7 +955,9 @@ pub fn stat_meaning(name: &str) -> &'static str {
         "pass_not_ipv4" => "neither IPv4 nor IPv6 (ARP, VLAN...)",
         "pass_malformed" => "truncated or inconsistent header; left to the kernel",
         "pass_other_proto" => "IPv4 but neither TCP nor UDP (nor an ICMP error about a tracked flow)",
-        "pass_fragment" => "IPv4 fragment (never rewritten)",
+        "pass_fragment" => {
+            "later fragment whose first fragment was not seen translated (not a Service's flow)"
+        }
         "pass_no_service" => "no frontend and no tracked flow matched",
         "dnat_new" => "first packet of a new flow, sent to a backend",
         "dnat_established" => "packet of a tracked flow, sent to its backend",
@@ -995,6 +997,9 @@ pub fn stat_meaning(name: &str) -> &'static str {
         }
         "drop_no_service" => {
             "as reject_no_service, where no answer was possible (a reset, IP options, ICMP rate limit)"
+        }
+        "frag_translated" => {
+            "later fragment of a translated datagram, given the addresses its first fragment got"
         }
         _ => "",
     }

@@ -358,6 +358,11 @@ impl Tracer {
                 "no Service holds this address, port and protocol, in the Service ranges, and no answer is sent (the packet is a reset or carries IP options, or the ICMP rate limit is reached): it is dropped".to_string(),
                 None,
             ),
+            "frag_translated" => (
+                "fragment",
+                "a later fragment of a datagram whose first fragment was translated: it gets the addresses that fragment got (its ports are in the first fragment only)".to_string(),
+                None,
+            ),
             "pass_no_service" => (
                 "no_service",
                 "no frontend is at this address, port and protocol, and no tracked flow matches: the packet goes on untouched".to_string(),
