@@ -330,6 +330,11 @@ fn ipv6_frames_passed_untouched() {
             Stat::PassNoService,
         ),
         (
+            "TCP first fragment",
+            Frame6 { ext: vec![(IPV6_FRAGMENT, 8)], ..tcp.clone() }.build(),
+            Stat::PassFragment,
+        ),
+        (
             "later fragment, its first not seen",
             later_fragment6(&Frame6 { ext: vec![(IPV6_FRAGMENT, 8)], ..tcp.clone() }),
             Stat::PassFragment,
@@ -661,15 +666,21 @@ fn fragments_of_a_snated_ipv6_flow_leave_with_the_node_address() {
     if !need_root() {
         return;
     }
+    // UDP: IPv6 stacks send TCP in segments that fit the path, not in fragments (a TCP first
+    // fragment passes as it came; see ipv6_frames_passed_untouched).
+    let udp = node_port_service(true)
+        .replace("nodePort: 30080}", "nodePort: 30080, protocol: UDP}")
+        .replace("protocol: TCP", "protocol: UDP");
+    assert_eq!(udp.matches("UDP").count(), 2, "{udp}");
     let mut dut = Dut::new();
-    dut.apply_node(&node_port_service(true));
+    dut.apply_node(&udp);
     let node: Ipv6Addr = NODE6.parse().unwrap();
     let node_port = sa(&format!("[{NODE6}]:30080"));
     let backend = sa("[2001:db8:2::2]:8080");
     let client = sa("[2001:db8:100::2]:40000");
     let frag = vec![(IPV6_FRAGMENT, 8)];
     // In: the node's address at egress for the first fragment and for a later one.
-    let first = Frame6 { ext: frag.clone(), ..Frame6::tcp(client, node_port) };
+    let first = Frame6 { ext: frag.clone(), ..Frame6::udp(client, node_port) };
     let (_, out) = dut.run(&first.build());
     let (_, out) = dut.egress(&out);
     assert_eq!(addrs6(&out), (node, *backend.ip()));
@@ -681,7 +692,7 @@ fn fragments_of_a_snated_ipv6_flow_leave_with_the_node_address() {
     assert_eq!(addrs6(&out), (node, *backend.ip()), "the later fragment leaves from the node too");
     assert_eq!(out[ETH_HLEN + 40..], later[ETH_HLEN + 40..]);
     // Back: to the client at XDP, from the node port at egress, each fragment.
-    let first_reply = Frame6 { ext: frag, ..Frame6::tcp(backend, SocketAddrV6::new(node, snat, 0, 0)) };
+    let first_reply = Frame6 { ext: frag, ..Frame6::udp(backend, SocketAddrV6::new(node, snat, 0, 0)) };
     let (_, out) = dut.run(&first_reply.build());
     let (_, out) = dut.egress(&out);
     assert_eq!(addrs6(&out), (node, *client.ip()));

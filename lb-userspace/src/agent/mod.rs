@@ -670,7 +670,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // both are done.
     let changed = Arc::new(Notify::new());
     let source = Source::start(&cfg.source, changed.clone(), metrics.clone()).await?;
+    let loading = std::time::Instant::now();
     let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
+    info!(elapsed_ms = loading.elapsed().as_millis() as u64, "programs loaded and verified by the kernel");
     crate::datapath::write_config(&mut ebpf, cfg.datapath).context("writing the datapath's settings")?;
     crate::datapath::write_service_cidrs(&mut ebpf, service_cidrs).context("writing the Service ranges")?;
     if cfg.service_cidrs.is_empty() {
