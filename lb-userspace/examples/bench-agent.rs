@@ -732,6 +732,7 @@ fn main() -> anyhow::Result<()> {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let doc = serde_json::json!({
             "services": a.services, "endpoints": a.endpoints, "changes": lat.len(), "dual_stack": a.dual_stack,
+            "date": run_date(), "commit": run_commit(),
             "cold_start_ms": ms(cold), "first_sync_ms": sync_us as f64 / 1e3, "load_ms": load_ms, "first_sync_writes": writes,
             "change_ms": {
                 "p50": ms(percentile(&lat, 0.5)), "p90": ms(percentile(&lat, 0.9)),
@@ -777,4 +778,29 @@ fn capacity_flag(flag: &str, needed: u32, default: u32) -> Vec<String> {
     } else {
         vec![flag.to_string(), needed.next_power_of_two().to_string()]
     }
+}
+
+/// When the run was made, as `cargo xtask bench` records its own ("2026-12-07 10:20 UTC"): the
+/// run's own date when that runs it (XLB_BENCH_DATE), else now.
+fn run_date() -> String {
+    if let Ok(d) = std::env::var("XLB_BENCH_DATE") {
+        return d;
+    }
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "?".to_string(), |s| s.trim().to_string())
+}
+
+/// The commit measured (of the checkout the benchmark runs in), as `cargo xtask bench` records it.
+fn run_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "?".to_string(), |s| s.trim().to_string())
 }

@@ -65,6 +65,9 @@ pub fn run_all(a: &BenchArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&out)?;
     eprintln!("xtask: results -> {}", out.display());
+    // The run's date, also stamped on each bench-agent result (XLB_BENCH_DATE): the report
+    // tells rows made again later from the run's own.
+    let date = crate::output(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC"))?;
     let machine = format!(
         "{{\"kernel\": {:?}, \"cpus\": {}, \"cpu\": {:?}, \"date\": {:?}, \"quick\": {}, \"commit\": {:?}}}",
         crate::output(Command::new("uname").arg("-r"))?,
@@ -76,7 +79,7 @@ pub fn run_all(a: &BenchArgs) -> anyhow::Result<()> {
                 .strip_prefix("model name")
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
             .unwrap_or_default(),
-        crate::output(Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC"))?,
+        date,
         a.quick,
         crate::output(Command::new("git").current_dir(root()).args(["rev-parse", "--short", "HEAD"]))
             .unwrap_or_default(),
@@ -107,7 +110,11 @@ pub fn run_all(a: &BenchArgs) -> anyhow::Result<()> {
         if *n == 10_000 {
             cmd.args(["--sustained", "60", "--burst", "10000"]);
         }
-        run(cmd.arg("--json").arg(out.join(format!("agent-{n}.json"))).env("XLB_BIN", rel.join("xlb")))?;
+        run(cmd
+            .arg("--json")
+            .arg(out.join(format!("agent-{n}.json")))
+            .env("XLB_BIN", rel.join("xlb"))
+            .env("XLB_BENCH_DATE", &date))?;
     }
     // The agent's profile during the changes, at 10,000 Services: a run of its own, since
     // sampling slows the agent down.

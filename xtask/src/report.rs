@@ -288,6 +288,21 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
         w,
         "`bench-agent`: the real agent in a namespace of its own, listing and watching a fake API server (the same list/watch HTTP protocol as kube-apiserver) that holds N Services x 5 endpoints. Cold start is from exec to ready (program load, the lists, model, every map write, attach). A change is one EndpointSlice replaced on the API server until the new backend is readable in the kernel map (polled every 50 µs; the agent syncs a change at once: `--batch-delay-ms` 0, the default since 2026-12-07, 10 before); a Service added is timed until its clusterIP serves, a Service deleted until its entry is gone, one at a time. The time includes the API server's side (the fake serves a watch event as kube-apiserver does, without Nagle's delay) and the agent's watch decoding: the agent's own sync is a fraction of it (the \"sync\" column). \"From the event sent\" starts when the fake API server wrote the watch event to the agent's stream: it leaves out the fake server's own latency (its watch task waking on another thread, the event's encoding), which is the harness's and not the agent's. Memory is the agent's resident set; kernel map memory is the pinned maps' `bytes_memlock`.\n"
     )?;
+    // Rows run apart from the rest of the results (bench-agent again, after a change of the
+    // control plane) say when and on which commit.
+    let runs: std::collections::BTreeSet<(String, String)> = agents
+        .iter()
+        .filter_map(|a| Some((a["date"].as_str()?.to_string(), a["commit"].as_str()?.to_string())))
+        .filter(|(d, c)| machine["date"].as_str() != Some(d) || machine["commit"].as_str() != Some(c))
+        .collect();
+    if !runs.is_empty() {
+        let list: Vec<String> = runs.iter().map(|(d, c)| format!("{d} on commit {c}")).collect();
+        writeln!(
+            w,
+            "These rows come from `bench-agent` run again after the rest of this file's run: {} (the same machine; its speed drifts through a day, so compare them with each other rather than with the sections above).\n",
+            list.join(", ")
+        )?;
+    }
     writeln!(
         w,
         "| services | cold start to ready | first sync | change → map p50 | p90 | p99 | from the event sent p50 | p99 | agent's sync p50 | Service added p99 | deleted p99 | agent RSS at ready | after changes | kernel maps |"
