@@ -228,18 +228,14 @@ pub fn frag_key(saddr: u32, daddr: u32, id: u16, proto: u8) -> Frag4Key {
     Frag4Key { saddr: saddr.to_ne_bytes(), daddr: daddr.to_ne_bytes(), id, proto, _pad: 0 }
 }
 
-/// A later fragment of a TCP or UDP datagram: translated as its first fragment was, found by
-/// the ports that fragment left in [`FRAG4`] (the tracked flow's addresses; its ports are in
-/// the first fragment only). Without them (no Service's flow, or it came before its first) it
-/// passes untouched. Reads only: the first fragment made and refreshed the flow's entries.
+/// The conntrack key, by direction, of the datagram whose later fragment is `f`: its ports are
+/// those its first fragment left in [`FRAG4`]; `None` without them.
 #[inline(always)]
-fn later_fragment(rec: Rec, f: &parse::Fragment, bytes: u64) -> Result<u32, ()> {
-    let Some(ports) = FRAG4.get_ptr(frag_key(f.saddr, f.daddr, f.id, f.proto)) else {
-        return pass(rec, Stat::PassFragment, bytes);
-    };
+pub fn fragment_keys(f: &parse::Fragment) -> Option<impl Fn(u8) -> Ct4Key + '_> {
+    let ports = FRAG4.get_ptr(frag_key(f.saddr, f.daddr, f.id, f.proto))?;
     // SAFETY: pointer from a lookup in this run; plain integer reads.
     let (sport, dport) = unsafe { (u16::from_be((*ports).sport), u16::from_be((*ports).dport)) };
-    let key = |dir| Ct4Key {
+    Some(move |dir| Ct4Key {
         saddr: f.saddr.to_ne_bytes(),
         daddr: f.daddr.to_ne_bytes(),
         sport,
@@ -247,6 +243,17 @@ fn later_fragment(rec: Rec, f: &parse::Fragment, bytes: u64) -> Result<u32, ()> 
         proto: f.proto,
         dir,
         _pad: 0,
+    })
+}
+
+/// A later fragment of a TCP or UDP datagram: translated as its first fragment was, found by
+/// the ports that fragment left in [`FRAG4`] (the tracked flow's addresses; its ports are in
+/// the first fragment only). Without them (no Service's flow, or it came before its first) it
+/// passes untouched. Reads only: the first fragment made and refreshed the flow's entries.
+#[inline(always)]
+fn later_fragment(rec: Rec, f: &parse::Fragment, bytes: u64) -> Result<u32, ()> {
+    let Some(key) = fragment_keys(f) else {
+        return pass(rec, Stat::PassFragment, bytes);
     };
     let (side, addr) = if let Some(e) = CT.get_ptr(key(CT_DIR_FORWARD)) {
         // SAFETY: as above.

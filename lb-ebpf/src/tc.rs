@@ -90,18 +90,7 @@ fn source_nat(key: impl Fn(u8) -> Ct4Key) -> Option<(([u8; 4], u16), Stat)> {
 /// same source address, found by the ports that fragment left in [`FRAG4`].
 #[inline(always)]
 fn later_fragment(ctx: &TcContext, f: &parse::Fragment, data: usize) {
-    let Some(ports) = FRAG4.get_ptr(lb::frag_key(f.saddr, f.daddr, f.id, f.proto)) else { return };
-    // SAFETY: pointer from a lookup in this run; plain integer reads.
-    let (sport, dport) = unsafe { (u16::from_be((*ports).sport), u16::from_be((*ports).dport)) };
-    let key = |dir| Ct4Key {
-        saddr: f.saddr.to_ne_bytes(),
-        daddr: f.daddr.to_ne_bytes(),
-        sport,
-        dport,
-        proto: f.proto,
-        dir,
-        _pad: 0,
-    };
+    let Some(key) = lb::fragment_keys(f) else { return };
     let Some(((addr, _), _)) = source_nat(key) else { return };
     let (old_addr, new_addr) = (f.saddr, u32::from_ne_bytes(addr));
     let l3 = f.l3 - data;

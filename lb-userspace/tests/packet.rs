@@ -1603,6 +1603,16 @@ fn map_contents(dp: &impl lb_userspace::datapath::Datapath) -> Vec<String> {
     out
 }
 
+/// Maps for several batches of writes (8,192 service entries and backends).
+const CAPS_8192: Capacities = Capacities {
+    service_entries: 8192,
+    backends: 8192,
+    ct_entries: 1024,
+    sock_nat_entries: 1024,
+    affinity_entries: 1024,
+    ipv6_entries: 1024,
+};
+
 #[test]
 fn a_failed_batch_stops_the_writes_after_it_and_is_reported() {
     if !privileged("a_failed_batch_stops_the_writes_after_it_and_is_reported") {
@@ -1610,15 +1620,7 @@ fn a_failed_batch_stops_the_writes_after_it_and_is_reported() {
     }
     // Long runs go to the map-writing thread. The service map takes 8,192 entries: the third run
     // of 4,096 fails, and the run of backends queued after it must not be written.
-    let caps = Capacities {
-        service_entries: 8192,
-        backends: 8192,
-        ct_entries: 1024,
-        sock_nat_entries: 1024,
-        affinity_entries: 1024,
-        ipv6_entries: 1024,
-    };
-    let mut ebpf = ebpf::load(None, caps).expect("load");
+    let mut ebpf = ebpf::load(None, CAPS_8192).expect("load");
     let mut maps = BpfMaps::take(&mut ebpf).expect("maps");
     let key = |i: u32| lb_common::Svc4Key {
         addr: [198, 18, (i >> 8) as u8, i as u8],
@@ -1683,15 +1685,7 @@ fn a_large_apply_leaves_the_kernel_maps_as_it_leaves_memory() {
         }
         y
     };
-    let caps = Capacities {
-        service_entries: 8192,
-        backends: 8192,
-        ct_entries: 1024,
-        sock_nat_entries: 1024,
-        affinity_entries: 1024,
-        ipv6_entries: 1024,
-    };
-    let mut ebpf = ebpf::load(None, caps).expect("load");
+    let mut ebpf = ebpf::load(None, CAPS_8192).expect("load");
     let maps = BpfMaps::take(&mut ebpf).expect("maps");
     let mut kernel = Reconciler::new(maps).expect("reconciler");
     let mut memory = Reconciler::new(lb_userspace::datapath::MemDatapath::with_capacity(

@@ -95,18 +95,25 @@ fn add_ipv6(bed: &SingleNode) {
     }
 }
 
-#[test]
-fn a_dual_stack_service_is_served_over_ipv6_and_ipv4() {
-    if !privileged("end-to-end tests need root") {
-        return;
-    }
+/// The dual-stack bed with both pods serving TCP 8080 and UDP 5353, the dual-stack Service
+/// `manifest` of both, and the agent serving its `port` ("80/TCP") on both clusterIPs.
+fn dual_stack_bed(port: &str) -> SingleNode {
     let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
     add_ipv6(&bed);
     bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[5353]).expect("servers");
     bed.write_manifest("web.yaml", &manifest(&[0, 1])).unwrap();
     bed.start_agent().expect("agent");
-    bed.wait_for_service(&format!("{VIP6}:80/TCP"), 2, Duration::from_secs(10)).unwrap();
-    bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    bed.wait_for_service(&format!("{VIP6}:{port}"), 2, Duration::from_secs(10)).unwrap();
+    bed.wait_for_service(&format!("198.18.0.10:{port}"), 2, Duration::from_secs(10)).unwrap();
+    bed
+}
+
+#[test]
+fn a_dual_stack_service_is_served_over_ipv6_and_ipv4() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let bed = dual_stack_bed("80/TCP");
 
     let client: std::net::IpAddr = "2001:db8:100::2".parse().unwrap();
     let pod6 = |i: usize| format!("2001:db8:{}::2", 10 + i);
@@ -169,8 +176,6 @@ fn a_dual_stack_service_is_served_over_ipv6_and_ipv4() {
     assert!(stats["dnat_new"]["packets"].as_u64().unwrap() >= 130, "{stats}");
 }
 
-/// An IPv6-only Service without endpoints is refused at once, over IPv6: a TCP reset for the
-/// connect, an ICMPv6 port unreachable for the UDP datagram (ECONNREFUSED on the socket).
 #[test]
 fn udp_datagrams_in_fragments_reach_the_pods_whole_and_their_answers_come_back_whole() {
     if !privileged("end-to-end tests need root") {
@@ -178,13 +183,7 @@ fn udp_datagrams_in_fragments_reach_the_pods_whole_and_their_answers_come_back_w
     }
     // 4,000 bytes over links of MTU 1,500: three fragments each way, of which only the first
     // carries the ports; the node does not reassemble them (no conntrack in its namespace).
-    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
-    add_ipv6(&bed);
-    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[5353]).expect("servers");
-    bed.write_manifest("web.yaml", &manifest(&[0, 1])).unwrap();
-    bed.start_agent().expect("agent");
-    bed.wait_for_service(&format!("{VIP6}:53/UDP"), 2, Duration::from_secs(10)).unwrap();
-    bed.wait_for_service("198.18.0.10:53/UDP", 2, Duration::from_secs(10)).unwrap();
+    let bed = dual_stack_bed("53/UDP");
     for vip in ["198.18.0.10:53".to_string(), format!("{VIP6}:53")] {
         let vip: SocketAddr = vip.parse().unwrap();
         let answers = bed.client.enter(|| {
@@ -203,6 +202,8 @@ fn udp_datagrams_in_fragments_reach_the_pods_whole_and_their_answers_come_back_w
     assert!(stats["frag_translated"]["packets"].as_u64().unwrap() >= 80, "{stats}");
 }
 
+/// An IPv6-only Service without endpoints is refused at once, over IPv6: a TCP reset for the
+/// connect, an ICMPv6 port unreachable for the UDP datagram (ECONNREFUSED on the socket).
 #[test]
 fn an_ipv6_service_without_endpoints_is_refused_at_once() {
     if !privileged("end-to-end tests need root") {
