@@ -318,7 +318,11 @@ impl BpfMaps {
         // Another map's run was waiting: it goes first, to the writing thread when that has
         // runs before it (they are in order there), else at once.
         match &mut self.writer {
-            Some(w) if w.busy() => w.send(std::mem::take(&mut self.pending)),
+            Some(w) if w.busy() => {
+                if !matches!(self.pending, batch::Pending::None) {
+                    w.send(std::mem::take(&mut self.pending));
+                }
+            }
             _ => self.flush()?,
         }
         self.pending = start(vec![key], vec![value]);
