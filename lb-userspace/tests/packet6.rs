@@ -222,6 +222,44 @@ fn an_ipv6_datagram_in_fragments_is_translated_whole_both_ways() {
 }
 
 #[test]
+fn long_runs_of_ipv6_writes_reach_the_kernel_maps_in_order() {
+    if !need_root() {
+        return;
+    }
+    // Runs longer than a batch (4,096) go to the map-writing thread; every entry must be in the
+    // maps after the flush, the last write of a key winning.
+    let caps = Capacities {
+        service_entries: 64,
+        backends: 64,
+        ct_entries: 64,
+        sock_nat_entries: 64,
+        affinity_entries: 64,
+        ipv6_entries: 16_384,
+    };
+    let mut ebpf = ebpf::load(None, caps).expect("load");
+    let mut maps = BpfMaps::take(&mut ebpf).expect("maps");
+    let addr = |i: u32| Ipv6Addr::from(0x2001_0db8_0001_0000_0000_0000_0000_0000u128 | u128::from(i));
+    let n = 10_000u32;
+    for i in 1..=n {
+        let be = Backend6 { addr: addr(i).octets(), port: 8080, state: BACKEND_STATE_ACTIVE, flags: 0 };
+        maps.write_backend6(i, be).unwrap();
+    }
+    for i in 1..=n {
+        let v = Svc4Value { backend_id: i, svc_id: i, ..Default::default() };
+        maps.write_service6(key(addr(i), 80, Proto::Tcp, 0), v).unwrap();
+    }
+    // Rewritten after: the later value stays.
+    let last = Backend6 { addr: addr(1).octets(), port: 9090, state: BACKEND_STATE_ACTIVE, flags: 0 };
+    maps.write_backend6(1, last).unwrap();
+    maps.flush().unwrap();
+    assert_eq!(maps.read_services6().unwrap().len(), n as usize);
+    assert_eq!(maps.read_backend6(1).unwrap(), last);
+    for i in [2, 4096, 4097, n] {
+        assert_eq!(maps.read_backend6(i).unwrap().addr, addr(i).octets(), "backend {i}");
+    }
+}
+
+#[test]
 fn tcp_and_udp_over_ipv6_are_translated_both_ways() {
     if !need_root() {
         return;
@@ -385,6 +423,8 @@ fn a_flow_whose_ipv6_backend_is_freed_is_balanced_again() {
     dut.serve(sa(VIP), 7, &BACKENDS[1..], 8080, 2);
     let free = Backend6 { state: BACKEND_STATE_FREE, ..Default::default() };
     dut.rec.datapath_mut().write_backend6(1, free).unwrap();
+    // Writes are held back to go to the kernel together until a flush, as the reconciler's are.
+    dut.rec.datapath_mut().flush().unwrap();
     let next = Frame6 { tcp_flags: 0x10, ..syn };
     assert_eq!(dnat(&mut dut, &next), BACKENDS[1].parse::<Ipv6Addr>().unwrap(), "balanced again");
     assert_eq!(dut.stat(Stat::CtStaleBackend), 1);

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use aya::maps::MapError;
-use lb_common::{MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_SERVICES, MAP_SVC_INFO};
+use lb_common::{MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_BACKENDS6, MAP_SERVICES, MAP_SERVICES6, MAP_SVC_INFO};
 
 use super::DatapathError;
 
@@ -143,6 +143,8 @@ pub enum Pending {
     Backends(Vec<u32>, Vec<lb_common::Backend4>),
     Flows(Vec<u32>, Vec<u64>),
     Infos(Vec<u32>, Vec<lb_common::SvcInfo>),
+    Services6(Vec<lb_common::Svc6Key>, Vec<lb_common::Svc4Value>),
+    Backends6(Vec<u32>, Vec<lb_common::Backend6>),
 }
 
 /// Gives the keys and values of the run waiting when it is of one map (a variant of [`Pending`]).
@@ -154,6 +156,9 @@ pub struct Targets<'a> {
     pub backends: BorrowedFd<'a>,
     pub flows: BorrowedFd<'a>,
     pub infos: BorrowedFd<'a>,
+    /// The IPv6 frontends and backends, when the datapath has them (runs of them are made
+    /// only then).
+    pub ipv6: Option<(BorrowedFd<'a>, BorrowedFd<'a>)>,
 }
 
 impl Pending {
@@ -165,6 +170,8 @@ impl Pending {
             Pending::Backends(k, _) => k.len(),
             Pending::Flows(k, _) => k.len(),
             Pending::Infos(k, _) => k.len(),
+            Pending::Services6(k, _) => k.len(),
+            Pending::Backends6(k, _) => k.len(),
         };
         len >= CHUNK
     }
@@ -181,6 +188,14 @@ impl Pending {
             }
             Pending::Flows(k, v) => update_all(to.flows, k, v).map_err(|e| write_error(MAP_BACKEND_FLOWS, e)),
             Pending::Infos(k, v) => update_all(to.infos, k, v).map_err(|e| write_error(MAP_SVC_INFO, e)),
+            Pending::Services6(k, v) => match to.ipv6 {
+                Some((s, _)) => update_all(s, k, v).map_err(|e| write_error(MAP_SERVICES6, e)),
+                None => Err(DatapathError::Unsupported("IPv6 maps")),
+            },
+            Pending::Backends6(k, v) => match to.ipv6 {
+                Some((_, b)) => update_all(b, k, v).map_err(|e| write_error(MAP_BACKENDS6, e)),
+                None => Err(DatapathError::Unsupported("IPv6 maps")),
+            },
         }
     }
 }
@@ -210,8 +225,8 @@ unsafe impl Sync for Writer {}
 
 impl Writer {
     /// Starts the thread, with its own descriptors of the maps (`[services, backends, flows,
-    /// infos]`).
-    pub fn spawn(fds: [OwnedFd; 4]) -> std::io::Result<Self> {
+    /// infos]`, and the IPv6 frontends and backends when the datapath has them).
+    pub fn spawn(fds: [OwnedFd; 4], ipv6: Option<[OwnedFd; 2]>) -> std::io::Result<Self> {
         let (jobs, rx) = mpsc::sync_channel::<Pending>(QUEUED);
         let (tx, done) = mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
@@ -223,6 +238,7 @@ impl Writer {
                 backends: backends.as_fd(),
                 flows: flows.as_fd(),
                 infos: infos.as_fd(),
+                ipv6: ipv6.as_ref().map(|[s, b]| (s.as_fd(), b.as_fd())),
             };
             for run in rx {
                 // After a failed run the later ones are dropped: they may depend on it.

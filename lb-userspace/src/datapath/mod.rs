@@ -340,8 +340,19 @@ impl BpfMaps {
                 IterableMap::map(&self.flows).fd().as_fd().try_clone_to_owned(),
                 IterableMap::map(&self.svc_info).fd().as_fd().try_clone_to_owned(),
             ];
-            if let [Ok(s), Ok(b), Ok(f), Ok(i)] = fds {
-                self.writer = batch::Writer::spawn([s, b, f, i]).ok();
+            let ipv6 = self.ipv6.as_ref().map(|(s, b)| {
+                [
+                    IterableMap::map(s).fd().as_fd().try_clone_to_owned(),
+                    b.map().fd().as_fd().try_clone_to_owned(),
+                ]
+            });
+            let ipv6 = match ipv6 {
+                None => Ok(None),
+                Some([Ok(s), Ok(b)]) => Ok(Some([s, b])),
+                Some(_) => Err(()),
+            };
+            if let ([Ok(s), Ok(b), Ok(f), Ok(i)], Ok(ipv6)) = (fds, ipv6) {
+                self.writer = batch::Writer::spawn([s, b, f, i], ipv6).ok();
             }
         }
         let run = std::mem::take(&mut self.pending);
@@ -362,6 +373,7 @@ impl BpfMaps {
             backends: IterableMap::map(&self.backends).fd().as_fd(),
             flows: IterableMap::map(&self.flows).fd().as_fd(),
             infos: IterableMap::map(&self.svc_info).fd().as_fd(),
+            ipv6: self.ipv6.as_ref().map(|(s, b)| (IterableMap::map(s).fd().as_fd(), b.map().fd().as_fd())),
         }
     }
 
@@ -721,9 +733,18 @@ impl Datapath for BpfMaps {
     }
 
     fn write_service6(&mut self, key: Svc6Key, value: Svc4Value) -> Result<(), DatapathError> {
-        self.flush()?;
-        let (m, _) = self.ipv6.as_mut().ok_or(DatapathError::Unsupported("IPv6 maps"))?;
-        m.insert(key, value, 0).map_err(map_err("write", MAP_SERVICES6))
+        if self.ipv6.is_none() {
+            return Err(DatapathError::Unsupported("IPv6 maps"));
+        }
+        self.hold(
+            key,
+            value,
+            |p| match p {
+                batch::Pending::Services6(k, v) => Some((k, v)),
+                _ => None,
+            },
+            batch::Pending::Services6,
+        )
     }
 
     fn delete_service6(&mut self, key: Svc6Key) -> Result<(), DatapathError> {
@@ -733,9 +754,18 @@ impl Datapath for BpfMaps {
     }
 
     fn write_backend6(&mut self, id: u32, value: Backend6) -> Result<(), DatapathError> {
-        self.flush()?;
-        let (_, b) = self.ipv6.as_mut().ok_or(DatapathError::Unsupported("IPv6 maps"))?;
-        b.set(id, value, 0).map_err(map_err("write", MAP_BACKENDS6))
+        if self.ipv6.is_none() {
+            return Err(DatapathError::Unsupported("IPv6 maps"));
+        }
+        self.hold(
+            id,
+            value,
+            |p| match p {
+                batch::Pending::Backends6(k, v) => Some((k, v)),
+                _ => None,
+            },
+            batch::Pending::Backends6,
+        )
     }
 
     fn capacity(&self) -> Capacity {
