@@ -147,8 +147,38 @@ pub enum Pending {
     Backends6(Vec<u32>, Vec<lb_common::Backend6>),
 }
 
-/// Gives the keys and values of the run waiting when it is of one map (a variant of [`Pending`]).
-pub type RunOf<K, V> = fn(&mut Pending) -> Option<(&mut Vec<K>, &mut Vec<V>)>;
+/// A kind of run (a variant of [`Pending`]), by its key and value types.
+pub trait Run<K, V> {
+    /// The keys and values of the run waiting, when it is of this kind.
+    fn of(&mut self) -> Option<(&mut Vec<K>, &mut Vec<V>)>;
+    /// A new run of this kind.
+    fn start(keys: Vec<K>, values: Vec<V>) -> Self;
+}
+
+macro_rules! runs {
+    ($($variant:ident($k:ty, $v:ty)),* $(,)?) => {$(
+        impl Run<$k, $v> for Pending {
+            fn of(&mut self) -> Option<(&mut Vec<$k>, &mut Vec<$v>)> {
+                match self {
+                    Pending::$variant(k, v) => Some((k, v)),
+                    _ => None,
+                }
+            }
+            fn start(keys: Vec<$k>, values: Vec<$v>) -> Self {
+                Pending::$variant(keys, values)
+            }
+        }
+    )*};
+}
+
+runs!(
+    Services(lb_common::Svc4Key, lb_common::Svc4Value),
+    Backends(u32, lb_common::Backend4),
+    Flows(u32, u64),
+    Infos(u32, lb_common::SvcInfo),
+    Services6(lb_common::Svc6Key, lb_common::Svc4Value),
+    Backends6(u32, lb_common::Backend6),
+);
 
 /// The maps a run may be of.
 pub struct Targets<'a> {

@@ -300,17 +300,16 @@ fn pinned<T: TryFrom<Map, Error = MapError>>(pin_dir: &Path, name: &'static str)
 
 impl BpfMaps {
     /// Holds back the update of `key` to `value`: added to the run waiting when it is of the same
-    /// map (`run` gives it then), else after that run is sent, as a new one (`start`). A run is
+    /// map (the run kind of `K` and `V`, [`batch::Run`]), else after that run is sent, as a new
+    /// one. A run is
     /// sent once it fills a batch: a long one (a first sync writes hundreds of thousands of one
     /// map) goes out as it is made, from a buffer that stays small, in the same order.
-    fn hold<K, V>(
-        &mut self,
-        key: K,
-        value: V,
-        run: batch::RunOf<K, V>,
-        start: fn(Vec<K>, Vec<V>) -> batch::Pending,
-    ) -> Result<(), DatapathError> {
-        if let Some((keys, values)) = run(&mut self.pending) {
+    fn hold<K, V>(&mut self, key: K, value: V) -> Result<(), DatapathError>
+    where
+        batch::Pending: batch::Run<K, V>,
+    {
+        use batch::Run as _;
+        if let Some((keys, values)) = self.pending.of() {
             keys.push(key);
             values.push(value);
             return if self.pending.is_full() { self.send_full() } else { Ok(()) };
@@ -325,7 +324,7 @@ impl BpfMaps {
             }
             _ => self.flush()?,
         }
-        self.pending = start(vec![key], vec![value]);
+        self.pending = batch::Pending::start(vec![key], vec![value]);
         Ok(())
     }
 
@@ -736,15 +735,7 @@ impl Datapath for BpfMaps {
         if self.ipv6.is_none() {
             return Err(DatapathError::Unsupported("IPv6 maps"));
         }
-        self.hold(
-            key,
-            value,
-            |p| match p {
-                batch::Pending::Services6(k, v) => Some((k, v)),
-                _ => None,
-            },
-            batch::Pending::Services6,
-        )
+        self.hold(key, value)
     }
 
     fn delete_service6(&mut self, key: Svc6Key) -> Result<(), DatapathError> {
@@ -757,15 +748,7 @@ impl Datapath for BpfMaps {
         if self.ipv6.is_none() {
             return Err(DatapathError::Unsupported("IPv6 maps"));
         }
-        self.hold(
-            id,
-            value,
-            |p| match p {
-                batch::Pending::Backends6(k, v) => Some((k, v)),
-                _ => None,
-            },
-            batch::Pending::Backends6,
-        )
+        self.hold(id, value)
     }
 
     fn capacity(&self) -> Capacity {
@@ -821,27 +804,11 @@ impl Datapath for BpfMaps {
     }
 
     fn write_backend(&mut self, id: u32, value: Backend4) -> Result<(), DatapathError> {
-        self.hold(
-            id,
-            value,
-            |p| match p {
-                batch::Pending::Backends(k, v) => Some((k, v)),
-                _ => None,
-            },
-            batch::Pending::Backends,
-        )
+        self.hold(id, value)
     }
 
     fn write_service(&mut self, key: Svc4Key, value: Svc4Value) -> Result<(), DatapathError> {
-        self.hold(
-            key,
-            value,
-            |p| match p {
-                batch::Pending::Services(k, v) => Some((k, v)),
-                _ => None,
-            },
-            batch::Pending::Services,
-        )
+        self.hold(key, value)
     }
 
     fn delete_service(&mut self, key: Svc4Key) -> Result<(), DatapathError> {
@@ -850,15 +817,7 @@ impl Datapath for BpfMaps {
     }
 
     fn write_svc_info(&mut self, id: u32, info: SvcInfo) -> Result<(), DatapathError> {
-        self.hold(
-            id,
-            info,
-            |p| match p {
-                batch::Pending::Infos(k, v) => Some((k, v)),
-                _ => None,
-            },
-            batch::Pending::Infos,
-        )
+        self.hold(id, info)
     }
 
     fn delete_svc_info(&mut self, id: u32) -> Result<(), DatapathError> {
@@ -867,15 +826,7 @@ impl Datapath for BpfMaps {
     }
 
     fn reset_backend_flows(&mut self, id: u32) -> Result<(), DatapathError> {
-        self.hold(
-            id,
-            0,
-            |p| match p {
-                batch::Pending::Flows(k, v) => Some((k, v)),
-                _ => None,
-            },
-            batch::Pending::Flows,
-        )
+        self.hold(id, 0)
     }
 
     fn flush(&mut self) -> Result<(), DatapathError> {
