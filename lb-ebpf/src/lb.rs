@@ -117,12 +117,8 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     }
     // The first fragment of a datagram to a frontend or from a backend: its later fragments,
     // which carry no ports, are translated as it is (see `later_fragment`).
-    if !TRACE_MODE && pkt.first_fragment {
-        let _ = FRAG4.insert(
-            frag_key(pkt.saddr, pkt.daddr, pkt.id, pkt.proto),
-            FragPorts { sport: pkt.sport, dport: pkt.dport },
-            0,
-        );
+    if !TRACE_MODE {
+        remember_fragment(&pkt);
     }
 
     // A tracked flow: one lookup covers both directions, since the key holds the tuple as it
@@ -226,6 +222,16 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
 #[inline(always)]
 pub fn frag_key(saddr: u32, daddr: u32, id: u16, proto: u8) -> Frag4Key {
     Frag4Key { saddr: saddr.to_ne_bytes(), daddr: daddr.to_ne_bytes(), id, proto, _pad: 0 }
+}
+
+/// When `pkt` is the first fragment of a datagram, puts its ports in [`FRAG4`], by what its
+/// later fragments carry too, for [`fragment_keys`].
+#[inline(always)]
+pub fn remember_fragment(pkt: &Packet) {
+    if pkt.first_fragment {
+        let ports = FragPorts { sport: pkt.sport, dport: pkt.dport };
+        let _ = FRAG4.insert(frag_key(pkt.saddr, pkt.daddr, pkt.id, pkt.proto), ports, 0);
+    }
 }
 
 /// The conntrack key, by direction, of the datagram whose later fragment is `f`: its ports are

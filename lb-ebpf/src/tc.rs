@@ -13,12 +13,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_EGRESS_REVNAT, Ct4Key, FragPorts, IPPROTO_UDP, Stat,
+    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_EGRESS_REVNAT, Ct4Key, IPPROTO_UDP, Stat,
 };
 
 use crate::{
     ct, filter, lb,
-    maps::{CT, FRAG4},
+    maps::CT,
     parse::{self, Parsed},
     stats::count,
 };
@@ -37,11 +37,8 @@ pub fn egress(ctx: &TcContext) {
         return;
     }
     let Some((nat, stat)) = source_nat(|dir| ct::key_of(&pkt, dir)) else { return };
-    if pkt.first_fragment {
-        // Its later fragments get the same source (see `later_fragment`).
-        let ports = FragPorts { sport: pkt.sport, dport: pkt.dport };
-        let _ = FRAG4.insert(lb::frag_key(pkt.saddr, pkt.daddr, pkt.id, pkt.proto), ports, 0);
-    }
+    // A first fragment's later ones get the same source (see `later_fragment`).
+    lb::remember_fragment(&pkt);
     let (l3, l4) = (pkt.l3 - data, pkt.l4 - data);
     let l4_check = pkt.l4_check() - data;
     let (old_addr, new_addr) = (pkt.saddr, u32::from_ne_bytes(nat.0));
@@ -87,7 +84,7 @@ fn source_nat(key: impl Fn(u8) -> Ct4Key) -> Option<(([u8; 4], u16), Stat)> {
 }
 
 /// A later fragment (no ports in it) of a datagram whose first fragment got a source here: the
-/// same source address, found by the ports that fragment left in [`FRAG4`].
+/// same source address, found by the ports that fragment left in `FRAG4`.
 #[inline(always)]
 fn later_fragment(ctx: &TcContext, f: &parse::Fragment, data: usize) {
     let Some(key) = lb::fragment_keys(f) else { return };
