@@ -19,6 +19,8 @@ pub const PROG_XDP: &str = "xlb_xdp";
 /// Name of the TC egress program: translates replies of flows whose frontend is an address of
 /// this node, after the kernel routed them.
 pub const PROG_TC_EGRESS: &str = "xlb_tc_egress";
+/// The tc datapath: the balancing core at TC ingress (`--datapath tc`), instead of [`PROG_XDP`].
+pub const PROG_TC_INGRESS: &str = "xlb_tc_ingress";
 
 /// Service frontends and their backend slots (hash, [`Svc4Key`] -> [`Svc4Value`]), not
 /// preallocated ([`SERVICES_MAP_FLAGS`]): its capacity costs kernel memory only as it fills.

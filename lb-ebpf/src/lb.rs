@@ -5,10 +5,7 @@
 //! lookups and the same choice, rewrites the same headers, and records each step in
 //! [`TRACE`](crate::maps::TRACE) instead of changing anything the datapath shares (no conntrack
 //! insert, touch or delete, no counter).
-use aya_ebpf::{
-    bindings::xdp_action, btf_maps::lpm_trie::Key, helpers::generated::bpf_get_prandom_u32,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, btf_maps::lpm_trie::Key, helpers::generated::bpf_get_prandom_u32};
 use lb_common::{
     Affinity4Key, Affinity4Value, BACKEND_F_LOCAL, BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, Ct4Key, Frag4Key, FragPorts, SCOPE_EXTERNAL, SVC_F_LOCAL,
@@ -18,7 +15,9 @@ use lb_common::{
 };
 
 use crate::{
-    ct, filter, icmp,
+    ct, filter,
+    frame::Frame,
+    icmp,
     maps::{AFFINITY, BACKEND_FLOWS, BACKENDS, CONFIG, CT, FRAG4, MAGLEV, SERVICES, SOURCE_RANGES, TRACE},
     nat::{self, Side},
     parse::{self, Packet, Parsed},
@@ -38,64 +37,62 @@ fn step(rec: Rec, f: impl FnOnce(&mut TraceRecord)) {
     }
 }
 
-/// The datapath's entry: IPv6 frames to [`crate::lb6`], the rest to [`process`] in a subprogram
-/// of its own. Its frame (the IPv4 path, all inline) and the IPv6 path's chain of subprograms
-/// would not fit in the 512 bytes of stack one call chain may use if one called the other.
+/// The datapath's entry, for either program's frame (XDP or TC ingress; verdicts are XDP's,
+/// which the TC program maps): IPv6 frames to [`crate::lb6`], the rest to [`process`] in a
+/// subprogram of its own. Its frame (the IPv4 path, all inline) and the IPv6 path's chain of
+/// subprograms would not fit in the 512 bytes of stack one call chain may use if one called the
+/// other.
 #[inline(always)]
-pub fn datapath(ctx: &XdpContext) -> Result<u32, ()> {
-    let (data, end) = (ctx.data(), ctx.data_end());
+pub fn datapath<F: Frame>(f: F) -> Result<u32, ()> {
+    let (data, end) = (f.data(), f.data_end());
     // SAFETY: the 14-byte Ethernet header is bounds-checked first.
     if data + parse::ETH_HLEN <= end && u16::from_be(unsafe { parse::load16(data + 12) }) == parse::ETH_P_IPV6
     {
         let bytes = (end - data) as u64;
         count(Stat::Rx, bytes);
-        return answer6(ctx, None, crate::lb6::process::<false>(data, end, bytes)?, bytes);
+        return answer6(f, None, crate::lb6::process::<false, F>(f, data, end, bytes)?, bytes);
     }
-    process_v4(ctx.ctx)
+    process_v4(f)
 }
 
 /// What the IPv6 path decided: an XDP action, or an answer for the caller, which holds the
 /// context, to send ([`crate::lb6::REJECT`], [`crate::lb6::REJECT_NO_SERVICE`]).
 #[inline(always)]
-fn answer6(ctx: &XdpContext, rec: Rec, action: u32, bytes: u64) -> Result<u32, ()> {
+fn answer6<F: Frame>(f: F, rec: Rec, action: u32, bytes: u64) -> Result<u32, ()> {
     let (sent, unsent) = match action {
         crate::lb6::REJECT => (Stat::RejectNoBackend, Stat::DropNoBackend),
         crate::lb6::REJECT_NO_SERVICE => (Stat::RejectNoService, Stat::DropNoService),
         action => return Ok(action),
     };
-    if reject::answer6(ctx.ctx) {
-        verdict(rec, sent, bytes, xdp_action::XDP_TX)
-    } else {
-        drop(rec, unsent, bytes)
-    }
+    if reject::answer6(f) { verdict(rec, sent, bytes, xdp_action::XDP_TX) } else { drop(rec, unsent, bytes) }
 }
 
 #[inline(never)]
-fn process_v4(ctx: *mut aya_ebpf::bindings::xdp_md) -> Result<u32, ()> {
-    process::<false>(&XdpContext::new(ctx))
+fn process_v4<F: Frame>(f: F) -> Result<u32, ()> {
+    process::<false, F>(f)
 }
 
 #[inline(always)]
-pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
+pub fn process<const TRACE_MODE: bool, F: Frame>(f: F) -> Result<u32, ()> {
     let rec: Rec = if TRACE_MODE { TRACE.get_ptr_mut(0) } else { None };
     if TRACE_MODE && rec.is_none() {
         return Ok(xdp_action::XDP_ABORTED);
     }
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let bytes = (f.data_end() - f.data()) as u64;
     if !TRACE_MODE {
         count(Stat::Rx, bytes);
     }
-    let pkt = match parse::parse(ctx.data(), ctx.data_end()) {
+    let pkt = match parse::parse(f.data(), f.data_end()) {
         Parsed::L4(pkt) => pkt,
         Parsed::NotIpv4 => return pass(rec, Stat::PassNotIpv4, bytes),
         // IPv6 has a path of its own (see `datapath`), which the trace program follows here.
         Parsed::Ipv6 if TRACE_MODE => {
-            return answer6(ctx, rec, crate::lb6::process::<true>(ctx.data(), ctx.data_end(), bytes)?, bytes);
+            return answer6(f, rec, crate::lb6::process::<true, F>(f, f.data(), f.data_end(), bytes)?, bytes);
         }
         Parsed::Ipv6 => return pass(rec, Stat::PassNotIpv4, bytes),
         Parsed::Malformed => return pass(rec, Stat::PassMalformed, bytes),
         Parsed::OtherProto => {
-            let stat = if icmp::translate(ctx.data(), ctx.data_end()) {
+            let stat = if icmp::translate(f.data(), f.data_end()) {
                 Stat::IcmpTranslated
             } else {
                 Stat::PassOtherProto
@@ -113,7 +110,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
     let to_known = TRACE_MODE || filter::has(pkt.daddr, pkt.dport, pkt.proto);
     let from_known = (!to_known).then(|| filter::has(pkt.saddr, pkt.sport, pkt.proto));
     if from_known == Some(false) {
-        return no_service::<TRACE_MODE>(ctx, rec, &pkt, bytes);
+        return no_service::<TRACE_MODE, F>(f, rec, &pkt, bytes);
     }
     // The first fragment of a datagram to a frontend or from a backend: its later fragments,
     // which carry no ports, are translated as it is (see `later_fragment`).
@@ -158,10 +155,7 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
                 if !TRACE_MODE {
                     ct::touch(entry, pkt.tcp_flags, now);
                 }
-                nat::rewrite(&pkt, Side::Destination, nat_addr, nat_port);
-                if snat_port != 0 {
-                    nat::rewrite_port(&pkt, Side::Source, snat_port);
-                }
+                nat::translate(f, &pkt, Side::Destination, nat_addr, nat_port, snat_port);
                 step(rec, |r| {
                     r.steps |= TRACE_REWRITE;
                     r.backend_id = backend_id;
@@ -206,16 +200,16 @@ pub fn process<const TRACE_MODE: bool>(ctx: &XdpContext) -> Result<u32, ()> {
             } else {
                 Side::Source
             };
-            nat::rewrite(&pkt, side, nat_addr, nat_port);
+            nat::translate(f, &pkt, side, nat_addr, nat_port, 0);
             step(rec, |r| r.steps |= TRACE_REWRITE);
             return pass(rec, Stat::RevNat, bytes);
         }
     }
 
     if !to_known {
-        return no_service::<TRACE_MODE>(ctx, rec, &pkt, bytes);
+        return no_service::<TRACE_MODE, F>(f, rec, &pkt, bytes);
     }
-    new_flow::<TRACE_MODE>(ctx, rec, &pkt, bytes)
+    new_flow::<TRACE_MODE, F>(f, rec, &pkt, bytes)
 }
 
 /// The key of [`FRAG4`]: what each fragment of a datagram carries (packet order).
@@ -284,16 +278,11 @@ fn later_fragment(rec: Rec, f: &parse::Fragment, bytes: u64) -> Result<u32, ()> 
 /// so the client is told at once, as for a Service without endpoints, instead of the packet
 /// being routed out of the node to time out.
 #[inline(always)]
-fn no_service<const TRACE_MODE: bool>(
-    ctx: &XdpContext,
-    rec: Rec,
-    pkt: &Packet,
-    bytes: u64,
-) -> Result<u32, ()> {
+fn no_service<const TRACE_MODE: bool, F: Frame>(f: F, rec: Rec, pkt: &Packet, bytes: u64) -> Result<u32, ()> {
     if !filter::in_service_range(pkt.daddr) {
         return pass(rec, Stat::PassNoService, bytes);
     }
-    if reject::answer::<TRACE_MODE>(ctx, pkt) {
+    if reject::answer::<TRACE_MODE, F>(f, pkt) {
         step(rec, |r| r.steps |= TRACE_REJECT);
         return verdict(rec, Stat::RejectNoService, bytes, xdp_action::XDP_TX);
     }
@@ -301,7 +290,7 @@ fn no_service<const TRACE_MODE: bool>(
 }
 
 #[inline(always)]
-fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, bytes: u64) -> Result<u32, ()> {
+fn new_flow<const TRACE_MODE: bool, F: Frame>(f: F, rec: Rec, pkt: &Packet, bytes: u64) -> Result<u32, ()> {
     let mut key = Svc4Key {
         addr: pkt.daddr.to_ne_bytes(),
         port: u16::from_be(pkt.dport),
@@ -311,7 +300,7 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         _pad: 0,
     };
     let Some(svc) = SERVICES.get_ptr(key) else {
-        return no_service::<TRACE_MODE>(ctx, rec, pkt, bytes);
+        return no_service::<TRACE_MODE, F>(f, rec, pkt, bytes);
     };
     // SAFETY: pointer from a lookup in this run.
     let (count_, svc_id, svc_flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };
@@ -330,7 +319,7 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
         // As kube-proxy: the client is told at once (TCP reset, ICMP port unreachable), unless
         // only a traffic policy Local leaves this node without an endpoint: then the packet
         // is dropped, so that a load balancer's health check sees the node as down.
-        if svc_flags & SVC_F_NO_LOCAL_ENDPOINT == 0 && reject::answer::<TRACE_MODE>(ctx, pkt) {
+        if svc_flags & SVC_F_NO_LOCAL_ENDPOINT == 0 && reject::answer::<TRACE_MODE, F>(f, pkt) {
             step(rec, |r| r.steps |= TRACE_REJECT);
             return verdict(rec, Stat::RejectNoBackend, bytes, xdp_action::XDP_TX);
         }
@@ -398,11 +387,8 @@ fn new_flow<const TRACE_MODE: bool>(ctx: &XdpContext, rec: Rec, pkt: &Packet, by
             unsafe { atomic_add(n, 1) };
         }
     }
-    nat::rewrite(pkt, Side::Destination, addr, port);
-    if snat_port != 0 {
-        // The SNAT port now; the node address at TC egress, once routed.
-        nat::rewrite_port(pkt, Side::Source, snat_port);
-    }
+    // With SNAT, the SNAT port now; the node address at TC egress, once routed.
+    nat::translate(f, pkt, Side::Destination, addr, port, snat_port);
     step(rec, |r| r.steps |= TRACE_REWRITE);
     pass(rec, Stat::DnatNew, bytes)
 }

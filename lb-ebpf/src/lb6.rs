@@ -26,6 +26,7 @@ use lb_common::{
 
 use crate::{
     ct, filter,
+    frame::Frame,
     maps::{
         AFFINITY6, BACKEND_FLOWS6, BACKENDS6, CONFIG, CT6, FRAG6, MAGLEV, SCRATCH_TC, SCRATCH_XDP, SCRATCH6,
         SERVICES6, SOURCE_RANGES6, Scratch6, TRACE as TRACE_MAP,
@@ -81,64 +82,85 @@ fn fill_key(key: &mut Ct6Key, pkt: &Packet6, dir: u8) {
     key._pad = 0;
 }
 
-/// Writes `addr` and `port` (host order) into the chosen side of `pkt` and fixes the L4
-/// checksum (the pseudo-header covers both addresses).
+/// Translates `pkt` in frame `f`: `addr` and `port` (host order) into the chosen side, and
+/// `src_port` (host order), unless 0, as its source port (a SNATed flow's port; its address
+/// comes at TC egress). The two ports come as one argument, `port | src_port << 16` (a BPF
+/// function takes at most five). The L4 checksum (whose pseudo-header covers both addresses) is updated
+/// in place on an XDP buffer, by the kernel's helper on an skb (see [`crate::frame`]).
 #[inline(never)]
-fn rewrite(pkt: &Packet6, side: Side, addr: &[u8; 16], port: u16) {
+fn translate<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], ports: u32) {
+    let (port, src_port) = (ports as u16, (ports >> 16) as u16);
     let (addr_off, port_off) = match side {
         Side::Source => (8, 0),
         Side::Destination => (24, 2),
     };
     let port = port.to_be();
+    let src_port = src_port.to_be();
     let l4_check = pkt.l4_check;
+    // Before any helper, which invalidates every packet pointer.
+    let check_off = pkt.l4_check - f.data();
     let mut old = [0u16; 8];
     let mut new = [0u16; 8];
+    // The pseudo-header's change, as a one's complement sum of 16-bit words.
+    let mut diff = 0u32;
     let mut i = 0;
     while i < 8 {
         // SAFETY: parse6() bounds-checked the 40-byte IPv6 header.
         old[i] = unsafe { load16(pkt.l3 + addr_off + 2 * i) };
         new[i] = u16::from_ne_bytes([addr[2 * i], addr[2 * i + 1]]);
+        diff += u32::from(!old[i]) + u32::from(new[i]);
         i += 1;
     }
     // SAFETY: parse6() bounds-checked the L4 header (20 bytes for TCP, 8 for UDP), which holds
     // the ports and the checksum.
-    unsafe {
+    let (old_port, old_sport) = unsafe {
         let old_port = load16(pkt.l4 + port_off);
-        let old_l4 = load16(l4_check);
-        let mut l4 = csum::replace2(csum::replace16(old_l4, &old, &new), old_port, port);
-        if pkt.proto == IPPROTO_UDP {
-            l4 = csum::udp_fixup(old_l4, l4);
+        let old_sport = load16(pkt.l4);
+        if !F::SKB {
+            let old_l4 = load16(l4_check);
+            let mut l4 = csum::replace2(csum::replace16(old_l4, &old, &new), old_port, port);
+            if src_port != 0 {
+                l4 = csum::replace2(l4, old_sport, src_port);
+            }
+            if pkt.proto == IPPROTO_UDP {
+                l4 = csum::udp_fixup(old_l4, l4);
+            }
+            store16(l4_check, l4);
         }
-        store16(l4_check, l4);
         store16(pkt.l4 + port_off, port);
+        if src_port != 0 {
+            store16(pkt.l4, src_port);
+        }
         let mut i = 0;
         while i < 8 {
             store16(pkt.l3 + addr_off + 2 * i, new[i]);
             i += 1;
         }
+        (old_port, old_sport)
+    };
+    if !F::SKB {
+        return;
     }
+    // A UDP checksum of zero means "none" and stays so. BPF_F_IPV6: an skb whose checksum
+    // covers the whole frame keeps it (the address moved within the frame, no header checksum
+    // took the change); kernels before 6.16 do not know the flag and refuse it.
+    let mangled = if pkt.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled;
+    let _ = (f.l4_csum_replace(check_off, 0, diff, pseudo | BPF_F_IPV6)
+        || f.l4_csum_replace(check_off, 0, diff, pseudo))
+        && f.l4_csum_replace(check_off, u32::from(old_port), u32::from(port), mangled | 2)
+        && (src_port == 0
+            || f.l4_csum_replace(check_off, u32::from(old_sport), u32::from(src_port), mangled | 2));
 }
 
-/// Writes `port` (host order) into the chosen side of `pkt` and fixes the L4 checksum.
-#[inline(never)]
-fn rewrite_port(pkt: &Packet6, side: Side, port: u16) {
-    let off = match side {
-        Side::Source => 0,
-        Side::Destination => 2,
-    };
-    let port = port.to_be();
-    // SAFETY: parse6() bounds-checked the L4 header, which holds the ports and the checksum.
-    unsafe {
-        let old_port = load16(pkt.l4 + off);
-        let old_l4 = load16(pkt.l4_check);
-        let mut l4 = csum::replace2(old_l4, old_port, port);
-        if pkt.proto == IPPROTO_UDP {
-            l4 = csum::udp_fixup(old_l4, l4);
-        }
-        store16(pkt.l4_check, l4);
-        store16(pkt.l4 + off, port);
-    }
+/// The ports argument of [`translate`].
+#[inline(always)]
+fn ports(port: u16, src_port: u16) -> u32 {
+    u32::from(port) | (u32::from(src_port) << 16)
 }
+
+/// `BPF_F_IPV6` of `bpf_l4_csum_replace` (Linux 6.16).
+const BPF_F_IPV6: u64 = 1 << 7;
 
 /// As `ct::flow_over`: the flow tracked by `fwd` (found at `s.key`) is idle past its lifetime
 /// in both directions, or a new connection comes on a tuple whose last connection closed.
@@ -379,11 +401,11 @@ fn no_service<const TRACE: bool>(daddr: &[u8; 16], bytes: u64) -> Result<u32, ()
     verdict_t::<TRACE>(Stat::PassNoService, bytes, xdp_action::XDP_PASS)
 }
 
-/// The IPv6 path. `data` and `end` are the frame's bounds (the context itself cannot be handed
-/// to a subprogram: its fields would be split and shifted, which the verifier refuses on
-/// pointers).
+/// The IPv6 path, for either program's frame `f`, whose bounds the caller reads: `data` and
+/// `end` (read here, from a context only read, the compiler would hand over the 32-bit fields
+/// instead, which the verifier refuses to extend into pointers).
 #[inline(never)]
-pub fn process<const TRACE: bool>(data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
+pub fn process<const TRACE: bool, F: Frame>(f: F, data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
     let pass = xdp_action::XDP_PASS;
     let pkt = match parse::parse6(data, end) {
         Parsed6::L4(pkt) => pkt,
@@ -447,12 +469,9 @@ pub fn process<const TRACE: bool>(data: usize, end: usize, bytes: u64) -> Result
                     if !TRACE {
                         ct::touch(entry, pkt.tcp_flags, now);
                     }
-                    rewrite(&pkt, Side::Destination, &be.addr, be.port);
-                    // Non-zero only in the forward entry of a SNATed flow: the port now, the
-                    // address at TC egress.
-                    if fwd.snat_port != 0 {
-                        rewrite_port(&pkt, Side::Source, fwd.snat_port);
-                    }
+                    // The SNAT port is non-zero only in the forward entry of a SNATed flow: the
+                    // port now, the address at TC egress.
+                    translate(f, &pkt, Side::Destination, &be.addr, ports(be.port, fwd.snat_port));
                     step::<TRACE>(|r| {
                         r.steps |= TRACE_REWRITE;
                         r.backend_id = fwd.backend_id;
@@ -487,12 +506,12 @@ pub fn process<const TRACE: bool>(data: usize, end: usize, bytes: u64) -> Result
             if e.flags & CT_F_DNAT_BACK != 0 {
                 // A reply to a SNATed flow: back to the client; TC egress then gives it the
                 // frontend as source.
-                rewrite(&pkt, Side::Destination, &e.nat_addr, e.nat_port);
+                translate(f, &pkt, Side::Destination, &e.nat_addr, ports(e.nat_port, 0));
             } else if e.flags & CT_F_EGRESS_REVNAT != 0 {
                 // The source becomes a local address: routed first, translated at TC egress.
                 return verdict_t::<TRACE>(Stat::PassEgressRevNat, bytes, pass);
             } else {
-                rewrite(&pkt, Side::Source, &e.nat_addr, e.nat_port);
+                translate(f, &pkt, Side::Source, &e.nat_addr, ports(e.nat_port, 0));
             }
             step::<TRACE>(|r| r.steps |= TRACE_REWRITE);
             return verdict_t::<TRACE>(Stat::RevNat, bytes, pass);
@@ -502,7 +521,7 @@ pub fn process<const TRACE: bool>(data: usize, end: usize, bytes: u64) -> Result
     if !to_known {
         return no_service::<TRACE>(&s.key.daddr, bytes);
     }
-    new_flow::<TRACE>(s, &pkt, bytes)
+    new_flow::<TRACE, F>(f, s, &pkt, bytes)
 }
 
 /// Puts the ports of `pkt`, a first fragment whose tuple is in `s.key`, in [`FRAG6`].
@@ -591,7 +610,12 @@ fn later_fragment<const TRACE: bool>(f: &Fragment6, bytes: u64) -> Result<u32, (
 
 /// A packet of no tracked flow: to a frontend, a new flow to one of its backends.
 #[inline(never)]
-fn new_flow<const TRACE: bool>(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> Result<u32, ()> {
+fn new_flow<const TRACE: bool, F: Frame>(
+    f: F,
+    s: &mut Scratch6,
+    pkt: &Packet6,
+    bytes: u64,
+) -> Result<u32, ()> {
     let pass = xdp_action::XDP_PASS;
     let drop = xdp_action::XDP_DROP;
     s.svc.addr = s.key.daddr;
@@ -658,7 +682,7 @@ fn new_flow<const TRACE: bool>(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> R
     if TRACE {
         // The same rewrite, and nothing tracked or recorded.
         step::<TRACE>(|r| r.steps |= TRACE_NEW_FLOW | TRACE_REWRITE);
-        rewrite(pkt, Side::Destination, &be.addr, be.port);
+        translate(f, pkt, Side::Destination, &be.addr, ports(be.port, 0));
         return verdict_t::<TRACE>(Stat::DnatNew, bytes, pass);
     }
     // Recorded before the flow is tracked: nothing below then depends on how the slot was
@@ -688,10 +712,7 @@ fn new_flow<const TRACE: bool>(s: &mut Scratch6, pkt: &Packet6, bytes: u64) -> R
         // SAFETY: a u64 inside the array's value area, 8-aligned; shared between CPUs.
         unsafe { atomic_add(n, 1) };
     }
-    rewrite(pkt, Side::Destination, &be.addr, be.port);
-    if snat_port != 0 {
-        rewrite_port(pkt, Side::Source, snat_port);
-    }
+    translate(f, pkt, Side::Destination, &be.addr, ports(be.port, snat_port));
     verdict_t::<TRACE>(Stat::DnatNew, bytes, pass)
 }
 

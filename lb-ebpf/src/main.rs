@@ -1,8 +1,9 @@
-//! xlb's kernel program: Kubernetes Service load balancing at XDP.
+//! xlb's kernel program: Kubernetes Service load balancing at XDP, or at TC ingress.
 //!
 //! One module per concern: `parse` (bounds-checked header access), `maps`, `stats`, `nat`
 //! (address/port rewrite with incremental checksums), `ct` (connection tracking), `lb` (service
-//! lookup and backend selection, and the per-packet decision), `reject` (the answer for a
+//! lookup and backend selection, and the per-packet decision, for either program's frame:
+//! `frame`), `reject` (the answer for a
 //! Service without endpoints), `icmp` (ICMP errors about translated flows), `tc` (TC egress: replies of flows to the node's own
 //! addresses, SNAT), `sock` (cgroup programs: socket-level balancing for the node's processes
 //! and pods).
@@ -17,6 +18,8 @@
 mod ct;
 #[cfg(target_arch = "bpf")]
 mod filter;
+#[cfg(target_arch = "bpf")]
+mod frame;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
@@ -50,7 +53,7 @@ mod entry {
     /// packets to a frontend towards a backend, and replies from a backend back to the frontend.
     #[xdp]
     pub fn xlb_xdp(ctx: XdpContext) -> u32 {
-        match crate::lb::datapath(&ctx) {
+        match crate::lb::datapath(crate::frame::Xdp(ctx.ctx)) {
             Ok(verdict) => verdict,
             // Only reachable if the packet changed under us; never lose it silently.
             Err(()) => xdp_action::XDP_PASS,
@@ -62,7 +65,7 @@ mod entry {
     /// instead of changing conntrack or counters.
     #[xdp]
     pub fn xlb_xdp_trace(ctx: XdpContext) -> u32 {
-        match crate::lb::process::<true>(&ctx) {
+        match crate::lb::process::<true, _>(crate::frame::Xdp(ctx.ctx)) {
             Ok(verdict) => verdict,
             Err(()) => xdp_action::XDP_PASS,
         }
@@ -74,6 +77,15 @@ mod entry {
     #[xdp]
     pub fn xlb_xdp_pass(_ctx: XdpContext) -> u32 {
         xdp_action::XDP_PASS
+    }
+
+    /// The tc datapath (`xlb agent --datapath tc`): attached at TC ingress (tcx) instead of
+    /// `xlb_xdp`, it makes the same decision on the skb, after GRO (one translation per GRO
+    /// packet), with the same maps and counters. A refusal goes back out of the interface it
+    /// came in on by redirect.
+    #[classifier]
+    pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
+        crate::tc::ingress(ctx.skb.skb)
     }
 
     /// Attached at TC egress on the same interfaces: translates the replies of flows to the

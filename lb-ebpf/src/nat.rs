@@ -1,13 +1,61 @@
 //! Address and port rewrites with incremental checksum updates (RFC 1624).
+use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 use lb_common::{IPPROTO_UDP, csum};
 
-use crate::parse::{Packet, load16, load32, store16, store32};
+use crate::{
+    frame::Frame,
+    parse::{Packet, load16, load32, store16, store32},
+};
 
 /// Rewrites the destination (forward translation), or the source (reply translation).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     Source,
     Destination,
+}
+
+/// Translates `pkt` in frame `f`: `addr` (packet order) and `port` (host order) into the chosen
+/// side, and `src_port` (host order), unless 0, as its source port (a SNATed flow's port; its
+/// address comes at TC egress). Checksums fixed as the frame needs (see [`crate::frame`]).
+#[inline(always)]
+pub fn translate<F: Frame>(f: F, pkt: &Packet, side: Side, addr: [u8; 4], port: u16, src_port: u16) {
+    if !F::SKB {
+        rewrite(pkt, side, addr, port);
+        if src_port != 0 {
+            rewrite_port(pkt, Side::Source, src_port);
+        }
+        return;
+    }
+    let (addr_off, port_off) = match side {
+        Side::Source => (12, 0),
+        Side::Destination => (16, 2),
+    };
+    // Offsets, not pointers: the helper below invalidates every packet pointer.
+    let check = pkt.l4_check() - f.data();
+    let new_addr = u32::from_ne_bytes(addr);
+    let new_port = port.to_be();
+    let new_sport = src_port.to_be();
+    // SAFETY: parse() bounds-checked the whole IPv4 header and the L4 header (20 bytes for TCP,
+    // 8 for UDP), which contain every offset used here.
+    let (old_addr, old_port, old_sport) = unsafe {
+        let old_addr = load32(pkt.l3 + addr_off);
+        let old_port = load16(pkt.l4 + port_off);
+        let old_sport = load16(pkt.l4);
+        let ip_check = load16(pkt.l3 + 10);
+        store16(pkt.l3 + 10, csum::replace4(ip_check, old_addr, new_addr));
+        store32(pkt.l3 + addr_off, new_addr);
+        store16(pkt.l4 + port_off, new_port);
+        if src_port != 0 {
+            store16(pkt.l4, new_sport);
+        }
+        (old_addr, old_port, old_sport)
+    };
+    // A UDP checksum of zero means "none" and stays so.
+    let mangled = if pkt.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    let _ = f.l4_csum_replace(check, old_addr, new_addr, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)
+        && f.l4_csum_replace(check, u32::from(old_port), u32::from(new_port), mangled | 2)
+        && (src_port == 0
+            || f.l4_csum_replace(check, u32::from(old_sport), u32::from(new_sport), mangled | 2));
 }
 
 /// Writes `port` (host order) into the chosen side of `pkt` and fixes the L4 checksum.

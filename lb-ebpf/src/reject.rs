@@ -6,14 +6,11 @@
 //!
 //! Every value needed is read before the frame changes size; after `bpf_xdp_adjust_*` every
 //! packet pointer is taken and bounds-checked again.
-use aya_ebpf::{
-    bindings::xdp_md,
-    helpers::generated::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use lb_common::{IPPROTO_TCP, REJECT_ICMP_BURST, REJECT_ICMP_PER_SEC, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
+    frame::Frame,
     maps::REJECT_BUCKET,
     parse::{ETH_HLEN, Packet, Packet6, Parsed6, load16, load32, parse6, store16, store32},
 };
@@ -25,8 +22,8 @@ const TTL: u8 = 64;
 /// itself a reset, a UDP packet carries IP options, the ICMP rate limit is reached) or the frame
 /// could not be resized: the caller then drops it. `TRACE` leaves the rate limiter alone.
 #[inline(always)]
-pub fn answer<const TRACE: bool>(ctx: &XdpContext, pkt: &Packet) -> bool {
-    if pkt.proto == IPPROTO_TCP { tcp_reset(ctx, pkt) } else { icmp_unreachable::<TRACE>(ctx, pkt) }
+pub fn answer<const TRACE: bool, F: Frame>(f: F, pkt: &Packet) -> bool {
+    if pkt.proto == IPPROTO_TCP { tcp_reset(f, pkt) } else { icmp_unreachable::<TRACE, F>(f, pkt) }
 }
 
 /// Folds a 32-bit sum of 16-bit words into the one's complement checksum, in host order.
@@ -90,26 +87,15 @@ unsafe fn put_ipv4(l3: usize, tot_len: u16, frag: u16, proto: u8, saddr: u32, da
     }
 }
 
-/// Resizes the frame to `len` bytes from its start; `false` if the kernel refused.
 #[inline(always)]
-fn resize_tail(ctx: &XdpContext, len: usize) -> bool {
-    let cur = ctx.data_end() - ctx.data();
-    if cur == len {
-        return true;
-    }
-    // SAFETY: helper on the program's own context; frame pointers are re-read afterwards.
-    unsafe { bpf_xdp_adjust_tail(ctx.ctx, len as i32 - cur as i32) == 0 }
-}
-
-#[inline(always)]
-fn tcp_reset(ctx: &XdpContext, pkt: &Packet) -> bool {
+fn tcp_reset<F: Frame>(f: F, pkt: &Packet) -> bool {
     if pkt.tcp_flags & TCP_RST != 0 {
         return false; // never answer a reset
     }
     // SAFETY: parse() checked the whole IPv4 header and 20 bytes of TCP header, and the
     // Ethernet header before them.
     let (dst_mac, src_mac, tot_len, ihl, seq, ack, doff) = unsafe {
-        // From the checked header pointer: a fresh read of ctx.data() carries no bounds.
+        // From the checked header pointer: a fresh read of f.data() carries no bounds.
         let eth = pkt.l3 - ETH_HLEN;
         (
             mac(eth),
@@ -134,11 +120,11 @@ fn tcp_reset(ctx: &XdpContext, pkt: &Packet) -> bool {
 
     // Ethernet, a 20-byte IPv4 header and a 20-byte TCP header: nothing else.
     const LEN: usize = ETH_HLEN + 20 + 20;
-    if !resize_tail(ctx, LEN) {
+    if !f.resize(LEN) {
         return false;
     }
-    let data = ctx.data();
-    if data + LEN > ctx.data_end() {
+    let data = f.data();
+    if data + LEN > f.data_end() {
         return false;
     }
     let l3 = data + ETH_HLEN;
@@ -197,7 +183,7 @@ fn icmp_allowed() -> bool {
 }
 
 #[inline(always)]
-fn icmp_unreachable<const TRACE: bool>(ctx: &XdpContext, pkt: &Packet) -> bool {
+fn icmp_unreachable<const TRACE: bool, F: Frame>(f: F, pkt: &Packet) -> bool {
     // The quote must be the IPv4 header and 8 bytes: kept to option-less headers, so that every
     // offset below is a constant.
     if pkt.l4 != pkt.l3 + 20 {
@@ -209,17 +195,17 @@ fn icmp_unreachable<const TRACE: bool>(ctx: &XdpContext, pkt: &Packet) -> bool {
     // Room for a new IPv4 and ICMP header in front of the datagram: the old IPv4 header then
     // sits exactly where the ICMP message quotes it.
     const GROW: usize = 20 + 8;
-    // SAFETY: helper on the program's own context; frame pointers are re-read afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+    // Frame pointers are re-read afterwards.
+    if !f.grow_head(GROW as u32) {
         return false;
     }
     const QUOTE: usize = 20 + 8;
     const LEN: usize = ETH_HLEN + 20 + 8 + QUOTE;
-    if !resize_tail(ctx, LEN) {
+    if !f.resize(LEN) {
         return false;
     }
-    let data = ctx.data();
-    if data + LEN > ctx.data_end() {
+    let data = f.data();
+    if data + LEN > f.data_end() {
         return false;
     }
     let old_eth = data + GROW;
@@ -302,14 +288,13 @@ unsafe fn put_ipv6_reply(l3: usize, old: usize, payload_len: u16, next: u8) -> u
 /// resized. A subprogram of
 /// its own, given the raw context: the IPv6 path's frame stays small.
 #[inline(never)]
-pub fn answer6(ctx: *mut xdp_md) -> bool {
-    let ctx = XdpContext::new(ctx);
-    let Parsed6::L4(pkt) = parse6(ctx.data(), ctx.data_end()) else { return false };
-    if pkt.proto == IPPROTO_TCP { tcp_reset6(&ctx, &pkt) } else { icmp6_unreachable(&ctx, &pkt) }
+pub fn answer6<F: Frame>(f: F) -> bool {
+    let Parsed6::L4(pkt) = parse6(f.data(), f.data_end()) else { return false };
+    if pkt.proto == IPPROTO_TCP { tcp_reset6(f, &pkt) } else { icmp6_unreachable(f, &pkt) }
 }
 
 #[inline(always)]
-fn tcp_reset6(ctx: &XdpContext, pkt: &Packet6) -> bool {
+fn tcp_reset6<F: Frame>(f: F, pkt: &Packet6) -> bool {
     if pkt.tcp_flags & TCP_RST != 0 {
         return false;
     }
@@ -340,11 +325,11 @@ fn tcp_reset6(ctx: &XdpContext, pkt: &Packet6) -> bool {
     // The answer's IPv6 header is written over the old one in place (addresses swapped).
     // SAFETY: parse6() checked l3..l3 + 40.
     let addr_sum = unsafe { put_ipv6_reply(pkt.l3, pkt.l3, 20, IPPROTO_TCP) };
-    if !resize_tail(ctx, LEN) {
+    if !f.resize(LEN) {
         return false;
     }
-    let data = ctx.data();
-    if data + LEN > ctx.data_end() {
+    let data = f.data();
+    if data + LEN > f.data_end() {
         return false;
     }
     let l4 = data + ETH_HLEN + 40;
@@ -381,7 +366,7 @@ fn tcp_reset6(ctx: &XdpContext, pkt: &Packet6) -> bool {
 const QUOTE_MAX: usize = 256;
 
 #[inline(always)]
-fn icmp6_unreachable(ctx: &XdpContext, pkt: &Packet6) -> bool {
+fn icmp6_unreachable<F: Frame>(f: F, pkt: &Packet6) -> bool {
     // The quote starts at the IPv6 header and holds at least the UDP header (the sender's stack
     // reads the ports there, past any extension headers).
     let headers = pkt.l4 + 8 - pkt.l3;
@@ -390,7 +375,7 @@ fn icmp6_unreachable(ctx: &XdpContext, pkt: &Packet6) -> bool {
     }
     // SAFETY: parse6() checked the 40-byte IPv6 header.
     let ip_len = 40 + usize::from(u16::from_be(unsafe { load16(pkt.l3 + 4) }));
-    let frame_ip = ctx.data_end() - pkt.l3;
+    let frame_ip = f.data_end() - pkt.l3;
     // Whole 16-bit words (the checksum runs over words); never fewer than the headers, which
     // are whole 8-byte units.
     let quote_len = ip_len.min(frame_ip).min(QUOTE_MAX) & !1;
@@ -400,16 +385,16 @@ fn icmp6_unreachable(ctx: &XdpContext, pkt: &Packet6) -> bool {
     // Room for a new IPv6 and ICMPv6 header in front: the old IPv6 header then sits exactly
     // where the message quotes it.
     const GROW: usize = 40 + 8;
-    // SAFETY: helper on the program's own context; frame pointers are re-read afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+    // Frame pointers are re-read afterwards.
+    if !f.grow_head(GROW as u32) {
         return false;
     }
     let len = ETH_HLEN + 40 + 8 + quote_len;
-    if !resize_tail(ctx, len) {
+    if !f.resize(len) {
         return false;
     }
-    let data = ctx.data();
-    let end = ctx.data_end();
+    let data = f.data();
+    let end = f.data_end();
     // The fixed part: Ethernet, the new IPv6 and ICMPv6 headers, and the quoted IPv6 header.
     if data + ETH_HLEN + 40 + 8 + 40 > end {
         return false;

@@ -1,3 +1,5 @@
+//! TC ingress, the tc datapath: the balancing core of `lb` on the skb (see [`ingress`]).
+//!
 //! TC egress: source rewrites that must wait until the kernel has routed the packet, because the
 //! new source is one of this node's own addresses (a packet arriving with a local source
 //! address is a martian):
@@ -9,7 +11,8 @@
 //! The later fragments of a datagram whose first fragment got a new source here get the same
 //! source address.
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::generated::{bpf_redirect, bpf_skb_pull_data},
     programs::TcContext,
 };
 use lb_common::{
@@ -17,11 +20,39 @@ use lb_common::{
 };
 
 use crate::{
-    ct, filter, lb,
+    ct, filter,
+    frame::{Frame, Skb},
+    lb,
     maps::CT,
     parse::{self, Parsed},
     stats::count,
 };
+
+/// Headers the core reads (IPv4 with options and TCP with options, an ICMP error's quoted
+/// headers, IPv6 extension headers) must lie in the skb's linear part: this much of a longer skb
+/// is made linear when it is not.
+const LINEAR: u32 = 192;
+
+/// The tc datapath: [`lb::datapath`] on the skb, its verdicts as TC's (a refusal, built in
+/// place, goes back out of the interface the packet came in on).
+#[inline(always)]
+pub fn ingress(skb: *mut __sk_buff) -> i32 {
+    let f = Skb(skb);
+    // SAFETY: the program's own context.
+    let len = unsafe { (*skb).len };
+    let want = len.min(LINEAR);
+    if ((f.data_end() - f.data()) as u32) < want {
+        // SAFETY: helper on the program's own context; the core reads the bounds afresh. On
+        // failure the core sees what is linear and passes what it cannot parse.
+        let _ = unsafe { bpf_skb_pull_data(skb, want) };
+    }
+    match lb::datapath(f) {
+        Ok(xdp_action::XDP_DROP) => TC_ACT_SHOT,
+        // SAFETY: helper without pointers; the ifindex the skb came in on.
+        Ok(xdp_action::XDP_TX) => unsafe { bpf_redirect((*skb).ifindex, 0) as i32 },
+        _ => TC_ACT_OK,
+    }
+}
 
 #[inline(always)]
 pub fn egress(ctx: &TcContext) {

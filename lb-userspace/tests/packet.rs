@@ -73,7 +73,7 @@ impl Dut {
 
     /// Runs the program once on `frame`: the verdict and the frame as it leaves.
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        ebpf::run_once(ebpf::xdp(&mut self.ebpf).unwrap(), frame).expect("BPF_PROG_TEST_RUN")
+        ebpf::run_datapath_once(&mut self.ebpf, ebpf::Hook::from_env(), frame).expect("BPF_PROG_TEST_RUN")
     }
 
     /// Runs the TC egress program once on `frame` as it leaves an interface.
@@ -297,6 +297,11 @@ fn frames_passed_untouched() {
         ),
     ];
     for (name, frame, stat) in cases {
+        // BPF_PROG_TEST_RUN refuses an IPv4 skb shorter than its IPv4 header (it reads the
+        // addresses): such cases are run against the XDP program only.
+        if frame.len() < 14 + 20 && ebpf::Hook::from_env() == ebpf::Hook::Tc {
+            continue;
+        }
         let before = dut.stat(stat);
         let (v, out) = dut.run(&frame);
         assert_eq!(v, XDP_PASS, "{name}: verdict");

@@ -120,7 +120,7 @@ impl Dut {
     }
 
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        ebpf::run_once(ebpf::xdp(&mut self.ebpf).unwrap(), frame).expect("BPF_PROG_TEST_RUN")
+        ebpf::run_datapath_once(&mut self.ebpf, ebpf::Hook::from_env(), frame).expect("BPF_PROG_TEST_RUN")
     }
 
     fn stat(&self, s: Stat) -> u64 {
@@ -399,6 +399,11 @@ fn ipv6_frames_passed_untouched() {
         ("version 4 with the IPv6 ethertype", version4, Stat::PassMalformed),
     ];
     for (name, frame, stat) in cases {
+        // BPF_PROG_TEST_RUN refuses an IPv6 skb shorter than its IPv6 header (it reads the
+        // addresses): such cases are run against the XDP program only.
+        if frame.len() < ETH_HLEN + 40 && ebpf::Hook::from_env() == ebpf::Hook::Tc {
+            continue;
+        }
         let before = dut.stat(stat);
         let (v, out) = dut.run(&frame);
         assert_eq!(v, XDP_PASS, "{name}: verdict");

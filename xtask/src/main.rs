@@ -246,7 +246,25 @@ fn main() -> anyhow::Result<()> {
             if !allow_skip {
                 test.env("XLB_REQUIRE_PRIVILEGED", "1");
             }
-            run(&mut test)
+            let all = run(&mut test);
+            // The packet tables again, against the tc datapath's program (XLB_PACKET_HOOK).
+            let mut tc = cargo();
+            tc.args([
+                "test",
+                "-p",
+                "lb-userspace",
+                "--test",
+                "packet",
+                "--test",
+                "packet6",
+                "--no-fail-fast",
+            ])
+            .env("XLB_PACKET_HOOK", "tc");
+            if !allow_skip {
+                tc.env("XLB_REQUIRE_PRIVILEGED", "1");
+            }
+            let tc = run(&mut tc).context("the packet tests against the tc datapath");
+            all.and(tc)
         }
     }
 }

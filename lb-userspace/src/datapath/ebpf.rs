@@ -14,7 +14,8 @@ use aya::{
 };
 use lb_common::{
     ALL_MAPS, MAP_BACKEND_FLOWS, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_SOCK_NAT, PROG_SOCK_CONNECT4,
-    PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4, PROG_TC_EGRESS, PROG_XDP, PROG_XDP_TRACE,
+    PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4, PROG_TC_EGRESS, PROG_TC_INGRESS,
+    PROG_XDP, PROG_XDP_TRACE,
 };
 
 /// The socket-level programs, each with the name of its link's pin.
@@ -48,7 +49,7 @@ pub enum LoadError {
     #[error("loading the eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error(
-        "a program ({PROG_XDP}, {PROG_XDP_TRACE}, {PROG_TC_EGRESS} or a socket program) is missing from the object or has the wrong type"
+        "a program ({PROG_XDP}, {PROG_XDP_TRACE}, {PROG_TC_INGRESS}, {PROG_TC_EGRESS} or a socket program) is missing from the object or has the wrong type"
     )]
     NoProgram,
     #[error("the pinned map {name} changed while loading (an agent restarting, or `xlb cleanup`); try again")]
@@ -377,6 +378,20 @@ pub fn tc_egress(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
     ebpf.program_mut(PROG_TC_EGRESS).ok_or(LoadError::NoProgram)?.try_into().map_err(|_| LoadError::NoProgram)
 }
 
+/// The TC ingress program (the tc datapath), loaded: [`load`] leaves it out, since only the tc
+/// datapath needs it and its verification takes as long as the XDP program's.
+pub fn tc_ingress(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(PROG_TC_INGRESS)
+        .ok_or(LoadError::NoProgram)?
+        .try_into()
+        .map_err(|_| LoadError::NoProgram)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(LoadError::Verify)?;
+    }
+    Ok(prog)
+}
+
 /// TC programs are attached through tcx links (kernel 6.6), which can be pinned like XDP
 /// links, so that they survive the agent and are replaced atomically by the next one.
 pub fn tcx_supported() -> bool {
@@ -400,6 +415,62 @@ where
     })?;
     out.truncate(r.data_size_out as usize);
     Ok((r.return_value, out))
+}
+
+/// Where the balancing core runs on a node's interfaces: at XDP (`xlb_xdp`) or at TC ingress on
+/// the skb (`xlb_tc_ingress`, the tc datapath).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    /// The hook packet tests and benchmarks run: `XLB_PACKET_HOOK=tc` for the tc datapath,
+    /// else XDP.
+    pub fn from_env() -> Self {
+        match std::env::var("XLB_PACKET_HOOK").as_deref() {
+            Ok("tc") => Hook::Tc,
+            _ => Hook::Xdp,
+        }
+    }
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        })
+    }
+}
+
+/// TC's verdicts, as the tc datapath gives them.
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+/// XDP's, which [`run_datapath_once`] reports for both hooks.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+/// Runs the balancing core at `hook` once on `frame` (BPF_PROG_TEST_RUN): its verdict as the
+/// XDP program's (the tc program's pass, drop and redirect back out as XDP_PASS, XDP_DROP and
+/// XDP_TX; any other TC verdict is an error) and the frame as it leaves.
+pub fn run_datapath_once(ebpf: &mut Ebpf, hook: Hook, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+    match hook {
+        Hook::Xdp => Ok(run_once(xdp(ebpf)?, frame)?),
+        Hook::Tc => {
+            let (verdict, out) = run_once(tc_ingress(ebpf)?, frame)?;
+            let v = match verdict {
+                TC_ACT_OK => XDP_PASS,
+                TC_ACT_SHOT => XDP_DROP,
+                TC_ACT_REDIRECT => XDP_TX,
+                other => anyhow::bail!("the tc datapath gave verdict {other}, which it never should"),
+            };
+            Ok((v, out))
+        }
+    }
 }
 
 /// Where the TC egress link of `iface` is pinned.
