@@ -165,6 +165,13 @@ enum Mode {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum DatapathArg {
+    Auto,
+    Xdp,
+    Tc,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LbAlgorithm {
     Random,
     Maglev,
@@ -213,6 +220,12 @@ struct AgentArgs {
     /// exit without loading anything.
     #[arg(long)]
     dry_run: bool,
+    /// Where the balancing core runs on each interface: `xdp` (native or generic, by
+    /// --xdp-mode), `tc` (TC ingress on the skb, after GRO; needs Linux 6.6), or `auto`: XDP on
+    /// physical NICs whose driver gains from native XDP, tc on every other device (veth, bridge,
+    /// tunnels, virtual NICs). The agent logs its choice per interface.
+    #[arg(long, env = "XLB_DATAPATH", value_enum, default_value_t = DatapathArg::Auto)]
+    datapath: DatapathArg,
     #[arg(long, env = "XLB_XDP_MODE", value_enum, default_value_t = Mode::Auto)]
     xdp_mode: Mode,
     /// The cluster's node port range (kube-apiserver's --service-node-port-range); node ports
@@ -403,6 +416,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 interfaces: lb_userspace::agent::node::resolve_interfaces(&a.interfaces)?,
                 pin_dir: cli.pin_dir,
                 xdp_mode: a.xdp_mode.into(),
+                datapath_hook: match a.datapath {
+                    DatapathArg::Auto => lb_userspace::datapath::ebpf::HookChoice::Auto,
+                    DatapathArg::Xdp => lb_userspace::datapath::ebpf::HookChoice::Xdp,
+                    DatapathArg::Tc => lb_userspace::datapath::ebpf::HookChoice::Tc,
+                },
                 capacities: Capacities {
                     service_entries: a.max_service_entries,
                     backends: a.max_backends,
@@ -473,7 +491,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(o) => {
             let maps = BpfMaps::open(&cli.pin_dir)?;
             let stats = cli::with_ct_rows(maps.read_stats()?, &cli::read_flows(&maps)?);
-            emit(o.output, &cli::stat_rows(&stats), || cli::stats_table(&stats))
+            emit(o.output, &cli::stat_rows(&stats), || {
+                let hooks = lb_userspace::datapath::ebpf::attached_hooks(&cli.pin_dir);
+                let line = if hooks.is_empty() {
+                    "datapath: attached to no interface".to_string()
+                } else {
+                    let each: Vec<String> = hooks.iter().map(|(i, h)| format!("{i} {h}")).collect();
+                    format!("datapath: {}", each.join(", "))
+                };
+                format!("{line}\n{}", cli::stats_table(&stats))
+            })
         }
         Command::Services(o) | Command::Get { what: GetWhat::Services(o) } => {
             let rows = View::read(&BpfMaps::open(&cli.pin_dir)?)?.service_rows();

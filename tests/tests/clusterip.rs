@@ -244,13 +244,27 @@ fn node_port_external_and_ingress_addresses_and_hand_made_endpoints() {
 /// A Service whose endpoints are all gone is refused at once, as kube-proxy refuses it: a TCP
 /// connection gets a reset (ECONNREFUSED) and a UDP datagram an ICMP port unreachable (the
 /// next receive on the connected socket fails with ECONNREFUSED), both from the Service
-/// address, instead of retrying into silence until a timeout.
+/// address, instead of retrying into silence until a timeout. At XDP (the answer leaves by
+/// XDP_TX) and at TC ingress (by redirect).
 #[test]
 fn a_service_without_endpoints_is_refused_at_once() {
     if !privileged("end-to-end tests need root") {
         return;
     }
+    refused_at_once("xdp");
+}
+
+#[test]
+fn a_service_without_endpoints_is_refused_at_once_by_the_tc_datapath() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    refused_at_once("tc");
+}
+
+fn refused_at_once(datapath: &str) {
     let mut bed = SingleNode::new(&["pod-a"]).expect("test bed");
+    bed.agent_args = vec!["--datapath".into(), datapath.into()];
     bed.write_manifest(
         "gone.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: {name: gone, namespace: default}\nspec:\n  clusterIP: 198.18.0.40\n  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]\n",
@@ -258,12 +272,18 @@ fn a_service_without_endpoints_is_refused_at_once() {
     .unwrap();
     bed.start_agent().expect("agent");
     bed.wait_for_service("198.18.0.40:80/TCP", 0, Duration::from_secs(10)).unwrap();
-    // The answer leaves by XDP_TX. On a veth in native XDP mode the kernel wakes the peer's
-    // receive for such frames only when the peer runs an XDP program (with GRO alone they wait
-    // for other traffic); a physical NIC needs nothing of the kind. The agent warns about it.
     let log = bed.agent.as_ref().unwrap().log_text();
-    assert!(log.contains("veth in native XDP mode") && log.contains("iface=eth0"), "{log}");
-    bed.client_takes_xdp_tx().expect("xdp-pass on the client");
+    if datapath == "xdp" {
+        // The answer leaves by XDP_TX. On a veth in native XDP mode the kernel wakes the peer's
+        // receive for such frames only when the peer runs an XDP program (with GRO alone they
+        // wait for other traffic); a physical NIC needs nothing of the kind. The agent warns.
+        assert!(log.contains("veth in native XDP mode") && log.contains("iface=eth0"), "{log}");
+        bed.client_takes_xdp_tx().expect("xdp-pass on the client");
+    } else {
+        // By redirect from the skb: the peer needs nothing.
+        assert!(log.contains("attached the datapath at TC ingress iface=eth0"), "{log}");
+        assert!(!log.contains("veth in native XDP mode"), "{log}");
+    }
 
     xlb_tests::assert_refused_at_once(
         &bed.client,
@@ -274,6 +294,9 @@ fn a_service_without_endpoints_is_refused_at_once() {
     let stats: serde_json::Value =
         serde_json::from_str(&bed.xlb_cli(&["stats", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(stats["reject_no_backend"]["packets"], 2, "{stats}");
+    // `xlb stats` says where the datapath runs.
+    let text = bed.xlb_cli(&["stats"]).unwrap();
+    assert!(text.starts_with(&format!("datapath: eth0 {datapath}, eth1 {datapath}")), "{text}");
 }
 
 /// externalTrafficPolicy Local: the node port leads only to the endpoint on this node (node-1),

@@ -75,7 +75,8 @@ fn xlb_takes_over_from_kube_proxys_rules_and_gives_back_on_rollback() {
     requests(&bed, 20, "kube-proxy alone");
     assert_eq!(rule_packets(&bed), 20, "kube-proxy's rules served every connection");
 
-    // 2. xlb installed next to it: it answers first (XDP, before netfilter).
+    // 2. xlb installed next to it: it answers first (at TC ingress, `auto` on a veth: before
+    // netfilter, as XDP is).
     bed.write_manifest("web.yaml", MANIFEST).unwrap();
     bed.start_agent().expect("agent");
     bed.wait_for_service("198.18.0.10:80/TCP", 2, Duration::from_secs(10)).unwrap();
@@ -87,7 +88,7 @@ fn xlb_takes_over_from_kube_proxys_rules_and_gives_back_on_rollback() {
     // 3. Rollback: the agent goes, `xlb cleanup` detaches the datapath, kube-proxy serves again.
     bed.agent.take().unwrap().stop(Duration::from_secs(5));
     let out = bed.xlb_cli(&["cleanup"]).unwrap();
-    assert!(out.contains("links/xdp_eth0"), "{out}");
+    assert!(out.contains("links/tc_ingress_eth0"), "{out}");
     requests(&bed, 20, "after the rollback");
     assert_eq!(rule_packets(&bed), 40, "kube-proxy's rules serve again");
 }

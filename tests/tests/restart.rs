@@ -37,7 +37,13 @@ fn cgroup_programs(path: &std::path::Path) -> Vec<String> {
 
 /// Two pods serving 8080, the demo Service, and an agent that serves it.
 fn demo_bed() -> SingleNode {
+    demo_bed_at("auto")
+}
+
+/// As [`demo_bed`], the agent run with `--datapath datapath`.
+fn demo_bed_at(datapath: &str) -> SingleNode {
     let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    bed.agent_args = vec!["--datapath".into(), datapath.into()];
     bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
     bed.write_manifest("web.yaml", MANIFEST).unwrap();
     bed.start_agent().expect("agent");
@@ -45,12 +51,26 @@ fn demo_bed() -> SingleNode {
     bed
 }
 
+/// At TC ingress (the datapath `auto` takes on veths).
 #[test]
 fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     if !privileged("end-to-end tests need root") {
         return;
     }
-    let mut bed = demo_bed();
+    sigkill_and_restart("tc");
+}
+
+#[test]
+fn sigkill_and_restart_of_the_agent_loses_no_connection_at_xdp() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    sigkill_and_restart("xdp");
+}
+
+fn sigkill_and_restart(datapath: &str) {
+    let mut bed = demo_bed_at(datapath);
+    let link = if datapath == "xdp" { "links/xdp_eth0" } else { "links/tc_ingress_eth0" };
     let before = ids(&bed);
 
     let stop = AtomicBool::new(false);
@@ -121,11 +141,19 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
 
     // The new agent took the pinned link over and rewrote nothing: ids and slots are as before.
     let log = bed.agent.as_ref().unwrap().log_text();
-    assert!(log.contains("attached XDP (replaced the program of the pinned link)"), "{log}");
+    if datapath == "xdp" {
+        assert!(log.contains("attached XDP (replaced the program of the pinned link)"), "{log}");
+    } else {
+        assert!(
+            log.lines().any(|l| l.contains("attached the datapath at TC ingress iface=eth0")
+                && l.contains("replaced=true")),
+            "{log}"
+        );
+    }
     assert!(log.contains("attached TC egress (replaced the program of the pinned link)"), "{log}");
     assert!(log.contains("writes=0") && log.contains("deletes=0"), "the restart rewrote maps:\n{log}");
     assert_eq!(before, ids(&bed), "service and backend ids stay the same across the restart");
-    assert!(bed.pin_dir.join("links/xdp_eth0").exists());
+    assert!(bed.pin_dir.join(link).exists());
     // One program per socket hook: the old agent's links went when the new ones took their pins.
     let progs = cgroup_programs(&cg);
     assert_eq!(progs.len(), 8, "IPv4 and IPv6, four each: {progs:?}");
@@ -135,9 +163,7 @@ fn sigkill_and_restart_of_the_agent_loses_no_connection() {
     bed.agent.take().unwrap().stop(Duration::from_secs(5));
     let out = bed.xlb_cli(&["cleanup"]).unwrap();
     assert!(
-        out.contains("links/xdp_eth0")
-            && out.contains("links/tc_egress_eth0")
-            && out.contains(lb_common::MAP_SERVICES),
+        out.contains(link) && out.contains("links/tc_egress_eth0") && out.contains(lb_common::MAP_SERVICES),
         "{out}"
     );
     assert!(!bed.pin_dir.exists(), "nothing left pinned, not even the directory");

@@ -261,3 +261,75 @@ fn ipv6_node_ports_across_two_nodes() {
         serde_json::from_str(&bed.xlb_cli(0, &["stats", "-o", "json"]).unwrap()).unwrap();
     assert!(stats["egress_snat"]["packets"].as_u64().unwrap() >= 20, "{stats}");
 }
+
+/// The tc datapath on packets whose L4 checksum is partial (CHECKSUM_PARTIAL: sent through a veth
+/// with transmit checksum offload, as pods and clients here send them), which it must update
+/// through the kernel's helper: the field holds only the pseudo-header's sum until a device
+/// completes it. The link between the nodes has no offload, so the kernel completes the sums as
+/// packets cross it, and no receiver trusts a sum unchecked (receive offload off everywhere): a
+/// wrongly updated partial sum makes the packet a checksum error at the pod, and the connection
+/// fails. Node port with SNAT across nodes, ClusterIP (TCP and UDP) from outside and from a pod,
+/// and a refusal.
+#[test]
+fn the_tc_datapath_keeps_partial_checksums_right_across_nodes() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
+    let mut bed = TwoNodes::new().expect("test bed");
+    bed.agent_args = vec!["--datapath".into(), "tc".into()];
+    let offload = |ns: &xlb_tests::Netns, ifname: &str, tx: &str| {
+        ns.exec("ethtool", &["-K", ifname, "tx", tx, "rx", "off"]).expect("ethtool");
+    };
+    offload(&bed.client, "eth0", "on");
+    offload(&bed.nodes[0], "eth0", "on");
+    offload(&bed.nodes[0], "eth1", "off");
+    offload(&bed.nodes[1], "eth0", "off");
+    offload(&bed.nodes[0], "eth2", "on");
+    offload(&bed.nodes[1], "eth1", "on");
+    for p in &bed.pods {
+        offload(&p.ns, "eth0", "on");
+    }
+    bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
+    bed.write_manifest("far.yaml", &service("far", 90, 30090, "", POD_B)).unwrap();
+    let b = "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: default}\nspec:\n  clusterIP: 198.18.0.98\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: b-1, namespace: default, labels: {kubernetes.io/service-name: b}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]\nendpoints:\n".to_string() + POD_B;
+    bed.write_manifest("b.yaml", &b).unwrap();
+    bed.write_manifest(
+        "none.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: none, namespace: default}\nspec:\n  clusterIP: 198.18.0.97\n  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, targetPort: 5353, protocol: UDP}]\n",
+    )
+    .unwrap();
+    bed.start_agents().expect("agents");
+    let log = bed.agents[0].log_text();
+    assert!(log.contains("attached the datapath at TC ingress iface=eth0"), "{log}");
+    let logs = || bed.logs();
+
+    // Node port on node-1, endpoint on node-2: DNAT at node-1's TC ingress, SNAT at its egress.
+    let far = answers(&bed, "198.18.100.1:30090");
+    assert_eq!(far, BTreeMap::from([(("pod-b".into(), "198.18.100.1".into()), 20)]), "{far:?}");
+    // ClusterIP from the client and from pod-a, TCP and UDP, to pod-b on the other node.
+    let from_client = answers(&bed, "198.18.0.98:80");
+    assert_eq!(
+        from_client,
+        BTreeMap::from([(("pod-b".into(), "198.18.100.2".into()), 20)]),
+        "{from_client:?}"
+    );
+    let pod_a = &bed.pods[0].ns;
+    for (udp, to) in [(false, "198.18.0.98:80"), (true, "198.18.0.98:53")] {
+        let r =
+            requests_from(&testbed, pod_a, None, udp, to.parse().unwrap(), 20).expect("xlb-testbed request");
+        let seen = tally(to, r, logs);
+        assert_eq!(seen, BTreeMap::from([(("pod-b".into(), "198.18.10.2".into()), 20)]), "{to}: {seen:?}");
+    }
+    // A Service without endpoints: the reset and the ICMP error go back by redirect.
+    xlb_tests::assert_refused_at_once(
+        &bed.client,
+        "198.18.0.97:80".parse().unwrap(),
+        "198.18.0.97:53".parse().unwrap(),
+        logs,
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(0, &["stats", "-o", "json"]).unwrap()).unwrap();
+    assert!(stats["egress_snat"]["packets"].as_u64().unwrap() >= 20, "{stats}");
+    assert_eq!(stats["reject_no_backend"]["packets"], 2, "{stats}");
+}

@@ -63,6 +63,8 @@ pub struct AgentConfig {
     pub interfaces: Vec<String>,
     pub pin_dir: PathBuf,
     pub xdp_mode: XdpMode,
+    /// Where the balancing core runs, per interface (`--datapath`).
+    pub datapath_hook: ebpf::HookChoice,
     pub capacities: Capacities,
     /// After a change, wait this long for more before syncing; zero: sync at once, and take the
     /// changes that come during a sync together in the next.
@@ -113,6 +115,17 @@ impl AgentConfig {
         let lines = [
             ("source", source),
             ("interfaces", self.interfaces.join(",")),
+            (
+                "datapath",
+                match self.datapath_hook {
+                    ebpf::HookChoice::Auto => {
+                        "auto (per interface: XDP on physical NICs with native XDP, tc elsewhere)"
+                    }
+                    ebpf::HookChoice::Xdp => "xdp",
+                    ebpf::HookChoice::Tc => "tc",
+                }
+                .into(),
+            ),
             (
                 "xdp mode",
                 match self.xdp_mode {
@@ -594,6 +607,39 @@ fn fingerprint(dir: &Path) -> Fingerprint {
         .collect()
 }
 
+/// Attaches the XDP program (the XDP datapath) to `iface`, chosen for reason `why`.
+fn attach_xdp(ebpf: &mut aya::Ebpf, iface: &str, cfg: &AgentConfig, why: &str) -> anyhow::Result<()> {
+    if cfg.xdp_mode != XdpMode::Skb && ebpf::driver(iface).as_deref() == Some("veth") {
+        warn!(
+            %iface,
+            "veth in native XDP mode: the answers xlb sends back out of it (TCP resets and ICMP errors for Services without endpoints) reach its peer at once only if the peer runs an XDP program (`xlb xdp-pass --iface PEER` in the peer's namespace); with GRO alone they wait for other traffic, without either they are lost. Otherwise run with --xdp-mode generic, or --datapath tc"
+        );
+    }
+    match ebpf::attach_pinned(ebpf, iface, cfg.xdp_mode, &cfg.pin_dir)? {
+        Attached::New => info!(%iface, datapath = "xdp", reason = %why, "attached XDP (new pinned link)"),
+        Attached::Replaced => {
+            info!(%iface, datapath = "xdp", reason = %why, "attached XDP (replaced the program of the pinned link)")
+        }
+        Attached::Unpinned => {
+            warn!(%iface, datapath = "xdp", reason = %why, "attached XDP without a link (kernel < 5.9): it detaches when the agent stops")
+        }
+    }
+    Ok(())
+}
+
+/// Removes the pin of a link of the hook `iface` no longer uses (an earlier agent's, run with
+/// another `--datapath`): the link, held by nothing else, goes with it.
+fn detach_pin(path: &std::path::Path, iface: &str, what: &str) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            info!(%iface, path = %path.display(), "detached {what}: this interface's datapath runs at the other hook now");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
 /// One update taken and synced. A large one (a list, many changes) runs off the async workers;
 /// a small one (a few objects: well under a millisecond) runs in place, as handing the worker's
 /// other tasks to another thread would cost more than it.
@@ -671,7 +717,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
     let source = Source::start(&cfg.source, changed.clone(), metrics.clone()).await?;
     let loading = std::time::Instant::now();
-    let mut ebpf = ebpf::load(Some(&cfg.pin_dir), cfg.capacities)?;
+    // The hook of each interface first: only their programs are loaded and verified.
+    let hooks: Vec<(String, ebpf::Hook, String)> = cfg
+        .interfaces
+        .iter()
+        .map(|i| {
+            let (hook, why) = ebpf::choose_hook(i, cfg.datapath_hook);
+            (i.clone(), hook, why)
+        })
+        .collect();
+    if hooks.iter().any(|(_, h, _)| *h == ebpf::Hook::Tc) && !ebpf::tcx_supported() {
+        anyhow::bail!("--datapath tc needs tcx links (Linux 6.6 or later); use --datapath xdp");
+    }
+    let needed: Vec<ebpf::Hook> = hooks.iter().map(|(_, h, _)| *h).collect();
+    let mut ebpf = ebpf::load_hooks(Some(&cfg.pin_dir), cfg.capacities, &needed)?;
     info!(elapsed_ms = loading.elapsed().as_millis() as u64, "programs loaded and verified by the kernel");
     crate::datapath::write_config(&mut ebpf, cfg.datapath).context("writing the datapath's settings")?;
     crate::datapath::write_service_cidrs(&mut ebpf, service_cidrs).context("writing the Service ranges")?;
@@ -776,19 +835,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         error!(error = format!("{e:#}"), "initial sync failed; will retry");
         changed.notify_one();
     }
-    for iface in &cfg.interfaces {
-        if cfg.xdp_mode != XdpMode::Skb && ebpf::driver(iface).as_deref() == Some("veth") {
-            warn!(
-                %iface,
-                "veth in native XDP mode: the answers xlb sends back out of it (TCP resets and ICMP errors for Services without endpoints) reach its peer at once only if the peer runs an XDP program (`xlb xdp-pass --iface PEER` in the peer's namespace); with GRO alone they wait for other traffic, without either they are lost. Otherwise run with --xdp-mode generic"
-            );
-        }
-        match ebpf::attach_pinned(&mut ebpf, iface, cfg.xdp_mode, &cfg.pin_dir)? {
-            Attached::New => info!(%iface, "attached XDP (new pinned link)"),
-            Attached::Replaced => info!(%iface, "attached XDP (replaced the program of the pinned link)"),
-            Attached::Unpinned => {
-                warn!(%iface, "attached XDP without a link (kernel < 5.9): it detaches when the agent stops")
-            }
+    for (iface, hook, why) in &hooks {
+        if *hook == ebpf::Hook::Tc {
+            // The new program first, then the other hook's goes: a packet meanwhile meets one
+            // or both (the second then finds nothing to translate), never neither.
+            let how = ebpf::attach_tc_ingress_pinned(&mut ebpf, iface, &cfg.pin_dir)?;
+            info!(%iface, datapath = "tc", reason = %why, replaced = (how == Attached::Replaced), "attached the datapath at TC ingress");
+            detach_pin(&ebpf::link_pin(&cfg.pin_dir, iface), iface, "XDP")?;
+        } else {
+            attach_xdp(&mut ebpf, iface, &cfg, why)?;
+            detach_pin(&ebpf::tc_ingress_link_pin(&cfg.pin_dir, iface), iface, "TC ingress")?;
         }
         if ebpf::tcx_supported() {
             match ebpf::attach_tc_pinned(&mut ebpf, iface, &cfg.pin_dir)? {
@@ -799,6 +855,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
     }
+
     match &cfg.socket_lb_cgroup {
         Some(dir) => {
             let how = ebpf::attach_sock_pinned(&mut ebpf, dir, &cfg.pin_dir)?;

@@ -163,6 +163,12 @@ pub fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
 /// Loads the object and its XDP program. With `pin_dir`, every map is pinned there, and maps
 /// already pinned there (by an earlier agent) are reused with their content.
 pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError> {
+    load_hooks(pin_dir, caps, &[Hook::Xdp])
+}
+
+/// As [`load`], with the program of each hook in `hooks` (the XDP program, the TC ingress one or
+/// both); the TC egress and socket programs always.
+pub fn load_hooks(pin_dir: Option<&Path>, caps: Capacities, hooks: &[Hook]) -> Result<Ebpf, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
@@ -191,7 +197,12 @@ pub fn load(pin_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf, LoadError>
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(OBJECT)?;
-    xdp(&mut ebpf)?.load().map_err(LoadError::Verify)?;
+    if hooks.contains(&Hook::Xdp) {
+        xdp(&mut ebpf)?.load().map_err(LoadError::Verify)?;
+    }
+    if hooks.contains(&Hook::Tc) {
+        tc_ingress(&mut ebpf)?;
+    }
     tc_egress(&mut ebpf)?.load().map_err(LoadError::Verify)?;
     for (name, _) in SOCK_PROGRAMS {
         sock_program(&mut ebpf, name)?.load().map_err(LoadError::Verify)?;
@@ -378,8 +389,8 @@ pub fn tc_egress(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
     ebpf.program_mut(PROG_TC_EGRESS).ok_or(LoadError::NoProgram)?.try_into().map_err(|_| LoadError::NoProgram)
 }
 
-/// The TC ingress program (the tc datapath), loaded: [`load`] leaves it out, since only the tc
-/// datapath needs it and its verification takes as long as the XDP program's.
+/// The TC ingress program (the tc datapath), loaded (here, unless [`load_hooks`] did: only the
+/// tc datapath needs it, and its verification takes as long as the XDP program's).
 pub fn tc_ingress(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
     let prog: &mut SchedClassifier = ebpf
         .program_mut(PROG_TC_INGRESS)
@@ -419,7 +430,7 @@ where
 
 /// Where the balancing core runs on a node's interfaces: at XDP (`xlb_xdp`) or at TC ingress on
 /// the skb (`xlb_tc_ingress`, the tc datapath).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
     Xdp,
     Tc,
@@ -478,13 +489,35 @@ pub fn tc_link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
     pin_dir.join("links").join(format!("tc_egress_{iface}"))
 }
 
+/// Where the TC ingress link of `iface` (the tc datapath) is pinned.
+pub fn tc_ingress_link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("tc_ingress_{iface}"))
+}
+
 /// Attaches the TC egress program to `iface` through a tcx link pinned under `pin_dir/links`,
 /// or updates the program of a link pinned there by an earlier agent. Needs [`tcx_supported`].
 pub fn attach_tc_pinned(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<Attached, LoadError> {
     let path = tc_link_pin(pin_dir, iface);
-    let pin_err = |reason: String| LoadError::PinLink { iface: iface.to_owned(), path: path.clone(), reason };
-    let prog = tc_egress(ebpf)?;
-    if update_pinned(&path, iface, |l| {
+    attach_tcx_pinned(tc_egress(ebpf)?, iface, TcAttachType::Egress, &path, pin_dir)
+}
+
+/// Attaches the TC ingress program (the tc datapath) to `iface` as [`attach_tc_pinned`] does
+/// the egress one.
+pub fn attach_tc_ingress_pinned(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<Attached, LoadError> {
+    let path = tc_ingress_link_pin(pin_dir, iface);
+    attach_tcx_pinned(tc_ingress(ebpf)?, iface, TcAttachType::Ingress, &path, pin_dir)
+}
+
+fn attach_tcx_pinned(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    at: TcAttachType,
+    path: &Path,
+    pin_dir: &Path,
+) -> Result<Attached, LoadError> {
+    let pin_err =
+        |reason: String| LoadError::PinLink { iface: iface.to_owned(), path: path.to_owned(), reason };
+    if update_pinned(path, iface, |l| {
         let link = SchedClassifierLink::try_from(l).map_err(|e| e.to_string())?;
         prog.attach_to_link(link).map(drop).map_err(|e| e.to_string())
     })? {
@@ -492,14 +525,88 @@ pub fn attach_tc_pinned(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<
     }
     let attach_err = |source| LoadError::Attach { iface: iface.to_owned(), source };
     let id = prog
-        .attach_with_options(iface, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .attach_with_options(iface, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
         .map_err(attach_err)?;
     let link = prog.take_link(id).map_err(attach_err)?;
     let fd_link = FdLink::try_from(link).map_err(|e| pin_err(format!("not a link: {e}")))?;
     let dir = path.parent().unwrap_or(pin_dir);
     std::fs::create_dir_all(dir).map_err(|e| pin_err(format!("creating {}: {e}", dir.display())))?;
-    drop(fd_link.pin(&path).map_err(|e| pin_err(e.to_string()))?);
+    drop(fd_link.pin(path).map_err(|e| pin_err(e.to_string()))?);
     Ok(Attached::New)
+}
+
+/// The interfaces the datapath is attached to under `pin_dir`, by their pinned links, and the
+/// hook of each, sorted by interface.
+pub fn attached_hooks(pin_dir: &Path) -> Vec<(String, Hook)> {
+    let mut out: Vec<(String, Hook)> = std::fs::read_dir(pin_dir.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            if let Some(i) = name.strip_prefix("xdp_") {
+                Some((i.to_string(), Hook::Xdp))
+            } else {
+                name.strip_prefix("tc_ingress_").map(|i| (i.to_string(), Hook::Tc))
+            }
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The hook the balancing core runs at on each interface (`--datapath`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookChoice {
+    /// [`choose_hook`] decides per interface.
+    Auto,
+    Xdp,
+    Tc,
+}
+
+/// Drivers of physical NICs whose native XDP runs before any skb is built and keeps their
+/// offloads: on these `auto` takes XDP.
+const NATIVE_XDP_DRIVERS: [&str; 12] = [
+    "mlx5_core",
+    "mlx4_en",
+    "i40e",
+    "ice",
+    "ixgbe",
+    "igb",
+    "igc",
+    "bnxt_en",
+    "nfp",
+    "qede",
+    "sfc",
+    "ixgbevf",
+];
+
+/// The hook for `iface` under `choice`, and why. `auto`: XDP on a physical NIC whose driver is
+/// known to gain from native XDP ([`NATIVE_XDP_DRIVERS`]); TC everywhere else: virtual devices
+/// (veth, bridge, vxlan, geneve, ipip, ...), where native XDP copies every frame and takes TSO and
+/// GRO away, and virtual NICs (virtio_net, ena, gve, ...), where it turns off their receive
+/// offloads. TC needs tcx (Linux 6.6): without it `auto` takes XDP.
+pub fn choose_hook(iface: &str, choice: HookChoice) -> (Hook, String) {
+    match choice {
+        HookChoice::Xdp => (Hook::Xdp, "--datapath xdp".into()),
+        HookChoice::Tc => (Hook::Tc, "--datapath tc".into()),
+        HookChoice::Auto => {
+            let driver = driver(iface).unwrap_or_else(|| "unknown".into());
+            let physical = Path::new("/sys/class/net").join(iface).join("device").exists();
+            if !tcx_supported() {
+                (Hook::Xdp, format!("auto: driver {driver}; the kernel has no tcx (Linux 6.6)"))
+            } else if physical && NATIVE_XDP_DRIVERS.contains(&driver.as_str()) {
+                (Hook::Xdp, format!("auto: physical NIC, driver {driver} has native XDP"))
+            } else if physical {
+                (
+                    Hook::Tc,
+                    format!("auto: driver {driver} (native XDP would cost its offloads or is missing)"),
+                )
+            } else {
+                (Hook::Tc, format!("auto: virtual device, driver {driver}"))
+            }
+        }
+    }
 }
 
 /// Loads the trace program ([`PROG_XDP_TRACE`]) against the maps pinned under `pin_dir`, which
