@@ -6,7 +6,7 @@
 //! 2. Control plane (`bench-agent`): cold start, endpoint change to map, memory, for each N.
 //! 3. Traffic through a node in network namespaces with ../shared/kube-proxy-baseline: its
 //!    `none` (plain routing), iptables-legacy and nftables modes, and xlb through its custom
-//!    mode (`xlb-testbed kpb-plugin`), in native XDP (the default) and in generic XDP.
+//!    mode (`xlb-testbed kpb-plugin`), in native XDP, in generic XDP and in the tc datapath.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -129,7 +129,8 @@ pub fn run_all(a: &BenchArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(scratch);
     }
 
-    // 3. Traffic, with the harness; xlb in native XDP (its default) and in generic XDP.
+    // 3. Traffic, with the harness; xlb's datapath in native XDP, in generic XDP, and at TC
+    // ingress (the tc datapath, which `--datapath auto` takes on the harness's veths).
     if !a.no_traffic {
         let plugin = format!("{} kpb-plugin", rel.join("xlb-testbed").display());
         let (n, samples): (&str, &[&str]) = if a.quick {
@@ -172,8 +173,9 @@ pub fn run_all(a: &BenchArgs) -> anyhow::Result<()> {
             )
         };
         let runs = [
-            ("kpb", "none,custom,iptables-legacy,nftables", "", "traffic"),
-            ("kpg", "custom", "--xdp-mode generic", "traffic-generic"),
+            ("kpb", "none,custom,iptables-legacy,nftables", "--datapath xdp", "traffic"),
+            ("kpg", "custom", "--datapath xdp --xdp-mode generic", "traffic-generic"),
+            ("kpt", "custom", "--datapath tc", "traffic-tc"),
         ];
         for (prefix, modes, agent_args, dir) in runs {
             let status = Command::new(harness.join("run.sh"))

@@ -147,10 +147,10 @@ fn register_font() -> anyhow::Result<()> {
 }
 
 /// The harness's label for a row, with xlb's mode named.
-fn mode_label(row: &Value, generic: bool) -> String {
+/// The label of a harness row; `xlb` names the hook of xlb's rows (their run's directory).
+fn mode_label(row: &Value, xlb: &str) -> String {
     match row["mode"].as_str().unwrap_or("?") {
-        "custom" if generic => "xlb (generic XDP)".into(),
-        "custom" => "xlb (native XDP)".into(),
+        "custom" => format!("xlb ({xlb})"),
         "none" => "none (routing only)".into(),
         m => format!("kube-proxy {m}"),
     }
@@ -171,11 +171,13 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
     agents.sort_by_key(|a| a["services"].as_u64());
     let mut traffic: Vec<(String, Value)> = read_rows(&dir.join("traffic/results.jsonl"))
         .into_iter()
-        .map(|r| (mode_label(&r, false), r))
+        .map(|r| (mode_label(&r, "native XDP"), r))
         .collect();
-    traffic.extend(
-        read_rows(&dir.join("traffic-generic/results.jsonl")).into_iter().map(|r| (mode_label(&r, true), r)),
-    );
+    for (sub, hook) in [("traffic-generic", "generic XDP"), ("traffic-tc", "tc")] {
+        traffic.extend(
+            read_rows(&dir.join(sub).join("results.jsonl")).into_iter().map(|r| (mode_label(&r, hook), r)),
+        );
+    }
 
     let mut md = String::new();
     let w = &mut md;
@@ -520,7 +522,7 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
     writeln!(w, "## 3. Traffic through a node, against kube-proxy\n")?;
     writeln!(
         w,
-        "`../shared/kube-proxy-baseline` (client → node → backend namespaces; one server answers for every pod IP): for each mode the same topology, targets and statistics. `none` routes to the pod IPs with no rules at all (the floor of the node's stack); the kube-proxy modes are its iptables-legacy and nftables rule sets; xlb runs through the harness's custom mode (`xlb-testbed kpb-plugin`: the agent on a directory of manifests, XDP and TC on both of the node's interfaces), once in native XDP (its default on these veths) and once in generic XDP. Latency is connect + request + response of a Python client (µs); connection rate is wrk with one request per connection; throughput is iperf3 on an established flow.\n"
+        "`../shared/kube-proxy-baseline` (client → node → backend namespaces; one server answers for every pod IP): for each mode the same topology, targets and statistics. `none` routes to the pod IPs with no rules at all (the floor of the node's stack); the kube-proxy modes are its iptables-legacy and nftables rule sets; xlb runs through the harness's custom mode (`xlb-testbed kpb-plugin`: the agent on a directory of manifests, XDP and TC on both of the node's interfaces), once in native XDP, once in generic XDP, and once in the tc datapath (TC ingress on the skb, which `--datapath auto` takes on these veths) when the run has it. Latency is connect + request + response of a Python client (µs); connection rate is wrk with one request per connection; throughput is iperf3 on an established flow.\n"
     )?;
     writeln!(
         w,
@@ -660,7 +662,7 @@ fn keep_results(dir: &Path, to: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let _ = std::fs::remove_dir_all(to);
-    for sub in ["", "traffic", "traffic-generic"] {
+    for sub in ["", "traffic", "traffic-generic", "traffic-tc"] {
         let (from, into) = (dir.join(sub), to.join(sub));
         let Ok(rd) = std::fs::read_dir(&from) else { continue };
         std::fs::create_dir_all(&into)?;
