@@ -725,7 +725,8 @@ const CONNTRACK_FIRST_JSON: &str = r#"{
 }
 "#;
 
-const STATS: &str = r#"COUNTER               VERDICT             PACKETS   BYTES   MEANING
+const STATS: &str = r#"datapath: attached to no interface
+COUNTER               VERDICT             PACKETS   BYTES   MEANING
 rx                    seen                20        2000    every packet the program saw
 pass_not_ipv4         pass                0         0       neither IPv4 nor IPv6 (ARP, VLAN...)
 pass_malformed        pass                0         0       truncated or inconsistent header; left to the kernel
