@@ -97,8 +97,6 @@ fn translate<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], ports: 
     let port = port.to_be();
     let src_port = src_port.to_be();
     let l4_check = pkt.l4_check;
-    // Before any helper, which invalidates every packet pointer.
-    let check_off = pkt.l4_check - f.data();
     let mut old = [0u16; 8];
     let mut new = [0u16; 8];
     // The pseudo-header's change, as a one's complement sum of 16-bit words.
@@ -141,6 +139,8 @@ fn translate<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], ports: 
     if !F::SKB {
         return;
     }
+    // An offset, not a pointer: the helper invalidates every packet pointer.
+    let check_off = pkt.l4_check - f.data();
     // A UDP checksum of zero means "none" and stays so. BPF_F_IPV6: an skb whose checksum
     // covers the whole frame keeps it (the address moved within the frame, no header checksum
     // took the change); kernels before 6.16 do not know the flag and refuse it.

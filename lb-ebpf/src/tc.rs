@@ -77,6 +77,9 @@ pub fn egress(ctx: &TcContext) {
     // A UDP checksum of zero means "none" and stays so.
     let mangled = if pkt.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     // The helpers keep the checksums right for every skb checksum state (partial included).
+    // Written through the helper too, not in place as `nat::translate` does at ingress: a
+    // program that writes packets directly gets an unclone check run on every packet, and
+    // every TCP packet leaves as a clone; this program writes none directly.
     let ok = ctx
         .l4_csum_replace(
             l4_check,

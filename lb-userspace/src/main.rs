@@ -165,13 +165,6 @@ enum Mode {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum DatapathArg {
-    Auto,
-    Xdp,
-    Tc,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum LbAlgorithm {
     Random,
     Maglev,
@@ -224,8 +217,8 @@ struct AgentArgs {
     /// --xdp-mode), `tc` (TC ingress on the skb, after GRO; needs Linux 6.6), or `auto`: XDP on
     /// physical NICs whose driver gains from native XDP, tc on every other device (veth, bridge,
     /// tunnels, virtual NICs). The agent logs its choice per interface.
-    #[arg(long, env = "XLB_DATAPATH", value_enum, default_value_t = DatapathArg::Auto)]
-    datapath: DatapathArg,
+    #[arg(long, env = "XLB_DATAPATH", value_enum, default_value_t = lb_userspace::datapath::ebpf::HookChoice::Auto)]
+    datapath: lb_userspace::datapath::ebpf::HookChoice,
     #[arg(long, env = "XLB_XDP_MODE", value_enum, default_value_t = Mode::Auto)]
     xdp_mode: Mode,
     /// The cluster's node port range (kube-apiserver's --service-node-port-range); node ports
@@ -416,11 +409,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 interfaces: lb_userspace::agent::node::resolve_interfaces(&a.interfaces)?,
                 pin_dir: cli.pin_dir,
                 xdp_mode: a.xdp_mode.into(),
-                datapath_hook: match a.datapath {
-                    DatapathArg::Auto => lb_userspace::datapath::ebpf::HookChoice::Auto,
-                    DatapathArg::Xdp => lb_userspace::datapath::ebpf::HookChoice::Xdp,
-                    DatapathArg::Tc => lb_userspace::datapath::ebpf::HookChoice::Tc,
-                },
+                datapath_hook: a.datapath,
                 capacities: Capacities {
                     service_entries: a.max_service_entries,
                     backends: a.max_backends,

@@ -108,8 +108,13 @@ fn update_pinned(
 
 /// Where the XDP link of `iface` is pinned.
 pub fn link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
-    pin_dir.join("links").join(format!("xdp_{iface}"))
+    pin_dir.join("links").join(format!("{XDP_LINK}{iface}"))
 }
+
+/// The names of the datapath's link pins under `links/`, before the interface's name: the XDP
+/// program's, and the TC ingress program's (the tc datapath).
+const XDP_LINK: &str = "xdp_";
+const TC_INGRESS_LINK: &str = "tc_ingress_";
 
 /// Map capacities; defaults from lb-common.
 #[derive(Clone, Copy, Debug)]
@@ -491,7 +496,7 @@ pub fn tc_link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
 
 /// Where the TC ingress link of `iface` (the tc datapath) is pinned.
 pub fn tc_ingress_link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
-    pin_dir.join("links").join(format!("tc_ingress_{iface}"))
+    pin_dir.join("links").join(format!("{TC_INGRESS_LINK}{iface}"))
 }
 
 /// Attaches the TC egress program to `iface` through a tcx link pinned under `pin_dir/links`,
@@ -544,10 +549,10 @@ pub fn attached_hooks(pin_dir: &Path) -> Vec<(String, Hook)> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            if let Some(i) = name.strip_prefix("xdp_") {
+            if let Some(i) = name.strip_prefix(XDP_LINK) {
                 Some((i.to_string(), Hook::Xdp))
             } else {
-                name.strip_prefix("tc_ingress_").map(|i| (i.to_string(), Hook::Tc))
+                name.strip_prefix(TC_INGRESS_LINK).map(|i| (i.to_string(), Hook::Tc))
             }
         })
         .collect();
@@ -556,11 +561,14 @@ pub fn attached_hooks(pin_dir: &Path) -> Vec<(String, Hook)> {
 }
 
 /// The hook the balancing core runs at on each interface (`--datapath`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum HookChoice {
-    /// [`choose_hook`] decides per interface.
+    /// Per interface: XDP on physical NICs whose driver gains from native
+    /// XDP, tc on every other device.
     Auto,
+    /// XDP on every interface.
     Xdp,
+    /// TC ingress on every interface.
     Tc,
 }
 
