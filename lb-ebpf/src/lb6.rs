@@ -85,60 +85,55 @@ fn fill_key(key: &mut Ct6Key, pkt: &Packet6, dir: u8) {
 /// Translates `pkt` in frame `f`: `addr` and `port` (host order) into the chosen side, and
 /// `src_port` (host order), unless 0, as its source port (a SNATed flow's port; its address
 /// comes at TC egress). The two ports come as one argument, `port | src_port << 16` (a BPF
-/// function takes at most five). The L4 checksum (whose pseudo-header covers both addresses) is updated
-/// in place on an XDP buffer, by the kernel's helper on an skb (see [`crate::frame`]).
-#[inline(never)]
+/// function takes at most five). The L4 checksum (whose pseudo-header covers both addresses)
+/// is updated in place on an XDP buffer ([`rewrite`], [`rewrite_port`]: the XDP program's
+/// subprograms as they were before the tc datapath, which bench-datapath measured 10 ns faster
+/// on an IPv6 established flow than one subprogram for both frames), by the kernel's helper on
+/// an skb ([`translate_skb`]; see [`crate::frame`]).
+#[inline(always)]
 fn translate<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], ports: u32) {
+    if F::SKB {
+        translate_skb(f, pkt, side, addr, ports);
+        return;
+    }
     let (port, src_port) = (ports as u16, (ports >> 16) as u16);
+    rewrite(pkt, side, addr, port);
+    if src_port != 0 {
+        rewrite_port(pkt, Side::Source, src_port);
+    }
+}
+
+/// [`translate`] on an skb: the addresses and ports written in place, the L4 checksum through
+/// `bpf_l4_csum_replace`.
+#[inline(never)]
+fn translate_skb<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], ports: u32) {
+    let (port, src_port) = ((ports as u16).to_be(), ((ports >> 16) as u16).to_be());
     let (addr_off, port_off) = match side {
         Side::Source => (8, 0),
         Side::Destination => (24, 2),
     };
-    let port = port.to_be();
-    let src_port = src_port.to_be();
-    let l4_check = pkt.l4_check;
-    let mut old = [0u16; 8];
-    let mut new = [0u16; 8];
     // The pseudo-header's change, as a one's complement sum of 16-bit words.
     let mut diff = 0u32;
     let mut i = 0;
     while i < 8 {
+        let new = u16::from_ne_bytes([addr[2 * i], addr[2 * i + 1]]);
         // SAFETY: parse6() bounds-checked the 40-byte IPv6 header.
-        old[i] = unsafe { load16(pkt.l3 + addr_off + 2 * i) };
-        new[i] = u16::from_ne_bytes([addr[2 * i], addr[2 * i + 1]]);
-        diff += u32::from(!old[i]) + u32::from(new[i]);
+        unsafe {
+            diff += u32::from(!load16(pkt.l3 + addr_off + 2 * i)) + u32::from(new);
+            store16(pkt.l3 + addr_off + 2 * i, new);
+        }
         i += 1;
     }
     // SAFETY: parse6() bounds-checked the L4 header (20 bytes for TCP, 8 for UDP), which holds
     // the ports and the checksum.
     let (old_port, old_sport) = unsafe {
-        let old_port = load16(pkt.l4 + port_off);
-        let old_sport = load16(pkt.l4);
-        if !F::SKB {
-            let old_l4 = load16(l4_check);
-            let mut l4 = csum::replace2(csum::replace16(old_l4, &old, &new), old_port, port);
-            if src_port != 0 {
-                l4 = csum::replace2(l4, old_sport, src_port);
-            }
-            if pkt.proto == IPPROTO_UDP {
-                l4 = csum::udp_fixup(old_l4, l4);
-            }
-            store16(l4_check, l4);
-        }
+        let old = (load16(pkt.l4 + port_off), load16(pkt.l4));
         store16(pkt.l4 + port_off, port);
         if src_port != 0 {
             store16(pkt.l4, src_port);
         }
-        let mut i = 0;
-        while i < 8 {
-            store16(pkt.l3 + addr_off + 2 * i, new[i]);
-            i += 1;
-        }
-        (old_port, old_sport)
+        old
     };
-    if !F::SKB {
-        return;
-    }
     // An offset, not a pointer: the helper invalidates every packet pointer.
     let check_off = pkt.l4_check - f.data();
     // A UDP checksum of zero means "none" and stays so. BPF_F_IPV6: an skb whose checksum
@@ -151,6 +146,65 @@ fn translate<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], ports: 
         && f.l4_csum_replace(check_off, u32::from(old_port), u32::from(port), mangled | 2)
         && (src_port == 0
             || f.l4_csum_replace(check_off, u32::from(old_sport), u32::from(src_port), mangled | 2));
+}
+
+/// Writes `addr` and `port` (host order) into the chosen side of `pkt` and fixes the L4
+/// checksum (the pseudo-header covers both addresses).
+#[inline(never)]
+fn rewrite(pkt: &Packet6, side: Side, addr: &[u8; 16], port: u16) {
+    let (addr_off, port_off) = match side {
+        Side::Source => (8, 0),
+        Side::Destination => (24, 2),
+    };
+    let port = port.to_be();
+    let l4_check = pkt.l4_check;
+    let mut old = [0u16; 8];
+    let mut new = [0u16; 8];
+    let mut i = 0;
+    while i < 8 {
+        // SAFETY: parse6() bounds-checked the 40-byte IPv6 header.
+        old[i] = unsafe { load16(pkt.l3 + addr_off + 2 * i) };
+        new[i] = u16::from_ne_bytes([addr[2 * i], addr[2 * i + 1]]);
+        i += 1;
+    }
+    // SAFETY: parse6() bounds-checked the L4 header (20 bytes for TCP, 8 for UDP), which holds
+    // the ports and the checksum.
+    unsafe {
+        let old_port = load16(pkt.l4 + port_off);
+        let old_l4 = load16(l4_check);
+        let mut l4 = csum::replace2(csum::replace16(old_l4, &old, &new), old_port, port);
+        if pkt.proto == IPPROTO_UDP {
+            l4 = csum::udp_fixup(old_l4, l4);
+        }
+        store16(l4_check, l4);
+        store16(pkt.l4 + port_off, port);
+        let mut i = 0;
+        while i < 8 {
+            store16(pkt.l3 + addr_off + 2 * i, new[i]);
+            i += 1;
+        }
+    }
+}
+
+/// Writes `port` (host order) into the chosen side of `pkt` and fixes the L4 checksum.
+#[inline(never)]
+fn rewrite_port(pkt: &Packet6, side: Side, port: u16) {
+    let off = match side {
+        Side::Source => 0,
+        Side::Destination => 2,
+    };
+    let port = port.to_be();
+    // SAFETY: parse6() bounds-checked the L4 header, which holds the ports and the checksum.
+    unsafe {
+        let old_port = load16(pkt.l4 + off);
+        let old_l4 = load16(pkt.l4_check);
+        let mut l4 = csum::replace2(old_l4, old_port, port);
+        if pkt.proto == IPPROTO_UDP {
+            l4 = csum::udp_fixup(old_l4, l4);
+        }
+        store16(pkt.l4_check, l4);
+        store16(pkt.l4 + off, port);
+    }
 }
 
 /// The ports argument of [`translate`].
