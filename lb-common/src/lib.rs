@@ -409,6 +409,8 @@ pub const PROG_SOCK_GETPEERNAME6: &str = "xlb_sock_getpeername6";
 /// kernel deliver the frames the peer's XDP program sends back (XDP_TX) at once; it is also the
 /// floor the benchmarks subtract.
 pub const PROG_XDP_PASS: &str = "xlb_xdp_pass";
+/// A TC program that passes every packet: the floor of the tc datapath's benchmark.
+pub const PROG_TC_PASS: &str = "xlb_tc_pass";
 
 /// Name of the trace program: the datapath's decision, run by `xlb trace` on a crafted packet
 /// with BPF_PROG_TEST_RUN. It reads the live maps and writes nothing but [`MAP_TRACE`].

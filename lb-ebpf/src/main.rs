@@ -88,6 +88,12 @@ mod entry {
         crate::tc::ingress(ctx.skb.skb)
     }
 
+    /// Passes every packet; never attached: the floor of the tc datapath's benchmark.
+    #[classifier]
+    pub fn xlb_tc_pass(_ctx: TcContext) -> i32 {
+        TC_ACT_OK
+    }
+
     /// Attached at TC egress on the same interfaces: translates the replies of flows to the
     /// node's own addresses once the kernel has routed them. Never drops anything.
     #[classifier]

@@ -16,8 +16,11 @@
 //! is dual-stack (an IPv6 clusterIP with 5 IPv6 endpoints), and the NodePort Service has an IPv6
 //! node address with 64 IPv6 endpoints on other nodes.
 //!
+//! `--hook tc` times the tc datapath's program (`xlb_tc_ingress`, on an skb) instead, against the
+//! floor of a TC program that only passes (`xlb_tc_pass`).
+//!
 //! Run with `cargo xtask bench-datapath [-- --services 1,1000,10000,100000 --calls C --rounds R
-//! --json FILE]` (root).
+//! --hook xdp|tc --json FILE]` (root).
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV6},
     sync::Arc,
@@ -25,12 +28,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
-use lb_common::{PROG_XDP_PASS, SVC_F_CLUSTER_IP, SVC_F_LOCAL, SVC_F_NODE_PORT};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use lb_common::{PROG_TC_PASS, PROG_XDP_PASS, SVC_F_CLUSTER_IP, SVC_F_LOCAL, SVC_F_NODE_PORT};
 use lb_userspace::{
     cli::packet::{Frame, Frame6},
     datapath::BpfMaps,
-    datapath::ebpf::{self, Capacities},
+    datapath::ebpf::{self, Capacities, Hook},
     model::{BackendState, DesiredBackend, DesiredPort, Frontend, PortRef, Proto, Shown, SvcType},
     reconcile::Reconciler,
 };
@@ -43,11 +46,19 @@ struct Args {
     json: Option<std::path::PathBuf>,
     /// Run only this path (for profiling it), e.g. "new flow".
     only: Option<String>,
+    /// The program timed: the XDP datapath's or the tc datapath's.
+    hook: Hook,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a =
-        Args { services: vec![1, 1_000, 10_000, 100_000], calls: 4_000, rounds: 5, json: None, only: None };
+    let mut a = Args {
+        services: vec![1, 1_000, 10_000, 100_000],
+        calls: 4_000,
+        rounds: 5,
+        json: None,
+        only: None,
+        hook: Hook::Xdp,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let val = it.next().context("missing value")?;
@@ -57,7 +68,16 @@ fn args() -> anyhow::Result<Args> {
             "--rounds" => a.rounds = val.parse()?,
             "--json" => a.json = Some(val.into()),
             "--only" => a.only = Some(val),
-            other => bail!("unknown argument {other:?} (--services N,N,.. --calls C --rounds R --json FILE)"),
+            "--hook" => {
+                a.hook = match val.as_str() {
+                    "xdp" => Hook::Xdp,
+                    "tc" => Hook::Tc,
+                    other => bail!("--hook {other:?}: xdp or tc"),
+                }
+            }
+            other => bail!(
+                "unknown argument {other:?} (--services N,N,.. --calls C --rounds R --hook xdp|tc --json FILE)"
+            ),
         }
     }
     if a.services.iter().any(|&n| n == 0 || n > 200_000) || a.calls == 0 || a.rounds == 0 {
@@ -163,7 +183,10 @@ fn services(n: u32) -> Vec<Arc<DesiredPort>> {
 }
 
 /// Runs `prog` once on `frame`: the kernel's time for that run, and the verdict.
-fn once(prog: &mut Xdp, frame: &[u8], out: &mut [u8]) -> anyhow::Result<(Duration, u32)> {
+fn once<P>(prog: &P, frame: &[u8], out: &mut [u8]) -> anyhow::Result<(Duration, u32)>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
     let r =
         prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(out), ..TestRunOptions::new() })?;
     Ok((r.duration, r.return_value))
@@ -218,17 +241,66 @@ fn perf_control(cmd: &str) {
     }
 }
 
-/// The floor program.
-fn pass(obj: &mut aya::Ebpf) -> anyhow::Result<&mut Xdp> {
-    Ok(obj.program_mut(PROG_XDP_PASS).context("no pass program")?.try_into()?)
+/// The timed program and its floor (loaded), by hook, with the verdict of a pass.
+enum Progs<'a> {
+    Xdp(&'a Xdp, &'a Xdp),
+    Tc(&'a SchedClassifier, &'a SchedClassifier),
+}
+
+impl Progs<'_> {
+    fn run(&self, floor: bool, frame: &[u8], out: &mut [u8]) -> anyhow::Result<(Duration, u32)> {
+        match (self, floor) {
+            (Progs::Xdp(p, _), false) => once(*p, frame, out),
+            (Progs::Xdp(_, f), true) => once(*f, frame, out),
+            (Progs::Tc(p, _), false) => once(*p, frame, out),
+            (Progs::Tc(_, f), true) => once(*f, frame, out),
+        }
+    }
+
+    /// XDP_PASS, or TC_ACT_OK.
+    fn pass_verdict(&self) -> u32 {
+        match self {
+            Progs::Xdp(..) => 2,
+            Progs::Tc(..) => 0,
+        }
+    }
+}
+
+/// Loads the floor program of `hook`; the datapath's own was loaded with the object.
+fn load_floor(obj: &mut aya::Ebpf, hook: Hook) -> anyhow::Result<()> {
+    match hook {
+        Hook::Xdp => {
+            let p: &mut Xdp = obj.program_mut(PROG_XDP_PASS).context("no pass program")?.try_into()?;
+            p.load()?;
+        }
+        Hook::Tc => {
+            let p: &mut SchedClassifier =
+                obj.program_mut(PROG_TC_PASS).context("no TC pass program")?.try_into()?;
+            p.load()?;
+        }
+    }
+    Ok(())
+}
+
+/// The loaded programs of `hook` in `obj`.
+fn progs(obj: &aya::Ebpf, hook: Hook) -> anyhow::Result<Progs<'_>> {
+    let get = |name: &str| obj.program(name).with_context(|| format!("no program {name}"));
+    Ok(match hook {
+        Hook::Xdp => Progs::Xdp(get(lb_common::PROG_XDP)?.try_into()?, get(PROG_XDP_PASS)?.try_into()?),
+        Hook::Tc => Progs::Tc(get(lb_common::PROG_TC_INGRESS)?.try_into()?, get(PROG_TC_PASS)?.try_into()?),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
     let a = args()?;
     pin_to_cpu0();
-    println!("xlb datapath cost per packet, BPF_PROG_TEST_RUN, one run per call on a fresh frame, CPU 0,");
+    let (program, floor_name) = match a.hook {
+        Hook::Xdp => ("XDP program (xlb_xdp)", PROG_XDP_PASS),
+        Hook::Tc => ("tc datapath's program (xlb_tc_ingress, on an skb)", PROG_TC_PASS),
+    };
+    println!("xlb datapath cost per packet, {program}, BPF_PROG_TEST_RUN, one run per call on a fresh");
     println!(
-        "net of the floor (xlb_xdp_pass in the same rounds): median of {} rounds of {} calls [min-max]",
+        "frame, CPU 0, net of the floor ({floor_name} in the same rounds): median of {} rounds of {} calls [min-max]",
         a.rounds, a.calls
     );
     let mut rows = Vec::new();
@@ -241,13 +313,14 @@ fn main() -> anyhow::Result<()> {
             ipv6_entries: (n * (ENDPOINTS + 1) + 64).next_power_of_two().max(262_144),
             ..Capacities::default()
         };
-        let mut obj = ebpf::load(None, caps).context("loading the datapath")?;
+        let mut obj = ebpf::load_hooks(None, caps, &[a.hook]).context("loading the datapath")?;
         let maps = BpfMaps::take(&mut obj)?;
         let mut rec = Reconciler::new(maps)?;
         let started = std::time::Instant::now();
         rec.apply(&services(n))?;
         let programmed = started.elapsed();
-        pass(&mut obj)?.load()?;
+        load_floor(&mut obj, a.hook)?;
+        let progs = progs(&obj, a.hook)?;
 
         // The last service: the same lookup cost as any (hash maps), the farthest in the table.
         let target = vip(n - 1);
@@ -256,7 +329,7 @@ fn main() -> anyhow::Result<()> {
         // An established flow and its reply: set up once.
         let flow = client(u32::MAX >> 2);
         let syn = Frame::tcp(flow, to).build();
-        let (_, _) = once(ebpf::xdp(&mut obj)?, &syn, &mut out)?;
+        let (_, _) = progs.run(false, &syn, &mut out)?;
         let backend = lb_userspace::cli::packet::decode(&out).context("decoding the DNATed SYN")?.dst;
         let ack = Frame { tcp_flags: 0x10, ..Frame::tcp(flow, to) }.build();
         let reply = Frame { tcp_flags: 0x12, ..Frame::tcp(backend, flow) }.build();
@@ -264,7 +337,7 @@ fn main() -> anyhow::Result<()> {
         // The same over IPv6.
         let to6 = SocketAddrV6::new(vip6(n - 1), 80, 0, 0);
         let flow6 = client6(u32::MAX >> 2);
-        let (_, _) = once(ebpf::xdp(&mut obj)?, &Frame6::tcp(flow6, to6).build(), &mut out)?;
+        let (_, _) = progs.run(false, &Frame6::tcp(flow6, to6).build(), &mut out)?;
         let backend6 = lb_userspace::cli::packet::decode6(&out).context("decoding the DNATed IPv6 SYN")?.dst;
         let ack6 = Frame6 { tcp_flags: 0x10, ..Frame6::tcp(flow6, to6) }.build();
         let reply6 = Frame6 { tcp_flags: 0x12, ..Frame6::tcp(backend6, flow6) }.build();
@@ -306,19 +379,18 @@ fn main() -> anyhow::Result<()> {
             // The floor, on the same frame sizes.
             let frame = Frame::tcp(client(0), to).build();
             let mut f: Vec<u64> = (0..a.calls)
-                .map(|_| once(pass(&mut obj)?, &frame, &mut out).map(|(d, _)| d.as_nanos() as u64))
+                .map(|_| progs.run(true, &frame, &mut out).map(|(d, _)| d.as_nanos() as u64))
                 .collect::<anyhow::Result<_>>()?;
             let floor = median(&mut f);
             floors.push(floor);
             for (i, (name, make)) in paths.iter_mut().enumerate() {
-                let prog = ebpf::xdp(&mut obj)?;
                 let mut t = Vec::with_capacity(a.calls as usize);
                 for _ in 0..a.calls {
                     k = k.wrapping_add(1);
                     let frame = make(k);
-                    let (d, verdict) = once(prog, &frame, &mut out)?;
-                    if verdict != 2 {
-                        bail!("{name}: verdict {verdict}, not XDP_PASS (round {round})");
+                    let (d, verdict) = progs.run(false, &frame, &mut out)?;
+                    if verdict != progs.pass_verdict() {
+                        bail!("{name}: verdict {verdict}, not a pass (round {round})");
                     }
                     t.push(d.as_nanos() as u64);
                 }
@@ -341,7 +413,7 @@ fn main() -> anyhow::Result<()> {
         }
         let floor_stat = stat(&floors.iter().map(|&f| f as i64).collect());
         rows.push(serde_json::json!({
-            "services": n, "endpoints": ENDPOINTS, "paths_ns": paths_json, "floor_ns": floor_stat,
+            "services": n, "endpoints": ENDPOINTS, "hook": a.hook.to_string(), "paths_ns": paths_json, "floor_ns": floor_stat,
             "programmed_s": programmed.as_secs_f64(),
         }));
         let mut floor_sorted = floors.clone();
