@@ -93,6 +93,10 @@ pub fn run_all(a: &BenchArgs) -> anyhow::Result<()> {
     run(Command::new(&dp)
         .args(["--services", sizes, "--calls", calls, "--rounds", rounds, "--json"])
         .arg(out.join("datapath.json")))?;
+    // The tc datapath's program, by the same method (its own floor: a TC program that passes).
+    run(Command::new(&dp)
+        .args(["--hook", "tc", "--services", sizes, "--calls", calls, "--rounds", rounds, "--json"])
+        .arg(out.join("datapath-tc.json")))?;
     for (path, file) in [("new flow", "profile-new-flow.txt"), ("no service", "profile-no-service.txt")] {
         if let Err(e) = profile(&dp, path, &out.join(file), a.quick) {
             eprintln!("xtask: no profile of {path:?}: {e:#}");
