@@ -178,7 +178,9 @@ fn demo(stop: &AtomicBool) -> anyhow::Result<()> {
     }
     bed.write_manifest("cluster.yaml", DEMO_MANIFEST)?;
     bed.start_agents()?;
-    println!("   both agents attached XDP, TC and socket programs, and wrote the service maps");
+    println!(
+        "   both agents attached their datapath (the tc datapath on these veths: --datapath auto), TC egress and socket programs, and wrote the service maps"
+    );
 
     step(stop, "`xlb get services` on node-1 (read from its pinned maps)")?;
     print!("{}", bed.xlb_cli(0, &["get", "services"])?);
@@ -220,7 +222,7 @@ fn demo(stop: &AtomicBool) -> anyhow::Result<()> {
     let answers = bed.pods[1]
         .ns
         .enter(|| (0..10).map(|_| tcp_request(vip, Duration::from_secs(3))).collect::<Vec<_>>());
-    show("from pod-b (translated by node-2's XDP program):", "pod-b", "198.18.0.10:80", answers)?;
+    show("from pod-b (translated by node-2's datapath at TC ingress):", "pod-b", "198.18.0.10:80", answers)?;
     println!(
         "     (pod-b landing on itself is hairpinned: SNATed to the Service address, so it sees 198.18.0.10)"
     );
