@@ -279,6 +279,34 @@ pub const fn filter_bit(addr: [u8; 4], port: u16, proto: u8) -> u32 {
     (k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FILTER_BITS_LOG2)) as u32
 }
 
+/// Mixed into the protocol of a backend's second filter bit ([`filter_bit_backend`]); no
+/// protocol xlb serves has this bit.
+pub const FILTER_BACKEND_ROLE: u8 = 0x80;
+
+/// A backend's second bit in the filter: besides its [`filter_bit`] (which frontends and backends
+/// share), every backend sets this one, which no frontend sets. TC egress, whose source rewrites
+/// are all of packets that a backend sent, looks the conntrack up only for a source that has it:
+/// a reply that XDP or TC ingress already translated (its source is the frontend now) is spared
+/// its lookups.
+#[inline(always)]
+pub const fn filter_bit_backend(addr: [u8; 4], port: u16, proto: u8) -> u32 {
+    filter_bit(addr, port, proto | FILTER_BACKEND_ROLE)
+}
+
+/// [`filter_bit_backend`] of an IPv6 backend.
+#[inline(always)]
+pub const fn filter_bit_backend6(addr: [u8; 16], port: u16, proto: u8) -> u32 {
+    filter_bit(fold6(addr), port, proto | FILTER_BACKEND_ROLE)
+}
+
+/// Whether `port` (host order) is one that SNAT gives a flow ([`SNAT_PORT_MIN`] to
+/// [`SNAT_PORT_MAX`]): only a packet from such a port can be a SNATed flow's on its way to its
+/// backend.
+#[inline(always)]
+pub const fn is_snat_port(port: u16) -> bool {
+    port >= SNAT_PORT_MIN
+}
+
 /// IPv6 frontends (hash, [`Svc6Key`] -> [`Svc4Value`]): as [`MAP_SERVICES`], for IPv6
 /// addresses. Backend slots name ids of [`MAP_BACKENDS6`].
 pub const MAP_SERVICES6: &str = "xlb_svc6_v1";

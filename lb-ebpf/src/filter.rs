@@ -1,6 +1,6 @@
 //! The endpoint filter (lb_common::MAP_FILTER): is (address, port, protocol) possibly a frontend
 //! or a backend? Two array reads spare a packet that is neither its three hash lookups.
-use lb_common::{filter_bit, filter_bit6};
+use lb_common::{filter_bit, filter_bit_backend, filter_bit_backend6, filter_bit6};
 
 use crate::maps::{FILTER, SERVICE_CIDRS};
 
@@ -14,6 +14,19 @@ pub fn has(addr: u32, port: u16, proto: u8) -> bool {
 #[inline(always)]
 pub fn has6(addr: &[u8; 16], port: u16, proto: u8) -> bool {
     is_set(filter_bit6(*addr, port, proto))
+}
+
+/// Whether (`addr`, `port`, `proto`), as they stand in the packet, may be a backend (its
+/// second bit, which no frontend sets: lb_common::filter_bit_backend).
+#[inline(always)]
+pub fn has_backend(addr: u32, port: u16, proto: u8) -> bool {
+    is_set(filter_bit_backend(addr.to_ne_bytes(), u16::from_be(port), proto))
+}
+
+/// As [`has_backend`], for an IPv6 address (bytes as in the packet) and a port in host order.
+#[inline(always)]
+pub fn has_backend6(addr: &[u8; 16], port: u16, proto: u8) -> bool {
+    is_set(filter_bit_backend6(*addr, port, proto))
 }
 
 /// Whether filter bit `bit` is set. A word that cannot be read (never: the index is below the

@@ -21,7 +21,7 @@ use lb_common::{
     IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST, SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES,
     SrcRange6, Stat, TRACE_AFFINITY, TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE,
     TRACE_FRONTEND, TRACE_MAGLEV, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord, csum,
-    maglev_flow_hash6, maglev_key,
+    is_snat_port, maglev_flow_hash6, maglev_key,
 };
 
 use crate::{
@@ -820,12 +820,15 @@ fn maglev_slot(s: &mut Scratch6, flags: u16, count: u16) -> bool {
 /// The source a packet leaving gets, by its tuple in `s.key` (direction [`CT_DIR_SNAT`]): put
 /// in `s.val` (address and port) with its counter; `None`: it leaves as it is.
 #[inline(always)]
-fn source_nat(s: &mut Scratch6) -> Option<Stat> {
-    if let Some(e) = CT6.get_ptr(&s.key) {
+fn source_nat(s: &mut Scratch6, to_backend: bool, from_backend: bool) -> Option<Stat> {
+    if to_backend && let Some(e) = CT6.get_ptr(&s.key) {
         // A SNATed flow leaving towards its backend: the node address and SNAT port.
         // SAFETY: pointer from a lookup in this run; plain reads.
         unsafe { (s.val.nat_addr, s.val.nat_port) = ((*e).nat_addr, (*e).nat_port) };
         return Some(Stat::EgressSnat);
+    }
+    if !from_backend {
+        return None;
     }
     s.key.dir = CT_DIR_SNAT_REPLY;
     if let Some(e) = CT6.get_ptr(&s.key) {
@@ -863,7 +866,7 @@ pub fn egress(skb: *mut __sk_buff) {
         Parsed6::Fragment(f) => {
             // A later fragment of a datagram whose first fragment got a new source here: the
             // same source address.
-            if fragment_key(s, &f, CT_DIR_SNAT) && source_nat(s).is_some() {
+            if fragment_key(s, &f, CT_DIR_SNAT) && source_nat(s, true, true).is_some() {
                 let l3 = f.l3 - data;
                 if ctx.store(l3 + 8, &s.val.nat_addr, 0).is_ok() {
                     count(Stat::FragTranslated, u64::from(ctx.len()));
@@ -874,13 +877,14 @@ pub fn egress(skb: *mut __sk_buff) {
         _ => return,
     };
     fill_key(&mut s.key, &pkt, CT_DIR_SNAT);
-    // Every entry below has a backend at one end (source or destination).
-    if !filter::has6(&s.key.daddr, s.key.dport, s.key.proto)
-        && !filter::has6(&s.key.saddr, s.key.sport, s.key.proto)
-    {
+    // As `tc::egress`: only a packet from a backend, or from a SNAT port to a backend, may have
+    // an entry below; the others are spared the lookups.
+    let to_backend = is_snat_port(s.key.sport) && filter::has6(&s.key.daddr, s.key.dport, s.key.proto);
+    let from_backend = filter::has_backend6(&s.key.saddr, s.key.sport, s.key.proto);
+    if !to_backend && !from_backend {
         return;
     }
-    let Some(stat) = source_nat(s) else { return };
+    let Some(stat) = source_nat(s, to_backend, from_backend) else { return };
     if pkt.first_fragment {
         remember_fragment(s, &pkt);
     }

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_EGRESS_REVNAT, Ct4Key, IPPROTO_UDP, Stat,
+    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_EGRESS_REVNAT, Ct4Key, IPPROTO_UDP, Stat, is_snat_port,
 };
 
 use crate::{
@@ -63,11 +63,17 @@ pub fn egress(ctx: &TcContext) {
         Parsed::Fragment(f) => return later_fragment(ctx, &f, data),
         _ => return,
     };
-    // Every entry below has a backend at one end (source or destination).
-    if !filter::has(pkt.daddr, pkt.dport, pkt.proto) && !filter::has(pkt.saddr, pkt.sport, pkt.proto) {
+    // Every entry below is of a packet that a backend sent (a SNAT reply, a reply to a node
+    // address), or of a SNATed flow's packet to its backend from a SNAT port. Most packets are
+    // neither, and are spared the conntrack's lookups (each a cache miss in a large table): a
+    // flow's packets to its backend leave from the client's own port, and a reply translated at
+    // ingress has the frontend as source.
+    let to_backend = is_snat_port(u16::from_be(pkt.sport)) && filter::has(pkt.daddr, pkt.dport, pkt.proto);
+    let from_backend = filter::has_backend(pkt.saddr, pkt.sport, pkt.proto);
+    if !to_backend && !from_backend {
         return;
     }
-    let Some((nat, stat)) = source_nat(|dir| ct::key_of(&pkt, dir)) else { return };
+    let Some((nat, stat)) = source_nat(|dir| ct::key_of(&pkt, dir), to_backend, from_backend) else { return };
     // A first fragment's later ones get the same source (see `later_fragment`).
     lb::remember_fragment(&pkt);
     let (l3, l4) = (pkt.l3 - data, pkt.l4 - data);
@@ -97,13 +103,21 @@ pub fn egress(ctx: &TcContext) {
 }
 
 /// The source a packet leaving gets (address and port), found by the conntrack key of each
-/// direction (`key`); `None`: it leaves as it is.
+/// direction (`key`); `None`: it leaves as it is. `to_backend`: it may be a SNATed flow's on its
+/// way to its backend; `from_backend`: it may be a backend's reply.
 #[inline(always)]
-fn source_nat(key: impl Fn(u8) -> Ct4Key) -> Option<(([u8; 4], u16), Stat)> {
-    if let Some(e) = CT.get_ptr(key(CT_DIR_SNAT)) {
+fn source_nat(
+    key: impl Fn(u8) -> Ct4Key,
+    to_backend: bool,
+    from_backend: bool,
+) -> Option<(([u8; 4], u16), Stat)> {
+    if to_backend && let Some(e) = CT.get_ptr(key(CT_DIR_SNAT)) {
         // A SNATed flow leaving towards its backend: the node address and SNAT port as source.
         // SAFETY: pointer from a lookup in this run; plain integer reads.
         return Some((unsafe { ((*e).nat_addr, (*e).nat_port) }, Stat::EgressSnat));
+    }
+    if !from_backend {
+        return None;
     }
     if let Some(e) = CT.get_ptr(key(CT_DIR_SNAT_REPLY)) {
         // A SNATed flow's reply on its way to the client: the frontend as source.
@@ -122,7 +136,8 @@ fn source_nat(key: impl Fn(u8) -> Ct4Key) -> Option<(([u8; 4], u16), Stat)> {
 #[inline(always)]
 fn later_fragment(ctx: &TcContext, f: &parse::Fragment, data: usize) {
     let Some(key) = lb::fragment_keys(f) else { return };
-    let Some(((addr, _), _)) = source_nat(key) else { return };
+    // Its ports are those of its first fragment, which had a new source here.
+    let Some(((addr, _), _)) = source_nat(key, true, true) else { return };
     let (old_addr, new_addr) = (f.saddr, u32::from_ne_bytes(addr));
     let l3 = f.l3 - data;
     let ok = ctx

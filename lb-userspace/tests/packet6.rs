@@ -104,15 +104,16 @@ impl Dut {
             };
             self.rec.datapath_mut().write_service6(key(*vip.ip(), vip.port(), proto, 0), entry).unwrap();
             // The endpoint filter's bits, as the reconciler sets them.
-            let ends = addrs.iter().map(|a| (a.parse::<Ipv6Addr>().unwrap(), port));
-            for (addr, p) in ends.chain([(*vip.ip(), vip.port())]) {
-                self.set_filter_bit(addr, p, proto);
+            for a in addrs {
+                let addr = a.parse::<Ipv6Addr>().unwrap();
+                self.set_filter_bit(lb_common::filter_bit6(addr.octets(), port, proto.number()));
+                self.set_filter_bit(lb_common::filter_bit_backend6(addr.octets(), port, proto.number()));
             }
+            self.set_filter_bit(lb_common::filter_bit6(vip.ip().octets(), vip.port(), proto.number()));
         }
     }
 
-    fn set_filter_bit(&mut self, addr: Ipv6Addr, port: u16, proto: Proto) {
-        let bit = lb_common::filter_bit6(addr.octets(), port, proto.number());
+    fn set_filter_bit(&mut self, bit: u32) {
         let words = self.rec.datapath().read_filter().unwrap();
         let i = (bit >> 6) as usize;
         let w = words[i] | 1 << (bit & 63);

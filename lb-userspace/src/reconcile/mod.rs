@@ -761,6 +761,30 @@ impl<D: Datapath> Reconciler<D> {
         (!self.filter.is_empty()).then(|| filter_bit(addr, port, proto))
     }
 
+    /// A backend's two filter bits: the one frontends share and its own (see
+    /// lb_common::filter_bit_backend), when the datapath has a filter.
+    fn backend_bits(&self, k: &BackendKey) -> [Option<u32>; 2] {
+        let own = (!self.filter.is_empty()).then(|| match k.addr {
+            IpAddr::V4(a) => lb_common::filter_bit_backend(a.octets(), k.port, k.proto.number()),
+            IpAddr::V6(a) => lb_common::filter_bit_backend6(a.octets(), k.port, k.proto.number()),
+        });
+        [self.bit_of(k.addr, k.port, k.proto), own]
+    }
+
+    /// One more backend entry (named or lingering) needs backend `k`'s bits.
+    fn backend_hold(&mut self, k: &BackendKey) {
+        for bit in self.backend_bits(k) {
+            self.filter_hold(bit);
+        }
+    }
+
+    /// One backend entry fewer needs backend `k`'s bits.
+    fn backend_release(&mut self, k: &BackendKey) {
+        for bit in self.backend_bits(k) {
+            self.filter_release(bit);
+        }
+    }
+
     /// One more map entry (frontend, backend, lingering backend) needs `bit`.
     fn filter_hold(&mut self, bit: Option<u32>) {
         let Some(bit) = bit else { return };
@@ -891,7 +915,7 @@ impl<D: Datapath> Reconciler<D> {
                 self.filter_want.iter_mut().zip(bits).for_each(|(w, b)| *w |= b);
             }
             for k in self.lingering.iter().map(|(_, k)| *k).collect::<Vec<_>>() {
-                self.filter_hold(self.bit_of(k.addr, k.port, k.proto));
+                self.backend_hold(&k);
             }
         }
         for p in olds {
@@ -914,7 +938,7 @@ impl<D: Datapath> Reconciler<D> {
                 let refs = self.backend_refs.entry(k).or_default();
                 refs.count(b, true);
                 if refs.total() == 1 {
-                    self.filter_hold(self.bit_of(k.addr, k.port, k.proto));
+                    self.backend_hold(&k);
                 }
                 touched.push(k);
             }
@@ -1208,7 +1232,7 @@ impl<D: Datapath> Reconciler<D> {
             // Each held its filter bit while named; one named again (by another port, or by the
             // new version of its own) took a hold again above.
             for k in &unnamed {
-                self.filter_release(self.bit_of(k.addr, k.port, k.proto));
+                self.backend_release(k);
             }
             unnamed.into_iter().filter(|k| !self.named(k)).collect()
         };
@@ -1228,10 +1252,9 @@ impl<D: Datapath> Reconciler<D> {
             }
             self.freed.push((k.addr, k.port, k.proto.number()));
             st.writes += 1;
-            let bit = self.bit_of(k.addr, k.port, k.proto);
-            if bit.is_some() && !self.filter_grace.is_zero() {
+            if !self.filter.is_empty() && !self.filter_grace.is_zero() {
                 self.lingering.push_back((now + self.filter_grace, k));
-                self.filter_hold(bit);
+                self.backend_hold(&k);
             }
             self.backend_refs.remove(&k); // no port names it
         }
@@ -1240,7 +1263,7 @@ impl<D: Datapath> Reconciler<D> {
                 break;
             }
             self.lingering.pop_front();
-            self.filter_release(self.bit_of(k.addr, k.port, k.proto));
+            self.backend_release(&k);
         }
 
         // 6. Filter bits of what is gone.
@@ -1295,7 +1318,10 @@ mod tests {
 
     impl Checked {
         fn filter_has(&self, addr: [u8; 4], port: u16, proto: u8) -> bool {
-            let bit = lb_common::filter_bit(addr, port, proto);
+            self.bit_set(lb_common::filter_bit(addr, port, proto))
+        }
+
+        fn bit_set(&self, bit: u32) -> bool {
             self.0.filter[(bit >> 6) as usize] >> (bit & 63) & 1 == 1
         }
 
@@ -1313,6 +1339,8 @@ mod tests {
                     && be.state != lb_common::BACKEND_STATE_FREE
                 {
                     assert!(self.filter_has(be.addr, be.port, k.proto), "backend {be:?} not in the filter");
+                    let own = lb_common::filter_bit_backend(be.addr, be.port, k.proto);
+                    assert!(self.bit_set(own), "backend {be:?}'s own bit not in the filter");
                 }
             }
             for (k, v) in &self.0.services {
@@ -1357,6 +1385,8 @@ mod tests {
                     && be.state != lb_common::BACKEND_STATE_FREE
                 {
                     assert!(self.filter_has6(be.addr, be.port, k.proto), "backend {be:?} not in the filter");
+                    let own = lb_common::filter_bit_backend6(be.addr, be.port, k.proto);
+                    assert!(self.bit_set(own), "backend {be:?}'s own bit not in the filter");
                 }
             }
         }
@@ -1824,6 +1854,10 @@ mod tests {
                 };
                 let bit = lb_common::filter_bit(addr, port, k.proto);
                 exact[(bit >> 6) as usize] |= 1 << (bit & 63);
+                if k.slot != 0 {
+                    let own = lb_common::filter_bit_backend(addr, port, k.proto);
+                    exact[(own >> 6) as usize] |= 1 << (own & 63);
+                }
             }
             for (k, v) in &dp.services6 {
                 let (addr, port) = match k.slot {
@@ -1832,6 +1866,10 @@ mod tests {
                 };
                 let bit = lb_common::filter_bit6(addr, port, k.proto);
                 exact[(bit >> 6) as usize] |= 1 << (bit & 63);
+                if k.slot != 0 {
+                    let own = lb_common::filter_bit_backend6(addr, port, k.proto);
+                    exact[(own >> 6) as usize] |= 1 << (own & 63);
+                }
             }
             assert!(dp.filter == exact, "round {round}: the filter differs from the maps' entries");
             // And ids stay bounded: freed ids are reused.
