@@ -143,7 +143,8 @@ fn translate_skb<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], por
     let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled;
     let _ = (f.l4_csum_replace(check_off, 0, diff, pseudo | BPF_F_IPV6)
         || f.l4_csum_replace(check_off, 0, diff, pseudo))
-        && f.l4_csum_replace(check_off, u32::from(old_port), u32::from(port), mangled | 2)
+        && (old_port == port
+            || f.l4_csum_replace(check_off, u32::from(old_port), u32::from(port), mangled | 2))
         && (src_port == 0
             || f.l4_csum_replace(check_off, u32::from(old_sport), u32::from(src_port), mangled | 2));
 }

@@ -53,7 +53,9 @@ pub fn translate<F: Frame>(f: F, pkt: &Packet, side: Side, addr: [u8; 4], port: 
     // A UDP checksum of zero means "none" and stays so.
     let mangled = if pkt.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     let _ = f.l4_csum_replace(check, old_addr, new_addr, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)
-        && f.l4_csum_replace(check, u32::from(old_port), u32::from(new_port), mangled | 2)
+        // A port kept (the Service's port is the pod's) leaves the checksum as it is: one helper
+        // call fewer on a frequent path.
+        && (old_port == new_port || f.l4_csum_replace(check, u32::from(old_port), u32::from(new_port), mangled | 2))
         && (src_port == 0
             || f.l4_csum_replace(check, u32::from(old_sport), u32::from(new_sport), mangled | 2));
 }
