@@ -40,7 +40,7 @@ pub fn ingress(skb: *mut __sk_buff) -> i32 {
     let f = Skb(skb);
     // SAFETY: the program's own context.
     let len = unsafe { (*skb).len };
-    let want = len.min(LINEAR);
+    let want = ipv4_headers(f.data(), f.data_end()).unwrap_or(LINEAR).min(len);
     if ((f.data_end() - f.data()) as u32) < want {
         // SAFETY: helper on the program's own context; the core reads the bounds afresh. On
         // failure the core sees what is linear and passes what it cannot parse.
@@ -52,6 +52,32 @@ pub fn ingress(skb: *mut __sk_buff) -> i32 {
         Ok(xdp_action::XDP_TX) => unsafe { bpf_redirect((*skb).ifindex, 0) as i32 },
         _ => TC_ACT_OK,
     }
+}
+
+/// The length of an IPv4 TCP or UDP packet's headers (Ethernet, IP with options, the fixed L4
+/// header), which is all the core reads of it, when the linear part holds the IP header's first
+/// 20 bytes; `None` for any other packet (IPv6, ICMP errors with their quoted headers...). A
+/// packet whose payload lies in pages (a TCP write, a GRO packet) then keeps it there: pulling
+/// [`LINEAR`] bytes copied each such packet's payload into a new head.
+#[inline(always)]
+fn ipv4_headers(data: usize, end: usize) -> Option<u32> {
+    if data + parse::ETH_HLEN + 20 > end {
+        return None;
+    }
+    // SAFETY: bounds-checked just above.
+    let (ethertype, vihl, proto) = unsafe {
+        (
+            u16::from_be(parse::load16(data + 12)),
+            parse::load16(data + parse::ETH_HLEN).to_ne_bytes()[0],
+            parse::load16(data + parse::ETH_HLEN + 8).to_ne_bytes()[1],
+        )
+    };
+    let l4 = match proto {
+        lb_common::IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        _ => return None,
+    };
+    (ethertype == parse::ETH_P_IP).then(|| parse::ETH_HLEN as u32 + u32::from(vihl & 0x0f) * 4 + l4)
 }
 
 #[inline(always)]
