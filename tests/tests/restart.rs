@@ -282,8 +282,32 @@ fn a_second_agent_on_the_same_pin_directory_refuses_to_start_and_changes_nothing
     )
     .unwrap();
     let (services, pinned) = (ids(&bed), pins(&bed.pin_dir));
-    let links = || bed.node.ip(&["-d", "link", "show"]).unwrap();
+    // The programs on the node's interfaces: the program of each pinned link (tcx links do not
+    // show in `ip link`), and the XDP programs `ip link` shows, without the carrier state, which
+    // may still be settling on a bed just made.
+    let links = || {
+        let mut out = Vec::new();
+        for p in pinned.keys().filter(|p| p.starts_with("links/")) {
+            let path = bed.pin_dir.join(p.trim_start_matches('/')).display().to_string();
+            let link = run("bpftool", &["-j", "link", "show", "pinned", &path]).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&link).unwrap();
+            out.push(format!("{p}: prog {}", v["prog_id"]));
+        }
+        let ip = bed.node.ip(&["-d", "link", "show"]).unwrap();
+        out.extend(
+            ip.split_whitespace()
+                .filter(|w| !w.contains("CARRIER") && !w.starts_with("state"))
+                .map(String::from),
+        );
+        out.retain(|w| !matches!(w.as_str(), "UP" | "DOWN" | "UNKNOWN"));
+        out
+    };
     let attached = links();
+    assert!(!attached.iter().any(|l| l.ends_with("prog null")), "{attached:?}");
+    assert!(
+        attached.iter().any(|l| l.starts_with("links/tc_ingress_") || l.starts_with("links/xdp")),
+        "{attached:?}"
+    );
     assert!(pinned.keys().any(|p| p.starts_with("links/")), "{pinned:?}");
 
     let log = bed.work.join("second-agent.log");
