@@ -653,8 +653,12 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
             ) else {
                 continue;
             };
-            let rc = nc.map_or("–".into(), |nc| format!("{:.2} ({})", c / nc, verdict(c >= nc)));
-            let rl = nl.map_or("–".into(), |nl| format!("{:.2} ({})", l / nl, verdict(l <= nl)));
+            // The tc datapath's rows are held to issue 21's goals (0.95 times `none`'s connection
+            // rate, 1.05 times its p50), the others to issue 8's (`none`'s figures).
+            let (conn_goal, p50_goal) = if label.contains("(tc)") { (0.95, 1.05) } else { (1.0, 1.0) };
+            let rc =
+                nc.map_or("–".into(), |nc| format!("{:.2} ({})", c / nc, verdict(c >= nc * conn_goal)));
+            let rl = nl.map_or("–".into(), |nl| format!("{:.2} ({})", l / nl, verdict(l <= nl * p50_goal)));
             let ri = match (ni, med(&r["iperf"]["gbps"])) {
                 (Some(ni), Some(i)) => format!("{:.2} ({})", i / ni, verdict(i >= ni * 0.9)),
                 _ => "–".into(),
