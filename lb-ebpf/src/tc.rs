@@ -40,7 +40,7 @@ pub fn ingress(skb: *mut __sk_buff) -> i32 {
     let f = Skb(skb);
     // SAFETY: the program's own context.
     let len = unsafe { (*skb).len };
-    let want = ipv4_headers(f.data(), f.data_end()).unwrap_or(LINEAR).min(len);
+    let want = headers_len(f.data(), f.data_end()).unwrap_or(LINEAR).min(len);
     if ((f.data_end() - f.data()) as u32) < want {
         // SAFETY: helper on the program's own context; the core reads the bounds afresh. On
         // failure the core sees what is linear and passes what it cannot parse.
@@ -54,15 +54,28 @@ pub fn ingress(skb: *mut __sk_buff) -> i32 {
     }
 }
 
-/// The length of an IPv4 TCP or UDP packet's headers (Ethernet, IP with options, the fixed L4
-/// header), which is all the core reads of it, when the linear part holds the IP header's first
-/// 20 bytes; `None` for any other packet (IPv6, ICMP errors with their quoted headers...). A
-/// packet whose payload lies in pages (a TCP write, a GRO packet) then keeps it there: pulling
-/// [`LINEAR`] bytes copied each such packet's payload into a new head.
+/// The length of a TCP or UDP packet's headers (Ethernet, IPv4 with options or IPv6 without
+/// extension headers, the fixed L4 header), which is all the core reads of it, when the linear
+/// part holds the IP header's first 20 bytes; `None` for any other packet (IPv6 extension
+/// headers, ICMP errors with their quoted headers...). A packet whose payload lies in pages (a
+/// TCP write, a GRO packet) then keeps it there: pulling [`LINEAR`] bytes copied each such
+/// packet's payload into a new head.
 #[inline(always)]
-fn ipv4_headers(data: usize, end: usize) -> Option<u32> {
+fn headers_len(data: usize, end: usize) -> Option<u32> {
     if data + parse::ETH_HLEN + 20 > end {
         return None;
+    }
+    // SAFETY: bounds-checked just above (the next header is byte 6 of the IPv6 header).
+    let (ethertype, next) = unsafe {
+        (u16::from_be(parse::load16(data + 12)), parse::load16(data + parse::ETH_HLEN + 6).to_ne_bytes()[0])
+    };
+    if ethertype == parse::ETH_P_IPV6 {
+        let l4 = match next {
+            lb_common::IPPROTO_TCP => 20,
+            IPPROTO_UDP => 8,
+            _ => return None,
+        };
+        return Some(parse::ETH_HLEN as u32 + 40 + l4);
     }
     // SAFETY: bounds-checked just above.
     let (ethertype, vihl, proto) = unsafe {
