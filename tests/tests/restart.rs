@@ -294,12 +294,15 @@ fn a_second_agent_on_the_same_pin_directory_refuses_to_start_and_changes_nothing
             out.push(format!("{p}: prog {}", v["prog_id"]));
         }
         let ip = bed.node.ip(&["-d", "link", "show"]).unwrap();
-        out.extend(
-            ip.split_whitespace()
-                .filter(|w| !w.contains("CARRIER") && !w.starts_with("state"))
-                .map(String::from),
-        );
-        out.retain(|w| !matches!(w.as_str(), "UP" | "DOWN" | "UNKNOWN"));
+        let mut words = ip.split_whitespace();
+        while let Some(w) = words.next() {
+            if w == "state" {
+                words.next(); // UP, DOWN, UNKNOWN
+            } else if !w.starts_with('<') {
+                // Not the flags (<NO-CARRIER,BROADCAST,...>): carrier and operational state.
+                out.push(w.to_string());
+            }
+        }
         out
     };
     let attached = links();
