@@ -97,6 +97,12 @@ impl Packet {
     }
 }
 
+/// The fixed length of a TCP (20) or UDP (8) header: what the core reads of it.
+#[inline(always)]
+pub const fn l4_len(proto: u8) -> usize {
+    if proto == IPPROTO_TCP { 20 } else { 8 }
+}
+
 /// Parses the frame between `data` and `end` (an XDP buffer, or the linear part of an skb).
 #[inline(always)]
 pub fn parse(data: usize, end: usize) -> Parsed {
@@ -152,7 +158,7 @@ pub fn parse(data: usize, end: usize) -> Parsed {
     let first_fragment = frag & IP_MF != 0;
     let id = if first_fragment { unsafe { load16(l3 + 4) } } else { 0 };
     let l4 = l3 + ihl;
-    let l4_len = if proto == IPPROTO_TCP { 20 } else { 8 };
+    let l4_len = l4_len(proto);
     if l4 + l4_len > end || usize::from(tot_len) < ihl + l4_len {
         return Parsed::Malformed;
     }

@@ -65,32 +65,25 @@ fn headers_len(data: usize, end: usize) -> Option<u32> {
     if data + parse::ETH_HLEN + 20 > end {
         return None;
     }
-    // SAFETY: bounds-checked just above (the next header is byte 6 of the IPv6 header).
-    let (ethertype, next) = unsafe {
-        (u16::from_be(parse::load16(data + 12)), parse::load16(data + parse::ETH_HLEN + 6).to_ne_bytes()[0])
-    };
-    if ethertype == parse::ETH_P_IPV6 {
-        let l4 = match next {
-            lb_common::IPPROTO_TCP => 20,
-            IPPROTO_UDP => 8,
-            _ => return None,
-        };
-        return Some(parse::ETH_HLEN as u32 + 40 + l4);
-    }
-    // SAFETY: bounds-checked just above.
-    let (ethertype, vihl, proto) = unsafe {
+    let l3 = data + parse::ETH_HLEN;
+    // SAFETY: bounds-checked just above; every offset is within the IP header's first 20 bytes.
+    let (ethertype, vihl, next6, proto4) = unsafe {
         (
             u16::from_be(parse::load16(data + 12)),
-            parse::load16(data + parse::ETH_HLEN).to_ne_bytes()[0],
-            parse::load16(data + parse::ETH_HLEN + 8).to_ne_bytes()[1],
+            parse::load16(l3).to_ne_bytes()[0],
+            parse::load16(l3 + 6).to_ne_bytes()[0],
+            parse::load16(l3 + 8).to_ne_bytes()[1],
         )
     };
-    let l4 = match proto {
-        lb_common::IPPROTO_TCP => 20,
-        IPPROTO_UDP => 8,
+    let (l3_len, proto) = match ethertype {
+        parse::ETH_P_IP => (u32::from(vihl & 0x0f) * 4, proto4),
+        parse::ETH_P_IPV6 => (40, next6),
         _ => return None,
     };
-    (ethertype == parse::ETH_P_IP).then(|| parse::ETH_HLEN as u32 + u32::from(vihl & 0x0f) * 4 + l4)
+    if proto != lb_common::IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    Some(parse::ETH_HLEN as u32 + l3_len + parse::l4_len(proto) as u32)
 }
 
 #[inline(always)]

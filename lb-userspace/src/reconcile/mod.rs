@@ -264,11 +264,12 @@ pub struct Reconciler<D> {
 /// retransmission instead of getting a reset. The UDP and half-open TCP lifetime.
 pub const FILTER_GRACE: std::time::Duration = std::time::Duration::from_secs(lb_common::CT_UDP_S as u64);
 
-/// The endpoint-filter bit of (address, port, protocol) (both families share the filter).
-fn filter_bit(addr: IpAddr, port: u16, proto: Proto) -> u32 {
+/// The endpoint-filter bit of (address, port, protocol number) (both families share the
+/// filter).
+fn filter_bit(addr: IpAddr, port: u16, proto: u8) -> u32 {
     match addr {
-        IpAddr::V4(a) => lb_common::filter_bit(a.octets(), port, proto.number()),
-        IpAddr::V6(a) => lb_common::filter_bit6(a.octets(), port, proto.number()),
+        IpAddr::V4(a) => lb_common::filter_bit(a.octets(), port, proto),
+        IpAddr::V6(a) => lb_common::filter_bit6(a.octets(), port, proto),
     }
 }
 
@@ -758,17 +759,17 @@ impl<D: Datapath> Reconciler<D> {
 
     /// The filter bit of (address, port, protocol), when the datapath has a filter.
     fn bit_of(&self, addr: IpAddr, port: u16, proto: Proto) -> Option<u32> {
-        (!self.filter.is_empty()).then(|| filter_bit(addr, port, proto))
+        (!self.filter.is_empty()).then(|| filter_bit(addr, port, proto.number()))
     }
 
     /// A backend's two filter bits: the one frontends share and its own (see
     /// lb_common::filter_bit_backend), when the datapath has a filter.
     fn backend_bits(&self, k: &BackendKey) -> [Option<u32>; 2] {
-        let own = (!self.filter.is_empty()).then(|| match k.addr {
-            IpAddr::V4(a) => lb_common::filter_bit_backend(a.octets(), k.port, k.proto.number()),
-            IpAddr::V6(a) => lb_common::filter_bit_backend6(a.octets(), k.port, k.proto.number()),
-        });
-        [self.bit_of(k.addr, k.port, k.proto), own]
+        let own = k.proto.number() | lb_common::FILTER_BACKEND_ROLE;
+        [
+            self.bit_of(k.addr, k.port, k.proto),
+            (!self.filter.is_empty()).then(|| filter_bit(k.addr, k.port, own)),
+        ]
     }
 
     /// One more backend entry (named or lingering) needs backend `k`'s bits.
