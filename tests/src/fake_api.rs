@@ -187,8 +187,46 @@ fn query(target: &str) -> BTreeMap<String, String> {
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (k.to_string(), percent_decoded(v)))
         .collect()
+}
+
+/// A query value with its %XX escapes (and '+') decoded.
+fn percent_decoded(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(c)) => {
+                out.push(c);
+                i += 3;
+                continue;
+            }
+            (b'+', _) => out.push(b' '),
+            (c, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether an object's labels meet a label selector as kube-apiserver reads one:
+/// comma-separated requirements `key`, `!key`, `key=value` (or `==`), `key!=value`.
+pub fn labels_match(selector: &str, obj: &Value) -> bool {
+    let labels = &obj["metadata"]["labels"];
+    selector.split(',').map(str::trim).filter(|r| !r.is_empty()).all(|r| {
+        if let Some(key) = r.strip_prefix('!') {
+            labels.get(key).is_none()
+        } else if let Some((k, v)) = r.split_once("!=") {
+            labels.get(k).and_then(Value::as_str) != Some(v)
+        } else if let Some((k, v)) = r.split_once("==").or_else(|| r.split_once('=')) {
+            labels.get(k).and_then(Value::as_str) == Some(v)
+        } else {
+            labels.get(r).is_some()
+        }
+    })
 }
 
 async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
@@ -229,8 +267,11 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
     let node = q.get("fieldSelector").and_then(|f| {
         f.replace("%3D", "=").replace("%3d", "=").strip_prefix("spec.nodeName=").map(str::to_owned)
     });
-    let selected =
-        move |obj: &Value| node.as_ref().is_none_or(|n| obj["spec"]["nodeName"].as_str() == Some(n.as_str()));
+    let label_selector = q.get("labelSelector").cloned().unwrap_or_default();
+    let selected = move |obj: &Value| {
+        node.as_ref().is_none_or(|n| obj["spec"]["nodeName"].as_str() == Some(n.as_str()))
+            && labels_match(&label_selector, obj)
+    };
     if q.get("watch").map(String::as_str) != Some("true") {
         // A list, in pages of `limit` as kube-apiserver serves them: each page after the key
         // its `continue` token names, every page at the version of the first (so that the
@@ -307,8 +348,11 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
     {
         return;
     }
+    // As kube-apiserver writes a watch event: "type" before "object" (a client may read the
+    // object as it comes only when it knows the type first; serde_json's own map would write
+    // "object" first).
     async fn send(stream: &mut TcpStream, ev: &Value) -> bool {
-        let line = format!("{ev}\n");
+        let line = format!("{{\"type\":{},\"object\":{}}}\n", ev["type"], ev["object"]);
         stream.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).await.is_ok()
     }
     if gone {
@@ -327,10 +371,16 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
             // The history is in version order: start after the last version sent, as
             // kube-apiserver's watch cache does, not at the beginning.
             let start = st.events.partition_point(|(rv, ..)| *rv <= sent_up_to);
+            // An object changed so that the selector no longer selects it is DELETED to the
+            // watch, as kube-apiserver has it (here whether or not it was selected before).
             let evs: Vec<Value> = st.events[start..]
                 .iter()
-                .filter(|(_, k, _, obj)| *k == kind && selected(obj))
-                .map(|(_, _, ty, obj)| json!({"type": ty, "object": obj}))
+                .filter(|(_, k, _, _)| *k == kind)
+                .filter_map(|(_, _, ty, obj)| match (selected(obj), *ty) {
+                    (true, _) => Some(json!({"type": ty, "object": obj})),
+                    (false, "MODIFIED") => Some(json!({"type": "DELETED", "object": obj})),
+                    (false, _) => None,
+                })
                 .collect();
             (evs, st.rv, st.generation != generation)
         };
