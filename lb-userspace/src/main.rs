@@ -236,6 +236,11 @@ struct AgentArgs {
     /// instead of being routed out of the node. Default: none (such traffic is routed as any).
     #[arg(long, env = "XLB_SERVICE_CIDR", value_delimiter = ',', value_parser = parse_service_cidr)]
     service_cidr: Vec<lb_userspace::model::Cidr>,
+    /// Serve only the Services labelled service.kubernetes.io/service-proxy-name=NAME (and
+    /// leave every other Service to other proxies). Default: the Services without that label,
+    /// as kube-proxy (those with it belong to the proxy it names).
+    #[arg(long, env = "XLB_SERVICE_PROXY_NAME", value_parser = parse_proxy_name)]
+    service_proxy_name: Option<String>,
     /// This node's name as EndpointSlices give it in nodeName (for externalTrafficPolicy and
     /// internalTrafficPolicy Local). Default: NODE_NAME (set it from the downward API), else
     /// the host name.
@@ -396,6 +401,10 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_proxy_name(s: &str) -> Result<String, String> {
+    lb_userspace::source::ProxyName::new(Some(s.to_string())).map(|_| s.to_string())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(a) => {
@@ -439,6 +448,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 socket_lb_cgroup: lb_userspace::datapath::ebpf::socket_lb_cgroup(&a.cgroup)?,
                 proc_sys: a.proc_sys,
+                proxy_name: lb_userspace::source::ProxyName::new(a.service_proxy_name)
+                    .map_err(|e| anyhow::anyhow!("--service-proxy-name: {e}"))?,
             };
             warn_unknown_settings();
             if a.dry_run {

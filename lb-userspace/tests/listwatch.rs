@@ -16,7 +16,7 @@ use lb_userspace::{
     datapath::{Capacity, Datapath, DatapathError, MemDatapath},
     model::ModelConfig,
     reconcile::Reconciler,
-    source::kube::KubeSource,
+    source::{ProxyName, SERVICE_PROXY_NAME_LABEL, kube::KubeSource},
 };
 use tokio::{net::TcpListener, sync::Notify};
 use xlb_tests::fake_api::{FakeApi, Kind, pod, serve, service, slice};
@@ -294,7 +294,13 @@ async fn failed_map_writes_are_retried_until_the_maps_converge() {
         kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
     let metrics = Arc::new(Metrics::default());
     let changed = Arc::new(Notify::new());
-    let source = Source::Kube(KubeSource::start(client, Some("node-1"), changed.clone(), metrics.clone()));
+    let source = Source::Kube(KubeSource::start(
+        client,
+        Some("node-1"),
+        &Default::default(),
+        changed.clone(),
+        metrics.clone(),
+    ));
     let dp = Shared::default();
     // One write in twenty fails (retries back off from 100 ms, doubling).
     let faulty = FaultyDatapath::new(dp.clone(), 3, 50, 0);
@@ -328,7 +334,7 @@ fn start_agent(
     cfg: ModelConfig,
     metrics: Arc<Metrics>,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    start_agent_with(addr, dp, cfg, metrics, false)
+    start_agent_with(addr, dp, cfg, metrics, false, ProxyName::default())
 }
 
 /// [`start_agent`], writing events to the API server when `events`.
@@ -338,13 +344,19 @@ fn start_agent_with(
     cfg: ModelConfig,
     metrics: Arc<Metrics>,
     events: bool,
+    proxy: ProxyName,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let client =
         kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
     let changed = Arc::new(Notify::new());
     let node = cfg.node_name.clone();
-    let source =
-        Source::Kube(KubeSource::start(client.clone(), node.as_deref(), changed.clone(), metrics.clone()));
+    let source = Source::Kube(KubeSource::start(
+        client.clone(),
+        node.as_deref(),
+        &proxy,
+        changed.clone(),
+        metrics.clone(),
+    ));
     let mut syncer = Syncer::new(Reconciler::new(dp.clone()).unwrap(), cfg, metrics);
     if events {
         syncer.events = Some(lb_userspace::agent::events::EventReporter::start(client, node.as_deref()));
@@ -479,7 +491,7 @@ async fn a_cluster_that_outgrows_a_map_is_told_by_error_metric_and_event() {
     let dp = Shared(Arc::new(Mutex::new(MemDatapath::with_capacity(cap))));
     let metrics = Arc::new(Metrics::default());
     let cfg = ModelConfig { node_name: Some("node-1".into()), ..ModelConfig::default() };
-    let (stop_tx, agent) = start_agent_with(addr, &dp, cfg, metrics.clone(), true);
+    let (stop_tx, agent) = start_agent_with(addr, &dp, cfg, metrics.clone(), true, ProxyName::default());
     let two = [
         "198.18.0.0:80/TCP -> 198.18.1.1:8080,198.18.1.2:8080",
         "198.18.0.1:80/TCP -> 198.18.1.1:8080,198.18.1.2:8080",
@@ -530,4 +542,83 @@ async fn a_cluster_that_outgrows_a_map_is_told_by_error_metric_and_event() {
     let _ = stop_tx.send(());
     agent.await.unwrap();
     server.abort();
+}
+
+/// service.kubernetes.io/service-proxy-name, as kube-proxy honours it: by default the Services
+/// with the label (and the slices the EndpointSlice controller copies it to) are another
+/// proxy's, selected out on the server, and the slices of headless Services are not read; a
+/// Service given the label later goes, as the watch says it is deleted. With a name, only the
+/// Services labelled with it are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_of_another_proxy_are_left_to_it_and_a_named_agent_serves_only_its_own() {
+    let labelled = |mut v: serde_json::Value, key: &str, value: &str| {
+        v["metadata"]["labels"][key] = serde_json::json!(value);
+        v
+    };
+    let api = FakeApi::new();
+    api.put(Kind::Service, service("mine", "198.18.0.1", 80, 8080));
+    api.put(Kind::Slice, slice("mine-1", "mine", 8080, &["198.18.1.1"]));
+    // Not a slice a proxy reads: a headless Service's (it would add an endpoint to "mine").
+    api.put(
+        Kind::Slice,
+        labelled(slice("mine-2", "mine", 8080, &["198.18.1.9"]), "service.kubernetes.io/headless", ""),
+    );
+    for (name, ip, pod) in [("theirs", "198.18.0.2", "198.18.1.2"), ("ours", "198.18.0.3", "198.18.1.3")] {
+        let owner = if name == "ours" { "xlb-b" } else { "other" };
+        api.put(Kind::Service, labelled(service(name, ip, 80, 8080), SERVICE_PROXY_NAME_LABEL, owner));
+        api.put(
+            Kind::Slice,
+            labelled(slice(&format!("{name}-1"), name, 8080, &[pod]), SERVICE_PROXY_NAME_LABEL, owner),
+        );
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve(api.clone(), listener));
+
+    let (dp, named) = (Shared::default(), Shared::default());
+    let (stop, agent) = start_agent_with(
+        addr,
+        &dp,
+        ModelConfig::default(),
+        Arc::new(Metrics::default()),
+        false,
+        ProxyName::default(),
+    );
+    let b = ProxyName::new(Some("xlb-b".into())).unwrap();
+    let (stop_b, agent_b) =
+        start_agent_with(addr, &named, ModelConfig::default(), Arc::new(Metrics::default()), false, b);
+    converge(&dp, &["198.18.0.1:80/TCP -> 198.18.1.1:8080"], "the unlabelled Service only").await;
+    converge(&named, &["198.18.0.3:80/TCP -> 198.18.1.3:8080"], "the Service labelled xlb-b only").await;
+
+    // "mine" handed to another proxy: gone from the default agent, not taken by the named one.
+    api.put(
+        Kind::Service,
+        labelled(service("mine", "198.18.0.1", 80, 8080), SERVICE_PROXY_NAME_LABEL, "other"),
+    );
+    converge(&dp, &[], "a Service given the label goes").await;
+    // ... and to xlb-b: the named agent takes it, with its unlabelled hand-made slice.
+    api.put(
+        Kind::Service,
+        labelled(service("mine", "198.18.0.1", 80, 8080), SERVICE_PROXY_NAME_LABEL, "xlb-b"),
+    );
+    converge(
+        &named,
+        &["198.18.0.1:80/TCP -> 198.18.1.1:8080", "198.18.0.3:80/TCP -> 198.18.1.3:8080"],
+        "a Service labelled xlb-b later comes to the named agent",
+    )
+    .await;
+    converge(&dp, &[], "still another proxy's").await;
+    let _ = (stop.send(()), stop_b.send(()));
+    agent.await.unwrap();
+    agent_b.await.unwrap();
+    server.abort();
+}
+
+#[test]
+fn a_service_proxy_name_must_be_a_label_value() {
+    assert!(ProxyName::new(Some("xlb-b".into())).is_ok());
+    for bad in ["", "-x", "x-", "a b", "a/b", &"x".repeat(64)] {
+        let e = ProxyName::new(Some(bad.into())).expect_err(bad);
+        assert!(e.contains("label value"), "{e}");
+    }
 }

@@ -464,3 +464,51 @@ fn a_deleted_services_cluster_ip_is_refused_at_once_within_the_service_range() {
         assert_eq!(stats["sock_refused"]["packets"], 1, "{stats}");
     }
 }
+
+/// What kube-proxy leaves alone, xlb leaves alone (issue 22): a LoadBalancer ingress IP whose
+/// ipMode is Proxy belongs to a load balancer that proxies to the nodes, so a node does not
+/// answer for it (the ipMode VIP one beside it is served); a Service labelled
+/// service.kubernetes.io/service-proxy-name is another proxy's, until an agent started with
+/// `--service-proxy-name` of that value serves it (and then only it).
+#[test]
+fn ingress_ips_in_proxy_mode_and_services_of_another_proxy_are_not_served() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a"]).expect("test bed");
+    bed.start_servers(&testbed(), &[8080], &[]).expect("servers");
+    bed.write_manifest(
+        "lb.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.18.0.50\n  ports: [{port: 80, targetPort: 8080, nodePort: 30050}]\nstatus: {loadBalancer: {ingress: [{ip: 198.18.0.51, ipMode: VIP}, {ip: 198.18.0.52, ipMode: Proxy}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: lb-1, namespace: default, labels: {kubernetes.io/service-name: lb}}\naddressType: IPv4\nports: [{port: 8080, protocol: TCP}]\nendpoints:\n- {addresses: [198.18.10.2], nodeName: node-1}\n",
+    )
+    .unwrap();
+    bed.write_manifest(
+        "other.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: default, labels: {service.kubernetes.io/service-proxy-name: xlb-b}}\nspec:\n  clusterIP: 198.18.0.53\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: other-1, namespace: default, labels: {kubernetes.io/service-name: other, service.kubernetes.io/service-proxy-name: xlb-b}}\naddressType: IPv4\nports: [{port: 8080, protocol: TCP}]\nendpoints:\n- {addresses: [198.18.10.2], nodeName: node-1}\n",
+    )
+    .unwrap();
+    let answers = |bed: &SingleNode, to: &str| {
+        let to: SocketAddrV4 = to.parse().unwrap();
+        bed.client.enter(|| tcp_request(to, Duration::from_millis(800))).is_ok()
+    };
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.51:80/TCP", 1, Duration::from_secs(10)).unwrap();
+    assert!(answers(&bed, "198.18.0.50:80"), "the clusterIP\n{}", bed.logs());
+    assert!(answers(&bed, "198.18.0.51:80"), "the ingress IP in VIP mode\n{}", bed.logs());
+    assert!(!answers(&bed, "198.18.0.52:80"), "the ingress IP in Proxy mode is the load balancer's");
+    assert!(!answers(&bed, "198.18.0.53:80"), "another proxy's Service");
+    let listed = bed.xlb_cli(&["get", "services"]).unwrap();
+    assert!(!listed.contains("198.18.0.52") && !listed.contains("other"), "{listed}");
+
+    // The same node with an agent for xlb-b: its Service only.
+    drop(bed.agent.take());
+    bed.agent_args.push("--service-proxy-name=xlb-b".into());
+    bed.start_agent().expect("agent for xlb-b");
+    bed.wait_for_service("198.18.0.53:80/TCP", 1, Duration::from_secs(10)).unwrap();
+    assert!(answers(&bed, "198.18.0.53:80"), "its own Service\n{}", bed.logs());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while answers(&bed, "198.18.0.50:80") {
+        assert!(std::time::Instant::now() < deadline, "the unlabelled Service is not the named agent's");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

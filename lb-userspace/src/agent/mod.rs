@@ -38,7 +38,7 @@ use crate::{
     },
     reconcile::{ApplyStats, Reconciler},
     source::{
-        self, Delta,
+        self, Delta, ProxyName,
         kube::KubeSource,
         manifests::{self, DocError},
     },
@@ -93,6 +93,8 @@ pub struct AgentConfig {
     pub socket_lb_cgroup: Option<PathBuf>,
     /// Where the node's sysctls are (normally /proc/sys).
     pub proc_sys: PathBuf,
+    /// Which Services are this agent's (`--service-proxy-name`).
+    pub proxy_name: ProxyName,
 }
 
 impl AgentConfig {
@@ -114,6 +116,13 @@ impl AgentConfig {
         let d = &self.datapath;
         let lines = [
             ("source", source),
+            (
+                "services served",
+                match self.proxy_name.name() {
+                    None => format!("without the label {}", crate::source::SERVICE_PROXY_NAME_LABEL),
+                    Some(n) => format!("with the label {}={n}", crate::source::SERVICE_PROXY_NAME_LABEL),
+                },
+            ),
             ("interfaces", self.interfaces.join(",")),
             (
                 "datapath",
@@ -510,6 +519,7 @@ impl Source {
     /// Starts the source; `changed` is notified whenever there is something new to take.
     pub async fn start(
         cfg: &SourceConfig,
+        proxy: &ProxyName,
         changed: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -532,13 +542,13 @@ impl Source {
                 });
                 Ok(Source::Manifests {
                     dir: dir.clone(),
-                    cache: Default::default(),
+                    cache: std::sync::Mutex::new(manifests::DirCache::new(proxy.clone())),
                     _poller: AbortOnDrop(poller),
                 })
             }
             SourceConfig::Kube { kubeconfig, node_name } => {
                 let client = source::kube::client(kubeconfig.as_deref()).await?;
-                Ok(Source::Kube(KubeSource::start(client, node_name.as_deref(), changed, metrics)))
+                Ok(Source::Kube(KubeSource::start(client, node_name.as_deref(), proxy, changed, metrics)))
             }
         }
     }
@@ -715,7 +725,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // the kernel verifies the programs here (about half a second), and nothing is synced before
     // both are done.
     let changed = Arc::new(Notify::new());
-    let source = Source::start(&cfg.source, changed.clone(), metrics.clone()).await?;
+    let source = Source::start(&cfg.source, &cfg.proxy_name, changed.clone(), metrics.clone()).await?;
+    match cfg.proxy_name.name() {
+        None => info!(
+            label = crate::source::SERVICE_PROXY_NAME_LABEL,
+            "serving the Services without the label (those with it are another proxy's)"
+        ),
+        Some(n) => info!(
+            label = crate::source::SERVICE_PROXY_NAME_LABEL,
+            value = n,
+            "serving only the Services whose label has this value"
+        ),
+    }
     let loading = std::time::Instant::now();
     // The hook of each interface first: only their programs are loaded and verified.
     let hooks: Vec<(String, ebpf::Hook, String)> = cfg

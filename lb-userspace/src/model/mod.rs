@@ -1058,7 +1058,19 @@ fn service_ports(
         let ingress =
             svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
         // An ingress with only a hostname is reached through DNS at an address xlb does not own.
-        for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()).filter(|_| ranges_ok) {
+        // One with ipMode Proxy (or any mode but VIP) is a load balancer that proxies to the
+        // nodes: its address is not short-circuited on a node (as kube-proxy's IsVIPMode),
+        // traffic to it goes out to the load balancer.
+        let vip_mode = |i: &&k8s_openapi::api::core::v1::LoadBalancerIngress| {
+            i.ip_mode.as_deref().is_none_or(|m| m == "VIP")
+        };
+        for ip in ingress
+            .into_iter()
+            .flatten()
+            .filter(vip_mode)
+            .filter_map(|i| i.ip.as_deref())
+            .filter(|_| ranges_ok)
+        {
             add_external("LoadBalancer ingress IP", "loadBalancerIngress", lb_common::SVC_F_LB_INGRESS, ip);
         }
     }
@@ -1777,6 +1789,31 @@ mod tests {
         }
         let ci = m.ports.iter().find(|p| &*p.id.name == "clusterip").unwrap();
         assert!(ci.source_ranges.is_empty(), "only type LoadBalancer has source ranges");
+    }
+
+    #[test]
+    fn ingress_ips_in_proxy_mode_are_left_to_the_load_balancer() {
+        let yaml = typed_svc(
+            "lb",
+            "LoadBalancer",
+            "status: {loadBalancer: {ingress: [{ip: 198.18.0.97}, {ip: 198.18.0.98, ipMode: VIP}, {ip: 198.18.0.99, ipMode: Proxy}, {ip: 198.18.0.96, ipMode: Other}]}}\n",
+            "[{port: 80, nodePort: 30080}]",
+        );
+        let m = build_yaml(&yaml);
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        let lb = m.ports.iter().find(|p| &*p.id.name == "lb").unwrap();
+        let ingress: Vec<String> = lb
+            .frontends
+            .iter()
+            .zip(&lb.frontend_kinds)
+            .filter(|(_, k)| *k & lb_common::SVC_F_LB_INGRESS != 0)
+            .map(|(f, _)| f.addr.to_string())
+            .collect();
+        assert_eq!(
+            ingress,
+            ["198.18.0.97", "198.18.0.98"],
+            "no ipMode, or VIP: served; Proxy (or another mode): not"
+        );
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{
-    Delta,
+    Delta, ProxyName,
     slim::{SlimService, SlimSlice},
 };
 use crate::{agent::metrics::Metrics, model::ns_name};
@@ -125,14 +125,25 @@ impl KubeSource {
     /// Starts the watches: Services, EndpointSlices, and the pods of `node` (selected by
     /// `spec.nodeName` on the server, so a node sees only its own). `changed` is notified after
     /// every change (and once a list completes).
-    pub fn start(client: Client, node: Option<&str>, changed: Arc<Notify>, metrics: Arc<Metrics>) -> Self {
+    ///
+    /// Services and EndpointSlices are selected by label on the server as `proxy` says (see
+    /// [`ProxyName`]): a Service that gains or loses the label comes or goes as any other.
+    pub fn start(
+        client: Client,
+        node: Option<&str>,
+        proxy: &ProxyName,
+        changed: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let cfg = watcher::Config::default().any_semantic();
         let kept = client.clone();
         let (services, slices) = (Arc::new(Watched::default()), Arc::new(Watched::default()));
         // Read slim: what the model never reads of them is skipped as the JSON is read.
-        let svc_stream = watcher::watcher(Api::<SlimService>::all(client.clone()), cfg.clone())
+        let svc_cfg = cfg.clone().labels(&proxy.service_selector());
+        let svc_stream = watcher::watcher(Api::<SlimService>::all(client.clone()), svc_cfg)
             .map_ok(|e| unwrap_event(e, |s| s.0));
-        let slice_stream = watcher::watcher(Api::<SlimSlice>::all(client.clone()), cfg.clone())
+        let slice_cfg = cfg.clone().labels(&proxy.slice_selector());
+        let slice_stream = watcher::watcher(Api::<SlimSlice>::all(client.clone()), slice_cfg)
             .map_ok(|e| unwrap_event(e, |s| s.0));
         let mut tasks = vec![
             tokio::spawn(drive("services", svc_stream, services.clone(), changed.clone(), metrics.clone())),

@@ -56,6 +56,8 @@ pub struct Objects {
     pub errors: Vec<DocError>,
     /// Documents of kinds xlb does not use (Deployments, ConfigMaps, ...), counted, not errors.
     pub ignored: usize,
+    /// Which Services (and slices) are read: the others count as ignored.
+    pub proxy: super::ProxyName,
 }
 
 /// Files read, in name order: `*.yaml`, `*.yml`, `*.json`; hidden files are skipped.
@@ -124,6 +126,8 @@ impl From<Objects> for SharedObjects {
 /// only that file is parsed again.
 #[derive(Default)]
 pub struct DirCache {
+    /// Which Services (and slices) are read; the others are left out as the files are read.
+    proxy: super::ProxyName,
     files: std::collections::HashMap<PathBuf, (FileStamp, FileObjects)>,
     /// How many files hold each Service and EndpointSlice (by namespace/name): one is gone when
     /// the last file holding it no longer does.
@@ -176,6 +180,11 @@ fn identify<K: kube::Resource + serde::Serialize>(obj: &mut K) {
 }
 
 impl DirCache {
+    /// A cache that reads the Services `proxy` serves (and their slices).
+    pub fn new(proxy: super::ProxyName) -> Self {
+        Self { proxy, ..Default::default() }
+    }
+
     /// Reads the files of `dir` that are new or changed since the last call, and says what
     /// changed: the cost of those files, not of the directory (but for a stat of each file).
     pub fn read_changes(&mut self, dir: &Path) -> Result<DirChanges, ManifestError> {
@@ -191,7 +200,7 @@ impl DirCache {
             let kept = match old_files.remove(&file) {
                 Some((old, kept)) if old == stamp && stamp.0.is_some() => kept,
                 old => {
-                    let mut parsed = Objects::default();
+                    let mut parsed = Objects { proxy: self.proxy.clone(), ..Default::default() };
                     read_file(&file, &mut parsed);
                     out.files_read += 1;
                     if let Some((_, old)) = old {
@@ -317,6 +326,7 @@ struct Head {
 struct HeadMeta {
     name: Option<String>,
     namespace: Option<String>,
+    labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A document as parsed: YAML into a value, JSON as its text (read once more into the type its
@@ -339,6 +349,9 @@ impl Document for serde_yaml::Value {
             metadata: Some(HeadMeta {
                 name: text(meta.and_then(|m| m.get("name"))),
                 namespace: text(meta.and_then(|m| m.get("namespace"))),
+                labels: meta
+                    .and_then(|m| m.get("labels"))
+                    .and_then(|l| serde_yaml::from_value(l.clone()).ok()),
             }),
         }
     }
@@ -382,7 +395,16 @@ fn add_value<D: Document>(value: D, err: &dyn Fn(Option<String>, String) -> DocE
     let name = meta.name.as_deref().unwrap_or("<unnamed>");
     let namespace = meta.namespace.as_deref().unwrap_or("default");
     let label = Some(format!("{kind} {namespace}/{name}"));
+    let labels = meta.labels.as_ref();
     match (api.as_str(), kind.as_str()) {
+        // Another proxy's (service.kubernetes.io/service-proxy-name), or a headless Service's
+        // slices: left out as the API server's label selectors leave them out.
+        ("v1", "Service") if !objects.proxy.serves_service(labels) => objects.ignored += 1,
+        ("discovery.k8s.io/v1", "EndpointSlice") | ("v1", "Endpoints")
+            if !objects.proxy.reads_slice(labels) =>
+        {
+            objects.ignored += 1
+        }
         ("v1", "List") => match value.items() {
             Some(items) => {
                 for item in items {
@@ -466,6 +488,78 @@ mod tests {
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: 198.18.0.1\n  ports: [{{port: {port}}}]\n"
         )
+    }
+
+    /// service.kubernetes.io/service-proxy-name in manifests, as the watches' label selectors
+    /// have it: YAML and JSON alike, Services and their slices (EndpointSlices and Endpoints),
+    /// headless slices never; a file whose Service gains the label loses that Service.
+    #[test]
+    fn manifests_of_another_proxy_are_left_out_as_from_the_api_server() {
+        let dir = std::env::temp_dir().join(format!("xlb-proxyname-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let labelled = |name: &str, value: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t, labels: {{service.kubernetes.io/service-proxy-name: {value}}}}}\nspec:\n  clusterIP: 198.18.0.1\n  ports: [{{port: 80}}]\n"
+            )
+        };
+        let slice = |name: &str, labels: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: t, labels: {{kubernetes.io/service-name: x{labels}}}}}\naddressType: IPv4\nendpoints: []\n"
+            )
+        };
+        std::fs::write(dir.join("a.yaml"), svc("plain", 80)).unwrap();
+        std::fs::write(dir.join("b.yaml"), labelled("other", "kp2")).unwrap();
+        std::fs::write(
+            dir.join("c.json"),
+            r#"{"apiVersion": "v1", "kind": "List", "items": [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "mine", "namespace": "t", "labels": {"service.kubernetes.io/service-proxy-name": "xlb-b"}}, "spec": {"clusterIP": "198.18.0.2", "ports": [{"port": 80}]}}, {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "mine", "namespace": "t", "labels": {"service.kubernetes.io/service-proxy-name": "xlb-b"}}, "subsets": [{"addresses": [{"ip": "198.18.1.1"}], "ports": [{"port": 8080}]}]}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("d.yaml"),
+            slice("s-plain", "")
+                + "---\n"
+                + &slice("s-kp2", ", service.kubernetes.io/service-proxy-name: kp2")
+                + "---\n"
+                + &slice("s-headless", ", service.kubernetes.io/headless: ''"),
+        )
+        .unwrap();
+        let names = |c: &DirChanges| -> (Vec<String>, Vec<String>) {
+            let mut s: Vec<_> =
+                c.services.iter().filter(|(_, o)| o.is_some()).map(|(k, _)| k.1.to_string()).collect();
+            let mut e: Vec<_> =
+                c.slices.iter().filter(|(_, o)| o.is_some()).map(|(k, _)| k.1.to_string()).collect();
+            s.sort();
+            e.sort();
+            (s, e)
+        };
+        let default = DirCache::new(super::super::ProxyName::default()).read_changes(&dir).unwrap();
+        assert_eq!(names(&default), (vec!["plain".to_string()], vec!["s-plain".to_string()]));
+        let named = super::super::ProxyName::new(Some("xlb-b".into())).unwrap();
+        let mut cache = DirCache::new(named);
+        let b = cache.read_changes(&dir).unwrap();
+        // With a name, slices are read whatever their proxy label (hand-made ones need not have
+        // it); those of Services not served are unused.
+        assert_eq!(
+            names(&b),
+            (
+                vec!["mine".to_string()],
+                vec!["mine-endpoints-0".to_string(), "s-kp2".to_string(), "s-plain".to_string()]
+            )
+        );
+        // "plain" gains the label xlb-b: it comes.
+        std::fs::write(dir.join("a.yaml"), labelled("plain", "xlb-b")).unwrap();
+        let later = cache.read_changes(&dir).unwrap();
+        assert_eq!(names(&later).0, vec!["plain".to_string()]);
+        // ... and loses it: it goes.
+        std::fs::write(dir.join("a.yaml"), svc("plain", 81)).unwrap();
+        let gone = cache.read_changes(&dir).unwrap();
+        assert!(
+            gone.services.iter().any(|(k, o)| &*k.1 == "plain" && o.is_none()),
+            "{:?}",
+            gone.services.len()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The changes of a read name the objects of the files that changed, and only those: the
