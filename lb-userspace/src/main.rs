@@ -249,6 +249,12 @@ struct AgentArgs {
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, env = "XLB_HTTP_ADDR", default_value = "127.0.0.1:10249", value_parser = parse_http_addr)]
     http_addr: HttpAddr,
+    /// Address of the node health server that load balancers probe, as kube-proxy's
+    /// --healthz-bind-address: /healthz and /livez answer 200 once the first sync succeeded
+    /// and while no change waits longer than --healthz-max-pending-s, else 503 (also while the
+    /// agent stops), with kube-proxy's JSON body ("off" to disable).
+    #[arg(long, env = "XLB_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256", value_parser = parse_http_addr)]
+    healthz_bind_address: HttpAddr,
     /// /healthz fails once a change has waited this many seconds for a successful sync.
     #[arg(long, env = "XLB_HEALTHZ_MAX_PENDING_S", default_value_t = 60)]
     healthz_max_pending_s: u64,
@@ -434,6 +440,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 node_name,
                 address_poll: Duration::from_millis(a.address_poll_ms.max(100)),
                 http_addr: a.http_addr.0,
+                healthz_addr: a.healthz_bind_address.0,
                 max_pending: Duration::from_secs(a.healthz_max_pending_s),
                 datapath: lb_common::DatapathConfig {
                     tcp_syn_s: a.ct_tcp_syn_timeout,

@@ -512,3 +512,74 @@ fn ingress_ips_in_proxy_mode_and_services_of_another_proxy_are_not_served() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The node health server that load balancers probe, as kube-proxy's on port 10256: from
+/// outside the node, 503 with kube-proxy's JSON body while no sync has succeeded (here the
+/// Services do not fit the service map), 200 once one has.
+#[test]
+fn the_node_health_server_answers_503_until_a_sync_succeeds_then_200() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a"]).expect("test bed");
+    bed.start_servers(&testbed(), &[8080], &[]).expect("servers");
+    let services = |n: usize| -> String {
+        (0..n)
+            .map(|i| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec:\n  clusterIP: 198.18.0.{}\n  ports: [{{port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{port: 8080, protocol: TCP}}]\nendpoints:\n- {{addresses: [198.18.10.2], nodeName: node-1}}\n", 100 + i))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    bed.write_manifest("s.yaml", &services(20)).unwrap();
+    bed.agent_args.extend(["--max-service-entries".to_string(), "16".to_string()]);
+    bed.start_agent().expect("agent");
+    let probe = |bed: &SingleNode, path: &str| -> Option<(u16, serde_json::Value)> {
+        bed.client.enter(|| {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect_timeout(
+                &"198.18.100.1:10256".parse().unwrap(),
+                Duration::from_millis(500),
+            )
+            .ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            let status = out.split_whitespace().nth(1)?.parse().ok()?;
+            Some((status, serde_json::from_str(out.split("\r\n\r\n").nth(1)?).ok()?))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        // The agent is up (it logged its first, failed, sync) and its server answers.
+        let failed_once = bed.agent.as_ref().unwrap().log_text().contains("too small")
+            || bed.logs().contains("initial sync failed");
+        if failed_once && let Some(r) = probe(&bed, "/healthz") {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no answer on 10256\n{}", bed.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, 503, "no sync has succeeded: {body}\n{}", bed.logs());
+    assert_eq!(body["nodeEligible"], true, "{body}");
+    assert!(body["currentTime"].as_str().is_some_and(|t| t.ends_with(" +0000 UTC")), "{body}");
+
+    // Services that fit: the sync succeeds, and the node is healthy.
+    bed.write_manifest("s.yaml", &services(2)).unwrap();
+    bed.wait_for_service("198.18.0.101:80/TCP", 1, Duration::from_secs(10)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match probe(&bed, "/healthz") {
+            Some((200, body)) => {
+                assert_eq!(body["nodeEligible"], true);
+                assert!(
+                    body["lastUpdated"].as_str().unwrap() <= body["currentTime"].as_str().unwrap(),
+                    "{body}"
+                );
+                break;
+            }
+            other => assert!(std::time::Instant::now() < deadline, "{other:?}\n{}", bed.logs()),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(probe(&bed, "/livez").map(|r| r.0), Some(200));
+}

@@ -1,4 +1,6 @@
-//! The agent's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` and `/readyz`.
+//! The agent's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` and `/readyz`; and the
+//! node health server that load balancers probe, as kube-proxy's on port 10256 (`/healthz`,
+//! `/livez`, with its JSON body).
 //! A deliberately small HTTP/1.1 server: one request per connection, GET only.
 use std::{sync::Arc, time::Duration};
 
@@ -20,8 +22,36 @@ pub struct HttpState {
     pub max_pending: Duration,
 }
 
-/// Serves on `listener` until the task is dropped.
+/// What answers a request: (method, path, state) to (status, content type, body).
+type Route = fn(&str, &str, &HttpState) -> (&'static str, &'static str, String);
+
+/// Serves the agent's endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
+    serve_with(listener, state, route).await
+}
+
+/// Serves the node health server on `addr` until the task is dropped. An address that cannot be
+/// bound (another process holds the port: an agent being replaced, kube-proxy still running) is
+/// tried again every 5 s, the agent serving meanwhile.
+pub async fn serve_node_health(addr: std::net::SocketAddr, state: Arc<HttpState>) {
+    let mut warned = false;
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                if !warned {
+                    warn!(%addr, error = %e, "cannot serve the node health server yet (as kube-proxy's); trying again every 5 s");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    tracing::info!(%addr, "serving the node's health (/healthz, /livez), as kube-proxy's health server");
+    serve_with(listener, state, node_health_route).await
+}
+
+async fn serve_with(listener: TcpListener, state: Arc<HttpState>, route: Route) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -33,14 +63,15 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(10), handle(stream, &state)).await {
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(10), handle(stream, &state, route)).await
+            {
                 debug!(%peer, error = %e, "HTTP request timed out");
             }
         });
     }
 }
 
-async fn handle(mut stream: TcpStream, state: &HttpState) {
+async fn handle(mut stream: TcpStream, state: &HttpState, route: Route) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     // Read up to the end of the headers (the body of a GET is ignored).
@@ -56,7 +87,7 @@ async fn handle(mut stream: TcpStream, state: &HttpState) {
     let path = target.split('?').next().unwrap_or("");
     let (status, ctype, body) = route(method, path, state);
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     let _ = stream.write_all(head.as_bytes()).await;
@@ -89,6 +120,55 @@ fn route(method: &str, path: &str, state: &HttpState) -> (&'static str, &'static
         }
         _ => ("404 Not Found", TEXT, "not found: try /metrics, /healthz or /readyz\n".into()),
     }
+}
+
+/// kube-proxy's health server: `/healthz` and `/livez`, 200 while the node is healthy (see
+/// [`Metrics::node_health`]), else 503, with its JSON body. `nodeEligible` is always true: the
+/// agent does not read its Node object (kube-proxy's /healthz also fails for a node being
+/// deleted or tainted for deletion by the cluster autoscaler).
+fn node_health_route(method: &str, path: &str, state: &HttpState) -> (&'static str, &'static str, String) {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if method != "GET" && method != "HEAD" {
+        return ("405 Method Not Allowed", TEXT, "only GET\n".into());
+    }
+    match path {
+        "/healthz" | "/livez" => {
+            let (healthy, last) = state.metrics.node_health(state.max_pending);
+            let body = format!(
+                r#"{{"lastUpdated": "{}","currentTime": "{}", "nodeEligible": true}}"#,
+                last.map(go_time).unwrap_or_else(|| go_time(std::time::UNIX_EPOCH)),
+                go_time(std::time::SystemTime::now())
+            );
+            (if healthy { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
+        }
+        _ => ("404 Not Found", TEXT, "not found: try /healthz or /livez\n".into()),
+    }
+}
+
+/// A time as Go's `time.Time.String()` writes it in UTC (kube-proxy's JSON has it so):
+/// `2006-01-02 15:04:05.999999999 +0000 UTC`.
+pub fn go_time(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let frac =
+        if nanos == 0 { String::new() } else { format!(".{nanos:09}").trim_end_matches('0').to_string() };
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}{frac} +0000 UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -126,6 +206,54 @@ mod tests {
             "{m}"
         );
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        task.abort();
+    }
+
+    #[test]
+    fn times_are_written_as_go_writes_them() {
+        let t = |s: u64, n: u32| go_time(std::time::UNIX_EPOCH + Duration::new(s, n));
+        assert_eq!(t(0, 0), "1970-01-01 00:00:00 +0000 UTC");
+        assert_eq!(t(951_782_400, 500_000_000), "2000-02-29 00:00:00.5 +0000 UTC");
+        assert_eq!(t(1_796_675_696, 123_456_789), "2026-12-07 20:34:56.123456789 +0000 UTC");
+    }
+
+    /// kube-proxy's health server: 503 until the first sync, 200 after, 503 again once a change
+    /// waits too long or the agent stops; the JSON body as kube-proxy writes it.
+    #[tokio::test]
+    async fn the_node_health_server_answers_as_kube_proxys() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let state = Arc::new(HttpState {
+            metrics: metrics.clone(),
+            counters: Arc::new(Vec::new),
+            max_pending: Duration::from_millis(300),
+        });
+        let task = tokio::spawn(serve_with(listener, state, node_health_route));
+        let body = |r: &str| -> serde_json::Value {
+            serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+        };
+        let before = get(addr, "/healthz").await;
+        assert!(before.starts_with("HTTP/1.1 503") && before.contains("application/json"), "{before}");
+        assert_eq!(body(&before)["lastUpdated"], "1970-01-01 00:00:00 +0000 UTC");
+        metrics.sync_ok(Duration::from_millis(1), 1, 0, Default::default());
+        for path in ["/healthz", "/livez"] {
+            let r = get(addr, path).await;
+            assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+            let b = body(&r);
+            assert_eq!(b["nodeEligible"], true);
+            assert!(b["lastUpdated"].as_str().unwrap().ends_with(" +0000 UTC"), "{b}");
+            assert!(b["currentTime"].as_str().unwrap() >= b["lastUpdated"].as_str().unwrap(), "{b}");
+        }
+        // A change not synced for longer than the limit.
+        metrics.changed();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 503"));
+        metrics.sync_ok(Duration::from_millis(1), 1, 0, Default::default());
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        metrics.set_stopping();
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 503"));
+        assert!(get(addr, "/metrics").await.starts_with("HTTP/1.1 404"));
         task.abort();
     }
 }

@@ -53,6 +53,8 @@ pub struct Metrics {
     last_ok: Mutex<Option<Instant>>,
     /// See [`Metrics::set_capacity_exceeded`].
     capacity_exceeded: Mutex<Option<&'static str>>,
+    /// Set when the agent is shutting down (the node health server answers 503).
+    stopping: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -70,6 +72,7 @@ impl Default for Metrics {
             pending_since: Mutex::default(),
             last_ok: Mutex::default(),
             capacity_exceeded: Mutex::new(None),
+            stopping: AtomicBool::new(false),
         }
     }
 }
@@ -144,6 +147,19 @@ impl Metrics {
             )),
             _ => Ok(()),
         }
+    }
+
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Relaxed);
+    }
+
+    /// The node's health as kube-proxy's health server (port 10256) tells it: healthy once a
+    /// sync has succeeded, while no change has waited longer than `max_pending` for one, and
+    /// until the agent begins to stop; with the wall-clock time of the last successful sync.
+    pub fn node_health(&self, max_pending: Duration) -> (bool, Option<std::time::SystemTime>) {
+        let last = *lock(&self.last_ok);
+        let healthy = last.is_some() && self.health(max_pending).is_ok() && !self.stopping.load(Relaxed);
+        (healthy, last.map(|t| std::time::SystemTime::now() - t.elapsed()))
     }
 
     /// Prometheus text exposition (format 0.0.4). `datapath` holds the kernel's counters:

@@ -84,6 +84,8 @@ pub struct AgentConfig {
     pub address_poll: Duration,
     /// Where /metrics, /healthz and /readyz are served; `None`: not served.
     pub http_addr: Option<SocketAddr>,
+    /// Where the node health server (kube-proxy's, port 10256) is served; `None`: not served.
+    pub healthz_addr: Option<SocketAddr>,
     /// /healthz fails once a change has waited this long for a successful sync.
     pub max_pending: Duration,
     /// The datapath's settings: conntrack lifetimes, backend selection.
@@ -168,6 +170,7 @@ impl AgentConfig {
                 self.socket_lb_cgroup.as_ref().map_or("off".into(), |c| format!("cgroup {}", c.display())),
             ),
             ("http", self.http_addr.map_or("off".into(), |a| a.to_string())),
+            ("node health", self.healthz_addr.map_or("off".into(), |a| a.to_string())),
             ("sysctls", self.proc_sys.display().to_string()),
             (
                 "capacities",
@@ -822,6 +825,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
 
+    let _node_health = cfg.healthz_addr.map(|addr| {
+        let state = Arc::new(http::HttpState {
+            metrics: metrics.clone(),
+            counters: Arc::new(Vec::new),
+            max_pending: cfg.max_pending,
+        });
+        AbortOnDrop(tokio::spawn(http::serve_node_health(addr, state)))
+    });
+
     // Addresses come and go (DHCP, new interfaces): node ports follow within a poll.
     let _addr_watch = if ebpf::tcx_supported() {
         let shared = Arc::new(std::sync::Mutex::new(syncer.cfg.node_addrs.clone()));
@@ -935,6 +947,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     };
     control_loop(&source, &mut syncer, &changed, cfg.batch_delay, shutdown).await;
+    metrics.set_stopping();
     info!(
         "stopping: the program stays attached and the maps pinned in {} (remove with `xlb cleanup`)",
         cfg.pin_dir.display()
