@@ -333,3 +333,71 @@ fn the_tc_datapath_keeps_partial_checksums_right_across_nodes() {
     assert!(stats["egress_snat"]["packets"].as_u64().unwrap() >= 20, "{stats}");
     assert_eq!(stats["reject_no_backend"]["packets"], 2, "{stats}");
 }
+
+/// Health check node ports (issue 22): the cloud load balancer of a LoadBalancer Service with
+/// externalTrafficPolicy Local probes its healthCheckNodePort on every node, as kube-proxy
+/// answers it: 200 with the count of this node's ready endpoints where there are some, 503
+/// where there are none, in kube-proxy's JSON; and the answers follow the pod from one node
+/// to the other.
+#[test]
+fn health_check_node_ports_tell_the_load_balancer_which_nodes_have_endpoints() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = TwoNodes::new().expect("test bed");
+    bed.start_servers(&PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed")), &[8080], &[]).expect("servers");
+    let lb = |endpoints: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: shop}}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.18.0.98\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30098}}]\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.18.0.99}}]}}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: lb-1, namespace: shop, labels: {{kubernetes.io/service-name: lb}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{endpoints}"
+        )
+    };
+    bed.write_manifest("lb.yaml", &lb(POD_A)).unwrap();
+    bed.start_agents().expect("agents");
+    let probe = |node: &str| -> Option<(u16, serde_json::Value)> {
+        bed.client.enter(|| {
+            use std::io::{Read as _, Write as _};
+            let to: std::net::SocketAddr = format!("{node}:32100").parse().unwrap();
+            let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(s, "GET / HTTP/1.1\r\nHost: lb\r\n\r\n").ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            let status = out.split_whitespace().nth(1)?.parse().ok()?;
+            Some((status, serde_json::from_str(out.split("\r\n\r\n").nth(1)?).ok()?))
+        })
+    };
+    let (node1, node2) = ("198.18.100.1", "198.18.200.2");
+    let wait_for = |node: &str, status: u16, local: u64| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = probe(node);
+            if let Some((s, body)) = &got
+                && *s == status
+                && body["localEndpoints"] == local
+            {
+                assert_eq!(body["service"], serde_json::json!({"namespace": "shop", "name": "lb"}), "{body}");
+                assert_eq!(body["serviceProxyHealthy"], true, "{body}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{node}: want {status} with {local} local endpoints, got {got:?}\n{}",
+                bed.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(node1, 200, 1);
+    wait_for(node2, 503, 0);
+    // The pod moves to node-2: the load balancer is told to send there instead.
+    bed.write_manifest("lb.yaml", &lb(POD_B)).unwrap();
+    wait_for(node1, 503, 0);
+    wait_for(node2, 200, 1);
+    // The Service goes: its health check node port closes.
+    std::fs::remove_file(bed.manifests.join("lb.yaml")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while probe(node2).is_some() {
+        assert!(Instant::now() < deadline, "the health check node port stays open\n{}", bed.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -71,7 +71,16 @@ async fn serve_with(listener: TcpListener, state: Arc<HttpState>, route: Route) 
     }
 }
 
-async fn handle(mut stream: TcpStream, state: &HttpState, route: Route) {
+async fn handle(stream: TcpStream, state: &HttpState, route: Route) {
+    respond(stream, |method, path| route(method, path, state)).await
+}
+
+/// Reads one request from `stream` and writes the answer `route` gives for its method and path
+/// (status, content type, body), then closes the connection.
+pub async fn respond(
+    mut stream: TcpStream,
+    route: impl Fn(&str, &str) -> (&'static str, &'static str, String),
+) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     // Read up to the end of the headers (the body of a GET is ignored).
@@ -85,7 +94,7 @@ async fn handle(mut stream: TcpStream, state: &HttpState, route: Route) {
     let mut parts = text.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    let (status, ctype, body) = route(method, path, state);
+    let (status, ctype, body) = route(method, path);
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()

@@ -6,6 +6,7 @@
 //! on the interfaces (replacing, atomically, the one a previous agent left pinned). While the
 //! new agent starts, the old program keeps forwarding with the old maps: nothing is flushed.
 pub mod events;
+pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod node;
@@ -269,6 +270,8 @@ pub struct Syncer<D> {
     pub terminate: Option<(PathBuf, PathBuf)>,
     /// Writes events about rejected objects (API server source only).
     pub events: Option<events::EventReporter>,
+    /// The health check node ports, following each sync's changes.
+    pub health_checks: Option<Arc<healthcheck::HealthChecks>>,
     /// The rejections logged, so that each is logged once, not at every sync.
     logged: std::collections::BTreeSet<events::RejectionKey>,
     /// The node ports xlb gave out (standalone mode), by service port: each is logged when
@@ -289,6 +292,7 @@ impl<D: Datapath> Syncer<D> {
             node_addrs: None,
             terminate: None,
             events: None,
+            health_checks: None,
             logged: Default::default(),
             assigned: Default::default(),
             pods: Default::default(),
@@ -432,6 +436,9 @@ impl<D: Datapath> Syncer<D> {
         }
         self.log_assigned_node_ports(&changes);
         let changed_ports = changes.len();
+        if let Some(h) = &self.health_checks {
+            h.update(&changes);
+        }
         match self.rec.apply_changes(changes) {
             Ok(stats) => {
                 self.metrics.set_capacity_exceeded(None);
@@ -825,6 +832,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
 
+    syncer.health_checks = Some(Arc::new(healthcheck::HealthChecks::new(metrics.clone(), cfg.max_pending)));
     let _node_health = cfg.healthz_addr.map(|addr| {
         let state = Arc::new(http::HttpState {
             metrics: metrics.clone(),

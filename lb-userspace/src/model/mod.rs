@@ -257,6 +257,9 @@ pub struct Shown {
     pub internal_policy: Policy,
     /// ExternalName Services: the DNS name.
     pub external_name: String,
+    /// `healthCheckNodePort` of a LoadBalancer Service with externalTrafficPolicy Local: the
+    /// node answers load balancers' health checks there (see `agent::healthcheck`); 0: none.
+    pub health_check_node_port: u16,
 }
 
 impl DesiredPort {
@@ -301,7 +304,8 @@ pub struct Rejection {
 /// The parts of an object that can be left out alone: a Service's node port, externalIP,
 /// LoadBalancer ingress IPs (also when its loadBalancerSourceRanges are invalid), and an
 /// EndpointSlice's endpoint.
-pub const PARTS: &[&str] = &["nodePort", "externalIP", "loadBalancerIngress", "endpoint"];
+pub const PARTS: &[&str] =
+    &["nodePort", "externalIP", "loadBalancerIngress", "endpoint", "healthCheckNodePort"];
 
 impl Rejection {
     /// The whole object is rejected.
@@ -800,6 +804,7 @@ fn shown_settings(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Show
         external_policy: Policy::parse("externalTrafficPolicy", spec.external_traffic_policy.as_deref())?,
         internal_policy: Policy::parse("internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?,
         external_name: String::new(),
+        health_check_node_port: 0,
     })
 }
 
@@ -1083,7 +1088,18 @@ fn service_ports(
     if ports.is_empty() {
         return Err("no ports".into());
     }
-    let settings = shown_settings(spec)?;
+    let mut settings = shown_settings(spec)?;
+    if svc_type == SvcType::LoadBalancer && settings.external_policy == Policy::Local {
+        match spec.health_check_node_port {
+            None => {}
+            Some(p) => match u16::try_from(p).ok().filter(|p| *p != 0) {
+                Some(p) => settings.health_check_node_port = p,
+                None => {
+                    partial.push(("healthCheckNodePort", format!("healthCheckNodePort {p} is not a port")))
+                }
+            },
+        }
+    }
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     let mut seen_names = BTreeSet::new();
@@ -1789,6 +1805,37 @@ mod tests {
         }
         let ci = m.ports.iter().find(|p| &*p.id.name == "clusterip").unwrap();
         assert!(ci.source_ranges.is_empty(), "only type LoadBalancer has source ranges");
+    }
+
+    #[test]
+    fn a_health_check_node_port_is_kept_for_load_balancers_with_local_policy_only() {
+        let yaml = typed_svc(
+            "local",
+            "LoadBalancer",
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            "[{port: 80, nodePort: 30080}]",
+        ) + &typed_svc(
+            "cluster",
+            "LoadBalancer",
+            "  healthCheckNodePort: 32001\n",
+            "[{port: 80, nodePort: 30081}]",
+        ) + &typed_svc(
+            "np",
+            "NodePort",
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32002\n",
+            "[{port: 80, nodePort: 30082}]",
+        ) + &typed_svc(
+            "bad",
+            "LoadBalancer",
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 70000\n",
+            "[{port: 80, nodePort: 30083}]",
+        );
+        let m = build_yaml(&yaml);
+        let hc =
+            |name: &str| m.ports.iter().find(|p| &*p.id.name == name).unwrap().shown.health_check_node_port;
+        assert_eq!((hc("local"), hc("cluster"), hc("np"), hc("bad")), (32000, 0, 0, 0));
+        assert_eq!(m.rejected.len(), 1, "{:?}", m.rejected);
+        assert_eq!((m.rejected[0].name.as_str(), m.rejected[0].part), ("bad", Some("healthCheckNodePort")));
     }
 
     #[test]
