@@ -149,6 +149,7 @@ fn services(n: u32) -> Vec<Arc<DesiredPort>> {
         port,
         state: BackendState::Active,
         local: false,
+        topo: true,
     };
     let mut out: Vec<Arc<DesiredPort>> = (0..n)
         .flat_map(|i| {
@@ -176,6 +177,7 @@ fn services(n: u32) -> Vec<Arc<DesiredPort>> {
             port: 8080,
             state: BackendState::Active,
             local: false,
+            topo: true,
         })
         .collect();
     out.push(port("remote".into(), SvcType::NodePort, 80, vec![(f, SVC_F_NODE_PORT | SVC_F_LOCAL)], bes));

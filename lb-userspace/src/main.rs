@@ -241,6 +241,11 @@ struct AgentArgs {
     /// as kube-proxy (those with it belong to the proxy it names).
     #[arg(long, env = "XLB_SERVICE_PROXY_NAME", value_parser = parse_proxy_name)]
     service_proxy_name: Option<String>,
+    /// This node's zone, for EndpointSlice topology hints (hints.forZones). Default: from the
+    /// API server, the label topology.kubernetes.io/zone of this node's Node object; from
+    /// manifests, none (zone hints are then not used).
+    #[arg(long, env = "XLB_NODE_ZONE")]
+    node_zone: Option<String>,
     /// This node's name as EndpointSlices give it in nodeName (for externalTrafficPolicy and
     /// internalTrafficPolicy Local). Default: NODE_NAME (set it from the downward API), else
     /// the host name.
@@ -417,7 +422,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let node_name = a.node_name.or_else(hostname);
             let source = match a.manifests {
                 Some(dir) => SourceConfig::Manifests { dir, poll: Duration::from_millis(a.poll_ms.max(10)) },
-                None => SourceConfig::Kube { kubeconfig: a.kubeconfig, node_name: node_name.clone() },
+                None => SourceConfig::Kube {
+                    kubeconfig: a.kubeconfig,
+                    node_name: node_name.clone(),
+                    watch_node: a.node_zone.is_none(),
+                },
             };
             let cfg = AgentConfig {
                 source,
@@ -455,6 +464,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 socket_lb_cgroup: lb_userspace::datapath::ebpf::socket_lb_cgroup(&a.cgroup)?,
                 proc_sys: a.proc_sys,
+                node_zone: a.node_zone.clone(),
                 proxy_name: lb_userspace::source::ProxyName::new(a.service_proxy_name)
                     .map_err(|e| anyhow::anyhow!("--service-proxy-name: {e}"))?,
             };

@@ -19,7 +19,7 @@ use lb_userspace::{
     source::{ProxyName, SERVICE_PROXY_NAME_LABEL, kube::KubeSource},
 };
 use tokio::{net::TcpListener, sync::Notify};
-use xlb_tests::fake_api::{FakeApi, Kind, pod, serve, service, slice};
+use xlb_tests::fake_api::{FakeApi, Kind, node, pod, serve, service, slice};
 
 // ---------------------------------------------------------------------------------------------
 // The agent side: in-memory maps shared with the test.
@@ -297,6 +297,7 @@ async fn failed_map_writes_are_retried_until_the_maps_converge() {
     let source = Source::Kube(KubeSource::start(
         client,
         Some("node-1"),
+        true,
         &Default::default(),
         changed.clone(),
         metrics.clone(),
@@ -353,11 +354,15 @@ fn start_agent_with(
     let source = Source::Kube(KubeSource::start(
         client.clone(),
         node.as_deref(),
+        true,
         &proxy,
         changed.clone(),
         metrics.clone(),
     ));
     let mut syncer = Syncer::new(Reconciler::new(dp.clone()).unwrap(), cfg, metrics);
+    if let Source::Kube(k) = &source {
+        syncer.node_zone = k.zone.clone();
+    }
     if events {
         syncer.events = Some(lb_userspace::agent::events::EventReporter::start(client, node.as_deref()));
     }
@@ -621,4 +626,35 @@ fn a_service_proxy_name_must_be_a_label_value() {
         let e = ProxyName::new(Some(bad.into())).expect_err(bad);
         assert!(e.contains("label value"), "{e}");
     }
+}
+
+/// EndpointSlice topology hints with the zone of this node's Node object: while every endpoint
+/// is hinted and some for this zone, the node's cluster-wide traffic uses those only; the zone
+/// label changed, the other zone's; the label gone, every endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_hints_follow_the_zone_of_this_nodes_node_object() {
+    let api = FakeApi::new();
+    api.put(Kind::Node, node("node-1", Some("a")));
+    api.put(Kind::Node, node("node-2", Some("b")));
+    api.put(Kind::Service, service("web", "198.18.0.1", 80, 8080));
+    let mut s = slice("web-1", "web", 8080, &["198.18.1.1", "198.18.1.2"]);
+    s["endpoints"][0]["hints"] = serde_json::json!({"forZones": [{"name": "a"}]});
+    s["endpoints"][1]["hints"] = serde_json::json!({"forZones": [{"name": "b"}]});
+    api.put(Kind::Slice, s);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve(api.clone(), listener));
+    let dp = Shared::default();
+    let cfg = ModelConfig { node_name: Some("node-1".into()), ..ModelConfig::default() };
+    let (stop, agent) = start_agent(addr, &dp, cfg, Arc::new(Metrics::default()));
+    converge(&dp, &["198.18.0.1:80/TCP -> 198.18.1.1:8080"], "zone a's endpoint only").await;
+    api.put(Kind::Node, node("node-1", Some("b")));
+    converge(&dp, &["198.18.0.1:80/TCP -> 198.18.1.2:8080"], "the node moved to zone b").await;
+    api.put(Kind::Node, node("node-1", None));
+    converge(&dp, &["198.18.0.1:80/TCP -> 198.18.1.1:8080,198.18.1.2:8080"], "no zone: every endpoint").await;
+    let requests = api.requests();
+    assert!(requests.iter().any(|(k, verb, _)| *k == Kind::Node && *verb == "watch"), "{requests:?}");
+    let _ = stop.send(());
+    agent.await.unwrap();
+    server.abort();
 }

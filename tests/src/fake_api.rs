@@ -22,6 +22,7 @@ pub enum Kind {
     Service,
     Slice,
     Pod,
+    Node,
 }
 
 impl Kind {
@@ -30,6 +31,7 @@ impl Kind {
             Kind::Service => "/api/v1/services",
             Kind::Slice => "/apis/discovery.k8s.io/v1/endpointslices",
             Kind::Pod => "/api/v1/pods",
+            Kind::Node => "/api/v1/nodes",
         }
     }
     pub fn list_kind(self) -> (&'static str, &'static str) {
@@ -37,6 +39,7 @@ impl Kind {
             Kind::Service => ("v1", "ServiceList"),
             Kind::Slice => ("discovery.k8s.io/v1", "EndpointSliceList"),
             Kind::Pod => ("v1", "PodList"),
+            Kind::Node => ("v1", "NodeList"),
         }
     }
 }
@@ -93,7 +96,8 @@ impl FakeApi {
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let key = format!(
             "{}/{}",
-            obj["metadata"]["namespace"].as_str().unwrap(),
+            // Cluster-scoped objects (nodes) have none.
+            obj["metadata"]["namespace"].as_str().unwrap_or(""),
             obj["metadata"]["name"].as_str().unwrap()
         );
         let ty = if st.objects.insert((kind, key), obj.clone()).is_some() { "MODIFIED" } else { "ADDED" };
@@ -254,6 +258,7 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
         p if p == Kind::Service.path() => Kind::Service,
         p if p == Kind::Slice.path() => Kind::Slice,
         p if p == Kind::Pod.path() => Kind::Pod,
+        p if p == Kind::Node.path() => Kind::Node,
         _ => {
             let _ = stream
                 .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -263,13 +268,17 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
     };
     let q = query(&target);
     let rv_asked = q.get("resourceVersion").cloned().unwrap_or_default();
-    // `fieldSelector=spec.nodeName=NAME` (the only selector the agent uses), URL-encoded.
-    let node = q.get("fieldSelector").and_then(|f| {
-        f.replace("%3D", "=").replace("%3d", "=").strip_prefix("spec.nodeName=").map(str::to_owned)
+    // `fieldSelector=spec.nodeName=NAME` (pods) or `metadata.name=NAME` (the node), the only
+    // field selectors the agent uses.
+    let field = q.get("fieldSelector").and_then(|f| {
+        let (k, v) = f.split_once('=')?;
+        Some((k.split('.').map(str::to_owned).collect::<Vec<_>>(), v.to_owned()))
     });
     let label_selector = q.get("labelSelector").cloned().unwrap_or_default();
     let selected = move |obj: &Value| {
-        node.as_ref().is_none_or(|n| obj["spec"]["nodeName"].as_str() == Some(n.as_str()))
+        field
+            .as_ref()
+            .is_none_or(|(path, v)| path.iter().fold(obj, |o, k| &o[k]).as_str() == Some(v.as_str()))
             && labels_match(&label_selector, obj)
     };
     if q.get("watch").map(String::as_str) != Some("true") {
@@ -413,6 +422,7 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
                     Kind::Service => "Service",
                     Kind::Slice => "EndpointSlice",
                     Kind::Pod => "Pod",
+                    Kind::Node => "Node",
                 };
                 let bm = json!({"type": "BOOKMARK", "object": {"kind": k, "apiVersion": api_version,
                     "metadata": {"resourceVersion": now_rv.to_string()}}});
@@ -553,4 +563,14 @@ pub fn pod(name: &str, node: &str, ip: &str, port: u16, host_port: u16) -> Value
         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "c",
             "ports": [{"containerPort": port, "hostPort": host_port, "protocol": "TCP"}]}]},
         "status": {"phase": "Running", "podIP": ip}})
+}
+
+/// A Node, in `zone` (its `topology.kubernetes.io/zone` label) when given.
+pub fn node(name: &str, zone: Option<&str>) -> Value {
+    let labels = match zone {
+        Some(z) => json!({"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": z}),
+        None => json!({"kubernetes.io/hostname": name}),
+    };
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
+        "spec": {}, "status": {"addresses": [{"type": "InternalIP", "address": "198.18.100.1"}]}})
 }

@@ -583,3 +583,47 @@ fn the_node_health_server_answers_503_until_a_sync_succeeds_then_200() {
     }
     assert_eq!(probe(&bed, "/livez").map(|r| r.0), Some(200));
 }
+
+/// EndpointSlice topology hints (trafficDistribution PreferClose, topology-aware routing), as
+/// kube-proxy honours them: on a node of zone a (`--node-zone`, as the Node's label gives it
+/// from the API server), while every endpoint is hinted and one is for zone a, the clusterIP
+/// reaches that one only; once an endpoint has no hint, every endpoint.
+#[test]
+fn topology_hints_keep_a_clients_traffic_in_its_zone_while_every_endpoint_is_hinted() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    bed.start_servers(&testbed(), &[8080], &[]).expect("servers");
+    let manifest = |b_hint: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 198.18.0.60\n  trafficDistribution: PreferClose\n  ports: [{{port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{port: 8080, protocol: TCP}}]\nendpoints:\n- {{addresses: [198.18.10.2], nodeName: node-2, hints: {{forZones: [{{name: a}}]}}}}\n- {{addresses: [198.18.11.2], nodeName: node-3{b_hint}}}\n"
+        )
+    };
+    bed.write_manifest("web.yaml", &manifest(", hints: {forZones: [{name: b}]}")).unwrap();
+    bed.agent_args.extend(["--node-zone".to_string(), "a".to_string()]);
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("198.18.0.60:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    let vip: SocketAddrV4 = "198.18.0.60:80".parse().unwrap();
+    let pods = |bed: &SingleNode| -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::new();
+        for a in
+            bed.client.enter(|| (0..30).map(|_| tcp_request(vip, Duration::from_secs(3))).collect::<Vec<_>>())
+        {
+            *seen.entry(a.unwrap_or_else(|e| panic!("{e:#}\n{}", bed.logs())).pod).or_insert(0) += 1;
+        }
+        seen
+    };
+    assert_eq!(pods(&bed), BTreeMap::from([("pod-a".to_string(), 30)]), "zone a's endpoint only");
+    // pod-b loses its hint: the hints are not used, every endpoint is.
+    bed.write_manifest("web.yaml", &manifest("")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = pods(&bed);
+        if seen.len() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {seen:?}\n{}", bed.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -225,6 +225,7 @@ mod tests {
                     port: 8080,
                     state,
                     local,
+                    topo: true,
                 })
                 .collect(),
             shown: Shown { health_check_node_port: hc, ..Shown::default() },

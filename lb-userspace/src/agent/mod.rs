@@ -55,6 +55,8 @@ pub enum SourceConfig {
         kubeconfig: Option<PathBuf>,
         /// This node: its pods are watched for their hostPorts (none without a name).
         node_name: Option<String>,
+        /// Watch this node's Node object for its zone (not when `--node-zone` gives it).
+        watch_node: bool,
     },
 }
 
@@ -98,6 +100,8 @@ pub struct AgentConfig {
     pub proc_sys: PathBuf,
     /// Which Services are this agent's (`--service-proxy-name`).
     pub proxy_name: ProxyName,
+    /// This node's zone as `--node-zone` gives it (else, from the API server, its Node's).
+    pub node_zone: Option<String>,
 }
 
 impl AgentConfig {
@@ -172,6 +176,14 @@ impl AgentConfig {
             ),
             ("http", self.http_addr.map_or("off".into(), |a| a.to_string())),
             ("node health", self.healthz_addr.map_or("off".into(), |a| a.to_string())),
+            (
+                "node zone",
+                match (&self.node_zone, &self.source) {
+                    (Some(z), _) => z.clone(),
+                    (None, SourceConfig::Kube { .. }) => "from this node's Node object".into(),
+                    (None, _) => "none (topology hints by zone not used)".into(),
+                },
+            ),
             ("sysctls", self.proc_sys.display().to_string()),
             (
                 "capacities",
@@ -270,6 +282,9 @@ pub struct Syncer<D> {
     pub terminate: Option<(PathBuf, PathBuf)>,
     /// Writes events about rejected objects (API server source only).
     pub events: Option<events::EventReporter>,
+    /// This node's zone as its Node object says (`None`: not watched; `--node-zone` then, or
+    /// no zone).
+    pub node_zone: Option<Arc<source::kube::NodeZone>>,
     /// The health check node ports, following each sync's changes.
     pub health_checks: Option<Arc<healthcheck::HealthChecks>>,
     /// The rejections logged, so that each is logged once, not at every sync.
@@ -293,6 +308,7 @@ impl<D: Datapath> Syncer<D> {
             terminate: None,
             events: None,
             health_checks: None,
+            node_zone: None,
             logged: Default::default(),
             assigned: Default::default(),
             pods: Default::default(),
@@ -383,6 +399,13 @@ impl<D: Datapath> Syncer<D> {
             if now != self.cfg.node_addrs {
                 info!(addresses = ?now, "the node's addresses changed: node ports follow");
                 self.cfg.node_addrs = now;
+                changes.extend(self.model.set_config(self.cfg.clone()));
+            }
+        }
+        if let Some(z) = &self.node_zone {
+            let now = z.get();
+            if now != self.cfg.zone {
+                self.cfg.zone = now;
                 changes.extend(self.model.set_config(self.cfg.clone()));
             }
         }
@@ -556,9 +579,16 @@ impl Source {
                     _poller: AbortOnDrop(poller),
                 })
             }
-            SourceConfig::Kube { kubeconfig, node_name } => {
+            SourceConfig::Kube { kubeconfig, node_name, watch_node } => {
                 let client = source::kube::client(kubeconfig.as_deref()).await?;
-                Ok(Source::Kube(KubeSource::start(client, node_name.as_deref(), proxy, changed, metrics)))
+                Ok(Source::Kube(KubeSource::start(
+                    client,
+                    node_name.as_deref(),
+                    *watch_node,
+                    proxy,
+                    changed,
+                    metrics,
+                )))
             }
         }
     }
@@ -809,6 +839,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         node_name: cfg.node_name.clone(),
         // Standalone, nobody else gives node ports out.
         allocate_node_ports: matches!(cfg.source, SourceConfig::Manifests { .. }),
+        zone: cfg.node_zone.clone(),
         ..ModelConfig::default()
     };
     let mut syncer = Syncer::new(rec, model_cfg, metrics.clone());
@@ -867,6 +898,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     if let Source::Kube(k) = &source {
         syncer.events = Some(events::EventReporter::start(k.client.clone(), cfg.node_name.as_deref()));
+        syncer.node_zone = k.zone.clone();
     }
     source.wait_ready().await;
     // Maps first, then attach: the program never runs against maps the agent has not filled.

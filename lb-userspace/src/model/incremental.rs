@@ -423,7 +423,7 @@ impl IncrementalModel {
             let (Some(obj), Some((mut parsed, meta))) = (obj, read) else { continue };
             if let Some(Ok(p)) = &mut parsed {
                 p.service = self.shared_key(&p.service);
-                for (_, _, node) in &mut p.endpoints {
+                for (_, _, node, _) in &mut p.endpoints {
                     if let Some(n) = node.as_mut() {
                         *n = intern(&mut self.node_names, n);
                     }

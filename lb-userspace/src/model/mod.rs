@@ -189,6 +189,9 @@ pub struct DesiredBackend {
     pub state: BackendState,
     /// The endpoint runs on this node (its `nodeName` is `ModelConfig::node_name`).
     pub local: bool,
+    /// This node's cluster-wide traffic (traffic policy Cluster) may use the endpoint: its
+    /// topology hints are for this node or zone, or the port's endpoints are not all hinted.
+    pub topo: bool,
 }
 
 /// One Service port as the datapath must serve it.
@@ -271,7 +274,7 @@ impl DesiredPort {
 
     /// As [`Self::selectable`], among the endpoints on this node only when `local_only`.
     pub fn selectable_where(&self, local_only: bool) -> impl Iterator<Item = &DesiredBackend> {
-        let pool = move || self.backends.iter().filter(move |b| !local_only || b.local);
+        let pool = move || self.backends.iter().filter(move |b| if local_only { b.local } else { b.topo });
         let any_active = pool().any(|b| b.state == BackendState::Active);
         let want = if any_active { BackendState::Active } else { BackendState::Terminating };
         pool().filter(move |b| b.state == want)
@@ -343,6 +346,9 @@ pub struct ModelConfig {
     /// from a hash of the port's name, the first free one from there. Otherwise such a port is
     /// rejected.
     pub allocate_node_ports: bool,
+    /// This node's zone (its Node's `topology.kubernetes.io/zone` label), for endpoints' zone
+    /// hints. `None`: not known (zone hints are then not used).
+    pub zone: Option<String>,
 }
 
 impl ModelConfig {
@@ -360,6 +366,7 @@ impl Default for ModelConfig {
             node_addrs: Vec::new(),
             node_name: None,
             allocate_node_ports: false,
+            zone: None,
         }
     }
 }
@@ -400,7 +407,8 @@ pub type Key = (Arc<str>, Arc<str>);
 
 /// Endpoints of one service, by (slice port name, protocol).
 /// (port name, protocol) -> (address, port) -> (state, the endpoint's node).
-type EndpointIndex = BTreeMap<(String, Proto), BTreeMap<(IpAddr, u16), (BackendState, Option<Arc<str>>)>>;
+type EndpointIndex =
+    BTreeMap<(String, Proto), BTreeMap<(IpAddr, u16), (BackendState, Option<Arc<str>>, Option<Arc<Hints>>)>>;
 
 /// Builds the desired datapath state. Objects are taken in a deterministic order (namespace,
 /// name), so that when two Services claim the same frontend the same one always wins.
@@ -420,11 +428,74 @@ struct ParsedSlice {
     service: Key,
     /// (slice port name, protocol, number).
     ports: Vec<(String, Proto, u16)>,
-    /// (address, state, `nodeName`).
-    endpoints: Vec<(IpAddr, BackendState, Option<Arc<str>>)>,
+    /// (address, state, `nodeName`, topology hints).
+    endpoints: Vec<SliceEndpoint>,
     /// The endpoints left out, each a partial rejection of the slice.
     partial: Vec<Rejection>,
 }
+
+/// An endpoint's topology hints (`hints.forZones`, `hints.forNodes`: the zones and nodes whose
+/// clients should use it), as the EndpointSlice controller writes them for
+/// `trafficDistribution` and topology-aware routing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    pub zones: Vec<String>,
+    pub nodes: Vec<String>,
+}
+
+impl Hints {
+    fn of(h: Option<&k8s_openapi::api::discovery::v1::EndpointHints>) -> Option<Arc<Self>> {
+        let h = h?;
+        let zones: Vec<String> = h.for_zones.iter().flatten().map(|z| z.name.clone()).collect();
+        let nodes: Vec<String> = h.for_nodes.iter().flatten().map(|n| n.name.clone()).collect();
+        (!zones.is_empty() || !nodes.is_empty()).then(|| Arc::new(Hints { zones, nodes }))
+    }
+}
+
+/// Which endpoints of a port this node's cluster-wide traffic uses, as kube-proxy decides it
+/// from the hints of the ready endpoints: when every one has node hints and some are for this
+/// node, those; else when every one has zone hints and some are for this node's zone, those;
+/// else all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    All,
+    SameNode,
+    SameZone,
+}
+
+impl Topology {
+    fn of<'a>(ready: impl Iterator<Item = Option<&'a Hints>> + Clone, cfg: &ModelConfig) -> Self {
+        let node = cfg.node_name.as_deref().unwrap_or("");
+        let zone = cfg.zone.as_deref().unwrap_or("");
+        let mut any = false;
+        let (mut all_nodes, mut for_node, mut all_zones, mut for_zone) = (true, false, true, false);
+        for h in ready {
+            any = true;
+            let (nodes, zones) = h.map_or((&[][..], &[][..]), |h| (&h.nodes[..], &h.zones[..]));
+            all_nodes &= !nodes.is_empty();
+            for_node |= !node.is_empty() && nodes.iter().any(|n| n == node);
+            all_zones &= !zones.is_empty();
+            for_zone |= !zone.is_empty() && zones.iter().any(|z| z == zone);
+        }
+        match () {
+            _ if any && all_nodes && for_node => Topology::SameNode,
+            _ if any && all_zones && for_zone => Topology::SameZone,
+            _ => Topology::All,
+        }
+    }
+
+    fn admits(self, h: Option<&Hints>, cfg: &ModelConfig) -> bool {
+        let has = |v: &[String], x: Option<&str>| x.is_some_and(|x| v.iter().any(|e| e == x));
+        match self {
+            Topology::All => true,
+            Topology::SameNode => h.is_some_and(|h| has(&h.nodes, cfg.node_name.as_deref())),
+            Topology::SameZone => h.is_some_and(|h| has(&h.zones, cfg.zone.as_deref())),
+        }
+    }
+}
+
+/// An endpoint of a slice: (address, state, `nodeName`, topology hints).
+type SliceEndpoint = (IpAddr, BackendState, Option<Arc<str>>, Option<Arc<Hints>>);
 
 /// A slice read: `None` for one xlb does not serve (FQDN).
 type SliceResult = Option<Result<ParsedSlice, Rejection>>;
@@ -954,7 +1025,12 @@ fn parse_slice(slice: &EndpointSlice) -> SliceResult {
         let problem = match first.parse::<IpAddr>() {
             Ok(a) if Family::of(&a) == family => match endpoint_addr_problem(&a) {
                 None => {
-                    addrs.push((a, state, ep.node_name.as_deref().map(Arc::from)));
+                    addrs.push((
+                        a,
+                        state,
+                        ep.node_name.as_deref().map(Arc::from),
+                        Hints::of(ep.hints.as_ref()),
+                    ));
                     continue;
                 }
                 Some(why) => format!("endpoint address {a} {why}: it can never be a backend"),
@@ -975,12 +1051,15 @@ fn index_endpoints<'a>(slices: impl Iterator<Item = &'a ParsedSlice>) -> Endpoin
     for slice in slices {
         for (port_name, proto, number) in &slice.ports {
             let eps = by_port.entry((port_name.clone(), *proto)).or_default();
-            for (addr, state, node) in &slice.endpoints {
+            for (addr, state, node, hints) in &slice.endpoints {
                 // The most usable state wins.
-                let e = eps.entry((*addr, *number)).or_insert((*state, node.clone()));
+                let e = eps.entry((*addr, *number)).or_insert((*state, node.clone(), hints.clone()));
                 e.0 = e.0.min(*state);
                 if e.1.is_none() {
                     e.1 = node.clone();
+                }
+                if e.2.is_none() {
+                    e.2 = hints.clone();
                 }
             }
         }
@@ -1150,15 +1229,26 @@ fn service_ports(
                 Some(np) => Some(np),
             },
         };
-        let backends: Vec<DesiredBackend> = eps
-            .get(&(port_name.clone(), proto))
+        let port_eps = eps.get(&(port_name.clone(), proto));
+        // Topology hints are weighed per family (each family is a port of its own).
+        let topology = |f: Family| {
+            let ready = port_eps
+                .into_iter()
+                .flatten()
+                .filter(move |((a, _), (st, ..))| Family::of(a) == f && *st == BackendState::Active)
+                .map(|(_, (_, _, h))| h.as_deref());
+            Topology::of(ready, cfg)
+        };
+        let modes = [topology(Family::V4), topology(Family::V6)];
+        let backends: Vec<DesiredBackend> = port_eps
             .into_iter()
             .flatten()
-            .map(|(&(addr, port), (state, node))| DesiredBackend {
+            .map(|(&(addr, port), (state, node, hints))| DesiredBackend {
                 addr,
                 port,
                 state: *state,
                 local: cfg.node_name.is_some() && node.as_deref() == cfg.node_name.as_deref(),
+                topo: modes[usize::from(Family::of(&addr) == Family::V6)].admits(hints.as_deref(), cfg),
             })
             .collect();
         if backends.len() > cfg.max_backends_per_service {
@@ -1365,6 +1455,7 @@ fn pod_host_ports(pod: &Pod, (namespace, name): &Key, cfg: &ModelConfig) -> Resu
                     port: container_port,
                     state: BackendState::Active,
                     local: true,
+                    topo: true,
                 }],
                 shown: Shown { target_port: container_port.to_string(), ..Shown::default() },
                 source_ranges: Vec::new(),
@@ -1861,6 +1952,60 @@ mod tests {
             ["198.18.0.97", "198.18.0.98"],
             "no ipMode, or VIP: served; Proxy (or another mode): not"
         );
+    }
+
+    /// Topology hints as kube-proxy weighs them: cluster-wide traffic uses the endpoints hinted
+    /// for this node when every ready endpoint has node hints and some are for it, else those
+    /// hinted for this zone when every ready one has zone hints and some are for it, else all;
+    /// a traffic policy Local ignores hints.
+    #[test]
+    fn topology_hints_narrow_cluster_traffic_as_kube_proxy_does() {
+        let svc =
+            typed_svc("web", "NodePort", "  externalTrafficPolicy: Local\n", "[{port: 80, nodePort: 30080}]");
+        let ep = |i: u8, node: &str, hints: &str| {
+            format!(
+                "{{addresses: [198.18.1.{i}], nodeName: {node}{}}}",
+                if hints.is_empty() { String::new() } else { format!(", hints: {hints}") }
+            )
+        };
+        let za = "{forZones: [{name: a}]}";
+        let zb = "{forZones: [{name: b}]}";
+        let used = |eps: &[String], zone: Option<&str>| -> (Vec<String>, Vec<String>) {
+            let yaml =
+                svc.clone() + &slice("web-1", "web", "[{port: 8080}]", &format!("[{}]", eps.join(", ")));
+            let o = objects(&yaml);
+            let cfg = ModelConfig {
+                node_name: Some("n1".into()),
+                zone: zone.map(Into::into),
+                ..ModelConfig::default()
+            };
+            let m = build(&o.services, &o.slices, &cfg);
+            let addrs =
+                |local: bool| m.ports[0].selectable_where(local).map(|b| b.addr.to_string()).collect();
+            (addrs(false), addrs(true))
+        };
+        // Every endpoint hinted, some for zone a: zone a's only for cluster traffic; the node
+        // port (externalTrafficPolicy Local) keeps this node's endpoint although hinted for b.
+        let all = [ep(1, "n1", zb), ep(2, "n2", za), ep(3, "n3", za)];
+        assert_eq!(
+            used(&all, Some("a")),
+            (vec!["198.18.1.2".to_string(), "198.18.1.3".to_string()], vec!["198.18.1.1".to_string()])
+        );
+        // No endpoint for this zone, or the zone unknown: all.
+        assert_eq!(used(&all, Some("c")).0.len(), 3);
+        assert_eq!(used(&all, None).0.len(), 3);
+        // One ready endpoint without a hint: all.
+        let one_bare = [ep(1, "n1", zb), ep(2, "n2", za), ep(3, "n3", "")];
+        assert_eq!(used(&one_bare, Some("a")).0.len(), 3);
+        // ... but a terminating one without a hint does not count.
+        let term = [ep(1, "n1", zb), ep(2, "n2", za), "{addresses: [198.18.1.3], nodeName: n3, conditions: {ready: false, serving: true, terminating: true}}".to_string()];
+        assert_eq!(used(&term, Some("a")).0, ["198.18.1.2"]);
+        // Node hints (trafficDistribution PreferSameNode) before zone hints.
+        let nodes = [
+            ep(1, "n1", "{forNodes: [{name: n1}], forZones: [{name: a}]}"),
+            ep(2, "n2", "{forNodes: [{name: n2}], forZones: [{name: a}]}"),
+        ];
+        assert_eq!(used(&nodes, Some("a")).0, ["198.18.1.1"]);
     }
 
     #[test]

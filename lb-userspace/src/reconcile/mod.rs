@@ -1524,6 +1524,7 @@ mod tests {
                     port: 8080,
                     state,
                     local: false,
+                    topo: true,
                 })
                 .collect(),
             shown: Default::default(),
@@ -1733,6 +1734,7 @@ mod tests {
                 port: 8080,
                 state: BackendState::Active,
                 local: false,
+                topo: true,
             })
             .collect();
         p
@@ -1993,6 +1995,8 @@ mod tests {
         };
         for b in &mut p.backends {
             b.local = rng.below(2) == 0;
+            // Cluster-wide traffic restricted by topology hints to some of them.
+            b.topo = rng.below(4) != 0;
         }
         // Extra frontends: node ports on one of two addresses, shared by every service (the
         // model gives each to one service: here a frontend is given to the lowest service

@@ -19,7 +19,7 @@ use std::{
 
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -49,6 +49,9 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("watch", "discovery.k8s.io", "endpointslices"),
     ("list", "", "pods"),
     ("watch", "", "pods"),
+    // This node's Node (fieldSelector metadata.name), for its zone (topology hints).
+    ("list", "", "nodes"),
+    ("watch", "", "nodes"),
     // Events about rejected objects (crate::agent::events), in the objects' namespaces.
     ("create", "events.k8s.io", "events"),
 ];
@@ -108,6 +111,8 @@ pub struct KubeSource {
     pub slices: Arc<Watched<EndpointSlice>>,
     /// `None` when the node has no name to select its pods by.
     pub pods: Option<Arc<Watched<Pod>>>,
+    /// This node's zone, from its Node object (`None`: not watched).
+    pub zone: Option<Arc<NodeZone>>,
     /// The client the watches use (events about rejected objects are written with it).
     pub client: Client,
     tasks: Vec<JoinHandle<()>>,
@@ -128,9 +133,13 @@ impl KubeSource {
     ///
     /// Services and EndpointSlices are selected by label on the server as `proxy` says (see
     /// [`ProxyName`]): a Service that gains or loses the label comes or goes as any other.
+    ///
+    /// With `watch_node`, this node's Node object is watched too (selected by
+    /// `metadata.name`, metadata only) for its zone (see [`NodeZone`]).
     pub fn start(
         client: Client,
         node: Option<&str>,
+        watch_node: bool,
         proxy: &ProxyName,
         changed: Arc<Notify>,
         metrics: Arc<Metrics>,
@@ -155,6 +164,14 @@ impl KubeSource {
                 metrics.clone(),
             )),
         ];
+        let zone = node.filter(|_| watch_node).map(|node| {
+            let zone = Arc::new(NodeZone::default());
+            let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+            let api = Api::<kube::core::PartialObjectMeta<Node>>::all(client.clone());
+            let stream = watcher::watcher(api, cfg);
+            tasks.push(tokio::spawn(drive_zone(stream, zone.clone(), changed.clone(), metrics.clone())));
+            zone
+        });
         let pods = node.map(|node| {
             let pods = Arc::new(Watched::default());
             let cfg = cfg.fields(&format!("spec.nodeName={node}"));
@@ -163,7 +180,7 @@ impl KubeSource {
             tasks.push(tokio::spawn(drive("pods", stream, pods.clone(), changed, metrics)));
             pods
         });
-        Self { services, slices, pods, client: kept, tasks }
+        Self { services, slices, pods, zone, client: kept, tasks }
     }
 
     /// Waits until every watch has a complete first list.
@@ -172,6 +189,78 @@ impl KubeSource {
         self.slices.wait_ready().await;
         if let Some(p) = &self.pods {
             p.wait_ready().await;
+        }
+    }
+}
+
+/// The label that names a node's zone, which EndpointSlice topology hints name.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// This node's zone as its Node object's [`ZONE_LABEL`] says, kept up to date by a watch.
+/// The agent does not wait for it: until it is known (or when the Node cannot be read, with
+/// an older ClusterRole say), zone hints are not used and every endpoint is.
+#[derive(Default)]
+pub struct NodeZone(Mutex<Option<String>>);
+
+impl NodeZone {
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Sets the zone; whether it changed.
+    fn set(&self, zone: Option<String>) -> bool {
+        let mut z = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = *z != zone;
+        *z = zone;
+        changed
+    }
+}
+
+/// Follows the Node's zone label; `changed` is notified when it changes.
+async fn drive_zone<S>(stream: S, zone: Arc<NodeZone>, changed: Arc<Notify>, metrics: Arc<Metrics>)
+where
+    S: Stream<Item = Result<Event<kube::core::PartialObjectMeta<Node>>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut retry = Retry::default();
+    let label = |m: &kube::core::PartialObjectMeta<Node>| {
+        m.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).filter(|z| !z.is_empty()).cloned()
+    };
+    let mut seen = false;
+    while let Some(ev) = stream.next().await {
+        let now = match ev {
+            Ok(Event::Apply(n) | Event::InitApply(n)) => {
+                seen = true;
+                Some(label(&n))
+            }
+            Ok(Event::Delete(_)) => Some(None),
+            Ok(Event::Init) => {
+                seen = false;
+                None
+            }
+            // A list without the Node: no zone.
+            Ok(Event::InitDone) => (!seen).then_some(None),
+            Err(e) => {
+                metrics.watch_error("nodes");
+                let wait = retry.next(ErrorKind::of(&e));
+                if retry.failures() == 1 {
+                    warn!(error = %e, "cannot watch this node's Node object for its zone (the ClusterRole needs list and watch of nodes): topology hints are not used until it can");
+                } else {
+                    debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "watch of this node failed again");
+                }
+                tokio::time::sleep(wait).await;
+                None
+            }
+        };
+        if let Some(z) = now {
+            retry.reset();
+            if zone.set(z.clone()) {
+                info!(
+                    zone = z.as_deref().unwrap_or("<none>"),
+                    "this node's zone (for EndpointSlice topology hints)"
+                );
+                changed.notify_one();
+            }
         }
     }
 }

@@ -121,6 +121,7 @@ impl<'de> Deserialize<'de> for SlimSlice {
             addresses: Option<Vec<String>>,
             conditions: Option<EndpointConditions>,
             node_name: Option<String>,
+            hints: Option<k8s_openapi::api::discovery::v1::EndpointHints>,
         }
         let w = Wire::deserialize(d)?;
         let endpoints = w
@@ -131,6 +132,7 @@ impl<'de> Deserialize<'de> for SlimSlice {
                 addresses: e.addresses.unwrap_or_default(),
                 conditions: e.conditions,
                 node_name: e.node_name,
+                hints: e.hints,
                 ..Default::default()
             })
             .collect();
@@ -266,6 +268,7 @@ mod tests {
                 addresses: e.addresses.clone(),
                 conditions: e.conditions.clone(),
                 node_name: e.node_name.clone(),
+                hints: e.hints.clone(),
                 ..Default::default()
             })
             .collect();
