@@ -165,6 +165,28 @@ pub struct Affinity4Value {
     pub _pad2: u32,
 }
 
+/// sessionAffinity ClientIP at the socket (LRU hash, [`SockAffinityKey`] -> [`Affinity4Value`],
+/// the backend id naming [`MAP_BACKENDS`] or [`MAP_BACKENDS6`] by the key's family): the backend
+/// a client's connections to a service port keep while they come within its timeout, when the
+/// cgroup programs choose it. The client is the socket's network namespace (a pod, or the
+/// node's own processes), as Cilium's socket-level balancing has it: at `connect()` the source
+/// address is not chosen yet, and a pod's namespace is its address.
+pub const MAP_SOCK_AFFINITY: &str = "xlb_sockaff_v1";
+
+/// Key of [`MAP_SOCK_AFFINITY`]. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockAffinityKey {
+    /// The socket's network namespace cookie (bpf_get_netns_cookie).
+    pub netns: u64,
+    /// Service port, host order (of the family's service map).
+    pub svc_id: u32,
+    /// 4 or 6.
+    pub family: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+
 /// Maglev lookup tables (hash of maps, [`maglev_key`] -> array of u64, each holding four u16
 /// slots: entry `i` of the table is bits `16 * (i % 4)..` of element `i / 4`): for each service
 /// port's list of selectable backends, the slot (1..=count) each flow hash leads to. Filled
@@ -398,7 +420,7 @@ pub fn ipv6_halves(a: &[u8; 16]) -> [u64; 2] {
 }
 
 /// Every map the agent pins, in the order the CLI reports them.
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 21] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT,
@@ -419,6 +441,7 @@ pub const ALL_MAPS: [&str; 20] = [
     MAP_AFFINITY6,
     MAP_BACKEND_FLOWS6,
     MAP_SERVICE_CIDRS,
+    MAP_SOCK_AFFINITY,
 ];
 
 /// The cgroup programs of socket-level load balancing: connections and datagrams of the node's
@@ -1086,6 +1109,7 @@ const _: () = {
     assert!(core::mem::size_of::<Affinity4Key>() == 8);
     assert!(core::mem::size_of::<Affinity6Key>() == 20);
     assert!(core::mem::size_of::<Affinity4Value>() == 16);
+    assert!(core::mem::size_of::<SockAffinityKey>() == 16);
     assert!(core::mem::size_of::<SockNat4Value>() == 16);
     assert!(core::mem::size_of::<Svc6Key>() == 24);
     assert!(core::mem::size_of::<Backend6>() == 20);

@@ -25,6 +25,11 @@ pub static SERVICES: HashMap<
 pub static BACKENDS: Array<Backend4, { lb_common::DEFAULT_MAX_BACKENDS as usize }> = Array::new();
 
 /// Tracked flows, both directions, evicted least recently used first.
+/// sessionAffinity ClientIP at the socket, by network namespace (see lb_common::MAP_SOCK_AFFINITY).
+#[btf_map(name = "xlb_sockaff_v1")]
+pub static SOCK_AFFINITY: LruHashMap<lb_common::SockAffinityKey, lb_common::Affinity4Value, 65_536> =
+    LruHashMap::new();
+
 #[btf_map(name = "xlb_ct4_v2")]
 pub static CT: LruHashMap<Ct4Key, Ct4Value, 262_144> = LruHashMap::new();
 

@@ -8,18 +8,66 @@
 //! What the application sees stays the frontend: `recvmsg` and `getpeername` report the
 //! frontend in place of the backend, through the socket's entry in [`SOCK_NAT`].
 use aya_ebpf::{
-    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
 use lb_common::{
-    BACKEND_STATE_FREE, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SOCK_NAT_FWD, SOCK_NAT_REV,
-    SVC_F_SOURCE_RANGES, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, Stat, Svc4Key, Svc6Key,
+    Affinity4Value, BACKEND_STATE_FREE, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SOCK_NAT_FWD, SOCK_NAT_REV,
+    SVC_F_SOURCE_RANGES, SockAffinityKey, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, Stat,
+    Svc4Key, Svc6Key,
 };
 
 use crate::{
-    maps::{BACKEND_FLOWS, BACKEND_FLOWS6, BACKENDS, BACKENDS6, SERVICES, SERVICES6, SOCK_NAT, SOCK_NAT6},
+    ct,
+    maps::{
+        BACKEND_FLOWS, BACKEND_FLOWS6, BACKENDS, BACKENDS6, SERVICES, SERVICES6, SOCK_AFFINITY, SOCK_NAT,
+        SOCK_NAT6,
+    },
     stats::{atomic_add, count_atomic},
 };
+
+/// sessionAffinity ClientIP at the socket: the slot of this network namespace's last backend
+/// for the service port, if it came within `timeout` seconds and `holds(slot)` says the slot
+/// (among the `count` selectable ones) still holds that backend; its time is refreshed. `None`:
+/// a backend is chosen anew (and remembered by [`remember_affinity`]).
+#[inline(always)]
+fn kept_affinity(
+    key: &SockAffinityKey,
+    count: u16,
+    timeout: u32,
+    now: u32,
+    holds: impl Fn(u16, u32) -> bool,
+) -> Option<u16> {
+    let a = SOCK_AFFINITY.get_ptr_mut(*key)?;
+    // SAFETY: pointer from a lookup in this run; plain integer reads.
+    let (backend_id, slot, used) = unsafe { ((*a).backend_id, (*a).slot, (*a).last_used) };
+    if now.wrapping_sub(used) > timeout || slot == 0 || slot > count || !holds(slot, backend_id) {
+        return None;
+    }
+    if used != now {
+        // SAFETY: as above; a racing writer can only make the time one of two recent values.
+        unsafe { (*a).last_used = now };
+    }
+    Some(slot)
+}
+
+#[inline(always)]
+fn remember_affinity(key: &SockAffinityKey, backend_id: u32, slot: u16, now: u32) {
+    let v = Affinity4Value { backend_id, slot, _pad: 0, last_used: now, _pad2: 0 };
+    let _ = SOCK_AFFINITY.insert(*key, v, 0);
+}
+
+/// The affinity key of this socket's namespace for a service port whose sessionAffinity
+/// timeout is `timeout` (`None`: no affinity).
+#[inline(always)]
+fn affinity_key(ctx: &SockAddrContext, svc_id: u32, family: u8, timeout: u32) -> Option<SockAffinityKey> {
+    if timeout == 0 {
+        return None;
+    }
+    // SAFETY: the helper takes the sock_addr context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    Some(SockAffinityKey { netns, svc_id, family, _pad: [0; 3] })
+}
 
 /// Let the call go on (a sock_addr program's "allow").
 pub const ALLOW: i32 = 1;
@@ -89,7 +137,8 @@ fn balance4(ctx: &SockAddrContext, addr: [u8; 4], port: u16, proto: u8, sendmsg:
         return To4::Leave;
     };
     // SAFETY: pointer from a lookup in this run.
-    let (n, svc_id, flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };
+    let (n, svc_id, flags, timeout) =
+        unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags, (*svc).affinity_timeout) };
     if flags & SVC_F_SOURCE_RANGES != 0 {
         // The source address is not known yet; the packet path applies the ranges.
         return To4::Leave;
@@ -115,9 +164,22 @@ fn balance4(ctx: &SockAddrContext, addr: [u8; 4], port: u16, proto: u8, sendmsg:
     if n == 0 {
         return To4::Refuse;
     }
-    // SAFETY: helper with no arguments.
-    let rnd = unsafe { bpf_get_prandom_u32() };
-    key.slot = (rnd % u32::from(n)) as u16 + 1;
+    let aff = affinity_key(ctx, svc_id, 4, timeout);
+    let now = if aff.is_some() { ct::now_secs() } else { 0 };
+    let holds = |slot: u16, id: u32| {
+        let k = Svc4Key { slot, ..key };
+        // SAFETY: pointer from a lookup in this run.
+        SERVICES.get_ptr(k).is_some_and(|v| unsafe { (*v).backend_id } == id)
+    };
+    let kept = aff.as_ref().and_then(|a| kept_affinity(a, n, timeout, now, holds));
+    key.slot = match kept {
+        Some(slot) => slot,
+        None => {
+            // SAFETY: helper with no arguments.
+            let rnd = unsafe { bpf_get_prandom_u32() };
+            (rnd % u32::from(n)) as u16 + 1
+        }
+    };
     let Some(slot) = SERVICES.get_ptr(key) else { return To4::Leave };
     // SAFETY: as above.
     let backend_id = unsafe { (*slot).backend_id };
@@ -127,6 +189,11 @@ fn balance4(ctx: &SockAddrContext, addr: [u8; 4], port: u16, proto: u8, sendmsg:
         return To4::Leave;
     }
     let (baddr, bport) = (be.addr, be.port);
+    if let Some(a) = &aff
+        && kept.is_none()
+    {
+        remember_affinity(a, backend_id, key.slot, now);
+    }
     let rev = SockNat4Key { cookie, addr: baddr, port: bport, proto, kind: SOCK_NAT_REV };
     let shown = SockNat4Value { addr, port, _pad: 0, backend_id, svc_id };
     if SOCK_NAT.insert(rev, shown, 0).is_err() {
@@ -253,7 +320,8 @@ pub fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         return if crate::filter::in_service_range6(&addr) { refuse() } else { ALLOW };
     };
     // SAFETY: pointer from a lookup in this run.
-    let (n, svc_id, flags) = unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags) };
+    let (n, svc_id, flags, timeout) =
+        unsafe { ((*svc).count, (*svc).svc_id, (*svc).flags, (*svc).affinity_timeout) };
     if flags & SVC_F_SOURCE_RANGES != 0 {
         return ALLOW;
     }
@@ -277,15 +345,33 @@ pub fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     if n == 0 {
         return refuse();
     }
-    // SAFETY: helper with no arguments.
-    let rnd = unsafe { bpf_get_prandom_u32() };
-    key.slot = (rnd % u32::from(n)) as u16 + 1;
+    let aff = affinity_key(ctx, svc_id, 6, timeout);
+    let now = if aff.is_some() { ct::now_secs() } else { 0 };
+    let holds = |slot: u16, id: u32| {
+        let k = Svc6Key { slot, ..key };
+        // SAFETY: pointer from a lookup in this run.
+        SERVICES6.get_ptr(&k).is_some_and(|v| unsafe { (*v).backend_id } == id)
+    };
+    let kept = aff.as_ref().and_then(|a| kept_affinity(a, n, timeout, now, holds));
+    key.slot = match kept {
+        Some(slot) => slot,
+        None => {
+            // SAFETY: helper with no arguments.
+            let rnd = unsafe { bpf_get_prandom_u32() };
+            (rnd % u32::from(n)) as u16 + 1
+        }
+    };
     let Some(slot) = SERVICES6.get_ptr(&key) else { return ALLOW };
     // SAFETY: as above.
     let backend_id = unsafe { (*slot).backend_id };
     let Some(be) = BACKENDS6.get(backend_id) else { return ALLOW };
     if be.state == BACKEND_STATE_FREE {
         return ALLOW;
+    }
+    if let Some(a) = &aff
+        && kept.is_none()
+    {
+        remember_affinity(a, backend_id, key.slot, now);
     }
     let rev = SockNat6Key { cookie, addr: be.addr, port: be.port, proto, kind: SOCK_NAT_REV, _pad: 0 };
     let shown = SockNat6Value { addr, port, _pad: 0, backend_id, svc_id, _pad2: 0 };

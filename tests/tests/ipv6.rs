@@ -408,3 +408,38 @@ fn ipv6_sockets_reach_an_ipv4_cluster_ip_by_its_ipv4_mapped_address() {
     let outside = xlb_tests::requests_from(&testbed, &bed.node, None, false, to, 1).unwrap();
     assert!(outside[0].is_err(), "{outside:?}");
 }
+
+/// sessionAffinity ClientIP at the socket for an IPv6 Service: a node process's connections
+/// keep one backend within the timeout, and once it has passed one is chosen anew.
+#[test]
+fn ipv6_socket_level_session_affinity_keeps_a_backend_for_its_timeout() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    add_ipv6(&bed);
+    let Some(cg) = xlb_tests::socket_lb_cgroup(bed.cgroup.as_ref()) else { return };
+    bed.start_servers(&testbed, &[8080], &[]).expect("servers");
+    bed.write_manifest(
+        "sticky.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\nspec:\n  ipFamilies: [IPv6]\n  clusterIP: \"2001:db8:1::20\"\n  clusterIPs: [\"2001:db8:1::20\"]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}\naddressType: IPv6\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- {addresses: [\"2001:db8:10::2\"]}\n- {addresses: [\"2001:db8:11::2\"]}\n",
+    )
+    .unwrap();
+    bed.start_agent().expect("agent");
+    bed.wait_for_service("[2001:db8:1::20]:80/TCP", 2, Duration::from_secs(10)).unwrap();
+    let to: SocketAddr = "[2001:db8:1::20]:80".parse().unwrap();
+    let first = node_requests(&bed, &testbed, &cg, false, to, 8080, true);
+    assert_eq!(first.len(), 1, "one backend within the timeout: {first:?}");
+    let mut seen = first;
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(2100));
+        let r = node_requests(&bed, &testbed, &cg, false, to, 8080, true);
+        assert_eq!(r.len(), 1, "one backend within the timeout: {r:?}");
+        seen.extend(r);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "after the timeout the backend is chosen anew: only ever {seen:?}");
+}

@@ -401,3 +401,47 @@ fn health_check_node_ports_tell_the_load_balancer_which_nodes_have_endpoints() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// sessionAffinity ClientIP at the socket (issue 22): a node process's connections to a
+/// ClusterIP with affinity (socket-level balancing, the node having no route to ClusterIPs)
+/// keep one backend while they come within the timeout, and once it has passed a backend is
+/// chosen anew (within a few rounds, one of them is the other pod). The client is the socket's
+/// network namespace (here the node's own).
+#[test]
+fn socket_level_session_affinity_keeps_a_backend_for_its_timeout() {
+    if !privileged("end-to-end tests need root") {
+        return;
+    }
+    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
+    let mut bed = TwoNodes::new().expect("test bed");
+    let Some(cg1) = xlb_tests::socket_lb_cgroup(bed.cgroups[0].as_ref()) else {
+        return;
+    };
+    bed.start_servers(&testbed, &[8080], &[]).expect("servers");
+    let sticky = "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\nspec:\n  clusterIP: 198.18.0.94\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n".to_string() + POD_A + POD_B;
+    bed.write_manifest("sticky.yaml", &sticky).unwrap();
+    bed.start_agents().expect("agents");
+    let logs = || bed.logs();
+    let round = |ns: &xlb_tests::Netns| -> BTreeSet<String> {
+        let all = requests_from(&testbed, ns, Some(&cg1), false, "198.18.0.94:80".parse().unwrap(), 10)
+            .expect("xlb-testbed request");
+        tally("198.18.0.94:80", all, logs).into_keys().map(|(pod, _)| pod).collect()
+    };
+    // Within the timeout (each round takes well under a second): one backend, every time.
+    let first = round(&bed.nodes[0]);
+    assert_eq!(first.len(), 1, "one backend within the timeout: {first:?}");
+    let mut seen = first.clone();
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(2100));
+        let r = round(&bed.nodes[0]);
+        assert_eq!(r.len(), 1, "one backend within the timeout: {r:?}");
+        seen.extend(r);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "after the timeout the backend is chosen anew: only ever {seen:?}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&bed.xlb_cli(0, &["stats", "-o", "json"]).unwrap()).unwrap();
+    assert!(stats["sock_translated"]["packets"].as_u64().unwrap() >= 20, "at the socket: {stats}");
+}

@@ -186,6 +186,7 @@ pub fn load_hooks(pin_dir: Option<&Path>, caps: Capacities, hooks: &[Hook]) -> R
         .map_max_entries(MAP_SOCK_NAT, caps.sock_nat_entries)
         .map_max_entries(lb_common::MAP_AFFINITY, caps.affinity_entries)
         .map_max_entries(lb_common::MAP_AFFINITY6, caps.affinity_entries)
+        .map_max_entries(lb_common::MAP_SOCK_AFFINITY, caps.affinity_entries)
         .map_max_entries(lb_common::MAP_SERVICES6, caps.ipv6_entries)
         .map_max_entries(lb_common::MAP_BACKENDS6, caps.ipv6_entries)
         .map_max_entries(lb_common::MAP_CT6, caps.ipv6_entries)
