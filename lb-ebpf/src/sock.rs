@@ -57,6 +57,16 @@ fn remember_affinity(key: &SockAffinityKey, backend_id: u32, slot: u16, now: u32
     let _ = SOCK_AFFINITY.insert(*key, v, 0);
 }
 
+/// The slot of a new connection: the one affinity keeps, else one of the `count` at random.
+#[inline(always)]
+fn slot_for(kept: Option<u16>, count: u16) -> u16 {
+    kept.unwrap_or_else(|| {
+        // SAFETY: helper with no arguments.
+        let rnd = unsafe { bpf_get_prandom_u32() };
+        (rnd % u32::from(count)) as u16 + 1
+    })
+}
+
 /// The affinity key of this socket's namespace for a service port whose sessionAffinity
 /// timeout is `timeout` (`None`: no affinity).
 #[inline(always)]
@@ -172,14 +182,7 @@ fn balance4(ctx: &SockAddrContext, addr: [u8; 4], port: u16, proto: u8, sendmsg:
         SERVICES.get_ptr(k).is_some_and(|v| unsafe { (*v).backend_id } == id)
     };
     let kept = aff.as_ref().and_then(|a| kept_affinity(a, n, timeout, now, holds));
-    key.slot = match kept {
-        Some(slot) => slot,
-        None => {
-            // SAFETY: helper with no arguments.
-            let rnd = unsafe { bpf_get_prandom_u32() };
-            (rnd % u32::from(n)) as u16 + 1
-        }
-    };
+    key.slot = slot_for(kept, n);
     let Some(slot) = SERVICES.get_ptr(key) else { return To4::Leave };
     // SAFETY: as above.
     let backend_id = unsafe { (*slot).backend_id };
@@ -353,14 +356,7 @@ pub fn forward6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
         SERVICES6.get_ptr(&k).is_some_and(|v| unsafe { (*v).backend_id } == id)
     };
     let kept = aff.as_ref().and_then(|a| kept_affinity(a, n, timeout, now, holds));
-    key.slot = match kept {
-        Some(slot) => slot,
-        None => {
-            // SAFETY: helper with no arguments.
-            let rnd = unsafe { bpf_get_prandom_u32() };
-            (rnd % u32::from(n)) as u16 + 1
-        }
-    };
+    key.slot = slot_for(kept, n);
     let Some(slot) = SERVICES6.get_ptr(&key) else { return ALLOW };
     // SAFETY: as above.
     let backend_id = unsafe { (*slot).backend_id };

@@ -662,6 +662,19 @@ fn parse_answer(line: &str, from: SocketAddr) -> anyhow::Result<Answer> {
     Ok(Answer { pod: pod.into(), server: server.parse()?, peer: peer.parse()?, from })
 }
 
+/// `GET path` over HTTP/1.1 to `to` (half a second to connect, two to answer): the status and
+/// the body read as JSON; `None` when either fails. Runs in the caller's namespace.
+pub fn http_get_json(to: std::net::SocketAddr, path: &str) -> Option<(u16, serde_json::Value)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: xlb\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, serde_json::from_str(out.split("\r\n\r\n").nth(1)?).ok()?))
+}
+
 /// One TCP request: connect, send a line, read the answer line. Runs in the caller's namespace.
 pub fn tcp_request(to: SocketAddrV4, timeout: Duration) -> anyhow::Result<Answer> {
     tcp_request_to(to.into(), timeout)

@@ -532,21 +532,8 @@ fn the_node_health_server_answers_503_until_a_sync_succeeds_then_200() {
     bed.write_manifest("s.yaml", &services(20)).unwrap();
     bed.agent_args.extend(["--max-service-entries".to_string(), "16".to_string()]);
     bed.start_agent().expect("agent");
-    let probe = |bed: &SingleNode, path: &str| -> Option<(u16, serde_json::Value)> {
-        bed.client.enter(|| {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect_timeout(
-                &"198.18.100.1:10256".parse().unwrap(),
-                Duration::from_millis(500),
-            )
-            .ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            let status = out.split_whitespace().nth(1)?.parse().ok()?;
-            Some((status, serde_json::from_str(out.split("\r\n\r\n").nth(1)?).ok()?))
-        })
+    let probe = |bed: &SingleNode, path: &str| {
+        bed.client.enter(|| xlb_tests::http_get_json("198.18.100.1:10256".parse().unwrap(), path))
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let (status, body) = loop {

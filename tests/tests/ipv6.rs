@@ -95,6 +95,21 @@ fn add_ipv6(bed: &SingleNode) {
     }
 }
 
+/// The IPv6 bed with both pods serving TCP 8080 and UDP on `udp`, and the node's cgroup for
+/// socket-level balancing (with the testbed binary); `None` (the test skips) without root or
+/// cgroup v2.
+fn bed_in_a_cgroup(udp: &[u16]) -> Option<(SingleNode, PathBuf, PathBuf)> {
+    if !privileged("end-to-end tests need root") {
+        return None;
+    }
+    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
+    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
+    add_ipv6(&bed);
+    let cg = xlb_tests::socket_lb_cgroup(bed.cgroup.as_ref())?;
+    bed.start_servers(&testbed, &[8080], udp).expect("servers");
+    Some((bed, testbed, cg))
+}
+
 /// The dual-stack bed with both pods serving TCP 8080 and UDP 5353, the dual-stack Service
 /// `manifest` of both, and the agent serving its `port` ("80/TCP") on both clusterIPs.
 fn dual_stack_bed(port: &str) -> SingleNode {
@@ -321,14 +336,7 @@ endpoints:
 /// request reaches the endpoint that stays.
 #[test]
 fn ipv6_sockets_connected_to_a_removed_endpoint_are_terminated() {
-    if !privileged("end-to-end tests need root") {
-        return;
-    }
-    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
-    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
-    add_ipv6(&bed);
-    let Some(cg) = xlb_tests::socket_lb_cgroup(bed.cgroup.as_ref()) else { return };
-    bed.start_servers(&testbed, &[8080], &[5353]).expect("servers");
+    let Some((mut bed, testbed, cg)) = bed_in_a_cgroup(&[5353]) else { return };
     bed.write_manifest("web.yaml", &manifest(&[0, 1])).unwrap();
     bed.start_agent().expect("agent");
     bed.wait_for_service(&format!("{VIP6}:80/TCP"), 2, Duration::from_secs(10)).unwrap();
@@ -413,14 +421,7 @@ fn ipv6_sockets_reach_an_ipv4_cluster_ip_by_its_ipv4_mapped_address() {
 /// keep one backend within the timeout, and once it has passed one is chosen anew.
 #[test]
 fn ipv6_socket_level_session_affinity_keeps_a_backend_for_its_timeout() {
-    if !privileged("end-to-end tests need root") {
-        return;
-    }
-    let testbed = PathBuf::from(env!("CARGO_BIN_EXE_xlb-testbed"));
-    let mut bed = SingleNode::new(&["pod-a", "pod-b"]).expect("test bed");
-    add_ipv6(&bed);
-    let Some(cg) = xlb_tests::socket_lb_cgroup(bed.cgroup.as_ref()) else { return };
-    bed.start_servers(&testbed, &[8080], &[]).expect("servers");
+    let Some((mut bed, testbed, cg)) = bed_in_a_cgroup(&[]) else { return };
     bed.write_manifest(
         "sticky.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\nspec:\n  ipFamilies: [IPv6]\n  clusterIP: \"2001:db8:1::20\"\n  clusterIPs: [\"2001:db8:1::20\"]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}\naddressType: IPv6\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- {addresses: [\"2001:db8:10::2\"]}\n- {addresses: [\"2001:db8:11::2\"]}\n",

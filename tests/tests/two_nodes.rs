@@ -353,18 +353,8 @@ fn health_check_node_ports_tell_the_load_balancer_which_nodes_have_endpoints() {
     };
     bed.write_manifest("lb.yaml", &lb(POD_A)).unwrap();
     bed.start_agents().expect("agents");
-    let probe = |node: &str| -> Option<(u16, serde_json::Value)> {
-        bed.client.enter(|| {
-            use std::io::{Read as _, Write as _};
-            let to: std::net::SocketAddr = format!("{node}:32100").parse().unwrap();
-            let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(s, "GET / HTTP/1.1\r\nHost: lb\r\n\r\n").ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            let status = out.split_whitespace().nth(1)?.parse().ok()?;
-            Some((status, serde_json::from_str(out.split("\r\n\r\n").nth(1)?).ok()?))
-        })
+    let probe = |node: &str| {
+        bed.client.enter(|| xlb_tests::http_get_json(format!("{node}:32100").parse().unwrap(), "/"))
     };
     let (node1, node2) = ("198.18.100.1", "198.18.200.2");
     let wait_for = |node: &str, status: u16, local: u64| {
