@@ -646,8 +646,28 @@ async fn topology_hints_follow_the_zone_of_this_nodes_node_object() {
     let server = tokio::spawn(serve(api.clone(), listener));
     let dp = Shared::default();
     let cfg = ModelConfig { node_name: Some("node-1".into()), ..ModelConfig::default() };
-    let (stop, agent) = start_agent(addr, &dp, cfg, Arc::new(Metrics::default()));
+    let metrics = Arc::new(Metrics::default());
+    let (stop, agent) = start_agent(addr, &dp, cfg, metrics.clone());
     converge(&dp, &["198.18.0.1:80/TCP -> 198.18.1.1:8080"], "zone a's endpoint only").await;
+    // The cluster autoscaler taints the node for deletion: not eligible (the node health
+    // server's /healthz then answers 503), and eligible again once the taint goes.
+    let mut tainted = node("node-1", Some("a"));
+    tainted["spec"]["taints"] =
+        serde_json::json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]);
+    api.put(Kind::Node, tainted);
+    let eligible = |want: bool| {
+        let metrics = metrics.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metrics.node_eligible() != want {
+                assert!(Instant::now() < deadline, "node eligible should be {want}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    eligible(false).await;
+    api.put(Kind::Node, node("node-1", Some("a")));
+    eligible(true).await;
     api.put(Kind::Node, node("node-1", Some("b")));
     converge(&dp, &["198.18.0.1:80/TCP -> 198.18.1.2:8080"], "the node moved to zone b").await;
     api.put(Kind::Node, node("node-1", None));

@@ -132,9 +132,9 @@ fn route(method: &str, path: &str, state: &HttpState) -> (&'static str, &'static
 }
 
 /// kube-proxy's health server: `/healthz` and `/livez`, 200 while the node is healthy (see
-/// [`Metrics::node_health`]), else 503, with its JSON body. `nodeEligible` is always true: the
-/// agent does not read its Node object (kube-proxy's /healthz also fails for a node being
-/// deleted or tainted for deletion by the cluster autoscaler).
+/// [`Metrics::node_health`]), else 503, with its JSON body; `/healthz` also answers 503 while
+/// the node is being deleted or is tainted for deletion by the cluster autoscaler
+/// (`nodeEligible` false, from its Node object), `/livez` does not.
 fn node_health_route(method: &str, path: &str, state: &HttpState) -> (&'static str, &'static str, String) {
     const TEXT: &str = "text/plain; charset=utf-8";
     if method != "GET" && method != "HEAD" {
@@ -143,12 +143,14 @@ fn node_health_route(method: &str, path: &str, state: &HttpState) -> (&'static s
     match path {
         "/healthz" | "/livez" => {
             let (healthy, last) = state.metrics.node_health(state.max_pending);
+            let eligible = state.metrics.node_eligible();
             let body = format!(
-                r#"{{"lastUpdated": "{}","currentTime": "{}", "nodeEligible": true}}"#,
+                r#"{{"lastUpdated": "{}","currentTime": "{}", "nodeEligible": {eligible}}}"#,
                 last.map(go_time).unwrap_or_else(|| go_time(std::time::UNIX_EPOCH)),
                 go_time(std::time::SystemTime::now())
             );
-            (if healthy { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
+            let ok = healthy && (eligible || path == "/livez");
+            (if ok { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
         }
         _ => ("404 Not Found", TEXT, "not found: try /healthz or /livez\n".into()),
     }
@@ -260,6 +262,12 @@ mod tests {
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 503"));
         metrics.sync_ok(Duration::from_millis(1), 1, 0, Default::default());
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        // A node being deleted: /healthz says so (503, nodeEligible false), /livez does not.
+        metrics.set_node_eligible(false);
+        let r = get(addr, "/healthz").await;
+        assert!(r.starts_with("HTTP/1.1 503") && body(&r)["nodeEligible"] == false, "{r}");
+        assert!(get(addr, "/livez").await.starts_with("HTTP/1.1 200"));
+        metrics.set_node_eligible(true);
         metrics.set_stopping();
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 503"));
         assert!(get(addr, "/metrics").await.starts_with("HTTP/1.1 404"));

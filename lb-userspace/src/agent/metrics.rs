@@ -55,6 +55,8 @@ pub struct Metrics {
     capacity_exceeded: Mutex<Option<&'static str>>,
     /// Set when the agent is shutting down (the node health server answers 503).
     stopping: AtomicBool,
+    /// Cleared while this node is being deleted (see `source::kube::node_eligible`).
+    node_eligible: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -73,6 +75,7 @@ impl Default for Metrics {
             last_ok: Mutex::default(),
             capacity_exceeded: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            node_eligible: AtomicBool::new(true),
         }
     }
 }
@@ -147,6 +150,16 @@ impl Metrics {
             )),
             _ => Ok(()),
         }
+    }
+
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.node_eligible.store(eligible, Relaxed);
+    }
+
+    /// Whether load balancers should send to this node (true unless its Node says it is being
+    /// deleted).
+    pub fn node_eligible(&self) -> bool {
+        self.node_eligible.load(Relaxed)
     }
 
     pub fn set_stopping(&self) {

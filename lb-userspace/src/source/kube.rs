@@ -135,7 +135,7 @@ impl KubeSource {
     /// [`ProxyName`]): a Service that gains or loses the label comes or goes as any other.
     ///
     /// With `watch_node`, this node's Node object is watched too (selected by
-    /// `metadata.name`, metadata only) for its zone (see [`NodeZone`]).
+    /// `metadata.name`) for its zone (see [`NodeZone`]) and whether it is being deleted.
     pub fn start(
         client: Client,
         node: Option<&str>,
@@ -167,8 +167,7 @@ impl KubeSource {
         let zone = node.filter(|_| watch_node).map(|node| {
             let zone = Arc::new(NodeZone::default());
             let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
-            let api = Api::<kube::core::PartialObjectMeta<Node>>::all(client.clone());
-            let stream = watcher::watcher(api, cfg);
+            let stream = watcher::watcher(Api::<Node>::all(client.clone()), cfg);
             tasks.push(tokio::spawn(drive_zone(stream, zone.clone(), changed.clone(), metrics.clone())));
             zone
         });
@@ -216,14 +215,30 @@ impl NodeZone {
     }
 }
 
-/// Follows the Node's zone label; `changed` is notified when it changes.
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether load balancers should keep sending to this node, as kube-proxy's health server
+/// says it in `nodeEligible`: not while it is being deleted or is tainted for deletion by the
+/// cluster autoscaler.
+pub fn node_eligible(n: &Node) -> bool {
+    let tainted = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    n.metadata.deletion_timestamp.is_none() && !tainted
+}
+
+/// Follows the Node's zone label (`changed` is notified when it changes) and whether the node
+/// is eligible for load balancers' traffic (in `metrics`, for the node health server).
 async fn drive_zone<S>(stream: S, zone: Arc<NodeZone>, changed: Arc<Notify>, metrics: Arc<Metrics>)
 where
-    S: Stream<Item = Result<Event<kube::core::PartialObjectMeta<Node>>, watcher::Error>>,
+    S: Stream<Item = Result<Event<Node>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
     let mut retry = Retry::default();
-    let label = |m: &kube::core::PartialObjectMeta<Node>| {
+    let label = |m: &Node| {
         m.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).filter(|z| !z.is_empty()).cloned()
     };
     let mut seen = false;
@@ -231,6 +246,15 @@ where
         let now = match ev {
             Ok(Event::Apply(n) | Event::InitApply(n)) => {
                 seen = true;
+                let eligible = node_eligible(&n);
+                if eligible != metrics.node_eligible() {
+                    info!(
+                        eligible,
+                        "this node is {} load balancers' traffic (node health server)",
+                        if eligible { "eligible for" } else { "being deleted: no longer eligible for" }
+                    );
+                    metrics.set_node_eligible(eligible);
+                }
                 Some(label(&n))
             }
             Ok(Event::Delete(_)) => Some(None),
