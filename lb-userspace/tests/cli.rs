@@ -557,7 +557,7 @@ Backends:
   1    198.18.1.2:8080   active        yes          7           1
   2    198.18.2.2:8080   active        yes          5           0
   3    198.18.3.2:8080   terminating   no           0           0
-Note:                     this xlb shows session affinity but does not enforce it yet (see README, Limitations)
+Note:                     affinity is kept per client address on the packet path, per network namespace at the socket
 "#;
 
 const DESCRIBE_DB: &str = r#"Name:                     db

@@ -675,7 +675,7 @@ pub fn describe_text(d: &ServiceDescription) -> String {
     }
     if d.affinity_timeout_seconds.is_some() {
         o.push_str(
-            "Note:                     this xlb shows session affinity but does not enforce it yet (see README, Limitations)\n",
+            "Note:                     affinity is kept per client address on the packet path, per network namespace at the socket\n",
         );
     }
     o
