@@ -10,13 +10,12 @@
 //! when none does.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use super::{AbortOnDrop, http, metrics::Metrics};
 use crate::model::{BackendState, PortRef, incremental::PortChanges};
@@ -116,73 +115,28 @@ impl HealthChecks {
         });
         for port in wanted {
             listeners.entry(port).or_insert_with(|| {
-                let state = Arc::new(http::HttpState {
-                    metrics: self.metrics.clone(),
-                    counters: Arc::new(Vec::new),
-                    max_pending: self.max_pending,
-                });
-                AbortOnDrop(rt.spawn(serve(port, self.served.clone(), state)))
+                let (served, metrics, max_pending) =
+                    (self.served.clone(), self.metrics.clone(), self.max_pending);
+                AbortOnDrop(rt.spawn(async move {
+                    // Every address of the node: IPv6 and IPv4 on one socket (IPv4 alone on a
+                    // node without IPv6).
+                    let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+                    let listener = http::bind_retrying(addr, "a health check node port").await;
+                    info!(port, "serving a health check node port");
+                    let route: http::Route = Arc::new(move |_path| {
+                        let (healthy, _) = metrics.node_health(max_pending);
+                        answer(lock(&served).get(&port), healthy)
+                    });
+                    http::serve_with(listener, route).await
+                }))
             });
         }
     }
 }
 
-/// Binds `port` on every address of the node (IPv6 and IPv4 on one socket where the node has
-/// IPv6), trying again every 5 s while another process holds it.
-async fn bind(port: u16) -> TcpListener {
-    let mut warned = false;
-    loop {
-        let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-        let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let e = match TcpListener::bind(any6).await {
-            Ok(l) => return l,
-            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => match TcpListener::bind(any4).await {
-                Ok(l) => return l,
-                Err(e) => e,
-            },
-            Err(e) => e,
-        };
-        if !warned {
-            warn!(port, error = %e, "cannot open a health check node port yet; trying again every 5 s");
-            warned = true;
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    }
-}
-
-async fn serve(port: u16, served: Arc<Mutex<BTreeMap<u16, Served>>>, state: Arc<http::HttpState>) {
-    let listener = bind(port).await;
-    info!(port, "serving a health check node port");
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(port, error = %e, "accepting a health check connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (served, state) = (served.clone(), state.clone());
-        tokio::spawn(async move {
-            let route = |method: &str, _path: &str| answer(method, lock(&served).get(&port), &state);
-            if tokio::time::timeout(Duration::from_secs(10), http::respond(stream, route)).await.is_err() {
-                debug!(%peer, port, "health check request timed out");
-            }
-        });
-    }
-}
-
-/// kube-proxy's answer: 200 while the node has ready endpoints of the Service and the agent is
-/// healthy, else 503; its JSON body.
-fn answer(
-    method: &str,
-    served: Option<&Served>,
-    state: &http::HttpState,
-) -> (&'static str, &'static str, String) {
-    if method != "GET" && method != "HEAD" {
-        return ("405 Method Not Allowed", "text/plain; charset=utf-8", "only GET\n".into());
-    }
-    let (healthy, _) = state.metrics.node_health(state.max_pending);
+/// kube-proxy's answer on any path: 200 while the node has ready endpoints of the Service and
+/// the agent is `healthy` (as the node health server says), else 503; its JSON body.
+fn answer(served: Option<&Served>, healthy: bool) -> http::Answer {
     let (namespace, name, n) =
         served.map_or(("", "", 0), |s| (s.namespace.as_str(), s.name.as_str(), s.local_endpoints));
     let body = format!(
@@ -221,7 +175,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|&(i, local, state)| DesiredBackend {
-                    addr: std::net::IpAddr::V4(Ipv4Addr::new(198, 18, 1, i)),
+                    addr: std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 1, i)),
                     port: 8080,
                     state,
                     local,
@@ -260,17 +214,10 @@ mod tests {
 
     #[test]
     fn answers_as_kube_proxy() {
-        let metrics = Arc::new(Metrics::default());
-        let state = http::HttpState {
-            metrics: metrics.clone(),
-            counters: Arc::new(Vec::new),
-            max_pending: Duration::from_secs(60),
-        };
         let s = Served { namespace: "shop".into(), name: "web".into(), local_endpoints: 2, ports: 1 };
-        // The agent has not synced yet: unhealthy whatever the endpoints.
-        assert_eq!(answer("GET", Some(&s), &state).0, "503 Service Unavailable");
-        metrics.sync_ok(Duration::from_millis(1), 1, 0, Default::default());
-        let (status, ctype, body) = answer("GET", Some(&s), &state);
+        // The agent is not healthy (not synced yet, say): 503 whatever the endpoints.
+        assert_eq!(answer(Some(&s), false).0, "503 Service Unavailable");
+        let (status, ctype, body) = answer(Some(&s), true);
         assert_eq!((status, ctype), ("200 OK", "application/json"));
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(
@@ -278,6 +225,6 @@ mod tests {
             serde_json::json!({"service": {"namespace": "shop", "name": "web"}, "localEndpoints": 2, "serviceProxyHealthy": true})
         );
         let none = Served { local_endpoints: 0, ..s };
-        assert_eq!(answer("GET", Some(&none), &state).0, "503 Service Unavailable");
+        assert_eq!(answer(Some(&none), true).0, "503 Service Unavailable");
     }
 }

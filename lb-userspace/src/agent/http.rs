@@ -2,7 +2,11 @@
 //! node health server that load balancers probe, as kube-proxy's on port 10256 (`/healthz`,
 //! `/livez`, with its JSON body).
 //! A deliberately small HTTP/1.1 server: one request per connection, GET only.
-use std::{sync::Arc, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -22,36 +26,53 @@ pub struct HttpState {
     pub max_pending: Duration,
 }
 
-/// What answers a request: (method, path, state) to (status, content type, body).
-type Route = fn(&str, &str, &HttpState) -> (&'static str, &'static str, String);
+/// An answer: (status, content type, body).
+pub type Answer = (&'static str, &'static str, String);
+
+/// What answers a GET (or HEAD) of a path.
+pub type Route = Arc<dyn Fn(&str) -> Answer + Send + Sync>;
+
+const TEXT: &str = "text/plain; charset=utf-8";
 
 /// Serves the agent's endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
-    serve_with(listener, state, route).await
+    serve_with(listener, Arc::new(move |path| route(path, &state))).await
 }
 
-/// Serves the node health server on `addr` until the task is dropped. An address that cannot be
-/// bound (another process holds the port: an agent being replaced, kube-proxy still running) is
-/// tried again every 5 s, the agent serving meanwhile.
-pub async fn serve_node_health(addr: std::net::SocketAddr, state: Arc<HttpState>) {
-    let mut warned = false;
-    let listener = loop {
-        match TcpListener::bind(addr).await {
-            Ok(l) => break l,
-            Err(e) => {
-                if !warned {
-                    warn!(%addr, error = %e, "cannot serve the node health server yet (as kube-proxy's); trying again every 5 s");
-                    warned = true;
-                }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    };
+/// Serves the node health server on `addr` until the task is dropped (see [`bind_retrying`]).
+pub async fn serve_node_health(addr: SocketAddr, metrics: Arc<Metrics>, max_pending: Duration) {
+    let listener = bind_retrying(addr, "the node health server (kube-proxy's)").await;
     tracing::info!(%addr, "serving the node's health (/healthz, /livez), as kube-proxy's health server");
-    serve_with(listener, state, node_health_route).await
+    serve_with(listener, Arc::new(move |path| node_health_route(path, &metrics, max_pending))).await
 }
 
-async fn serve_with(listener: TcpListener, state: Arc<HttpState>, route: Route) {
+/// Binds `addr`. While another process holds it (an agent being replaced, kube-proxy still
+/// running) it is tried again every 5 s, said once. An unspecified IPv6 address (IPv6 and IPv4
+/// on one socket) is the IPv4 one on a node without IPv6.
+pub async fn bind_retrying(addr: SocketAddr, what: &str) -> TcpListener {
+    let mut warned = false;
+    loop {
+        let e = match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) && addr.ip() == Ipv6Addr::UNSPECIFIED => {
+                match TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()))).await {
+                    Ok(l) => return l,
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        if !warned {
+            warn!(%addr, error = %e, "cannot bind {what} yet; trying again every 5 s");
+            warned = true;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Answers the requests of `listener` by `route`, each connection in a task of its own (given
+/// 10 s), until the task is dropped.
+pub async fn serve_with(listener: TcpListener, route: Route) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -61,26 +82,18 @@ async fn serve_with(listener: TcpListener, state: Arc<HttpState>, route: Route) 
                 continue;
             }
         };
-        let state = state.clone();
+        let route = route.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(10), handle(stream, &state, route)).await
-            {
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(10), respond(stream, &*route)).await {
                 debug!(%peer, error = %e, "HTTP request timed out");
             }
         });
     }
 }
 
-async fn handle(stream: TcpStream, state: &HttpState, route: Route) {
-    respond(stream, |method, path| route(method, path, state)).await
-}
-
-/// Reads one request from `stream` and writes the answer `route` gives for its method and path
-/// (status, content type, body), then closes the connection.
-pub async fn respond(
-    mut stream: TcpStream,
-    route: impl Fn(&str, &str) -> (&'static str, &'static str, String),
-) {
+/// Reads one request from `stream` and writes the answer `route` gives for its path (GET and
+/// HEAD only), then closes the connection.
+async fn respond(mut stream: TcpStream, route: &(dyn Fn(&str) -> Answer + Send + Sync)) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     // Read up to the end of the headers (the body of a GET is ignored).
@@ -94,7 +107,11 @@ pub async fn respond(
     let mut parts = text.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    let (status, ctype, body) = route(method, path);
+    let (status, ctype, body) = if method == "GET" || method == "HEAD" {
+        route(path)
+    } else {
+        ("405 Method Not Allowed", TEXT, "only GET\n".into())
+    };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -106,11 +123,7 @@ pub async fn respond(
     let _ = stream.shutdown().await;
 }
 
-fn route(method: &str, path: &str, state: &HttpState) -> (&'static str, &'static str, String) {
-    const TEXT: &str = "text/plain; charset=utf-8";
-    if method != "GET" && method != "HEAD" {
-        return ("405 Method Not Allowed", TEXT, "only GET\n".into());
-    }
+fn route(path: &str, state: &HttpState) -> Answer {
     match path {
         "/metrics" => {
             let counters = (state.counters)();
@@ -135,15 +148,11 @@ fn route(method: &str, path: &str, state: &HttpState) -> (&'static str, &'static
 /// [`Metrics::node_health`]), else 503, with its JSON body; `/healthz` also answers 503 while
 /// the node is being deleted or is tainted for deletion by the cluster autoscaler
 /// (`nodeEligible` false, from its Node object), `/livez` does not.
-fn node_health_route(method: &str, path: &str, state: &HttpState) -> (&'static str, &'static str, String) {
-    const TEXT: &str = "text/plain; charset=utf-8";
-    if method != "GET" && method != "HEAD" {
-        return ("405 Method Not Allowed", TEXT, "only GET\n".into());
-    }
+fn node_health_route(path: &str, metrics: &Metrics, max_pending: Duration) -> Answer {
     match path {
         "/healthz" | "/livez" => {
-            let (healthy, last) = state.metrics.node_health(state.max_pending);
-            let eligible = state.metrics.node_eligible();
+            let (healthy, last) = metrics.node_health(max_pending);
+            let eligible = metrics.node_eligible();
             let body = format!(
                 r#"{{"lastUpdated": "{}","currentTime": "{}", "nodeEligible": {eligible}}}"#,
                 last.map(go_time).unwrap_or_else(|| go_time(std::time::UNIX_EPOCH)),
@@ -235,12 +244,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::default());
-        let state = Arc::new(HttpState {
-            metrics: metrics.clone(),
-            counters: Arc::new(Vec::new),
-            max_pending: Duration::from_millis(300),
-        });
-        let task = tokio::spawn(serve_with(listener, state, node_health_route));
+        let m = metrics.clone();
+        let route: Route = Arc::new(move |path| node_health_route(path, &m, Duration::from_millis(300)));
+        let task = tokio::spawn(serve_with(listener, route));
         let body = |r: &str| -> serde_json::Value {
             serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap()
         };

@@ -394,20 +394,24 @@ impl<D: Datapath> Syncer<D> {
             self.doc_errors = errors;
         }
         let mut changes = PortChanges::new();
+        // The node's addresses and zone: the model takes both at once (each change of its
+        // settings models every Service again).
+        let mut cfg_changed = false;
         if let Some(src) = &self.node_addrs {
             let now = src.lock().map(|a| a.clone()).unwrap_or_default();
             if now != self.cfg.node_addrs {
                 info!(addresses = ?now, "the node's addresses changed: node ports follow");
                 self.cfg.node_addrs = now;
-                changes.extend(self.model.set_config(self.cfg.clone()));
+                cfg_changed = true;
             }
         }
         if let Some(z) = &self.node_zone {
             let now = z.get();
-            if now != self.cfg.zone {
-                self.cfg.zone = now;
-                changes.extend(self.model.set_config(self.cfg.clone()));
-            }
+            cfg_changed |= now != self.cfg.zone;
+            self.cfg.zone = now;
+        }
+        if cfg_changed {
+            changes.extend(self.model.set_config(self.cfg.clone()));
         }
         // Pods: this node's, all of them to the model when one changed.
         let pods_changed = !u.pods.is_empty();
@@ -865,12 +869,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     syncer.health_checks = Some(Arc::new(healthcheck::HealthChecks::new(metrics.clone(), cfg.max_pending)));
     let _node_health = cfg.healthz_addr.map(|addr| {
-        let state = Arc::new(http::HttpState {
-            metrics: metrics.clone(),
-            counters: Arc::new(Vec::new),
-            max_pending: cfg.max_pending,
-        });
-        AbortOnDrop(tokio::spawn(http::serve_node_health(addr, state)))
+        AbortOnDrop(tokio::spawn(http::serve_node_health(addr, metrics.clone(), cfg.max_pending)))
     });
 
     // Addresses come and go (DHCP, new interfaces): node ports follow within a poll.
