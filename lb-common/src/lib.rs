@@ -9,6 +9,7 @@
 //! suffix is bumped, so an upgraded agent never misreads maps pinned by an older one.
 #![no_std]
 
+pub mod crc32c;
 pub mod csum;
 
 /// Default bpffs directory under which the agent pins its maps.
@@ -276,6 +277,9 @@ pub const CT_TCP_SYN_S: u32 = 60;
 pub const CT_TCP_ESTABLISHED_S: u32 = 21_600;
 pub const CT_TCP_CLOSE_S: u32 = 10;
 pub const CT_UDP_S: u32 = 60;
+/// SCTP associations: netfilter's established timeout (an idle association sends a heartbeat
+/// every 30 s, RFC 9260's default, so a live one never reaches it).
+pub const CT_SCTP_S: u32 = 210;
 
 /// The endpoint filter: a bitmap (array of u64 words) with a bit set for every frontend and every
 /// backend (address, port, protocol), at [`filter_bit`]. A packet whose destination and source
@@ -501,6 +505,7 @@ pub const TCP_ACK: u8 = 0x10;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// [`Svc4Key::scope`]: the frontend as seen by any client.
 pub const SCOPE_EXTERNAL: u8 = 0;

@@ -2,8 +2,8 @@
 use aya_ebpf::helpers::generated::{bpf_ktime_get_coarse_ns, bpf_loop};
 use lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT,
-    CT_F_SNAT, CT_TCP_CLOSE_S, CT_TCP_ESTABLISHED_S, CT_TCP_SYN_S, CT_UDP_S, Ct4Key, Ct4Value, IPPROTO_TCP,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_FIN, TCP_RST,
+    CT_F_SNAT, CT_SCTP_S, CT_TCP_CLOSE_S, CT_TCP_ESTABLISHED_S, CT_TCP_SYN_S, CT_UDP_S, Ct4Key, Ct4Value,
+    IPPROTO_SCTP, IPPROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_FIN, TCP_RST,
 };
 
 use crate::{
@@ -26,7 +26,9 @@ pub fn lifetime(proto: u8, tcp_flags: u8) -> u32 {
         ),
         None => (CT_TCP_SYN_S, CT_TCP_ESTABLISHED_S, CT_TCP_CLOSE_S, CT_UDP_S),
     };
-    if proto != IPPROTO_TCP {
+    if proto == IPPROTO_SCTP {
+        CT_SCTP_S
+    } else if proto != IPPROTO_TCP {
         udp
     } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         close

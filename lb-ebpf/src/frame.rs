@@ -13,7 +13,7 @@
 use aya_ebpf::{
     bindings::{__sk_buff, xdp_md},
     helpers::generated::{
-        bpf_l4_csum_replace, bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head,
+        bpf_csum_update, bpf_l4_csum_replace, bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head,
         bpf_xdp_adjust_tail,
     },
 };
@@ -36,6 +36,10 @@ pub trait Frame: Copy {
     /// On an skb: `bpf_l4_csum_replace` at `off` bytes from the frame's start (`from` and `to`
     /// in packet order, `flags` the helper's). Never called for an XDP buffer.
     fn l4_csum_replace(self, off: usize, from: u32, to: u32, flags: u64) -> bool;
+    /// On an skb whose checksum covers the whole frame (`CHECKSUM_COMPLETE`): adds `diff` (a
+    /// one's complement sum of the changes, as `csum::replace4` makes them) to it, for bytes
+    /// rewritten in place that no Internet checksum compensates (SCTP's). Nothing otherwise.
+    fn csum_update(self, diff: u32);
 }
 
 /// An XDP buffer.
@@ -81,6 +85,9 @@ impl Frame for Xdp {
     fn l4_csum_replace(self, _off: usize, _from: u32, _to: u32, _flags: u64) -> bool {
         false
     }
+
+    #[inline(always)]
+    fn csum_update(self, _diff: u32) {}
 }
 
 impl Frame for Skb {
@@ -119,5 +126,14 @@ impl Frame for Skb {
     fn l4_csum_replace(self, off: usize, from: u32, to: u32, flags: u64) -> bool {
         // SAFETY: helper on the program's own context; it checks `off` against the skb.
         unsafe { bpf_l4_csum_replace(self.0, off as u32, u64::from(from), u64::from(to), flags) == 0 }
+    }
+
+    #[inline(always)]
+    fn csum_update(self, diff: u32) {
+        // SAFETY: helper on the program's own context; it refuses (harmlessly) an skb of any
+        // other checksum state.
+        unsafe {
+            bpf_csum_update(self.0, diff);
+        }
     }
 }

@@ -50,9 +50,17 @@ pub fn datapath<F: Frame>(f: F) -> Result<u32, ()> {
     {
         let bytes = (end - data) as u64;
         count(Stat::Rx, bytes);
-        return answer6(f, None, crate::lb6::process::<false, F>(f, data, end, bytes)?, bytes);
+        return answer6(f, None, process_v6(f, data, end, bytes)?, bytes);
     }
     process_v4(f)
+}
+
+/// The IPv6 path, then what it left to do to an SCTP packet ([`nat::finish_sctp`]).
+#[inline(never)]
+fn process_v6<F: Frame>(f: F, data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
+    let verdict = crate::lb6::process::<false, F>(f, data, end, bytes);
+    nat::finish_sctp(f);
+    verdict
 }
 
 /// What the IPv6 path decided: an XDP action, or an answer for the caller, which holds the
@@ -67,9 +75,12 @@ fn answer6<F: Frame>(f: F, rec: Rec, action: u32, bytes: u64) -> Result<u32, ()>
     if reject::answer6(f) { verdict(rec, sent, bytes, xdp_action::XDP_TX) } else { drop(rec, unsent, bytes) }
 }
 
+/// The IPv4 path, then what it left to do to an SCTP packet ([`nat::finish_sctp`]).
 #[inline(never)]
 fn process_v4<F: Frame>(f: F) -> Result<u32, ()> {
-    process::<false, F>(f)
+    let verdict = process::<false, F>(f);
+    nat::finish_sctp(f);
+    verdict
 }
 
 #[inline(always)]

@@ -11,17 +11,17 @@
 //! BPF subprograms (`#[inline(never)]`) with frames of their own: IPv6's 16-byte addresses,
 //! 40-byte keys and values would otherwise outgrow the 512 bytes of stack.
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, xdp_action},
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, xdp_action},
     helpers::generated::{bpf_get_prandom_u32, bpf_loop},
     programs::TcContext,
 };
 use lb_common::{
     Affinity4Value, BACKEND_F_LOCAL, BACKEND_STATE_FREE, Backend6, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT,
     CT_DIR_SNAT_REPLY, CT_F_DNAT_BACK, CT_F_EGRESS_REVNAT, CT_F_SNAT, Ct6Key, Ct6Value, FragPorts,
-    IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST, SVC_F_NO_LOCAL_ENDPOINT, SVC_F_SOURCE_RANGES,
-    SrcRange6, Stat, TRACE_AFFINITY, TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY, TRACE_CT_STALE,
-    TRACE_FRONTEND, TRACE_MAGLEV, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord, csum,
-    is_snat_port, maglev_flow_hash6, maglev_key,
+    IPPROTO_SCTP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_LOCAL_LIST, SVC_F_NO_LOCAL_ENDPOINT,
+    SVC_F_SOURCE_RANGES, SrcRange6, Stat, TRACE_AFFINITY, TRACE_CT_EXPIRED, TRACE_CT_FORWARD, TRACE_CT_REPLY,
+    TRACE_CT_STALE, TRACE_FRONTEND, TRACE_MAGLEV, TRACE_NEW_FLOW, TRACE_REJECT, TRACE_REWRITE, TraceRecord,
+    csum, is_snat_port, maglev_flow_hash6, maglev_key,
 };
 
 use crate::{
@@ -31,8 +31,8 @@ use crate::{
         AFFINITY6, BACKEND_FLOWS6, BACKENDS6, CONFIG, CT6, FRAG6, MAGLEV, SCRATCH_TC, SCRATCH_XDP, SCRATCH6,
         SERVICES6, SOURCE_RANGES6, Scratch6, TRACE as TRACE_MAP,
     },
-    nat::Side,
-    parse::{self, Fragment6, Packet6, Parsed6, load_addr6, load16, store16},
+    nat::{self, Side},
+    parse::{self, Fragment6, Packet6, Parsed6, load_addr6, load16, load32, store16},
     stats::{atomic_add, count},
 };
 
@@ -92,6 +92,10 @@ fn fill_key(key: &mut Ct6Key, pkt: &Packet6, dir: u8) {
 /// an skb ([`translate_skb`]; see [`crate::frame`]).
 #[inline(always)]
 fn translate<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], ports: u32) {
+    if pkt.proto == IPPROTO_SCTP {
+        translate_sctp(f, pkt, side, addr, ports);
+        return;
+    }
     if F::SKB {
         translate_skb(f, pkt, side, addr, ports);
         return;
@@ -147,6 +151,39 @@ fn translate_skb<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], por
             || f.l4_csum_replace(check_off, u32::from(old_port), u32::from(port), mangled | 2))
         && (src_port == 0
             || f.l4_csum_replace(check_off, u32::from(old_sport), u32::from(src_port), mangled | 2));
+}
+
+/// [`translate`] for SCTP, on either frame: the address and ports written in place, then the
+/// CRC32c updated for the ports (SCTP's checksum has no pseudo-header); on an skb whose checksum
+/// covers the frame, that sum follows every change.
+#[inline(never)]
+fn translate_sctp<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], ports: u32) {
+    let (port, src_port) = ((ports as u16).to_be(), ((ports >> 16) as u16).to_be());
+    let (addr_off, port_off) = match side {
+        Side::Source => (8, 0),
+        Side::Destination => (24, 2),
+    };
+    let len = pkt.sctp_len();
+    let mut diff = 0u32;
+    let mut i = 0;
+    while i < 8 {
+        let new = u16::from_ne_bytes([addr[2 * i], addr[2 * i + 1]]);
+        // SAFETY: parse6() bounds-checked the 40-byte IPv6 header.
+        unsafe {
+            diff += u32::from(!load16(pkt.l3 + addr_off + 2 * i)) + u32::from(new);
+            store16(pkt.l3 + addr_off + 2 * i, new);
+        }
+        i += 1;
+    }
+    // SAFETY: parse6() bounds-checked SCTP's 12-byte common header.
+    unsafe {
+        let old_ports = load32(pkt.l4);
+        store16(pkt.l4 + port_off, port);
+        if src_port != 0 {
+            store16(pkt.l4, src_port);
+        }
+        nat::defer_sctp6(f, pkt.l4, old_ports, len, diff);
+    }
 }
 
 /// Writes `addr` and `port` (host order) into the chosen side of `pkt` and fixes the L4
@@ -905,6 +942,23 @@ pub fn egress(skb: *mut __sk_buff) {
     // SAFETY: as above (the L4 header: ports and checksum).
     let old_port = unsafe { load16(pkt.l4) };
     let new_port = s.val.nat_port.to_be();
+    if pkt.proto == IPPROTO_SCTP {
+        // No pseudo-header: the new address leaves the CRC32c as it is, the port changes it;
+        // computed before the helpers (which invalidate packet pointers), stored through them,
+        // keeping a checksum of the whole frame right.
+        // SAFETY: parse6() bounds-checked SCTP's 12-byte common header.
+        let (old_ports, crc) = unsafe { (load32(pkt.l4), load32(pkt.l4 + 8)) };
+        let new_ports = (old_ports & !0xffff) | u32::from(new_port);
+        let new_crc = nat::sctp_crc(crc, old_ports, new_ports, pkt.sctp_len());
+        let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
+        let ok = ctx.store(l3 + 8, &s.val.nat_addr, flags).is_ok()
+            && ctx.store(l4, &new_port, flags).is_ok()
+            && ctx.store(l4 + 8, &new_crc, flags).is_ok();
+        if ok {
+            count(stat, u64::from(ctx.len()));
+        }
+        return;
+    }
     let mangled = if pkt.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     // The helpers keep the checksum right for every skb checksum state (partial included); the
     // pseudo-header covers the address, 4 bytes at a time.

@@ -65,7 +65,9 @@ mod entry {
     /// instead of changing conntrack or counters.
     #[xdp]
     pub fn xlb_xdp_trace(ctx: XdpContext) -> u32 {
-        match crate::lb::process::<true, _>(crate::frame::Xdp(ctx.ctx)) {
+        let verdict = crate::lb::process::<true, _>(crate::frame::Xdp(ctx.ctx));
+        crate::nat::finish_sctp(crate::frame::Xdp(ctx.ctx));
+        match verdict {
             Ok(verdict) => verdict,
             Err(()) => xdp_action::XDP_PASS,
         }

@@ -141,7 +141,40 @@ pub struct Scratch6 {
     pub aff: Affinity6Key,
     /// A datagram's key in [`FRAG6`].
     pub frag: Frag6Key,
+    /// An SCTP packet's checksum update, left for the end of the run (`nat::finish_sctp`).
+    pub sctp: SctpFix,
 }
+
+/// What `nat::finish_sctp` does at the end of a run for an SCTP packet the run translated.
+#[repr(C)]
+pub struct SctpFix {
+    /// 0 (nothing), [`SCTP_TRANSLATE4`] or [`SCTP_CRC6`].
+    pub kind: u8,
+    /// IPv4: the source is rewritten (else the destination).
+    pub source: bool,
+    /// Offset of the SCTP header from the frame's start.
+    pub l4: u16,
+    /// IPv4: the new address (packet order).
+    pub addr: [u8; 4],
+    /// IPv4: the new port, and the new source port above it unless 0 (host order).
+    pub ports: u32,
+    /// IPv6: the packet's first four bytes before its rewrite, as they stood in memory.
+    pub old_ports: u32,
+    /// IPv6: the SCTP packet's length.
+    pub len: u32,
+    /// IPv6: the addresses' change, as a one's complement sum.
+    pub diff: u32,
+}
+
+impl SctpFix {
+    pub const NONE: SctpFix =
+        SctpFix { kind: 0, source: false, l4: 0, addr: [0; 4], ports: 0, old_ports: 0, len: 0, diff: 0 };
+}
+
+/// An IPv4 SCTP packet to translate as [`SctpFix`] says.
+pub const SCTP_TRANSLATE4: u8 = 4;
+/// An IPv6 SCTP packet already translated, its CRC32c to update.
+pub const SCTP_CRC6: u8 = 6;
 
 /// Entry of [`SCRATCH6`] that XDP uses.
 pub const SCRATCH_XDP: u32 = 0;

@@ -3,7 +3,7 @@
 //! The Ethernet header is 14 bytes, so IPv4 fields sit on 2-byte boundaries: every access goes
 //! through 16-bit loads and stores, which are aligned as long as the frame starts 2-aligned (the
 //! kernel's XDP buffers do).
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -90,17 +90,39 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// Address of the L4 checksum field.
+    /// Address of the L4 checksum field (SCTP's CRC32c included).
     #[inline(always)]
     pub fn l4_check(&self) -> usize {
-        if self.proto == IPPROTO_TCP { self.l4 + 16 } else { self.l4 + 6 }
+        match self.proto {
+            IPPROTO_TCP => self.l4 + 16,
+            IPPROTO_SCTP => self.l4 + 8,
+            _ => self.l4 + 6,
+        }
+    }
+
+    /// Length of an SCTP packet, from its common header to the end (what its CRC32c covers).
+    #[inline(always)]
+    pub fn sctp_len(&self) -> u32 {
+        // SAFETY: parse() bounds-checked the IPv4 header; its total length covers the L4 header.
+        u32::from(u16::from_be(unsafe { load16(self.l3 + 2) })) - (self.l4 - self.l3) as u32
     }
 }
 
-/// The fixed length of a TCP (20) or UDP (8) header: what the core reads of it.
+/// The fixed length of a TCP (20), SCTP (12, the common header) or UDP (8) header: what the
+/// core reads of it.
 #[inline(always)]
 pub const fn l4_len(proto: u8) -> usize {
-    if proto == IPPROTO_TCP { 20 } else { 8 }
+    match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_SCTP => 12,
+        _ => 8,
+    }
+}
+
+/// The protocols whose flows are balanced.
+#[inline(always)]
+pub const fn balanced(proto: u8) -> bool {
+    proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP
 }
 
 /// Parses the frame between `data` and `end` (an XDP buffer, or the linear part of an skb).
@@ -143,7 +165,12 @@ pub fn parse(data: usize, end: usize) -> Parsed {
     if ihl < 20 || usize::from(tot_len) < ihl {
         return Parsed::Malformed;
     }
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if !balanced(proto) {
+        return Parsed::OtherProto;
+    }
+    // SCTP over IP fragments is not translated: its checksum covers the whole datagram, whose
+    // length only the last fragment tells (SCTP senders size packets to the path's MTU).
+    if proto == IPPROTO_SCTP && frag & (IP_OFFSET | IP_MF) != 0 {
         return Parsed::OtherProto;
     }
     let l3 = data + ETH_HLEN;
@@ -173,7 +200,7 @@ pub fn parse(data: usize, end: usize) -> Parsed {
 /// What the IPv6 parser found.
 pub enum Parsed6 {
     Malformed,
-    /// Neither TCP nor UDP (ICMPv6, ESP, no next header, an unknown header, or a chain of
+    /// Neither TCP, UDP nor SCTP (ICMPv6, ESP, no next header, an unknown header, or a chain of
     /// extension headers longer than [`MAX_EXT_HEADERS`]).
     OtherProto,
     /// A TCP or UDP fragment after the first (no ports in it).
@@ -215,6 +242,16 @@ pub struct Packet6 {
     /// packet order).
     pub first_fragment: bool,
     pub frag_id: u32,
+}
+
+impl Packet6 {
+    /// Length of an SCTP packet, from its common header to the end (what its CRC32c covers).
+    #[inline(always)]
+    pub fn sctp_len(&self) -> u32 {
+        // SAFETY: parse6() bounds-checked the IPv6 header; its payload covers the L4 header.
+        let payload = u32::from(u16::from_be(unsafe { load16(self.l3 + 4) }));
+        payload - (self.l4 - self.l3 - 40) as u32
+    }
 }
 
 /// Extension headers skipped before giving up on finding TCP or UDP (RFC 8200 orders at most
@@ -295,7 +332,7 @@ pub fn parse6(data: usize, end: usize) -> Parsed6 {
     while i < MAX_EXT_HEADERS {
         i += 1;
         let len = match next {
-            IPPROTO_TCP | IPPROTO_UDP => break,
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => break,
             NEXTHDR_FRAGMENT => return Parsed6::OtherFragment,
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH => {
                 // Every extension header is at least 8 bytes.
@@ -318,7 +355,7 @@ pub fn parse6(data: usize, end: usize) -> Parsed6 {
         };
         off += len;
     }
-    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+    if !balanced(next) {
         return Parsed6::OtherProto;
     }
     let l4 = off;
@@ -329,6 +366,12 @@ pub fn parse6(data: usize, end: usize) -> Parsed6 {
         }
         // SAFETY: l4 + 20 <= end checked just above; the flags byte is at l4 + 13.
         (unsafe { load16(l4 + 12) }.to_ne_bytes()[1], l4 + 16)
+    } else if next == IPPROTO_SCTP {
+        // The common header: ports, verification tag, checksum.
+        if l4 + 12 > end || l4 + 12 > l3 + 40 + usize::from(payload_len) {
+            return Parsed6::Malformed;
+        }
+        (0, l4 + 8)
     } else {
         if l4 + 8 > end || l4 + 8 > l3 + 40 + usize::from(payload_len) {
             return Parsed6::Malformed;

@@ -11,12 +11,16 @@
 //! The later fragments of a datagram whose first fragment got a new source here get the same
 //! source address.
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{
+        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
+        xdp_action,
+    },
     helpers::generated::{bpf_redirect, bpf_skb_pull_data},
     programs::TcContext,
 };
 use lb_common::{
-    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_EGRESS_REVNAT, Ct4Key, IPPROTO_UDP, Stat, is_snat_port,
+    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_F_EGRESS_REVNAT, Ct4Key, IPPROTO_SCTP, IPPROTO_UDP,
+    Stat, is_snat_port,
 };
 
 use crate::{
@@ -24,6 +28,7 @@ use crate::{
     frame::{Frame, Skb},
     lb,
     maps::CT,
+    nat,
     parse::{self, Parsed},
     stats::count,
 };
@@ -80,7 +85,7 @@ fn headers_len(data: usize, end: usize) -> Option<u32> {
         parse::ETH_P_IPV6 => (40, next6),
         _ => return None,
     };
-    if proto != lb_common::IPPROTO_TCP && proto != IPPROTO_UDP {
+    if !parse::balanced(proto) {
         return None;
     }
     Some(parse::ETH_HLEN as u32 + l3_len + parse::l4_len(proto) as u32)
@@ -112,6 +117,25 @@ pub fn egress(ctx: &TcContext) {
     let l4_check = pkt.l4_check() - data;
     let (old_addr, new_addr) = (pkt.saddr, u32::from_ne_bytes(nat.0));
     let (old_port, new_port) = (pkt.sport, nat.1.to_be());
+    if pkt.proto == IPPROTO_SCTP {
+        // No pseudo-header: the address changes the IPv4 header's checksum only, the port the
+        // CRC32c, computed before the helpers (which invalidate packet pointers) and stored
+        // through them, keeping a checksum of the whole frame right.
+        // SAFETY: parse() bounds-checked SCTP's 12-byte common header.
+        let (old_ports, crc) = unsafe { (parse::load32(pkt.l4), parse::load32(pkt.l4 + 8)) };
+        let new_ports = (old_ports & !0xffff) | u32::from(new_port);
+        let new_crc = nat::sctp_crc(crc, old_ports, new_ports, pkt.sctp_len());
+        let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
+        let ok = ctx
+            .l3_csum_replace(l3 + 10, u64::from(old_addr), u64::from(new_addr), 4)
+            .and_then(|()| ctx.store(l3 + 12, &new_addr, 0))
+            .and_then(|()| ctx.store(l4, &new_port, flags))
+            .and_then(|()| ctx.store(l4 + 8, &new_crc, flags));
+        if ok.is_ok() {
+            count(stat, u64::from(ctx.len()));
+        }
+        return;
+    }
     // A UDP checksum of zero means "none" and stays so.
     let mangled = if pkt.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     // The helpers keep the checksums right for every skb checksum state (partial included).

@@ -115,6 +115,7 @@ struct ConntrackArgs {
 enum TraceProto {
     Tcp,
     Udp,
+    Sctp,
 }
 
 #[derive(clap::Args)]
@@ -556,6 +557,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 proto: match a.proto {
                     TraceProto::Tcp => lb_userspace::model::Proto::Tcp,
                     TraceProto::Udp => lb_userspace::model::Proto::Udp,
+                    TraceProto::Sctp => lb_userspace::model::Proto::Sctp,
                 },
                 from: a.from,
                 to: a.to,

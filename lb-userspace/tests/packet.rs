@@ -1712,3 +1712,176 @@ fn a_large_apply_leaves_the_kernel_maps_as_it_leaves_memory() {
         assert!(k.iter().filter(|l| l.starts_with("backend")).count() >= n as usize * 3);
     }
 }
+
+/// sig: an SCTP Service (Diameter) of every frontend kind: ClusterIP 198.18.0.50, externalIP
+/// 198.18.5.5, load balancer ingress 198.18.6.6, node port 30868; port 3868 leads to the named
+/// targetPort `diameter`, 13868 on the pods; `PODS` fills in its endpoints.
+const SIG: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: sig, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.18.0.50
+  externalIPs: [198.18.5.5]
+  ports: [{name: diameter, port: 3868, targetPort: diameter, nodePort: 30868, protocol: SCTP}]
+status: {loadBalancer: {ingress: [{ip: 198.18.6.6}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sig-1, namespace: default, labels: {kubernetes.io/service-name: sig}}
+addressType: IPv4
+ports: [{name: diameter, port: 13868, protocol: SCTP}]
+endpoints: PODS
+"#;
+
+/// The bytes of an SCTP frame after its common header (what a translation must leave alone).
+fn sctp_chunks(frame: &[u8]) -> &[u8] {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    &frame[14 + ihl + 12..]
+}
+
+/// An SCTP packet of several chunks, over 256 bytes long, so that the checksum's update reads
+/// both of its tables.
+fn sctp_bundle(tsn: u32) -> Vec<u8> {
+    [
+        lb_userspace::cli::packet::sctp_data(tsn, &[0x5c; 700]),
+        lb_userspace::cli::packet::sctp_data(tsn + 1, b"end"),
+    ]
+    .concat()
+}
+
+#[test]
+fn sctp_is_translated_on_every_frontend_with_its_crc32c_right_both_ways() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(&SIG.replace(
+        "PODS",
+        "[{addresses: [198.18.1.2], conditions: {ready: true}}, {addresses: [198.18.2.2], conditions: {ready: true}}]",
+    ));
+    for (i, frontend) in ["198.18.0.50:3868", "198.18.5.5:3868", "198.18.6.6:3868"].into_iter().enumerate() {
+        let (frontend, client) =
+            (sa(frontend), SocketAddrV4::new("198.18.100.1".parse().unwrap(), 40000 + i as u16));
+        // The INIT: to a pod's port 13868, its CRC32c right for the new port, its chunks as sent.
+        let init = Frame::sctp(client, frontend).build();
+        let (v, out) = dut.run(&init);
+        assert_eq!(v, XDP_PASS, "{frontend}");
+        let d = decode(&out).unwrap();
+        assert_eq!((d.proto, d.src, d.dst.port()), (model::Proto::Sctp, client, 13868), "{frontend}");
+        assert!(BACKENDS.contains(&backend_of(&d).as_str()), "{d:?}");
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{frontend}: {d:?}");
+        assert_eq!(sctp_chunks(&out), sctp_chunks(&init));
+        let pod = d.dst;
+
+        // The association's next packets (several chunks) go to the same pod, from conntrack.
+        let est = dut.stat(Stat::DnatEstablished);
+        for tsn in [1, 3, 5] {
+            let data = Frame { payload: sctp_bundle(tsn), ..Frame::sctp(client, frontend) }.build();
+            let (_, out) = dut.run(&data);
+            let d = decode(&out).unwrap();
+            assert_eq!(d.dst, pod);
+            assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{frontend} tsn {tsn}: {d:?}");
+            assert_eq!(sctp_chunks(&out), sctp_chunks(&data));
+        }
+        assert_eq!(dut.stat(Stat::DnatEstablished), est + 3);
+
+        // The pod's answers come back from the frontend the client addressed.
+        for payload in [lb_userspace::cli::packet::sctp_init(), sctp_bundle(100)] {
+            let reply = Frame { payload, ..Frame::sctp(pod, client) }.build();
+            let (v, out) = dut.run(&reply);
+            assert_eq!(v, XDP_PASS);
+            let r = decode(&out).unwrap();
+            assert_eq!((r.src, r.dst), (frontend, client), "{frontend}");
+            assert!(r.ip_checksum_ok && r.l4_checksum_ok, "{frontend}: {r:?}");
+            assert_eq!(sctp_chunks(&out), sctp_chunks(&reply));
+        }
+    }
+    assert_eq!(dut.stat(Stat::DnatNew), 3);
+    // SCTP and TCP on the same address and port are two frontends: TCP to 3868 is no Service's.
+    let tcp = Frame::tcp(sa("198.18.100.1:41000"), sa("198.18.0.50:3868")).build();
+    assert_eq!(dut.run(&tcp), (XDP_PASS, tcp));
+    // The conntrack shows the associations as SCTP.
+    let view = lb_userspace::cli::View::read(dut.rec.datapath()).unwrap();
+    let rows =
+        view.flow_rows(&lb_userspace::cli::read_flows(dut.rec.datapath()).unwrap(), 0, &Default::default());
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let shown = serde_json::to_string(&rows).unwrap();
+    assert!(shown.contains("SCTP"), "{shown}");
+    // And `xlb get services` shows the Service's frontends as SCTP.
+    let services =
+        serde_json::to_string(&lb_userspace::cli::service_rows(dut.rec.datapath()).unwrap()).unwrap();
+    for frontend in ["198.18.0.50:3868/SCTP", "198.18.5.5:3868/SCTP", "198.18.6.6:3868/SCTP"] {
+        assert!(services.contains(frontend), "{frontend}: {services}");
+    }
+}
+
+#[test]
+fn sctp_to_a_node_port_is_snated_to_the_node_for_a_pod_elsewhere_with_its_crc32c_right() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let cfg = ModelConfig {
+        node_addrs: vec!["198.18.100.1".parse().unwrap()],
+        node_name: Some("node-1".into()),
+        ..ModelConfig::default()
+    };
+    let mut dut =
+        Dut::with_config(&SIG.replace("PODS", "[{addresses: [198.18.2.2], nodeName: node-2}]"), cfg);
+    let (node_port, pod) = (sa("198.18.100.1:30868"), sa("198.18.2.2:13868"));
+    let client = sa("198.18.100.2:40000");
+    let init = Frame::sctp(client, node_port).build();
+    // In at XDP: DNAT, and the SNAT port as source port.
+    let (v, out) = dut.run(&init);
+    assert_eq!(v, XDP_PASS);
+    let d = decode(&out).unwrap();
+    assert_eq!((d.src.ip(), d.dst), (client.ip(), pod));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+    let snat_port = d.src.port();
+    assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&snat_port), "{snat_port}");
+    // Out at TC egress: the node's address.
+    let (_, out) = dut.egress(&out);
+    let d = decode(&out).unwrap();
+    assert_eq!((d.src, d.dst), (SocketAddrV4::new("198.18.100.1".parse().unwrap(), snat_port), pod));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
+    assert_eq!(sctp_chunks(&out), sctp_chunks(&init));
+    // The pod's answer to node:SNAT port: to the client at XDP, from the node port at egress.
+    let reply = Frame { payload: sctp_bundle(9), ..Frame::sctp(pod, d.src) }.build();
+    let (v, out) = dut.run(&reply);
+    assert_eq!(v, XDP_PASS);
+    let r = decode(&out).unwrap();
+    assert_eq!((r.src, r.dst), (pod, client));
+    assert!(r.ip_checksum_ok && r.l4_checksum_ok, "{r:?}");
+    let (_, out) = dut.egress(&out);
+    let r = decode(&out).unwrap();
+    assert_eq!((r.src, r.dst), (node_port, client));
+    assert!(r.ip_checksum_ok && r.l4_checksum_ok, "{r:?}");
+    assert_eq!(sctp_chunks(&out), sctp_chunks(&reply));
+    assert_eq!((dut.stat(Stat::EgressSnat), dut.stat(Stat::EgressRevNat)), (1, 1));
+}
+
+#[test]
+fn sctp_to_a_service_without_endpoints_is_refused_with_icmp_and_its_fragments_pass() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(&SIG.replace("PODS", "[]"));
+    // As kube-proxy's REJECT: an ICMP port unreachable quoting the packet's first 8 bytes.
+    let input = Frame::sctp(sa("198.18.100.1:40000"), sa("198.18.0.50:3868")).build();
+    let (v, out) = dut.run(&input);
+    assert_eq!(v, XDP_TX);
+    let icmp = &out[34..];
+    assert_eq!((out[14 + 9], icmp[0], icmp[1]), (1, 3, 3), "ICMP destination unreachable, port unreachable");
+    assert_eq!(sum(icmp), 0xffff, "ICMP checksum");
+    assert_eq!(&icmp[8..], &input[14..14 + 28], "quotes the IPv4 header and the SCTP ports and tag");
+    assert_eq!(dut.stat(Stat::RejectNoBackend), 1);
+
+    // SCTP in IP fragments is passed as it is, never half-translated (its checksum covers the
+    // whole packet, whose length only the last fragment tells).
+    let mut dut = Dut::new(&SIG.replace("PODS", "[{addresses: [198.18.1.2]}]"));
+    let first =
+        Frame { more_fragments: true, ..Frame::sctp(sa("198.18.100.1:40001"), sa("198.18.0.50:3868")) };
+    let first = first.build();
+    assert_eq!(dut.run(&first), (XDP_PASS, first));
+    assert_eq!(dut.stat(Stat::DnatNew), 0);
+}

@@ -27,6 +27,7 @@ use lb_common::{
 use lb_userspace::{
     cli::packet::{
         ETH_HLEN, Frame6, IPV6_AUTH, IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, decode6,
+        sctp_data,
     },
     datapath::ebpf::{self, Capacities},
     datapath::{BpfMaps, Datapath as _},
@@ -79,7 +80,20 @@ impl Dut {
     /// The frontend `vip` (TCP and UDP) with service id `svc_id` and backends on `port` at
     /// `addrs`, backend ids from `first_id`.
     fn serve(&mut self, vip: SocketAddrV6, svc_id: u32, addrs: &[&str], port: u16, first_id: u32) {
-        for proto in [Proto::Tcp, Proto::Udp] {
+        self.serve_protos(vip, svc_id, addrs, port, first_id, &[Proto::Tcp, Proto::Udp]);
+    }
+
+    /// [`Dut::serve`] for the protocols `protos`.
+    fn serve_protos(
+        &mut self,
+        vip: SocketAddrV6,
+        svc_id: u32,
+        addrs: &[&str],
+        port: u16,
+        first_id: u32,
+        protos: &[Proto],
+    ) {
+        for &proto in protos {
             for (i, a) in addrs.iter().enumerate() {
                 let id = first_id + i as u32;
                 let be = Backend6 {
@@ -147,12 +161,17 @@ fn dnat(dut: &mut Dut, f: &Frame6) -> Ipv6Addr {
     assert!(BACKENDS.iter().any(|b| b.parse::<Ipv6Addr>().unwrap() == *d.dst.ip()), "{d:?}");
     assert_eq!(out.len(), frame.len());
     // Only the destination address and port, and the checksum, changed.
-    let l4 = out.len() - (f.payload.len() + if f.proto == Proto::Tcp { 20 } else { 8 });
-    let check_at = l4 + if f.proto == Proto::Tcp { 16 } else { 6 };
+    let (header, check_at, width) = match f.proto {
+        Proto::Tcp => (20, 16, 2),
+        Proto::Udp => (8, 6, 2),
+        Proto::Sctp => (12, 8, 4),
+    };
+    let l4 = out.len() - (f.payload.len() + header);
+    let check_at = l4 + check_at;
     for (i, (a, b)) in frame.iter().zip(&out).enumerate() {
         let changed = (ETH_HLEN + 24..ETH_HLEN + 40).contains(&i)
             || (l4 + 2..l4 + 4).contains(&i)
-            || (check_at..check_at + 2).contains(&i);
+            || (check_at..check_at + width).contains(&i);
         if !changed {
             assert_eq!(a, b, "byte {i} changed");
         }
@@ -261,17 +280,22 @@ fn long_runs_of_ipv6_writes_reach_the_kernel_maps_in_order() {
 }
 
 #[test]
-fn tcp_and_udp_over_ipv6_are_translated_both_ways() {
+fn tcp_udp_and_sctp_over_ipv6_are_translated_both_ways() {
     if !need_root() {
         return;
     }
     let mut dut = Dut::new();
-    dut.serve(sa(VIP), 7, &BACKENDS, 8080, 1);
-    for proto in [Proto::Tcp, Proto::Udp] {
+    dut.serve_protos(sa(VIP), 7, &BACKENDS, 8080, 1, &[Proto::Tcp, Proto::Udp, Proto::Sctp]);
+    for proto in [Proto::Tcp, Proto::Udp, Proto::Sctp] {
         let syn = Frame6::new(proto, sa(CLIENT), sa(VIP));
         let backend = dnat(&mut dut, &syn);
-        // The next packet of the flow: the same backend, from conntrack.
-        let next = Frame6 { tcp_flags: 0x10, payload: b"more".to_vec(), ..syn.clone() };
+        // The next packet of the flow: the same backend, from conntrack. For SCTP, a packet of
+        // two DATA chunks over 256 bytes long (its checksum's update reads both tables).
+        let more = match proto {
+            Proto::Sctp => [sctp_data(1, &[7; 300]), sctp_data(2, b"more")].concat(),
+            _ => b"more".to_vec(),
+        };
+        let next = Frame6 { tcp_flags: 0x10, payload: more, ..syn.clone() };
         let est = dut.stat(Stat::DnatEstablished);
         assert_eq!(dnat(&mut dut, &next), backend);
         assert_eq!(dut.stat(Stat::DnatEstablished), est + 1);
@@ -288,8 +312,8 @@ fn tcp_and_udp_over_ipv6_are_translated_both_ways() {
         assert_eq!((d.src, d.dst), (sa(VIP), sa(CLIENT)), "{proto:?} reply");
         assert_eq!(dut.stat(Stat::RevNat), rev + 1);
     }
-    assert_eq!(dut.stat(Stat::DnatNew), 2);
-    assert_eq!(dut.tracked(), 4, "both directions of both flows");
+    assert_eq!(dut.stat(Stat::DnatNew), 3);
+    assert_eq!(dut.tracked(), 6, "both directions of each flow");
 }
 
 #[test]

@@ -1,8 +1,8 @@
-//! Crafting and reading Ethernet/IPv4/TCP|UDP and Ethernet/IPv6/TCP|UDP frames: for packet
-//! tests, and for running the datapath on a made-up packet (BPF_PROG_TEST_RUN).
+//! Crafting and reading Ethernet/IPv4/TCP|UDP|SCTP and Ethernet/IPv6/TCP|UDP|SCTP frames: for
+//! packet tests, and for running the datapath on a made-up packet (BPF_PROG_TEST_RUN).
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
-use lb_common::csum;
+use lb_common::{crc32c, csum};
 
 use crate::model::Proto;
 
@@ -33,7 +33,7 @@ impl Frame {
             dst,
             proto,
             tcp_flags: if proto == Proto::Tcp { 0x02 } else { 0 },
-            payload: b"xlb".to_vec(),
+            payload: default_payload(proto),
             ip_options: Vec::new(),
             more_fragments: false,
             frag_offset: 0,
@@ -49,6 +49,11 @@ impl Frame {
         Self::new(Proto::Udp, src, dst)
     }
 
+    /// An SCTP packet with an INIT chunk (see [`segment`]).
+    pub fn sctp(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        Self::new(Proto::Sctp, src, dst)
+    }
+
     pub fn build(&self) -> Vec<u8> {
         let mut opts = self.ip_options.clone();
         while !opts.len().is_multiple_of(4) {
@@ -56,18 +61,11 @@ impl Frame {
         }
         let ihl = 20 + opts.len();
         let mut l4 = segment(self.proto, self.src.port(), self.dst.port(), self.tcp_flags, &self.payload);
-        let check_at = if self.proto == Proto::Tcp { 16 } else { 6 };
         if !(self.proto == Proto::Udp && self.udp_no_checksum) {
-            let mut c = csum::l4_checksum_v4(
-                self.src.ip().octets(),
-                self.dst.ip().octets(),
-                self.proto.number(),
-                &l4,
-            );
-            if self.proto == Proto::Udp && c == 0 {
-                c = 0xffff;
-            }
-            l4[check_at..check_at + 2].copy_from_slice(&c.to_ne_bytes());
+            let (s, d) = (self.src.ip().octets(), self.dst.ip().octets());
+            let c = l4_checksum(self.proto, &l4, |seg| csum::l4_checksum_v4(s, d, self.proto.number(), seg));
+            let at = check_at(self.proto);
+            l4[at..at + c.len()].copy_from_slice(&c);
         }
 
         let mut ip = vec![0u8; 20];
@@ -94,7 +92,85 @@ impl Frame {
     }
 }
 
-/// The TCP or UDP segment of a frame: header, payload, checksum left zero.
+/// Where the checksum field of a `proto` header lies.
+fn check_at(proto: Proto) -> usize {
+    match proto {
+        Proto::Tcp => 16,
+        Proto::Udp => 6,
+        Proto::Sctp => 8,
+    }
+}
+
+/// The length of a `proto` header (TCP without options; SCTP's common header).
+fn header_len(proto: Proto) -> usize {
+    match proto {
+        Proto::Tcp => 20,
+        Proto::Udp => 8,
+        Proto::Sctp => 12,
+    }
+}
+
+/// The checksum of `segment` (its field zeroed) as its field holds it: SCTP's CRC32c
+/// (little-endian, as Linux's `sctp_compute_cksum` stores it; no pseudo-header), else the Internet checksum that `inet` computes under the
+/// IP version's pseudo-header (UDP's computed zero sent as all ones).
+fn l4_checksum(proto: Proto, segment: &[u8], inet: impl FnOnce(&[u8]) -> u16) -> Vec<u8> {
+    if proto == Proto::Sctp {
+        return crc32c::crc32c(segment).to_le_bytes().to_vec();
+    }
+    let c = inet(segment);
+    let c = if proto == Proto::Udp && c == 0 { 0xffff } else { c };
+    c.to_ne_bytes().to_vec()
+}
+
+/// The checksum field of the `proto` segment `l4`, in hex as it stands in the packet (4 bytes
+/// for SCTP's CRC32c, else 2).
+pub fn checksum_field(proto: Proto, l4: &[u8]) -> String {
+    let at = check_at(proto);
+    let width = if proto == Proto::Sctp { 4 } else { 2 };
+    let hex: String = l4[at..at + width].iter().map(|b| format!("{b:02x}")).collect();
+    format!("0x{hex}")
+}
+
+/// Whether the checksum of `l4` is right (see [`l4_checksum`]).
+fn l4_checksum_ok(proto: Proto, l4: &[u8], inet: impl FnOnce(&[u8]) -> u16) -> bool {
+    let at = check_at(proto);
+    let width = if proto == Proto::Sctp { 4 } else { 2 };
+    let mut copy = l4.to_vec();
+    copy[at..at + width].fill(0);
+    l4_checksum(proto, &copy, inet) == l4[at..at + width]
+}
+
+/// What a new frame carries: an INIT chunk for SCTP (a packet that opens an association),
+/// three bytes otherwise.
+fn default_payload(proto: Proto) -> Vec<u8> {
+    if proto == Proto::Sctp { sctp_init() } else { b"xlb".to_vec() }
+}
+
+/// An SCTP INIT chunk (RFC 9260 3.3.2): initiate tag, window, streams, initial TSN.
+pub fn sctp_init() -> Vec<u8> {
+    let mut c = vec![1, 0, 0, 20];
+    for v in [0x0a0b_0c0du32, 65_536, 0x000a_000a, 1] {
+        c.extend_from_slice(&v.to_be_bytes());
+    }
+    c
+}
+
+/// An SCTP DATA chunk (RFC 9260 3.3.1) carrying `data` as TSN `tsn`, padded to 4 bytes.
+pub fn sctp_data(tsn: u32, data: &[u8]) -> Vec<u8> {
+    let mut c = vec![0, 0x03]; // type DATA, flags B and E: an unfragmented message
+    c.extend_from_slice(&((16 + data.len()) as u16).to_be_bytes());
+    c.extend_from_slice(&tsn.to_be_bytes());
+    c.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]); // stream, sequence, payload protocol
+    c.extend_from_slice(data);
+    while !c.len().is_multiple_of(4) {
+        c.push(0);
+    }
+    c
+}
+
+/// The TCP, UDP or SCTP segment of a frame: header, payload, checksum left zero. An SCTP
+/// packet's verification tag is 0 when it carries an INIT chunk (as RFC 9260 has it), else a
+/// fixed tag.
 fn segment(proto: Proto, sport: u16, dport: u16, tcp_flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut h = match proto {
         Proto::Tcp => {
@@ -108,6 +184,13 @@ fn segment(proto: Proto, sport: u16, dport: u16, tcp_flags: u8, payload: &[u8]) 
         Proto::Udp => {
             let mut h = vec![0u8; 8];
             h[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            h
+        }
+        Proto::Sctp => {
+            let mut h = vec![0u8; 12];
+            if payload.first() != Some(&1) {
+                h[4..8].copy_from_slice(&0x5ca1_ab1eu32.to_be_bytes());
+            }
             h
         }
     };
@@ -145,7 +228,7 @@ impl Frame6 {
             dst,
             proto,
             tcp_flags: if proto == Proto::Tcp { 0x02 } else { 0 },
-            payload: b"xlb".to_vec(),
+            payload: default_payload(proto),
             ext: Vec::new(),
         }
     }
@@ -158,15 +241,17 @@ impl Frame6 {
         Self::new(Proto::Udp, src, dst)
     }
 
+    /// An SCTP packet with an INIT chunk.
+    pub fn sctp(src: SocketAddrV6, dst: SocketAddrV6) -> Self {
+        Self::new(Proto::Sctp, src, dst)
+    }
+
     pub fn build(&self) -> Vec<u8> {
         let mut l4 = segment(self.proto, self.src.port(), self.dst.port(), self.tcp_flags, &self.payload);
-        let check_at = if self.proto == Proto::Tcp { 16 } else { 6 };
-        let mut c =
-            csum::l4_checksum_v6(self.src.ip().octets(), self.dst.ip().octets(), self.proto.number(), &l4);
-        if self.proto == Proto::Udp && c == 0 {
-            c = 0xffff;
-        }
-        l4[check_at..check_at + 2].copy_from_slice(&c.to_ne_bytes());
+        let (s, d) = (self.src.ip().octets(), self.dst.ip().octets());
+        let c = l4_checksum(self.proto, &l4, |seg| csum::l4_checksum_v6(s, d, self.proto.number(), seg));
+        let at = check_at(self.proto);
+        l4[at..at + c.len()].copy_from_slice(&c);
 
         let mut exts = Vec::new();
         for (i, &(ty, len)) in self.ext.iter().enumerate() {
@@ -214,7 +299,7 @@ pub struct Decoded6 {
     pub l4_checksum_ok: bool,
 }
 
-/// Decodes an Ethernet/IPv6/[extension headers]/TCP|UDP frame; `None` for anything else, a
+/// Decodes an Ethernet/IPv6/[extension headers]/TCP|UDP|SCTP frame; `None` for anything else, a
 /// fragment or a truncated frame.
 pub fn decode6(frame: &[u8]) -> Option<Decoded6> {
     if frame.len() < ETH_HLEN + 40 || frame[12..14] != [0x86, 0xdd] {
@@ -236,24 +321,16 @@ pub fn decode6(frame: &[u8]) -> Option<Decoded6> {
     }
     let proto = Proto::from_number(next)?;
     let l4 = ip.get(off..40 + plen)?;
-    let need = if proto == Proto::Tcp { 20 } else { 8 };
-    if l4.len() < need {
+    if l4.len() < header_len(proto) {
         return None;
     }
-    let check_at = if proto == Proto::Tcp { 16 } else { 6 };
-    let stored = u16::from_ne_bytes([l4[check_at], l4[check_at + 1]]);
-    let mut copy = l4.to_vec();
-    copy[check_at] = 0;
-    copy[check_at + 1] = 0;
-    let mut c = csum::l4_checksum_v6(s.octets(), d.octets(), proto.number(), &copy);
-    if proto == Proto::Udp && c == 0 {
-        c = 0xffff;
-    }
+    let l4_checksum_ok =
+        l4_checksum_ok(proto, l4, |seg| csum::l4_checksum_v6(s.octets(), d.octets(), proto.number(), seg));
     Some(Decoded6 {
         src: SocketAddrV6::new(s, u16::from_be_bytes([l4[0], l4[1]]), 0, 0),
         dst: SocketAddrV6::new(d, u16::from_be_bytes([l4[2], l4[3]]), 0, 0),
         proto,
-        l4_checksum_ok: c == stored,
+        l4_checksum_ok,
     })
 }
 
@@ -269,7 +346,7 @@ pub struct Decoded {
     pub udp_checksum_zero: bool,
 }
 
-/// Decodes an Ethernet/IPv4/TCP|UDP frame; `None` for anything else or a truncated frame.
+/// Decodes an Ethernet/IPv4/TCP|UDP|SCTP frame; `None` for anything else or a truncated frame.
 pub fn decode(frame: &[u8]) -> Option<Decoded> {
     if frame.len() < ETH_HLEN + 20 || frame[12..14] != [0x08, 0x00] {
         return None;
@@ -285,27 +362,14 @@ pub fn decode(frame: &[u8]) -> Option<Decoded> {
     let d = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let ip_checksum_ok = csum::fold(csum::sum_words(&ip[..ihl], 0)) == 0xffff;
     let l4 = &ip[ihl..tot];
-    let need = if proto == Proto::Tcp { 20 } else { 8 };
-    if l4.len() < need {
+    if l4.len() < header_len(proto) {
         return None;
     }
     let sport = u16::from_be_bytes([l4[0], l4[1]]);
     let dport = u16::from_be_bytes([l4[2], l4[3]]);
-    let check_at = if proto == Proto::Tcp { 16 } else { 6 };
-    let stored = u16::from_ne_bytes([l4[check_at], l4[check_at + 1]]);
-    let udp_checksum_zero = proto == Proto::Udp && stored == 0;
-    let l4_checksum_ok = if udp_checksum_zero {
-        true
-    } else {
-        let mut copy = l4.to_vec();
-        copy[check_at] = 0;
-        copy[check_at + 1] = 0;
-        let mut c = csum::l4_checksum_v4(s.octets(), d.octets(), proto.number(), &copy);
-        if proto == Proto::Udp && c == 0 {
-            c = 0xffff;
-        }
-        c == stored
-    };
+    let udp_checksum_zero = proto == Proto::Udp && l4[6..8] == [0, 0];
+    let l4_checksum_ok = udp_checksum_zero
+        || l4_checksum_ok(proto, l4, |seg| csum::l4_checksum_v4(s.octets(), d.octets(), proto.number(), seg));
     Some(Decoded {
         src: SocketAddrV4::new(s, sport),
         dst: SocketAddrV4::new(d, dport),
@@ -324,9 +388,14 @@ mod tests {
     fn built_frames_verify() {
         let a = "198.18.0.1:1234".parse().unwrap();
         let b = "198.18.0.2:80".parse().unwrap();
-        for f in
-            [Frame::tcp(a, b), Frame::udp(a, b), Frame { ip_options: vec![1, 1, 1, 0], ..Frame::tcp(a, b) }]
-        {
+        let data = Frame { payload: sctp_data(7, b"hello"), ..Frame::sctp(a, b) };
+        for f in [
+            Frame::tcp(a, b),
+            Frame::udp(a, b),
+            Frame { ip_options: vec![1, 1, 1, 0], ..Frame::tcp(a, b) },
+            Frame::sctp(a, b),
+            data,
+        ] {
             let d = decode(&f.build()).expect("decodes");
             assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
             assert_eq!((d.src, d.dst), (a, b));
@@ -336,6 +405,14 @@ mod tests {
         bytes[ETH_HLEN + 19] ^= 1;
         let d = decode(&bytes).unwrap();
         assert!(!d.ip_checksum_ok && !d.l4_checksum_ok);
+        // SCTP's checksum covers its packet only: a changed address leaves it right, a changed
+        // byte of the packet does not.
+        let mut bytes = Frame::sctp(a, b).build();
+        bytes[ETH_HLEN + 19] ^= 1;
+        assert!(decode(&bytes).unwrap().l4_checksum_ok);
+        let n = bytes.len();
+        bytes[n - 1] ^= 1;
+        assert!(!decode(&bytes).unwrap().l4_checksum_ok);
     }
 
     #[test]
@@ -346,7 +423,7 @@ mod tests {
             ext: vec![(IPV6_HOP_BY_HOP, 8), (IPV6_DEST_OPTS, 16), (IPV6_AUTH, 12)],
             ..Frame6::tcp(a, b)
         };
-        for f in [Frame6::tcp(a, b), Frame6::udp(a, b), with_ext] {
+        for f in [Frame6::tcp(a, b), Frame6::udp(a, b), with_ext, Frame6::sctp(a, b)] {
             let d = decode6(&f.build()).expect("decodes");
             assert!(d.l4_checksum_ok, "{d:?}");
             assert_eq!((d.src, d.dst), (a, b));

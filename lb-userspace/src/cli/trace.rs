@@ -21,7 +21,7 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
-    cli::packet::{ETH_HLEN, Frame, Frame6, decode, decode6},
+    cli::packet::{ETH_HLEN, Frame, Frame6, checksum_field, decode, decode6},
     cli::{View, tcp_flag_names},
     datapath::ebpf,
     datapath::{BpfMaps, Datapath as _},
@@ -382,16 +382,15 @@ impl Tracer {
                 (Some(b), Some(a)) => {
                     let (header, from, to) =
                         if b.dst != a.dst { ("destination", b.dst, a.dst) } else { ("source", b.src, a.src) };
-                    let l4_off = ETH_HLEN + 40 + if req.proto == Proto::Tcp { 16 } else { 6 };
-                    let word = |f: &[u8], o: usize| format!("0x{:04x}", u16::from_be_bytes([f[o], f[o + 1]]));
+                    let l4 = ETH_HLEN + 40;
                     Some(Rewrite {
                         header,
                         before: from.to_string(),
                         after: to.to_string(),
                         ip_checksum_before: String::new(),
                         ip_checksum_after: String::new(),
-                        l4_checksum_before: word(frame_in, l4_off),
-                        l4_checksum_after: word(&frame_out, l4_off),
+                        l4_checksum_before: checksum_field(req.proto, &frame_in[l4..]),
+                        l4_checksum_after: checksum_field(req.proto, &frame_out[l4..]),
                         checksums_valid: a.l4_checksum_ok,
                     })
                 }
@@ -406,7 +405,7 @@ impl Tracer {
                         if b.dst != a.dst { ("destination", b.dst, a.dst) } else { ("source", b.src, a.src) };
                     let ip_off = ETH_HLEN + 10;
                     let ihl = usize::from(frame_in[ETH_HLEN] & 0x0f) * 4;
-                    let l4_off = ETH_HLEN + ihl + if req.proto == Proto::Tcp { 16 } else { 6 };
+                    let l4 = ETH_HLEN + ihl;
                     let word = |f: &[u8], o: usize| format!("0x{:04x}", u16::from_be_bytes([f[o], f[o + 1]]));
                     Some(Rewrite {
                         header,
@@ -414,8 +413,8 @@ impl Tracer {
                         after: to.to_string(),
                         ip_checksum_before: word(frame_in, ip_off),
                         ip_checksum_after: word(&frame_out, ip_off),
-                        l4_checksum_before: word(frame_in, l4_off),
-                        l4_checksum_after: word(&frame_out, l4_off),
+                        l4_checksum_before: checksum_field(req.proto, &frame_in[l4..]),
+                        l4_checksum_after: checksum_field(req.proto, &frame_out[l4..]),
                         checksums_valid: a.ip_checksum_ok && a.l4_checksum_ok,
                     })
                 }

@@ -46,6 +46,8 @@ pub enum Proto {
     Tcp,
     #[serde(rename = "UDP")]
     Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
 }
 
 impl Proto {
@@ -53,6 +55,7 @@ impl Proto {
         match self {
             Proto::Tcp => lb_common::IPPROTO_TCP,
             Proto::Udp => lb_common::IPPROTO_UDP,
+            Proto::Sctp => lb_common::IPPROTO_SCTP,
         }
     }
 
@@ -60,6 +63,7 @@ impl Proto {
         match n {
             lb_common::IPPROTO_TCP => Some(Proto::Tcp),
             lb_common::IPPROTO_UDP => Some(Proto::Udp),
+            lb_common::IPPROTO_SCTP => Some(Proto::Sctp),
             _ => None,
         }
     }
@@ -69,7 +73,7 @@ impl Proto {
         match p.unwrap_or("TCP") {
             "TCP" => Ok(Proto::Tcp),
             "UDP" => Ok(Proto::Udp),
-            "SCTP" => Err("protocol SCTP is not supported by xlb yet".into()),
+            "SCTP" => Ok(Proto::Sctp),
             other => Err(format!("unknown protocol {other:?}")),
         }
     }
@@ -80,6 +84,7 @@ impl fmt::Display for Proto {
         f.write_str(match self {
             Proto::Tcp => "TCP",
             Proto::Udp => "UDP",
+            Proto::Sctp => "SCTP",
         })
     }
 }
@@ -1781,12 +1786,19 @@ mod tests {
             + "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: db.example.com}\n";
         let m = build_yaml(&yaml);
         let rejected: Vec<&str> = m.rejected.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(rejected, ["bad-ip", "dup-port", "no-ip", "port-zero", "sctp", "weird-proto"]);
+        assert_eq!(rejected, ["bad-ip", "dup-port", "no-ip", "port-zero", "weird-proto"]);
         assert!(m.rejected.iter().all(|r| !r.reason.is_empty()));
         assert!(m.rejected.iter().find(|r| r.name == "bad-ip").unwrap().reason.contains("198.18.0.999"));
         let served: Vec<&str> =
             m.ports.iter().filter(|p| !p.frontends.is_empty()).map(|p| &*p.id.name).collect();
-        assert_eq!(served, ["good"], "headless and ExternalName have no datapath, and are not errors");
+        assert_eq!(
+            served,
+            ["good", "sctp"],
+            "headless and ExternalName have no datapath, and are not errors"
+        );
+        let sctp = m.ports.iter().find(|p| &*p.id.name == "sctp").unwrap();
+        assert_eq!(sctp.id.proto, Proto::Sctp);
+        assert_eq!(sctp.id.proto.number(), 132);
     }
 
     #[test]
