@@ -55,13 +55,23 @@ pub fn datapath<F: Frame>(f: F) -> Result<u32, ()> {
     process_v4(f)
 }
 
-/// The IPv6 path, then what it left to do to an SCTP packet ([`nat::finish_sctp`]).
+/// The IPv6 path, then what it left to do to an SCTP packet ([`nat::finish_sctp`]), unless the
+/// packet's first header is TCP, UDP or ICMPv6 (SCTP may come after extension headers).
 #[inline(never)]
 fn process_v6<F: Frame>(f: F, data: usize, end: usize, bytes: u64) -> Result<u32, ()> {
     let verdict = crate::lb6::process::<false, F>(f, data, end, bytes);
-    nat::finish_sctp(f);
+    let (data, end) = (f.data(), f.data_end());
+    if data + parse::ETH_HLEN + 40 <= end {
+        // SAFETY: bounds-checked just above.
+        let next = unsafe { parse::load16(data + parse::ETH_HLEN + 6) }.to_ne_bytes()[0];
+        if next != lb_common::IPPROTO_TCP && next != lb_common::IPPROTO_UDP && next != IPPROTO_ICMPV6 {
+            nat::finish_sctp(f);
+        }
+    }
     verdict
 }
+
+const IPPROTO_ICMPV6: u8 = 58;
 
 /// What the IPv6 path decided: an XDP action, or an answer for the caller, which holds the
 /// context, to send ([`crate::lb6::REJECT`], [`crate::lb6::REJECT_NO_SERVICE`]).
@@ -75,12 +85,24 @@ fn answer6<F: Frame>(f: F, rec: Rec, action: u32, bytes: u64) -> Result<u32, ()>
     if reject::answer6(f) { verdict(rec, sent, bytes, xdp_action::XDP_TX) } else { drop(rec, unsent, bytes) }
 }
 
-/// The IPv4 path, then what it left to do to an SCTP packet ([`nat::finish_sctp`]).
+/// The IPv4 path, then what it left to do to an SCTP packet ([`nat::finish_sctp`]): looked at
+/// for SCTP packets only (a lookup less on every other packet).
 #[inline(never)]
 fn process_v4<F: Frame>(f: F) -> Result<u32, ()> {
     let verdict = process::<false, F>(f);
-    nat::finish_sctp(f);
+    if is_sctp4(f) {
+        nat::finish_sctp(f);
+    }
     verdict
+}
+
+/// An IPv4 SCTP packet (after the run: a refusal may have made it another).
+#[inline(always)]
+pub fn is_sctp4<F: Frame>(f: F) -> bool {
+    let (data, end) = (f.data(), f.data_end());
+    // SAFETY: bounds-checked first; the protocol is byte 9 of the IPv4 header.
+    data + parse::ETH_HLEN + 20 <= end
+        && unsafe { parse::load16(data + parse::ETH_HLEN + 8) }.to_ne_bytes()[1] == lb_common::IPPROTO_SCTP
 }
 
 #[inline(always)]

@@ -388,3 +388,59 @@ fn trace_follows_the_ipv6_path() {
     // Mixed families are refused before anything runs.
     assert!(tracer.run(&req(Proto::Tcp, "198.18.100.2:1", vip, 0x02)).is_err());
 }
+
+/// An SCTP Service of each family, one endpoint each, for the SCTP trace.
+const SCTP_MANIFEST: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sig, namespace: default}
+spec:
+  clusterIP: 198.18.0.30
+  ports: [{port: 3868, targetPort: 13868, protocol: SCTP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sig-1, namespace: default, labels: {kubernetes.io/service-name: sig}}
+addressType: IPv4
+ports: [{port: 13868, protocol: SCTP}]
+endpoints: [{addresses: [198.18.1.3]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sig6, namespace: default}
+spec:
+  ipFamilies: [IPv6]
+  clusterIP: "2001:db8:1::30"
+  clusterIPs: ["2001:db8:1::30"]
+  ports: [{port: 3868, targetPort: 13868, protocol: SCTP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sig6-1, namespace: default, labels: {kubernetes.io/service-name: sig6}}
+addressType: IPv6
+ports: [{port: 13868, protocol: SCTP}]
+endpoints: [{addresses: ["2001:db8:3::3"]}]
+"#;
+
+#[test]
+fn trace_shows_an_sctp_translation_with_its_crc32c_right() {
+    if !privileged("trace tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut live = Live::new();
+    live.apply(&format!("{MANIFEST}{SCTP_MANIFEST}"));
+    let mut tracer = Tracer::open(&live.pin_dir).expect("tracer");
+    for (from, to, backend) in [
+        ("198.18.100.2:40000", "198.18.0.30:3868", "198.18.1.3:13868"),
+        ("[2001:db8:100::2]:40000", "[2001:db8:1::30]:3868", "[2001:db8:3::3]:13868"),
+    ] {
+        let t = tracer.run(&req(Proto::Sctp, from, to, 0)).unwrap();
+        assert_eq!((t.decision, t.verdict, t.counter), ("new_flow", "XDP_PASS", "dnat_new"), "{t:?}");
+        let rw = t.rewrite.as_ref().unwrap();
+        assert_eq!((rw.before.as_str(), rw.after.as_str()), (to, backend));
+        assert!(rw.checksums_valid, "the CRC32c after the translation: {rw:?}");
+        assert_eq!(rw.l4_checksum_before.len(), 10, "a 4-byte checksum in hex: {rw:?}");
+        assert_ne!(rw.l4_checksum_before, rw.l4_checksum_after, "the ports changed, so did the CRC32c");
+    }
+}
