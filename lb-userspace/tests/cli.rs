@@ -553,10 +553,10 @@ Endpoints:                198.18.1.2:8080,198.18.2.2:8080
 Service ID:               1
 Frontends:                198.18.0.10:80/TCP,198.18.0.50:80/TCP
 Backends:
-  ID   ADDRESS           STATE         SELECTABLE   NEW-FLOWS   ACTIVE-FLOWS
-  1    198.18.1.2:8080   active        yes          7           1
-  2    198.18.2.2:8080   active        yes          5           0
-  3    198.18.3.2:8080   terminating   no           0           0
+  ID   ADDRESS           STATE         SELECTABLE   NEW-FLOWS   ACTIVE-FLOWS   WHY
+  1    198.18.1.2:8080   active        yes          7           1              ready
+  2    198.18.2.2:8080   active        yes          5           0              ready
+  3    198.18.3.2:8080   terminating   no           0           0              terminating: no new flows while an endpoint is ready
 Note:                     affinity is kept per client address on the packet path, per network namespace at the socket
 "#;
 
@@ -615,6 +615,7 @@ const DESCRIBE_WEB_JSON: &str = r#"{
           "port": 8080,
           "state": "active",
           "selectable": true,
+          "why": "ready",
           "new_flows": 7,
           "active_flows": 1
         },
@@ -624,6 +625,7 @@ const DESCRIBE_WEB_JSON: &str = r#"{
           "port": 8080,
           "state": "active",
           "selectable": true,
+          "why": "ready",
           "new_flows": 5,
           "active_flows": 0
         },
@@ -633,6 +635,7 @@ const DESCRIBE_WEB_JSON: &str = r#"{
           "port": 8080,
           "state": "terminating",
           "selectable": false,
+          "why": "terminating: no new flows while an endpoint is ready",
           "new_flows": 0,
           "active_flows": 0
         }

@@ -12,8 +12,9 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY, Ct4Key, Ct4Value, Ct6Key,
-    Ct6Value, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LB_INGRESS, SVC_F_NODE_PORT, SvcInfo,
+    BACKEND_F_LOCAL, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY, Ct4Key,
+    Ct4Value, Ct6Key, Ct6Value, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LB_INGRESS, SVC_F_NODE_PORT,
+    SvcInfo,
 };
 use serde::Serialize;
 
@@ -399,9 +400,29 @@ pub struct BackendDescription {
     pub address: String,
     pub port: u16,
     pub state: &'static str,
+    /// New flows to some frontend of the port may be sent to it.
     pub selectable: bool,
+    /// Why this node's frontends of the port use it or not (see [`why`]).
+    pub why: String,
     pub new_flows: u64,
     pub active_flows: u64,
+}
+
+/// Why frontend `f` uses (`selected`) a backend of state `state` on this node or not (`local`:
+/// the endpoint is on this node), read from what the maps hold: the backend's state and place,
+/// and the frontend's slots and flags. A ready endpoint that a frontend without a Local traffic
+/// policy leaves out can only have been left out by topology hints (kube-proxy's rule: when
+/// every ready endpoint is hinted and some for this node, or this node's zone, only those).
+fn why(f: &FrontendEntry, state: u8, selected: bool, local: bool) -> &'static str {
+    let policy_local = f.flags & (lb_common::SVC_F_LOCAL_LIST | lb_common::SVC_F_NO_LOCAL_ENDPOINT) != 0;
+    match (state, selected) {
+        (BACKEND_STATE_ACTIVE, true) => "ready",
+        (BACKEND_STATE_TERMINATING, true) => "terminating, still serving: used while no endpoint is ready",
+        (BACKEND_STATE_TERMINATING, false) => "terminating: no new flows while an endpoint is ready",
+        (BACKEND_STATE_ACTIVE, false) if policy_local && !local => "on another node (traffic policy Local)",
+        (BACKEND_STATE_ACTIVE, false) => "not hinted for this node or its zone (topology hints)",
+        _ => "free",
+    }
 }
 
 /// `xlb describe service NS/NAME -o json|yaml`.
@@ -517,6 +538,30 @@ impl View {
         m
     }
 
+    /// Why the frontends of service port `svc_id` use backend `id` (of the IPv6 backends when
+    /// `v6`) or not: one reason when they agree, else each frontend kind's.
+    fn why_text(&self, svc_id: u32, id: u32, v6: bool) -> String {
+        let (state, local) = if v6 {
+            self.backends6.get(&id).map_or((0, false), |b| (b.state, b.flags & BACKEND_F_LOCAL != 0))
+        } else {
+            self.backends.get(&id).map_or((0, false), |b| (b.state, b.flags & BACKEND_F_LOCAL != 0))
+        };
+        let mut reasons: BTreeMap<&'static str, BTreeSet<&'static str>> = BTreeMap::new();
+        for f in self.frontends.iter().filter(|f| f.svc_id == svc_id && f.addr.is_ipv6() == v6) {
+            let selected = f.slots.iter().any(|(&slot, &b)| b == id && slot <= f.count);
+            let kind = kinds(f.flags).first().copied().unwrap_or("frontend");
+            reasons.entry(why(f, state, selected, local)).or_default().insert(kind);
+        }
+        if reasons.len() <= 1 {
+            return reasons.into_keys().next().unwrap_or("free").to_string();
+        }
+        let parts: Vec<String> = reasons
+            .iter()
+            .map(|(why, kinds)| format!("{}: {why}", kinds.iter().copied().collect::<Vec<_>>().join(", ")))
+            .collect();
+        parts.join("; ")
+    }
+
     /// The description of one Service, or `None` when the maps hold nothing of it.
     pub fn describe(
         &self,
@@ -567,15 +612,17 @@ impl View {
             let mut backends: BTreeMap<u32, BackendDescription> = BTreeMap::new();
             for r in &rs {
                 for b in &r.backends {
-                    backends.entry(b.id).or_insert(BackendDescription {
+                    let d = backends.entry(b.id).or_insert_with(|| BackendDescription {
                         id: b.id,
                         address: b.address.clone(),
                         port: b.port,
                         state: b.state,
-                        selectable: b.selectable,
+                        selectable: false,
+                        why: self.why_text(id, b.id, b.is_ipv6()),
                         new_flows: b.new_flows,
                         active_flows: active.get(&(b.is_ipv6(), b.id)).copied().unwrap_or(0),
                     });
+                    d.selectable |= b.selectable;
                 }
             }
             d.ports.push(PortDescription {
@@ -668,10 +715,14 @@ pub fn describe_text(d: &ServiceDescription) -> String {
                     if b.selectable { "yes" } else { "no" }.into(),
                     b.new_flows.to_string(),
                     b.active_flows.to_string(),
+                    b.why.clone(),
                 ]
             })
             .collect();
-        o.push_str(&table(&["  ID", "ADDRESS", "STATE", "SELECTABLE", "NEW-FLOWS", "ACTIVE-FLOWS"], rows));
+        o.push_str(&table(
+            &["  ID", "ADDRESS", "STATE", "SELECTABLE", "NEW-FLOWS", "ACTIVE-FLOWS", "WHY"],
+            rows,
+        ));
     }
     if d.affinity_timeout_seconds.is_some() {
         o.push_str(
@@ -1058,6 +1109,75 @@ pub fn stats_table(stats: &[(&'static str, u64, u64)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `xlb describe` says why each endpoint is used or not, per frontend kind, from the maps
+    /// the reconciler wrote for a model with topology hints, a Local policy and a terminating
+    /// endpoint.
+    #[test]
+    fn describe_says_why_each_endpoint_is_used_or_not() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 198.18.0.10
+  externalTrafficPolicy: Local
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [198.18.1.1], nodeName: n1, hints: {forZones: [{name: b}]}}
+- {addresses: [198.18.1.2], nodeName: n2, hints: {forZones: [{name: a}]}}
+- {addresses: [198.18.1.3], nodeName: n2, hints: {forZones: [{name: a}]}, conditions: {ready: false, serving: true, terminating: true}}
+"#;
+        let mut objects = crate::source::manifests::Objects::default();
+        crate::source::manifests::read_str("t.yaml".as_ref(), yaml, &mut objects);
+        assert!(objects.errors.is_empty(), "{:?}", objects.errors);
+        let why = |zone: Option<&str>| -> BTreeMap<String, String> {
+            let cfg = crate::model::ModelConfig {
+                node_name: Some("n1".into()),
+                node_addrs: vec!["198.18.100.1".parse().unwrap()],
+                zone: zone.map(Into::into),
+                ..crate::model::ModelConfig::default()
+            };
+            let m = crate::model::build(&objects.services, &objects.slices, &cfg);
+            let dp = crate::datapath::MemDatapath {
+                filter: vec![0; lb_common::FILTER_WORDS as usize],
+                ..Default::default()
+            };
+            let mut rec = crate::reconcile::Reconciler::new(dp).unwrap();
+            rec.apply(&m.ports).unwrap();
+            let view = View::read(rec.datapath()).unwrap();
+            let d = view.describe("default", "web", &BTreeMap::new()).unwrap();
+            let text = describe_text(&d);
+            d.ports[0]
+                .backends
+                .iter()
+                .map(|b| {
+                    assert!(text.contains(&b.why), "{text}");
+                    (b.address.clone(), b.why.clone())
+                })
+                .collect()
+        };
+        // In zone a: the ClusterIP uses zone a's endpoint only; the node port (Local) this
+        // node's, whatever its hints.
+        let a = why(Some("a"));
+        assert_eq!(
+            a["198.18.1.1"],
+            "ClusterIP: not hinted for this node or its zone (topology hints); NodePort: ready"
+        );
+        assert_eq!(a["198.18.1.2"], "NodePort: on another node (traffic policy Local); ClusterIP: ready");
+        assert_eq!(a["198.18.1.3"], "terminating: no new flows while an endpoint is ready");
+        // With no zone known the hints are not used: every ready endpoint for the ClusterIP.
+        let none = why(None);
+        assert_eq!(none["198.18.1.1"], "ready");
+        assert_eq!(none["198.18.1.2"], "NodePort: on another node (traffic policy Local); ClusterIP: ready");
+    }
 
     #[test]
     fn every_counter_has_a_verdict_and_a_meaning() {
