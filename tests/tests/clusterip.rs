@@ -614,3 +614,144 @@ fn topology_hints_keep_a_clients_traffic_in_its_zone_while_every_endpoint_is_hin
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// An SCTP one-to-one socket (RFC 6458's TCP-like style), or why there is none.
+fn sctp_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2); the descriptor is owned by the returned value.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just opened, owned by nobody else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: a valid socket and option of the size given.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+    }
+    Ok(fd)
+}
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Checks the return value of a libc call.
+fn ok(rc: isize, what: &str) -> std::io::Result<usize> {
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(rc as usize)
+}
+
+/// Where the kernel has SCTP: an association through a ClusterIP to the pod's targetPort, a
+/// message each way. These machines' kernels have none (socket() fails with
+/// EPROTONOSUPPORT): the test says so and stops, and the packet tests prove the translation.
+#[test]
+fn sctp_through_a_cluster_ip_end_to_end_where_the_kernel_has_sctp() {
+    use std::os::fd::AsRawFd;
+    if !privileged("netns tests need root") {
+        return;
+    }
+    if let Err(e) = sctp_socket() {
+        eprintln!(
+            "skipped: this kernel has no SCTP sockets (socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP): {e})"
+        );
+        return;
+    }
+    let mut bed = SingleNode::new(&["pod-a"]).unwrap();
+    let pod = SocketAddrV4::new(bed.pods[0].ip, 13868);
+    bed.write_manifest(
+        "sctp.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: sig, namespace: default}}\nspec:\n  clusterIP: 198.18.0.60\n  ports: [{{port: 3868, targetPort: 13868, protocol: SCTP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: sig-1, namespace: default, labels: {{kubernetes.io/service-name: sig}}}}\naddressType: IPv4\nports: [{{port: 13868, protocol: SCTP}}]\nendpoints: [{{addresses: [{}], nodeName: node-1}}]\n",
+            pod.ip()
+        ),
+    )
+    .unwrap();
+    bed.start_agent().unwrap();
+    bed.wait_for_service("198.18.0.60:3868/SCTP", 1, Duration::from_secs(10)).unwrap();
+
+    // The pod listens on its port; the socket keeps the pod's namespace on any thread.
+    let listener = bed.pods[0]
+        .ns
+        .enter(|| -> std::io::Result<_> {
+            let s = sctp_socket()?;
+            let a = sockaddr(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 13868));
+            // SAFETY: a valid socket and address of the size given.
+            ok(
+                unsafe {
+                    libc::bind(
+                        s.as_raw_fd(),
+                        (&a as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                } as isize,
+                "bind",
+            )?;
+            // SAFETY: as above.
+            ok(unsafe { libc::listen(s.as_raw_fd(), 4) } as isize, "listen")?;
+            Ok(s)
+        })
+        .unwrap();
+    let server = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        // SAFETY: a listening socket; the peer's address is not asked for.
+        let c = ok(
+            unsafe { libc::accept(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) }
+                as isize,
+            "accept",
+        )?;
+        let mut buf = [0u8; 64];
+        // SAFETY: a connected socket and a buffer of the size given.
+        let n = ok(unsafe { libc::read(c as i32, buf.as_mut_ptr().cast(), buf.len()) }, "read")?;
+        let reply = [b"echo:".as_slice(), &buf[..n]].concat();
+        // SAFETY: as above.
+        ok(unsafe { libc::write(c as i32, reply.as_ptr().cast(), reply.len()) }, "write")?;
+        // SAFETY: the accepted descriptor, closed once.
+        unsafe { libc::close(c as i32) };
+        Ok(buf[..n].to_vec())
+    });
+    let answer = bed
+        .client
+        .enter(|| -> std::io::Result<Vec<u8>> {
+            let s = sctp_socket()?;
+            let a = sockaddr("198.18.0.60:3868".parse().unwrap());
+            // SAFETY: a valid socket and address of the size given.
+            ok(
+                unsafe {
+                    libc::connect(
+                        s.as_raw_fd(),
+                        (&a as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                } as isize,
+                "connect to the ClusterIP",
+            )?;
+            // SAFETY: a connected socket and buffers of the sizes given.
+            ok(unsafe { libc::write(s.as_raw_fd(), b"hello".as_ptr().cast(), 5) }, "write")?;
+            let mut buf = [0u8; 64];
+            // SAFETY: as above.
+            let n = ok(unsafe { libc::read(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) }, "read")?;
+            Ok(buf[..n].to_vec())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", bed.logs()));
+    assert_eq!(server.join().unwrap().unwrap(), b"hello");
+    assert_eq!(answer, b"echo:hello", "the pod's answer, from the ClusterIP");
+    let flows = bed.xlb_cli(&["conntrack"]).unwrap();
+    assert!(flows.contains("SCTP"), "{flows}");
+}
