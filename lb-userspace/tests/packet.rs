@@ -1885,3 +1885,108 @@ fn sctp_to_a_service_without_endpoints_is_refused_with_icmp_and_its_fragments_pa
     assert_eq!(dut.run(&first), (XDP_PASS, first));
     assert_eq!(dut.stat(Stat::DnatNew), 0);
 }
+
+/// A flow whose packets come more often than its lifetime lives on however long it lasts: each
+/// packet refreshes its entry (with the refresh lost, the flow was expired at its third step).
+#[test]
+fn a_flow_kept_alive_in_steps_outlives_its_lifetime() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(WEB);
+    dut.set_config(lb_common::DatapathConfig {
+        tcp_syn_s: 60,
+        tcp_established_s: 600,
+        tcp_close_s: 10,
+        udp_s: 30,
+        ..Default::default()
+    });
+    let (client, dns) = (sa("198.18.100.1:41100"), sa("198.18.0.10:53"));
+    let (_, out) = dut.run(&Frame::udp(client, dns).build());
+    let backend = decode(&out).unwrap().dst;
+    for step in 1..=5 {
+        // 20 s of silence each time: within the lifetime since the last packet, 100 s past the
+        // first by the end.
+        dut.age_ct(20, |k| k.saddr == client.ip().octets() || k.daddr == client.ip().octets());
+        let est = dut.stat(Stat::DnatEstablished);
+        let (_, out) = dut.run(&Frame::udp(client, dns).build());
+        assert_eq!(dut.stat(Stat::DnatEstablished), est + 1, "step {step}: the flow lives on");
+        assert_eq!(decode(&out).unwrap().dst, backend, "step {step}");
+    }
+    assert_eq!(dut.stat(Stat::CtExpired), 0);
+}
+
+/// sessionAffinity's timeout runs from a client's last new flow, not its first: each new flow
+/// that keeps the backend refreshes the client's entry (with the refresh lost, six clients all
+/// keeping their backend by chance after it expired: 3^-6).
+#[test]
+fn a_clients_affinity_is_refreshed_by_each_new_flow_that_keeps_it() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let mut dut = Dut::new(STICKY);
+    let vip = sa("198.18.0.50:80");
+    let new_flow = |dut: &mut Dut, client: &str, port: u16| -> String {
+        let (_, out) = dut.run(&Frame::tcp(SocketAddrV4::new(client.parse().unwrap(), port), vip).build());
+        backend_of(&decode(&out).unwrap())
+    };
+    let clients =
+        ["198.18.100.1", "198.18.100.2", "198.18.100.3", "198.18.100.4", "198.18.100.5", "198.18.100.6"];
+    let firsts: Vec<String> = clients.iter().map(|c| new_flow(&mut dut, c, 40000)).collect();
+    // Three times 90 s (timeout 100 s): 270 s past each client's first flow, 90 past its last.
+    for step in 1..=3u16 {
+        dut.age_affinity(90);
+        for (c, first) in clients.iter().zip(&firsts) {
+            assert_eq!(&new_flow(&mut dut, c, 40000 + step), first, "client {c}, after {} s", 90 * step);
+        }
+    }
+}
+
+/// TC egress keeps a zero ("none") UDP checksum zero when it rewrites the source, both for a
+/// reply to a node port and for a SNATed flow to another node's endpoint (with
+/// BPF_F_MARK_MANGLED_0 lost, the kernel's helper writes a checksum into it).
+#[test]
+fn tc_egress_keeps_a_zero_udp_checksum_zero() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    let udp = |src: SocketAddrV4, dst: SocketAddrV4| {
+        Frame { udp_no_checksum: true, ..Frame::udp(src, dst) }.build()
+    };
+    // A reply of a node port flow to this node's endpoint, given the node port at egress.
+    let cfg = ModelConfig {
+        node_addrs: vec!["198.18.100.1".parse().unwrap()],
+        node_name: Some("node-1".into()),
+        ..ModelConfig::default()
+    };
+    let local = SHOP.replace(
+        "endpoints: [{addresses: [198.18.1.2]}]",
+        "endpoints: [{addresses: [198.18.1.2], nodeName: node-1}]",
+    );
+    let mut dut = Dut::with_config(&local, cfg);
+    let (client, node_port, pod) =
+        (sa("198.18.100.2:40000"), sa("198.18.100.1:30053"), sa("198.18.1.2:5353"));
+    let (_, out) = dut.run(&udp(client, node_port));
+    assert!(decode(&out).unwrap().udp_checksum_zero);
+    let (_, out) = dut.egress(&udp(pod, client));
+    let d = decode(&out).unwrap();
+    assert_eq!((d.src, d.dst), (node_port, client));
+    assert!(d.udp_checksum_zero, "the reply's zero checksum at egress: {d:?}");
+    assert_eq!(dut.stat(Stat::EgressRevNat), 1);
+
+    // A SNATed flow to another node's endpoint: its source address at egress, both ways.
+    let mut dut = snat_node();
+    let (_, out) = dut.run(&udp(client, node_port));
+    let d = decode(&out).unwrap();
+    assert!(d.udp_checksum_zero);
+    let (_, out) = dut.egress(&out);
+    let d = decode(&out).unwrap();
+    assert_eq!(d.src.ip().to_string(), "198.18.100.1");
+    assert!(d.udp_checksum_zero, "the SNATed packet's zero checksum at egress: {d:?}");
+    let (_, back) = dut.run(&udp(pod, d.src));
+    let (_, out) = dut.egress(&back);
+    let r = decode(&out).unwrap();
+    assert_eq!((r.src, r.dst), (node_port, client));
+    assert!(r.udp_checksum_zero, "the SNATed reply's zero checksum at egress: {r:?}");
+    assert_eq!((dut.stat(Stat::EgressSnat), dut.stat(Stat::EgressRevNat)), (1, 1));
+}

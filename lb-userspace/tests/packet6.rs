@@ -731,6 +731,52 @@ fn an_ipv6_node_port_to_a_local_endpoint_is_answered_from_the_node_port_at_egres
     assert_eq!(dut.stat(Stat::EgressSnat), 0);
 }
 
+/// UDP through an IPv6 node port to another node's endpoint: SNATed to the node at egress, the
+/// pod's answers sent back to the client (the SNAT tests above are TCP).
+#[test]
+fn an_ipv6_udp_node_port_flow_to_another_node_is_snated_and_answered() {
+    if !need_root() {
+        return;
+    }
+    let mut dut = Dut::new();
+    let yaml = node_port_service(true)
+        .replace(
+            "ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]",
+            "ports: [{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}]",
+        )
+        .replace(
+            "ports: [{name: http, port: 8080, protocol: TCP}]",
+            "ports: [{name: dns, port: 5353, protocol: UDP}]",
+        );
+    assert!(yaml.contains("30053") && yaml.contains("port: 5353, protocol: UDP"));
+    dut.apply_node(&yaml);
+    let node_port = sa(&format!("[{NODE6}]:30053"));
+    let pod = sa("[2001:db8:2::2]:5353");
+    for cport in 40000..40010u16 {
+        let client = SocketAddrV6::new("2001:db8:100::2".parse().unwrap(), cport, 0, 0);
+        let (v, out) = dut.run(&Frame6::udp(client, node_port).build());
+        assert_eq!(v, XDP_PASS);
+        let d = decode6(&out).unwrap();
+        assert_eq!((*d.src.ip(), d.dst), (*client.ip(), pod));
+        assert!(d.l4_checksum_ok, "{d:?}");
+        let (_, out) = dut.egress(&out);
+        let d = decode6(&out).unwrap();
+        assert_eq!(d.src.ip().to_string(), NODE6);
+        assert!(d.l4_checksum_ok, "{d:?}");
+        // The pod answers node:SNAT port: to the client at XDP, from the node port at egress.
+        let (v, out) = dut.run(&Frame6::udp(pod, d.src).build());
+        assert_eq!(v, XDP_PASS);
+        let r = decode6(&out).unwrap();
+        assert_eq!((r.src, r.dst), (pod, client), "the answer goes to the client");
+        assert!(r.l4_checksum_ok, "{r:?}");
+        let (_, out) = dut.egress(&out);
+        let r = decode6(&out).unwrap();
+        assert_eq!((r.src, r.dst), (node_port, client));
+        assert!(r.l4_checksum_ok, "{r:?}");
+    }
+    assert_eq!((dut.stat(Stat::EgressSnat), dut.stat(Stat::EgressRevNat)), (10, 10));
+}
+
 #[test]
 fn fragments_of_a_snated_ipv6_flow_leave_with_the_node_address() {
     if !need_root() {
