@@ -42,6 +42,7 @@ pub fn translate(data: usize, end: usize) -> bool {
     let (
         ethertype,
         vihl,
+        tot_len,
         frag,
         proto,
         ty,
@@ -57,6 +58,7 @@ pub fn translate(data: usize, end: usize) -> bool {
         (
             u16::from_be(load16(data + 12)),
             load16(l3).to_ne_bytes()[0],
+            u16::from_be(load16(l3 + 2)),
             u16::from_be(load16(l3 + 6)),
             load16(l3 + 8).to_ne_bytes()[1],
             load16(l4).to_ne_bytes()[0],
@@ -70,7 +72,14 @@ pub fn translate(data: usize, end: usize) -> bool {
             load32(l3 + 16),
         )
     };
-    if ethertype != ETH_P_IP || vihl != 0x45 || proto != IPPROTO_ICMP || frag & 0x3fff != 0 {
+    // The datagram's length must cover the quote: bytes past it are padding the kernel trims
+    // (the fuzzer found such an error translated in its padding).
+    if ethertype != ETH_P_IP
+        || vihl != 0x45
+        || proto != IPPROTO_ICMP
+        || frag & 0x3fff != 0
+        || usize::from(tot_len) < q4 + 8 - l3
+    {
         return false;
     }
     if (ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED)
@@ -185,9 +194,10 @@ pub fn translate6(data: usize, end: usize) -> bool {
         return false;
     }
     // SAFETY: q4 + 8 <= end checked above, and every offset read lies below it.
-    let (ethertype, next, ty, q_version, q_next, q_sport, q_dport) = unsafe {
+    let (ethertype, payload_len, next, ty, q_version, q_next, q_sport, q_dport) = unsafe {
         (
             u16::from_be(load16(data + 12)),
+            u16::from_be(load16(l3 + 4)),
             load16(l3 + 6).to_ne_bytes()[0],
             load16(l4).to_ne_bytes()[0],
             load16(q3).to_ne_bytes()[0] >> 4,
@@ -196,7 +206,8 @@ pub fn translate6(data: usize, end: usize) -> bool {
             load16(q4 + 2),
         )
     };
-    if ethertype != ETH_P_IPV6 || next != IPPROTO_ICMPV6 {
+    // As for IPv4: the payload length must cover the quote.
+    if ethertype != ETH_P_IPV6 || next != IPPROTO_ICMPV6 || usize::from(payload_len) < q4 + 8 - l4 {
         return false;
     }
     if (ty != ICMPV6_DEST_UNREACH && ty != ICMPV6_PACKET_TOO_BIG && ty != ICMPV6_TIME_EXCEEDED)

@@ -177,6 +177,11 @@ pub fn parse(data: usize, end: usize) -> Parsed {
     // The IP identification is read for fragments only (a load less on every other packet).
     // SAFETY (both): data + 34 <= end was checked above, and l3 + 4 < data + 34.
     if frag & IP_OFFSET != 0 {
+        // A header longer than the frame (found by the fuzzer): the kernel drops it; not ours
+        // to translate.
+        if l3 + ihl > end {
+            return Parsed::Malformed;
+        }
         let id = unsafe { load16(l3 + 4) };
         return Parsed::Fragment(Fragment { l3, proto, saddr, daddr, id });
     }

@@ -349,6 +349,16 @@ fn a_datagram_in_fragments_is_translated_whole_both_ways() {
     assert!(d.ip_checksum_ok, "the header checksum is fixed");
     assert_eq!(out[34..], later[34..], "past the IP header nothing changes");
     assert_eq!(dut.stat(Stat::FragTranslated), 1);
+    // A later fragment of that datagram whose header is longer than the frame (IHL 11, 44
+    // bytes, in a frame that ends 24 bytes in: found by the fuzzer) is the kernel's to drop,
+    // not translated.
+    let mut cut = later[..14 + 24].to_vec();
+    cut[14] = 0x4b;
+    cut[16..18].copy_from_slice(&86u16.to_be_bytes()); // a total length that covers the header
+    cut[24..26].fill(0);
+    let (v, out) = dut.run(&cut);
+    assert_eq!((v, &out), (XDP_PASS, &cut), "a cut header passes as it came");
+    assert_eq!(dut.stat(Stat::FragTranslated), 1);
     // A later fragment of another datagram (another IP id) whose first was not seen passes as
     // it came.
     let stray = with_ip_id(&later, 0x4321);
@@ -957,6 +967,15 @@ fn icmp_errors_about_translated_flows_are_translated_too() {
     assert_eq!(&out[26..30], &[198, 18, 0, 10], "from the ClusterIP");
     assert_eq!(&out[42 + 16..42 + 20], &[198, 18, 0, 10], "about the ClusterIP");
     assert_eq!(be16(&out, 64), 53, "and its port");
+    assert_eq!(dut.stat(Stat::IcmpTranslated), 2);
+    // The same error with an IP total length that stops short of its quote (what follows is
+    // padding the kernel trims; found by the fuzzer) is not translated.
+    let mut short = err.clone();
+    short[16..18].copy_from_slice(&21u16.to_be_bytes());
+    short[24..26].fill(0);
+    let c = lb_common::csum::checksum(&short[14..34]);
+    short[24..26].copy_from_slice(&c.to_ne_bytes());
+    assert_eq!(dut.run(&short), (XDP_PASS, short.clone()));
     assert_eq!(dut.stat(Stat::IcmpTranslated), 2);
 
     // Errors about flows nobody tracks, and other ICMP, pass untouched.

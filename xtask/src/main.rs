@@ -67,6 +67,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the datapath (release build, root): frames made from valid ones of every kind and
+    /// mutated, through the XDP, TC ingress and TC egress programs with BPF_PROG_TEST_RUN, every
+    /// run checked against what the programs may do. Failing frames go to fuzz-failures.txt.
+    Fuzz {
+        /// Passed on to the fuzzer: --frames N (default 1,000,000) --seed S --replay FILE
+        /// --failures FILE --record FILE (a summary for BENCHMARKS.md: docs/bench/fuzz.md).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmark the agent's control plane (release build): cold start with N Services x E
     /// endpoints from a fake API server, endpoint-change-to-map latency, memory.
     BenchAgent {
@@ -214,6 +223,22 @@ fn main() -> anyhow::Result<()> {
             }
             run(cargo().args(["build", "--release", "-p", "lb-userspace", "--example", "bench-datapath"]))?;
             run(Command::new(root().join("target/release/examples/bench-datapath")).args(&args))
+        }
+        Cmd::Fuzz { args } => {
+            setup(false)?;
+            if !is_root() {
+                bail!("the fuzzer loads eBPF: run it as root");
+            }
+            run(cargo().args(["build", "--release", "-p", "lb-userspace", "--example", "fuzz-datapath"]))?;
+            let commit = Command::new("git")
+                .args(["rev-parse", "--short", "HEAD"])
+                .current_dir(root())
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default();
+            run(Command::new(root().join("target/release/examples/fuzz-datapath"))
+                .env("XLB_COMMIT", commit)
+                .args(&args))
         }
         Cmd::BenchAgent { args } => {
             setup(false)?;

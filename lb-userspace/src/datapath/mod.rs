@@ -2,6 +2,7 @@
 //! same code against the real pinned maps ([`BpfMaps`]) and against memory ([`MemDatapath`]).
 mod batch;
 pub mod ebpf;
+pub mod fuzz;
 pub mod pinlock;
 use std::{
     collections::BTreeMap,
