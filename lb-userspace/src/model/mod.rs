@@ -940,6 +940,13 @@ fn frontend_addr(what: &str, ip: &str) -> Result<Option<IpAddr>, String> {
     if a.is_unspecified() || broadcast || a.is_multicast() || a.is_loopback() {
         return Err(format!("{what} {a} cannot be a service address"));
     }
+    // No packet is addressed to ::ffff:a.b.c.d on the wire (found by the input fuzzer, which
+    // saw one served as an IPv6 frontend that nothing could reach).
+    if let IpAddr::V6(v6) = a
+        && let Some(v4) = v6.to_ipv4_mapped()
+    {
+        return Err(format!("{what} {ip} is an IPv4-mapped IPv6 address: write the IPv4 address {v4}"));
+    }
     Ok(Some(a))
 }
 
@@ -1781,12 +1788,13 @@ mod tests {
             + &svc("weird-proto", "198.18.0.4", "[{port: 80, protocol: QUIC}]")
             + &svc("dup-port", "198.18.0.5", "[{name: a, port: 80}, {name: b, port: 80}]")
             + &svc("no-ip", "\"\"", "[{port: 80}]")
+            + &svc("mapped-ip", "\"::ffff:198.18.0.7\"", "[{port: 80}]")
             + &svc("good", "198.18.0.6", "[{port: 80}]")
             + &svc("headless", "None", "[{port: 80}]")
             + "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: db.example.com}\n";
         let m = build_yaml(&yaml);
         let rejected: Vec<&str> = m.rejected.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(rejected, ["bad-ip", "dup-port", "no-ip", "port-zero", "weird-proto"]);
+        assert_eq!(rejected, ["bad-ip", "dup-port", "mapped-ip", "no-ip", "port-zero", "weird-proto"]);
         assert!(m.rejected.iter().all(|r| !r.reason.is_empty()));
         assert!(m.rejected.iter().find(|r| r.name == "bad-ip").unwrap().reason.contains("198.18.0.999"));
         let served: Vec<&str> =

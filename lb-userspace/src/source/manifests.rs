@@ -299,18 +299,41 @@ pub fn read_str(file: &Path, text: &str, objects: &mut Objects) {
         }
         return;
     }
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = match serde_yaml::Value::deserialize(de) {
-            Ok(serde_yaml::Value::Null) => continue, // empty document (e.g. a trailing `---`)
-            Ok(v) => v,
-            Err(e) => {
-                objects.errors.push(err(i + 1)(None, format!("not valid YAML: {e}")));
-                // The YAML stream cannot be resumed after a syntax error.
-                break;
-            }
-        };
-        add_value(value, &err(i + 1), objects);
+    // Each document parsed on its own, so that a syntax error costs that document only (a YAML
+    // stream cannot be resumed after one: the documents after it were lost, found by fuzzing).
+    let docs = yaml_documents(text).into_iter().filter(|d| !d.trim().is_empty());
+    for (i, doc) in docs.enumerate() {
+        for de in serde_yaml::Deserializer::from_str(doc) {
+            let value = match serde_yaml::Value::deserialize(de) {
+                Ok(serde_yaml::Value::Null) => continue, // empty document (comments only)
+                Ok(v) => v,
+                Err(e) => {
+                    objects.errors.push(err(i + 1)(None, format!("not valid YAML: {e}")));
+                    break;
+                }
+            };
+            add_value(value, &err(i + 1), objects);
+        }
     }
+}
+
+/// The documents of a YAML stream, split where Kubernetes' YAML reader splits them: at lines
+/// that start with `---` followed by nothing but spaces or a comment. A line that goes on
+/// after its `---` (`--- {a: 1}`) starts a document with the rest of it.
+fn yaml_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if let Some(rest) = line.strip_prefix("---") {
+            let rest = rest.trim();
+            docs.push(&text[start..at]);
+            start = if rest.is_empty() || rest.starts_with('#') { at + line.len() } else { at + 3 };
+        }
+        at += line.len();
+    }
+    docs.push(&text[start..]);
+    docs
 }
 
 /// What a document says it is.
@@ -493,6 +516,31 @@ mod tests {
     /// service.kubernetes.io/service-proxy-name in manifests, as the watches' label selectors
     /// have it: YAML and JSON alike, Services and their slices (EndpointSlices and Endpoints),
     /// headless slices never; a file whose Service gains the label loses that Service.
+    /// A document that is not YAML costs itself only: the documents after it are read (before,
+    /// the stream stopped at it; found by the input fuzzer).
+    #[test]
+    fn a_broken_document_costs_only_itself() {
+        let text = format!(
+            "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: cut\n--- # a comment\n{}---\n\t\x01 [\n---\n{}",
+            svc("a", 80),
+            svc("b", 81),
+            svc("c", 82)
+        );
+        let mut o = Objects::default();
+        read_str("x.yaml".as_ref(), &text, &mut o);
+        let names: Vec<_> = o.services.iter().filter_map(|s| s.metadata.name.clone()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(o.errors.iter().map(|e| e.doc).collect::<Vec<_>>(), [2, 4], "{:?}", o.errors);
+        // A document that starts on its separator's line is read too.
+        let mut o = Objects::default();
+        read_str(
+            "x.yaml".as_ref(),
+            "--- {apiVersion: v1, kind: Service, metadata: {name: d}, spec: {clusterIP: 198.18.0.9, ports: [{port: 80}]}}\n",
+            &mut o,
+        );
+        assert_eq!((o.services.len(), o.errors.len()), (1, 0), "{:?}", o.errors);
+    }
+
     #[test]
     fn manifests_of_another_proxy_are_left_out_as_from_the_api_server() {
         let dir = std::env::temp_dir().join(format!("xlb-proxyname-{}", std::process::id()));
