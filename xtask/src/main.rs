@@ -14,6 +14,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod mutants;
 mod report;
 
 /// Debian packages the build, the tests and the demo use.
@@ -75,6 +76,16 @@ enum Cmd {
         /// --failures FILE --record FILE (a summary for BENCHMARKS.md: docs/bench/fuzz.md).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Put plausible bugs into the kernel program one at a time and run the packet tests, the
+    /// trace tests and the fuzzer's bounded run against each (root; about a minute per
+    /// mutant). `--record` writes the kill table to docs/mutants.md.
+    Mutants {
+        /// Only the mutants whose description contains this text.
+        #[arg(long)]
+        only: Option<String>,
+        #[arg(long)]
+        record: bool,
     },
     /// Benchmark the agent's control plane (release build): cold start with N Services x E
     /// endpoints from a fake API server, endpoint-change-to-map latency, memory.
@@ -239,6 +250,13 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(root().join("target/release/examples/fuzz-datapath"))
                 .env("XLB_COMMIT", commit)
                 .args(&args))
+        }
+        Cmd::Mutants { only, record } => {
+            setup(false)?;
+            if !is_root() {
+                bail!("the packet tests load eBPF: run it as root");
+            }
+            mutants::run(&root(), only.as_deref(), record)
         }
         Cmd::BenchAgent { args } => {
             setup(false)?;
