@@ -1472,6 +1472,18 @@ fn maglev_sends_a_flow_to_the_same_backend_on_every_node_and_moves_few_flows() {
     assert_eq!(on_node1, on_node2, "every node sends a flow to the same backend");
     let used: std::collections::BTreeSet<&String> = on_node1.iter().collect();
     assert_eq!(used.len(), 5, "the flows spread over all five backends");
+    // The client's address counts, not only its port: 100 clients calling from the same port
+    // spread too (with the hash of a constant address instead, all 100 met one backend; found by
+    // `cargo xtask mutants`).
+    let mut node = maglev_node(&five, M);
+    let same_port: std::collections::BTreeSet<String> = (0..100u8)
+        .map(|i| {
+            let client = SocketAddrV4::new(std::net::Ipv4Addr::new(198, 18, 100 + i / 50, 1 + i % 50), 40000);
+            let (_, out) = node.run(&Frame::tcp(client, sa("198.18.0.70:80")).build());
+            backend_of(&decode(&out).unwrap())
+        })
+        .collect();
+    assert!(same_port.len() >= 4, "100 clients from one port met {same_port:?}");
 
     // One of five backends goes: about a fifth of the flows move (those it had), barely more.
     let four = pods_service(5).replace("{addresses: [198.18.3.2]}, ", "");
