@@ -117,17 +117,7 @@ fn translate_skb<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], por
         Side::Destination => (24, 2),
     };
     // The pseudo-header's change, as a one's complement sum of 16-bit words.
-    let mut diff = 0u32;
-    let mut i = 0;
-    while i < 8 {
-        let new = u16::from_ne_bytes([addr[2 * i], addr[2 * i + 1]]);
-        // SAFETY: parse6() bounds-checked the 40-byte IPv6 header.
-        unsafe {
-            diff += u32::from(!load16(pkt.l3 + addr_off + 2 * i)) + u32::from(new);
-            store16(pkt.l3 + addr_off + 2 * i, new);
-        }
-        i += 1;
-    }
+    let diff = write_addr(pkt, addr_off, addr);
     // SAFETY: parse6() bounds-checked the L4 header (20 bytes for TCP, 8 for UDP), which holds
     // the ports and the checksum.
     let (old_port, old_sport) = unsafe {
@@ -153,17 +143,10 @@ fn translate_skb<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], por
             || f.l4_csum_replace(check_off, u32::from(old_sport), u32::from(src_port), mangled | 2));
 }
 
-/// [`translate`] for SCTP, on either frame: the address and ports written in place, then the
-/// CRC32c updated for the ports (SCTP's checksum has no pseudo-header); on an skb whose checksum
-/// covers the frame, that sum follows every change.
-#[inline(never)]
-fn translate_sctp<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], ports: u32) {
-    let (port, src_port) = ((ports as u16).to_be(), ((ports >> 16) as u16).to_be());
-    let (addr_off, port_off) = match side {
-        Side::Source => (8, 0),
-        Side::Destination => (24, 2),
-    };
-    let len = pkt.sctp_len();
+/// Writes `addr` at `addr_off` of `pkt`'s IPv6 header; the change as a one's complement sum of
+/// 16-bit words (what a checksum over the addresses, or of the whole frame, must take in).
+#[inline(always)]
+fn write_addr(pkt: &Packet6, addr_off: usize, addr: &[u8; 16]) -> u32 {
     let mut diff = 0u32;
     let mut i = 0;
     while i < 8 {
@@ -175,6 +158,21 @@ fn translate_sctp<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], po
         }
         i += 1;
     }
+    diff
+}
+
+/// [`translate`] for SCTP, on either frame: the address and ports written in place, then the
+/// CRC32c updated for the ports (SCTP's checksum has no pseudo-header); on an skb whose checksum
+/// covers the frame, that sum follows every change.
+#[inline(never)]
+fn translate_sctp<F: Frame>(f: F, pkt: &Packet6, side: Side, addr: &[u8; 16], ports: u32) {
+    let (port, src_port) = ((ports as u16).to_be(), ((ports >> 16) as u16).to_be());
+    let (addr_off, port_off) = match side {
+        Side::Source => (8, 0),
+        Side::Destination => (24, 2),
+    };
+    let len = pkt.sctp_len();
+    let diff = write_addr(pkt, addr_off, addr);
     // SAFETY: parse6() bounds-checked SCTP's 12-byte common header.
     unsafe {
         let old_ports = load32(pkt.l4);

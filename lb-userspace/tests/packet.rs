@@ -1203,6 +1203,16 @@ impl Dut {
     }
 }
 
+/// Conntrack lifetimes short enough to age entries past in a test.
+const SHORT_LIFETIMES: lb_common::DatapathConfig = lb_common::DatapathConfig {
+    tcp_syn_s: 60,
+    tcp_established_s: 600,
+    tcp_close_s: 10,
+    udp_s: 30,
+    maglev_size: 0,
+    _pad: 0,
+};
+
 fn tcp_with(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
     let mut f = Frame::tcp(src, dst);
     f.tcp_flags = flags;
@@ -1215,13 +1225,7 @@ fn tracked_flows_expire_by_protocol_and_tcp_state() {
         return;
     }
     let mut dut = Dut::new(WEB);
-    dut.set_config(lb_common::DatapathConfig {
-        tcp_syn_s: 60,
-        tcp_established_s: 600,
-        tcp_close_s: 10,
-        udp_s: 30,
-        ..Default::default()
-    });
+    dut.set_config(SHORT_LIFETIMES);
     let (vip, dns) = (sa("198.18.0.10:80"), sa("198.18.0.10:53"));
     let (syn, ack, fin) = (0x02, 0x10, 0x11);
     // Each case: open the flow, age it, send one more packet: is it still the same flow?
@@ -1925,13 +1929,7 @@ fn a_flow_kept_alive_in_steps_outlives_its_lifetime() {
         return;
     }
     let mut dut = Dut::new(WEB);
-    dut.set_config(lb_common::DatapathConfig {
-        tcp_syn_s: 60,
-        tcp_established_s: 600,
-        tcp_close_s: 10,
-        udp_s: 30,
-        ..Default::default()
-    });
+    dut.set_config(SHORT_LIFETIMES);
     let (client, dns) = (sa("198.18.100.1:41100"), sa("198.18.0.10:53"));
     let (_, out) = dut.run(&Frame::udp(client, dns).build());
     let backend = decode(&out).unwrap().dst;
