@@ -355,9 +355,10 @@ fn dockerfile_stages(text: &str) -> Vec<(String, Vec<String>)> {
     stages
 }
 
-/// No container engine runs on these machines, so the image is not built here; this checks
-/// that what the Dockerfile builds is what the tests run, and that the runtime image has what
-/// the binary and the DaemonSet need.
+/// The Dockerfile needs a registry for its base images, which these machines cannot reach (the
+/// image they build, with podman, comes from `cargo xtask image`); this checks that what the
+/// Dockerfile builds is what the tests run, and that the runtime image has what the binary and
+/// the DaemonSet need.
 #[test]
 fn the_image_builds_the_tested_agent_and_carries_what_it_needs() {
     let root = deploy::dir().parent().unwrap().to_owned();

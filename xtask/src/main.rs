@@ -14,6 +14,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod image;
 mod mutants;
 mod report;
 
@@ -77,6 +78,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the runtime image with no registry and load it into podman: the release `xlb` and
+    /// the machine's `bpftool`, each with the shared libraries it loads (needs podman and runc).
+    Image {
+        /// The image's name (default: the one deploy/daemonset.yaml runs, xlb:VERSION).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Also save it as an OCI archive, for a user to push to a registry.
+        #[arg(long)]
+        oci_archive: Option<PathBuf>,
+    },
     /// Put plausible bugs into the kernel program one at a time and run the packet tests, the
     /// trace tests and the fuzzer's bounded run against each (root; about a minute per
     /// mutant). `--record` writes the kill table to docs/mutants.md.
@@ -104,7 +115,7 @@ fn cmd_ok(cmd: &mut Command) -> bool {
     cmd.output().map(|o| o.status.success()).unwrap_or(false)
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: running {cmd:?}");
     let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
@@ -113,7 +124,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -250,6 +261,10 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(root().join("target/release/examples/fuzz-datapath"))
                 .env("XLB_COMMIT", commit)
                 .args(&args))
+        }
+        Cmd::Image { tag, oci_archive } => {
+            setup(true)?;
+            image::build(&root(), &tag.unwrap_or_else(image::default_tag), oci_archive.as_deref())
         }
         Cmd::Mutants { only, record } => {
             setup(false)?;
