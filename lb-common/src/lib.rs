@@ -506,6 +506,8 @@ pub const TCP_ACK: u8 = 0x10;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// [`Svc4Key::scope`]: the frontend as seen by any client.
 pub const SCOPE_EXTERNAL: u8 = 0;

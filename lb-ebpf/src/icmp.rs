@@ -13,14 +13,15 @@
 //! header and the first 8 bytes of the quoted datagram are read and rewritten, and every
 //! checksum they touch (outer IPv4, ICMP, quoted IPv4) is updated. ICMPv6 errors about IPv6 flows
 //! are translated alike ([`translate6`]); Packet Too Big is the one path MTU discovery needs.
-use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EGRESS_REVNAT, Ct4Key, IPPROTO_TCP, IPPROTO_UDP, csum};
+use lb_common::{
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_EGRESS_REVNAT, Ct4Key, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, csum,
+};
 
 use crate::{
     maps::{CT, CT6, SCRATCH_XDP, SCRATCH6},
     parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, load_addr6, load16, load32, store16, store32},
 };
-
-const IPPROTO_ICMP: u8 = 1;
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -173,7 +174,6 @@ unsafe fn rewrite_quote(
     }
 }
 
-const IPPROTO_ICMPV6: u8 = 58;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 const ICMPV6_TIME_EXCEEDED: u8 = 3;

@@ -64,14 +64,15 @@ fn process_v6<F: Frame>(f: F, data: usize, end: usize, bytes: u64) -> Result<u32
     if data + parse::ETH_HLEN + 40 <= end {
         // SAFETY: bounds-checked just above.
         let next = unsafe { parse::load16(data + parse::ETH_HLEN + 6) }.to_ne_bytes()[0];
-        if next != lb_common::IPPROTO_TCP && next != lb_common::IPPROTO_UDP && next != IPPROTO_ICMPV6 {
+        if next != lb_common::IPPROTO_TCP
+            && next != lb_common::IPPROTO_UDP
+            && next != lb_common::IPPROTO_ICMPV6
+        {
             nat::finish_sctp(f);
         }
     }
     verdict
 }
-
-const IPPROTO_ICMPV6: u8 = 58;
 
 /// What the IPv6 path decided: an XDP action, or an answer for the caller, which holds the
 /// context, to send ([`crate::lb6::REJECT`], [`crate::lb6::REJECT_NO_SERVICE`]).

@@ -945,9 +945,7 @@ pub fn egress(skb: *mut __sk_buff) {
         // computed before the helpers (which invalidate packet pointers), stored through them,
         // keeping a checksum of the whole frame right.
         // SAFETY: parse6() bounds-checked SCTP's 12-byte common header.
-        let (old_ports, crc) = unsafe { (load32(pkt.l4), load32(pkt.l4 + 8)) };
-        let new_ports = (old_ports & !0xffff) | u32::from(new_port);
-        let new_crc = nat::sctp_crc(crc, old_ports, new_ports, pkt.sctp_len());
+        let new_crc = unsafe { nat::sctp_crc_with_sport(pkt.l4, new_port, pkt.sctp_len()) };
         let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
         let ok = ctx.store(l3 + 8, &s.val.nat_addr, flags).is_ok()
             && ctx.store(l4, &new_port, flags).is_ok()

@@ -166,6 +166,19 @@ pub unsafe fn sctp_ports_changed<F: Frame>(f: F, l4: usize, old_ports: u32, len:
     }
 }
 
+/// The checksum field the SCTP packet at `l4` (`len` bytes long) needs once its source port
+/// becomes `sport` (packet order): for TC egress, which writes through helpers and so computes
+/// the field before any of them invalidates the packet pointers.
+///
+/// # Safety
+/// `l4..l4 + 12` must have been bounds-checked.
+#[inline(always)]
+pub unsafe fn sctp_crc_with_sport(l4: usize, sport: u16, len: u32) -> u32 {
+    // SAFETY: as the caller promised.
+    let (old_ports, crc) = unsafe { (load32(l4), load32(l4 + 8)) };
+    sctp_crc(crc, old_ports, (old_ports & !0xffff) | u32::from(sport), len)
+}
+
 /// The SCTP checksum field `crc` (as it stands in memory) after the packet's first four bytes
 /// changed from `old_ports` to `new_ports` (likewise), the packet being `len` bytes long.
 #[inline(always)]

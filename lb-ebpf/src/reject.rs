@@ -7,7 +7,10 @@
 //! Every value needed is read before the frame changes size; after `bpf_xdp_adjust_*` every
 //! packet pointer is taken and bounds-checked again.
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
-use lb_common::{IPPROTO_TCP, REJECT_ICMP_BURST, REJECT_ICMP_PER_SEC, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use lb_common::{
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, REJECT_ICMP_BURST, REJECT_ICMP_PER_SEC, TCP_ACK, TCP_FIN,
+    TCP_RST, TCP_SYN,
+};
 
 use crate::{
     frame::Frame,
@@ -15,7 +18,6 @@ use crate::{
     parse::{ETH_HLEN, Packet, Packet6, Parsed6, load16, load32, parse6, store16, store32},
 };
 
-const IPPROTO_ICMP: u8 = 1;
 const TTL: u8 = 64;
 
 /// Turns `pkt` into the answer to its sender. `false` when no answer may be sent (the packet is
@@ -234,8 +236,6 @@ fn icmp_unreachable<const TRACE: bool, F: Frame>(f: F, pkt: &Packet) -> bool {
     }
     true
 }
-
-const IPPROTO_ICMPV6: u8 = 58;
 
 /// Sum of the eight 16-bit words of an IPv6 address at `at`, host order.
 ///

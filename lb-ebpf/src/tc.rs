@@ -122,9 +122,7 @@ pub fn egress(ctx: &TcContext) {
         // CRC32c, computed before the helpers (which invalidate packet pointers) and stored
         // through them, keeping a checksum of the whole frame right.
         // SAFETY: parse() bounds-checked SCTP's 12-byte common header.
-        let (old_ports, crc) = unsafe { (parse::load32(pkt.l4), parse::load32(pkt.l4 + 8)) };
-        let new_ports = (old_ports & !0xffff) | u32::from(new_port);
-        let new_crc = nat::sctp_crc(crc, old_ports, new_ports, pkt.sctp_len());
+        let new_crc = unsafe { nat::sctp_crc_with_sport(pkt.l4, new_port, pkt.sctp_len()) };
         let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
         let ok = ctx
             .l3_csum_replace(l3 + 10, u64::from(old_addr), u64::from(new_addr), 4)
