@@ -10,7 +10,7 @@ use xlb_tests::privileged;
 
 use lb_common::{IPPROTO_TCP, STAT_NAMES, Stat};
 use lb_userspace::{
-    cli::packet::{Frame, decode},
+    cli::packet::{Frame, decode, icmp_error4},
     datapath::ebpf::{self, Capacities},
     datapath::{BpfMaps, Datapath as _},
     model::{self, ModelConfig},
@@ -899,26 +899,6 @@ endpoints: [{addresses: [198.18.1.2]}]
     assert!(dut.rec.datapath().read_source_ranges().unwrap().is_empty(), "the entries are gone");
 }
 
-/// An ICMP error as a router or host sends it: outer IPv4 header `from -> to`, type and code,
-/// then the quoted IPv4 header and first 8 bytes of `quoted` (a frame as built by `Frame`).
-fn icmp_error(from: [u8; 4], to: [u8; 4], ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
-    let quote = &quoted[14..14 + 28];
-    let mut icmp = vec![ty, code, 0, 0, 0, 0, 0x05, 0xdc]; // next-hop MTU 1500 (frag needed)
-    icmp.extend_from_slice(quote);
-    let c = lb_common::csum::checksum(&icmp);
-    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&from);
-    ip.extend_from_slice(&to);
-    let c = lb_common::csum::checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_ne_bytes());
-    let mut frame = quoted[..14].to_vec();
-    frame.extend_from_slice(&ip);
-    frame.extend_from_slice(&icmp);
-    frame
-}
-
 #[test]
 fn icmp_errors_about_translated_flows_are_translated_too() {
     if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
@@ -938,7 +918,7 @@ fn icmp_errors_about_translated_flows_are_translated_too() {
     // A router between node and client: "fragmentation needed" for the reply the node sent
     // from the ClusterIP. It is for the backend: outer destination and quoted source become it.
     let reply_sent = Frame::tcp(vip, client).build();
-    let err = icmp_error([198, 18, 100, 254], [198, 18, 0, 10], 3, 4, &reply_sent);
+    let err = icmp_error4([198, 18, 100, 254], [198, 18, 0, 10], 3, 4, &reply_sent);
     let (v, out) = dut.run(&err);
     assert_eq!(v, XDP_PASS);
     check(&out);
@@ -954,7 +934,7 @@ fn icmp_errors_about_translated_flows_are_translated_too() {
     let dns = sa("198.18.0.10:53");
     let (_, out) = dut.run(&Frame::udp(client, dns).build());
     let dns_backend = decode(&out).unwrap().dst;
-    let err = icmp_error(
+    let err = icmp_error4(
         dns_backend.ip().octets(),
         [198, 18, 100, 1],
         3,
@@ -979,7 +959,7 @@ fn icmp_errors_about_translated_flows_are_translated_too() {
     assert_eq!(dut.stat(Stat::IcmpTranslated), 2);
 
     // Errors about flows nobody tracks, and other ICMP, pass untouched.
-    let stray = icmp_error(
+    let stray = icmp_error4(
         [198, 18, 100, 254],
         [198, 18, 0, 10],
         3,
@@ -1337,43 +1317,45 @@ impl Dut {
     }
 }
 
+/// A new TCP flow from `client:port` to sticky's ClusterIP: the backend it was sent to, its
+/// checksums verified.
+fn sticky_flow(dut: &mut Dut, client: &str, port: u16) -> String {
+    let c = SocketAddrV4::new(client.parse().unwrap(), port);
+    let (v, out) = dut.run(&Frame::tcp(c, sa("198.18.0.50:80")).build());
+    assert_eq!(v, XDP_PASS);
+    let d = decode(&out).unwrap();
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    backend_of(&d)
+}
+
 #[test]
 fn session_affinity_keeps_a_clients_backend_within_its_timeout() {
     if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
         return;
     }
     let mut dut = Dut::new(STICKY);
-    let vip = sa("198.18.0.50:80");
-    let new_flow = |dut: &mut Dut, client: &str, port: u16| -> String {
-        let c = SocketAddrV4::new(client.parse().unwrap(), port);
-        let (v, out) = dut.run(&Frame::tcp(c, vip).build());
-        assert_eq!(v, XDP_PASS);
-        let d = decode(&out).unwrap();
-        assert!(d.ip_checksum_ok && d.l4_checksum_ok);
-        backend_of(&d)
-    };
     // Within the timeout: every new flow of a client goes where its first went, for each client.
     for (i, client) in ["198.18.100.1", "198.18.100.2", "198.18.100.3", "198.18.100.4"].iter().enumerate() {
-        let first = new_flow(&mut dut, client, 40000);
+        let first = sticky_flow(&mut dut, client, 40000);
         for port in 40001..40030 {
-            assert_eq!(new_flow(&mut dut, client, port), first, "client {client}, flow {port}");
+            assert_eq!(sticky_flow(&mut dut, client, port), first, "client {client}, flow {port}");
         }
         // Time passes, but less than the timeout since the last new flow: still kept.
         dut.age_affinity(90);
-        assert_eq!(new_flow(&mut dut, client, 41000 + i as u16), first, "client {client} after 90 s");
+        assert_eq!(sticky_flow(&mut dut, client, 41000 + i as u16), first, "client {client} after 90 s");
     }
     // Past the timeout the client is balanced again: over 30 expiries it meets more than one
     // backend (all alike by chance: 3^-29).
     let mut seen = std::collections::BTreeSet::new();
     for port in 42000..42030 {
         dut.age_affinity(101);
-        seen.insert(new_flow(&mut dut, "198.18.100.9", port));
+        seen.insert(sticky_flow(&mut dut, "198.18.100.9", port));
     }
     assert!(seen.len() > 1, "after the timeout a client is balanced again: {seen:?}");
 
     // The backend a client keeps leaves the service: the client moves to a remaining one, and
     // keeps that one.
-    let kept = new_flow(&mut dut, "198.18.100.20", 43000);
+    let kept = sticky_flow(&mut dut, "198.18.100.20", 43000);
     let remaining: Vec<&str> =
         ["198.18.1.2", "198.18.2.2", "198.18.3.2"].into_iter().filter(|b| *b != kept).collect();
     let yaml = STICKY.replace(
@@ -1382,10 +1364,10 @@ fn session_affinity_keeps_a_clients_backend_within_its_timeout() {
     );
     assert_ne!(yaml, STICKY);
     dut.apply(&yaml);
-    let moved = new_flow(&mut dut, "198.18.100.20", 43001);
+    let moved = sticky_flow(&mut dut, "198.18.100.20", 43001);
     assert!(remaining.contains(&moved.as_str()), "{moved} is not one of {remaining:?}");
     for port in 43002..43010 {
-        assert_eq!(new_flow(&mut dut, "198.18.100.20", port), moved);
+        assert_eq!(sticky_flow(&mut dut, "198.18.100.20", port), moved);
     }
 }
 
@@ -1954,19 +1936,14 @@ fn a_clients_affinity_is_refreshed_by_each_new_flow_that_keeps_it() {
         return;
     }
     let mut dut = Dut::new(STICKY);
-    let vip = sa("198.18.0.50:80");
-    let new_flow = |dut: &mut Dut, client: &str, port: u16| -> String {
-        let (_, out) = dut.run(&Frame::tcp(SocketAddrV4::new(client.parse().unwrap(), port), vip).build());
-        backend_of(&decode(&out).unwrap())
-    };
     let clients =
         ["198.18.100.1", "198.18.100.2", "198.18.100.3", "198.18.100.4", "198.18.100.5", "198.18.100.6"];
-    let firsts: Vec<String> = clients.iter().map(|c| new_flow(&mut dut, c, 40000)).collect();
+    let firsts: Vec<String> = clients.iter().map(|c| sticky_flow(&mut dut, c, 40000)).collect();
     // Three times 90 s (timeout 100 s): 270 s past each client's first flow, 90 past its last.
     for step in 1..=3u16 {
         dut.age_affinity(90);
         for (c, first) in clients.iter().zip(&firsts) {
-            assert_eq!(&new_flow(&mut dut, c, 40000 + step), first, "client {c}, after {} s", 90 * step);
+            assert_eq!(&sticky_flow(&mut dut, c, 40000 + step), first, "client {c}, after {} s", 90 * step);
         }
     }
 }

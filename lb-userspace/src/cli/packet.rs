@@ -64,8 +64,7 @@ impl Frame {
         if !(self.proto == Proto::Udp && self.udp_no_checksum) {
             let (s, d) = (self.src.ip().octets(), self.dst.ip().octets());
             let c = l4_checksum(self.proto, &l4, |seg| csum::l4_checksum_v4(s, d, self.proto.number(), seg));
-            let at = check_at(self.proto);
-            l4[at..at + c.len()].copy_from_slice(&c);
+            l4[check_field(self.proto)].copy_from_slice(&c);
         }
 
         let mut ip = vec![0u8; 20];
@@ -92,12 +91,12 @@ impl Frame {
     }
 }
 
-/// Where the checksum field of a `proto` header lies.
-fn check_at(proto: Proto) -> usize {
+/// Where the checksum field of a `proto` header lies (4 bytes for SCTP's CRC32c, else 2).
+fn check_field(proto: Proto) -> std::ops::Range<usize> {
     match proto {
-        Proto::Tcp => 16,
-        Proto::Udp => 6,
-        Proto::Sctp => 8,
+        Proto::Tcp => 16..18,
+        Proto::Udp => 6..8,
+        Proto::Sctp => 8..12,
     }
 }
 
@@ -111,8 +110,9 @@ fn header_len(proto: Proto) -> usize {
 }
 
 /// The checksum of `segment` (its field zeroed) as its field holds it: SCTP's CRC32c
-/// (little-endian, as Linux's `sctp_compute_cksum` stores it; no pseudo-header), else the Internet checksum that `inet` computes under the
-/// IP version's pseudo-header (UDP's computed zero sent as all ones).
+/// (little-endian, as Linux's `sctp_compute_cksum` stores it; no pseudo-header), else the
+/// Internet checksum that `inet` computes under the IP version's pseudo-header (UDP's computed
+/// zero sent as all ones).
 fn l4_checksum(proto: Proto, segment: &[u8], inet: impl FnOnce(&[u8]) -> u16) -> Vec<u8> {
     if proto == Proto::Sctp {
         return crc32c::crc32c(segment).to_le_bytes().to_vec();
@@ -125,19 +125,36 @@ fn l4_checksum(proto: Proto, segment: &[u8], inet: impl FnOnce(&[u8]) -> u16) ->
 /// The checksum field of the `proto` segment `l4`, in hex as it stands in the packet (4 bytes
 /// for SCTP's CRC32c, else 2).
 pub fn checksum_field(proto: Proto, l4: &[u8]) -> String {
-    let at = check_at(proto);
-    let width = if proto == Proto::Sctp { 4 } else { 2 };
-    let hex: String = l4[at..at + width].iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = l4[check_field(proto)].iter().map(|b| format!("{b:02x}")).collect();
     format!("0x{hex}")
 }
 
 /// Whether the checksum of `l4` is right (see [`l4_checksum`]).
 fn l4_checksum_ok(proto: Proto, l4: &[u8], inet: impl FnOnce(&[u8]) -> u16) -> bool {
-    let at = check_at(proto);
-    let width = if proto == Proto::Sctp { 4 } else { 2 };
+    let field = check_field(proto);
     let mut copy = l4.to_vec();
-    copy[at..at + width].fill(0);
-    l4_checksum(proto, &copy, inet) == l4[at..at + width]
+    copy[field.clone()].fill(0);
+    l4_checksum(proto, &copy, inet) == l4[field]
+}
+
+/// An ICMP error (`ty`, `code`; next-hop MTU 1500 for "fragmentation needed") from `from` to
+/// `to`, quoting the IPv4 header (20 bytes) and the first 8 bytes of the datagram of the frame
+/// `quoted`, every checksum computed.
+pub fn icmp_error4(from: [u8; 4], to: [u8; 4], ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ty, code, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(&quoted[ETH_HLEN..ETH_HLEN + 28]);
+    let c = csum::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&from);
+    ip.extend_from_slice(&to);
+    let c = csum::checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    let mut frame = quoted[..ETH_HLEN].to_vec();
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&icmp);
+    frame
 }
 
 /// What a new frame carries: an INIT chunk for SCTP (a packet that opens an association),
@@ -250,8 +267,7 @@ impl Frame6 {
         let mut l4 = segment(self.proto, self.src.port(), self.dst.port(), self.tcp_flags, &self.payload);
         let (s, d) = (self.src.ip().octets(), self.dst.ip().octets());
         let c = l4_checksum(self.proto, &l4, |seg| csum::l4_checksum_v6(s, d, self.proto.number(), seg));
-        let at = check_at(self.proto);
-        l4[at..at + c.len()].copy_from_slice(&c);
+        l4[check_field(self.proto)].copy_from_slice(&c);
 
         let mut exts = Vec::new();
         for (i, &(ty, len)) in self.ext.iter().enumerate() {

@@ -29,7 +29,7 @@ use anyhow::Context as _;
 use lb_common::{STAT_NAMES, crc32c, csum};
 
 use crate::{
-    cli::packet::{Frame, Frame6, IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, sctp_data},
+    cli::packet::{Frame, Frame6, IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, icmp_error4, sctp_data},
     datapath::{
         BpfMaps, Datapath as _,
         ebpf::{self, Capacities, Hook},
@@ -319,9 +319,9 @@ fn corpus(bed: &Bed, rng: &mut Rng) -> Vec<Vec<u8>> {
     // ICMP errors about a flow: from a router to a frontend (about a reply sent from it), and
     // from a backend to a client.
     let quoted = frame4(Proto::Udp, SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 53), client4(rng), rng);
-    out.push(icmp4([198, 18, 100, 254], [198, 18, 0, 10], 3, 4, &quoted));
+    out.push(icmp_error4([198, 18, 100, 254], [198, 18, 0, 10], 3, 4, &quoted));
     let quoted = frame4(Proto::Tcp, client4(rng), SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 2), 8080), rng);
-    out.push(icmp4([198, 18, 1, 2], [198, 18, 100, 2], 3, 3, &quoted));
+    out.push(icmp_error4([198, 18, 1, 2], [198, 18, 100, 2], 3, 3, &quoted));
     // IP options, fragments, IPv6 extension headers, and no Service's traffic.
     let vip = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 53);
     out.push(Frame { ip_options: vec![1, 1, 1, 0], ..Frame::udp(client4(rng), vip) }.build());
@@ -368,24 +368,6 @@ fn frame6(p: Proto, src: SocketAddrV6, dst: SocketAddrV6, rng: &mut Rng) -> Vec<
         }
     }
     f.build()
-}
-
-/// An ICMP error from `from` to `to` quoting the IPv4 header and 8 bytes of `quoted`.
-fn icmp4(from: [u8; 4], to: [u8; 4], ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
-    let mut icmp = vec![ty, code, 0, 0, 0, 0, 0x05, 0xdc];
-    icmp.extend_from_slice(&quoted[14..14 + 28]);
-    let c = csum::checksum(&icmp);
-    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&from);
-    ip.extend_from_slice(&to);
-    let c = csum::checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_ne_bytes());
-    let mut frame = quoted[..14].to_vec();
-    frame.extend_from_slice(&ip);
-    frame.extend_from_slice(&icmp);
-    frame
 }
 
 /// A frame made from `base`: as it is, or mutated one to three times.
