@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use crate::rbac::{Attributes, Decision, Rbac};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpListener,
     sync::watch,
 };
 
@@ -233,7 +233,52 @@ pub fn labels_match(selector: &str, obj: &Value) -> bool {
     })
 }
 
-async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
+/// Serves list and watch requests over TLS (as kube-apiserver: what an in-cluster client speaks)
+/// on `listener` until the task is dropped.
+pub async fn serve_tls(api: Arc<FakeApi>, listener: TcpListener, tls: tokio_rustls::TlsAcceptor) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { return };
+        let _ = stream.set_nodelay(true);
+        let (api, tls) = (api.clone(), tls.clone());
+        tokio::spawn(async move {
+            if let Ok(stream) = tls.accept(stream).await {
+                handle(api, stream).await;
+            }
+        });
+    }
+}
+
+/// A TLS acceptor with the certificate chain and key of the PEM files `cert` and `key`.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context as _;
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
+    let config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Answers one request on `stream`, then closes it (over TLS: with the records flushed and a
+/// close_notify).
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(api: Arc<FakeApi>, mut stream: S) {
+    respond(api, &mut stream).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}
+
+async fn respond<S: AsyncRead + AsyncWrite + Unpin>(api: Arc<FakeApi>, mut stream: &mut S) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -360,9 +405,10 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
     // As kube-apiserver writes a watch event: "type" before "object" (a client may read the
     // object as it comes only when it knows the type first; serde_json's own map would write
     // "object" first).
-    async fn send(stream: &mut TcpStream, ev: &Value) -> bool {
+    async fn send<S: AsyncWrite + Unpin>(stream: &mut S, ev: &Value) -> bool {
         let line = format!("{{\"type\":{},\"object\":{}}}\n", ev["type"], ev["object"]);
         stream.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).await.is_ok()
+            && stream.flush().await.is_ok()
     }
     if gone {
         let status = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
@@ -437,7 +483,12 @@ async fn handle(api: Arc<FakeApi>, mut stream: TcpStream) {
 
 /// `POST /apis/events.k8s.io/v1/namespaces/NS/events`: stores the event, or answers 409 when
 /// one of that name exists (as the API server does); anything else POSTed is 404.
-async fn create_event(api: &FakeApi, stream: &mut TcpStream, buf: &[u8], path: &str) {
+async fn create_event<S: AsyncRead + AsyncWrite + Unpin>(
+    api: &FakeApi,
+    stream: &mut S,
+    buf: &[u8],
+    path: &str,
+) {
     let ns = path
         .strip_prefix("/apis/events.k8s.io/v1/namespaces/")
         .and_then(|r| r.strip_suffix("/events"))

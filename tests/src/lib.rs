@@ -9,6 +9,7 @@
 //! namespace's interfaces, routes or firewall.
 pub mod deploy;
 pub mod fake_api;
+pub mod image;
 pub mod kpb;
 pub mod rbac;
 

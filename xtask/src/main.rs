@@ -18,8 +18,11 @@ mod image;
 mod mutants;
 mod report;
 
-/// Debian packages the build, the tests and the demo use.
-const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "ethtool", "util-linux", "iperf3", "iptables"];
+/// Debian packages the build, the tests and the demo use. podman and runc run the image (crun,
+/// podman's default runtime, refuses hybrid cgroup hosts); openssl makes the image test's API
+/// server certificate.
+const APT_PACKAGES: &[&str] =
+    &["bpftool", "iproute2", "ethtool", "util-linux", "iperf3", "iptables", "podman", "runc", "openssl"];
 /// The bpf-linker release known to work with the nightly's LLVM 22 (see README, Toolchain).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The nightly toolchain that builds the eBPF crate: `nightly`, or the one XLB_NIGHTLY names
