@@ -127,6 +127,89 @@ pub fn touch<V: Touched>(entry: *mut V, tcp_flags: u8, now: u32) {
     }
 }
 
+/// A packet's ports as they stand in it (network order), in one word for a call's argument:
+/// source port high, destination port low.
+#[inline(always)]
+pub fn ports_word(pkt: &Packet) -> u32 {
+    u32::from(pkt.sport) << 16 | u32::from(pkt.dport)
+}
+
+/// A reset from the backend ends the flow: its forward entry (client -> frontend), which only
+/// the client's packets touch, is marked too, so that it expires after the closing time rather
+/// than the established one (6 hours). A flow whose pod was removed is balanced again at its next
+/// packet and reset by the new pod; without this each left an established entry behind. For a
+/// SNATed flow the reply entry names the client, and the frontend is in its snat-reply entry.
+///
+/// The reset's addresses and ports (`ports_word`) as they stand in it; its reply entry's
+/// `nat_addr` (as stored), and `nat_port | flags << 16 | proto << 24`. A call of its own, with
+/// scalar arguments: its keys on the core's stack would overflow the 512 bytes of the chain.
+#[inline(never)]
+pub fn reset_by_backend(saddr: u32, daddr: u32, ports: u32, nat_addr: u32, nat: u32) {
+    let (sport, dport) = (u16::from_be((ports >> 16) as u16), u16::from_be(ports as u16));
+    let (nat_port, flags, proto) = (nat as u16, (nat >> 16) as u8, (nat >> 24) as u8);
+    let nat_addr = nat_addr.to_ne_bytes();
+    let (client, cport, frontend, fport) = if flags & CT_F_DNAT_BACK != 0 {
+        let k = Ct4Key {
+            saddr: saddr.to_ne_bytes(),
+            daddr: nat_addr,
+            sport,
+            dport: nat_port,
+            proto,
+            dir: CT_DIR_SNAT_REPLY,
+            _pad: 0,
+        };
+        let Some(e) = CT.get_ptr(k) else { return };
+        // SAFETY: pointer from a lookup in this run; plain integer reads.
+        let (fa, fp) = unsafe { ((*e).nat_addr, (*e).nat_port) };
+        (nat_addr, nat_port, fa, fp)
+    } else {
+        (daddr.to_ne_bytes(), dport, nat_addr, nat_port)
+    };
+    let fwd = Ct4Key {
+        saddr: client,
+        daddr: frontend,
+        sport: cport,
+        dport: fport,
+        proto,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
+    };
+    if let Some(e) = CT.get_ptr_mut(fwd) {
+        // SAFETY: as in `touch`.
+        let e = unsafe { &mut *e };
+        e.tcp_flags |= TCP_RST;
+    }
+}
+
+/// A TCP SYN (no ACK) to a backend that is no frontend (a flow another node balanced, passing
+/// through to its pod here) opens a new connection on the tuple (client, backend): a reply entry
+/// of this node for that tuple (backend -> client, from an earlier flow of the same client port
+/// through this node's own frontend to the same pod) is over, since the pod cannot hold two
+/// connections on one tuple. It is removed, so that the new flow's answers are not rewritten
+/// with the old flow's frontend (reply entries are used whatever their age). The packet's
+/// addresses and ports (`ports_word`) as they stand in it, and `proto | tcp_flags << 8`. A call
+/// of its own, as [`reset_by_backend`].
+#[inline(never)]
+pub fn syn_to_backend(saddr: u32, daddr: u32, ports: u32, proto_flags: u32) {
+    let (proto, tcp_flags) = (proto_flags as u8, (proto_flags >> 8) as u8);
+    if proto != IPPROTO_TCP || tcp_flags & (lb_common::TCP_SYN | TCP_ACK) != lb_common::TCP_SYN {
+        return;
+    }
+    if !crate::filter::has_backend(daddr, ports as u16, proto) {
+        return;
+    }
+    let reply = Ct4Key {
+        saddr: daddr.to_ne_bytes(),
+        daddr: saddr.to_ne_bytes(),
+        sport: u16::from_be(ports as u16),
+        dport: u16::from_be((ports >> 16) as u16),
+        proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let _ = CT.remove(reply);
+}
+
 /// Tracks a new flow: the forward entry (client -> frontend, to be sent to the backend) and the
 /// reply entry (backend -> client, to be sent back from the frontend).
 #[inline(always)]

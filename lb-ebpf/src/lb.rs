@@ -230,12 +230,19 @@ pub fn process<const TRACE_MODE: bool, F: Frame>(f: F) -> Result<u32, ()> {
             } else if flags & CT_F_EGRESS_REVNAT != 0 {
                 // The source becomes a local address: the kernel must route the reply first,
                 // and TC egress translates it.
+                if !TRACE_MODE {
+                    reset_seen(&pkt, nat_addr, nat_port, flags);
+                }
                 return pass(rec, Stat::PassEgressRevNat, bytes);
             } else {
                 Side::Source
             };
             nat::translate(f, &pkt, side, nat_addr, nat_port, 0);
             step(rec, |r| r.steps |= TRACE_REWRITE);
+            // (After the rewrite: nothing of the packet is needed after the call.)
+            if !TRACE_MODE {
+                reset_seen(&pkt, nat_addr, nat_port, flags);
+            }
             return pass(rec, Stat::RevNat, bytes);
         }
     }
@@ -244,6 +251,16 @@ pub fn process<const TRACE_MODE: bool, F: Frame>(f: F) -> Result<u32, ()> {
         return no_service::<TRACE_MODE, F>(f, rec, &pkt, bytes);
     }
     new_flow::<TRACE_MODE, F>(f, rec, &pkt, bytes)
+}
+
+/// A reply from the backend with a reset: the flow's forward entry learns of it
+/// (`ct::reset_by_backend`). `nat_addr`, `nat_port`, `flags`: its reply entry's.
+#[inline(always)]
+fn reset_seen(pkt: &Packet, nat_addr: [u8; 4], nat_port: u16, flags: u8) {
+    if pkt.tcp_flags & lb_common::TCP_RST != 0 {
+        let nat = u32::from(nat_port) | u32::from(flags) << 16 | u32::from(pkt.proto) << 24;
+        ct::reset_by_backend(pkt.saddr, pkt.daddr, ct::ports_word(pkt), u32::from_ne_bytes(nat_addr), nat);
+    }
 }
 
 /// The key of [`FRAG4`]: what each fragment of a datagram carries (packet order).
@@ -314,6 +331,11 @@ fn later_fragment(rec: Rec, f: &parse::Fragment, bytes: u64) -> Result<u32, ()> 
 #[inline(always)]
 fn no_service<const TRACE_MODE: bool, F: Frame>(f: F, rec: Rec, pkt: &Packet, bytes: u64) -> Result<u32, ()> {
     if !filter::in_service_range(pkt.daddr) {
+        // (Last: nothing of the packet is needed after the call.)
+        if !TRACE_MODE {
+            let proto_flags = u32::from(pkt.proto) | u32::from(pkt.tcp_flags) << 8;
+            ct::syn_to_backend(pkt.saddr, pkt.daddr, ct::ports_word(pkt), proto_flags);
+        }
         return pass(rec, Stat::PassNoService, bytes);
     }
     if reject::answer::<TRACE_MODE, F>(f, pkt) {

@@ -473,6 +473,40 @@ fn set_key(k: &mut Ct6Key, saddr: &[u8; 16], daddr: &[u8; 16], sport: u16, dport
     k._pad = 0;
 }
 
+/// A reset from the backend (a reply, its reply entry `e`; its tuple in `s.key`) ends the flow:
+/// its forward entry is marked too (as `ct::reset_by_backend`, IPv4).
+#[inline(always)]
+fn reset_by_backend(s: &mut Scratch6, e: &Ct6Value) {
+    let proto = s.key.proto;
+    if e.flags & CT_F_DNAT_BACK != 0 {
+        // The reply entry names the client; its snat-reply entry (backend -> client), the frontend.
+        set_key(&mut s.key2, &s.key.saddr, &e.nat_addr, s.key.sport, e.nat_port, proto, CT_DIR_SNAT_REPLY);
+        let Some(sr) = CT6.get_ptr(&s.key2) else { return };
+        // SAFETY: pointer from a lookup in this run.
+        let sr = unsafe { &*sr };
+        set_key(&mut s.key3, &e.nat_addr, &sr.nat_addr, e.nat_port, sr.nat_port, proto, CT_DIR_FORWARD);
+    } else {
+        set_key(&mut s.key3, &s.key.daddr, &e.nat_addr, s.key.dport, e.nat_port, proto, CT_DIR_FORWARD);
+    }
+    if let Some(fwd) = CT6.get_ptr_mut(&s.key3) {
+        // SAFETY: as in `ct::touch`.
+        unsafe { (*fwd).tcp_flags |= lb_common::TCP_RST };
+    }
+}
+
+/// A TCP SYN to a backend that is no frontend (its tuple in `s.key`) ends this node's reply
+/// entry of that tuple (as `ct::syn_to_backend`, IPv4).
+#[inline(always)]
+fn syn_to_backend(s: &mut Scratch6, pkt: &Packet6) {
+    if pkt.proto != lb_common::IPPROTO_TCP
+        || pkt.tcp_flags & (lb_common::TCP_SYN | lb_common::TCP_ACK) != lb_common::TCP_SYN
+    {
+        return;
+    }
+    set_key(&mut s.key2, &s.key.daddr, &s.key.saddr, s.key.dport, s.key.sport, pkt.proto, CT_DIR_REPLY);
+    let _ = CT6.remove(&s.key2);
+}
+
 /// Returned by [`process`] for a new flow to a frontend without endpoints: the caller sends the
 /// answer ([`crate::reject::answer6`]) and counts it. Not an XDP action.
 pub const REJECT: u32 = u32::MAX;
@@ -584,6 +618,10 @@ pub fn process<const TRACE: bool, F: Frame>(f: F, data: usize, end: usize, bytes
         if let Some(entry) = CT6.get_ptr_mut(&s.key) {
             if !TRACE {
                 ct::touch(entry, pkt.tcp_flags, ct::now_secs());
+                if pkt.tcp_flags & lb_common::TCP_RST != 0 {
+                    // SAFETY: as above.
+                    reset_by_backend(s, unsafe { &*entry });
+                }
             }
             // SAFETY: as above.
             let e = unsafe { &*entry };
@@ -715,6 +753,9 @@ fn new_flow<const TRACE: bool, F: Frame>(
     s.svc.slot = 0;
     s.svc._pad = 0;
     let Some(svc) = SERVICES6.get_ptr(&s.svc) else {
+        if !TRACE && filter::has_backend6(&s.key.daddr, s.key.dport, pkt.proto) {
+            syn_to_backend(s, pkt);
+        }
         return no_service::<TRACE>(&s.svc.addr, bytes);
     };
     // SAFETY: pointer from a lookup in this run; plain integer reads.

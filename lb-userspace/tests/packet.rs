@@ -1996,3 +1996,83 @@ fn tc_egress_keeps_a_zero_udp_checksum_zero() {
     assert!(r.udp_checksum_zero, "the SNATed reply's zero checksum at egress: {r:?}");
     assert_eq!((dut.stat(Stat::EgressSnat), dut.stat(Stat::EgressRevNat)), (1, 1));
 }
+
+#[test]
+fn a_reset_from_the_backend_closes_the_flow_in_conntrack() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    // Found by the chaos soak: a flow that its backend reset (a pod answering a flow balanced to
+    // it again after its own pod was removed, or a server aborting) kept its forward entry as
+    // established, 6 hours, since only the client's packets touch it. The reset now closes it:
+    // after the closing time its next packet is a new flow. Without the reset, it is not.
+    for snat in [false, true] {
+        let mut dut = if snat { snat_node() } else { Dut::new(WEB) };
+        dut.set_config(SHORT_LIFETIMES);
+        let (frontend, client_ip) = if snat {
+            (sa("198.18.100.1:30080"), "198.18.100.2")
+        } else {
+            (sa("198.18.0.10:80"), "198.18.100.1")
+        };
+        let (syn, ack, rst) = (0x02, 0x10, 0x04);
+        for (port, reset) in [(42000, false), (42001, true)] {
+            let client = SocketAddrV4::new(client_ip.parse().unwrap(), port);
+            let (_, out) = dut.run(&tcp_with(client, frontend, syn));
+            let out = if snat { dut.egress(&out).1 } else { out };
+            let d = decode(&out).unwrap();
+            // Where the backend answers: the client, or the node's SNAT address and port.
+            let (backend, answer_to) = (d.dst, if snat { d.src } else { client });
+            dut.run(&tcp_with(client, frontend, ack));
+            if reset {
+                let (v, out) = dut.run(&tcp_with(backend, answer_to, rst));
+                assert_eq!(v, XDP_PASS);
+                let out = if snat { dut.egress(&out).1 } else { out };
+                let d = decode(&out).unwrap();
+                assert_eq!((d.src, d.dst), (frontend, client), "the reset goes back as from the frontend");
+            }
+            // Every entry ages (a SNATed flow's reply entry names the node, not the client).
+            dut.age_ct(11, |_| true);
+            let expired = dut.stat(Stat::CtExpired);
+            dut.run(&tcp_with(client, frontend, ack));
+            assert_eq!(
+                dut.stat(Stat::CtExpired) - expired,
+                u64::from(reset),
+                "snat {snat}, reset {reset}: 11 s idle ends a reset flow, not an established one"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_syn_to_a_local_backend_ends_this_nodes_reply_entry_of_its_tuple() {
+    if !privileged("packet tests need root (BPF_PROG_TEST_RUN)") {
+        return;
+    }
+    // Found by the chaos soak: a client port used first through this node's frontend to a pod
+    // here, then for a flow another node balanced to the same pod (passing through here,
+    // already translated): the pod's answers to the second flow matched this node's reply entry
+    // of the first (backend -> client, used whatever its age) and left with the first flow's
+    // frontend as source, so the client never recognised them and its connection timed out.
+    let mut dut = Dut::new(WEB);
+    let vip = sa("198.18.0.10:80");
+    let client = flow_to(&mut dut, |c| Frame::tcp(c, vip), "198.18.1.2", 43000);
+    let backend = sa("198.18.1.2:8080");
+    for flags in [0x10, 0x11] {
+        dut.run(&tcp_with(client, vip, flags));
+    }
+    let (_, out) = dut.run(&tcp_with(backend, client, 0x11));
+    assert_eq!(decode(&out).unwrap().src, vip, "the first flow's answers come from the ClusterIP");
+    // The second flow: SYN from the client straight to the pod (another node balanced it).
+    let (v, out) = dut.run(&tcp_with(client, backend, 0x02));
+    let d = decode(&out).unwrap();
+    assert_eq!((v, d.src, d.dst), (XDP_PASS, client, backend), "passed as it is");
+    // The pod's SYN-ACK leaves as the pod's, for the other node to translate.
+    let (v, out) = dut.run(&tcp_with(backend, client, 0x12));
+    let d = decode(&out).unwrap();
+    assert_eq!(
+        (v, d.src, d.dst),
+        (XDP_PASS, backend, client),
+        "not rewritten with the first flow's frontend"
+    );
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+}
