@@ -12,6 +12,7 @@ pub mod fake_api;
 pub mod image;
 pub mod kpb;
 pub mod rbac;
+pub mod soak;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -257,20 +258,24 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered this namespace; sockets it opens live there.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = self.path();
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                let file =
-                    std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-                // SAFETY: a valid namespace fd; setns only changes this thread's namespace.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("thread in namespace panicked")
-        })
+        in_netns(&self.path(), f)
     }
+}
+
+/// Runs `f` on a thread that has entered the network namespace of the file `path` (a
+/// [`Netns::path`]).
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            // SAFETY: a valid namespace fd; setns only changes this thread's namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in namespace panicked")
+    })
 }
 
 impl Drop for Netns {
@@ -582,6 +587,7 @@ impl SingleNode {
             cgroup: self.cgroup.as_ref().map(|c| c.path.as_path()),
             args: &self.agent_args,
             wrapper: &self.agent_wrapper,
+            kubeconfig: None,
         }
     }
 
@@ -704,6 +710,11 @@ impl HeldConn {
         let to = to.into();
         let stream = TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connect {to}"))?;
         Ok(Self { stream, to })
+    }
+
+    /// The connection's own address and port.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.stream.local_addr()
     }
 
     /// One request on the connection.
@@ -922,6 +933,8 @@ struct AgentNode<'a> {
     args: &'a [String],
     /// A command the agent runs under.
     wrapper: &'a [String],
+    /// The API server's kubeconfig; `None`: the manifests directory.
+    kubeconfig: Option<&'a Path>,
 }
 
 /// Starts `xlb agent` in `node`'s namespace (through nsenter, so that /sys/fs/bpf stays the
@@ -946,12 +959,15 @@ fn agent_command(xlb: &Path, node: &AgentNode, manifests: &Path) -> Command {
         .arg(xlb)
         .arg("--pin-dir")
         .arg(node.pin_dir)
-        .args(["agent", "--manifests"])
-        .arg(manifests)
+        .arg("agent")
         .env("XLB_LOG", "info")
         .env("NODE_NAME", node.name)
         .arg("--cgroup")
         .arg(node.cgroup.map_or(PathBuf::from("off"), Path::to_path_buf));
+    match node.kubeconfig {
+        Some(k) => cmd.arg("--kubeconfig").arg(k),
+        None => cmd.arg("--manifests").arg(manifests),
+    };
     for i in node.ifaces {
         cmd.arg("--iface").arg(i);
     }
@@ -1017,6 +1033,8 @@ pub struct TwoNodes {
     pub cgroups: [Option<TestCgroup>; 2],
     /// More flags for both agents (e.g. `--lb-algorithm maglev`).
     pub agent_args: Vec<String>,
+    /// When set, the agents watch the API server of this kubeconfig instead of the manifests.
+    pub kubeconfig: Option<PathBuf>,
     _pins: [DirGuard; 2],
     _work: DirGuard,
 }
@@ -1101,6 +1119,7 @@ impl TwoNodes {
             servers: Vec::new(),
             cgroups,
             agent_args: Vec::new(),
+            kubeconfig: None,
             _pins: pins,
             _work: work_guard,
         })
@@ -1215,6 +1234,7 @@ impl TwoNodes {
                 cgroup,
                 args: &self.agent_args,
                 wrapper: &[],
+                kubeconfig: self.kubeconfig.as_deref(),
             };
             let log = self.work.join(format!("agent-node{}.log", i + 1));
             let agent =

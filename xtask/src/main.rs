@@ -81,6 +81,17 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The chaos soak (root): the two-node bed under constant load while endpoints, Services,
+    /// agents, the API server and node addresses change at random; every lost connection and
+    /// leaked entry counted. `--record` writes its figures to docs/bench/soak.md.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        record: bool,
+    },
     /// Build the runtime image with no registry and load it into podman: the release `xlb` and
     /// the machine's `bpftool`, each with the shared libraries it loads (needs podman and runc).
     Image {
@@ -264,6 +275,22 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(root().join("target/release/examples/fuzz-datapath"))
                 .env("XLB_COMMIT", commit)
                 .args(&args))
+        }
+        Cmd::Soak { minutes, seed, record } => {
+            setup(false)?;
+            if !is_root() {
+                bail!("the soak creates network namespaces and loads eBPF: run it as root");
+            }
+            build()?;
+            let mut cmd = Command::new(root().join("target/debug/xlb-testbed"));
+            cmd.current_dir(root()).args(["soak", "--minutes", &minutes.to_string()]);
+            if let Some(s) = seed {
+                cmd.args(["--seed", &s.to_string()]);
+            }
+            if record {
+                cmd.arg("--record").arg(root().join("docs/bench/soak.md"));
+            }
+            run(&mut cmd)
         }
         Cmd::Image { tag, oci_archive } => {
             setup(true)?;

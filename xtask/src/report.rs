@@ -689,6 +689,12 @@ pub fn write(dir: &Path, root: &Path) -> anyhow::Result<()> {
         writeln!(w, "{}", FUZZ_WHAT)?;
         writeln!(w, "{}", fuzz.trim_end())?;
     }
+    // The chaos soak's last recorded run (`cargo xtask soak --record`).
+    if let Ok(soak) = std::fs::read_to_string(root.join("docs/bench/soak.md")) {
+        writeln!(w, "\n## 5. Chaos soak\n")?;
+        writeln!(w, "{}", SOAK_WHAT)?;
+        writeln!(w, "{}", soak.trim_end())?;
+    }
     std::fs::write(root.join("BENCHMARKS.md"), md)?;
     keep_results(dir, &img.join("results"))?;
     eprintln!("xtask: wrote {} and {}", root.join("BENCHMARKS.md").display(), img.display());
@@ -800,3 +806,5 @@ packet through the node paid up to three lookups that missed, each a cache miss 
 
 /// What section 4 measures.
 const FUZZ_WHAT: &str = "Frames made from valid ones of every kind (TCP, UDP with and without checksum, SCTP, ICMP errors about flows, IP options, fragments, IPv6 extension headers, replies, SNAT replies, no Service's traffic) and mutated (cut at any length, bits flipped, header fields set to edge values, bytes appended), 5% wholly random, through the XDP, TC ingress and TC egress programs with BPF_PROG_TEST_RUN, against Services of every kind (ClusterIP, node ports, externalIP, ingress IP, hostPort; TCP, UDP, SCTP; both families; Local policies, affinity, source ranges, a Service without endpoints), half the run with random selection and half with Maglev. Each run is checked: the verdict is one the program may give; a frame passed changed keeps its length, its checksums when they were valid (a zero UDP checksum stays zero) and every byte but addresses, ports and checksums, and goes to a backend of the frontend it addressed (or comes from a frontend of the backend it came from, a node address, or a client seen); a dropped frame was addressed to a frontend; an answered one to a frontend without endpoints, answered by a port unreachable or a reset to its sender with valid checksums; and every frame is counted once in `rx` and once under one verdict counter. The bounded run in the test suite (200,000 frames, a new seed each run) makes the same checks.\n";
+
+const SOAK_WHAT: &str = "The two-node network-namespace bed, both agents watching a fake API server, four pods (two per node), under constant load: new TCP connections through a ClusterIP, a LoadBalancer ingress IP, an externalIP and a node port SNATed to the node for pods on the other node; long-lived TCP streams (a request every 100 ms); UDP request/response on long-lived sockets; and the node's own processes (socket-level balancing, TCP and UDP). Meanwhile a driver, every 1.5 to 3 s at random: scales the endpoints, flips one's readiness, marks one terminating (always leaving one ready), deletes and recreates a Service (timed until it answers), SIGKILLs an agent and starts it again (timed until ready), stops the API server for 1 to 4 s with a change made meanwhile (timed until both nodes have it), adds or removes a node address (timed until its node port answers). Checked: every new connection succeeds and every datagram is answered; a connection ends only when its pod was removed or stopped being ready, by a reset or an abort within a second, never by a hang; after the load and the flows' closing time no TCP flow and no more UDP flows than sockets are tracked as live; the Service, service-info and backend entries equal the baseline; agent RSS stays bounded. The test suite runs two minutes of it (a new seed each run).\n";

@@ -22,7 +22,7 @@ const DEMO_MANIFEST: &str = include_str!("../../manifests/cluster-demo.yaml");
 
 fn usage() -> ! {
     eprintln!(
-        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed request (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed session (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed demo\n       xlb-testbed kpb-plugin (full|update) NETNS CLUSTER_JSON | cleanup NETNS"
+        "usage: xlb-testbed serve --name NAME [--tcp PORT]... [--udp PORT]...\n       xlb-testbed request (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed session (--tcp|--udp) ADDR:PORT [--count N] [--interval-ms M]\n       xlb-testbed demo\n       xlb-testbed soak [--minutes M | --seconds S] [--seed S] [--record FILE]\n       xlb-testbed kpb-plugin (full|update) NETNS CLUSTER_JSON | cleanup NETNS"
     );
     std::process::exit(2)
 }
@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             session(t.to, t.udp, t.count, t.every)
         }
         Some("kpb-plugin") => xlb_tests::kpb::main(&args[1..]),
+        Some("soak") => xlb_tests::soak::main(&args[1..]),
         Some("demo") => {
             let stop = install_interrupt_flag();
             match demo(stop) {
