@@ -309,6 +309,7 @@ impl Report {
             .stream_ends
             .iter()
             .chain(&self.session_ends)
+            .filter(|e| !e.clash)
             .filter_map(|e| Some(e.ended_ms.saturating_sub(e.removed_ms?)))
             .max();
         let mut hows: BTreeMap<String, usize> = BTreeMap::new();
@@ -316,7 +317,7 @@ impl Report {
             *hows.entry(format!("{:?}", e.how)).or_default() += 1;
         }
         s += &format!(
-            "Connections to removed backends ended by: {hows:?}; the longest from the removal to the end: {} ms.\n\n",
+            "Connections to removed backends ended by: {hows:?}; the longest from the removal to the end (client-port clashes aside): {} ms.\n\n",
             worst.map_or("-".into(), |w| w.to_string())
         );
         s += "| event | times | applied within (median / max) | failed |\n|---|---:|---|---:|\n";
@@ -934,10 +935,12 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
                         }
                         api.put(Kind::Slice, slice_json("stable-1", "stable", &eps, STABLE_PORT));
                         std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
-                        let r = server.start(&bed).and_then(|()| converged(&bed, &eps));
-                        // The change reached the datapath only now: flows on a pod it removed
-                        // end from here on.
-                        timeline.push(&eps);
+                        // The change can reach the datapath only from now on: flows on a pod it
+                        // removed end from here.
+                        let r = server.start(&bed).and_then(|()| {
+                            timeline.push(&eps);
+                            converged(&bed, &eps)
+                        });
                         ev(
                             "API server stopped and started",
                             format!("{} endpoints meanwhile", eps.len()),
