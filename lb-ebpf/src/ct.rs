@@ -186,16 +186,13 @@ pub fn reset_by_backend(saddr: u32, daddr: u32, ports: u32, nat_addr: u32, nat: 
 /// of this node for that tuple (backend -> client, from an earlier flow of the same client port
 /// through this node's own frontend to the same pod) is over, since the pod cannot hold two
 /// connections on one tuple. It is removed, so that the new flow's answers are not rewritten
-/// with the old flow's frontend (reply entries are used whatever their age). The packet's
-/// addresses and ports (`ports_word`) as they stand in it, and `proto | tcp_flags << 8`. A call
-/// of its own, as [`reset_by_backend`].
+/// with the old flow's frontend (reply entries are used whatever their age). For a TCP SYN
+/// without ACK only (the caller tests it: `tcp_flags` is 0 for any other protocol), with its
+/// addresses and ports (`ports_word`) as they stand in it. A call of its own, as
+/// [`reset_by_backend`].
 #[inline(never)]
-pub fn syn_to_backend(saddr: u32, daddr: u32, ports: u32, proto_flags: u32) {
-    let (proto, tcp_flags) = (proto_flags as u8, (proto_flags >> 8) as u8);
-    if proto != IPPROTO_TCP || tcp_flags & (lb_common::TCP_SYN | TCP_ACK) != lb_common::TCP_SYN {
-        return;
-    }
-    if !crate::filter::has_backend(daddr, ports as u16, proto) {
+pub fn syn_to_backend(saddr: u32, daddr: u32, ports: u32) {
+    if !crate::filter::has_backend(daddr, ports as u16, IPPROTO_TCP) {
         return;
     }
     let reply = Ct4Key {
@@ -203,7 +200,7 @@ pub fn syn_to_backend(saddr: u32, daddr: u32, ports: u32, proto_flags: u32) {
         daddr: saddr.to_ne_bytes(),
         sport: u16::from_be(ports as u16),
         dport: u16::from_be((ports >> 16) as u16),
-        proto,
+        proto: IPPROTO_TCP,
         dir: CT_DIR_REPLY,
         _pad: 0,
     };

@@ -334,8 +334,7 @@ fn no_service<const TRACE_MODE: bool, F: Frame>(f: F, rec: Rec, pkt: &Packet, by
         // (Last: nothing of the packet is needed after the call.)
         // Only a SYN (no ACK) calls: the common case, any other packet, pays one test.
         if !TRACE_MODE && pkt.tcp_flags & (lb_common::TCP_SYN | lb_common::TCP_ACK) == lb_common::TCP_SYN {
-            let proto_flags = u32::from(pkt.proto) | u32::from(pkt.tcp_flags) << 8;
-            ct::syn_to_backend(pkt.saddr, pkt.daddr, ct::ports_word(pkt), proto_flags);
+            ct::syn_to_backend(pkt.saddr, pkt.daddr, ct::ports_word(pkt));
         }
         return pass(rec, Stat::PassNoService, bytes);
     }

@@ -199,7 +199,7 @@ pub struct Report {
     /// Per node: flows of streams that hung (a client-port clash or not), still tracked as
     /// established (their client gave up with data unacknowledged): the hang itself is what the
     /// checks judge.
-    pub ct_left_by_clash: Vec<usize>,
+    pub ct_left_by_hang: Vec<usize>,
     /// Per node: (services entries, service-info entries, backends) at the start and the end.
     pub maps_before: Vec<(usize, usize, usize)>,
     pub maps_after: Vec<(usize, usize, usize)>,
@@ -317,7 +317,7 @@ impl Report {
         let clashes = self.stream_ends.iter().filter(|e| e.clash).count();
         s += &format!(
             "Streams that hung because a new connection of the client took the same client port to another frontend balanced to the same pod (a known limitation: README): {clashes}; flows of hung streams left established per node: {:?}.\n\n",
-            self.ct_left_by_clash
+            self.ct_left_by_hang
         );
         let worst = self
             .stream_ends
@@ -495,18 +495,15 @@ fn tcp_targets() -> Vec<String> {
 
 /// A failed new connection: (target, how, what was said).
 type ConnFailure = (String, Failure, String);
-/// A stream's end as the load saw it: (target, pod, opened, ended, how, error, client port).
-type RawEnd = (String, String, u128, u128, Failure, String, u16);
 
 #[derive(Default)]
 struct Load {
     connections: Mutex<(u64, Vec<ConnFailure>)>,
     stream_requests: Mutex<u64>,
-    stream_ends: Mutex<Vec<RawEnd>>,
+    /// Ends of streams, their removal and clash left to be worked out after the run.
+    stream_ends: Mutex<Vec<StreamEnd>>,
     /// Every connection's (client port, target, opened, closed), epoch ms.
     uses: Mutex<Vec<(u16, String, u128, u128)>>,
-    /// The client ports of streams that ended by a reset.
-    reset_ports: Mutex<Vec<u16>>,
     udp: Mutex<(u64, Vec<(String, String)>)>,
 }
 
@@ -567,20 +564,17 @@ fn stream(client: &Path, target: &str, load: &Load, stop: &AtomicBool) {
                         *load.stream_requests.lock().unwrap() += 1;
                     }
                     Err(e) => {
-                        if failure_of(&e) == Failure::Reset
-                            && let Ok(a) = conn.local_addr()
-                        {
-                            load.reset_ports.lock().unwrap().push(a.port());
-                        }
-                        let end = (
-                            target.to_owned(),
-                            pod.clone(),
-                            opened,
-                            epoch_ms(),
-                            failure_of(&e),
-                            format!("{e:#}"),
-                            port,
-                        );
+                        let end = StreamEnd {
+                            target: target.to_owned(),
+                            pod: pod.clone(),
+                            opened_ms: opened,
+                            ended_ms: epoch_ms(),
+                            how: failure_of(&e),
+                            error: format!("{e:#}"),
+                            client_port: port,
+                            clash: false,
+                            removed_ms: None,
+                        };
                         load.stream_ends.lock().unwrap().push(end);
                         break;
                     }
@@ -702,16 +696,16 @@ fn map_counts(bed: &TwoNodes, n: usize) -> anyhow::Result<(usize, usize, usize)>
 }
 
 /// (TCP flows still established, UDP flows live by their lifetime) of node `n` (stale ones
-/// aside), and the TCP ones among them whose client port is in `reset_ports` (counted apart,
-/// not in the first).
+/// aside), and the TCP ones among them whose client port is in `reset_ports`, and in
+/// `hung_ports` (each counted apart, not in the first).
 fn live_flows(
     bed: &TwoNodes,
     n: usize,
     reset_ports: &[u16],
-    clash_ports: &[u16],
+    hung_ports: &[u16],
 ) -> anyhow::Result<((usize, usize), usize, usize)> {
     let rows: Vec<Value> = serde_json::from_str(&bed.xlb_cli(n, &["conntrack", "-o", "json"])?)?;
-    let (mut tcp, mut udp, mut by_reset, mut by_clash) = (0, 0, 0, 0);
+    let (mut tcp, mut udp, mut by_reset, mut by_hang) = (0, 0, 0, 0);
     for r in rows.iter().filter(|r| r["stale"] != true && r["forward_tracked"] == true) {
         let idle = r["idle_seconds"].as_u64().unwrap_or(0);
         let flags = r["tcp_flags"].as_str().unwrap_or("");
@@ -724,8 +718,8 @@ fn live_flows(
                 let closing = flags.contains("FIN") || flags.contains("RST");
                 if !closing {
                     eprintln!("node-{}: TCP flow still established after the load: {r}", n + 1);
-                    if port.is_some_and(|p| clash_ports.contains(&p)) {
-                        by_clash += 1;
+                    if port.is_some_and(|p| hung_ports.contains(&p)) {
+                        by_hang += 1;
                     } else if port.is_some_and(|p| reset_ports.contains(&p)) {
                         by_reset += 1;
                     } else {
@@ -737,7 +731,7 @@ fn live_flows(
             _ => {}
         }
     }
-    Ok(((tcp, udp), by_reset, by_clash))
+    Ok(((tcp, udp), by_reset, by_hang))
 }
 
 /// Runs the soak. Errors are failures to run it (the bed, the agents); what the soak found is
@@ -1040,37 +1034,27 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
     report.connection_failures = failures;
     report.stream_requests = *load.stream_requests.lock().unwrap();
     let uses = std::mem::take(&mut *load.uses.lock().unwrap());
-    for (target, pod, opened, ended, how, error, client_port) in
-        std::mem::take(&mut *load.stream_ends.lock().unwrap())
-    {
-        let removed_ms = timeline.removed(&pod, opened, ended);
-        let clash = how == Failure::Timeout
-            && uses
-                .iter()
-                .any(|(p, t, from, to)| *p == client_port && *t != target && *from <= ended && *to >= opened);
-        report.stream_ends.push(StreamEnd {
-            target,
-            pod,
-            opened_ms: opened,
-            ended_ms: ended,
-            how,
-            error,
-            client_port,
-            clash,
-            removed_ms,
-        });
+    report.stream_ends = std::mem::take(&mut *load.stream_ends.lock().unwrap());
+    for e in &mut report.stream_ends {
+        e.removed_ms = timeline.removed(&e.pod, e.opened_ms, e.ended_ms);
+        e.clash = e.how == Failure::Timeout
+            && uses.iter().any(|(p, t, from, to)| {
+                *p == e.client_port && *t != e.target && *from <= e.ended_ms && *to >= e.opened_ms
+            });
     }
 
     std::thread::sleep(Duration::from_secs(12));
-    let reset_ports = load.reset_ports.lock().unwrap().clone();
-    // The flows of hung streams are counted apart: the hang is what is judged.
-    let clash_ports: Vec<u16> =
-        report.stream_ends.iter().filter(|e| e.how == Failure::Timeout).map(|e| e.client_port).collect();
+    // The flows of streams that ended by a reset, and of hung ones, are counted apart (the hang
+    // is what is judged).
+    let ports_of = |how: Failure| -> Vec<u16> {
+        report.stream_ends.iter().filter(|e| e.how == how).map(|e| e.client_port).collect()
+    };
+    let (reset_ports, hung_ports) = (ports_of(Failure::Reset), ports_of(Failure::Timeout));
     for n in 0..2 {
-        let (live, by_reset, by_clash) = live_flows(&bed, n, &reset_ports, &clash_ports)?;
+        let (live, by_reset, by_hang) = live_flows(&bed, n, &reset_ports, &hung_ports)?;
         report.ct_live_after.push(live);
         report.ct_left_by_reset.push(by_reset);
-        report.ct_left_by_clash.push(by_clash);
+        report.ct_left_by_hang.push(by_hang);
     }
     report.maps_after = vec![map_counts(&bed, 0)?, map_counts(&bed, 1)?];
     let (udp_requests, udp_lost) = std::mem::take(&mut *load.udp.lock().unwrap());

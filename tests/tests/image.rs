@@ -276,15 +276,9 @@ fn http_status(bed: &TwoNodes, addr: SocketAddr, path: &str) -> Option<u16> {
     })
 }
 
-/// The address and path of a probe of the agent container (`startupProbe` etc.), which must be
+/// The address and path of `p`, the agent container's probe `which` (`startupProbe` etc.), which must be
 /// an httpGet on a numeric port.
-fn probe(d: &Deploy, which: &str) -> (SocketAddr, String) {
-    let c = d.agent().unwrap();
-    let p = match which {
-        "startup" => &c.startup_probe,
-        "readiness" => &c.readiness_probe,
-        _ => &c.liveness_probe,
-    };
+fn probe(p: &Option<k8s_openapi::api::core::v1::Probe>, which: &str) -> (SocketAddr, String) {
     let get =
         p.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("no {which} httpGet probe"));
     let port = match &get.port {
@@ -316,8 +310,8 @@ fn start<'a>(
         .unwrap();
     let container = Container { name: name.to_owned(), image };
     assert!(out.status.success(), "podman run: {}", String::from_utf8_lossy(&out.stderr));
-    let (startup, startup_path) = probe(d, "startup");
-    let (ready, ready_path) = probe(d, "readiness");
+    let (startup, startup_path) = probe(&c.startup_probe, "startup");
+    let (ready, ready_path) = probe(&c.readiness_probe, "readiness");
     let deadline = t0 + Duration::from_secs(60);
     loop {
         if http_status(bed, startup, &startup_path) == Some(200)
@@ -331,7 +325,7 @@ fn start<'a>(
         std::thread::sleep(Duration::from_millis(50));
     }
     let took = t0.elapsed();
-    let (live, live_path) = probe(d, "liveness");
+    let (live, live_path) = probe(&c.liveness_probe, "liveness");
     assert_eq!(http_status(bed, live, &live_path), Some(200), "liveness");
     (container, took)
 }
